@@ -1,0 +1,657 @@
+"""Experiment configuration: typed dataclasses, strict YAML with `base:`, overrides, validation.
+
+A config file is nested YAML with one mapping per section (model, parallel, optim, train, data,
+log). `base: other.yaml` (relative to the including file) inherits another file; the including
+file's keys deep-merge over it. Loading is strict: an unknown key, a wrong type or a value out of
+range is a `ConfigError` that names the dotted key, the file and the fix. Each section checks its
+own fields; `validate(config, world_size)` does the checks that need several sections or the
+world size, and returns the `Topology` the run will use.
+
+YAML note: PyYAML follows YAML 1.1, where `3e-4` (no dot) is a string. We read it as a float, as
+YAML 1.2 and Python do, so `lr: 3e-4` and the override `optim.lr=3e-4` both work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+import yaml
+
+from megalm.topology import Topology, TopologyError
+
+
+class ConfigError(ValueError):
+    """A config problem, with a message naming the offending key and value and how to fix it."""
+
+
+# ---- YAML ----------------------------------------------------------------------------------------
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (`1e-4`) as floats."""
+
+
+# Copy the resolver lists so that adding ours does not change yaml.SafeLoader for everyone else.
+_YamlLoader.yaml_implicit_resolvers = {
+    first_char: list(resolvers)
+    for first_char, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        raise ConfigError(f"cannot parse YAML in {source}: {error}") from error
+
+
+# ---- field typing --------------------------------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field's annotation; ints become floats for float fields."""
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
+        annotation = args[0]
+    if value is None and optional:
+        return None
+    or_null = " or null" if optional else ""
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        expected = "true or false"
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        expected = "an integer"
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number{or_null}, got {value!r}")
+            return float(value)
+        expected = "a number"
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        expected = "a string"
+    else:  # pragma: no cover - guards against adding a field of an unsupported type
+        raise TypeError(f"unsupported config field type {annotation!r} for {key}")
+    raise ConfigError(f"{key} must be {expected}{or_null}, got {_describe(value)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+# ---- sections ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Section:
+    """Base of every config section: type-checks its fields and runs its own range checks."""
+
+    SECTION: ClassVar[str] = ""
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check this section's field types, allowed values and ranges."""
+        for name, annotation in _field_types(type(self)).items():
+            setattr(self, name, _coerce(getattr(self, name), annotation, self._key(name)))
+        for name, allowed in self.CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                options = ", ".join(repr(option) for option in allowed)
+                raise ConfigError(f"{self._key(name)} must be one of {options}, got {value!r}")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Range checks of one section; overridden per section."""
+
+    def _key(self, name: str) -> str:
+        return f"{self.SECTION}.{name}"
+
+    def _require(self, condition: bool, name: str, rule: str) -> None:
+        if not condition:
+            raise ConfigError(f"{self._key(name)} must be {rule}, got {getattr(self, name)!r}")
+
+    def _positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            self._require(value is None or value > 0, name, "positive")
+
+    def _non_negative(self, *names: str) -> None:
+        for name in names:
+            self._require(getattr(self, name) >= 0, name, ">= 0")
+
+
+@dataclass
+class ModelConfig(_Section):
+    """The network: a GPT decoder, causal ("lm") or with a bidirectional prefix ("prefixlm")."""
+
+    SECTION: ClassVar[str] = "model"
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "family": ("lm", "prefixlm"),
+        "position_embedding": ("learned", "rotary"),
+    }
+
+    family: str = "lm"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_heads: int = 4
+    ffn_hidden_size: Optional[int] = None
+    vocab_size: int = 256
+    seq_length: int = 64
+    max_position_embeddings: Optional[int] = None
+    position_embedding: str = "learned"
+    rotary_base: float = 10000.0
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layernorm_eps: float = 1e-5
+    init_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+
+    def _check_values(self) -> None:
+        self._positive(
+            "num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size", "seq_length",
+            "max_position_embeddings", "rotary_base", "layernorm_eps", "init_std",
+            "make_vocab_size_divisible_by",
+        )
+        for name in ("hidden_dropout", "attention_dropout"):
+            self._require(0.0 <= getattr(self, name) < 1.0, name, "in [0, 1)")
+
+    def ffn_size(self) -> int:
+        """The MLP hidden size: ffn_hidden_size, or 4 * hidden_size when unset."""
+        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
+
+    def max_positions(self) -> int:
+        """The number of positions: max_position_embeddings, or seq_length when unset."""
+        if self.max_position_embeddings is not None:
+            return self.max_position_embeddings
+        return self.seq_length
+
+    def head_dim(self) -> int:
+        """Width of one attention head; errors (never rounds) when heads do not divide hidden."""
+        if self.hidden_size % self.num_heads != 0:
+            raise ConfigError(_heads_message(self))
+        return self.hidden_size // self.num_heads
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """vocab_size rounded up to a multiple of make_vocab_size_divisible_by * tp.
+
+        The padding keeps each tensor-parallel vocab shard equal and its matmuls aligned; the extra
+        rows are never produced by the tokenizer.
+        """
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ConfigError(f"tp must be a positive integer, got {tp!r}")
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig(_Section):
+    """The 3D layout; dp is derived from the world size unless given (then it must match)."""
+
+    SECTION: ClassVar[str] = "parallel"
+
+    tp: int = 1
+    pp: int = 1
+    dp: Optional[int] = None
+    sequence_parallel: bool = False
+
+    def _check_values(self) -> None:
+        self._positive("tp", "pp", "dp")
+
+
+@dataclass
+class OptimConfig(_Section):
+    """AdamW and its learning-rate schedule (linear warmup, then decay to min_lr)."""
+
+    SECTION: ClassVar[str] = "optim"
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "decay_style": ("cosine", "linear", "constant"),
+    }
+
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None
+    decay_style: str = "cosine"
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def _check_values(self) -> None:
+        self._non_negative("min_lr", "warmup_steps", "weight_decay", "clip_grad")
+        if self.lr < self.min_lr:
+            raise ConfigError(
+                f"optim.lr={self.lr} is below optim.min_lr={self.min_lr}: "
+                f"raise optim.lr or lower optim.min_lr"
+            )
+        self._positive("decay_steps", "eps")
+        for name in ("beta1", "beta2"):
+            self._require(0.0 <= getattr(self, name) < 1.0, name, "in [0, 1)")
+
+
+@dataclass
+class TrainConfig(_Section):
+    """The loop: steps, batch sizes, seed, precision, device and where outputs go."""
+
+    SECTION: ClassVar[str] = "train"
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "precision": ("fp32", "bf16"),
+        "device": ("auto", "cpu", "cuda"),
+    }
+
+    steps: int = 100
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    grad_accum_steps: Optional[int] = None
+    seed: int = 1234
+    precision: str = "fp32"
+    device: str = "auto"
+    run_dir: str = "runs/default"
+
+    def _check_values(self) -> None:
+        self._positive("steps", "micro_batch_size", "global_batch_size", "grad_accum_steps")
+        self._non_negative("seed")
+        self._require(self.run_dir.strip() != "", "run_dir", "a non-empty path")
+
+
+@dataclass
+class DataConfig(_Section):
+    """Where tokens come from; only the built-in synthetic stream exists for now."""
+
+    SECTION: ClassVar[str] = "data"
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"kind": ("synthetic",)}
+
+    kind: str = "synthetic"
+    prefix_fraction_min: float = 0.1
+    prefix_fraction_max: float = 0.5
+
+    def _check_values(self) -> None:
+        low, high = self.prefix_fraction_min, self.prefix_fraction_max
+        if not 0.0 < low <= high < 1.0:
+            raise ConfigError(
+                f"data.prefix_fraction_min={low} and data.prefix_fraction_max={high} must satisfy "
+                f"0 < min <= max < 1 (fractions of seq_length)"
+            )
+
+
+@dataclass
+class LogConfig(_Section):
+    """What is logged, how often, and by which ranks."""
+
+    SECTION: ClassVar[str] = "log"
+
+    interval: int = 10
+    peak_tflops: Optional[float] = None
+    all_ranks: bool = False
+
+    def _check_values(self) -> None:
+        self._positive("interval", "peak_tflops")
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "log": LogConfig,
+}
+
+
+@dataclass
+class Config:
+    """A whole experiment: one instance of each section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in _SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(
+                    f"Config.{name} must be a {cls.__name__}, got {_describe(getattr(self, name))}"
+                )
+
+
+# ---- dict <-> Config -----------------------------------------------------------------------------
+
+
+def _all_keys() -> list[str]:
+    return [f"{section}.{f.name}" for section, cls in _SECTIONS.items() for f in fields(cls)]
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    """The error for an unknown dotted key, suggesting the closest valid key."""
+    section, _, leaf = key.partition(".")
+    all_keys = _all_keys()
+    leaves = sorted({k.split(".")[1] for k in all_keys})
+    if section not in _SECTIONS:
+        candidates = list(_SECTIONS)
+        match = difflib.get_close_matches(section, candidates, n=1)
+        if match and leaf:  # optm.lr -> optim.lr
+            match = [f"{match[0]}.{leaf}"] if f"{match[0]}.{leaf}" in all_keys else match
+        elif not match and not leaf:  # a field at top level, e.g. `lr:` instead of `optim: {lr:}`
+            close = difflib.get_close_matches(section, leaves, n=1)
+            match = [k for k in all_keys if close and k.endswith("." + close[0])][:1]
+    else:
+        own = [f.name for f in fields(_SECTIONS[section])]
+        candidates = [f"{section}.{name}" for name in own]
+        match = [f"{section}.{name}" for name in difflib.get_close_matches(leaf, own, n=1)]
+        if not match:  # a field of another section, e.g. model.lr -> optim.lr
+            close = difflib.get_close_matches(leaf, leaves, n=1)
+            match = [k for k in all_keys if close and k.endswith("." + close[0])][:1]
+    hint = f"did you mean {match[0]!r}?" if match else "valid keys: " + ", ".join(candidates)
+    return ConfigError(f"unknown key {key!r} in {source}; {hint}")
+
+
+def _not_a_mapping(data: Any, source: str) -> ConfigError:
+    return ConfigError(
+        f"{source} must be a mapping of sections (model, optim, ...), got {_describe(data)}"
+    )
+
+
+def _check_tree(data: Any, source: str) -> dict[str, dict[str, Any]]:
+    """Check keys and value types of one raw mapping; return a normalised copy (floats coerced)."""
+    if not isinstance(data, Mapping):
+        raise _not_a_mapping(data, source)
+    tree: dict[str, dict[str, Any]] = {}
+    for section, values in data.items():
+        section = str(section)
+        if section == "base":
+            raise ConfigError(
+                f"'base' in {source} is only allowed in a YAML file read by load_config"
+            )
+        if section not in _SECTIONS:
+            raise _unknown_key(section, source)
+        if values is None:  # an empty `model:` header reads as null; treat it as an empty section
+            values = {}
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"section {section!r} in {source} must be a mapping of keys to values, "
+                f"got {_describe(values)}"
+            )
+        types = _field_types(_SECTIONS[section])
+        tree[section] = {}
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if name not in types:
+                raise _unknown_key(key, source)
+            try:
+                tree[section][name] = _coerce(value, types[name], key)
+            except ConfigError as error:
+                raise ConfigError(f"{error} (in {source})") from None
+    return tree
+
+
+def config_from_dict(data: Mapping, source: str = "<dict>") -> Config:
+    """Build a Config from nested dicts, strictly: unknown keys, wrong types and bad ranges raise."""
+    tree = _check_tree(data, source)
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        try:
+            sections[name] = cls(**tree.get(name, {}))
+        except ConfigError as error:
+            raise ConfigError(f"{error} (in {source})") from None
+    return Config(**sections)
+
+
+def config_to_dict(config: Config) -> dict:
+    """The config as plain nested dicts of every field; round-trips through config_from_dict."""
+    return dataclasses.asdict(config)
+
+
+def config_to_yaml(config: Config) -> str:
+    """The config as YAML text, in field order; load_config reads it back to an equal Config."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
+
+
+# ---- files and overrides -------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _load_tree(path: Path, chain: tuple[tuple[Path, str], ...] = ()) -> dict:
+    """Read one file and its `base:` ancestors into one checked, merged tree."""
+    source = str(path)
+    resolved = path.resolve()
+    if any(resolved == seen for seen, _ in chain):
+        cycle = " -> ".join([shown for _, shown in chain] + [source])
+        raise ConfigError(f"base cycle: {cycle}; remove one of these base: entries")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        included = f" (the base of {chain[-1][1]})" if chain else ""
+        raise ConfigError(f"config file {source}{included} not found") from None
+    data = _parse_yaml(text, source)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise _not_a_mapping(data, source)
+    data = dict(data)
+    base = data.pop("base", None)
+    tree = _check_tree(data, source)
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base:
+        raise ConfigError(
+            f"base in {source} must be a file name such as tiny.yaml, got {_describe(base)}"
+        )
+    parent = _load_tree(path.parent / base, chain + ((resolved, source),))
+    return _deep_merge(parent, tree)
+
+
+def _parse_override(override: str) -> tuple[str, str, Any]:
+    """Split `section.field=value`; the value is read as YAML (so null, true, 3e-4 all work)."""
+    if not isinstance(override, str) or "=" not in override:
+        raise ConfigError(
+            f"override {override!r} is not of the form section.field=value, e.g. optim.lr=3e-4"
+        )
+    key, _, text = override.partition("=")
+    key = key.strip()
+    source = f"override {override!r}"
+    section, _, name = key.partition(".")
+    if section not in _SECTIONS:
+        raise _unknown_key(key, source)
+    if not name:
+        example = fields(_SECTIONS[section])[0].name
+        raise ConfigError(f"{source} must name a field, e.g. {section}.{example}=...")
+    if name not in _field_types(_SECTIONS[section]):
+        raise _unknown_key(key, source)
+    return section, name, _parse_yaml(text, source)
+
+
+def _apply_to_tree(tree: dict, overrides: Sequence[str]) -> dict:
+    if isinstance(overrides, str):
+        raise ConfigError(
+            f"overrides must be a list of strings, got the single string {overrides!r}"
+        )
+    tree = {section: dict(values) for section, values in tree.items()}
+    for override in overrides:
+        section, name, value = _parse_override(override)
+        checked = _check_tree({section: {name: value}}, f"override {override!r}")
+        tree.setdefault(section, {}).update(checked[section])
+    return tree
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """A new Config with `section.field=value` overrides applied (all at once, then re-validated)."""
+    if not overrides:
+        return config_from_dict(config_to_dict(config), source="config")
+    tree = _apply_to_tree(config_to_dict(config), overrides)
+    return config_from_dict(tree, source="config with overrides " + " ".join(overrides))
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML experiment (following `base:`), apply overrides, and check every section."""
+    path = Path(path)
+    tree = _apply_to_tree(_load_tree(path), overrides)
+    source = str(path) + (" with overrides " + " ".join(overrides) if overrides else "")
+    return config_from_dict(tree, source=source)
+
+
+# ---- cross-field validation ----------------------------------------------------------------------
+
+
+def _heads_message(model: ModelConfig) -> str:
+    return (
+        f"model.hidden_size={model.hidden_size} is not divisible by model.num_heads="
+        f"{model.num_heads}: choose num_heads dividing {model.hidden_size} "
+        f"(e.g. {_nearby_divisor(model.hidden_size, model.num_heads)}) or a hidden_size that is a "
+        f"multiple of {model.num_heads}"
+    )
+
+
+def _nearby_divisor(number: int, near: int) -> int:
+    """The divisor of `number` closest to `near` (ties go to the smaller)."""
+    divisors = [d for d in range(1, number + 1) if number % d == 0]
+    return min(divisors, key=lambda d: (abs(d - near), d))
+
+
+def _check_model(config: Config) -> None:
+    model, parallel = config.model, config.parallel
+    tp, pp = parallel.tp, parallel.pp
+    if model.hidden_size % model.num_heads != 0:
+        raise ConfigError(_heads_message(model))
+    if model.num_heads % tp != 0:
+        raise ConfigError(
+            f"model.num_heads={model.num_heads} is not divisible by parallel.tp={tp}: each "
+            f"tensor-parallel rank needs whole heads; use a tp dividing {model.num_heads}"
+        )
+    if model.ffn_size() % tp != 0:
+        raise ConfigError(
+            f"the MLP hidden size {model.ffn_size()} (model.ffn_hidden_size) is not divisible by "
+            f"parallel.tp={tp}: set model.ffn_hidden_size to a multiple of {tp}"
+        )
+    if model.num_layers < pp or model.num_layers % pp != 0:
+        raise ConfigError(
+            f"model.num_layers={model.num_layers} does not split evenly over parallel.pp={pp} "
+            f"pipeline stages: use a pp dividing {model.num_layers} or a multiple of {pp} layers"
+        )
+    if model.seq_length > model.max_positions():
+        raise ConfigError(
+            f"model.seq_length={model.seq_length} exceeds model.max_position_embeddings="
+            f"{model.max_positions()}: raise max_position_embeddings or shorten seq_length"
+        )
+    if model.position_embedding == "rotary" and model.head_dim() % 2 != 0:
+        raise ConfigError(
+            f"rotary embeddings need an even head dimension, got hidden_size / num_heads = "
+            f"{model.hidden_size} / {model.num_heads} = {model.head_dim()}: change num_heads"
+        )
+    if parallel.sequence_parallel and model.seq_length % tp != 0:
+        raise ConfigError(
+            f"parallel.sequence_parallel splits the sequence over tp={tp} ranks, but "
+            f"model.seq_length={model.seq_length} is not divisible by {tp}: use a multiple of {tp} "
+            f"or turn sequence_parallel off"
+        )
+
+
+def _nearby_multiples(number: int, unit: int) -> str:
+    lower = (number // unit) * unit
+    return f"{lower} or {lower + unit}" if lower > 0 else f"{unit} or {2 * unit}"
+
+
+def grad_accum_steps(config: Config, dp: int) -> int:
+    """Micro-batches per optimizer step per data-parallel rank; errors if the batch sizes disagree."""
+    train = config.train
+    micro, total = train.micro_batch_size, train.global_batch_size
+    per_step = micro * dp
+    if train.grad_accum_steps is not None:
+        accum = train.grad_accum_steps
+        if per_step * accum != total:
+            if total % per_step == 0:
+                fix = f"set train.grad_accum_steps={total // per_step} (or null to derive it)"
+            else:
+                fix = f"set train.global_batch_size={per_step * accum}"
+            raise ConfigError(
+                f"train.global_batch_size={total} does not equal micro_batch_size x dp x "
+                f"grad_accum_steps = {micro} x {dp} x {accum} = {per_step * accum}; {fix}"
+            )
+        return accum
+    if total % per_step != 0:
+        raise ConfigError(
+            f"train.global_batch_size={total} is not divisible by micro_batch_size x dp = "
+            f"{micro} x {dp} = {per_step}; use a multiple of {per_step} such as "
+            f"{_nearby_multiples(total, per_step)}"
+        )
+    return total // per_step
+
+
+def resolved_decay_steps(config: Config) -> int:
+    """Steps of the LR schedule's warmup+decay span: optim.decay_steps, or train.steps when unset."""
+    return config.optim.decay_steps if config.optim.decay_steps is not None else config.train.steps
+
+
+def validate(config: Config, world_size: Optional[int] = None) -> Topology:
+    """Run every section's checks and the cross-field checks; return the run's Topology."""
+    for name in _SECTIONS:
+        getattr(config, name).validate()
+    parallel = config.parallel
+    tp, pp = parallel.tp, parallel.pp
+    if world_size is None:
+        if parallel.dp is None:
+            raise ConfigError(
+                "validate() needs a world size: parallel.dp is null, so pass world_size (the number "
+                "of processes launched) or set parallel.dp"
+            )
+        world_size = tp * pp * parallel.dp
+    _check_model(config)
+    try:
+        topology = Topology.from_world_size(world_size, tp=tp, pp=pp)
+    except TopologyError as error:
+        raise ConfigError(str(error)) from None
+    if parallel.dp is not None and parallel.dp != topology.dp:
+        raise ConfigError(
+            f"parallel.dp={parallel.dp} does not match the world size: {world_size} processes / "
+            f"(tp x pp = {tp} x {pp}) = dp {topology.dp}; set parallel.dp={topology.dp} (or null "
+            f"to derive it) or launch {tp * pp * parallel.dp} processes"
+        )
+    grad_accum_steps(config, topology.dp)
+    if config.optim.warmup_steps > resolved_decay_steps(config):
+        raise ConfigError(
+            f"optim.warmup_steps={config.optim.warmup_steps} exceeds the schedule length "
+            f"{resolved_decay_steps(config)} (optim.decay_steps, or train.steps when null): "
+            f"shorten the warmup or lengthen the decay"
+        )
+    return topology

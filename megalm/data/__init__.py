@@ -1,0 +1,1 @@
+"""Data: batches, the built-in synthetic token stream (the tokenizer and mmap datasets come later)."""

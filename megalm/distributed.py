@@ -1,0 +1,164 @@
+"""torch.distributed start-up and the ParallelGroups built from a Topology.
+
+`ParallelGroups` is the one object that carries process groups; it is passed explicitly to every
+layer, scheduler and optimizer. There is no module-level "current group" anywhere in megalm.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megalm.topology import RankCoords, Topology
+
+ProcessGroup = Optional[dist.ProcessGroup]
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """This rank's place in the Topology and the process groups it belongs to.
+
+    A group is None when its size is 1 (or torch.distributed is not running): collectives over a
+    group of one rank are skipped by the callers, so a single process needs no process group.
+    """
+
+    topology: Topology
+    rank: int
+    device: torch.device
+    tp_group: ProcessGroup = None
+    dp_group: ProcessGroup = None
+    pp_group: ProcessGroup = None
+    embedding_group: ProcessGroup = None
+    # Global ranks of this rank's groups (for p2p and for error messages).
+    tp_ranks: tuple[int, ...] = (0,)
+    dp_ranks: tuple[int, ...] = (0,)
+    pp_ranks: tuple[int, ...] = (0,)
+
+    @property
+    def coords(self) -> RankCoords:
+        return self.topology.coords(self.rank)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coords.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coords.pp
+
+    @property
+    def tp_size(self) -> int:
+        return self.topology.tp
+
+    @property
+    def dp_size(self) -> int:
+        return self.topology.dp
+
+    @property
+    def pp_size(self) -> int:
+        return self.topology.pp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.topology.is_first_stage(self.rank)
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.topology.is_last_stage(self.rank)
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> "ParallelGroups":
+        """Groups of a single process: tp = pp = dp = 1, no torch.distributed needed."""
+        return cls(topology=Topology(1, 1, 1), rank=0, device=torch.device(device))
+
+
+def default_device() -> torch.device:
+    """cuda:LOCAL_RANK when a GPU is present, else cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map a config's train.device ('auto' | 'cpu' | 'cuda') to this process's device."""
+    if name == "auto":
+        return default_device()
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no GPU is visible: use train.device=cpu or auto")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device, timeout_s: float = 300.0) -> tuple[int, int]:
+    """Start torch.distributed from torchrun's environment (NCCL on GPU, gloo on CPU).
+
+    Returns (rank, world_size); a process started without torchrun is rank 0 of 1 and starts nothing.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _new_groups(rank_lists: list[list[int]], rank: int) -> tuple[ProcessGroup, tuple[int, ...]]:
+    """Create one process group per list (every rank must create all of them, in order)."""
+    mine: ProcessGroup = None
+    my_ranks: tuple[int, ...] = (rank,)
+    for ranks in rank_lists:
+        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        if rank in ranks:
+            mine, my_ranks = group, tuple(ranks)
+    return mine, my_ranks
+
+
+def build_parallel_groups(topology: Topology, rank: int, device: torch.device) -> ParallelGroups:
+    """Create the TP, DP, PP and embedding process groups of `topology` for this rank."""
+    if topology.world_size == 1:
+        return ParallelGroups(topology=topology, rank=0, device=device)
+    if not dist.is_initialized():
+        raise RuntimeError(f"{topology.describe()} needs torch.distributed: launch with torchrun")
+    if dist.get_world_size() != topology.world_size:
+        raise RuntimeError(
+            f"torch.distributed has {dist.get_world_size()} ranks but the topology expects "
+            f"{topology.world_size}"
+        )
+    tp_group, tp_ranks = _new_groups(topology.tp_groups(), rank)
+    dp_group, dp_ranks = _new_groups(topology.dp_groups(), rank)
+    pp_group, pp_ranks = _new_groups(topology.pp_groups(), rank)
+    embedding_group, _ = _new_groups(topology.embedding_groups(), rank)
+    if topology.embedding_group_ranks(rank) is None:
+        embedding_group = None
+    return ParallelGroups(
+        topology=topology,
+        rank=rank,
+        device=device,
+        tp_group=tp_group,
+        dp_group=dp_group,
+        pp_group=pp_group,
+        embedding_group=embedding_group,
+        tp_ranks=tp_ranks,
+        dp_ranks=dp_ranks,
+        pp_ranks=pp_ranks,
+    )
+
+
+def all_reduce_(tensor: torch.Tensor, group: ProcessGroup, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over `group`; a no-op for a group of one (None)."""
+    if group is not None:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor

@@ -1,0 +1,130 @@
+"""GPT decoder, LM and PrefixLM: one model whose two families differ only in masks.
+
+`GPTModel` is one pipeline stage: the embedding on the first stage, its share of the layers, and
+the final norm plus the tied output layer and loss on the last stage (all of it when pp = 1).
+Each rank builds only its own shard; `build_model` constructs on the meta device and fills the
+shard from (seed, parameter name), so the same seed gives the same full model at any layout.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megalm.config import ModelConfig
+from megalm.distributed import ParallelGroups
+from megalm.model.init import initialize_parameters_
+from megalm.model.layers import Embedding, TransformerLayer, layer_norm, rotary_cos_sin
+from megalm.parallel.random import ParallelRNG
+from megalm.parallel.tensor import mark_parameter, parallel_logits, vocab_parallel_cross_entropy
+
+EMBEDDING_NAME = "embedding.word.weight"
+
+
+def prefix_attention_mask(prefix_lengths: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """[b, 1, s, s] bool mask: query i sees key j if j <= i or j lies inside the sample's prefix."""
+    positions = torch.arange(seq_length, device=prefix_lengths.device)
+    causal = positions.unsqueeze(1) >= positions.unsqueeze(0)  # [s, s]
+    in_prefix = positions.unsqueeze(0) < prefix_lengths.view(-1, 1, 1)  # [b, 1, s] over keys
+    return (causal.unsqueeze(0) | in_prefix).unsqueeze(1)
+
+
+class GPTModel(nn.Module):
+    """One pipeline stage of a tensor-parallel GPT (LM or PrefixLM)."""
+
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.groups = groups
+        self.sequence_parallel = sequence_parallel and groups.tp_size > 1
+        self.is_first = groups.is_first_stage
+        self.is_last = groups.is_last_stage
+        self.layer_ids = groups.topology.stage_layers(cfg.num_layers, groups.pp_rank)
+        self.embedding = Embedding(cfg, groups, rng, self.sequence_parallel) if self.is_first else None
+        # Keys are global layer indices, so parameter names do not depend on the pipeline split.
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerLayer(cfg, groups, rng, self.sequence_parallel) for i in self.layer_ids}
+        )
+        self.final_norm = layer_norm(cfg.hidden_size, cfg.layernorm_eps, self.sequence_parallel) if self.is_last else None
+        self.output_weight: Optional[nn.Parameter] = None
+        if self.is_last and not self.is_first:
+            # The last stage's copy of the tied embedding: same name-derived init, kept in sync by
+            # all-reducing its gradient with the first stage's over the embedding group.
+            local_vocab = cfg.padded_vocab_size(groups.tp_size) // groups.tp_size
+            self.output_weight = mark_parameter(nn.Parameter(torch.empty(local_vocab, cfg.hidden_size)), 0)
+            self.output_weight.init_name = EMBEDDING_NAME
+            self.output_weight.embedding_copy = True  # counted once (first stage) in the grad norm
+
+    def _output_weight(self) -> torch.Tensor:
+        return self.embedding.word.weight if self.output_weight is None else self.output_weight
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        prefix_lengths: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """First stage takes token ids [b, s]; later stages hidden states [s, b, h].
+
+        Returns per-token losses [b, s] on the last stage when labels are given, vocab-split
+        logits [s, b, v/tp] when not, and hidden states [s, b, h] on the other stages.
+        """
+        hidden = self.embedding(inputs) if self.is_first else inputs
+        seq_len = inputs.shape[1] if self.is_first else hidden.shape[0] * (
+            self.groups.tp_size if self.sequence_parallel else 1
+        )
+        attn_mask = None  # causal via SDPA's is_causal
+        if self.cfg.family == "prefixlm":
+            if prefix_lengths is None:
+                raise ValueError("a PrefixLM model needs prefix_lengths for every sample")
+            attn_mask = prefix_attention_mask(prefix_lengths, seq_len)
+        rotary = None
+        if self.cfg.position_embedding == "rotary":
+            rotary = rotary_cos_sin(seq_len, self.cfg.head_dim(), self.cfg.rotary_base, hidden.device)
+        for layer in self.layers.values():
+            hidden = layer(hidden, attn_mask, rotary)
+        if not self.is_last:
+            return hidden
+        hidden = self.final_norm(hidden)
+        logits = parallel_logits(hidden, self._output_weight(), self.groups.tp_group, self.sequence_parallel)
+        if labels is None:
+            return logits
+        losses = vocab_parallel_cross_entropy(logits, labels.t(), self.groups, self.cfg.vocab_size)  # [s, b]
+        return losses.t()
+
+
+def build_model(
+    cfg: ModelConfig,
+    groups: ParallelGroups,
+    seed: int,
+    sequence_parallel: bool = False,
+    materialize: bool = True,
+) -> GPTModel:
+    """Build this rank's shard on the meta device, then (optionally) allocate and initialise it."""
+    rng = ParallelRNG(seed, groups)
+    with torch.device("meta"):
+        model = GPTModel(cfg, groups, rng, sequence_parallel)
+    if materialize:
+        materialize_model(model, groups.device, seed)
+    return model
+
+
+def materialize_model(model: GPTModel, device: torch.device, seed: int) -> GPTModel:
+    """Allocate a meta-device model's shard on `device` and initialise it from (seed, name)."""
+    # to_empty may replace Parameter objects; keep the layout attributes the shards depend on.
+    layout = {name: dict(vars(p)) for name, p in model.named_parameters()}
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        for key, value in layout[name].items():
+            setattr(param, key, value)
+    initialize_parameters_(
+        model, seed, model.cfg.init_std, model.cfg.num_layers, model.groups.tp_rank, model.groups.tp_size
+    )
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters held by this rank (works on the meta device: nothing is allocated)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,161 @@
+"""Transformer building blocks: embeddings, attention, MLP and the pre-LayerNorm layer.
+
+Activations are [s, b, h] (sequence first, see megalm.parallel.tensor). With sequence parallel
+the residual stream is [s/tp, b, h] and attention/MLP see the full sequence through the
+all-gather inside the column-parallel layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megalm.config import ModelConfig
+from megalm.distributed import ParallelGroups
+from megalm.parallel.random import ParallelRNG
+from megalm.parallel.tensor import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    mark_parameter,
+)
+
+
+def layer_norm(hidden_size: int, eps: float, sequence_parallel: bool) -> nn.LayerNorm:
+    """A LayerNorm replicated over tp (its grads are partial sums under sequence parallel)."""
+    norm = nn.LayerNorm(hidden_size, eps=eps)
+    for param in norm.parameters():
+        mark_parameter(param, None, sequence_parallel)
+    return norm
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [s, 1, 1, d] for rotary position embeddings (rotate-half layout)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)[:, None, None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate q or k [s, b, heads, d] by position."""
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Embedding(nn.Module):
+    """Vocab-parallel token embedding plus optional learned absolute positions, then dropout."""
+
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.groups = groups
+        self.rng = rng
+        self.sequence_parallel = sequence_parallel
+        self.dropout = cfg.hidden_dropout
+        self.word = VocabParallelEmbedding(
+            cfg.padded_vocab_size(groups.tp_size), cfg.hidden_size, groups, sequence_parallel
+        )
+        self.position: Optional[nn.Parameter] = None
+        if cfg.position_embedding == "learned":
+            self.position = mark_parameter(
+                nn.Parameter(torch.empty(cfg.max_positions(), cfg.hidden_size)), None, sequence_parallel
+            )
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        # token_ids: [b, s] -> [s, b, h] ([s/tp, b, h] with sequence parallel)
+        hidden = self.word(token_ids.t())
+        if self.position is not None:
+            seq_len = token_ids.shape[1]
+            positions = self.position[:seq_len]
+            if self.sequence_parallel:
+                shard = hidden.shape[0]
+                positions = positions[self.groups.tp_rank * shard : (self.groups.tp_rank + 1) * shard]
+            hidden = hidden + positions.unsqueeze(1)
+        return _dropout(hidden, self.dropout, self.training, self.rng, self.sequence_parallel)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool, rng: ParallelRNG, split: bool) -> torch.Tensor:
+    """Dropout from the replicated stream, or the tp-distinct one for split activations."""
+    if p == 0.0 or not training:
+        return x
+    if split:
+        with rng.tp_distinct():
+            return F.dropout(x, p, training=True)
+    return F.dropout(x, p, training=True)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with heads split over tp (fused QKV laid out per head)."""
+
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.rng = rng
+        self.local_heads = cfg.num_heads // groups.tp_size
+        self.head_dim = cfg.head_dim()
+        self.dropout = cfg.attention_dropout
+        # Rows of the full QKV weight are ordered (head, q|k|v, head_dim), so a contiguous split
+        # over tp hands each rank whole heads with their q, k and v.
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, groups, sequence_parallel=sequence_parallel)
+        self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, groups, sequence_parallel=sequence_parallel)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor],
+        rotary: Optional[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        qkv = self.qkv(x)  # [s, b, 3 * local_heads * d]
+        seq_len, batch = qkv.shape[:2]
+        q, k, v = qkv.view(seq_len, batch, self.local_heads, 3, self.head_dim).unbind(dim=3)  # [s, b, nh, d]
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, nh, s, d]
+        dropout = self.dropout if self.training else 0.0
+        # Local heads are split activations: their dropout masks must differ across tp ranks.
+        with self.rng.tp_distinct() if dropout > 0 else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=attn_mask is None
+            )
+        out = out.permute(2, 0, 1, 3).reshape(seq_len, batch, self.local_heads * self.head_dim)  # [s, b, h/tp]
+        return self.proj(out)
+
+
+class MLP(nn.Module):
+    """h -> ffn (column-parallel) -> GeLU -> h (row-parallel)."""
+
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size(), groups, sequence_parallel=sequence_parallel)
+        self.fc2 = RowParallelLinear(cfg.ffn_size(), cfg.hidden_size, groups, sequence_parallel=sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LayerNorm block: x + drop(attn(ln1(x))), then x + drop(mlp(ln2(x)))."""
+
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.rng = rng
+        self.sequence_parallel = sequence_parallel
+        self.dropout = cfg.hidden_dropout
+        self.ln1 = layer_norm(cfg.hidden_size, cfg.layernorm_eps, sequence_parallel)
+        self.attn = Attention(cfg, groups, rng, sequence_parallel)
+        self.ln2 = layer_norm(cfg.hidden_size, cfg.layernorm_eps, sequence_parallel)
+        self.mlp = MLP(cfg, groups, sequence_parallel)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor],
+        rotary: Optional[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        drop = lambda t: _dropout(t, self.dropout, self.training, self.rng, self.sequence_parallel)  # noqa: E731
+        x = x + drop(self.attn(self.ln1(x), attn_mask, rotary))
+        return x + drop(self.mlp(self.ln2(x)))

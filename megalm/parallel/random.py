@@ -1,0 +1,84 @@
+"""Random streams for dropout under tensor parallelism.
+
+Two streams live on every rank:
+
+- the *replicated* stream is torch's default generator, seeded identically on every rank of a
+  tensor-parallel group, so dropout on replicated activations (the residual stream without
+  sequence parallel, the embeddings) draws the same mask on every tp rank;
+- the *tp-distinct* stream is seeded differently on each tp rank and swapped in around dropout
+  on split activations (attention probabilities of local heads, sequence-parallel shards), so
+  each shard gets its own mask, as one full-size mask would.
+
+The object is owned by the model and passed explicitly; nothing here is global state of megalm
+(it does swap torch's own generator state in and out, as dropout offers no generator argument).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from megalm.distributed import ParallelGroups
+
+_TP_DISTINCT_OFFSET = 2718
+
+
+class ParallelRNG:
+    """The replicated and tp-distinct random streams of one rank."""
+
+    def __init__(self, seed: int, groups: ParallelGroups) -> None:
+        self.device = groups.device
+        self.replicated_seed = seed + 100 * groups.pp_rank
+        self.distinct_seed = self.replicated_seed + _TP_DISTINCT_OFFSET + groups.tp_rank
+        self._distinct_state = self._fresh_state(self.distinct_seed)
+
+    def _get(self) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state()
+
+    def _set(self, state: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
+    def _fresh_state(self, seed: int) -> torch.Tensor:
+        saved = self._get()
+        self._seed(seed)
+        fresh = self._get()
+        self._set(saved)
+        return fresh
+
+    def _seed(self, seed: int) -> None:
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
+
+    def seed_replicated(self) -> None:
+        """Seed the default generator (the replicated stream) for this rank's stage."""
+        self._seed(self.replicated_seed)
+        if self.device.type == "cuda":
+            torch.manual_seed(self.replicated_seed)
+
+    @contextlib.contextmanager
+    def tp_distinct(self) -> Iterator[None]:
+        """Run the body with the tp-distinct stream as torch's generator."""
+        replicated = self._get()
+        self._set(self._distinct_state)
+        try:
+            yield
+        finally:
+            self._distinct_state = self._get()
+            self._set(replicated)
+
+    def state_dict(self) -> dict:
+        return {"replicated": self._get(), "tp_distinct": self._distinct_state.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._set(state["replicated"])
+        self._distinct_state = state["tp_distinct"].clone()

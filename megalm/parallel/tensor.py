@@ -1,0 +1,355 @@
+"""Megatron-style tensor parallelism: split linear layers, vocab-parallel embedding and loss.
+
+Activations in the transformer trunk are laid out [s, b, h] (sequence first), so that the
+sequence-parallel split and its all-gather / reduce-scatter act on dim 0, the contiguous one.
+
+Communication pairs (forward / backward), each an autograd function:
+
+    copy_to_tp                 identity      / all-reduce      (input of a column-parallel layer)
+    reduce_from_tp             all-reduce    / identity        (output of a row-parallel layer)
+    gather_from_sequence       all-gather s  / reduce-scatter s (input of column-parallel, SP)
+    reduce_scatter_to_sequence reduce-scatter s / all-gather s (output of row-parallel, SP)
+    scatter_to_sequence        split s       / all-gather s    (enter the SP region)
+    gather_from_tp             all-gather -1 / split -1        (full logits or outputs, tests)
+
+Every parameter carries `tp_split_dim` (None when replicated over tp) and `sequence_parallel`
+(True when its gradient is a partial sum over sequence shards and must be all-reduced over tp).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megalm.distributed import ParallelGroups, ProcessGroup
+
+
+def mark_parameter(param: nn.Parameter, tp_split_dim: Optional[int], sequence_parallel: bool = False) -> nn.Parameter:
+    """Record how `param` is laid out over the tensor-parallel group."""
+    param.tp_split_dim = tp_split_dim
+    param.sequence_parallel = sequence_parallel
+    return param
+
+
+# ---- raw collectives (no autograd) ------------------------------------------------------------
+def _group_size(group: ProcessGroup) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    if group is not None:
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    size = _group_size(group)
+    if size == 1:
+        return x
+    x = x.contiguous()
+    out = torch.empty((size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out
+
+
+def _reduce_scatter_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    size = _group_size(group)
+    if size == 1:
+        return x
+    if x.shape[0] % size != 0:
+        raise ValueError(f"sequence length {x.shape[0]} is not divisible by tensor-parallel size {size}")
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] // size,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x, group=group)
+    return out
+
+
+def _split_dim(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
+    size = _group_size(group)
+    if size == 1:
+        return x
+    rank = dist.get_rank(group)
+    if x.shape[dim] % size != 0:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} is not divisible by {size} ranks")
+    return x.chunk(size, dim=dim)[rank].contiguous()
+
+
+def _all_gather_last(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    size = _group_size(group)
+    if size == 1:
+        return x
+    # Gathering along dim 0 concatenates the rank slices in rank order.
+    return _all_gather_dim0(x.movedim(-1, 0), group).movedim(0, -1).contiguous()
+
+
+# ---- conjugate autograd functions -----------------------------------------------------------
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_dim0(grad, ctx.group), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim0(grad, ctx.group), None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_dim(x, 0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim0(grad, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_dim(grad, grad.dim() - 1, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return x if group is None else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return x if group is None else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return x if group is None else _GatherFromSequence.apply(x, group)
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return x if group is None else _ReduceScatterToSequence.apply(x, group)
+
+
+def scatter_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return x if group is None else _ScatterToSequence.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return x if group is None else _GatherFromTP.apply(x, group)
+
+
+# ---- layers --------------------------------------------------------------------------------
+def _divide(total: int, parts: int, what: str) -> int:
+    if total % parts != 0:
+        raise ValueError(f"{what}={total} is not divisible by tensor-parallel size {parts}")
+    return total // parts
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T + b with A split by rows (output features) over tp: each rank computes a slice of y."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        groups: ParallelGroups,
+        bias: bool = True,
+        sequence_parallel: bool = False,
+        gather_output: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.group = groups.tp_group
+        self.sequence_parallel = sequence_parallel
+        self.gather_output = gather_output
+        local_out = _divide(out_features, groups.tp_size, "output features")
+        self.weight = mark_parameter(nn.Parameter(torch.empty(local_out, in_features, device=device)), 0)
+        self.bias = mark_parameter(nn.Parameter(torch.empty(local_out, device=device)), 0) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [s, b, h] replicated, or [s/tp, b, h] with sequence parallel
+        x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        y = F.linear(x, self.weight, self.bias)  # [s, b, out/tp]
+        return gather_from_tp(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T + b with A split by columns (input features): partial sums reduced over tp."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        groups: ParallelGroups,
+        bias: bool = True,
+        sequence_parallel: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.group = groups.tp_group
+        self.sequence_parallel = sequence_parallel
+        local_in = _divide(in_features, groups.tp_size, "input features")
+        self.weight = mark_parameter(nn.Parameter(torch.empty(out_features, local_in, device=device)), 1)
+        self.bias = (
+            mark_parameter(nn.Parameter(torch.empty(out_features, device=device)), None, sequence_parallel)
+            if bias
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [s, b, in/tp] -> [s, b, out] (or [s/tp, b, out] with sequence parallel)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_to_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the vocabulary split over tp; each rank looks up only its own rows."""
+
+    def __init__(
+        self,
+        padded_vocab_size: int,
+        hidden_size: int,
+        groups: ParallelGroups,
+        sequence_parallel: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.group = groups.tp_group
+        self.sequence_parallel = sequence_parallel
+        local_vocab = _divide(padded_vocab_size, groups.tp_size, "padded vocab size")
+        self.vocab_start = groups.tp_rank * local_vocab
+        self.vocab_end = self.vocab_start + local_vocab
+        self.weight = mark_parameter(nn.Parameter(torch.empty(local_vocab, hidden_size, device=device)), 0)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        # token_ids: [s, b] -> [s, b, h] (or [s/tp, b, h] with sequence parallel)
+        if self.group is None:
+            return F.embedding(token_ids, self.weight)
+        outside = (token_ids < self.vocab_start) | (token_ids >= self.vocab_end)
+        local_ids = (token_ids - self.vocab_start).masked_fill(outside, 0)
+        partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence(partial, self.group)
+        return reduce_from_tp(partial, self.group)
+
+
+def parallel_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, group: ProcessGroup, sequence_parallel: bool
+) -> torch.Tensor:
+    """Output-layer logits against a vocab-split weight: [s, b, h] -> [s, b, v/tp], never gathered."""
+    hidden = gather_from_sequence(hidden, group) if sequence_parallel else copy_to_tp(hidden, group)
+    return F.linear(hidden, weight)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over vocab-split logits: three all-reduces of [s, b] scalars, no full logits."""
+
+    @staticmethod
+    def forward(ctx, logits, target, vocab_start, real_vocab_size, group):
+        # logits: [s, b, v/tp] (any float dtype; computed in fp32), target: [s, b]
+        logits = logits.float()
+        local_vocab = logits.shape[-1]
+        if real_vocab_size is not None and vocab_start + local_vocab > real_vocab_size:
+            # Padded vocabulary entries never take part in the softmax.
+            logits = logits.clone()
+            logits[..., max(real_vocab_size - vocab_start, 0):] = float("-inf")
+        logits_max = logits.max(dim=-1).values
+        if group is not None:
+            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - logits_max.unsqueeze(-1)
+
+        outside = (target < vocab_start) | (target >= vocab_start + local_vocab)
+        local_target = (target - vocab_start).masked_fill(outside, 0)
+        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        if group is not None:
+            both = torch.stack([target_logit, sum_exp])
+            dist.all_reduce(both, group=group)
+            target_logit, sum_exp = both[0], both[1]
+        loss = sum_exp.log() - target_logit
+
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_target, outside)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_target, outside = ctx.saved_tensors
+        grad = softmax  # reuse the saved buffer: d loss / d logits = softmax - one_hot(target)
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -(~outside).to(grad.dtype).unsqueeze(-1))
+        grad.mul_(grad_loss.unsqueeze(-1))
+        return grad, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    groups: ParallelGroups,
+    real_vocab_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Per-token loss [s, b] from vocab-split logits [s, b, v/tp]; padded ids >= real_vocab_size are masked."""
+    vocab_start = groups.tp_rank * logits.shape[-1]
+    return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, real_vocab_size, groups.tp_group)
+
+
+# ---- gradients and full tensors --------------------------------------------------------------
+def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter], groups: ParallelGroups) -> None:
+    """Sum, over tp, the gradients of replicated params that only saw this rank's sequence shard."""
+    if groups.tp_group is None:
+        return
+    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=groups.tp_group)
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
+def gather_full_tensor(local: torch.Tensor, tp_split_dim: Optional[int], groups: ParallelGroups) -> torch.Tensor:
+    """The full tensor of a (possibly) tp-split parameter or gradient, on every tp rank."""
+    if tp_split_dim is None or groups.tp_group is None:
+        return local.detach().clone()
+    gathered = _all_gather_dim0(local.detach().movedim(tp_split_dim, 0), groups.tp_group)
+    return gathered.movedim(0, tp_split_dim).contiguous()
