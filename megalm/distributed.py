@@ -135,7 +135,8 @@ def build_parallel_groups(topology: Topology, rank: int, device: torch.device) -
     if dist.get_world_size() != topology.world_size:
         raise RuntimeError(
             f"torch.distributed has {dist.get_world_size()} ranks but the topology expects "
-            f"{topology.world_size}"
+            f"{topology.world_size}: launch {topology.world_size} processes (torchrun --nproc-per-node "
+            f"x --nnodes) or change parallel.tp / parallel.pp / parallel.dp"
         )
     tp_group, tp_ranks = _new_groups(topology.tp_groups(), rank)
     dp_group, dp_ranks = _new_groups(topology.dp_groups(), rank)

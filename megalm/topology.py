@@ -45,7 +45,7 @@ class Topology:
         for name in ("tp", "pp", "dp"):
             _check_positive(name, getattr(self, name))
         product = self.tp * self.pp * self.dp
-        if self.world_size == 0:
+        if type(self.world_size) is int and self.world_size == 0:  # 0 means "derive"; not False/0.0
             object.__setattr__(self, "world_size", product)
         _check_positive("world_size", self.world_size)
         if self.world_size != product:
@@ -141,6 +141,8 @@ class Topology:
 
     def stage_layers(self, num_layers: int, pp_rank: int) -> range:
         """Global indices of the transformer layers on stage `pp_rank` (uniform split)."""
+        if not 0 <= pp_rank < self.pp:
+            raise TopologyError(f"pipeline stage {pp_rank} is outside 0..{self.pp - 1}")
         if num_layers % self.pp != 0:
             raise TopologyError(
                 f"{num_layers} layers do not split evenly over pp={self.pp} stages: "

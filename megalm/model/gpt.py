@@ -38,6 +38,7 @@ class GPTModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.groups = groups
+        self.rng = rng
         self.sequence_parallel = sequence_parallel and groups.tp_size > 1
         self.is_first = groups.is_first_stage
         self.is_last = groups.is_last_stage

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Start this node's torchrun agent of a multi-node job; run the same command on every node.
+# Nodes find each other through torch's c10d rendezvous at MASTER_ADDR:MASTER_PORT (any one node
+# that every node can reach; no shared filesystem needed).
+#
+#   NNODES=4 NPROC_PER_NODE=8 MASTER_ADDR=node001 MASTER_PORT=29500 launch/multi_node.sh configs/yuan-lm-13b.yaml
+#
+# Environment: NNODES (required), MASTER_ADDR (required), MASTER_PORT (29500), NPROC_PER_NODE
+# (GPUs on this node), RDZV_ID (job id shared by all nodes; SLURM_JOB_ID when set), MAX_RESTARTS
+# (0: restarts of the whole group after a failure), RDZV_TIMEOUT (seconds to wait for all nodes).
+set -euo pipefail
+if [[ $# -lt 1 || -z "${NNODES:-}" || -z "${MASTER_ADDR:-}" ]]; then
+  echo "usage: NNODES=N MASTER_ADDR=HOST [MASTER_PORT=29500] [NPROC_PER_NODE=G] $0 CONFIG [key=value ...]" >&2
+  exit 2
+fi
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  NPROC_PER_NODE=$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')
+fi
+# TORCHRUN may hold several words, e.g. "python -m torch.distributed.run".
+# shellcheck disable=SC2086
+exec ${TORCHRUN:-torchrun} \
+  --nnodes "$NNODES" \
+  --nproc-per-node "$NPROC_PER_NODE" \
+  --rdzv-backend c10d \
+  --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" \
+  --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-megalm}}" \
+  --rdzv-conf "timeout=${RDZV_TIMEOUT:-900}" \
+  --max-restarts "${MAX_RESTARTS:-0}" \
+  -m megalm.cli train "$@"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Train on one machine with torchrun: one process per GPU (or NPROC_PER_NODE CPU processes).
+#   NPROC_PER_NODE=8 launch/single_node.sh configs/yuan-lm-13b.yaml optim.lr=1e-4
+set -euo pipefail
+if [[ $# -lt 1 ]]; then
+  echo "usage: [NPROC_PER_NODE=N] $0 CONFIG [key=value ...] [--dry-run]" >&2
+  exit 2
+fi
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  NPROC_PER_NODE=$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')
+fi
+# TORCHRUN may hold several words, e.g. "python -m torch.distributed.run".
+# shellcheck disable=SC2086
+exec ${TORCHRUN:-torchrun} --standalone --nproc-per-node "$NPROC_PER_NODE" \
+  --max-restarts "${MAX_RESTARTS:-0}" -m megalm.cli train "$@"

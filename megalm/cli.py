@@ -1,0 +1,118 @@
+"""megalm command line: parse, build, call. `megalm train | check | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megalm.config import Config, ConfigError, config_to_yaml, load_config, validate
+from megalm.topology import Topology
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 parallel.tp=2")
+
+
+def _world_size(config: Config, requested: Optional[int], dry_run: bool) -> int:
+    """torchrun's WORLD_SIZE; for a dry run, --world-size or the config's own tp x pp x dp."""
+    if requested is not None:
+        return requested
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if dry_run and config.parallel.dp is not None:
+        return config.parallel.tp * config.parallel.pp * config.parallel.dp
+    return 1
+
+
+def _load(args: argparse.Namespace, dry_run: bool) -> tuple[Config, Topology]:
+    config = load_config(args.config, args.overrides)
+    return config, validate(config, _world_size(config, getattr(args, "world_size", None), dry_run))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Validate, then (unless --dry-run) start the process groups and train."""
+    config, topology = _load(args, args.dry_run)
+    if args.dry_run:
+        from megalm.train import dry_run_report
+
+        print(config_to_yaml(config))
+        print(dry_run_report(config, topology))
+        return 0
+
+    from megalm.distributed import build_parallel_groups, init_distributed, resolve_device
+    from megalm.metrics import setup_logging
+    from megalm.train import build_trainer, write_resolved_config
+
+    device = resolve_device(config.train.device)
+    rank, _ = init_distributed(device)
+    logger = setup_logging(rank, config.log.all_ranks)
+    groups = build_parallel_groups(topology, rank, device)
+    run_dir = Path(args.run_dir or config.train.run_dir)
+    if rank == 0:
+        logger.info("resolved config:\n" + config_to_yaml(config))
+        logger.info(f"config written to {write_resolved_config(config, run_dir)}")
+    trainer = build_trainer(config, groups, run_dir)
+    try:
+        trainer.fit()
+    finally:
+        trainer.metrics.close()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    args.dry_run = True
+    return cmd_train(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from megalm.bench import run_bench
+
+    config, topology = _load(args, dry_run=False)
+    return run_bench(config, topology, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megalm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a config (single process or under torchrun)")
+    _add_config_args(train)
+    train.add_argument("--dry-run", action="store_true", help="validate and print the layout, do not train")
+    train.add_argument("--world-size", type=int, help="world size to validate against (dry run)")
+    train.add_argument("--run-dir", help="override train.run_dir")
+    train.set_defaults(func=cmd_train)
+
+    check = sub.add_parser("check", help="same as train --dry-run")
+    _add_config_args(check)
+    check.add_argument("--world-size", type=int, help="world size to validate against")
+    check.set_defaults(func=cmd_check, run_dir=None)
+
+    bench = sub.add_parser("bench", help="time training steps against a plain PyTorch GPT of the same shape")
+    _add_config_args(bench)
+    bench.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    bench.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch baseline")
+    bench.add_argument("--json", help="also write the results to this JSON file")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        print(f"megalm: config error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install megalm with its test tools into .venv and run the test suite (CPU, gloo).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+EXTRAS=dev bash scripts/setup_env.sh
+export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec .venv/bin/python -m pytest -q -ra "$@"

@@ -1,0 +1,125 @@
+"""ParallelGroups: the torch process groups built from a Topology really contain the right ranks.
+
+Every rank all-reduces its own global rank over each of its groups; the sum must equal the sum of
+that rank's group as the Topology lists it. Several layouts share one spawn of 8 gloo ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megalm.distributed import ParallelGroups, all_reduce_, build_parallel_groups
+from megalm.testing import run_distributed
+from megalm.topology import Topology
+
+# (tp, pp, dp) over 8 ranks.
+LAYOUTS_8 = [(2, 2, 2), (4, 2, 1), (1, 2, 4), (8, 1, 1), (1, 4, 2)]
+
+
+def _sum_over(group, rank: int) -> int:
+    """All-reduce this rank's id over `group` (None: a group of one, nothing to do)."""
+    value = torch.tensor([rank], dtype=torch.int64)
+    all_reduce_(value, group)
+    return int(value.item())
+
+
+def _groups_worker(rank: int, world_size: int, layouts: list[tuple[int, int, int]]) -> list[dict]:
+    results = []
+    for tp, pp, dp in layouts:
+        topology = Topology(tp=tp, pp=pp, dp=dp)
+        groups = build_parallel_groups(topology, rank, torch.device("cpu"))
+        result = {
+            "rank": groups.rank,
+            "coords": tuple(groups.coords),
+            "sizes": (groups.tp_size, groups.pp_size, groups.dp_size),
+            "ranks": {"tp": groups.tp_ranks, "dp": groups.dp_ranks, "pp": groups.pp_ranks},
+            "is_none": {},
+            "group_size": {},
+            "sum": {},
+            "first_last": (groups.is_first_stage, groups.is_last_stage),
+        }
+        for name in ("tp", "dp", "pp", "embedding"):
+            group = getattr(groups, f"{name}_group")
+            result["is_none"][name] = group is None
+            result["group_size"][name] = None if group is None else dist.get_world_size(group)
+            result["sum"][name] = _sum_over(group, rank)
+        results.append(result)
+    return results
+
+
+def test_groups_reduce_over_the_topology_ranks() -> None:
+    per_rank = run_distributed(_groups_worker, 8, LAYOUTS_8)
+    for layout_index, (tp, pp, dp) in enumerate(LAYOUTS_8):
+        topology = Topology(tp=tp, pp=pp, dp=dp)
+        for rank in range(8):
+            got = per_rank[rank][layout_index]
+            where = (tp, pp, dp, rank)
+            assert got["rank"] == rank, where
+            assert got["coords"] == tuple(topology.coords(rank)), where
+            assert got["sizes"] == (tp, pp, dp), where
+            assert got["first_last"] == (topology.is_first_stage(rank), topology.is_last_stage(rank)), where
+            expected = {
+                "tp": topology.tp_group_ranks(rank),
+                "dp": topology.dp_group_ranks(rank),
+                "pp": topology.pp_group_ranks(rank),
+            }
+            for name, ranks in expected.items():
+                assert got["ranks"][name] == tuple(ranks), (where, name)
+                assert got["is_none"][name] == (len(ranks) == 1), (where, name)
+                if len(ranks) > 1:
+                    assert got["group_size"][name] == len(ranks), (where, name)
+                assert got["sum"][name] == sum(ranks), (where, name, got["sum"][name], ranks)
+
+            tied = topology.embedding_group_ranks(rank)
+            if tied is None:  # a middle stage
+                assert got["is_none"]["embedding"], where
+                assert got["sum"]["embedding"] == rank, where
+            else:
+                assert got["is_none"]["embedding"] == (len(tied) == 1), where
+                if len(tied) > 1:
+                    assert got["group_size"]["embedding"] == len(tied), where
+                assert got["sum"]["embedding"] == sum(tied), (where, got["sum"]["embedding"], tied)
+
+
+def test_layouts_cover_middle_stages_and_singleton_groups() -> None:
+    # Guard the test above: it must see middle stages and groups of size one in every dimension.
+    middle = any(
+        Topology(*layout).embedding_group_ranks(r) is None for layout in LAYOUTS_8 for r in range(8)
+    )
+    assert middle
+    assert any(tp == 1 for tp, _, _ in LAYOUTS_8)
+    assert any(pp == 1 for _, pp, _ in LAYOUTS_8)
+    assert any(dp == 1 for _, _, dp in LAYOUTS_8)
+
+
+def test_single_process_groups() -> None:
+    groups = ParallelGroups.single()
+    assert (groups.tp_size, groups.pp_size, groups.dp_size) == (1, 1, 1)
+    assert (groups.tp_rank, groups.pp_rank, groups.dp_rank) == (0, 0, 0)
+    assert groups.rank == 0 and groups.topology.world_size == 1
+    assert groups.is_first_stage and groups.is_last_stage
+    assert groups.tp_group is None and groups.dp_group is None
+    assert groups.pp_group is None and groups.embedding_group is None
+    assert groups.device == torch.device("cpu")
+    # A world of one needs no torch.distributed either.
+    built = build_parallel_groups(Topology(), 0, torch.device("cpu"))
+    assert built.tp_group is None and built.is_first_stage and built.is_last_stage
+    # all_reduce_ over a group of one is a no-op.
+    assert all_reduce_(torch.tensor([3.0]), None).item() == 3.0
+
+
+def _mismatch_worker(rank: int, world_size: int) -> str | None:
+    try:
+        build_parallel_groups(Topology(tp=2, pp=1, dp=2), rank, torch.device("cpu"))
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def test_world_size_mismatch_is_a_clear_error() -> None:
+    messages = run_distributed(_mismatch_worker, 2)
+    for message in messages:
+        assert message is not None, "build_parallel_groups accepted a topology of 4 on 2 ranks"
+        assert "torch.distributed has 2 ranks" in message
+        assert "topology expects 4" in message
