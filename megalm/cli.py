@@ -43,6 +43,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dry_run_report(config, topology))
         return 0
 
+    if topology.pp > 1:
+        raise ConfigError(
+            f"parallel.pp={topology.pp}: pipeline execution is not implemented in this version (stages are "
+            f"already built per rank, see --dry-run); train with parallel.pp=1 for now"
+        )
     from megalm.distributed import build_parallel_groups, init_distributed, resolve_device
     from megalm.metrics import setup_logging
     from megalm.train import build_trainer, write_resolved_config

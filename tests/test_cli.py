@@ -1,0 +1,69 @@
+"""The command line: dry runs of the shipped configs, clear errors, resolved config in the run dir."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from megalm.cli import main
+from megalm.config import load_config
+from megalm.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _params(text: str) -> int:
+    return int(re.search(r"parameters: ([\d,]+)", text).group(1).replace(",", ""))
+
+
+@pytest.mark.parametrize(
+    "config, world, billions",
+    [
+        ("yuan-245b.yaml", "world 2128 = tp 8 x pp 38 x dp 7", (244.0, 247.0)),
+        ("yuan-lm-13b.yaml", "world 1792 = tp 8 x pp 2 x dp 112", (12.5, 13.5)),
+        ("yuan-plm-13b.yaml", "world 1792 = tp 8 x pp 2 x dp 112", (12.5, 13.5)),
+    ],
+)
+def test_dry_run_prints_layout_and_parameter_count(config, world, billions, capsys) -> None:
+    assert main(["train", str(ROOT / "configs" / config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert world in out
+    assert billions[0] * 1e9 < _params(out) < billions[1] * 1e9
+    assert "stage   0: layers 0-" in out
+
+
+def test_check_validates_against_a_given_world_size(capsys) -> None:
+    config = str(ROOT / "configs" / "tiny.yaml")
+    assert main(["check", config, "parallel.tp=2", "--world-size", "8"]) == 0
+    assert "world 8 = tp 2 x pp 1 x dp 4" in capsys.readouterr().out
+    assert main(["check", config, "parallel.tp=3", "--world-size", "6"]) == 2
+    assert "num_heads" in capsys.readouterr().err
+
+
+def test_unknown_override_is_a_clear_error(capsys) -> None:
+    assert main(["train", str(ROOT / "configs" / "tiny.yaml"), "optim.lrr=1e-3"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+def test_pipeline_training_is_refused_before_any_process_group(capsys, tmp_path) -> None:
+    code = main(["train", str(ROOT / "configs" / "tiny.yaml"), "parallel.pp=2", "--world-size", "2",
+                 "--run-dir", str(tmp_path)])
+    assert code == 2
+    assert "pipeline execution is not implemented" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_writes_resolved_config_and_metrics(tmp_path: Path, capsys) -> None:
+    config = str(ROOT / "configs" / "tiny.yaml")
+    assert main(["train", config, "train.steps=25", "optim.warmup_steps=5", "--run-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "resolved config:" in out and "warmup_steps: 5" in out
+    resolved = load_config(tmp_path / "config.yaml")
+    assert resolved.train.steps == 25 and resolved.optim.warmup_steps == 5
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 26))
+    assert records[-1]["loss"] < records[0]["loss"]
+    for key in ("lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "peak_memory_gb"):
+        assert key in records[0]
