@@ -88,93 +88,45 @@ def _all_gather_last(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 
 
 # ---- conjugate autograd functions -----------------------------------------------------------
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+def _identity(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return x
+
+
+def _split_last(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return _split_dim(x, x.dim() - 1, group)
+
+
+def _split_first(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return _split_dim(x, 0, group)
+
+
+class _Conjugate(torch.autograd.Function):
+    """Applies one collective in forward and its conjugate to the gradient in backward."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherFromSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_dim0(x, group)
+    def forward(ctx, x, group, forward_op, backward_op):
+        ctx.group, ctx.backward_op = group, backward_op
+        return forward_op(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter_dim0(grad, ctx.group), None
+        return ctx.backward_op(grad, ctx.group), None, None, None
 
 
-class _ReduceScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_dim0(x, group)
+def _conjugate(forward_op, backward_op):
+    def apply(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        return x if group is None else _Conjugate.apply(x, group, forward_op, backward_op)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_dim0(grad, ctx.group), None
+    apply.__doc__ = f"forward: {forward_op.__name__.strip('_')}; backward: {backward_op.__name__.strip('_')}"
+    return apply
 
 
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_dim(x, 0, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_dim0(grad, ctx.group), None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_dim(grad, grad.dim() - 1, ctx.group), None
-
-
-def copy_to_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    return x if group is None else _CopyToTP.apply(x, group)
-
-
-def reduce_from_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    return x if group is None else _ReduceFromTP.apply(x, group)
-
-
-def gather_from_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    return x if group is None else _GatherFromSequence.apply(x, group)
-
-
-def reduce_scatter_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    return x if group is None else _ReduceScatterToSequence.apply(x, group)
-
-
-def scatter_to_sequence(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    return x if group is None else _ScatterToSequence.apply(x, group)
-
-
-def gather_from_tp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    return x if group is None else _GatherFromTP.apply(x, group)
+copy_to_tp = _conjugate(_identity, _all_reduce)
+reduce_from_tp = _conjugate(_all_reduce, _identity)
+gather_from_sequence = _conjugate(_all_gather_dim0, _reduce_scatter_dim0)
+reduce_scatter_to_sequence = _conjugate(_reduce_scatter_dim0, _all_gather_dim0)
+scatter_to_sequence = _conjugate(_split_first, _all_gather_dim0)
+gather_from_tp = _conjugate(_all_gather_last, _split_last)
 
 
 # ---- layers --------------------------------------------------------------------------------

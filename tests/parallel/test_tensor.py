@@ -178,3 +178,44 @@ def test_bad_split_is_a_clear_error() -> None:
     groups = dataclasses.replace(ParallelGroups.single(), topology=Topology(tp=3, world_size=3))
     with pytest.raises(ValueError, match="not divisible by tensor-parallel size 3"):
         build_model(model_config("lm", "learned"), groups, SEED)
+
+
+def _primitives_worker(rank: int, world_size: int) -> dict:
+    """Forward values and input gradients of each conjugate pair, against hand-written expectations."""
+    from megalm.parallel import tensor as T
+
+    group = build_parallel_groups(Topology(tp=world_size), rank, torch.device("cpu")).tp_group
+    full = torch.arange(24, dtype=torch.float32).view(4, 3, 2)  # [s, b, h], same on every rank
+    shard = full.chunk(world_size, dim=0)[rank]
+    out = {}
+    for name, op, x, expected in [
+        ("copy_to_tp", T.copy_to_tp, full, full),
+        ("reduce_from_tp", T.reduce_from_tp, full, full * world_size),
+        ("gather_from_sequence", T.gather_from_sequence, shard, full),
+        ("reduce_scatter_to_sequence", T.reduce_scatter_to_sequence, full, shard * world_size),
+        ("scatter_to_sequence", T.scatter_to_sequence, full, shard),
+        ("gather_from_tp", T.gather_from_tp, full[..., rank : rank + 1], full[..., :world_size]),
+    ]:
+        x = x.clone().requires_grad_(True)
+        y = op(x, group)
+        weight = torch.full_like(y, float(rank + 1))  # a gradient that differs per rank
+        (y * weight).sum().backward()
+        out[name] = (torch.equal(y, expected), x.grad)
+    return out
+
+
+def test_communication_primitives_and_their_conjugates() -> None:
+    world = 2
+    ranks = run_distributed(_primitives_worker, world)
+    total = sum(range(1, world + 1))  # gradients summed over ranks: 1 + 2
+    for rank, out in enumerate(ranks):
+        assert all(ok for ok, _ in out.values()), {k: ok for k, (ok, _) in out.items()}
+        grads = {name: grad for name, (_, grad) in out.items()}
+        assert torch.all(grads["copy_to_tp"] == total)  # backward all-reduce
+        assert torch.all(grads["reduce_from_tp"] == rank + 1)  # backward identity
+        assert torch.all(grads["gather_from_sequence"] == total)  # backward reduce-scatter
+        # backward all-gather: each sequence shard of the gradient comes from the rank that owns it
+        expected = torch.cat([torch.full((2, 3, 2), float(r + 1)) for r in range(world)])
+        assert torch.equal(grads["reduce_scatter_to_sequence"], expected)
+        assert torch.equal(grads["scatter_to_sequence"], expected)
+        assert torch.all(grads["gather_from_tp"] == rank + 1)  # backward split of the last dim
