@@ -36,6 +36,11 @@ def mark_parameter(param: nn.Parameter, tp_split_dim: Optional[int], sequence_pa
 
 
 # ---- raw collectives (no autograd) ------------------------------------------------------------
+# torch 2.13 renamed the single-tensor collectives; keep working on the older names too.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _group_size(group: ProcessGroup) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
@@ -53,7 +58,7 @@ def _all_gather_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_single(out, x, group=group)
     return out
 
 
@@ -65,7 +70,7 @@ def _reduce_scatter_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         raise ValueError(f"sequence length {x.shape[0]} is not divisible by tensor-parallel size {size}")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // size,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x, group=group)
+    _reduce_scatter_single(out, x, group=group)
     return out
 
 

@@ -1,0 +1,547 @@
+"""`megalm bench`: time megalm's training step against a plain PyTorch GPT of the same shape.
+
+Both are timed in the same process, on the same device, on the same pre-generated micro-batches
+(this rank's share of each global batch, already on the device), with the same number of
+micro-batches per optimizer step, the same precision, optimizer, clipping, warm-up and timed step
+counts. The baseline runs first so that on CPU its peak memory is measured before megalm's model
+exists. Results are the median step time and what follows from it (tokens/s, model TFLOP/s per
+device, MFU, peak memory), and the ratio megalm / baseline of per-device tokens/s.
+
+On multi-rank runs (torchrun) each rank also times the baseline on its own device, for its
+data-parallel share of the batch; a step takes as long as its slowest rank (per-step maxima over
+ranks), and the ratio compares per-device throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megalm.config import Config, ModelConfig, grad_accum_steps
+from megalm.data.batch import Batch
+from megalm.data.synthetic import SyntheticBatches
+from megalm.distributed import ParallelGroups
+from megalm.metrics import guess_peak_tflops, throughput, training_flops_per_token
+from megalm.model.gpt import prefix_attention_mask
+from megalm.topology import Topology
+
+IGNORE_INDEX = -100
+NOISY_SPREAD = 1.5  # a phase whose slowest timed step exceeds its fastest by this factor is flagged
+
+
+# ---- the plain single-device baseline: a nanoGPT-style GPT in [b, s, h] layout -------------------
+def _rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [s, d] of rotate-half rotary embeddings (dimension i paired with i + d/2)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # [s, d/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [s, d]
+    return angles.cos(), angles.sin()
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [b, nh, s, d] by position (computed in fp32)."""
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class BaselineAttention(nn.Module):
+    """Causal (or prefix-masked) self-attention with one fused qkv projection, q|k|v blocks."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim()
+        self.dropout = cfg.attention_dropout
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], rotary: Optional[tuple]) -> torch.Tensor:
+        batch, seq_len, hidden = x.shape  # [b, s, h]
+        q, k, v = self.qkv(x).split(hidden, dim=2)
+        q, k, v = (t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if rotary is not None:  # [b, nh, s, d]
+            q, k = _apply_rotary(q, *rotary), _apply_rotary(k, *rotary)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None
+        )
+        return self.proj(out.transpose(1, 2).reshape(batch, seq_len, hidden))
+
+
+class BaselineMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_size())
+        self.fc2 = nn.Linear(cfg.ffn_size(), cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class BaselineBlock(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.attn = BaselineAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.mlp = BaselineMLP(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], rotary: Optional[tuple]) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln1(x), mask, rotary))
+        return x + self.dropout(self.mlp(self.ln2(x)))
+
+
+class BaselineGPT(nn.Module):
+    """A plain GPT LM / PrefixLM: token (+ learned position) embedding, blocks, final norm, tied output."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # the real vocab, no padding
+        self.position_embedding = (
+            nn.Embedding(cfg.max_positions(), cfg.hidden_size) if cfg.position_embedding == "learned" else None
+        )
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.blocks = nn.ModuleList(BaselineBlock(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Summed cross-entropy over the labels that are not IGNORE_INDEX; tokens, labels [b, s]."""
+        seq_len = tokens.shape[1]
+        x = self.token_embedding(tokens)  # [b, s, h]
+        if self.position_embedding is not None:
+            x = x + self.position_embedding.weight[:seq_len]
+        x = self.dropout(x)
+        mask = prefix_attention_mask(prefix_lengths, seq_len) if self.cfg.family == "prefixlm" else None
+        rotary = None
+        if self.cfg.position_embedding == "rotary":
+            rotary = _rotary_tables(seq_len, self.cfg.head_dim(), self.cfg.rotary_base, tokens.device)
+        for block in self.blocks:
+            x = block(x, mask, rotary)
+        logits = F.linear(self.final_norm(x), self.token_embedding.weight)  # [b, s, V]
+        return F.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+
+def build_baseline(cfg: ModelConfig, seed: int, device: torch.device) -> BaselineGPT:
+    """A BaselineGPT with GPT-2 style init: N(0, init_std), residual projections / sqrt(2 layers)."""
+    model = BaselineGPT(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    scaled_std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif ".ln" in name or name.startswith("final_norm"):
+                param.fill_(1.0)
+            else:
+                std = scaled_std if name.endswith(("proj.weight", "fc2.weight")) else cfg.init_std
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model.to(device)
+
+
+def load_from_megalm(baseline: BaselineGPT, megalm_model: nn.Module) -> BaselineGPT:
+    """Copy the weights of a full (tp = pp = 1) megalm GPTModel into `baseline`, in place.
+
+    megalm's fused qkv rows are ordered (head, q|k|v, head_dim); the baseline's (q|k|v, head,
+    head_dim). The padded vocabulary rows of megalm's embedding are dropped.
+    """
+    groups = getattr(megalm_model, "groups", None)
+    if groups is None or groups.tp_size != 1 or groups.pp_size != 1:
+        raise ValueError("load_from_megalm needs a full megalm model (tp = pp = 1); gather the shards first")
+    cfg = baseline.cfg
+    heads, head_dim, hidden = cfg.num_heads, cfg.head_dim(), cfg.hidden_size
+    source = {name: t.detach() for name, t in megalm_model.state_dict().items()}
+
+    def qkv(t: torch.Tensor) -> torch.Tensor:
+        return t.view(heads, 3, head_dim, *t.shape[1:]).transpose(0, 1).reshape(3 * hidden, *t.shape[1:])
+
+    target = {"token_embedding.weight": source["embedding.word.weight"][: cfg.vocab_size]}
+    if baseline.position_embedding is not None:
+        target["position_embedding.weight"] = source["embedding.position"]
+    for i in range(cfg.num_layers):
+        for kind in ("weight", "bias"):
+            src, dst = f"layers.{i}.", f"blocks.{i}."
+            for part in ("ln1", "ln2", "attn.proj", "mlp.fc1", "mlp.fc2"):
+                target[f"{dst}{part}.{kind}"] = source[f"{src}{part}.{kind}"]
+            target[f"{dst}attn.qkv.{kind}"] = qkv(source[f"{src}attn.qkv.{kind}"])
+    for kind in ("weight", "bias"):
+        target[f"final_norm.{kind}"] = source[f"final_norm.{kind}"]
+    baseline.load_state_dict(target, strict=True)
+    return baseline
+
+
+def build_baseline_optimizer(model: nn.Module, config: Config, device: torch.device) -> torch.optim.AdamW:
+    """torch.optim.AdamW (fused on CUDA, foreach on CPU); no weight decay on 1-D params."""
+    optim = config.optim
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, **extra)
+
+
+BaselineBatch = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # tokens, labels, prefix_lengths
+
+
+def baseline_batches(batches: list[Batch]) -> list[BaselineBatch]:
+    """The same micro-batches with the loss mask folded into the labels (IGNORE_INDEX)."""
+    return [
+        (b.tokens, b.labels.masked_fill(b.loss_mask == 0, IGNORE_INDEX), b.prefix_lengths) for b in batches
+    ]
+
+
+def make_baseline_step(
+    model: BaselineGPT, optimizer: torch.optim.Optimizer, config: Config, data: list[list[BaselineBatch]]
+) -> Callable[[int], torch.Tensor]:
+    """One optimizer step of the baseline: accumulate over the micro-batches, clip, AdamW.
+
+    The learning rate stays at optim.lr: megalm's schedule changes values, not work.
+    """
+    device = next(model.parameters()).device
+    params = list(model.parameters())
+    clip = config.optim.clip_grad
+    bf16 = config.train.precision == "bf16"
+
+    def step(index: int) -> torch.Tensor:
+        batches = data[index]
+        # Mean over the step's loss tokens, as megalm computes it (PrefixLM micro-batches differ).
+        num_tokens = sum((labels != IGNORE_INDEX).sum() for _, labels, _ in batches)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for tokens, labels, prefix_lengths in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(tokens, labels, prefix_lengths) / num_tokens
+            loss.backward()
+            loss_sum += loss.detach()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        optimizer.step()
+        return loss_sum
+
+    return step
+
+
+# ---- timing -------------------------------------------------------------------------------------
+class PreparedBatches:
+    """Stands in for SyntheticBatches with micro-batches built (and moved to the device) in advance."""
+
+    def __init__(self, steps: list[list[Batch]]) -> None:
+        self.steps = steps
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        return self.steps[step]
+
+
+class PeakMemory:
+    """Peak memory of one phase: CUDA max allocated, or on CPU the peak RSS (VmHWM, reset per phase)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.per_phase = device.type == "cuda"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+            self.per_phase = True
+        except OSError:
+            self.per_phase = False
+
+    def read(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.per_phase:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def description(self) -> str:
+        if self.device.type == "cuda":
+            return "peak allocated CUDA memory during the timed steps"
+        if self.per_phase:
+            return "peak RSS of the whole process (runtime included) during the timed steps"
+        return "peak RSS of the process since start (the baseline ran first; megalm's figure includes it)"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class PhaseResult:
+    """Raw timings of one model: per-step seconds and losses of the timed steps, peak memory."""
+
+    name: str
+    step_times_s: list[float]
+    losses: list[float]
+    peak_memory_bytes: int
+    tokens_per_step: int  # tokens this phase's devices process per optimizer step, all of them
+    num_devices: int
+    num_parameters: int
+    memory_kind: str
+
+
+def time_steps(
+    step_fn: Callable[[int], float | torch.Tensor],
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    memory: PeakMemory,
+    barrier: bool,
+) -> tuple[list[float], list[float], int]:
+    """Run `warmup` untimed then `steps` timed steps; return step seconds, losses and peak memory."""
+    for index in range(warmup):
+        step_fn(index)
+    _synchronize(device)
+    gc.collect()
+    memory.reset()
+    times, losses = [], []
+    for index in range(warmup, warmup + steps):
+        if barrier:
+            dist.barrier()
+        _synchronize(device)
+        start = time.perf_counter()
+        loss = step_fn(index)
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    return times, losses, memory.read()
+
+
+def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise maximum over all ranks (a step lasts as long as its slowest rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+# ---- the two phases -------------------------------------------------------------------------------
+def prepare_batches(config: Config, groups: ParallelGroups, num_steps: int) -> list[list[Batch]]:
+    """This rank's micro-batches of every step, generated once and moved to the device."""
+    data = SyntheticBatches(config, groups.dp_rank, groups.dp_size)
+    return [[b.to(groups.device) for b in data.micro_batches(step)] for step in range(num_steps)]
+
+
+def run_baseline(
+    config: Config, groups: ParallelGroups, batches: list[list[Batch]], warmup: int, steps: int
+) -> Optional[PhaseResult]:
+    """Time the plain GPT on this rank's share of each step; None if it does not fit on the device."""
+    device = groups.device
+    memory = PeakMemory(device)
+    failed = 0.0
+    try:
+        model = build_baseline(config.model, config.train.seed, device)
+        optimizer = build_baseline_optimizer(model, config, device)
+        step = make_baseline_step(model, optimizer, config, [baseline_batches(b) for b in batches])
+        times, losses, peak = time_steps(step, warmup, steps, device, memory, barrier=False)
+        num_parameters = sum(p.numel() for p in model.parameters())
+    except torch.cuda.OutOfMemoryError:
+        failed, times, losses, peak, num_parameters = 1.0, [], [], 0, 0
+    model = optimizer = step = None  # noqa: F841 - free the baseline before megalm is built
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if _max_over_ranks([failed], device)[0] > 0:
+        return None
+    local_tokens = sum(b.tokens.numel() for b in batches[0])
+    return PhaseResult(
+        "plain PyTorch", _max_over_ranks(times, device), losses, int(_max_over_ranks([peak], device)[0]),
+        local_tokens, 1, num_parameters, memory.description(),
+    )
+
+
+def run_megalm(
+    config: Config, groups: ParallelGroups, batches: list[list[Batch]], warmup: int, steps: int
+) -> PhaseResult:
+    """Time megalm's Trainer.train_step on the pre-generated micro-batches."""
+    from megalm.model.gpt import count_parameters
+    from megalm.train import build_trainer
+
+    trainer = build_trainer(config, groups, None)
+    trainer.data = PreparedBatches(batches)
+    memory = PeakMemory(groups.device)
+    try:
+        barrier = dist.is_initialized() and dist.get_world_size() > 1
+        step = lambda index: trainer.train_step(index).loss  # noqa: E731
+        times, losses, peak = time_steps(step, warmup, steps, groups.device, memory, barrier)
+    finally:
+        trainer.metrics.close()
+    world = groups.topology.world_size
+    return PhaseResult(
+        "megalm", _max_over_ranks(times, groups.device), losses, int(_max_over_ranks([peak], groups.device)[0]),
+        config.train.global_batch_size * config.model.seq_length, world, count_parameters(trainer.model),
+        memory.description(),
+    )
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def summarize(phase: PhaseResult, config: Config, peak_tflops: Optional[float]) -> dict:
+    """Median step time and the rates that follow from it, plus the raw per-step numbers."""
+    median = statistics.median(phase.step_times_s)
+    rates = throughput(config.model, phase.tokens_per_step, median, phase.num_devices, peak_tflops)
+    return {
+        "median_step_s": median,
+        "min_step_s": min(phase.step_times_s),
+        "max_step_s": max(phase.step_times_s),
+        "tokens_per_step": phase.tokens_per_step,
+        "num_devices": phase.num_devices,
+        "tokens_per_s": rates["tokens_per_s"],
+        "tokens_per_s_per_device": rates["tokens_per_s"] / phase.num_devices,
+        "tflops_per_device": rates["tflops_per_device"],
+        "mfu": rates["mfu"],
+        "peak_memory_bytes": phase.peak_memory_bytes,
+        "peak_memory_gib": phase.peak_memory_bytes / 2**30,
+        "num_parameters_on_rank0": phase.num_parameters,
+        "step_times_s": phase.step_times_s,
+        "losses": phase.losses,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def format_report(result: dict) -> str:
+    """The table printed by `megalm bench`."""
+    multi = result["world_size"] > 1
+    header = ["", "step ms", "tokens/s"] + (["tokens/s/device"] if multi else []) + [
+        "TFLOP/s/device", "MFU", "peak mem GiB"
+    ]
+    rows = [header]
+    for key, label in (("megalm", "megalm"), ("baseline", "plain PyTorch")):
+        entry = result.get(key)
+        if entry is None:
+            continue
+        mfu = f"{100 * entry['mfu']:.1f}%" if entry["mfu"] is not None else "n/a"
+        row = [label, f"{1e3 * entry['median_step_s']:.1f}", f"{entry['tokens_per_s']:,.0f}"]
+        if multi:
+            row.append(f"{entry['tokens_per_s_per_device']:,.0f}")
+        row += [f"{entry['tflops_per_device']:.4g}", mfu, f"{entry['peak_memory_gib']:.3f}"]
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    table = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    model = result["model"]
+    lines = [
+        f"megalm bench {result['config']} | device {result['device']} | {result['layout']}",
+        f"model {model['family']}: {model['num_layers']} layers, hidden {model['hidden_size']}, "
+        f"{model['num_heads']} heads, seq {model['seq_length']}, vocab {model['vocab_size']} | "
+        f"{result['precision']} | global batch {result['global_batch_size']} = micro {result['micro_batch_size']} "
+        f"x dp {result['dp']} x accumulation {result['grad_accum_steps']} | median of {result['steps']} steps "
+        f"after {result['warmup']} warm-up",
+        *table,
+    ]
+    if result["ratio_tokens_per_s"] is not None:
+        lines.append(f"ratio megalm/baseline tokens/s: {result['ratio_tokens_per_s']:.2f}")
+    elif result.get("baseline_skipped"):
+        lines.append(f"baseline: {result['baseline_skipped']}")
+    notes = [f"peak memory: {result['peak_memory_kind']}"]
+    for key, label in (("megalm", "megalm"), ("baseline", "plain PyTorch")):
+        entry = result.get(key)
+        if entry is not None and entry["max_step_s"] > NOISY_SPREAD * entry["min_step_s"]:
+            notes.append(
+                f"noisy timings: {label} steps took {1e3 * entry['min_step_s']:.1f} to "
+                f"{1e3 * entry['max_step_s']:.1f} ms (a busy machine?); rerun, or raise --steps"
+            )
+    if multi:
+        notes.append(
+            "megalm tokens/s is the whole job's; the baseline ran on every device for its data-parallel "
+            "share; step times are per-step maxima over ranks; the ratio compares tokens/s per device"
+        )
+    if result["peak_tflops"] is None:
+        notes.append("MFU needs log.peak_tflops on this device")
+    lines += [f"  note: {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> int:
+    """`megalm bench`: time megalm and (unless --no-baseline) the plain baseline; print, write JSON."""
+    from megalm.distributed import build_parallel_groups, init_distributed, resolve_device
+    from megalm.metrics import setup_logging
+
+    steps, warmup = int(args.steps), int(args.warmup)
+    if steps < 1 or warmup < 0:
+        print(f"megalm bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}", file=sys.stderr)
+        return 2
+    device = resolve_device(config.train.device)
+    rank, _ = init_distributed(device)
+    setup_logging(rank, config.log.all_ranks)
+    groups = build_parallel_groups(topology, rank, device)
+    try:
+        batches = prepare_batches(config, groups, warmup + steps)
+        baseline = None if args.no_baseline else run_baseline(config, groups, batches, warmup, steps)
+        megalm = run_megalm(config, groups, batches, warmup, steps)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    peak_tflops = config.log.peak_tflops or guess_peak_tflops(device)
+    result = {
+        "config": getattr(args, "config", None),
+        "overrides": list(getattr(args, "overrides", []) or []),
+        "device": device_name(device),
+        "layout": topology.describe(),
+        "world_size": topology.world_size,
+        "dp": topology.dp,
+        "precision": config.train.precision,
+        "global_batch_size": config.train.global_batch_size,
+        "micro_batch_size": config.train.micro_batch_size,
+        "grad_accum_steps": grad_accum_steps(config, topology.dp),
+        "steps": steps,
+        "warmup": warmup,
+        "model": asdict(config.model),
+        "flops_per_token": training_flops_per_token(config.model),
+        "peak_tflops": peak_tflops,
+        "peak_memory_kind": megalm.memory_kind,
+        "megalm": summarize(megalm, config, peak_tflops),
+        "baseline": summarize(baseline, config, peak_tflops) if baseline is not None else None,
+        "ratio_tokens_per_s": None,
+        "baseline_skipped": "--no-baseline" if args.no_baseline else (
+            None if baseline is not None else "the plain model did not fit on one device (out of memory)"
+        ),
+    }
+    if result["baseline"] is not None:
+        result["ratio_tokens_per_s"] = (
+            result["megalm"]["tokens_per_s_per_device"] / result["baseline"]["tokens_per_s_per_device"]
+        )
+    if rank == 0:
+        print(format_report(result), flush=True)
+        if getattr(args, "json", None):
+            path = Path(args.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+

@@ -1,0 +1,110 @@
+"""`megalm bench`: the CLI's table and JSON, and that the plain baseline is the same model as megalm's.
+
+The baseline computing megalm's loss from megalm's weights is what makes "same shape" a fact: same
+parameter count (less megalm's padded vocabulary rows), same function.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megalm.bench import IGNORE_INDEX, BaselineGPT, baseline_batches, build_baseline, load_from_megalm
+from megalm.cli import main
+from megalm.config import load_config
+from megalm.data.synthetic import SyntheticBatches
+from megalm.distributed import ParallelGroups
+from megalm.model.gpt import build_model, count_parameters
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+RATIO_LINE = "ratio megalm/baseline tokens/s:"
+
+
+def test_bench_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "bench.json"
+    assert main(["bench", TINY, "--steps", "3", "--warmup", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(path.read_text())
+    megalm, baseline = result["megalm"], result["baseline"]
+    assert result["steps"] == 3 and result["warmup"] == 1
+    for entry in (megalm, baseline):
+        assert entry["tokens_per_s"] > 0 and entry["tflops_per_device"] > 0 and entry["peak_memory_bytes"] > 0
+        assert len(entry["step_times_s"]) == len(entry["losses"]) == 3
+        assert entry["tokens_per_step"] == 16 * 64  # tiny: global batch 16 x seq 64, one process
+        assert entry["mfu"] is None  # no known peak on CPU
+    assert result["ratio_tokens_per_s"] == pytest.approx(megalm["tokens_per_s"] / baseline["tokens_per_s"], rel=1e-12)
+    assert f"{RATIO_LINE} {result['ratio_tokens_per_s']:.2f}" in out
+    assert "megalm " in out and "plain PyTorch" in out and "cpu (" in out
+
+
+def test_no_baseline_prints_no_ratio(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "bench.json"
+    assert main(["bench", TINY, "--steps", "1", "--warmup", "0", "--no-baseline", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert RATIO_LINE not in out and "plain PyTorch" not in out
+    result = json.loads(path.read_text())
+    assert result["baseline"] is None and result["ratio_tokens_per_s"] is None
+    assert len(result["megalm"]["step_times_s"]) == 1
+
+
+def test_prefixlm_rotary_bf16_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "bench.json"
+    overrides = ["model.family=prefixlm", "model.position_embedding=rotary", "train.precision=bf16"]
+    assert main(["bench", TINY, *overrides, "--steps", "1", "--warmup", "1", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["precision"] == "bf16" and result["ratio_tokens_per_s"] > 0
+    assert RATIO_LINE in capsys.readouterr().out
+
+
+def test_bad_step_count_is_an_error(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", TINY, "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
+
+
+VARIANTS = [("lm", "learned"), ("lm", "rotary"), ("prefixlm", "learned")]
+
+
+def _models(family: str, position: str):
+    # vocab 200 is padded to 256: the baseline has no padded rows, and they must not change the loss
+    overrides = [f"model.family={family}", f"model.position_embedding={position}", "model.vocab_size=200"]
+    config = load_config(TINY, overrides)
+    megalm = build_model(config.model, ParallelGroups.single(), config.train.seed)
+    baseline = build_baseline(config.model, config.train.seed, torch.device("cpu"))
+    return config, megalm, baseline
+
+
+@pytest.mark.parametrize("family, position", VARIANTS)
+def test_same_parameter_count_less_padding(family: str, position: str) -> None:
+    config, megalm, baseline = _models(family, position)
+    cfg = config.model
+    padding = (cfg.padded_vocab_size(1) - cfg.vocab_size) * cfg.hidden_size
+    assert padding > 0
+    assert sum(p.numel() for p in baseline.parameters()) == count_parameters(megalm) - padding
+
+
+@pytest.mark.parametrize("family, position", VARIANTS)
+@pytest.mark.parametrize("perturb", [False, True])
+def test_baseline_computes_megalm_loss(family: str, position: str, perturb: bool) -> None:
+    config, megalm, baseline = _models(family, position)
+    if perturb:  # biases and LayerNorms are trivial at init; make every weight matter
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for param in megalm.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    load_from_megalm(baseline, megalm)
+    batch = SyntheticBatches(config, 0, 1).micro_batches(0)[0]
+    with torch.no_grad():
+        losses = megalm(batch.tokens, labels=batch.labels, prefix_lengths=batch.prefix_lengths)
+        megalm_loss = ((losses * batch.loss_mask).sum() / batch.loss_mask.sum()).item()
+        tokens, labels, prefix = baseline_batches([batch])[0]
+        baseline_loss = (baseline(tokens, labels, prefix) / (labels != IGNORE_INDEX).sum()).item()
+    assert abs(megalm_loss - baseline_loss) <= 1e-4, (megalm_loss, baseline_loss)
+
+
+def test_load_from_megalm_needs_a_full_model() -> None:
+    config = load_config(TINY)
+    with pytest.raises(ValueError, match="tp = pp = 1"):
+        load_from_megalm(BaselineGPT(config.model), torch.nn.Linear(2, 2))
