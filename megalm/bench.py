@@ -33,7 +33,7 @@ from torch import nn
 
 from megalm.config import Config, ModelConfig, grad_accum_steps
 from megalm.data.batch import Batch
-from megalm.data.synthetic import SyntheticBatches
+from megalm.data.pipeline import build_sampler, build_sources
 from megalm.distributed import ParallelGroups
 from megalm.metrics import guess_peak_tflops, throughput, training_flops_per_token
 from megalm.model.gpt import prefix_attention_mask
@@ -245,7 +245,7 @@ def make_baseline_step(
 
 # ---- timing -------------------------------------------------------------------------------------
 class PreparedBatches:
-    """Stands in for SyntheticBatches with micro-batches built (and moved to the device) in advance."""
+    """Stands in for the BatchSampler with micro-batches built (and moved to the device) in advance."""
 
     def __init__(self, steps: list[list[Batch]]) -> None:
         self.steps = steps
@@ -346,7 +346,7 @@ def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
 # ---- the two phases -------------------------------------------------------------------------------
 def prepare_batches(config: Config, groups: ParallelGroups, num_steps: int) -> list[list[Batch]]:
     """This rank's micro-batches of every step, generated once and moved to the device."""
-    data = SyntheticBatches(config, groups.dp_rank, groups.dp_size)
+    data = build_sampler(config, build_sources(config).train, groups.dp_rank, groups.dp_size)
     return [[b.to(groups.device) for b in data.micro_batches(step)] for step in range(num_steps)]
 
 

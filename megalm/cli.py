@@ -107,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch baseline")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(func=cmd_bench)
+
+    # Data commands live beside their code; each module adds its own sub-parser.
+    from megalm.data import corpus, inspect, preprocess, tokenizer
+
+    tokenizer.register_cli(sub)  # megalm tokenizer train ...
+    preprocess.register_cli(sub)  # megalm preprocess ...
+    data = sub.add_parser("data", help="look at and generate data").add_subparsers(dest="data_command", required=True)
+    inspect.register_cli(data)  # megalm data inspect ...
+    corpus.register_cli(data)  # megalm data corpus ...
     return parser
 
 

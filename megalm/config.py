@@ -76,7 +76,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if value is None and optional:
         return None
     or_null = " or null" if optional else ""
-    if annotation is bool:
+    if typing.get_origin(annotation) is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, list):
+            return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+        expected = f"a list of {item_type.__name__} values"
+    elif annotation is bool:
         if isinstance(value, bool):
             return value
         expected = "true or false"
@@ -277,23 +282,34 @@ class TrainConfig(_Section):
     precision: str = "fp32"
     device: str = "auto"
     run_dir: str = "runs/default"
+    eval_interval: int = 0  # evaluate the valid split every N steps (0: never)
+    eval_batches: int = 1  # global batches of the valid split per evaluation
 
     def _check_values(self) -> None:
-        self._positive("steps", "micro_batch_size", "global_batch_size", "grad_accum_steps")
+        self._positive("steps", "micro_batch_size", "global_batch_size", "grad_accum_steps", "eval_batches")
+        self._non_negative("eval_interval")
         self._non_negative("seed")
         self._require(self.run_dir.strip() != "", "run_dir", "a non-empty path")
 
 
 @dataclass
 class DataConfig(_Section):
-    """Where tokens come from; only the built-in synthetic stream exists for now."""
+    """Where tokens come from: the built-in synthetic stream, preprocessed token files, or JSONL pairs."""
 
     SECTION: ClassVar[str] = "data"
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"kind": ("synthetic",)}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"kind": ("synthetic", "indexed", "pairs")}
 
     kind: str = "synthetic"
-    prefix_fraction_min: float = 0.1
-    prefix_fraction_max: float = 0.5
+    # indexed: .bin/.idx prefixes written by `megalm preprocess`; pairs: JSONL files of prefix/target.
+    paths: list[str] = field(default_factory=list)
+    weights: Optional[list[float]] = None  # blend weights, one per path (null: proportional to size)
+    split: str = "98,1,1"  # train,valid,test shares of each dataset's documents
+    tokenizer: Optional[str] = None  # the sentencepiece .model the data was tokenized with
+    cache_dir: Optional[str] = None  # where sample indices are cached (null: computed in memory)
+    prefix_fraction_min: float = 0.1  # PrefixLM pretraining: prefix length drawn per sample,
+    prefix_fraction_max: float = 0.5  # uniform in [min, max] x seq_length
+    prefix_field: str = "prefix"  # pairs: JSONL keys of the bidirectional prefix and the target
+    target_field: str = "target"
 
     def _check_values(self) -> None:
         low, high = self.prefix_fraction_min, self.prefix_fraction_max
@@ -302,6 +318,35 @@ class DataConfig(_Section):
                 f"data.prefix_fraction_min={low} and data.prefix_fraction_max={high} must satisfy "
                 f"0 < min <= max < 1 (fractions of seq_length)"
             )
+        if self.kind != "synthetic":
+            if not self.paths:
+                raise ConfigError(f"data.kind={self.kind} needs data.paths: the files to read")
+            if self.tokenizer is None:
+                raise ConfigError(f"data.kind={self.kind} needs data.tokenizer: the sentencepiece .model file")
+        if self.weights is not None:
+            if len(self.weights) != len(self.paths):
+                raise ConfigError(
+                    f"data.weights has {len(self.weights)} entries but data.paths has {len(self.paths)}: "
+                    f"give one weight per dataset (or null to weight by size)"
+                )
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ConfigError(f"data.weights must be >= 0 with a positive sum, got {self.weights}")
+        self.split_fractions()
+
+    def split_fractions(self) -> tuple[float, float, float]:
+        """(train, valid, test) shares parsed from `split` ("98,1,1", "0.9,0.1,0" or "100")."""
+        try:
+            parts = [float(x) for x in self.split.replace("/", ",").split(",")]
+        except ValueError:
+            parts = []
+        if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+            raise ConfigError(
+                f"data.split={self.split!r} must be up to three non-negative numbers such as '98,1,1' "
+                f"(train,valid,test shares)"
+            )
+        parts += [0.0] * (3 - len(parts))
+        total = sum(parts)
+        return parts[0] / total, parts[1] / total, parts[2] / total
 
 
 @dataclass
@@ -313,9 +358,11 @@ class LogConfig(_Section):
     interval: int = 10
     peak_tflops: Optional[float] = None
     all_ranks: bool = False
+    sample_prompts: list[str] = field(default_factory=list)  # generate from these after training
+    sample_tokens: int = 48  # tokens generated per prompt
 
     def _check_values(self) -> None:
-        self._positive("interval", "peak_tflops")
+        self._positive("interval", "peak_tflops", "sample_tokens")
 
 
 _SECTIONS: dict[str, type[_Section]] = {

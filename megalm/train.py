@@ -13,8 +13,11 @@ import torch
 
 from megalm.config import Config, config_to_yaml, grad_accum_steps, resolved_decay_steps
 from megalm.data.batch import Batch
-from megalm.data.synthetic import SyntheticBatches
+from megalm.data.pipeline import DataSources, build_sampler, build_sources
+from megalm.data.sampler import BatchSampler
+from megalm.data.tokenizer import Tokenizer
 from megalm.distributed import ParallelGroups, all_reduce_
+from megalm.generate import generate
 from megalm.metrics import MetricsWriter, get_logger, guess_peak_tflops, peak_memory_bytes, throughput
 from megalm.model.gpt import GPTModel, build_model, count_parameters
 from megalm.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
@@ -29,6 +32,7 @@ class StepResult:
     lr: float
     grad_norm: float
     seconds: float
+    data_seconds: float
     tokens: int
 
 
@@ -48,8 +52,10 @@ class Trainer:
         groups: ParallelGroups,
         model: GPTModel,
         optimizer: torch.optim.Optimizer,
-        data: SyntheticBatches,
+        data: BatchSampler,
         metrics: MetricsWriter,
+        valid: Optional[BatchSampler] = None,
+        tokenizer: Optional[Tokenizer] = None,
     ) -> None:
         if groups.pp_size > 1:
             raise NotImplementedError(
@@ -62,6 +68,8 @@ class Trainer:
         self.model = model
         self.optimizer = optimizer
         self.data = data
+        self.valid = valid
+        self.tokenizer = tokenizer
         self.metrics = metrics
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.decay_steps = resolved_decay_steps(config)
@@ -73,20 +81,25 @@ class Trainer:
         local = sum(batch.loss_mask.sum() for batch in batches).to(self.groups.device, torch.float32)
         return all_reduce_(local.clone(), self.groups.dp_group)
 
+    def _loss_sum(self, batch: Batch) -> torch.Tensor:
+        """Sum of the masked token losses of one micro-batch."""
+        with autocast_context(self.config.train.precision, self.groups.device):
+            losses = self.model(batch.tokens, labels=batch.labels, prefix_lengths=batch.prefix_lengths)
+        return (losses.float() * batch.loss_mask).sum()
+
     def train_step(self, step: int) -> StepResult:
         """One optimizer step over the global batch of `step`."""
         start = time.perf_counter()
         device = self.groups.device
         batches = [batch.to(device) for batch in self.data.micro_batches(step)]
+        data_seconds = time.perf_counter() - start
         # Normalise by the global count of loss tokens so every layout computes the same mean.
         global_tokens = self._global_loss_tokens(batches)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         for batch in batches:
-            with autocast_context(self.config.train.precision, device):
-                losses = self.model(batch.tokens, labels=batch.labels, prefix_lengths=batch.prefix_lengths)
-            loss = (losses.float() * batch.loss_mask).sum() / global_tokens
+            loss = self._loss_sum(batch) / global_tokens
             loss.backward()
             loss_sum += loss.detach()
         all_reduce_sequence_parallel_grads(self.params, self.groups)
@@ -97,53 +110,90 @@ class Trainer:
         self.optimizer.step()
         all_reduce_(loss_sum, self.groups.dp_group)
         loss_value = loss_sum.item()
-        return StepResult(step, loss_value, lr, grad_norm, time.perf_counter() - start, self.tokens_per_step)
+        seconds = time.perf_counter() - start
+        return StepResult(step, loss_value, lr, grad_norm, seconds, data_seconds, self.tokens_per_step)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the first train.eval_batches global batches of the valid split."""
+        self.model.eval()
+        total = torch.zeros(2, device=self.groups.device)  # [loss sum, loss tokens]
+        for index in range(self.config.train.eval_batches):
+            for batch in self.valid.micro_batches(index):
+                batch = batch.to(self.groups.device)
+                total[0] += self._loss_sum(batch)
+                total[1] += batch.loss_mask.sum()
+        all_reduce_(total, self.groups.dp_group)
+        return (total[0] / total[1]).item()
 
     def record(self, result: StepResult) -> dict:
         """Metrics of one step: written to JSONL every step, logged every log.interval steps."""
         rates = throughput(
             self.config.model, result.tokens, result.seconds, self.groups.topology.world_size, self.peak_tflops
         )
+        step = result.step + 1
         record = {
-            "step": result.step + 1,
+            "step": step,
             "loss": result.loss,
             "lr": result.lr,
             "grad_norm": result.grad_norm,
             "step_time_s": result.seconds,
+            "data_time_s": result.data_seconds,
             **rates,
             "peak_memory_gb": peak_memory_bytes(self.groups.device) / 2**30,
         }
+        interval = self.config.train.eval_interval
+        if self.valid is not None and interval > 0 and (step % interval == 0 or step == self.config.train.steps):
+            record["valid_loss"] = self.evaluate()
         self.metrics.write(record)
-        step = result.step + 1
         if step % self.config.log.interval == 0 or step == 1 or step == self.config.train.steps:
             mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
+            valid = f" | valid {record['valid_loss']:.4f}" if "valid_loss" in record else ""
             self.logger.info(
-                f"step {step:>6}/{self.config.train.steps} | loss {result.loss:.4f} | lr {result.lr:.3e} | "
+                f"step {step:>6}/{self.config.train.steps} | loss {result.loss:.4f}{valid} | lr {result.lr:.3e} | "
                 f"grad norm {result.grad_norm:.3f} | {rates['tokens_per_s']:,.0f} tok/s | "
                 f"{rates['tflops_per_device']:.3g} TFLOP/s/device | MFU {mfu} | "
-                f"mem {record['peak_memory_gb']:.2f} GB"
+                f"data {100 * result.data_seconds / result.seconds:.1f}% | mem {record['peak_memory_gb']:.2f} GB"
             )
         return record
 
     def fit(self, steps: Optional[int] = None) -> list[dict]:
-        """Train for `steps` (default train.steps) and return the per-step records."""
+        """Train for `steps` (default train.steps), then print samples; return the per-step records."""
         records = [self.record(self.train_step(step)) for step in range(steps or self.config.train.steps)]
         if records:
-            times = [r["step_time_s"] for r in records[1:]] or [records[0]["step_time_s"]]
+            rest = records[1:] or records
+            times = [r["step_time_s"] for r in rest]
+            data_share = sum(r["data_time_s"] for r in rest) / sum(times)
             self.logger.info(
                 f"done: {len(records)} steps, loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}, "
-                f"median step {statistics.median(times) * 1e3:.1f} ms"
+                f"median step {statistics.median(times) * 1e3:.1f} ms, {100 * data_share:.1f}% of it reading data"
             )
+        self.print_samples()
         return records
 
+    def print_samples(self) -> list[str]:
+        """Generate from log.sample_prompts (every rank takes part; rank 0 prints)."""
+        texts = []
+        for prompt in self.config.log.sample_prompts:
+            ids = generate(
+                self.model, self.groups, self.tokenizer.encode(prompt), self.config.log.sample_tokens,
+                seed=self.config.train.seed, stop_id=self.tokenizer.eos_id,
+            )
+            text = self.tokenizer.decode(ids)
+            self.logger.info(f"sample: {prompt!r} -> {text!r}")
+            texts.append(text)
+        return texts
 
-def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path]) -> Trainer:
+
+def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path], sources: Optional[DataSources] = None) -> Trainer:
     """Model shard, optimizer, data and metrics file for this rank; run_dir=None writes nothing."""
     logger = get_logger()
+    sources = sources or build_sources(config)
     model = build_model(config.model, groups, config.train.seed, config.parallel.sequence_parallel)
     model.rng.seed_replicated()
     optimizer = build_optimizer(model, config.optim, groups.device)
-    data = SyntheticBatches(config, groups.dp_rank, groups.dp_size)
+    data = build_sampler(config, sources.train, groups.dp_rank, groups.dp_size)
+    valid = build_sampler(config, sources.valid, groups.dp_rank, groups.dp_size) if sources.valid else None
     writer_path = run_dir / "metrics.jsonl" if (run_dir is not None and groups.rank == 0) else None
     metrics = MetricsWriter(writer_path)
     metrics.write({"event": "start", "time": time.time(), "world_size": groups.topology.world_size})
@@ -151,7 +201,7 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
         f"{groups.topology.describe()} | {count_parameters(model):,} parameters on rank {groups.rank} | "
         f"accumulation {grad_accum_steps(config, groups.dp_size)} x micro batch {config.train.micro_batch_size}"
     )
-    return Trainer(config, groups, model, optimizer, data, metrics)
+    return Trainer(config, groups, model, optimizer, data, metrics, valid, sources.tokenizer)
 
 
 def write_resolved_config(config: Config, run_dir: Path) -> Path:

@@ -15,7 +15,7 @@ import torch
 from megalm.bench import IGNORE_INDEX, BaselineGPT, baseline_batches, build_baseline, load_from_megalm
 from megalm.cli import main
 from megalm.config import load_config
-from megalm.data.synthetic import SyntheticBatches
+from megalm.data.pipeline import build_sampler, build_sources
 from megalm.distributed import ParallelGroups
 from megalm.model.gpt import build_model, count_parameters
 
@@ -95,7 +95,7 @@ def test_baseline_computes_megalm_loss(family: str, position: str, perturb: bool
             for param in megalm.parameters():
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
     load_from_megalm(baseline, megalm)
-    batch = SyntheticBatches(config, 0, 1).micro_batches(0)[0]
+    batch = build_sampler(config, build_sources(config).train, 0, 1).micro_batches(0)[0]
     with torch.no_grad():
         losses = megalm(batch.tokens, labels=batch.labels, prefix_lengths=batch.prefix_lengths)
         megalm_loss = ((losses * batch.loss_mask).sum() / batch.loss_mask.sum()).item()

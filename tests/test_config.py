@@ -33,6 +33,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED = {
     "tiny.yaml": 1,
     "tiny-prefixlm.yaml": 1,
+    "tiny-corpus.yaml": 4,
     "gpt-125m.yaml": 8,
     "gpt-1.3b.yaml": 8,
     "yuan-lm-13b.yaml": None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from megalm.config import load_config
-from megalm.data.synthetic import SyntheticBatches
+from megalm.data.pipeline import build_sampler, build_sources
 from megalm.distributed import ParallelGroups
 from megalm.train import build_trainer
 from tests.test_cli import ROOT
@@ -28,8 +28,9 @@ def test_bf16_autocast_follows_fp32() -> None:
 def test_global_batch_is_the_same_at_any_dp() -> None:
     """dp ranks' micro-batches together are exactly the single process's samples, in order."""
     config = load_config(ROOT / "configs" / "tiny-prefixlm.yaml")
-    single = SyntheticBatches(config, 0, 1).micro_batches(step=3)
-    split = [b for rank in range(4) for b in SyntheticBatches(config, rank, 4).micro_batches(step=3)]
+    source = build_sources(config).train
+    single = build_sampler(config, source, 0, 1).micro_batches(step=3)
+    split = [b for rank in range(4) for b in build_sampler(config, source, rank, 4).micro_batches(step=3)]
     for field in ("tokens", "labels", "loss_mask", "prefix_lengths"):
         whole = torch.cat([getattr(b, field) for b in single])
         assert torch.equal(whole, torch.cat([getattr(b, field) for b in split]))

@@ -1,0 +1,632 @@
+"""A built-in Chinese/English sample corpus, generated deterministically by code.
+
+The text describes a small invented world: a few dozen people with fixed attributes (town, job,
+age, colour, food, hobby, belongings, pet, best friend) and a dozen towns, all drawn once from the
+seed. Documents state these facts in English, in Chinese, or in both (an English sentence beside
+its translation), and mix in arithmetic, counting, days and months, dialogues and small
+cause-and-effect stories. A fact never contradicts itself inside one seed, so a small model can
+learn the text well below its unigram entropy in a few hundred steps. All word lists and templates
+are written for this project. The Chinese character inventory stays at a few hundred characters so
+a 2k-piece sentencepiece vocabulary covers it.
+
+Generation uses only `random.Random` seeded from strings (sha512 based, not `hash()`), lists and
+tuples, so the same (num_bytes, seed) gives byte-identical output in any process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+MIN_DOC_CHARS = 50
+MAX_DOC_CHARS = 2000
+
+# ----------------------------------------------------------------------------- word lists
+# (english, chinese, is_female)
+_PEOPLE = (
+    ("Mara", "玛拉", True), ("Tobin", "托宾", False), ("Lena", "莉娜", True), ("Oskar", "奥斯卡", False),
+    ("Nina", "妮娜", True), ("Hugo", "雨果", False), ("Ada", "艾达", True), ("Milo", "米洛", False),
+    ("Iris", "艾丽斯", True), ("Jonas", "约纳斯", False), ("Ruby", "露比", True), ("Theo", "西奥", False),
+    ("Clara", "克拉拉", True), ("Emil", "埃米尔", False), ("Vera", "薇拉", True), ("Leo", "里奥", False),
+    ("Anna", "安娜", True), ("Max", "马克斯", False), ("Sofia", "索菲亚", True), ("Paul", "保罗", False),
+    ("Yara", "雅拉", True), ("Omar", "奥马尔", False), ("Wang Fang", "王芳", True), ("Li Ming", "李明", False),
+    ("Chen Jing", "陈静", True), ("Zhang Wei", "张伟", False), ("Sun Li", "孙丽", True), ("Liu Yang", "刘洋", False),
+    ("Lin Yu", "林雨", True), ("Zhao Lei", "赵磊", False), ("Wu Xia", "吴霞", True), ("Zhou Hao", "周浩", False),
+)
+_TOWNS = (
+    ("Bluestone", "青石"), ("Whiteriver", "白河"), ("Pinewood", "松林"), ("Goldhill", "金山"),
+    ("Northport", "北港"), ("Southbay", "南湾"), ("Eastbridge", "东桥"), ("Westvale", "西谷"),
+    ("Redrock", "红岩"), ("Stonelake", "石湖"), ("Cloudtown", "云城"), ("Greenfield", "绿野"),
+)
+_TOWN_SETTINGS = (
+    ("by the sea", "在海边"), ("near the mountains", "在山脚下"), ("on a wide river", "在大河边"),
+    ("beside a quiet lake", "在安静的湖边"), ("in a green forest", "在绿色的森林里"),
+)
+_LANDMARKS = (
+    ("an old bridge", "一座古老的桥"), ("a big market", "一个很大的市场"), ("a tall tower", "一座高高的塔"),
+    ("a beautiful park", "一个美丽的公园"), ("a small museum", "一个小博物馆"),
+    ("a busy train station", "一个热闹的火车站"), ("a famous library", "一个有名的图书馆"),
+)
+# (english, chinese, what they do every morning en, zh)
+_JOBS = (
+    ("baker", "面包师", "bakes bread", "烤面包"), ("teacher", "老师", "teaches children to read", "教孩子们读书"),
+    ("doctor", "医生", "helps sick people", "帮助生病的人"), ("farmer", "农民", "works in the fields", "在田里干活"),
+    ("painter", "画家", "paints pictures", "画画"), ("driver", "司机", "drives a bus", "开公交车"),
+    ("cook", "厨师", "cooks in a restaurant", "在饭店做饭"), ("nurse", "护士", "works in the hospital", "在医院工作"),
+    ("fisher", "渔夫", "catches fish", "打鱼"), ("writer", "作家", "writes stories", "写故事"),
+    ("engineer", "工程师", "builds bridges", "造桥"), ("gardener", "园丁", "plants trees and flowers", "种树种花"),
+    ("tailor", "裁缝", "makes clothes", "做衣服"), ("singer", "歌手", "sings songs", "唱歌"),
+    ("postman", "邮递员", "delivers letters", "送信"), ("shopkeeper", "店主", "opens a small shop", "开一家小商店"),
+)
+_COLOURS = (
+    ("red", "红色"), ("blue", "蓝色"), ("green", "绿色"), ("yellow", "黄色"), ("white", "白色"), ("black", "黑色"),
+    ("purple", "紫色"), ("orange", "橙色"), ("grey", "灰色"), ("pink", "粉色"), ("brown", "棕色"),
+)
+_FOODS = (
+    ("rice", "米饭"), ("noodles", "面条"), ("apples", "苹果"), ("bread", "面包"), ("fish", "鱼"),
+    ("dumplings", "饺子"), ("oranges", "橙子"), ("eggs", "鸡蛋"), ("cake", "蛋糕"), ("tofu", "豆腐"),
+    ("pears", "梨"), ("grapes", "葡萄"), ("carrots", "胡萝卜"), ("tomatoes", "西红柿"), ("peaches", "桃子"),
+)
+_HOBBIES = (
+    ("reading", "看书"), ("swimming", "游泳"), ("singing", "唱歌"), ("drawing", "画画"), ("running", "跑步"),
+    ("fishing", "钓鱼"), ("playing chess", "下棋"), ("dancing", "跳舞"), ("cooking", "做饭"),
+    ("gardening", "种花"), ("playing the piano", "弹钢琴"), ("writing letters", "写信"),
+    ("climbing mountains", "爬山"), ("playing football", "踢足球"),
+)
+# (english, chinese, measure word)
+_THINGS = (
+    ("bicycle", "自行车", "辆"), ("car", "汽车", "辆"), ("umbrella", "雨伞", "把"), ("chair", "椅子", "把"),
+    ("hat", "帽子", "顶"), ("cup", "杯子", "个"), ("bag", "包", "个"), ("book", "书", "本"), ("kite", "风筝", "个"),
+    ("coat", "外套", "件"), ("scarf", "围巾", "条"), ("boat", "船", "条"), ("lamp", "灯", "盏"),
+)
+_PETS = (
+    ("cat", "猫", "只"), ("dog", "狗", "只"), ("rabbit", "兔子", "只"), ("bird", "鸟", "只"), ("duck", "鸭子", "只"),
+    ("horse", "马", "匹"), ("goldfish", "金鱼", "条"), ("turtle", "乌龟", "只"),
+)
+_PET_NAMES = (
+    ("Pepper", "胡椒"), ("Button", "纽扣"), ("Sunny", "阳光"), ("Cookie", "饼干"), ("Shadow", "影子"),
+    ("Bean", "豆豆"), ("Snowball", "雪球"), ("Lucky", "幸运"), ("Pebble", "石子"), ("Maple", "枫叶"),
+)
+# countable things for word problems: (singular, plural, chinese, measure word)
+_COUNTABLES = (
+    ("apple", "apples", "苹果", "个"), ("pear", "pears", "梨", "个"), ("egg", "eggs", "鸡蛋", "个"),
+    ("peach", "peaches", "桃子", "个"), ("book", "books", "书", "本"), ("pencil", "pencils", "铅笔", "支"),
+    ("flower", "flowers", "花", "朵"), ("cup", "cups", "杯子", "个"), ("fish", "fish", "鱼", "条"),
+)
+_DAYS = (
+    ("Monday", "星期一"), ("Tuesday", "星期二"), ("Wednesday", "星期三"), ("Thursday", "星期四"),
+    ("Friday", "星期五"), ("Saturday", "星期六"), ("Sunday", "星期日"),
+)
+_MONTHS_EN = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+              "October", "November", "December")
+# (season, chinese, months (0-based), weather en, weather zh)
+_SEASONS = (
+    ("spring", "春天", (2, 3, 4), "warm and the flowers open", "很暖和，花都开了"),
+    ("summer", "夏天", (5, 6, 7), "hot and the days are long", "很热，白天很长"),
+    ("autumn", "秋天", (8, 9, 10), "cool and the leaves turn yellow", "很凉快，树叶变黄了"),
+    ("winter", "冬天", (11, 0, 1), "cold and sometimes it snows", "很冷，有时候下雪"),
+)
+# weather and what a person does because of it: (weather en, zh, reaction en, zh)
+_WEATHER = (
+    ("it rained", "下雨了", "stayed at home", "待在家里"),
+    ("it was sunny", "天气很好", "went to the park", "去了公园"),
+    ("it was very cold", "天气很冷", "wore a warm coat", "穿上了厚外套"),
+    ("it was windy", "刮大风了", "flew a kite", "去放风筝"),
+    ("it snowed", "下雪了", "made a snowman", "堆了一个雪人"),
+    ("it was hot", "天气很热", "went swimming in the river", "去河里游泳"),
+)
+
+_ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+         "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+_ZH_DIGITS = "零一二三四五六七八九"
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
+             "eleventh", "twelfth")
+
+
+def number_en(n: int) -> str:
+    """English words for 0 <= n <= 100."""
+    if n < 20:
+        return _ONES[n]
+    if n == 100:
+        return "one hundred"
+    tens, ones = divmod(n, 10)
+    return _TENS[tens] + ("-" + _ONES[ones] if ones else "")
+
+
+def number_zh(n: int) -> str:
+    """Chinese numerals for 0 <= n <= 100 (十一, 二十, 三十四, 一百)."""
+    if n < 10:
+        return _ZH_DIGITS[n]
+    if n == 100:
+        return "一百"
+    tens, ones = divmod(n, 10)
+    return ("" if tens == 1 else _ZH_DIGITS[tens]) + "十" + (_ZH_DIGITS[ones] if ones else "")
+
+
+def _count_zh(n: int) -> str:
+    """A Chinese numeral before a measure word: 2 is 两."""
+    return "两" if n == 2 else number_zh(n)
+
+
+def _first_person(phrase: str) -> str:
+    """'bakes bread' -> 'bake bread', 'teaches children' -> 'teach children'."""
+    verb, rest = phrase.split(" ", 1)
+    verb = verb[:-2] if verb.endswith(("ches", "shes")) else verb[:-1]
+    return f"{verb} {rest}"
+
+
+def _article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+_MONTHS_ZH = tuple(number_zh(i + 1) + "月" for i in range(12))
+_MONTHS = tuple(zip(_MONTHS_EN, _MONTHS_ZH))
+
+# ----------------------------------------------------------------------------- the world
+
+
+@dataclass(frozen=True)
+class Person:
+    en: str
+    zh: str
+    female: bool
+    town: int
+    job: int
+    age: int
+    colour: int
+    food: int
+    hobby: int
+    thing: int
+    thing_colour: int
+    pet: int
+    pet_name: int
+    friend: int  # index into World.people
+
+
+@dataclass(frozen=True)
+class Town:
+    en: str
+    zh: str
+    setting: int
+    landmark: int
+    food: int
+    milestone: int  # kilometres along the one road that joins all towns
+
+
+@dataclass(frozen=True)
+class World:
+    people: tuple[Person, ...]
+    towns: tuple[Town, ...]
+
+
+def build_world(seed: int = 0) -> World:
+    """The people and towns of one seed: every fact the corpus states comes from here."""
+    rng = random.Random(f"megalm-corpus-world:{seed}")
+    milestones = rng.sample(range(0, 100), len(_TOWNS))
+    towns = tuple(
+        Town(en, zh, rng.randrange(len(_TOWN_SETTINGS)), rng.randrange(len(_LANDMARKS)),
+             rng.randrange(len(_FOODS)), milestone)
+        for (en, zh), milestone in zip(_TOWNS, milestones)
+    )
+    order = rng.sample(range(len(_PEOPLE)), len(_PEOPLE))
+    people = []
+    for position, index in enumerate(order):
+        en, zh, female = _PEOPLE[index]
+        friend = rng.randrange(len(order) - 1)
+        friend += friend >= position  # anyone but themself
+        people.append(Person(
+            en, zh, female, town=rng.randrange(len(towns)), job=rng.randrange(len(_JOBS)),
+            age=rng.randint(18, 75), colour=rng.randrange(len(_COLOURS)), food=rng.randrange(len(_FOODS)),
+            hobby=rng.randrange(len(_HOBBIES)), thing=rng.randrange(len(_THINGS)),
+            thing_colour=rng.randrange(len(_COLOURS)), pet=rng.randrange(len(_PETS)),
+            pet_name=rng.randrange(len(_PET_NAMES)), friend=friend,
+        ))
+    return World(tuple(people), towns)
+
+
+# ----------------------------------------------------------------------------- sentences
+# Every generator returns a list of (english, chinese) pairs saying the same thing.
+Pair = tuple[str, str]
+
+
+def _fact(world: World, p: Person, kind: int, named: bool) -> Pair:
+    """One fact about person p, by name or (named=False) by pronoun."""
+    n_en, n_zh = (p.en, p.zh) if named else (("She", "她") if p.female else ("He", "他"))
+    pos_en = p.en + "'s" if named else ("Her" if p.female else "His")
+    town_en, town_zh = world.towns[p.town].en, world.towns[p.town].zh
+    job = _JOBS[p.job]
+    if kind == 0:
+        return f"{n_en} lives in {town_en}.", f"{n_zh}住在{town_zh}。"
+    if kind == 1:
+        return f"{n_en} works as {_article(job[0])}.", f"{n_zh}是一名{job[1]}。"
+    if kind == 2:
+        return (f"{n_en} lives in {town_en} and works as {_article(job[0])}.",
+                f"{n_zh}住在{town_zh}，是一名{job[1]}。")
+    if kind == 3:
+        return f"{n_en} is {number_en(p.age)} years old.", f"{n_zh}今年{number_zh(p.age)}岁。"
+    if kind == 4:
+        return f"{n_en} is {p.age} years old.", f"{n_zh}今年{p.age}岁。"
+    if kind == 5:
+        colour = _COLOURS[p.colour]
+        return f"{pos_en} favourite colour is {colour[0]}.", f"{n_zh}最喜欢的颜色是{colour[1]}。"
+    if kind == 6:
+        food = _FOODS[p.food]
+        return f"{n_en} likes to eat {food[0]}.", f"{n_zh}喜欢吃{food[1]}。"
+    if kind == 7:
+        hobby = _HOBBIES[p.hobby]
+        return f"{n_en} likes {hobby[0]}.", f"{n_zh}喜欢{hobby[1]}。"
+    if kind == 8:
+        thing, colour = _THINGS[p.thing], _COLOURS[p.thing_colour]
+        return f"{n_en} has {_article(colour[0])} {thing[0]}.", f"{n_zh}有一{thing[2]}{colour[1]}的{thing[1]}。"
+    if kind == 9:
+        pet, name = _PETS[p.pet], _PET_NAMES[p.pet_name]
+        return f"{n_en} has {_article(pet[0])} named {name[0]}.", f"{n_zh}有一{pet[2]}{pet[1]}，名字叫{name[1]}。"
+    if kind == 10:
+        friend = world.people[p.friend]
+        return f"{pos_en} best friend is {friend.en}.", f"{n_zh}最好的朋友是{friend.zh}。"
+    return f"Every morning, {p.en} {job[2]}.", f"每天早上，{p.zh}都{job[3]}。"
+
+
+_NUM_FACTS = 12
+
+
+def _question(rng: random.Random, world: World, p: Person) -> list[Pair]:
+    """A question about p and its answer."""
+    kind = rng.randrange(5)
+    town = world.towns[p.town]
+    if kind == 0:
+        return [(f"Where does {p.en} live?", f"{p.zh}住在哪里？"), (f"{p.en} lives in {town.en}.", f"{p.zh}住在{town.zh}。")]
+    if kind == 1:
+        job = _JOBS[p.job]
+        return [(f"What does {p.en} do?", f"{p.zh}做什么工作？"),
+                (f"{p.en} is {_article(job[0])}.", f"{p.zh}是一名{job[1]}。")]
+    if kind == 2:
+        guess = rng.randrange(len(_JOBS))
+        job, other = _JOBS[p.job], _JOBS[guess]
+        question = (f"Is {p.en} {_article(other[0])}?", f"{p.zh}是{other[1]}吗？")
+        if guess == p.job:
+            return [question, (f"Yes, {p.en} is {_article(job[0])}.", f"是的，{p.zh}是{job[1]}。")]
+        return [question, (f"No, {p.en} is not {_article(other[0])}. {p.en} is {_article(job[0])}.",
+                           f"不，{p.zh}不是{other[1]}，{p.zh}是{job[1]}。")]
+    if kind == 3:
+        return [(f"How old is {p.en}?", f"{p.zh}今年多大？"),
+                (f"{p.en} is {number_en(p.age)}.", f"{p.zh}今年{number_zh(p.age)}岁。")]
+    other = world.people[rng.randrange(len(world.people))]
+    if other.age == p.age:
+        return [(f"{p.en} and {other.en} are the same age.", f"{p.zh}和{other.zh}一样大。")]
+    older, younger = (p, other) if p.age > other.age else (other, p)
+    gap = older.age - younger.age
+    return [(f"Who is older, {p.en} or {other.en}?", f"{p.zh}和{other.zh}谁大？"),
+            (f"{older.en} is {number_en(gap)} {'year' if gap == 1 else 'years'} older than {younger.en}.",
+             f"{older.zh}比{younger.zh}大{_count_zh(gap)}岁。")]
+
+
+def _cause(rng: random.Random, world: World, p: Person) -> list[Pair]:
+    """Small cause and effect sentences that agree with p's facts."""
+    he_en, he_zh = ("she", "她") if p.female else ("he", "他")
+    kind = rng.randrange(4)
+    if kind == 0:
+        day = _DAYS[rng.randrange(7)]
+        weather = _WEATHER[rng.randrange(len(_WEATHER))]
+        return [(f"On {day[0]}, {weather[0]}, so {p.en} {weather[2]}.", f"{day[1]}{weather[1]}，所以{p.zh}{weather[3]}。")]
+    if kind == 1:
+        food = _FOODS[p.food]
+        return [(f"{p.en} was hungry, so {he_en} ate some {food[0]}.", f"{p.zh}饿了，所以{he_zh}吃了一些{food[1]}。")]
+    if kind == 2:
+        return [(f"{p.en} was tired, so {he_en} went to bed early.", f"{p.zh}累了，所以{he_zh}早早地睡觉了。")]
+    friend = world.people[p.friend]
+    hobby = _HOBBIES[friend.hobby]
+    him_en, him_zh = ("her", "她") if friend.female else ("him", "他")
+    return [(f"Because {friend.en} likes {hobby[0]}, {p.en} often joins {him_en}.",
+             f"因为{friend.zh}喜欢{hobby[1]}，所以{p.zh}常常和{him_zh}一起{hobby[1]}。")]
+
+
+def _profile(rng: random.Random, world: World, p: Person) -> list[Pair]:
+    """A few facts about one person, by name first, then sometimes by pronoun."""
+    kinds = rng.sample(range(_NUM_FACTS), rng.randint(2, 6))
+    out = [_fact(world, p, kinds[0], True)]
+    out.extend(_fact(world, p, k, rng.random() < 0.6 or k in (10, 11)) for k in kinds[1:])
+    if rng.random() < 0.3:
+        out.extend(_cause(rng, world, p))
+    if rng.random() < 0.3:
+        out.extend(_question(rng, world, p))
+    return out
+
+
+def _town(rng: random.Random, world: World, _: Person) -> list[Pair]:
+    """A town: its setting, landmark, food, residents, and distance to another town."""
+    index = rng.randrange(len(world.towns))
+    t = world.towns[index]
+    setting, landmark, food = _TOWN_SETTINGS[t.setting], _LANDMARKS[t.landmark], _FOODS[t.food]
+    out = [(f"{t.en} is a small town {setting[0]}.", f"{t.zh}是一个{setting[1]}的小镇。"),
+           (f"In {t.en} there is {landmark[0]}.", f"{t.zh}有{landmark[1]}。"),
+           (f"People in {t.en} like to eat {food[0]}.", f"{t.zh}的人喜欢吃{food[1]}。")]
+    rng.shuffle(out)
+    residents = [p for p in world.people if p.town == index]
+    if len(residents) == 1:
+        out.append((f"{residents[0].en} lives in {t.en}.", f"{residents[0].zh}住在{t.zh}。"))
+    elif residents:
+        en = ", ".join(p.en for p in residents[:-1]) + " and " + residents[-1].en
+        zh = "、".join(p.zh for p in residents[:-1]) + "和" + residents[-1].zh
+        out.append((f"{en} live in {t.en}.", f"{zh}都住在{t.zh}。"))
+    other = world.towns[(index + 1 + rng.randrange(len(world.towns) - 1)) % len(world.towns)]
+    km = abs(t.milestone - other.milestone)
+    unit = "kilometre" if km == 1 else "kilometres"
+    out.append((f"From {t.en} to {other.en} it is {number_en(km)} {unit}.", f"从{t.zh}到{other.zh}有{_count_zh(km)}公里。"))
+    return out
+
+
+def _arithmetic(rng: random.Random, _: World, __: Person) -> list[Pair]:
+    """Sums, differences and products in words and digits."""
+    op = rng.randrange(4)
+    if op == 0:
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        c, en_op, zh_op, sym = a + b, "plus", "加", "+"
+    elif op == 1:
+        a, b = rng.randint(0, 100), rng.randint(0, 50)
+        a, b = max(a, b), min(a, b)
+        c, en_op, zh_op, sym = a - b, "minus", "减", "-"
+    elif op == 2:
+        a, b = rng.randint(1, 10), rng.randint(1, 10)
+        c, en_op, zh_op, sym = a * b, "times", "乘以", "×"
+    else:
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        thing = _COUNTABLES[rng.randrange(len(_COUNTABLES))]
+        name = _PEOPLE[rng.randrange(len(_PEOPLE))]
+        en_a = thing[0] if a == 1 else thing[1]
+        en_c = thing[1]
+        return [(f"{name[0]} has {number_en(a)} {en_a}, then gets {number_en(b)} more, "
+                 f"so now {name[0]} has {number_en(a + b)} {en_c}.",
+                 f"{name[1]}有{_count_zh(a)}{thing[3]}{thing[2]}，又得到了{_count_zh(b)}{thing[3]}，"
+                 f"所以现在{name[1]}有{_count_zh(a + b)}{thing[3]}{thing[2]}。")]
+    style = rng.randrange(3)
+    if style == 0:
+        return [(f"{number_en(a).capitalize()} {en_op} {number_en(b)} is {number_en(c)}.",
+                 f"{number_zh(a)}{zh_op}{number_zh(b)}等于{number_zh(c)}。")]
+    if style == 1:
+        return [(f"{a} {sym} {b} = {c}", f"{a} {sym} {b} = {c}")]
+    return [(f"What is {number_en(a)} {en_op} {number_en(b)}? It is {number_en(c)}.",
+             f"{number_zh(a)}{zh_op}{number_zh(b)}等于几？等于{number_zh(c)}。")]
+
+
+def _counting(rng: random.Random, _: World, __: Person) -> list[Pair]:
+    """Counting up, down or by a step, in words or digits."""
+    step = rng.choice((1, 1, 1, 2, 5, 10, -1))
+    length = rng.randint(4, 10)
+    start = rng.randint(0, 100 - abs(step) * (length - 1))
+    if step < 0:
+        start += length - 1
+    numbers = [start + i * step for i in range(length)]
+    style = rng.randrange(3)
+    if style == 0:
+        return [(", ".join(number_en(n) for n in numbers).capitalize() + ".", "、".join(number_zh(n) for n in numbers) + "。")]
+    if style == 1:
+        digits = ", ".join(str(n) for n in numbers)
+        return [(digits, "、".join(str(n) for n in numbers))]
+    n = rng.randint(0, 99)
+    return [(f"After {number_en(n)} comes {number_en(n + 1)}.", f"{number_zh(n)}后面是{number_zh(n + 1)}。")]
+
+
+def _calendar(rng: random.Random, _: World, __: Person) -> list[Pair]:
+    """Days of the week and months of the year in order."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        return [("The days of the week are " + ", ".join(d[0] for d in _DAYS[:-1]) + " and Sunday.",
+                 "一个星期有七天：" + "、".join(d[1] for d in _DAYS[:-1]) + "和星期日。")]
+    if kind == 1:
+        i = rng.randrange(7)
+        today, tomorrow, yesterday = _DAYS[i], _DAYS[(i + 1) % 7], _DAYS[(i - 1) % 7]
+        return [(f"Today is {today[0]}, so tomorrow is {tomorrow[0]} and yesterday was {yesterday[0]}.",
+                 f"今天是{today[1]}，所以明天是{tomorrow[1]}，昨天是{yesterday[1]}。")]
+    if kind == 2:
+        i = rng.randrange(12)
+        return [(f"{_MONTHS[i][0]} is the {_ORDINALS[i]} month of the year.", f"{_MONTHS[i][1]}是一年中的第{number_zh(i + 1)}个月。")]
+    if kind == 3:
+        i = rng.randrange(12)
+        return [(f"After {_MONTHS[i][0]} comes {_MONTHS[(i + 1) % 12][0]}.", f"{_MONTHS[i][1]}之后是{_MONTHS[(i + 1) % 12][1]}。")]
+    if kind == 4:
+        season = _SEASONS[rng.randrange(4)]
+        months = [_MONTHS[m] for m in season[2]]
+        return [(f"The months of {season[0]} are {months[0][0]}, {months[1][0]} and {months[2][0]}.",
+                 f"{season[1]}有{months[0][1]}、{months[1][1]}和{months[2][1]}。"),
+                (f"In {season[0]} it is {season[3]}.", f"{season[1]}{season[4]}。")]
+    return [("A year has twelve months: " + ", ".join(_MONTHS_EN[:-1]) + " and December.",
+             "一年有十二个月：" + "、".join(_MONTHS_ZH[:-1]) + "和十二月。")]
+
+
+def _dialogue(rng: random.Random, world: World, a: Person) -> list[Pair]:
+    """Two people meet and talk; every answer agrees with the world."""
+    b = world.people[a.friend] if rng.random() < 0.5 else world.people[rng.randrange(len(world.people))]
+    if b is a:
+        b = world.people[a.friend]
+    b_town, b_job, b_food = world.towns[b.town], _JOBS[b.job], _FOODS[b.food]
+    lines = [(f"{a.en}: Hello, {b.en}! How are you?", f"{a.zh}：你好，{b.zh}！你好吗？"),
+             (f"{b.en}: I am fine, thank you. And you?", f"{b.zh}：我很好，谢谢。你呢？"),
+             (f"{a.en}: I am fine too.", f"{a.zh}：我也很好。")]
+    topics = rng.sample(range(5), rng.randint(1, 3))
+    for topic in topics:
+        if topic == 0:
+            lines.append((f"{a.en}: Where are you going?", f"{a.zh}：你要去哪里？"))
+            lines.append((f"{b.en}: I am going to the market to buy {b_food[0]}.", f"{b.zh}：我要去市场买{b_food[1]}。"))
+        elif topic == 1:
+            guess = world.towns[rng.randrange(len(world.towns))]
+            lines.append((f"{a.en}: Do you live in {guess.en}?", f"{a.zh}：你住在{guess.zh}吗？"))
+            lines.append((f"{b.en}: Yes, I live in {b_town.en}." if guess is b_town else
+                          f"{b.en}: No, I live in {b_town.en}.",
+                          f"{b.zh}：对，我住在{b_town.zh}。" if guess is b_town else f"{b.zh}：不，我住在{b_town.zh}。"))
+        elif topic == 2:
+            lines.append((f"{a.en}: What do you do?", f"{a.zh}：你做什么工作？"))
+            lines.append((f"{b.en}: I am {_article(b_job[0])}. Every morning I {_first_person(b_job[2])}.",
+                          f"{b.zh}：我是{b_job[1]}。每天早上我都{b_job[3]}。"))
+        elif topic == 3:
+            colour = _COLOURS[b.colour]
+            lines.append((f"{a.en} asked, “{b.en}, what colour do you like?” {b.en} said, “I like {colour[0]} best.”",
+                          f"{a.zh}问：“{b.zh}，你喜欢什么颜色？”{b.zh}说：“我最喜欢{colour[1]}。”"))
+        else:
+            pet, name = _PETS[b.pet], _PET_NAMES[b.pet_name]
+            lines.append((f"{a.en}: Do you have a pet?", f"{a.zh}：你有宠物吗？"))
+            lines.append((f"{b.en}: Yes! I have {_article(pet[0])}. Its name is {name[0]}.",
+                          f"{b.zh}：有！我有一{pet[2]}{pet[1]}，它的名字叫{name[1]}。"))
+    lines.append((f"{a.en}: Goodbye, {b.en}!", f"{a.zh}：再见，{b.zh}！"))
+    return lines
+
+
+def _story(rng: random.Random, world: World, p: Person) -> list[Pair]:
+    """A week in p's life: each day the weather, and what p did because of it."""
+    he_en, he_zh = ("she", "她") if p.female else ("he", "他")
+    start = rng.randrange(7)
+    out = [_fact(world, p, 2, True)]
+    for offset in range(rng.randint(2, 5)):
+        day = _DAYS[(start + offset) % 7]
+        weather = _WEATHER[rng.randrange(len(_WEATHER))]
+        out.append((f"On {day[0]}, {weather[0]}, so {he_en} {weather[2]}.", f"{day[1]}{weather[1]}，所以{he_zh}{weather[3]}。"))
+    out.extend(_cause(rng, world, p))
+    return out
+
+
+# (generator, is a dialogue of separate lines, weight)
+_TOPICS: tuple[tuple[Callable[[random.Random, World, Person], list[Pair]], bool, int], ...] = (
+    (_profile, False, 6), (_question, False, 2), (_cause, False, 2), (_town, False, 2), (_arithmetic, True, 3),
+    (_counting, True, 1), (_calendar, False, 1), (_dialogue, True, 2), (_story, False, 2),
+)
+_TOPIC_CUMULATIVE = tuple(itertools.accumulate(weight for _, _, weight in _TOPICS))
+# document languages: English, Chinese, or English then Chinese; Chinese is denser per character,
+# so it is drawn more often to keep the share of Chinese characters near half.
+_LANGUAGES = ("en", "zh", "zh", "zh", "bi", "bi")
+
+
+def _render(pairs: list[Pair], language: str, lines: bool, bilingual_lines: bool) -> str:
+    if language == "en":
+        return ("\n" if lines else " ").join(en for en, _ in pairs)
+    if language == "zh":
+        return ("\n" if lines else "").join(zh for _, zh in pairs)
+    sep = "\n" if bilingual_lines else " "
+    return "\n".join(f"{en}{sep}{zh}" for en, zh in pairs)
+
+
+def _document(rng: random.Random, world: World) -> str:
+    """One document: paragraphs on a few topics in one language mode, 50 to 2000 characters."""
+    target = int(MIN_DOC_CHARS * (MAX_DOC_CHARS / MIN_DOC_CHARS) ** rng.random())
+    language = _LANGUAGES[rng.randrange(len(_LANGUAGES))]
+    bilingual_lines = rng.random() < 0.5
+    person = world.people[rng.randrange(len(world.people))]
+    main_topic = rng.choices(_TOPICS, cum_weights=_TOPIC_CUMULATIVE)[0]
+    paragraphs: list[str] = []
+    size = 0
+    while size < target:
+        topic = main_topic if rng.random() < 0.6 else rng.choices(_TOPICS, cum_weights=_TOPIC_CUMULATIVE)[0]
+        if rng.random() < 0.3:
+            person = world.people[rng.randrange(len(world.people))]
+        generator, lines, _ = topic
+        pairs = generator(rng, world, person)
+        if lines and len(pairs) == 1:  # grow single-line topics (sums, counting) into a short list
+            for _ in range(rng.randint(1, 6)):
+                pairs.extend(generator(rng, world, person))
+        paragraph = _render(pairs, language, lines, bilingual_lines)
+        if paragraphs and size + len(paragraph) + 1 > MAX_DOC_CHARS:
+            break
+        paragraphs.append(paragraph)
+        size += len(paragraph) + 1
+    return "\n".join(paragraphs)
+
+
+def iter_documents(seed: int = 0) -> Iterator[str]:
+    """The endless document stream of one seed; generate_documents and write_corpus take prefixes."""
+    world = build_world(seed)
+    rng = random.Random(f"megalm-corpus-text:{seed}")
+    while True:
+        yield _document(rng, world)
+
+
+def generate_documents(num_bytes: int, seed: int = 0) -> Iterator[str]:
+    """Documents of one seed until about num_bytes of UTF-8 text (one newline per document counted)."""
+    if num_bytes < 0:
+        raise ValueError(f"num_bytes={num_bytes} must be >= 0")
+    produced = 0
+    for document in iter_documents(seed):
+        if produced >= num_bytes:
+            return
+        produced += len(document.encode("utf-8")) + 1
+        yield document
+
+
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def chinese_fraction(text: str) -> float:
+    """Share of CJK ideographs among the non-whitespace characters of text."""
+    non_space = len(text) - sum(text.count(c) for c in " \n\t")
+    return len(_CJK.findall(text)) / non_space if non_space else 0.0
+
+
+@dataclass
+class CorpusSummary:
+    path: Path
+    documents: int
+    bytes: int
+    chinese_fraction: float
+
+    def __str__(self) -> str:
+        return (f"wrote {self.path}: {self.documents:,} documents, {self.bytes:,} bytes, "
+                f"{self.chinese_fraction:.1%} Chinese characters")
+
+
+def write_corpus(path: str | Path, num_bytes: int = 2_000_000, seed: int = 0, fmt: str = "jsonl") -> CorpusSummary:
+    """Write documents until the file holds about num_bytes: JSONL {"text": ...} or one document per line.
+
+    The file is written under a temporary name and renamed, so a reader never sees half a corpus.
+    """
+    if fmt not in ("jsonl", "txt"):
+        raise ValueError(f"fmt={fmt!r}: use 'jsonl' or 'txt'")
+    if num_bytes < 0:
+        raise ValueError(f"num_bytes={num_bytes} must be >= 0")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    written = documents = cjk = non_space = 0
+    try:
+        with open(tmp, "wb") as out:
+            stream = iter_documents(seed)
+            while written < num_bytes:
+                document = next(stream)
+                if fmt == "jsonl":
+                    line = json.dumps({"text": document}, ensure_ascii=False) + "\n"
+                else:
+                    line = document.replace("\n", " ") + "\n"
+                data = line.encode("utf-8")
+                out.write(data)
+                written += len(data)
+                documents += 1
+                cjk += len(_CJK.findall(document))
+                non_space += len(document) - document.count(" ") - document.count("\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return CorpusSummary(path, documents, written, cjk / non_space if non_space else 0.0)
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    summary = write_corpus(args.out, int(args.size_mb * 1_000_000), seed=args.seed, fmt=args.format)
+    print(summary)
+    return 0
+
+
+def register_cli(data_subparsers) -> None:
+    """Add `megalm data corpus OUT [--size-mb 2] [--seed 0] [--format jsonl|txt]`."""
+    parser = data_subparsers.add_parser(
+        "corpus", help="write the built-in Chinese/English sample corpus (deterministic, generated by code)")
+    parser.add_argument("out", help="output file, e.g. data/sample.jsonl")
+    parser.add_argument("--size-mb", type=float, default=2.0, help="about this many megabytes (10^6 bytes)")
+    parser.add_argument("--seed", type=int, default=0, help="world and text seed")
+    parser.add_argument("--format", choices=("jsonl", "txt"), default="jsonl",
+                        help="jsonl: {\"text\": ...} per line; txt: one document per line, newlines made spaces")
+    parser.set_defaults(func=cmd_corpus)
