@@ -397,7 +397,7 @@ def run_megalm(
     world = groups.topology.world_size
     return PhaseResult(
         "megalm", _max_over_ranks(times, groups.device), losses, int(_max_over_ranks([peak], groups.device)[0]),
-        config.train.global_batch_size * config.model.seq_length, world, count_parameters(trainer.model),
+        config.train.global_batch_size * config.model.seq_length, world, sum(count_parameters(chunk) for chunk in trainer.chunks),
         memory.description(),
     )
 

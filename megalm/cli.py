@@ -35,6 +35,8 @@ def _load(args: argparse.Namespace, dry_run: bool) -> tuple[Config, Topology]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate, then (unless --dry-run) start the process groups and train."""
+    if args.world_size is not None and not args.dry_run:
+        raise ConfigError("--world-size only applies to --dry-run: torchrun sets the world size of a real run")
     config, topology = _load(args, args.dry_run)
     if args.dry_run:
         from megalm.train import dry_run_report
@@ -43,11 +45,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dry_run_report(config, topology))
         return 0
 
-    if topology.pp > 1:
-        raise ConfigError(
-            f"parallel.pp={topology.pp}: pipeline execution is not implemented in this version (stages are "
-            f"already built per rank, see --dry-run); train with parallel.pp=1 for now"
-        )
     from megalm.distributed import build_parallel_groups, init_distributed, resolve_device
     from megalm.metrics import setup_logging
     from megalm.train import build_trainer, write_resolved_config

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import yaml
 
+from megalm.parallel.schedules import ScheduleError, check_schedule_args, partition_layers
 from megalm.topology import Topology, TopologyError
 
 
@@ -223,13 +224,19 @@ class ParallelConfig(_Section):
 
     SECTION: ClassVar[str] = "parallel"
 
+    SCHEDULES: ClassVar[tuple[str, ...]] = ("1f1b", "gpipe", "interleaved")
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES}
+
     tp: int = 1
     pp: int = 1
     dp: Optional[int] = None
     sequence_parallel: bool = False
+    schedule: str = "1f1b"  # pipeline schedule: "1f1b" | "gpipe" | "interleaved"
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
+    pipeline_layers: Optional[list[int]] = None  # layers per (virtual) stage; null: uniform
 
     def _check_values(self) -> None:
-        self._positive("tp", "pp", "dp")
+        self._positive("tp", "pp", "dp", "virtual_stages")
 
 
 @dataclass
@@ -611,11 +618,16 @@ def _check_model(config: Config) -> None:
             f"the MLP hidden size {model.ffn_size()} (model.ffn_hidden_size) is not divisible by "
             f"parallel.tp={tp}: set model.ffn_hidden_size to a multiple of {tp}"
         )
-    if model.num_layers < pp or model.num_layers % pp != 0:
+    stages = pp * parallel.virtual_stages
+    if model.num_layers < stages:
         raise ConfigError(
-            f"model.num_layers={model.num_layers} does not split evenly over parallel.pp={pp} "
-            f"pipeline stages: use a pp dividing {model.num_layers} or a multiple of {pp} layers"
+            f"parallel.pp={pp} x virtual_stages={parallel.virtual_stages} = {stages} pipeline stages but only "
+            f"model.num_layers={model.num_layers} layers: every stage needs a layer; lower pp or virtual_stages"
         )
+    try:
+        partition_layers(model.num_layers, stages, parallel.pipeline_layers)
+    except ScheduleError as error:
+        raise ConfigError(str(error)) from None
     if model.seq_length > model.max_positions():
         raise ConfigError(
             f"model.seq_length={model.seq_length} exceeds model.max_position_embeddings="
@@ -694,7 +706,15 @@ def validate(config: Config, world_size: Optional[int] = None) -> Topology:
             f"(tp x pp = {tp} x {pp}) = dp {topology.dp}; set parallel.dp={topology.dp} (or null "
             f"to derive it) or launch {tp * pp * parallel.dp} processes"
         )
-    grad_accum_steps(config, topology.dp)
+    try:
+        check_schedule_args(parallel.schedule, pp, grad_accum_steps(config, topology.dp), parallel.virtual_stages)
+    except ScheduleError as error:
+        raise ConfigError(str(error)) from None
+    if config.log.sample_prompts and (pp > 1 or config.data.tokenizer is None):
+        raise ConfigError(
+            "log.sample_prompts needs data.tokenizer and parallel.pp=1 (generation does not run pipelined "
+            "yet): remove the prompts or change the layout"
+        )
     if config.optim.warmup_steps > resolved_decay_steps(config):
         raise ConfigError(
             f"optim.warmup_steps={config.optim.warmup_steps} exceeds the schedule length "

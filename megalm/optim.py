@@ -33,12 +33,15 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.dim() < 2
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over this rank's shard; torch's fused implementation on CUDA."""
+def build_optimizer(
+    model: nn.Module | list[nn.Module], cfg: OptimConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW over this rank's shard (all its model chunks); torch's fused implementation on CUDA."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if _no_decay(name, param) else decay).append(param)
+    for chunk in model if isinstance(model, list) else [model]:
+        for name, param in chunk.named_parameters():
+            if param.requires_grad:
+                (no_decay if _no_decay(name, param) else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -19,9 +19,11 @@ from megalm.data.tokenizer import Tokenizer
 from megalm.distributed import ParallelGroups, all_reduce_
 from megalm.generate import generate
 from megalm.metrics import MetricsWriter, get_logger, guess_peak_tflops, peak_memory_bytes, throughput
-from megalm.model.gpt import GPTModel, build_model, count_parameters
+from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters
 from megalm.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 from megalm.parallel.data import all_reduce_gradients
+from megalm.parallel.pipeline import PipelineExecutor, activation_shape, all_reduce_embedding_grads
+from megalm.parallel.schedules import analytic_bubble, build_schedule, simulate
 from megalm.parallel.tensor import all_reduce_sequence_parallel_grads
 
 
@@ -50,28 +52,34 @@ class Trainer:
         self,
         config: Config,
         groups: ParallelGroups,
-        model: GPTModel,
+        chunks: list[GPTModel],
         optimizer: torch.optim.Optimizer,
         data: BatchSampler,
         metrics: MetricsWriter,
         valid: Optional[BatchSampler] = None,
         tokenizer: Optional[Tokenizer] = None,
     ) -> None:
-        if groups.pp_size > 1:
-            raise NotImplementedError(
-                f"parallel.pp={groups.pp_size}: pipeline execution is not implemented in this version "
-                f"(the model already builds per-stage shards); train with parallel.pp=1, or use --dry-run "
-                f"to check a pipelined layout"
-            )
         self.config = config
         self.groups = groups
-        self.model = model
+        self.chunks = chunks
+        self.model = chunks[0]  # the whole model when pp = 1 (generation)
         self.optimizer = optimizer
+        self.executor = PipelineExecutor(
+            chunks,
+            groups,
+            config.parallel.schedule,
+            grad_accum_steps(config, groups.dp_size),
+            activation_shape(
+                config.model.seq_length, config.train.micro_batch_size, config.model.hidden_size, groups,
+                config.parallel.sequence_parallel,
+            ),
+            autocast=lambda: autocast_context(config.train.precision, groups.device),
+        )
         self.data = data
         self.valid = valid
         self.tokenizer = tokenizer
         self.metrics = metrics
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
         self.decay_steps = resolved_decay_steps(config)
         self.peak_tflops = config.log.peak_tflops or guess_peak_tflops(groups.device)
         self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
@@ -81,11 +89,14 @@ class Trainer:
         local = sum(batch.loss_mask.sum() for batch in batches).to(self.groups.device, torch.float32)
         return all_reduce_(local.clone(), self.groups.dp_group)
 
-    def _loss_sum(self, batch: Batch) -> torch.Tensor:
+    @staticmethod
+    def _masked_sum(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Sum of the masked token losses of one micro-batch."""
-        with autocast_context(self.config.train.precision, self.groups.device):
-            losses = self.model(batch.tokens, labels=batch.labels, prefix_lengths=batch.prefix_lengths)
         return (losses.float() * batch.loss_mask).sum()
+
+    def _set_training(self, training: bool) -> None:
+        for chunk in self.chunks:
+            chunk.train(training)
 
     def train_step(self, step: int) -> StepResult:
         """One optimizer step over the global batch of `step`."""
@@ -95,19 +106,17 @@ class Trainer:
         data_seconds = time.perf_counter() - start
         # Normalise by the global count of loss tokens so every layout computes the same mean.
         global_tokens = self._global_loss_tokens(batches)
-        self.model.train()
+        self._set_training(True)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for batch in batches:
-            loss = self._loss_sum(batch) / global_tokens
-            loss.backward()
-            loss_sum += loss.detach()
+        loss_sum = self.executor.run(batches, lambda losses, batch: self._masked_sum(losses, batch) / global_tokens)
+        all_reduce_embedding_grads(self.chunks, self.groups)
         all_reduce_sequence_parallel_grads(self.params, self.groups)
         all_reduce_gradients(self.params, self.groups.dp_group)
         grad_norm = clip_grad_norm_(self.params, self.config.optim.clip_grad, self.groups)
         lr = lr_at(step, self.config.optim, self.decay_steps)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
+        all_reduce_(loss_sum, self.groups.pp_group)  # only the last stage holds the loss
         all_reduce_(loss_sum, self.groups.dp_group)
         loss_value = loss_sum.item()
         seconds = time.perf_counter() - start
@@ -116,13 +125,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss over the first train.eval_batches global batches of the valid split."""
-        self.model.eval()
+        self._set_training(False)
         total = torch.zeros(2, device=self.groups.device)  # [loss sum, loss tokens]
         for index in range(self.config.train.eval_batches):
-            for batch in self.valid.micro_batches(index):
-                batch = batch.to(self.groups.device)
-                total[0] += self._loss_sum(batch)
-                total[1] += batch.loss_mask.sum()
+            batches = [batch.to(self.groups.device) for batch in self.valid.micro_batches(index)]
+            loss_sum = self.executor.run(batches, self._masked_sum, forward_only=True)
+            total[0] += all_reduce_(loss_sum, self.groups.pp_group)
+            total[1] += sum(batch.loss_mask.sum() for batch in batches)
         all_reduce_(total, self.groups.dp_group)
         return (total[0] / total[1]).item()
 
@@ -189,19 +198,20 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
     """Model shard, optimizer, data and metrics file for this rank; run_dir=None writes nothing."""
     logger = get_logger()
     sources = sources or build_sources(config)
-    model = build_model(config.model, groups, config.train.seed, config.parallel.sequence_parallel)
-    model.rng.seed_replicated()
-    optimizer = build_optimizer(model, config.optim, groups.device)
+    chunks = build_model_chunks(config, groups)
+    chunks[0].rng.seed_replicated()
+    optimizer = build_optimizer(chunks, config.optim, groups.device)
     data = build_sampler(config, sources.train, groups.dp_rank, groups.dp_size)
     valid = build_sampler(config, sources.valid, groups.dp_rank, groups.dp_size) if sources.valid else None
     writer_path = run_dir / "metrics.jsonl" if (run_dir is not None and groups.rank == 0) else None
     metrics = MetricsWriter(writer_path)
     metrics.write({"event": "start", "time": time.time(), "world_size": groups.topology.world_size})
     logger.info(
-        f"{groups.topology.describe()} | {count_parameters(model):,} parameters on rank {groups.rank} | "
+        f"{groups.topology.describe()} | {sum(count_parameters(c) for c in chunks):,} parameters on rank "
+        f"{groups.rank} | schedule {config.parallel.schedule} | "
         f"accumulation {grad_accum_steps(config, groups.dp_size)} x micro batch {config.train.micro_batch_size}"
     )
-    return Trainer(config, groups, model, optimizer, data, metrics, valid, sources.tokenizer)
+    return Trainer(config, groups, chunks, optimizer, data, metrics, valid, sources.tokenizer)
 
 
 def write_resolved_config(config: Config, run_dir: Path) -> Path:
@@ -220,15 +230,19 @@ def _stage_groups(topology, pp_rank: int) -> ParallelGroups:
 
 
 def dry_run_report(config: Config, topology) -> str:
-    """Parameter counts and layout, built on the meta device: nothing is allocated or launched."""
+    """Parameter counts, layout and pipeline schedule, on the meta device: nothing is allocated or launched."""
     lines = [topology.describe()]
     total = 0
     per_rank = []
     for pp_rank in range(topology.pp):
-        model = build_model(config.model, _stage_groups(topology, pp_rank), config.train.seed, materialize=False)
-        rank_params = count_parameters(model)
-        per_rank.append((pp_rank, list(model.layer_ids), rank_params))
-        for param in model.parameters():
+        chunks = build_model_chunks(config, _stage_groups(topology, pp_rank), materialize=False)
+        layers = ", ".join(
+            f"{c.layer_ids[0]}-{c.layer_ids[-1]}" if len(c.layer_ids) > 1 else str(c.layer_ids[0])
+            for c in chunks
+            if len(c.layer_ids)
+        )
+        per_rank.append((pp_rank, layers, sum(count_parameters(chunk) for chunk in chunks)))
+        for param in (p for chunk in chunks for p in chunk.parameters()):
             if getattr(param, "embedding_copy", False):
                 continue
             total += param.numel() * (topology.tp if getattr(param, "tp_split_dim", None) is not None else 1)
@@ -244,15 +258,24 @@ def dry_run_report(config: Config, topology) -> str:
         f"{topology.dp} x accumulation {accum}; {config.train.global_batch_size * config.model.seq_length:,} "
         f"tokens per step"
     )
+    parallel = config.parallel
+    schedule = build_schedule(parallel.schedule, topology.pp, accum, parallel.virtual_stages)
+    simulation = simulate(schedule, parallel.virtual_stages)
+    lines.append(
+        f"pipeline: schedule {parallel.schedule}, {topology.pp} stages x {parallel.virtual_stages} virtual, "
+        f"{accum} micro-batches; bubble {100 * simulation.bubble_fraction:.1f}% simulated, "
+        f"{100 * analytic_bubble(topology.pp, accum, parallel.virtual_stages):.1f}% = (pp-1)/(m*v+pp-1)"
+    )
     shown = per_rank if len(per_rank) <= 6 else per_rank[:3] + [None] + per_rank[-2:]
     for entry in shown:
         if entry is None:
             lines.append("  ...")
             continue
-        pp_rank, layer_ids, count = entry
-        layers = f"layers {layer_ids[0]}-{layer_ids[-1]}" if layer_ids else "no layers"
+        pp_rank, layers, count = entry
+        layers = f"layers {layers}" if layers else "no layers"
         lines.append(
             f"  stage {pp_rank:>3}: {layers}, {count:,} parameters per rank, "
-            f"{16 * count / 2**30:.1f} GiB of fp32 weights + grads + Adam states"
+            f"{16 * count / 2**30:.1f} GiB of fp32 weights + grads + Adam states, "
+            f"at most {simulation.max_in_flight[pp_rank]} micro-batch chunks in flight"
         )
     return "\n".join(lines)

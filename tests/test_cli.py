@@ -47,11 +47,21 @@ def test_unknown_override_is_a_clear_error(capsys) -> None:
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
 
 
-def test_pipeline_training_is_refused_before_any_process_group(capsys, tmp_path) -> None:
-    code = main(["train", str(ROOT / "configs" / "tiny.yaml"), "parallel.pp=2", "--world-size", "2",
-                 "--run-dir", str(tmp_path)])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.pp=4"], "4 pipeline stages but only model.num_layers=2 layers"),
+        (["parallel.pp=2", "model.num_layers=4", "parallel.pipeline_layers=[1,2]"], "sums to 3 but the model has 4"),
+        (["parallel.pp=2", "model.num_layers=4", "parallel.schedule=interleaved", "parallel.virtual_stages=2",
+          "train.global_batch_size=24"], "micro-batches per step (3) to be a multiple of pp=2"),
+        (["parallel.pp=3", "model.num_layers=3"], "world size 4 is not divisible by tp x pp = 1 x 3"),
+    ],
+)
+def test_bad_pipeline_layouts_fail_before_any_process_group(overrides, message, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as under torchrun, but no process group may be created
+    code = main(["train", str(ROOT / "configs" / "tiny.yaml"), *overrides, "--run-dir", str(tmp_path)])
     assert code == 2
-    assert "pipeline execution is not implemented" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

@@ -364,11 +364,26 @@ def test_ffn_not_divisible_by_tp() -> None:
         validate(tiny("parallel.tp=4", "model.ffn_hidden_size=130"), 4)
 
 
-@pytest.mark.parametrize(("layers", "pp"), [(2, 4), (6, 4)])
-def test_layers_vs_pipeline_stages(layers: int, pp: int) -> None:
-    config = tiny(f"model.num_layers={layers}", f"parallel.pp={pp}")
-    with pytest.raises(ConfigError, match=rf"model\.num_layers={layers} does not split evenly over parallel\.pp={pp}"):
-        validate(config, pp)
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("model.num_layers=2", "parallel.pp=4"), r"4 pipeline stages but only model\.num_layers=2 layers"),
+        (("model.num_layers=6", "parallel.pp=4"), r"6 layers do not split evenly over 4 pipeline stages"),
+        (("model.num_layers=8", "parallel.pp=4", "parallel.pipeline_layers=[1,3,3]"), r"has 3 entries but there are 4"),
+        (("model.num_layers=8", "parallel.pp=4", "parallel.pipeline_layers=[1,3,3,2]"), r"sums to 9 but the model has 8"),
+        (("model.num_layers=4", "parallel.pp=2", "parallel.virtual_stages=2"), r"needs parallel\.schedule=interleaved"),
+        (("model.num_layers=4", "parallel.pp=4", "parallel.schedule=interleaved", "train.global_batch_size=8"),
+         r"micro-batches per step \(2\) to be a multiple of pp=4"),
+    ],
+)
+def test_layers_vs_pipeline_stages(overrides: tuple, message: str) -> None:
+    config = tiny(*overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(config, config.parallel.pp)
+
+
+def test_uneven_pipeline_layers_are_accepted() -> None:
+    validate(tiny("model.num_layers=8", "parallel.pp=4", "parallel.pipeline_layers=[1,3,3,1]"), 4)
 
 
 def test_batch_not_divisible_suggests_multiples() -> None:

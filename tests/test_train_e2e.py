@@ -116,3 +116,19 @@ def test_multi_node_launch_script_two_agents(tmp_path: Path, single_lm: list[dic
         assert agent.returncode == 0, output[-3000:]
     assert "world 4 = tp 2 x pp 1 x dp 2" in "".join(outputs)
     assert_same_curve(read_metrics(tmp_path / "run" / "metrics.jsonl"), single_lm)
+
+
+def test_tp2_pp2_dp2_eight_processes_match_single_process(tmp_path: Path) -> None:
+    """3D parallel under torchrun: 8 processes, 30 steps, the single-process loss curve within 1e-4."""
+    common = ["model.num_layers=4", "train.steps=30"]
+    single = train_single(tmp_path / "single", "configs/tiny.yaml", *common)
+    parallel = train_torchrun(
+        tmp_path / "3d", 8, "configs/tiny.yaml", "parallel.tp=2", "parallel.pp=2", *common
+    )
+    interleaved = train_torchrun(
+        tmp_path / "interleaved", 2, "configs/tiny.yaml", "parallel.pp=2", "parallel.schedule=interleaved",
+        "parallel.virtual_stages=2", *common,
+    )
+    assert_same_curve(parallel, single)
+    assert_same_curve(interleaved, single)
+    assert parallel[-1]["loss"] < parallel[0]["loss"] - 0.5

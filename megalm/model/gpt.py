@@ -8,16 +8,18 @@ shard from (seed, parameter name), so the same seed gives the same full model at
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from megalm.config import ModelConfig
+from megalm.config import Config, ModelConfig
 from megalm.distributed import ParallelGroups
 from megalm.model.init import initialize_parameters_
 from megalm.model.layers import Embedding, TransformerLayer, layer_norm, rotary_cos_sin
 from megalm.parallel.random import ParallelRNG
+from megalm.parallel.schedules import partition_layers
 from megalm.parallel.tensor import mark_parameter, parallel_logits, vocab_parallel_cross_entropy
 
 EMBEDDING_NAME = "embedding.word.weight"
@@ -31,18 +33,46 @@ def prefix_attention_mask(prefix_lengths: torch.Tensor, seq_length: int) -> torc
     return (causal.unsqueeze(0) | in_prefix).unsqueeze(1)
 
 
-class GPTModel(nn.Module):
-    """One pipeline stage of a tensor-parallel GPT (LM or PrefixLM)."""
+@dataclass(frozen=True)
+class StageSpec:
+    """What one (virtual) pipeline stage holds: its layers, and the embedding / output layer."""
 
-    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool = False) -> None:
+    layers: range
+    first: bool
+    last: bool
+
+
+def stage_specs(
+    num_layers: int, groups: ParallelGroups, virtual_stages: int = 1, pipeline_layers: Optional[list[int]] = None
+) -> list[StageSpec]:
+    """The StageSpec of each model chunk on this rank; chunk c is virtual stage c * pp + pp_rank."""
+    pp = groups.pp_size
+    total = pp * virtual_stages
+    ranges = partition_layers(num_layers, total, pipeline_layers)
+    stages = [chunk * pp + groups.pp_rank for chunk in range(virtual_stages)]
+    return [StageSpec(ranges[stage], stage == 0, stage == total - 1) for stage in stages]
+
+
+class GPTModel(nn.Module):
+    """One pipeline stage (model chunk) of a tensor-parallel GPT (LM or PrefixLM)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        groups: ParallelGroups,
+        rng: ParallelRNG,
+        sequence_parallel: bool = False,
+        spec: Optional[StageSpec] = None,
+    ) -> None:
         super().__init__()
+        spec = spec or stage_specs(cfg.num_layers, groups)[0]
         self.cfg = cfg
         self.groups = groups
         self.rng = rng
         self.sequence_parallel = sequence_parallel and groups.tp_size > 1
-        self.is_first = groups.is_first_stage
-        self.is_last = groups.is_last_stage
-        self.layer_ids = groups.topology.stage_layers(cfg.num_layers, groups.pp_rank)
+        self.is_first = spec.first
+        self.is_last = spec.last
+        self.layer_ids = spec.layers
         self.embedding = Embedding(cfg, groups, rng, self.sequence_parallel) if self.is_first else None
         # Keys are global layer indices, so parameter names do not depend on the pipeline split.
         self.layers = nn.ModuleDict(
@@ -102,14 +132,27 @@ def build_model(
     seed: int,
     sequence_parallel: bool = False,
     materialize: bool = True,
+    spec: Optional[StageSpec] = None,
+    rng: Optional[ParallelRNG] = None,
 ) -> GPTModel:
     """Build this rank's shard on the meta device, then (optionally) allocate and initialise it."""
-    rng = ParallelRNG(seed, groups)
+    rng = rng or ParallelRNG(seed, groups)
     with torch.device("meta"):
-        model = GPTModel(cfg, groups, rng, sequence_parallel)
+        model = GPTModel(cfg, groups, rng, sequence_parallel, spec)
     if materialize:
         materialize_model(model, groups.device, seed)
     return model
+
+
+def build_model_chunks(config: Config, groups: ParallelGroups, materialize: bool = True) -> list[GPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage), sharing one ParallelRNG."""
+    parallel = config.parallel
+    rng = ParallelRNG(config.train.seed, groups)
+    specs = stage_specs(config.model.num_layers, groups, parallel.virtual_stages, parallel.pipeline_layers)
+    return [
+        build_model(config.model, groups, config.train.seed, parallel.sequence_parallel, materialize, spec, rng)
+        for spec in specs
+    ]
 
 
 def materialize_model(model: GPTModel, device: torch.device, seed: int) -> GPTModel:
