@@ -234,9 +234,13 @@ class ParallelConfig(_Section):
     schedule: str = "1f1b"  # pipeline schedule: "1f1b" | "gpipe" | "interleaved"
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     pipeline_layers: Optional[list[int]] = None  # layers per (virtual) stage; null: uniform
+    zero_stage: int = 0  # 0: replicated optimizer; 1: optimizer states sharded over dp (ZeRO-1)
+    bucket_size_mb: float = 25.0  # gradient buckets reduced over dp as one collective each
+    overlap_grad_sync: bool = True  # launch each bucket's reduction during the backward pass
 
     def _check_values(self) -> None:
-        self._positive("tp", "pp", "dp", "virtual_stages")
+        self._positive("tp", "pp", "dp", "virtual_stages", "bucket_size_mb")
+        self._require(self.zero_stage in (0, 1, 2), "zero_stage", "0, 1 or 2")
 
 
 @dataclass
@@ -258,6 +262,12 @@ class OptimConfig(_Section):
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0
+    # fp16 only: dynamic loss scaling (loss_scale null) or a static loss_scale.
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 65536.0
+    loss_scale_window: int = 1000  # clean steps before the scale doubles
+    loss_scale_hysteresis: int = 2  # overflowing steps tolerated before the scale halves
+    min_loss_scale: float = 1.0
 
     def _check_values(self) -> None:
         self._non_negative("min_lr", "warmup_steps", "weight_decay", "clip_grad")
@@ -266,7 +276,8 @@ class OptimConfig(_Section):
                 f"optim.lr={self.lr} is below optim.min_lr={self.min_lr}: "
                 f"raise optim.lr or lower optim.min_lr"
             )
-        self._positive("decay_steps", "eps")
+        self._positive("decay_steps", "eps", "loss_scale", "initial_loss_scale", "loss_scale_window",
+                       "loss_scale_hysteresis", "min_loss_scale")
         for name in ("beta1", "beta2"):
             self._require(0.0 <= getattr(self, name) < 1.0, name, "in [0, 1)")
 
@@ -277,8 +288,9 @@ class TrainConfig(_Section):
 
     SECTION: ClassVar[str] = "train"
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "precision": ("fp32", "bf16"),
+        "precision": ("fp32", "bf16", "fp16"),
         "device": ("auto", "cpu", "cuda"),
+        "engine": ("megalm", "deepspeed"),
     }
 
     steps: int = 100
@@ -286,7 +298,8 @@ class TrainConfig(_Section):
     global_batch_size: int = 1
     grad_accum_steps: Optional[int] = None
     seed: int = 1234
-    precision: str = "fp32"
+    precision: str = "fp32"  # bf16 / fp16: fp32 parameters and optimizer, matmuls under torch.autocast
+    engine: str = "megalm"  # "deepspeed": DeepSpeed's ZeRO for data parallelism (optional extra)
     device: str = "auto"
     run_dir: str = "runs/default"
     eval_interval: int = 0  # evaluate the valid split every N steps (0: never)
@@ -710,6 +723,11 @@ def validate(config: Config, world_size: Optional[int] = None) -> Topology:
         check_schedule_args(parallel.schedule, pp, grad_accum_steps(config, topology.dp), parallel.virtual_stages)
     except ScheduleError as error:
         raise ConfigError(str(error)) from None
+    if parallel.zero_stage == 2 and config.train.engine != "deepspeed":
+        raise ConfigError(
+            "parallel.zero_stage=2 needs train.engine=deepspeed; megalm's own engine offers 0 (replicated) and 1 "
+            "(sharded optimizer states)"
+        )
     if config.log.sample_prompts and (pp > 1 or config.data.tokenizer is None):
         raise ConfigError(
             "log.sample_prompts needs data.tokenizer and parallel.pp=1 (generation does not run pipelined "

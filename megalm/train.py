@@ -20,11 +20,10 @@ from megalm.distributed import ParallelGroups, all_reduce_
 from megalm.generate import generate
 from megalm.metrics import MetricsWriter, get_logger, guess_peak_tflops, peak_memory_bytes, throughput
 from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters
-from megalm.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
-from megalm.parallel.data import all_reduce_gradients
-from megalm.parallel.pipeline import PipelineExecutor, activation_shape, all_reduce_embedding_grads
+from megalm.optim import LossScaler, build_optimizer, clip_grads_, found_inf, grad_norm, lr_at, set_lr
+from megalm.parallel.data import GradientSync, ShardedAdamW, counted_once
+from megalm.parallel.pipeline import PipelineExecutor, activation_shape
 from megalm.parallel.schedules import analytic_bubble, build_schedule, simulate
-from megalm.parallel.tensor import all_reduce_sequence_parallel_grads
 
 
 @dataclass
@@ -36,13 +35,21 @@ class StepResult:
     seconds: float
     data_seconds: float
     tokens: int
+    skipped: bool = False  # fp16 overflow: the optimizer step was skipped
+    loss_scale: float = 1.0
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16: parameters and optimizer stay fp32, matmuls run in bf16 under torch.autocast."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16/fp16: parameters and optimizer stay fp32, matmuls run in half precision under torch.autocast."""
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
     return contextlib.nullcontext()
+
+
+class _NoComm:
+    def counting(self):
+        return contextlib.nullcontext()
 
 
 class Trainer:
@@ -58,8 +65,12 @@ class Trainer:
         metrics: MetricsWriter,
         valid: Optional[BatchSampler] = None,
         tokenizer: Optional[Tokenizer] = None,
+        sync: Optional[GradientSync] = None,
     ) -> None:
         self.config = config
+        self.sync = sync or GradientSync(chunks, groups)
+        self.scaler = LossScaler(config.optim) if config.train.precision == "fp16" else None
+        self.comm = _NoComm()  # TODO(comm accounting) replaced below
         self.groups = groups
         self.chunks = chunks
         self.model = chunks[0]  # the whole model when pp = 1 (generation)
@@ -107,20 +118,46 @@ class Trainer:
         # Normalise by the global count of loss tokens so every layout computes the same mean.
         global_tokens = self._global_loss_tokens(batches)
         self._set_training(True)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = self.executor.run(batches, lambda losses, batch: self._masked_sum(losses, batch) / global_tokens)
-        all_reduce_embedding_grads(self.chunks, self.groups)
-        all_reduce_sequence_parallel_grads(self.params, self.groups)
-        all_reduce_gradients(self.params, self.groups.dp_group)
-        grad_norm = clip_grad_norm_(self.params, self.config.optim.clip_grad, self.groups)
-        lr = lr_at(step, self.config.optim, self.decay_steps)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        all_reduce_(loss_sum, self.groups.pp_group)  # only the last stage holds the loss
-        all_reduce_(loss_sum, self.groups.dp_group)
-        loss_value = loss_sum.item()
+        self.sync.start_step(len(batches))
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        with self.comm.counting():
+            loss_sum = self.executor.run(
+                batches, lambda losses, batch: self._masked_sum(losses, batch) * (scale / global_tokens)
+            )
+            self.sync.finish()
+            grad_norm, skipped = self._update(step, scale)
+            all_reduce_(loss_sum, self.groups.pp_group)  # only the last stage holds the loss
+            all_reduce_(loss_sum, self.groups.dp_group)
+        loss_value = loss_sum.item() / scale
         seconds = time.perf_counter() - start
-        return StepResult(step, loss_value, lr, grad_norm, seconds, data_seconds, self.tokens_per_step)
+        lr = lr_at(step, self.config.optim, self.decay_steps)
+        return StepResult(
+            step, loss_value, lr, grad_norm, seconds, data_seconds, self.tokens_per_step, skipped, scale
+        )
+
+    def _update(self, step: int, scale: float) -> tuple[float, bool]:
+        """Unscale, check for overflow (fp16), clip by the global norm and step; (norm, skipped)."""
+        sharded = isinstance(self.optimizer, ShardedAdamW)
+        groups = self.groups
+        if sharded:  # each dp rank holds a different shard: norms and overflow checks span dp too
+            grads, counted = self.optimizer.grads(), self.optimizer.counted_grads()
+            reduce_over = [groups.dp_group, groups.tp_group, groups.pp_group]
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            counted = [p.grad for p in self.params if p.grad is not None and counted_once(p, groups)]
+            reduce_over = [groups.tp_group, groups.pp_group]
+        if self.scaler is not None:
+            if found_inf(grads, [groups.dp_group, groups.tp_group, groups.pp_group], groups.device):
+                self.scaler.update(found_inf=True)
+                return float("nan"), True
+            torch._foreach_mul_(grads, 1.0 / scale)
+        norm = grad_norm(counted, reduce_over, groups.device)
+        clip_grads_(grads, norm, self.config.optim.clip_grad)
+        set_lr(self.optimizer, lr_at(step, self.config.optim, self.decay_steps))
+        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update(found_inf=False)
+        return float(norm), False
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -148,6 +185,8 @@ class Trainer:
             "grad_norm": result.grad_norm,
             "step_time_s": result.seconds,
             "data_time_s": result.data_seconds,
+            "skipped": result.skipped,
+            "loss_scale": result.loss_scale,
             **rates,
             "peak_memory_gb": peak_memory_bytes(self.groups.device) / 2**30,
         }
@@ -200,7 +239,15 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
     sources = sources or build_sources(config)
     chunks = build_model_chunks(config, groups)
     chunks[0].rng.seed_replicated()
-    optimizer = build_optimizer(chunks, config.optim, groups.device)
+    parallel = config.parallel
+    sync = GradientSync(
+        chunks, groups, int(parallel.bucket_size_mb * 2**20), parallel.overlap_grad_sync, shard=parallel.zero_stage == 1
+    )
+    optim = config.optim
+    if parallel.zero_stage == 1:
+        optimizer = ShardedAdamW(sync, optim.lr, (optim.beta1, optim.beta2), optim.eps, optim.weight_decay)
+    else:
+        optimizer = build_optimizer(chunks, optim, groups.device)
     data = build_sampler(config, sources.train, groups.dp_rank, groups.dp_size)
     valid = build_sampler(config, sources.valid, groups.dp_rank, groups.dp_size) if sources.valid else None
     writer_path = run_dir / "metrics.jsonl" if (run_dir is not None and groups.rank == 0) else None
@@ -211,7 +258,7 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
         f"{groups.rank} | schedule {config.parallel.schedule} | "
         f"accumulation {grad_accum_steps(config, groups.dp_size)} x micro batch {config.train.micro_batch_size}"
     )
-    return Trainer(config, groups, chunks, optimizer, data, metrics, valid, sources.tokenizer)
+    return Trainer(config, groups, chunks, optimizer, data, metrics, valid, sources.tokenizer, sync)
 
 
 def write_resolved_config(config: Config, run_dir: Path) -> Path:

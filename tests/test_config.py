@@ -224,7 +224,7 @@ def test_exponent_without_dot_reads_as_float(tmp_path: Path) -> None:
         ("model", {"family": "gpt"}, r"model\.family must be one of 'lm', 'prefixlm', got 'gpt'"),
         ("model", {"position_embedding": "alibi"}, r"model\.position_embedding must be one of"),
         ("optim", {"decay_style": "step"}, r"optim\.decay_style must be one of"),
-        ("train", {"precision": "fp16"}, r"train\.precision must be one of 'fp32', 'bf16'"),
+        ("train", {"precision": "fp8"}, r"train\.precision must be one of 'fp32', 'bf16', 'fp16'"),
         ("train", {"device": "tpu"}, r"train\.device must be one of"),
         ("data", {"kind": "files"}, r"data\.kind must be one of 'synthetic'"),
     ],
