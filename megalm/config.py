@@ -378,6 +378,7 @@ class LogConfig(_Section):
     interval: int = 10
     peak_tflops: Optional[float] = None
     all_ranks: bool = False
+    comm_stats: bool = False  # count bytes and calls per collective and group (or MEGALM_COMM_STATS=1)
     sample_prompts: list[str] = field(default_factory=list)  # generate from these after training
     sample_tokens: int = 48  # tokens generated per prompt
 

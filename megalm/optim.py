@@ -11,6 +11,7 @@ from torch import nn
 
 from megalm.config import OptimConfig
 from megalm.distributed import ParallelGroups, ProcessGroup
+from megalm.kernels import adamw_class_and_kwargs
 from megalm.parallel.data import counted_once
 
 
@@ -47,8 +48,8 @@ def build_optimizer(
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
+    cls, extra, _ = adamw_class_and_kwargs(device)
+    return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from megalm.comm import CommCounter, comm_stats_enabled
 from megalm.config import Config, config_to_yaml, grad_accum_steps, resolved_decay_steps
 from megalm.data.batch import Batch
 from megalm.data.pipeline import DataSources, build_sampler, build_sources
@@ -18,6 +19,7 @@ from megalm.data.sampler import BatchSampler
 from megalm.data.tokenizer import Tokenizer
 from megalm.distributed import ParallelGroups, all_reduce_
 from megalm.generate import generate
+from megalm.kernels import describe_kernels
 from megalm.metrics import MetricsWriter, get_logger, guess_peak_tflops, peak_memory_bytes, throughput
 from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters
 from megalm.optim import LossScaler, build_optimizer, clip_grads_, found_inf, grad_norm, lr_at, set_lr
@@ -47,11 +49,6 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
     return contextlib.nullcontext()
 
 
-class _NoComm:
-    def counting(self):
-        return contextlib.nullcontext()
-
-
 class Trainer:
     """Runs optimizer steps: micro-batch forward/backward, gradient sync, clipping, AdamW, logging."""
 
@@ -70,7 +67,7 @@ class Trainer:
         self.config = config
         self.sync = sync or GradientSync(chunks, groups)
         self.scaler = LossScaler(config.optim) if config.train.precision == "fp16" else None
-        self.comm = _NoComm()  # TODO(comm accounting) replaced below
+        self.comm = CommCounter(groups, enabled=comm_stats_enabled(config.log.comm_stats))
         self.groups = groups
         self.chunks = chunks
         self.model = chunks[0]  # the whole model when pp = 1 (generation)
@@ -115,12 +112,13 @@ class Trainer:
         device = self.groups.device
         batches = [batch.to(device) for batch in self.data.micro_batches(step)]
         data_seconds = time.perf_counter() - start
-        # Normalise by the global count of loss tokens so every layout computes the same mean.
-        global_tokens = self._global_loss_tokens(batches)
         self._set_training(True)
         self.sync.start_step(len(batches))
         scale = self.scaler.scale if self.scaler is not None else 1.0
+        self.comm.reset()
         with self.comm.counting():
+            # Normalise by the global count of loss tokens so every layout computes the same mean.
+            global_tokens = self._global_loss_tokens(batches)
             loss_sum = self.executor.run(
                 batches, lambda losses, batch: self._masked_sum(losses, batch) * (scale / global_tokens)
             )
@@ -190,6 +188,8 @@ class Trainer:
             **rates,
             "peak_memory_gb": peak_memory_bytes(self.groups.device) / 2**30,
         }
+        if self.comm.enabled:
+            record.update(self.comm.metrics())
         interval = self.config.train.eval_interval
         if self.valid is not None and interval > 0 and (step % interval == 0 or step == self.config.train.steps):
             record["valid_loss"] = self.evaluate()
@@ -202,7 +202,10 @@ class Trainer:
                 f"grad norm {result.grad_norm:.3f} | {rates['tokens_per_s']:,.0f} tok/s | "
                 f"{rates['tflops_per_device']:.3g} TFLOP/s/device | MFU {mfu} | "
                 f"data {100 * result.data_seconds / result.seconds:.1f}% | mem {record['peak_memory_gb']:.2f} GB"
+                + (f" | skipped (fp16 overflow, loss scale now {self.scaler.scale:g})" if result.skipped else "")
             )
+            if self.comm.enabled:
+                self.logger.info(self.comm.format())
         return record
 
     def fit(self, steps: Optional[int] = None) -> list[dict]:
@@ -253,6 +256,7 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
     writer_path = run_dir / "metrics.jsonl" if (run_dir is not None and groups.rank == 0) else None
     metrics = MetricsWriter(writer_path)
     metrics.write({"event": "start", "time": time.time(), "world_size": groups.topology.world_size})
+    logger.info(describe_kernels(groups.device))
     logger.info(
         f"{groups.topology.describe()} | {sum(count_parameters(c) for c in chunks):,} parameters on rank "
         f"{groups.rank} | schedule {config.parallel.schedule} | "

@@ -78,7 +78,11 @@ class GPTModel(nn.Module):
         self.layers = nn.ModuleDict(
             {str(i): TransformerLayer(cfg, groups, rng, self.sequence_parallel) for i in self.layer_ids}
         )
-        self.final_norm = layer_norm(cfg.hidden_size, cfg.layernorm_eps, self.sequence_parallel) if self.is_last else None
+        self.final_norm = (
+            layer_norm(cfg.hidden_size, cfg.layernorm_eps, self.sequence_parallel, groups.device.type)
+            if self.is_last
+            else None
+        )
         self.output_weight: Optional[nn.Parameter] = None
         if self.is_last and not self.is_first:
             # The last stage's copy of the tied embedding: same name-derived init, kept in sync by

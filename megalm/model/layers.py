@@ -16,6 +16,7 @@ from torch import nn
 
 from megalm.config import ModelConfig
 from megalm.distributed import ParallelGroups
+from megalm.kernels import layer_norm_class
 from megalm.parallel.random import ParallelRNG
 from megalm.parallel.tensor import (
     ColumnParallelLinear,
@@ -25,9 +26,17 @@ from megalm.parallel.tensor import (
 )
 
 
-def layer_norm(hidden_size: int, eps: float, sequence_parallel: bool) -> nn.LayerNorm:
-    """A LayerNorm replicated over tp (its grads are partial sums under sequence parallel)."""
-    norm = nn.LayerNorm(hidden_size, eps=eps)
+def layer_norm(
+    hidden_size: int, eps: float, sequence_parallel: bool, device_type: Optional[str] = None
+) -> nn.Module:
+    """A LayerNorm replicated over tp (its grads are partial sums under sequence parallel).
+
+    apex's FusedLayerNorm on CUDA when usable, else torch's (megalm.kernels); same parameters.
+    device_type None means the default device: cuda when visible, else cpu.
+    """
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    norm = layer_norm_class(device_type)(hidden_size, eps=eps)
     for param in norm.parameters():
         mark_parameter(param, None, sequence_parallel)
     return norm
@@ -145,9 +154,9 @@ class TransformerLayer(nn.Module):
         self.rng = rng
         self.sequence_parallel = sequence_parallel
         self.dropout = cfg.hidden_dropout
-        self.ln1 = layer_norm(cfg.hidden_size, cfg.layernorm_eps, sequence_parallel)
+        self.ln1 = layer_norm(cfg.hidden_size, cfg.layernorm_eps, sequence_parallel, groups.device.type)
         self.attn = Attention(cfg, groups, rng, sequence_parallel)
-        self.ln2 = layer_norm(cfg.hidden_size, cfg.layernorm_eps, sequence_parallel)
+        self.ln2 = layer_norm(cfg.hidden_size, cfg.layernorm_eps, sequence_parallel, groups.device.type)
         self.mlp = MLP(cfg, groups, sequence_parallel)
 
     def forward(

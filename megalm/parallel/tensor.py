@@ -36,9 +36,14 @@ def mark_parameter(param: nn.Parameter, tp_split_dim: Optional[int], sequence_pa
 
 
 # ---- raw collectives (no autograd) ------------------------------------------------------------
-# torch 2.13 renamed the single-tensor collectives; keep working on the older names too.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# torch 2.13 renamed the single-tensor collectives; keep working on the older names too. Looked up
+# at call time, not import time, so megalm.comm's counting wrappers on torch.distributed see them.
+def _all_gather_single(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup) -> None:
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, input, group=group)
+
+
+def _reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(output, input, group=group)
 
 
 def _group_size(group: ProcessGroup) -> int:

@@ -182,3 +182,35 @@ def test_fp16_overflow_on_one_rank_skips_the_step_everywhere() -> None:
         assert per_rank[1][2] == 512.0  # halved after the overflow (hysteresis 1)
         assert per_rank[1][3] is False  # weights untouched on the skipped step
         assert per_rank[2][3] is True and per_rank[3][4] < per_rank[0][4]  # training continues
+
+
+# ---- communication volume: exactly the minimum ------------------------------------------------------
+def _volume_worker(rank: int, world_size: int) -> dict:
+    from megalm.comm import CommCounter
+
+    groups = build_parallel_groups(Topology(tp=2, dp=2), rank, torch.device("cpu"))
+    out = {}
+    for zero in (0, 1):
+        trainer = build_trainer(make_config(tp=2, dp=2, accum=2, zero=zero), groups, None)
+        trainer.comm = CommCounter(groups)
+        trainer.train_step(0)
+        local = sum(p.numel() for p in trainer.params)
+        padded = sum(bucket.numel for bucket in trainer.sync.buckets)
+        out[zero] = (trainer.comm.snapshot().get("dp", {}), local, padded, len(trainer.sync.buckets))
+    return out
+
+
+def test_gradient_traffic_is_one_element_per_local_parameter() -> None:
+    for per_rank in run_distributed(_volume_worker, 4):
+        dp_plain, local, padded, buckets = per_rank[0]
+        # plain: every bucket all-reduced once, plus two scalars (loss-token count, loss)
+        assert padded == local
+        assert dp_plain["all_reduce"] == {"calls": buckets + 2, "bytes": 4 * local + 8}
+        assert set(dp_plain) == {"all_reduce"}
+        dp_zero, local, padded, buckets = per_rank[1]
+        # ZeRO-1: reduce-scatter of the gradients, all-gather of this rank's half of the parameters;
+        # buckets are padded to a multiple of dp (fewer than dp elements each)
+        assert 0 <= padded - local < 2 * buckets
+        assert dp_zero["reduce_scatter"] == {"calls": buckets, "bytes": 4 * padded}
+        assert dp_zero["all_gather"] == {"calls": buckets, "bytes": 4 * padded // 2}
+        assert dp_zero["all_reduce"] == {"calls": 3, "bytes": 12}  # token count, grad norm, loss
