@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megalm.checkpoint.store import CheckpointError
 from megalm.config import Config, ConfigError, config_to_yaml, load_config, validate
+from megalm.data.pipeline import DataError
 from megalm.topology import Topology
 
 
@@ -58,8 +60,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         logger.info("resolved config:\n" + config_to_yaml(config))
         logger.info(f"config written to {write_resolved_config(config, run_dir)}")
     trainer = build_trainer(config, groups, run_dir)
+    from megalm.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(trainer, run_dir)
+    start_step = 0 if args.no_resume else (checkpointer.resume() or 0)
+    checkpointer.install_signal_handler()
     try:
-        trainer.fit()
+        trainer.fit(start_step=start_step, checkpointer=checkpointer)
     finally:
         trainer.metrics.close()
         import torch.distributed as dist
@@ -90,12 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="validate and print the layout, do not train")
     train.add_argument("--world-size", type=int, help="world size to validate against (dry run)")
     train.add_argument("--run-dir", help="override train.run_dir")
+    train.add_argument("--no-resume", action="store_true", help="start fresh even if run_dir has checkpoints")
     train.set_defaults(func=cmd_train)
 
     check = sub.add_parser("check", help="same as train --dry-run")
     _add_config_args(check)
     check.add_argument("--world-size", type=int, help="world size to validate against")
-    check.set_defaults(func=cmd_check, run_dir=None)
+    check.set_defaults(func=cmd_check, run_dir=None, no_resume=True)
 
     bench = sub.add_parser("bench", help="time training steps against a plain PyTorch GPT of the same shape")
     _add_config_args(bench)
@@ -104,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch baseline")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(func=cmd_bench)
+
+    from megalm.plan.report import register_cli as register_plan
+
+    register_plan(sub)  # megalm plan CONFIG --cluster NAME --gpus N [--search] ...
 
     # Data commands live beside their code; each module adds its own sub-parser.
     from megalm.data import corpus, inspect, preprocess, tokenizer
@@ -122,6 +134,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.func(args)
     except ConfigError as error:
         print(f"megalm: config error: {error}", file=sys.stderr)
+        return 2
+    except (CheckpointError, DataError) as error:
+        print(f"megalm: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -386,6 +386,25 @@ class LogConfig(_Section):
         self._positive("interval", "peak_tflops", "sample_tokens")
 
 
+@dataclass
+class CheckpointConfig(_Section):
+    """When and where checkpoints are written, and how a run resumes."""
+
+    SECTION: ClassVar[str] = "checkpoint"
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"signal": ("SIGTERM", "SIGUSR1"), "on_nan": ("skip", "stop")}
+
+    interval_steps: int = 0  # save every N steps (0: never by count)
+    interval_minutes: float = 0.0  # and/or every N minutes (0: never by time)
+    keep: int = 3  # complete checkpoints kept in run_dir/checkpoints
+    save_at_end: bool = True
+    signal: str = "SIGTERM"  # on this signal (any rank) every rank saves and exits 0
+    on_nan: str = "skip"  # a non-finite gradient: skip the step, or stop (the last checkpoint stays intact)
+
+    def _check_values(self) -> None:
+        self._non_negative("interval_steps", "interval_minutes")
+        self._positive("keep")
+
+
 _SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
@@ -393,6 +412,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "train": TrainConfig,
     "data": DataConfig,
     "log": LogConfig,
+    "checkpoint": CheckpointConfig,
 }
 
 
@@ -406,6 +426,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         for name, cls in _SECTIONS.items():

@@ -97,13 +97,17 @@ class MetricsWriter:
             self._file.close()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The step records of the last run appended to a metrics.jsonl file."""
-    records: list[dict[str, Any]] = []
+def read_metrics(path: Path, across_restarts: bool = False) -> list[dict[str, Any]]:
+    """Step records of the last run in a metrics.jsonl file; with across_restarts, the curve of a
+    run that was resumed (possibly several times): a later record of a step replaces an earlier one."""
+    records: dict[int, dict[str, Any]] = {}
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if record.get("event") == "start":
-            records = []
+            if not across_restarts:
+                records = {}
         elif "step" in record:
-            records.append(record)
-    return records
+            if across_restarts:
+                records = {k: v for k, v in records.items() if k < record["step"]}
+            records[record["step"]] = record
+    return [records[step] for step in sorted(records)]

@@ -208,9 +208,21 @@ class Trainer:
                 self.logger.info(self.comm.format())
         return record
 
-    def fit(self, steps: Optional[int] = None) -> list[dict]:
-        """Train for `steps` (default train.steps), then print samples; return the per-step records."""
-        records = [self.record(self.train_step(step)) for step in range(steps or self.config.train.steps)]
+    def fit(self, steps: Optional[int] = None, start_step: int = 0, checkpointer=None) -> list[dict]:
+        """Train from `start_step` to `steps` (default train.steps), saving as configured; print samples."""
+        total = steps or self.config.train.steps
+        records = []
+        step = start_step
+        while step < total:
+            records.append(self.record(self.train_step(step)))
+            step += 1
+            if checkpointer is not None:
+                save, stop = checkpointer.decide(step, final=step == total)
+                if save:
+                    checkpointer.save(step)
+                if stop:
+                    self.logger.info(f"stop signal received: saved step {step}, exiting")
+                    return records
         if records:
             rest = records[1:] or records
             times = [r["step_time_s"] for r in rest]

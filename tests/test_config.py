@@ -482,7 +482,7 @@ def test_resolved_sizes() -> None:
 def test_dict_round_trip(name: str) -> None:
     config = load_config(CONFIGS / name)
     data = config_to_dict(config)
-    assert set(data) == {"model", "parallel", "optim", "train", "data", "log"}
+    assert set(data) == {"model", "parallel", "optim", "train", "data", "log", "checkpoint"}
     assert config_from_dict(data) == config
     assert data["model"]["vocab_size"] == config.model.vocab_size
 

@@ -1,0 +1,217 @@
+"""Checkpoint directories on disk: atomic commit, `latest` pointer, verification, keep-last-K.
+
+Layout of `RUN_DIR/checkpoints/`::
+
+    step_00000010/            a complete checkpoint (renamed into place only when complete)
+        rank_00000.pt ...     each rank's pieces (its shards, its optimizer state, its RNG)
+        metadata.json         step, config, layout, versions, and every file's size and sha256
+    latest                    "step_00000010": written to a temp file, fsynced, renamed
+    .tmp-step_00000020/       an interrupted save: ignored, and removed at the next start
+
+A save writes every rank's file into the temp directory (fsync each), gathers sizes and
+checksums on rank 0, checks them, writes metadata.json, renames the directory, then replaces
+`latest`. An interrupted or failed save therefore never leaves `latest` pointing at anything
+incomplete, and a failure on any rank (a full disk) is agreed on by all ranks before commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+METADATA = "metadata.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or used; the message names the file and what to do."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class CheckpointStore:
+    """Saves and finds complete checkpoints under `root`, for all ranks of the job."""
+
+    def __init__(self, root: Path, rank: int, keep: int = 3, writer=torch.save) -> None:
+        self.root = Path(root)
+        self.rank = rank
+        self.keep = keep
+        self.writer = writer  # replaceable in tests (e.g. one that raises ENOSPC)
+
+    # ---- saving ---------------------------------------------------------------------------------
+    def save(self, step: int, payload: dict[str, Any], metadata: dict[str, Any]) -> Path:
+        """Write this rank's payload; rank 0 commits the checkpoint once every rank succeeded."""
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self._barrier()
+        error: Optional[str] = None
+        record: Optional[tuple[str, int, str]] = None
+        try:
+            path = tmp / rank_file_name(self.rank)
+            part = path.with_name(path.name + ".part")
+            with open(part, "wb") as handle:
+                self.writer(payload, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            part.replace(path)
+            record = (path.name, path.stat().st_size, _sha256(path))
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of any rank's failure
+            error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        records = self._gather((record, error))
+        errors = [err for _, err in records if err]
+        if errors:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._barrier()
+            previous = self.latest_name()
+            raise CheckpointError(
+                f"saving step {step} failed ({'; '.join(errors)}); nothing was committed and "
+                f"{'the previous checkpoint ' + previous + ' is intact' if previous else 'there is no earlier checkpoint'}"
+            )
+        if self.rank == 0:
+            files = {name: {"bytes": size, "sha256": sha} for (name, size, sha), _ in records}
+            for name, info in files.items():
+                if (tmp / name).stat().st_size != info["bytes"]:
+                    raise CheckpointError(f"{tmp / name} changed size during the save")
+            metadata = dict(metadata, step=step, files=files)
+            meta_path = tmp / METADATA
+            with open(meta_path, "w", encoding="utf-8") as handle:
+                json.dump(metadata, handle, indent=1, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync_dir(self.root)
+            self._write_latest(final.name)
+            self._prune()
+        self._barrier()
+        return final
+
+    def _write_latest(self, name: str) -> None:
+        tmp = self.root / f".{LATEST}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(name + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(self.root / LATEST)
+        _fsync_dir(self.root)
+
+    def _prune(self) -> None:
+        complete = self.complete()
+        for path in complete[self.keep :]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def clean_leftovers(self) -> None:
+        """Remove temp directories of interrupted saves (rank 0, at start)."""
+        if self.rank == 0 and self.root.exists():
+            for path in self.root.glob(".tmp-step_*"):
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ---- finding and verifying ------------------------------------------------------------------
+    def latest_name(self) -> Optional[str]:
+        pointer = self.root / LATEST
+        if not pointer.exists():
+            return None
+        return pointer.read_text(encoding="utf-8").strip() or None
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints (with metadata), newest first."""
+        if not self.root.exists():
+            return []
+        found = [p for p in self.root.glob("step_*") if p.is_dir() and (p / METADATA).exists()]
+        return sorted(found, key=lambda p: p.name, reverse=True)
+
+    def verify(self, path: Path) -> dict[str, Any]:
+        """Metadata of a checkpoint after checking every file's presence, size and checksum."""
+        meta_path = path / METADATA
+        if not meta_path.exists():
+            raise CheckpointError(f"{path} is incomplete: {METADATA} is missing")
+        try:
+            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{meta_path} is unreadable: {error}") from None
+        for name, info in metadata["files"].items():
+            file = path / name
+            if not file.exists():
+                raise CheckpointError(f"{file} is missing (listed in {meta_path})")
+            if file.stat().st_size != info["bytes"]:
+                raise CheckpointError(
+                    f"{file} has {file.stat().st_size} bytes, {info['bytes']} expected: truncated or overwritten"
+                )
+            if _sha256(file) != info["sha256"]:
+                raise CheckpointError(f"{file} fails its sha256 checksum: the file is corrupt")
+        return metadata
+
+    def find_resumable(self, log=print) -> Optional[tuple[Path, dict[str, Any]]]:
+        """The newest checkpoint that verifies, preferring `latest`; bad ones are reported and skipped."""
+        candidates = self.complete()
+        name = self.latest_name()
+        if name is not None:
+            pointed = self.root / name
+            if not (pointed / METADATA).exists():
+                log(f"checkpoint pointer {self.root / LATEST} names {name}, which is missing or incomplete; "
+                    f"looking for an earlier complete checkpoint")
+            else:
+                candidates = [pointed] + [c for c in candidates if c != pointed]
+        for path in candidates:
+            try:
+                return path, self.verify(path)
+            except CheckpointError as error:
+                log(f"skipping checkpoint {path}: {error}")
+        return None
+
+    # ---- collectives over the whole job ---------------------------------------------------------
+    def _barrier(self) -> None:
+        if _distributed():
+            dist.barrier()
+
+    def _gather(self, item: Any) -> list[Any]:
+        if not _distributed():
+            return [item]
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, item)
+        return out

@@ -1,0 +1,226 @@
+"""Checkpoints: bitwise resume, resharding, atomic commit and corruption handling, SIGTERM."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megalm.checkpoint import Checkpointer, CheckpointError
+from megalm.checkpoint.state import PieceIndex
+from megalm.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from megalm.distributed import ParallelGroups, build_parallel_groups
+from megalm.metrics import get_logger, read_metrics
+from megalm.parallel.data import ShardedAdamW
+from megalm.parallel.tensor import gather_full_tensor
+from megalm.testing import run_distributed
+from megalm.topology import Topology
+from megalm.train import build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 20
+
+
+def make_config(tp=1, pp=1, dp=1, zero=0, dropout=0.1) -> Config:
+    config = Config(
+        model=ModelConfig(num_layers=4, hidden_size=32, num_heads=4, vocab_size=200, seq_length=16,
+                          hidden_dropout=dropout, attention_dropout=dropout),
+        parallel=ParallelConfig(tp=tp, pp=pp, dp=dp, zero_stage=zero, bucket_size_mb=0.02),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        train=TrainConfig(steps=STEPS, micro_batch_size=2, global_batch_size=8, seed=9),
+    )
+    config.checkpoint.interval_steps = 10
+    return config
+
+
+def optimizer_state(trainer) -> list[torch.Tensor]:
+    inner = trainer.optimizer.optimizer if isinstance(trainer.optimizer, ShardedAdamW) else trainer.optimizer
+    params = [p for group in inner.param_groups for p in group["params"]]
+    return [inner.state[p][k].clone() for p in params for k in sorted(inner.state[p])]
+
+
+def run(config: Config, groups: ParallelGroups, run_dir: Path, stop_at: int | None = None, resume: bool = False):
+    trainer = build_trainer(config, groups, None)
+    checkpointer = Checkpointer(trainer, run_dir)
+    start = checkpointer.resume() if resume else 0
+    records = trainer.fit(steps=stop_at or STEPS, start_step=start or 0, checkpointer=checkpointer)
+    weights = [p.detach().clone() for p in trainer.params]
+    return [r["loss"] for r in records], weights, optimizer_state(trainer), trainer
+
+
+def _bitwise_worker(rank: int, world_size: int, layout: tuple, root: str) -> dict:
+    tp, pp, dp, zero = layout
+    groups = build_parallel_groups(Topology(tp=tp, pp=pp, dp=dp), rank, torch.device("cpu"))
+    config = make_config(tp, pp, dp, zero)
+    straight = run(config, groups, Path(root) / "straight")
+    first = run(config, groups, Path(root) / "resumed", stop_at=10)
+    second = run(config, groups, Path(root) / "resumed", resume=True)
+    return {
+        "losses_equal": straight[0] == first[0] + second[0],
+        "weights_equal": all(torch.equal(a, b) for a, b in zip(straight[1], second[1])),
+        "state_equal": len(straight[2]) == len(second[2]) and all(torch.equal(a, b) for a, b in zip(straight[2], second[2])),
+    }
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1, 0), (2, 1, 2, 0), (2, 2, 2, 1)])
+def test_resume_is_bitwise_identical(layout, tmp_path: Path) -> None:
+    """20 steps straight == 10 steps, save, new trainer, resume, 10 steps (dropout on)."""
+    tp, pp, dp, _ = layout
+    results = run_distributed(_bitwise_worker, tp * pp * dp, layout, str(tmp_path), timeout=400)
+    for rank, result in enumerate(results):
+        assert result == {"losses_equal": True, "weights_equal": True, "state_equal": True}, (rank, result)
+
+
+# ---- resharding ---------------------------------------------------------------------------------------
+def full_state(trainer) -> dict:
+    """Every full parameter by name (tp-gathered), for comparisons across layouts."""
+    out = {}
+    for chunk in trainer.chunks:
+        for name, p in chunk.named_parameters():
+            out[getattr(p, "init_name", name)] = gather_full_tensor(p.data, p.tp_split_dim, trainer.groups)[:200]
+    return out
+
+
+def _reshard_worker(rank: int, world_size: int, layout: tuple, root: str, mode: str) -> dict:
+    tp, pp, dp, zero = layout
+    groups = build_parallel_groups(Topology(tp=tp, pp=pp, dp=dp), rank, torch.device("cpu"))
+    config = make_config(tp, pp, dp, zero, dropout=0.0)
+    trainer = build_trainer(config, groups, None)
+    checkpointer = Checkpointer(trainer, Path(root))
+    if mode == "save":
+        trainer.fit(steps=10, checkpointer=checkpointer)
+        records = trainer.fit(steps=13, start_step=10)  # the un-resharded continuation
+        return {"weights": full_state(trainer), "continuation": [r["loss"] for r in records]}
+    start = checkpointer.resume()
+    weights = full_state(trainer)
+    records = trainer.fit(steps=13, start_step=start)
+    return {"weights": weights, "continuation": [r["loss"] for r in records], "start": start}
+
+
+def test_resharding_2x2x2_to_1x1x1_and_1x2x4(tmp_path: Path) -> None:
+    saved = run_distributed(_reshard_worker, 8, (2, 2, 2, 1), str(tmp_path), "save", timeout=400)
+    index = PieceIndex(tmp_path / "checkpoints" / "step_00000010", [f"rank_{r:05d}.pt" for r in range(8)])
+    for target, world in (((1, 1, 1, 0), 1), ((1, 2, 4, 1), 8), ((2, 2, 2, 0), 8)):
+        loaded = run_distributed(_reshard_worker, world, target, str(tmp_path), "load", timeout=400)
+        assert loaded[0]["start"] == 10
+        for name, weight in {k: v for r in loaded for k, v in r["weights"].items()}.items():
+            assert torch.equal(weight, index.full(name, "param")[:200]), (target, name)
+        continuation = saved[0]["continuation"]
+        assert loaded[0]["continuation"] == pytest.approx(continuation, rel=1e-5), target
+
+
+def test_optimizer_moments_survive_resharding(tmp_path: Path) -> None:
+    """ZeRO-1 moments saved at dp=2 are the same full tensors after loading at dp=1 (no ZeRO)."""
+    run_distributed(_reshard_worker, 2, (1, 1, 2, 1), str(tmp_path), "save", timeout=400)
+    index = PieceIndex(tmp_path / "checkpoints" / "step_00000010", ["rank_00000.pt", "rank_00001.pt"])
+    config = make_config(dropout=0.0)
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+    Checkpointer(trainer, tmp_path).resume()
+    for chunk in trainer.chunks:
+        for name, param in chunk.named_parameters():
+            state = trainer.optimizer.state[param]
+            for kind in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(state[kind], index.full(name, kind)), (name, kind)
+            assert int(state["step"]) == 10
+
+
+# ---- atomicity and corruption ---------------------------------------------------------------------------
+@pytest.fixture()
+def saved_twice(tmp_path: Path):
+    config = make_config()
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+    checkpointer = Checkpointer(trainer, tmp_path)
+    trainer.fit(steps=20, checkpointer=checkpointer)  # saves step 10 and step 20
+    return tmp_path / "checkpoints", config
+
+
+def _resume(config, run_dir: Path):
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+    return Checkpointer(trainer, run_dir).resume()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "pointer"])
+def test_damaged_latest_falls_back_to_the_previous_checkpoint(damage, saved_twice) -> None:
+    root, config = saved_twice
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    get_logger().addHandler(handler)
+    shard = root / "step_00000020" / "rank_00000.pt"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "flip":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif damage == "delete":
+        shard.unlink()
+    else:
+        (root / "latest").write_text("step_00000099\n")
+    try:
+        assert _resume(config, root.parent) == (20 if damage == "pointer" else 10)
+    finally:
+        get_logger().removeHandler(handler)
+    expected = {
+        "truncate": "truncated", "flip": "fails its sha256 checksum", "delete": "is missing", "pointer": "step_00000099",
+    }[damage]
+    assert any(expected in message for message in messages), messages
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(saved_twice) -> None:
+    root, config = saved_twice
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+
+    def full_disk(payload, handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    checkpointer = Checkpointer(trainer, root.parent, writer=full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint step_00000020 is intact"):
+        checkpointer.save(30)
+    assert (root / "latest").read_text().strip() == "step_00000020"
+    assert not list(root.glob(".tmp-*")) and not (root / "step_00000030").exists()
+    assert _resume(config, root.parent) == 20
+
+
+def test_checkpoint_from_another_model_is_refused(saved_twice) -> None:
+    root, config = saved_twice
+    config.model.hidden_size = 64
+    with pytest.raises(CheckpointError, match=r"model\.hidden_size: checkpoint 32, this run 64"):
+        _resume(config, root.parent)
+
+
+def test_keeps_only_the_last_k(tmp_path: Path) -> None:
+    config = make_config()
+    config.checkpoint.interval_steps = 5
+    config.checkpoint.keep = 2
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+    trainer.fit(steps=20, checkpointer=Checkpointer(trainer, tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000015", "step_00000020"]
+
+
+# ---- stop signal -------------------------------------------------------------------------------------
+def test_sigterm_saves_and_exits_zero(tmp_path: Path) -> None:
+    """A SIGTERM mid-run: the process saves at the current step and exits 0; a restart resumes there."""
+    cmd = [sys.executable, "-m", "megalm.cli", "train", "configs/tiny.yaml", "train.steps=2000",
+           "checkpoint.interval_steps=0", "--run-dir", str(tmp_path)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step     25/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert "stop signal received: saved step" in output
+    step = int((tmp_path / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 25 <= step < 2000
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert records[-1]["step"] == step
