@@ -49,12 +49,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from megalm.distributed import build_parallel_groups, init_distributed, resolve_device
     from megalm.metrics import setup_logging
-    from megalm.train import build_trainer, write_resolved_config
+    from megalm.train import NonFiniteLossError, build_trainer, write_resolved_config
 
     device = resolve_device(config.train.device)
-    rank, _ = init_distributed(device)
+    rank, _ = init_distributed(device, config.train.collective_timeout_s)
     logger = setup_logging(rank, config.log.all_ranks)
-    groups = build_parallel_groups(topology, rank, device)
+    groups = build_parallel_groups(topology, rank, device, config.train.collective_timeout_s)
     run_dir = Path(args.run_dir or config.train.run_dir)
     if rank == 0:
         logger.info("resolved config:\n" + config_to_yaml(config))
@@ -67,6 +67,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     checkpointer.install_signal_handler()
     try:
         trainer.fit(start_step=start_step, checkpointer=checkpointer)
+    except NonFiniteLossError as error:
+        logger.error(f"rank {rank}: {error}")
+        return 3
+    except RuntimeError as error:
+        if "WORLD_SIZE" not in os.environ:
+            raise
+        # A peer died or hangs: say where, and exit at once (tearing down would wait on the dead
+        # peer) so that torchrun restarts the job, which resumes from the last checkpoint.
+        print(
+            f"megalm: rank {rank}: a collective failed or timed out (train.collective_timeout_s="
+            f"{config.train.collective_timeout_s:g}) during step {trainer.current_step}: "
+            f"{str(error).splitlines()[0][:500]}; another rank died or is hung; exiting so torchrun can "
+            f"restart from the last checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(1)
     finally:
         trainer.metrics.close()
         import torch.distributed as dist

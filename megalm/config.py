@@ -302,12 +302,14 @@ class TrainConfig(_Section):
     engine: str = "megalm"  # "deepspeed": DeepSpeed's ZeRO for data parallelism (optional extra)
     device: str = "auto"
     run_dir: str = "runs/default"
+    collective_timeout_s: float = 300.0  # a collective waiting longer ends the job (NCCL's default: 600)
     eval_interval: int = 0  # evaluate the valid split every N steps (0: never)
     eval_batches: int = 1  # global batches of the valid split per evaluation
 
     def _check_values(self) -> None:
         self._positive("steps", "micro_batch_size", "global_batch_size", "grad_accum_steps", "eval_batches")
         self._non_negative("eval_interval")
+        self._positive("collective_timeout_s")
         self._non_negative("seed")
         self._require(self.run_dir.strip() != "", "run_dir", "a non-empty path")
 

@@ -111,22 +111,41 @@ def init_distributed(device: torch.device, timeout_s: float = 300.0) -> tuple[in
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        rank = int(os.environ["RANK"])
+        # Under torchrun the rendezvous store outlives a restart of the workers; keys left by the
+        # previous attempt (a dead rank's address) must not be read by the new one, so every
+        # attempt gets its own key prefix.
+        base = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world_size,
+            is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true",
+            timeout=timeout,
+        )
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"megalm/attempt_{attempt}", base)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
-def _new_groups(rank_lists: list[list[int]], rank: int) -> tuple[ProcessGroup, tuple[int, ...]]:
+def _new_groups(
+    rank_lists: list[list[int]], rank: int, timeout: Optional[datetime.timedelta]
+) -> tuple[ProcessGroup, tuple[int, ...]]:
     """Create one process group per list (every rank must create all of them, in order)."""
     mine: ProcessGroup = None
     my_ranks: tuple[int, ...] = (rank,)
     for ranks in rank_lists:
-        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        # new_group does not inherit the world's timeout: pass it, or a hang waits 30 minutes.
+        group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
         if rank in ranks:
             mine, my_ranks = group, tuple(ranks)
     return mine, my_ranks
 
 
-def build_parallel_groups(topology: Topology, rank: int, device: torch.device) -> ParallelGroups:
+def build_parallel_groups(
+    topology: Topology, rank: int, device: torch.device, timeout_s: Optional[float] = None
+) -> ParallelGroups:
     """Create the TP, DP, PP and embedding process groups of `topology` for this rank."""
     if topology.world_size == 1:
         return ParallelGroups(topology=topology, rank=0, device=device)
@@ -138,10 +157,11 @@ def build_parallel_groups(topology: Topology, rank: int, device: torch.device) -
             f"{topology.world_size}: launch {topology.world_size} processes (torchrun --nproc-per-node "
             f"x --nnodes) or change parallel.tp / parallel.pp / parallel.dp"
         )
-    tp_group, tp_ranks = _new_groups(topology.tp_groups(), rank)
-    dp_group, dp_ranks = _new_groups(topology.dp_groups(), rank)
-    pp_group, pp_ranks = _new_groups(topology.pp_groups(), rank)
-    embedding_group, _ = _new_groups(topology.embedding_groups(), rank)
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
+    tp_group, tp_ranks = _new_groups(topology.tp_groups(), rank, timeout)
+    dp_group, dp_ranks = _new_groups(topology.dp_groups(), rank, timeout)
+    pp_group, pp_ranks = _new_groups(topology.pp_groups(), rank, timeout)
+    embedding_group, _ = _new_groups(topology.embedding_groups(), rank, timeout)
     if topology.embedding_group_ranks(rank) is None:
         embedding_group = None
     return ParallelGroups(

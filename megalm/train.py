@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
     return contextlib.nullcontext()
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became inf or nan and checkpoint.on_nan is 'stop'."""
+
+
 class Trainer:
     """Runs optimizer steps: micro-batch forward/backward, gradient sync, clipping, AdamW, logging."""
 
@@ -92,6 +97,7 @@ class Trainer:
         self.peak_tflops = config.log.peak_tflops or guess_peak_tflops(groups.device)
         self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
         self.logger = get_logger()
+        self.current_step = 0
 
     def _global_loss_tokens(self, batches: list[Batch]) -> torch.Tensor:
         local = sum(batch.loss_mask.sum() for batch in batches).to(self.groups.device, torch.float32)
@@ -123,10 +129,19 @@ class Trainer:
                 batches, lambda losses, batch: self._masked_sum(losses, batch) * (scale / global_tokens)
             )
             self.sync.finish()
-            grad_norm, skipped = self._update(step, scale)
             all_reduce_(loss_sum, self.groups.pp_group)  # only the last stage holds the loss
             all_reduce_(loss_sum, self.groups.dp_group)
-        loss_value = loss_sum.item() / scale
+            loss_value = loss_sum.item() / scale  # the same on every rank
+            if self.scaler is None and not math.isfinite(loss_value):
+                if self.config.checkpoint.on_nan == "stop":
+                    raise NonFiniteLossError(
+                        f"the loss is {loss_value} at step {step + 1}: stopping (checkpoint.on_nan=stop); the last "
+                        f"checkpoint is intact; lower the learning rate or check the data, then resume"
+                    )
+                self.logger.warning(f"step {step + 1}: loss is {loss_value}, skipping the update (checkpoint.on_nan=skip)")
+                grad_norm, skipped = float("nan"), True
+            else:
+                grad_norm, skipped = self._update(step, scale)
         seconds = time.perf_counter() - start
         lr = lr_at(step, self.config.optim, self.decay_steps)
         return StepResult(
@@ -214,6 +229,9 @@ class Trainer:
         records = []
         step = start_step
         while step < total:
+            self.current_step = step + 1
+            if checkpointer is not None:
+                checkpointer.before_step(step + 1)
             records.append(self.record(self.train_step(step)))
             step += 1
             if checkpointer is not None:

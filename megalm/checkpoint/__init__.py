@@ -26,6 +26,7 @@ import megalm
 from megalm.checkpoint.state import PieceIndex, collect_pieces, model_differences, optimizer_steps, restore
 from megalm.checkpoint.store import CheckpointError, CheckpointStore
 from megalm.config import config_to_dict
+from megalm.faults import maybe_inject
 
 __all__ = ["Checkpointer", "CheckpointError", "CheckpointStore"]
 
@@ -78,6 +79,10 @@ class Checkpointer:
         self.last_save_time = time.monotonic()
         trainer.logger.info(f"checkpoint saved: {path} ({time.perf_counter() - start:.2f} s)")
         return path
+
+    def before_step(self, step: int) -> None:
+        """Called before optimizer step `step` (1-based); fault injection for tests hooks in here."""
+        maybe_inject("step", step, self.trainer.groups.rank, self.store.root.parent)
 
     def decide(self, step: int, final: bool) -> tuple[bool, bool]:
         """(save, stop) after `step` steps, agreed by every rank in one all-reduce.

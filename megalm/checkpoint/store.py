@@ -26,6 +26,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megalm.faults import maybe_inject
+
 METADATA = "metadata.json"
 LATEST = "latest"
 
@@ -97,6 +99,7 @@ class CheckpointStore:
                 os.fsync(handle.fileno())
             part.replace(path)
             record = (path.name, path.stat().st_size, _sha256(path))
+            maybe_inject("save", step, self.rank, self.root.parent)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of any rank's failure
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
         records = self._gather((record, error))

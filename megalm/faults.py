@@ -1,0 +1,42 @@
+"""Fault injection for the restart, hang and node-failure tests (off unless MEGALM_FAULT is set).
+
+MEGALM_FAULT="KIND:RANK:STEP[:SECONDS]" makes global rank RANK, at optimizer step STEP:
+  kill          SIGKILL itself before the step runs;
+  kill-in-save  SIGKILL itself inside the checkpoint save of STEP, after writing its own file;
+  hang          block in a collective that no other rank joins (or sleep SECONDS without
+                torch.distributed): its peers wait in theirs until the collective timeout.
+A fault fires once per run directory (a marker file records it), so a restarted job goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
+    """Fire the configured fault if it matches (where in {"step", "save"}, step, rank)."""
+    spec = os.environ.get("MEGALM_FAULT")
+    if not spec:
+        return
+    kind, fault_rank, fault_step, *rest = spec.split(":")
+    if int(fault_rank) != rank or int(fault_step) != step:
+        return
+    if (where == "save") != (kind == "kill-in-save"):
+        return
+    marker = Path(run_dir) / f".fault-{kind}-{rank}-{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("fired\n")
+    if kind in ("kill", "kill-in-save"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "hang":
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.all_reduce(torch.zeros(1))  # unmatched: only this rank calls it now
+        time.sleep(float(rest[0]) if rest else 3600.0)
