@@ -1,0 +1,178 @@
+"""A candidate layout and the exact per-rank parameter geometry megalm builds for it.
+
+The parameter list below mirrors `megalm.model.gpt.GPTModel` (registration order and shapes) and
+the bucket list mirrors `megalm.parallel.data.GradientSync`, so parameter, gradient and optimizer
+bytes are exactly what megalm allocates (tests/test_plan.py checks both against the real code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megalm.config import Config, ModelConfig, grad_accum_steps
+from megalm.parallel.schedules import check_schedule_args, partition_layers, ScheduleError
+from megalm.plan.cluster import PlanError
+
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything that decides memory and time besides the model: parallel sizes, batch, schedule."""
+
+    tp: int
+    pp: int
+    dp: int
+    micro_batch_size: int
+    global_batch_size: int
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    recompute: str = "none"
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    pipeline_layers: Optional[tuple[int, ...]] = None
+    bucket_size_mb: float = 25.0
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    def short(self) -> str:
+        parts = [f"tp{self.tp} pp{self.pp} dp{self.dp} mb{self.micro_batch_size}"]
+        if self.pp > 1:
+            parts.append(self.schedule + (f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
+        parts.append(f"recompute {self.recompute}")
+        if self.sequence_parallel:
+            parts.append("sp")
+        if self.zero_stage:
+            parts.append(f"zero{self.zero_stage}")
+        return ", ".join(parts)
+
+    def check(self, model: ModelConfig) -> None:
+        """Raise PlanError if megalm could not run this layout (same rules as config.validate)."""
+        if self.recompute not in RECOMPUTE:
+            raise PlanError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
+        if model.num_heads % self.tp or model.ffn_size() % self.tp:
+            raise PlanError(f"tp={self.tp} does not divide num_heads={model.num_heads} / ffn {model.ffn_size()}")
+        if self.sequence_parallel and model.seq_length % self.tp:
+            raise PlanError(f"sequence parallel needs seq_length {model.seq_length} divisible by tp={self.tp}")
+        if self.global_batch_size % (self.micro_batch_size * self.dp):
+            raise PlanError(
+                f"global batch {self.global_batch_size} is not divisible by micro batch x dp = "
+                f"{self.micro_batch_size} x {self.dp}"
+            )
+        try:
+            partition_layers(model.num_layers, self.pp * self.virtual_stages,
+                             list(self.pipeline_layers) if self.pipeline_layers else None)
+            check_schedule_args(self.schedule, self.pp, self.num_microbatches, self.virtual_stages)
+        except ScheduleError as error:
+            raise PlanError(str(error)) from None
+
+
+def layout_from_config(config: Config, gpus: Optional[int] = None, recompute: str = "none") -> Layout:
+    """The layout a config runs with on `gpus` GPUs (dp derived as in config.validate)."""
+    parallel, train = config.parallel, config.train
+    if gpus is None:
+        if parallel.dp is None:
+            raise PlanError("the config has parallel.dp null: give --gpus N")
+        gpus = parallel.tp * parallel.pp * parallel.dp
+    if gpus % (parallel.tp * parallel.pp):
+        raise PlanError(
+            f"{gpus} GPUs are not divisible by tp x pp = {parallel.tp} x {parallel.pp}: use a multiple of "
+            f"{parallel.tp * parallel.pp} or --search for a layout that fits {gpus} GPUs"
+        )
+    dp = gpus // (parallel.tp * parallel.pp)
+    try:
+        grad_accum_steps(config, dp)
+    except Exception as error:  # ConfigError: name the GPU count that caused it
+        raise PlanError(f"{error} (at {gpus} GPUs, dp={dp})") from None
+    return Layout(
+        parallel.tp, parallel.pp, dp, train.micro_batch_size, train.global_batch_size, parallel.schedule,
+        parallel.virtual_stages, recompute, parallel.zero_stage, parallel.sequence_parallel,
+        tuple(parallel.pipeline_layers) if parallel.pipeline_layers else None, parallel.bucket_size_mb,
+    )
+
+
+# ---- exact parameter geometry --------------------------------------------------------------------
+
+
+def layer_param_sizes(model: ModelConfig, tp: int) -> list[int]:
+    """Per-rank sizes of one transformer layer's parameters, in registration order."""
+    h, f = model.hidden_size, model.ffn_size()
+    return [h, h, 3 * h * h // tp, 3 * h // tp, h * h // tp, h,  # ln1, qkv, proj
+            h, h, f * h // tp, f // tp, h * f // tp, h]  # ln2, fc1, fc2
+
+
+def stage_chunks(model: ModelConfig, layout: Layout, pp_rank: int) -> list[tuple[range, bool, bool]]:
+    """(layers, first, last) of each model chunk of one pipeline rank (chunk c is virtual stage c*pp + rank)."""
+    total = layout.pp * layout.virtual_stages
+    ranges = partition_layers(model.num_layers, total, list(layout.pipeline_layers) if layout.pipeline_layers else None)
+    stages = [c * layout.pp + pp_rank for c in range(layout.virtual_stages)]
+    return [(ranges[s], s == 0, s == total - 1) for s in stages]
+
+
+def chunk_param_sizes(model: ModelConfig, layout: Layout, layers: range, first: bool, last: bool) -> list[tuple[int, bool]]:
+    """(numel, is cross-stage tied embedding) of one chunk's parameters, in registration order."""
+    tp = layout.tp
+    local_vocab = model.padded_vocab_size(tp) // tp
+    sizes: list[tuple[int, bool]] = []
+    tied = layout.pp > 1
+    if first:
+        if model.position_embedding == "learned":
+            sizes.append((model.max_positions() * model.hidden_size, False))
+        sizes.append((local_vocab * model.hidden_size, tied))
+    if last and layout.pp > 1:
+        sizes.append((local_vocab * model.hidden_size, True))
+    per_layer = [(n, False) for n in layer_param_sizes(model, tp)]
+    for _ in layers:
+        sizes.extend(per_layer)
+    if last:
+        sizes.extend([(model.hidden_size, False), (model.hidden_size, False)])
+    return sizes
+
+
+def rank_param_count(model: ModelConfig, layout: Layout, pp_rank: int) -> int:
+    """Parameters held by one rank of pipeline stage pp_rank (equal on every tp and dp rank)."""
+    return sum(n for chunk in stage_chunks(model, layout, pp_rank) for n, _ in chunk_param_sizes(model, layout, *chunk))
+
+
+def bucket_sizes(model: ModelConfig, layout: Layout, pp_rank: int) -> list[int]:
+    """Unpadded element counts of GradientSync's buckets on this stage (tied embedding bucket last)."""
+    ordered: list[tuple[int, bool]] = []
+    for chunk in reversed(stage_chunks(model, layout, pp_rank)):
+        ordered.extend(reversed(chunk_param_sizes(model, layout, *chunk)))
+    limit = int(layout.bucket_size_mb * 2**20)
+    buckets, current, size = [], 0, 0
+    for numel, tied in ordered:
+        if tied:
+            continue
+        current += numel
+        size += numel * 4
+        if size >= limit:
+            buckets.append(current)
+            current, size = 0, 0
+    if current:
+        buckets.append(current)
+    tied_total = sum(numel for numel, tied in ordered if tied)
+    if tied_total:
+        buckets.append(tied_total)
+    return buckets
+
+
+def padded(numel: int, dp: int) -> int:
+    return -(-numel // dp) * dp
+
+
+def zero1_shard_params(buckets: list[int], dp: int, dp_rank: int) -> int:
+    """Real (unpadded) parameter elements of dp rank `dp_rank`'s ZeRO-1 shard of every bucket."""
+    total = 0
+    for numel in buckets:
+        shard = padded(numel, dp) // dp
+        lo, hi = dp_rank * shard, (dp_rank + 1) * shard
+        total += max(0, min(hi, numel) - lo)
+    return total

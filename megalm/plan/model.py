@@ -1,0 +1,274 @@
+"""The analytic model: memory per pipeline stage and time per step of a layout on a cluster.
+
+Memory (bytes per GPU, for the worst rank of each stage): weights, gradients and optimizer state
+from the exact parameter geometry (`megalm.plan.layout`), activations per layer from the
+Korthikanti et al. (2022) breakdown times the micro-batches in flight on that stage for the
+chosen schedule, the embedding / logits working set on the first / last stage, and communication
+buffers.
+
+Time (seconds per optimizer step) on the slowest stage, which sets the pipeline's pace:
+- compute: GEMMs at `matmul_efficiency` x peak plus memory-bound element-wise kernels (LayerNorm,
+  bias/GeLU/dropout/residual, and the [s, s] attention scores unless attention is fused) at
+  `memory_efficiency` x HBM bandwidth; backward = 2x forward; recompute adds forward work;
+- tensor-parallel collectives: 2 all-reduces (or all-gather + reduce-scatter under sequence
+  parallel, the same bytes) per layer in each forward, backward and recomputed forward;
+- bubble: (pp - 1) / (m * v) of the busy time (the schedules' common formula, see
+  megalm.parallel.schedules.analytic_bubble);
+- pipeline p2p: one activation send forward and one gradient send backward per micro-batch and
+  virtual stage, not overlapped;
+- data-parallel gradient sync: ring all-reduce (ZeRO-1: reduce-scatter + all-gather), hidden
+  behind the last backward when overlapped except for the last bucket;
+- optimizer step: memory-bound AdamW over the local (or sharded) parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megalm.config import ModelConfig
+from megalm.metrics import training_flops_per_token
+from megalm.parallel.schedules import analytic_bubble
+from megalm.plan.cluster import Cluster, Numerics
+from megalm.plan.layout import (
+    Layout, bucket_sizes, padded, rank_param_count, stage_chunks, zero1_shard_params,
+)
+
+GiB = 2**30
+ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+# ---- micro-batches in flight ---------------------------------------------------------------------
+
+
+def in_flight(layout: Layout, pp_rank: int) -> int:
+    """Most model chunks forwarded but not yet backwarded on a pipeline rank.
+
+    Closed forms of megalm.parallel.schedules' lists (tests check them against `simulate`).
+    """
+    m, pp, v = layout.num_microbatches, layout.pp, layout.virtual_stages
+    if layout.schedule == "gpipe" or pp == 1 and layout.schedule != "interleaved":
+        return m if layout.schedule == "gpipe" else 1
+    if layout.schedule == "1f1b":
+        return min(pp - pp_rank, m)
+    if m == pp:
+        return m * v
+    return min((pp - pp_rank - 1) * 2 + (v - 1) * pp + 1, m * v)
+
+
+# ---- memory --------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageMemory:
+    """Bytes on one GPU of a pipeline stage."""
+
+    pp_rank: int
+    layers: int
+    params: int  # parameter count of the rank
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    embedding_logits: int
+    buffers: int
+    reserved: int
+    in_flight: int
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.grads + self.optimizer + self.activations + self.embedding_logits
+                + self.buffers + self.reserved)
+
+
+def layer_activation_bytes(model: ModelConfig, layout: Layout, act_bytes: int, flash: bool) -> tuple[int, int]:
+    """(stored per layer and micro-batch, working set of one layer being recomputed/backwarded)."""
+    s, b, h, f, a, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), model.num_heads, layout.tp
+    sp = t if layout.sequence_parallel else 1
+    sbh = s * b * h
+    hidden_mask = sbh // sp if model.hidden_dropout > 0 else 0
+    replicated = 4 * act_bytes * sbh // sp + 2 * hidden_mask  # LN1 in, QKV in, LN2 in, fc1 in; dropout masks
+    split = (4 * act_bytes * sbh + 2 * act_bytes * s * b * f) // t  # Q, K, V, proj in; GeLU in, fc2 in
+    scores = 0
+    if not flash:
+        elements = a * s * s * b // t
+        scores = act_bytes * elements + ((act_bytes + 1) * elements if model.attention_dropout > 0 else 0)
+    full = replicated + split + scores
+    if layout.recompute == "full":
+        return act_bytes * sbh // sp, full
+    if layout.recompute == "selective":
+        return replicated + split, scores
+    return full, 0
+
+
+def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics,
+                 precision: str, pp_rank: int) -> StageMemory:
+    """Memory of the most loaded rank (dp rank 0) of pipeline stage `pp_rank`."""
+    act_bytes = ACTIVATION_BYTES[precision]
+    chunks = stage_chunks(model, layout, pp_rank)
+    params = rank_param_count(model, layout, pp_rank)
+    buckets = bucket_sizes(model, layout, pp_rank)
+    dp = layout.dp
+    weights = params * numerics.param_bytes
+    buffers = 0
+    if numerics.name == "megalm":  # exact: GradientSync and the optimizers in megalm.parallel.data
+        if layout.zero_stage == 1:
+            grads = 4 * sum(padded(n, dp) for n in buckets) + 4 * sum(padded(n, dp) // dp for n in buckets)
+            optimizer = (4 + 8) * zero1_shard_params(buckets, dp, 0)  # fp32 master + 2 moments of the shard
+            buffers += 4 * sum(padded(n, dp) for n in buckets)  # all-gather buffer per bucket
+        else:
+            grads = 4 * sum(buckets)
+            optimizer = 8 * params
+    else:
+        grads = params * numerics.grad_bytes
+        kept = -(-params // dp) if layout.zero_stage == 1 else params
+        optimizer = kept * (numerics.master_bytes + numerics.moment_bytes)
+    stored, working = layer_activation_bytes(model, layout, act_bytes, numerics.flash_attention)
+    flight = in_flight(layout, pp_rank)
+    chunk_layers = max(len(layers) for layers, _, _ in chunks)
+    activations = flight * chunk_layers * stored + working
+    s, b, h = model.seq_length, layout.micro_batch_size, model.hidden_size
+    sp = layout.tp if layout.sequence_parallel else 1
+    embedding_logits = 0
+    if any(first for _, first, _ in chunks):
+        embedding_logits += flight * act_bytes * s * b * h // sp  # embedding output kept for backward
+    if any(last for _, _, last in chunks):
+        # one micro-batch's vocab-split logits: low-precision output, fp32 copy for the loss, its gradient
+        embedding_logits += s * b * model.padded_vocab_size(layout.tp) // layout.tp * (act_bytes + 4 + 4)
+        embedding_logits += act_bytes * s * b * h // sp  # final LayerNorm output
+    if layout.pp > 1:
+        buffers += 2 * act_bytes * s * b * h // sp  # p2p send and receive
+    return StageMemory(pp_rank, sum(len(c[0]) for c in chunks), params, weights, grads, optimizer, activations,
+                       embedding_logits, buffers, int(cluster.reserved_gib * GiB), flight)
+
+
+# ---- time ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepTime:
+    """Seconds per optimizer step, by part, and the throughput they imply."""
+
+    compute: float
+    bubble: float
+    pipeline_comm: float
+    tensor_comm: float
+    data_comm: float
+    optimizer: float
+    tokens_per_s: float = 0.0
+    model_tflops: float = 0.0  # per GPU, model FLOPs (no recompute), metrics.training_flops_per_token
+    hardware_tflops: float = 0.0  # per GPU, recompute included (Megatron-LM 2021 counts this)
+    mfu: float = 0.0
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.bubble + self.pipeline_comm + self.tensor_comm + self.data_comm + self.optimizer
+
+    def shares(self) -> dict[str, float]:
+        names = ("compute", "bubble", "pipeline_comm", "tensor_comm", "data_comm", "optimizer")
+        return {name: getattr(self, name) / self.total for name in names}
+
+
+def _all_reduce_time(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
+    """Ring all-reduce: 2 (n-1)/n of the bytes over each link, 2 (n-1) latency steps."""
+    if ranks == 1:
+        return 0.0
+    return 2 * (ranks - 1) / ranks * nbytes / bandwidth + 2 * (ranks - 1) * latency
+
+
+def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, act_bytes: int) -> tuple[float, float]:
+    """(seconds of one layer's forward for one micro-batch on one GPU, of which the attention scores part)."""
+    s, b, h, f, a, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), model.num_heads, layout.tp
+    sp = t if layout.sequence_parallel else 1
+    matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
+    memory_rate = cluster.hbm_bandwidth_gbs * 1e9 * cluster.memory_efficiency
+    gemm = 2 * s * b * (4 * h * h + 2 * h * f) / t + 4 * s * s * b * h / t
+    dropout = model.hidden_dropout > 0
+    # element-wise traffic on [s, b, h]: 2 LayerNorms (read + write), 2 bias-dropout-residual adds
+    # (read 2, write 1, mask), on the split parts: Q/K/V layout copies and bias + GeLU on [s, b, f]
+    elementwise = (10 * act_bytes + (2 if dropout else 0)) * s * b * h / sp + (6 * act_bytes * h + 2 * act_bytes * f) * s * b / t
+    scores = 0.0
+    if not numerics.flash_attention:
+        # QK^T writes the scores, fused scale-mask-softmax reads and writes them, AV reads them; dropout adds r/w + mask
+        per_element = 4 * act_bytes + ((2 * act_bytes + 1) if model.attention_dropout > 0 else 0)
+        scores = per_element * a * s * s * b / t / memory_rate
+    return gemm / matmul_rate + elementwise / memory_rate + scores, scores
+
+
+def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, precision: str) -> StepTime:
+    """Predicted time of one optimizer step and the throughput it implies."""
+    act_bytes = ACTIVATION_BYTES[precision]
+    s, b, h, t = model.seq_length, layout.micro_batch_size, model.hidden_size, layout.tp
+    m, pp, v, dp = layout.num_microbatches, layout.pp, layout.virtual_stages, layout.dp
+    sp = t if layout.sequence_parallel else 1
+    matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
+    forward, scores = layer_forward_time(model, layout, cluster, numerics, act_bytes)
+    recompute = {"none": 0.0, "selective": scores, "full": forward}[layout.recompute]
+    per_layer = 3 * forward + recompute
+    # tensor-parallel collectives: tp ranks are consecutive, so the group spans tp ranks
+    bandwidth, latency = cluster.link(t)
+    collective = _all_reduce_time(act_bytes * s * b * h, t, bandwidth, latency)
+    per_layer_comm = collective * (2 + 2 + (2 if layout.recompute == "full" else 0))
+    logits = 3 * 2 * s * b * h * model.padded_vocab_size(t) / t / matmul_rate
+    logits_comm = collective if t > 1 and layout.sequence_parallel else 0.0
+    # the slowest pipeline rank sets the pace
+    compute_per_mb, comm_per_mb = 0.0, 0.0
+    for pp_rank in range(pp):
+        chunks = stage_chunks(model, layout, pp_rank)
+        layers = sum(len(c[0]) for c in chunks)
+        last = any(c[2] for c in chunks)
+        c = layers * per_layer + (logits if last else 0.0)
+        k = layers * per_layer_comm + (logits_comm if last else 0.0)
+        if c + k > compute_per_mb + comm_per_mb:
+            compute_per_mb, comm_per_mb = c, k
+    compute, tensor_comm = m * compute_per_mb, m * comm_per_mb
+    bubble = (compute + tensor_comm) * (pp - 1) / (m * v)  # = busy x bubble / (1 - bubble)
+    assert abs(bubble - (compute + tensor_comm) * analytic_bubble(pp, m, v) / (1 - analytic_bubble(pp, m, v))) < 1e-6 * (1 + bubble)
+    pipeline_comm = 0.0
+    if pp > 1:
+        p2p_bandwidth, p2p_latency = cluster.link(t * dp + 1)  # neighbours are tp*dp ranks apart
+        send = act_bytes * s * b * h / sp / p2p_bandwidth + p2p_latency
+        pipeline_comm = 2 * m * v * send
+    # data parallel: the stage with the most gradient bytes
+    data_comm = 0.0
+    params_max = max(rank_param_count(model, layout, r) for r in range(pp))
+    if dp > 1:
+        dp_bandwidth, dp_latency = cluster.link(t * dp)
+        grad_bytes = params_max * numerics.grad_bytes
+        full = _all_reduce_time(grad_bytes, dp, dp_bandwidth, dp_latency)
+        if numerics.overlap_grad_sync:
+            buckets = bucket_sizes(model, layout, pp - 1)
+            last_bucket = _all_reduce_time(min(buckets) * numerics.grad_bytes, dp, dp_bandwidth, dp_latency)
+            window = compute_per_mb * 2 / 3  # the last micro-batch's backward
+            data_comm = max(full - window, last_bucket)
+            if layout.zero_stage == 1:
+                data_comm += full / 2  # the parameter all-gather follows the optimizer step
+        else:
+            data_comm = full
+    if pp > 1:  # tied embedding gradient summed between the first and last stage
+        emb = model.padded_vocab_size(t) // t * h * numerics.grad_bytes
+        bw, lat = cluster.link(t * dp * pp)
+        data_comm += _all_reduce_time(emb, 2, bw, lat)
+    # AdamW: read param, grad, 2 moments (+ master), write them back; memory-bound
+    memory_rate = cluster.hbm_bandwidth_gbs * 1e9 * cluster.memory_efficiency
+    kept = params_max / dp if layout.zero_stage == 1 else params_max
+    per_param = 2 * (numerics.param_bytes + numerics.master_bytes + numerics.moment_bytes) + numerics.grad_bytes
+    optimizer = kept * per_param / memory_rate
+    result = StepTime(compute, bubble, pipeline_comm, tensor_comm, data_comm, optimizer)
+    tokens = layout.global_batch_size * s
+    result.tokens_per_s = tokens / result.total
+    gpus = layout.gpus
+    model_flops = training_flops_per_token(model)
+    extra = {"none": 0.0, "full": model_flops / 3 - 2 * h * model.vocab_size,
+             "selective": 4 * s * h * model.num_layers}[layout.recompute]  # recomputed forward FLOPs per token
+    result.model_tflops = model_flops * result.tokens_per_s / gpus / 1e12
+    result.hardware_tflops = (model_flops + extra) * result.tokens_per_s / gpus / 1e12
+    result.mfu = result.model_tflops / cluster.peak_tflops
+    result.parts = {"per_layer_forward_s": forward, "attention_scores_s": scores, "tp_collective_s": collective,
+                    "microbatches": m}
+    return result
+
+
+def days_to_train(step: StepTime, tokens: float) -> float:
+    return tokens / step.tokens_per_s / 86400

@@ -1,0 +1,172 @@
+"""Plans of one layout, layout search over a GPU count, and Yuan-style model-shape proposals."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+from megalm.config import ModelConfig
+from megalm.plan.cluster import Cluster, Numerics, PlanError
+from megalm.plan.layout import Layout
+from megalm.plan.model import GiB, StageMemory, StepTime, stage_memory, step_time
+
+
+@dataclass
+class Plan:
+    """Memory per stage and time per step of one layout."""
+
+    model: ModelConfig
+    layout: Layout
+    cluster: Cluster
+    numerics: Numerics
+    precision: str
+    memory: list[StageMemory]
+    time: StepTime
+
+    @property
+    def peak_memory(self) -> int:
+        return max(stage.total for stage in self.memory)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_memory <= self.cluster.hbm_gib * GiB
+
+    def to_dict(self) -> dict:
+        return {
+            "cluster": self.cluster.name, "numerics": self.numerics.name, "precision": self.precision,
+            "layout": dataclasses.asdict(self.layout), "gpus": self.layout.gpus,
+            "fits": self.fits, "peak_memory_gib": self.peak_memory / GiB,
+            "memory": [dict(dataclasses.asdict(s), total=s.total) for s in self.memory],
+            "time": {**{k: v for k, v in dataclasses.asdict(self.time).items() if k != "parts"},
+                     "step_s": self.time.total, "shares": self.time.shares()},
+        }
+
+
+def make_plan(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, precision: str,
+              stages: Optional[Sequence[int]] = None) -> Plan:
+    """Plan one layout; `stages` limits the memory model to some pipeline ranks (default: all)."""
+    layout.check(model)
+    ranks = range(layout.pp) if stages is None else sorted(set(stages))
+    memory = [stage_memory(model, layout, cluster, numerics, precision, r) for r in ranks]
+    return Plan(model, layout, cluster, numerics, precision, memory, step_time(model, layout, cluster, numerics, precision))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(model: ModelConfig, cluster: Cluster, gpus: int, global_batch_size: int,
+                      micro_batches: Sequence[int] = (1, 2, 4, 8),
+                      recompute: Sequence[str] = ("none", "selective", "full")) -> Iterator[Layout]:
+    """Every layout megalm could run: tp within a node, uniform pipeline stages, whole micro-batches."""
+    for tp in _divisors(gpus):
+        if tp > cluster.gpus_per_node or model.num_heads % tp or model.ffn_size() % tp:
+            continue
+        for pp in _divisors(gpus // tp):
+            if model.num_layers % pp:
+                continue
+            dp = gpus // (tp * pp)
+            for mb in micro_batches:
+                if global_batch_size % (mb * dp):
+                    continue
+                m = global_batch_size // (mb * dp)
+                schedules = [("1f1b", 1)]
+                if pp > 1 and m % pp == 0:
+                    schedules += [("interleaved", v) for v in (2, 4) if model.num_layers % (pp * v) == 0]
+                for schedule, v in schedules:
+                    for rc in recompute:
+                        for zero in ((0, 1) if dp > 1 else (0,)):
+                            for sp in ((False, True) if tp > 1 and model.seq_length % tp == 0 else (False,)):
+                                yield Layout(tp, pp, dp, mb, global_batch_size, schedule, v, rc, zero, sp)
+
+
+def search(model: ModelConfig, cluster: Cluster, gpus: int, global_batch_size: int, numerics: Numerics,
+           precision: str, top: int = 5, find_smallest: bool = True, **candidates) -> list[Plan]:
+    """The `top` layouts that fit in memory, fastest first; PlanError when none divides or none fits."""
+    plans, tried = [], 0
+    for layout in candidate_layouts(model, cluster, gpus, global_batch_size, **candidates):
+        tried += 1
+        if layout.recompute == "selective" and numerics.flash_attention:
+            continue  # fused attention keeps no scores: selective recompute is the same as none
+        plan = make_plan(model, layout, cluster, numerics, precision, stages=(0, layout.pp - 1))
+        if plan.fits:
+            plans.append(plan)
+    if not tried:
+        raise PlanError(
+            f"no layout divides {gpus} GPUs for this model (heads {model.num_heads}, layers {model.num_layers}, "
+            f"global batch {global_batch_size}): tp must divide the heads within a {cluster.gpus_per_node}-GPU node, "
+            f"pp the layers, and dp the global batch; nearby GPU counts that work: "
+            f"{', '.join(map(str, _working_counts(model, cluster, gpus, global_batch_size)))}"
+        )
+    if not plans:
+        smallest = smallest_fitting_gpus(model, cluster, gpus, global_batch_size, numerics, precision) if find_smallest else None
+        where = f"the smallest GPU count at which it fits is {smallest}" if smallest else "it fits at no GPU count up to 65536"
+        raise PlanError(
+            f"{model.num_layers} layers x hidden {model.hidden_size} does not fit in {cluster.hbm_gib:g} GiB per GPU at "
+            f"any of the {tried} layouts of {gpus} GPUs ({numerics.name} numerics, {precision}); {where}"
+        )
+    plans.sort(key=lambda p: -p.time.tokens_per_s)
+    return plans[:top]
+
+
+def _working_counts(model: ModelConfig, cluster: Cluster, gpus: int, global_batch_size: int) -> list[int]:
+    counts = set()
+    for tp in (d for d in _divisors(cluster.gpus_per_node) if model.num_heads % d == 0):
+        for pp in _divisors(model.num_layers):
+            for dp in _divisors(global_batch_size):
+                counts.add(tp * pp * dp)
+    return sorted(sorted(counts, key=lambda n: abs(n - gpus))[:4])
+
+
+def smallest_fitting_gpus(model: ModelConfig, cluster: Cluster, gpus: int, global_batch_size: int,
+                          numerics: Numerics, precision: str, limit: int = 65536) -> Optional[int]:
+    """The fewest GPUs (above `gpus`) with a layout that fits, or None up to `limit`."""
+    counts = set()
+    for tp in (d for d in _divisors(cluster.gpus_per_node) if model.num_heads % d == 0):
+        for pp in _divisors(model.num_layers):
+            for dp in _divisors(global_batch_size):
+                if gpus < tp * pp * dp <= limit:
+                    counts.add(tp * pp * dp)
+    for n in sorted(counts):
+        for layout in candidate_layouts(model, cluster, n, global_batch_size, micro_batches=(1,), recompute=("full",)):
+            if make_plan(model, layout, cluster, numerics, precision, stages=(0, layout.pp - 1)).fits:
+                return n
+    return None
+
+
+# ---- Yuan-style shape proposals -----------------------------------------------------------------
+
+
+def transformer_params(num_layers: int, hidden: int, vocab: int, seq: int) -> int:
+    """Parameters of a GPT with ffn 4h, biases, learned positions and a tied output layer."""
+    return num_layers * (12 * hidden * hidden + 13 * hidden) + (vocab + seq) * hidden + 2 * hidden
+
+
+def propose_shapes(target_params: float, cluster: Cluster, gpus: int, global_batch_size: int, numerics: Numerics,
+                   precision: str, base: ModelConfig, top: int = 5, tolerance: float = 0.1,
+                   head_dim: int = 128) -> list[tuple[ModelConfig, Plan]]:
+    """Shapes within `tolerance` of the target parameter count, each with its fastest layout, fastest first."""
+    results = []
+    for hidden in range(8 * head_dim, 65 * 1024, 1024):
+        per_layer = 12 * hidden * hidden + 13 * hidden
+        fixed = (base.vocab_size + base.seq_length) * hidden
+        layers = round((target_params - fixed) / per_layer)
+        for num_layers in {layers - 1, layers, layers + 1}:
+            if num_layers < 2:
+                continue
+            count = transformer_params(num_layers, hidden, base.vocab_size, base.seq_length)
+            if abs(count / target_params - 1) > tolerance:
+                continue
+            shape = dataclasses.replace(base, num_layers=num_layers, hidden_size=hidden, num_heads=hidden // head_dim,
+                                        ffn_hidden_size=None)
+            try:
+                best = search(shape, cluster, gpus, global_batch_size, numerics, precision, top=1, find_smallest=False,
+                              micro_batches=(1, 2), recompute=("selective", "full"))[0]
+            except PlanError:
+                continue
+            results.append((shape, best))
+    if not results:
+        raise PlanError(f"no shape of about {target_params:.3g} parameters has a layout that fits on {gpus} GPUs")
+    results.sort(key=lambda r: -r[1].time.tokens_per_s)
+    return results[:top]

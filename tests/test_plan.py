@@ -1,0 +1,232 @@
+"""megalm plan: formulas on small cases, exact agreement with megalm's own byte counts, published runs, search, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from megalm.cli import main
+from megalm.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from megalm.distributed import ParallelGroups
+from megalm.model.gpt import build_model_chunks, count_parameters
+from megalm.optim import build_optimizer
+from megalm.parallel.data import GradientSync, ShardedAdamW
+from megalm.parallel.schedules import build_schedule, simulate
+from megalm.plan import (
+    Layout, PlanError, cluster_from_dict, get_numerics, load_cluster, make_plan, search, stage_memory,
+)
+from megalm.plan.layout import bucket_sizes, rank_param_count, zero1_shard_params
+from megalm.plan.model import _all_reduce_time, in_flight, layer_activation_bytes
+from megalm.plan.search import propose_shapes
+from megalm.plan.validation import YUAN_245B, validation_rows, yuan_layout
+from megalm.topology import Topology
+
+A100 = load_cluster("a100-80gb")
+MEGATRON = get_numerics("megatron")
+MEGALM = get_numerics("megalm")
+
+
+# ---- clusters -----------------------------------------------------------------------------------
+
+
+def test_shipped_clusters_load():
+    h100 = load_cluster("h100-80gb")
+    assert A100.gpus_per_node == h100.gpus_per_node == 8
+    assert (A100.peak_tflops, h100.peak_tflops) == (312.0, 989.0)
+    assert A100.inter_node_bandwidth_gbs * 8 == 200  # 8 x 200 Gb/s per node = 25 GB/s per GPU
+
+
+def test_cluster_missing_field_is_named():
+    data = dataclasses.asdict(A100)
+    del data["hbm_gib"], data["inter_node_latency_us"]
+    with pytest.raises(PlanError, match="missing field.*hbm_gib, inter_node_latency_us"):
+        cluster_from_dict(data, "broken.yaml")
+
+
+def test_cluster_file_missing_field_via_cli(tmp_path, capsys):
+    path = tmp_path / "half.yaml"
+    path.write_text("name: half\ngpu: X\ngpus_per_node: 8\n")
+    assert main(["plan", "configs/tiny.yaml", "--cluster", str(path)]) == 2
+    assert "missing field" in capsys.readouterr().err
+
+
+# ---- formulas on hand-computed cases ------------------------------------------------------------
+
+
+def test_ring_all_reduce_by_hand():
+    # 4 ranks, 1 MB at 1 GB/s, 1 us latency: 2*3/4 * 1e-3 s + 6 us
+    assert _all_reduce_time(1e6, 4, 1e9, 1e-6) == pytest.approx(1.5e-3 + 6e-6)
+    assert _all_reduce_time(1e6, 1, 1e9, 1e-6) == 0.0
+
+
+def test_activation_bytes_by_hand():
+    model = ModelConfig(num_layers=2, hidden_size=8, num_heads=2, seq_length=4)
+    layout = Layout(1, 1, 1, 1, 1)
+    # LN1 in, QKV in, LN2 in, fc1 in: 4 x 2 x 32 = 256; Q,K,V,proj in 4 x 2 x 32 = 256; GeLU in + fc2 in 2 x 2 x 128 = 512
+    assert layer_activation_bytes(model, layout, 2, flash=True) == (1024, 0)
+    # materialised scores: 2 heads x 4 x 4 elements x 2 bytes = 64
+    assert layer_activation_bytes(model, layout, 2, flash=False) == (1088, 0)
+    full = dataclasses.replace(layout, recompute="full")
+    assert layer_activation_bytes(model, full, 2, flash=False) == (2 * 4 * 8, 1088)  # only the layer input kept
+    assert layer_activation_bytes(model, dataclasses.replace(layout, recompute="selective"), 2, flash=False) == (1024, 64)
+
+
+@pytest.mark.parametrize("schedule,pp,m,v", [("1f1b", 4, 8, 1), ("1f1b", 4, 2, 1), ("gpipe", 3, 5, 1),
+                                             ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 3), ("interleaved", 4, 4, 2)])
+def test_in_flight_matches_schedule_simulation(schedule, pp, m, v):
+    layout = Layout(1, pp, 1, 1, m, schedule, v)
+    simulated = simulate(build_schedule(schedule, pp, m, v), v).max_in_flight
+    assert [in_flight(layout, r) for r in range(pp)] == simulated
+
+
+def test_bubble_share_is_the_schedules_formula():
+    model = ModelConfig(num_layers=8, hidden_size=256, num_heads=4, seq_length=128, vocab_size=512)
+    layout = Layout(1, 4, 1, 1, 8, "interleaved", 2)
+    t = make_plan(model, layout, A100, MEGALM, "bf16").time
+    assert t.bubble / (t.compute + t.tensor_comm) == pytest.approx(3 / (8 * 2))
+
+
+# ---- exact agreement with megalm ----------------------------------------------------------------
+
+
+def _config(tp, pp, dp, **parallel):
+    return Config(model=ModelConfig(num_layers=4, hidden_size=32, num_heads=4, vocab_size=300, seq_length=16),
+                  parallel=ParallelConfig(tp=tp, pp=pp, dp=dp, **parallel),
+                  train=TrainConfig(micro_batch_size=1, global_batch_size=4 * dp))
+
+
+def _groups(topology, pp_rank, dp_rank=0):
+    return ParallelGroups(topology=topology, rank=topology.rank(pp_rank, dp_rank, 0), device=torch.device("cpu"))
+
+
+def _layout(config):
+    p = config.parallel
+    return Layout(p.tp, p.pp, p.dp, 1, config.train.global_batch_size, p.schedule, p.virtual_stages, "none",
+                  p.zero_stage, p.sequence_parallel, tuple(p.pipeline_layers) if p.pipeline_layers else None,
+                  p.bucket_size_mb)
+
+
+@pytest.mark.parametrize("parallel", [
+    dict(tp=1, pp=1, dp=1), dict(tp=2, pp=2, dp=1), dict(tp=4, pp=1, dp=2, sequence_parallel=True),
+    dict(tp=2, pp=2, dp=1, schedule="interleaved", virtual_stages=2),
+    dict(tp=1, pp=2, dp=1, pipeline_layers=[1, 3]),
+])
+def test_parameter_counts_equal_meta_built_shards(parallel):
+    config = _config(**parallel)
+    topology = Topology(config.parallel.tp, config.parallel.pp, config.parallel.dp)
+    for pp_rank in range(topology.pp):
+        chunks = build_model_chunks(config, _groups(topology, pp_rank), materialize=False)
+        assert rank_param_count(config.model, _layout(config), pp_rank) == sum(count_parameters(c) for c in chunks)
+
+
+@pytest.mark.parametrize("tp,pp,dp,zero", [(1, 1, 1, 0), (2, 2, 1, 0), (1, 2, 2, 1), (2, 1, 3, 1)])
+def test_gradient_and_optimizer_bytes_equal_megalm(tp, pp, dp, zero):
+    """Buckets from a real GradientSync and Adam state from a real (Sharded)AdamW, per dp rank."""
+    config = _config(tp, pp, dp, zero_stage=zero, bucket_size_mb=0.004)  # small buckets: several per stage
+    topology = Topology(tp, pp, dp)
+    layout = _layout(config)
+    for pp_rank in range(pp):
+        planned = stage_memory(config.model, layout, A100, MEGALM, "fp32", pp_rank)
+        for dp_rank in range(dp):
+            groups = _groups(topology, pp_rank, dp_rank)
+            chunks = build_model_chunks(config, groups)  # materialised: small
+            sync = GradientSync(chunks, groups, int(config.parallel.bucket_size_mb * 2**20), shard=zero == 1)
+            buckets = bucket_sizes(config.model, layout, pp_rank)
+            assert [b.numel for b in sync.buckets] == [-(-n // dp) * dp if zero else n for n in buckets]
+            params = sum(count_parameters(c) for c in chunks)
+            assert planned.weights == 4 * params
+            if zero:
+                optimizer = ShardedAdamW(sync, 1e-3, (0.9, 0.95), 1e-8, 0.0)
+                optimizer.optimizer.step()  # the local AdamW step (no collective): creates the moments
+                shard = zero1_shard_params(buckets, dp, dp_rank)
+                assert optimizer.state_bytes() == 8 * shard
+                assert sum(m.numel() for m in optimizer.masters) == shard
+                grads = sum(b.grad.numel() + b.shard_grad.numel() for b in sync.buckets)
+                if dp_rank == 0:
+                    assert planned.optimizer == optimizer.state_bytes() + 4 * shard
+            else:
+                optimizer = build_optimizer(chunks, OptimConfig(), torch.device("cpu"))
+                for p in optimizer.param_groups[0]["params"] + optimizer.param_groups[1]["params"]:
+                    p.grad = torch.zeros_like(p)
+                optimizer.step()
+                state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if v.dim() > 0)
+                assert planned.optimizer == state == 8 * params
+                grads = sum(b.grad.numel() for b in sync.buckets)
+            assert planned.grads == 4 * grads
+
+
+# ---- published runs ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return validation_rows()
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_published_runs_within_10_percent(rows, index):
+    row = rows[index]
+    assert abs(row.error) < 0.10, f"{row.name}: predicted {row.predicted:.2f}, published {row.published:.2f}"
+
+
+def test_yuan_compute_and_bubble_close_to_their_breakdown(rows):
+    yuan = rows[0].time
+    assert yuan.compute == pytest.approx(36.67, rel=0.10)
+    assert yuan.bubble == pytest.approx(2.83, rel=0.10)
+
+
+# ---- search --------------------------------------------------------------------------------------
+
+
+def test_search_yuan_245b_beats_published_layout():
+    published = make_plan(YUAN_245B, yuan_layout(), A100, MEGATRON, "fp16")
+    best = search(YUAN_245B, A100, 2128, 3360, MEGATRON, "fp16", top=3)
+    assert best[0].fits and best[0].time.total <= published.time.total
+    # with the 2021 software's options only (full recompute, no sequence parallel) still at least as fast
+    same = search(YUAN_245B, A100, 2128, 3360, MEGATRON, "fp16", top=1, recompute=("full",))
+    assert same[0].time.total <= published.time.total * 1.0001
+
+
+@pytest.mark.parametrize("name", ["yuan-lm-13b", "yuan-plm-13b"])
+def test_search_13b_on_1792_gpus(name, capsys):
+    assert main(["plan", f"configs/{name}.yaml", "--gpus", "1792", "--search", "--top", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["best"][0]["time"]["step_s"] <= out["configured"]["time"]["step_s"]
+    assert all(p["fits"] and p["gpus"] == 1792 for p in out["best"])
+
+
+def test_propose_shapes_near_target():
+    base = ModelConfig(num_layers=2, hidden_size=1024, num_heads=8, vocab_size=53005, seq_length=2048)
+    shapes = propose_shapes(13e9, A100, 256, 512, MEGALM, "bf16", base, top=3)
+    assert shapes and all(abs(count / 13e9 - 1) < 0.1 for count in (
+        12 * m.num_layers * m.hidden_size**2 + 53005 * m.hidden_size for m, _ in shapes))
+    assert all(m.hidden_size % m.num_heads == 0 and p.fits for m, p in shapes)
+
+
+# ---- CLI and bad input ---------------------------------------------------------------------------
+
+
+def test_cli_plan_table(capsys):
+    assert main(["plan", "configs/yuan-245b.yaml", "--cluster", "a100-80gb", "--tokens", "1e11"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per GPU" in out and "tensor_comm" in out and "MFU" in out and "days to train" in out
+
+
+def test_gpu_count_no_layout_divides(capsys):
+    assert main(["plan", "configs/yuan-245b.yaml", "--gpus", "2129", "--search"]) == 2
+    assert "no layout divides 2129 GPUs" in capsys.readouterr().err
+
+
+def test_gpu_count_not_divisible_by_configured_layout(capsys):
+    assert main(["plan", "configs/yuan-245b.yaml", "--gpus", "100"]) == 2
+    assert "not divisible by tp x pp" in capsys.readouterr().err
+
+
+def test_model_that_never_fits_names_smallest_gpu_count():
+    with pytest.raises(PlanError, match=r"does not fit .* smallest GPU count at which it fits is \d+") as info:
+        search(YUAN_245B, A100, 8, 3360, MEGATRON, "fp16")
+    smallest = int(str(info.value).rsplit(" ", 1)[-1])
+    assert search(YUAN_245B, A100, smallest, 3360, MEGATRON, "fp16", top=1, micro_batches=(1,))[0].fits
