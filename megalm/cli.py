@@ -62,9 +62,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = build_trainer(config, groups, run_dir)
     from megalm.checkpoint import Checkpointer
 
-    checkpointer = Checkpointer(trainer, run_dir)
-    start_step = 0 if args.no_resume else (checkpointer.resume() or 0)
-    checkpointer.install_signal_handler()
+    checkpointer = None
+    start_step = 0
+    if config.train.engine == "megalm":
+        checkpointer = Checkpointer(trainer, run_dir)
+        start_step = 0 if args.no_resume else (checkpointer.resume() or 0)
+        checkpointer.install_signal_handler()
+    else:
+        logger.warning("train.engine=deepspeed: megalm checkpoints and resume are not available with this engine")
     try:
         trainer.fit(start_step=start_step, checkpointer=checkpointer)
     except NonFiniteLossError as error:

@@ -68,8 +68,10 @@ class Trainer:
         valid: Optional[BatchSampler] = None,
         tokenizer: Optional[Tokenizer] = None,
         sync: Optional[GradientSync] = None,
+        runner=None,
     ) -> None:
         self.config = config
+        self.runner = runner  # a DeepSpeedRunner when train.engine is deepspeed
         self.sync = sync or GradientSync(chunks, groups)
         self.scaler = LossScaler(config.optim) if config.train.precision == "fp16" else None
         self.comm = CommCounter(groups, enabled=comm_stats_enabled(config.log.comm_stats))
@@ -118,6 +120,11 @@ class Trainer:
         device = self.groups.device
         batches = [batch.to(device) for batch in self.data.micro_batches(step)]
         data_seconds = time.perf_counter() - start
+        if self.runner is not None:
+            lr = lr_at(step, self.config.optim, self.decay_steps)
+            out = self.runner.train_step(batches, lr)
+            seconds = time.perf_counter() - start
+            return StepResult(step, out.loss, lr, out.grad_norm, seconds, data_seconds, self.tokens_per_step)
         self._set_training(True)
         self.sync.start_step(len(batches))
         scale = self.scaler.scale if self.scaler is not None else 1.0
@@ -273,14 +280,23 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
     chunks = build_model_chunks(config, groups)
     chunks[0].rng.seed_replicated()
     parallel = config.parallel
-    sync = GradientSync(
-        chunks, groups, int(parallel.bucket_size_mb * 2**20), parallel.overlap_grad_sync, shard=parallel.zero_stage == 1
-    )
     optim = config.optim
-    if parallel.zero_stage == 1:
-        optimizer = ShardedAdamW(sync, optim.lr, (optim.beta1, optim.beta2), optim.eps, optim.weight_decay)
+    runner = None
+    if config.train.engine == "deepspeed":
+        from megalm.engines.deepspeed_engine import build_deepspeed_engine, check_supported
+
+        check_supported(config, groups, parallel.zero_stage)
+        runner = build_deepspeed_engine(config, groups, chunks, parallel.zero_stage)
+        sync, optimizer = _NoSync(), runner.engine.optimizer  # DeepSpeed reduces gradients itself
     else:
-        optimizer = build_optimizer(chunks, optim, groups.device)
+        sync = GradientSync(
+            chunks, groups, int(parallel.bucket_size_mb * 2**20), parallel.overlap_grad_sync,
+            shard=parallel.zero_stage == 1,
+        )
+        if parallel.zero_stage == 1:
+            optimizer = ShardedAdamW(sync, optim.lr, (optim.beta1, optim.beta2), optim.eps, optim.weight_decay)
+        else:
+            optimizer = build_optimizer(chunks, optim, groups.device)
     data = build_sampler(config, sources.train, groups.dp_rank, groups.dp_size)
     valid = build_sampler(config, sources.valid, groups.dp_rank, groups.dp_size) if sources.valid else None
     writer_path = run_dir / "metrics.jsonl" if (run_dir is not None and groups.rank == 0) else None
@@ -292,7 +308,17 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
         f"{groups.rank} | schedule {config.parallel.schedule} | "
         f"accumulation {grad_accum_steps(config, groups.dp_size)} x micro batch {config.train.micro_batch_size}"
     )
-    return Trainer(config, groups, chunks, optimizer, data, metrics, valid, sources.tokenizer, sync)
+    return Trainer(config, groups, chunks, optimizer, data, metrics, valid, sources.tokenizer, sync, runner)
+
+
+class _NoSync:
+    """Stands in for GradientSync when DeepSpeed owns the gradient reduction."""
+
+    def start_step(self, num_microbatches: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
 
 def write_resolved_config(config: Config, run_dir: Path) -> Path:
