@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megalm.faults import maybe_inject
+from megalm.fsutil import fsync_dir as _fsync_dir
 
 METADATA = "metadata.json"
 LATEST = "latest"
@@ -42,19 +43,6 @@ def step_dir_name(step: int) -> str:
 
 def rank_file_name(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:

@@ -49,6 +49,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from megalm.fsutil import fsync_dir as _fsync_dir
+
 MAGIC = b"MGLMIDX\x00"
 VERSION = 1
 HASH_BYTES = 64
@@ -82,19 +84,6 @@ def index_path(prefix: Union[str, Path]) -> Path:
 
 def data_path(prefix: Union[str, Path]) -> Path:
     return Path(f"{prefix}.bin")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class IndexedDatasetWriter:
