@@ -225,7 +225,7 @@ class ParallelConfig(_Section):
     SECTION: ClassVar[str] = "parallel"
 
     SCHEDULES: ClassVar[tuple[str, ...]] = ("1f1b", "gpipe", "interleaved")
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "grad_reduce_dtype": ("fp32", "bf16")}
 
     tp: int = 1
     pp: int = 1
@@ -237,6 +237,7 @@ class ParallelConfig(_Section):
     zero_stage: int = 0  # 0: replicated optimizer; 1: optimizer states sharded over dp (ZeRO-1)
     bucket_size_mb: float = 25.0  # gradient buckets reduced over dp as one collective each
     overlap_grad_sync: bool = True  # launch each bucket's reduction during the backward pass
+    grad_reduce_dtype: str = "fp32"  # gradient buckets: "fp32", or "bf16" (half the bytes, less precise)
 
     def _check_values(self) -> None:
         self._positive("tp", "pp", "dp", "virtual_stages", "bucket_size_mb")

@@ -292,6 +292,7 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
         sync = GradientSync(
             chunks, groups, int(parallel.bucket_size_mb * 2**20), parallel.overlap_grad_sync,
             shard=parallel.zero_stage == 1,
+            grad_dtype=torch.bfloat16 if parallel.grad_reduce_dtype == "bf16" else torch.float32,
         )
         if parallel.zero_stage == 1:
             optimizer = ShardedAdamW(sync, optim.lr, (optim.beta1, optim.beta2), optim.eps, optim.weight_decay)

@@ -55,7 +55,8 @@ class Bucket:
     ready: int = 0
     launched: bool = False
     handle: Optional[dist.Work] = None
-    shard_grad: Optional[torch.Tensor] = None
+    shard_grad: Optional[torch.Tensor] = None  # ZeRO-1: this rank's reduced slice (reduce dtype)
+    shard_main: Optional[torch.Tensor] = None  # the same slice in fp32, for the optimizer
 
     @property
     def numel(self) -> int:
@@ -84,8 +85,10 @@ class GradientSync:
         overlap: bool = True,
         shard: bool = False,
         events: Optional[list] = None,
+        grad_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.groups = groups
+        self.grad_dtype = grad_dtype  # accumulation and reduction dtype (bf16 halves the bytes moved)
         self.overlap = overlap
         self.shard = shard
         self.events = events  # when a list: ("hook", name, count) and ("launch", bucket) in order
@@ -122,7 +125,7 @@ class GradientSync:
         size = 0
         for name, param in named:
             current.append((name, param))
-            size += param.numel() * 4
+            size += param.numel() * torch.finfo(self.grad_dtype).bits // 8
             if size >= bucket_bytes:
                 self._make_bucket(current)
                 current, size = [], 0
@@ -135,10 +138,15 @@ class GradientSync:
             offsets.append(total)
             total += param.numel()
         padded = -(-total // self.dp) * self.dp if self.shard else total  # equal shards for reduce-scatter
-        grad = torch.zeros(padded, dtype=torch.float32, device=self.groups.device)
+        grad = torch.zeros(padded, dtype=self.grad_dtype, device=self.groups.device)
         bucket = Bucket(len(self.buckets), [p for _, p in named], offsets, grad, deferred)
         if self.shard:
-            bucket.shard_grad = torch.zeros(padded // self.dp, dtype=torch.float32, device=self.groups.device)
+            bucket.shard_grad = torch.zeros(padded // self.dp, dtype=self.grad_dtype, device=self.groups.device)
+            bucket.shard_main = (
+                bucket.shard_grad
+                if self.grad_dtype == torch.float32
+                else torch.zeros(padded // self.dp, dtype=torch.float32, device=self.groups.device)
+            )
         for (name, param), offset in zip(named, offsets):
             self._views[param] = grad[offset : offset + param.numel()].view_as(param)
             self._bucket_of[param] = bucket
@@ -208,9 +216,13 @@ class GradientSync:
             if bucket.handle is not None:
                 bucket.handle.wait()
                 bucket.handle = None
-        if not self.shard:
+        if self.shard:
+            for bucket in self.buckets:
+                if bucket.shard_main is not bucket.shard_grad:
+                    bucket.shard_main.copy_(bucket.shard_grad)
+        else:
             for param, view in self._views.items():
-                param.grad = view
+                param.grad = view if view.dtype == param.dtype else view.to(param.dtype)
 
     # ---- ZeRO-1 views ---------------------------------------------------------------------------
     def segments(self) -> list[Segment]:
@@ -258,7 +270,7 @@ class ShardedAdamW:
             flat = segment.param.detach().reshape(-1)[segment.param_lo : segment.param_hi]
             master = flat.to(torch.float32).clone().requires_grad_(True)
             size = segment.param_hi - segment.param_lo
-            master.grad = segment.bucket.shard_grad[segment.shard_lo : segment.shard_lo + size]
+            master.grad = segment.bucket.shard_main[segment.shard_lo : segment.shard_lo + size]
             self.masters.append(master)
             (no_decay if segment.param.dim() < 2 else decay).append(master)
         param_groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -214,3 +214,31 @@ def test_gradient_traffic_is_one_element_per_local_parameter() -> None:
         assert dp_zero["reduce_scatter"] == {"calls": buckets, "bytes": 4 * padded}
         assert dp_zero["all_gather"] == {"calls": buckets, "bytes": 4 * padded // 2}
         assert dp_zero["all_reduce"] == {"calls": 3, "bytes": 12}  # token count, grad norm, loss
+
+
+def _bf16_worker(rank: int, world_size: int) -> dict:
+    from megalm.comm import CommCounter
+
+    groups = build_parallel_groups(Topology(dp=2), rank, torch.device("cpu"))
+    out = {}
+    for zero in (0, 1):
+        for dtype in ("fp32", "bf16"):
+            config = make_config(dp=2, accum=2, zero=zero)
+            config.parallel.grad_reduce_dtype = dtype
+            trainer = build_trainer(config, groups, None)
+            trainer.comm = CommCounter(groups)
+            losses = [trainer.train_step(step).loss for step in range(STEPS)]
+            dp = trainer.comm.snapshot()["dp"]  # the last step's traffic (the counter resets every step)
+            grad_bytes = dp["reduce_scatter"]["bytes"] if zero else dp["all_reduce"]["bytes"] - 8
+            out[(zero, dtype)] = (losses, grad_bytes, sum(p.numel() for p in trainer.params))
+    return out
+
+
+def test_bf16_gradient_buckets_halve_the_bytes_and_still_train() -> None:
+    result = run_distributed(_bf16_worker, 2)[0]
+    for zero in (0, 1):
+        fp32_losses, fp32_bytes, params = result[(zero, "fp32")]
+        bf16_losses, bf16_bytes, _ = result[(zero, "bf16")]
+        assert bf16_bytes * 2 == fp32_bytes and fp32_bytes >= 4 * params
+        assert bf16_losses != fp32_losses  # the reduction really ran in bf16
+        assert max(abs(a - b) for a, b in zip(bf16_losses, fp32_losses)) < 0.02
