@@ -224,3 +224,12 @@ def test_sigterm_saves_and_exits_zero(tmp_path: Path) -> None:
     assert 25 <= step < 2000
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert records[-1]["step"] == step
+
+
+def test_resharding_back_from_1x1x1_to_2x2x2_zero1(tmp_path: Path) -> None:
+    saved = run_distributed(_reshard_worker, 1, (1, 1, 1, 0), str(tmp_path), "save", timeout=400)
+    index = PieceIndex(tmp_path / "checkpoints" / "step_00000010", ["rank_00000.pt"])
+    loaded = run_distributed(_reshard_worker, 8, (2, 2, 2, 1), str(tmp_path), "load", timeout=400)
+    for name, weight in {k: v for r in loaded for k, v in r["weights"].items()}.items():
+        assert torch.equal(weight, index.full(name, "param")[:200]), name
+    assert loaded[0]["continuation"] == pytest.approx(saved[0]["continuation"], rel=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -55,3 +56,23 @@ def test_hung_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     # The waiting rank names the timeout and the step and exits; torchrun then ends the hung one.
     assert "a collective failed or timed out (train.collective_timeout_s=6) during step 3" in proc.stderr
     assert elapsed < 60, elapsed  # well before the hung rank's 60 s are over
+
+
+def test_sigterm_on_one_rank_makes_every_rank_save_and_exit_zero(tmp_path: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("MEGALM_FAULT", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "megalm.cli",
+           "train", "configs/tiny.yaml", "train.steps=3000", "--run-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step     25/" in line:
+            break
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(max(workers, key=int)), signal.SIGTERM)  # one worker only, as a node's scheduler might
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert output.count("stop signal received: saved step") == 1  # logged by rank 0: every rank stopped
+    step = int((tmp_path / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 25 <= step < 3000
+    assert len(list((tmp_path / "checkpoints" / f"step_{step:08d}").glob("rank_*.pt"))) == 2
