@@ -104,6 +104,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return cmd_train(args)
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """One consolidated file of full tensors from a sharded checkpoint (any layout)."""
+    from megalm.checkpoint import export_consolidated
+
+    summary = export_consolidated(Path(args.checkpoint), Path(args.output))
+    print(f"wrote {args.output}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
+          f"{summary['bytes'] / 2**20:.1f} MiB")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from megalm.bench import run_bench
 
@@ -127,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(check)
     check.add_argument("--world-size", type=int, help="world size to validate against")
     check.set_defaults(func=cmd_check, run_dir=None, no_resume=True)
+
+    convert = sub.add_parser("convert", help="export a sharded checkpoint as one file of full tensors")
+    convert.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/x/checkpoints/step_00001000")
+    convert.add_argument("output", help="the .pt file to write")
+    convert.set_defaults(func=cmd_convert)
 
     bench = sub.add_parser("bench", help="time training steps against a plain PyTorch GPT of the same shape")
     _add_config_args(bench)

@@ -233,3 +233,17 @@ def test_resharding_back_from_1x1x1_to_2x2x2_zero1(tmp_path: Path) -> None:
     for name, weight in {k: v for r in loaded for k, v in r["weights"].items()}.items():
         assert torch.equal(weight, index.full(name, "param")[:200]), name
     assert loaded[0]["continuation"] == pytest.approx(saved[0]["continuation"], rel=1e-5)
+
+
+def test_convert_writes_one_file_of_full_tensors(tmp_path: Path) -> None:
+    from megalm.cli import main
+
+    run_distributed(_reshard_worker, 8, (2, 2, 2, 1), str(tmp_path), "save", timeout=400)
+    output = tmp_path / "model.pt"
+    assert main(["convert", str(tmp_path / "checkpoints" / "step_00000010"), str(output)]) == 0
+    exported = torch.load(output, weights_only=False)
+    loaded = run_distributed(_reshard_worker, 1, (1, 1, 1, 0), str(tmp_path), "load", timeout=400)[0]
+    assert exported["step"] == 10 and exported["state_dict"].keys() == loaded["weights"].keys()
+    for name, tensor in exported["state_dict"].items():
+        assert torch.equal(tensor, loaded["weights"][name]), name
+    assert exported["state_dict"]["embedding.word.weight"].shape[0] == 200  # real vocabulary rows only

@@ -148,3 +148,30 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
     """Size and file count of a checkpoint directory."""
     files = list(Path(path).glob("*"))
     return {"files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+
+
+def export_consolidated(checkpoint_dir: Path, output: Path) -> dict[str, Any]:
+    """Write one file of full tensors (real vocabulary rows only) plus the config, for inference."""
+    import json
+    import os
+
+    checkpoint_dir = Path(checkpoint_dir)
+    store = CheckpointStore(checkpoint_dir.parent, rank=0)
+    metadata = store.verify(checkpoint_dir)
+    index = PieceIndex(checkpoint_dir, sorted(metadata["files"]))
+    vocab = metadata["config"]["model"]["vocab_size"]
+    state = {}
+    for name, kind in sorted(index.pieces):
+        if kind == "param":
+            full = index.full(name, kind)
+            state[name] = full[:vocab].clone() if name == "embedding.word.weight" else full
+    output = Path(output)
+    tmp = output.with_name(output.name + ".part")
+    with open(tmp, "wb") as handle:
+        torch.save({"config": metadata["config"], "step": metadata["step"], "state_dict": state}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(output)
+    summary = {"tensors": len(state), "parameters": sum(t.numel() for t in state.values()), "bytes": output.stat().st_size}
+    (output.with_name(output.name + ".json")).write_text(json.dumps(summary) + "\n")
+    return summary
