@@ -37,6 +37,7 @@ from megalm.data.pipeline import build_sampler, build_sources
 from megalm.distributed import ParallelGroups
 from megalm.metrics import guess_peak_tflops, throughput, training_flops_per_token
 from megalm.model.gpt import prefix_attention_mask
+from megalm.model.layers import apply_rotary, rotary_cos_sin
 from megalm.topology import Topology
 
 IGNORE_INDEX = -100
@@ -45,18 +46,14 @@ NOISY_SPREAD = 1.5  # a phase whose slowest timed step exceeds its fastest by th
 
 # ---- the plain single-device baseline: a nanoGPT-style GPT in [b, s, h] layout -------------------
 def _rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [s, d] of rotate-half rotary embeddings (dimension i paired with i + d/2)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # [s, d/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [s, d]
-    return angles.cos(), angles.sin()
+    """cos, sin [s, d]: megalm's rotary tables in the baseline's layout (same positions, same math)."""
+    cos, sin = rotary_cos_sin(seq_len, head_dim, base, device)  # [s, 1, 1, d]
+    return cos[:, 0, 0], sin[:, 0, 0]
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [b, nh, s, d] by position (computed in fp32)."""
-    first, second = x.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    """Rotate x [b, nh, s, d] by position: the baseline's [b, nh, s, d] layout of megalm's apply_rotary."""
+    return apply_rotary(x, cos, sin)
 
 
 class BaselineAttention(nn.Module):
