@@ -12,11 +12,14 @@ import os
 import queue
 import socket
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+
+from megalm.distributed import ParallelGroups, ProcessGroup
 
 
 def free_port() -> int:
@@ -80,3 +83,50 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             if proc.is_alive():
                 proc.kill()
     return [collected[rank] for rank in range(world_size)]
+
+
+# ---- plain reference reductions ---------------------------------------------------------------
+# The trainer reduces gradients through megalm.parallel.data.GradientSync (buckets, overlap, ZeRO-1).
+# These unbucketed versions do the same sums in the most direct way; tests use them to build the
+# references that the engine is compared against.
+
+
+def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter], groups: ParallelGroups) -> None:
+    """Sum, over tp, the gradients of replicated params that only saw this rank's sequence shard."""
+    if groups.tp_group is None:
+        return
+    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=groups.tp_group)
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
+def all_reduce_embedding_grads(chunks: list[nn.Module], groups: ParallelGroups) -> None:
+    """Sum the tied embedding's gradient over its first-stage and last-stage copies."""
+    if groups.embedding_group is None or groups.pp_size == 1:
+        return
+    weight = None
+    if chunks[0].is_first:
+        weight = chunks[0].embedding.word.weight
+    elif chunks[-1].is_last:
+        weight = chunks[-1].output_weight
+    if weight is not None and weight.grad is not None:
+        dist.all_reduce(weight.grad, group=groups.embedding_group)
+
+
+def all_reduce_gradients(params: Iterable[nn.Parameter], group: ProcessGroup) -> None:
+    """Sum every gradient over `group` in one flat buffer per dtype (no buckets, no overlap)."""
+    if group is None:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for param in params:
+        if param.grad is not None:
+            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+    for grads in by_dtype.values():
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=group)
+        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)

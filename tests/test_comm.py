@@ -14,8 +14,7 @@ from megalm.comm import _SPECS, CommCounter, comm_stats_enabled
 from megalm.config import ModelConfig
 from megalm.distributed import ParallelGroups, build_parallel_groups
 from megalm.model.gpt import build_model
-from megalm.parallel.tensor import all_reduce_sequence_parallel_grads
-from megalm.testing import run_distributed
+from megalm.testing import all_reduce_sequence_parallel_grads, run_distributed
 from megalm.topology import Topology
 
 PATCHED = [*_SPECS, "batch_isend_irecv"]

@@ -11,8 +11,7 @@ from megalm.config import OptimConfig
 from megalm.distributed import ParallelGroups, build_parallel_groups
 from megalm.model.gpt import build_model
 from megalm.optim import build_optimizer, clip_grad_norm_, global_grad_norm, lr_at
-from megalm.parallel.tensor import all_reduce_sequence_parallel_grads
-from megalm.testing import run_distributed
+from megalm.testing import all_reduce_sequence_parallel_grads, run_distributed
 from megalm.topology import Topology
 from tests.parallel.test_tensor import SEED, make_batch, model_config
 

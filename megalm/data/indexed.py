@@ -136,13 +136,7 @@ class IndexedDatasetWriter:
         ids = np.asarray(ids)
         if ids.ndim != 1:
             raise ValueError(f"document {self.num_docs}: expected a 1-D sequence of ids, got shape {ids.shape}")
-        if ids.size:
-            if not np.issubdtype(ids.dtype, np.integer):
-                raise ValueError(f"document {self.num_docs}: ids must be integers, got dtype {ids.dtype}")
-            self._check_range(ids, f"document {self.num_docs}")
-        self._bin_file.write(ids.astype(self.dtype, copy=False).tobytes())
-        self._lengths.append(int(ids.size))
-        self._num_tokens += int(ids.size)
+        self.add_documents(ids, [ids.size])
 
     def add_documents(self, tokens: np.ndarray, lengths: Sequence[int]) -> None:
         """Append many documents at once: `tokens` concatenated, document i has lengths[i] ids."""
@@ -156,7 +150,8 @@ class IndexedDatasetWriter:
         if tokens.size:
             if not np.issubdtype(tokens.dtype, np.integer):
                 raise ValueError(f"ids must be integers, got dtype {tokens.dtype}")
-            self._check_range(tokens, f"documents {self.num_docs}..{self.num_docs + len(lengths_arr) - 1}")
+            last = self.num_docs + len(lengths_arr) - 1
+            self._check_range(tokens, f"document {last}" if last == self.num_docs else f"documents {self.num_docs}..{last}")
         self._bin_file.write(tokens.astype(self.dtype, copy=False).tobytes())
         self._lengths.extend(lengths_arr.tolist())
         self._num_tokens += int(tokens.size)

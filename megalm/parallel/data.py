@@ -24,7 +24,7 @@ their own that is summed over the embedding group in `finish()`, after the pipel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -316,18 +316,3 @@ class ShardedAdamW:
             for value in state.values()
             if torch.is_tensor(value) and value.dim() > 0
         )
-
-
-def all_reduce_gradients(params: Iterable[nn.Parameter], group: ProcessGroup) -> None:
-    """Sum every gradient over `group` in one flat buffer per dtype (no buckets, no overlap)."""
-    if group is None:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for param in params:
-        if param.grad is not None:
-            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
-    for grads in by_dtype.values():
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=group)
-        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            grad.copy_(synced)

@@ -61,6 +61,7 @@ class PipelineExecutor:
         self.autocast = autocast
         self.train_schedule = build_schedule(schedule, self.pp, num_microbatches, self.virtual_stages)
         self.stats = StepStats()
+        self._train_orders: Optional[dict[int, list]] = None  # source rank -> keys in send order
 
     # ---- the order of messages on each channel ----------------------------------------------------
     def _stage(self, rank: int, chunk: int) -> int:
@@ -75,15 +76,15 @@ class PipelineExecutor:
             return (stage - 1) % self.pp, ("grad", action.microbatch, stage - 1)
         return None
 
-    def _channel_orders(self, schedules: list[list[Action]]) -> dict[int, deque]:
+    def _channel_orders(self, schedules: list[list[Action]]) -> dict[int, list]:
         """For each source rank: the keys it sends to this rank, in its sending order."""
         me = self.groups.pp_rank
-        expected: dict[int, deque] = {}
+        expected: dict[int, list] = {}
         for rank, actions in enumerate(schedules):
             for action in actions:
                 sent = self._sends(rank, action)
                 if sent is not None and sent[0] == me:
-                    expected.setdefault(rank, deque()).append(sent[1])
+                    expected.setdefault(rank, []).append(sent[1])
         return expected
 
     def _recv(self, source: int, key: tuple) -> torch.Tensor:
@@ -112,7 +113,13 @@ class PipelineExecutor:
         )
         if not forward_only and any(len(actions) != 2 * len(batches) * self.virtual_stages for actions in schedules):
             raise RuntimeError(f"the schedule was built for another number of micro-batches than {len(batches)}")
-        self._expected = self._channel_orders(schedules)
+        if forward_only:  # evaluation: rare, and its schedule depends on len(batches)
+            orders = self._channel_orders(schedules)
+        else:  # training: the same schedule every step, so its channel orders are computed once
+            if self._train_orders is None:
+                self._train_orders = self._channel_orders(schedules)
+            orders = self._train_orders
+        self._expected = {source: deque(keys) for source, keys in orders.items()}
         self._posted: dict[tuple, tuple] = {}
         self._pending_sends: list = []
         self._saved: dict[tuple[int, int], tuple] = {}
@@ -160,19 +167,6 @@ class PipelineExecutor:
             torch.autograd.backward(output, grad_tensors=grad)
         if stage > 0:
             self._send(inputs.grad, (stage - 1) % self.pp)
-
-
-def all_reduce_embedding_grads(chunks: list[GPTModel], groups: ParallelGroups) -> None:
-    """Sum the tied embedding's gradient over its first-stage and last-stage copies."""
-    if groups.embedding_group is None or groups.pp_size == 1:
-        return
-    weight = None
-    if chunks[0].is_first:
-        weight = chunks[0].embedding.word.weight
-    elif chunks[-1].is_last:
-        weight = chunks[-1].output_weight
-    if weight is not None and weight.grad is not None:
-        dist.all_reduce(weight.grad, group=groups.embedding_group)
 
 
 def activation_shape(seq_length: int, micro_batch_size: int, hidden_size: int, groups: ParallelGroups, sequence_parallel: bool) -> tuple[int, int, int]:

@@ -18,7 +18,7 @@ Every parameter carries `tp_split_dim` (None when replicated over tp) and `seque
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -296,17 +296,6 @@ def vocab_parallel_cross_entropy(
 
 
 # ---- gradients and full tensors --------------------------------------------------------------
-def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter], groups: ParallelGroups) -> None:
-    """Sum, over tp, the gradients of replicated params that only saw this rank's sequence shard."""
-    if groups.tp_group is None:
-        return
-    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=groups.tp_group)
-    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
 
 
 def gather_full_tensor(local: torch.Tensor, tp_split_dim: Optional[int], groups: ParallelGroups) -> torch.Tensor:

@@ -17,10 +17,9 @@ from megalm.config import Config, ModelConfig, ParallelConfig, TrainConfig
 from megalm.data.pipeline import build_sampler, build_sources
 from megalm.distributed import ParallelGroups, all_reduce_, build_parallel_groups
 from megalm.model.gpt import build_model_chunks
-from megalm.parallel.data import all_reduce_gradients
-from megalm.parallel.pipeline import PipelineExecutor, activation_shape, all_reduce_embedding_grads
-from megalm.parallel.tensor import all_reduce_sequence_parallel_grads, gather_full_tensor
-from megalm.testing import run_distributed
+from megalm.parallel.pipeline import PipelineExecutor, activation_shape
+from megalm.parallel.tensor import gather_full_tensor
+from megalm.testing import all_reduce_embedding_grads, all_reduce_gradients, all_reduce_sequence_parallel_grads, run_distributed
 from megalm.topology import Topology
 
 MICRO, MICROBATCHES = 2, 4

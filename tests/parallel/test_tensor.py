@@ -11,14 +11,13 @@ import dataclasses
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megalm.config import ModelConfig
 from megalm.data.batch import prefix_loss_mask
 from megalm.distributed import ParallelGroups, build_parallel_groups
 from megalm.model.gpt import build_model
-from megalm.parallel.tensor import all_reduce_sequence_parallel_grads, gather_full_tensor
-from megalm.testing import run_distributed
+from megalm.parallel.tensor import gather_full_tensor
+from megalm.testing import all_reduce_sequence_parallel_grads, run_distributed
 from megalm.topology import Topology
 
 SEED = 7
