@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -126,7 +129,36 @@ def init_distributed(device: torch.device, timeout_s: float = 300.0) -> tuple[in
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"megalm/attempt_{attempt}", base)
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            exit_with_launcher(rank)
     return dist.get_rank(), dist.get_world_size()
+
+
+def exit_with_launcher(rank: int, poll_s: float = 1.0) -> None:
+    """Exit this worker when the torchrun agent that started it dies.
+
+    torchrun starts every worker in a session of its own, so a SIGKILL to the agent's process group
+    (a scheduler cancelling the job step, an operator's kill) leaves the workers running as orphans:
+    they hold the GPUs, and a restarted job would find them still writing checkpoints into the same
+    run directory. A daemon thread notices the re-parenting within `poll_s` and ends the process;
+    the peers on other nodes then fail their next collective and exit with a message.
+    """
+    parent = os.getppid()
+    if parent == 1:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(
+            f"megalm: rank {rank}: the torchrun agent (pid {parent}) that started this worker is gone; "
+            f"exiting so that no orphaned worker keeps training",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+    threading.Thread(target=watch, name="megalm-launcher-watch", daemon=True).start()
 
 
 def _new_groups(

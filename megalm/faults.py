@@ -4,8 +4,11 @@ MEGALM_FAULT="KIND:RANK:STEP[:SECONDS]" makes global rank RANK, at optimizer ste
   kill          SIGKILL itself before the step runs;
   kill-in-save  SIGKILL itself inside the checkpoint save of STEP, after writing its own file;
   hang          block in a collective that no other rank joins (or sleep SECONDS without
-                torch.distributed): its peers wait in theirs until the collective timeout.
-A fault fires once per run directory (a marker file records it), so a restarted job goes on.
+                torch.distributed): its peers wait in theirs until the collective timeout;
+  sleep         sleep SECONDS before the step, outside any collective (a window in which a test
+                can kill this rank's node at a known step; its peers wait in their next collective).
+RANK may be "*" (every rank of the processes that see the variable, e.g. one node's agent).
+A fault fires once per run directory and rank (a marker file records it), so a restarted job goes on.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import signal
 import time
 from pathlib import Path
 
+KINDS = ("kill", "kill-in-save", "hang", "sleep")
+
 
 def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
     """Fire the configured fault if it matches (where in {"step", "save"}, step, rank)."""
@@ -22,7 +27,9 @@ def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
     if not spec:
         return
     kind, fault_rank, fault_step, *rest = spec.split(":")
-    if int(fault_rank) != rank or int(fault_step) != step:
+    if kind not in KINDS:
+        raise ValueError(f"MEGALM_FAULT={spec!r}: unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    if (fault_rank != "*" and int(fault_rank) != rank) or int(fault_step) != step:
         return
     if (where == "save") != (kind == "kill-in-save"):
         return
@@ -30,9 +37,11 @@ def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("fired\n")
+    marker.write_text(f"{os.getpid()}\n")  # the pid, for tests that look for orphans
     if kind in ("kill", "kill-in-save"):
         os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "sleep":
+        time.sleep(float(rest[0]) if rest else 3600.0)
     elif kind == "hang":
         import torch
         import torch.distributed as dist

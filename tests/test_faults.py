@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from megalm.metrics import read_metrics
+from megalm.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -76,3 +77,87 @@ def test_sigterm_on_one_rank_makes_every_rank_save_and_exit_zero(tmp_path: Path)
     step = int((tmp_path / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 25 <= step < 3000
     assert len(list((tmp_path / "checkpoints" / f"step_{step:08d}").glob("rank_*.pt"))) == 2
+
+
+def test_unknown_fault_kind_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from megalm.faults import maybe_inject
+
+    monkeypatch.setenv("MEGALM_FAULT", "explode:0:3")
+    with pytest.raises(ValueError, match="unknown kind 'explode'"):
+        maybe_inject("step", 3, 0, tmp_path)
+
+
+def start_node_agents(run_dir: Path, port: int, faults: dict[int, str]) -> list[subprocess.Popen]:
+    """Two torchrun node agents (one worker each) through launch/multi_node.sh, in sessions of their own."""
+    agents = []
+    for node in range(2):
+        env = dict(
+            os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NNODES="2", NPROC_PER_NODE="1",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RDZV_ID=f"megalm-{port}", RDZV_TIMEOUT="120",
+            TORCHRUN=f"{sys.executable} -m torch.distributed.run",
+        )
+        env.pop("MEGALM_FAULT", None)
+        if node in faults:
+            env["MEGALM_FAULT"] = faults[node]
+        log = open(run_dir.parent / f"{run_dir.name}-node{node}-{port}.log", "w")
+        cmd = ["bash", "launch/multi_node.sh", *COMMON, "train.collective_timeout_s=90", "--run-dir", str(run_dir)]
+        agents.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True))
+        log.close()
+        time.sleep(1.0)  # node 0's agent starts first, so it hosts the rendezvous store
+    return agents
+
+
+def agent_log(run_dir: Path, node: int, port: int) -> str:
+    return (run_dir.parent / f"{run_dir.name}-node{node}-{port}.log").read_text()
+
+
+def is_gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.parametrize("dead", [0, 1], ids=["store-host-node-dies", "other-node-dies"])
+def test_node_failure_then_scheduler_restart_resumes_exactly(
+    dead: int, tmp_path: Path, uninterrupted: list[float]
+) -> None:
+    """Kill one node agent's whole process group mid-run; the survivor exits with a message, not a
+    hang; starting both agents again resumes from the last complete checkpoint to the same losses."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    port = free_port()
+    # The doomed node's worker pauses before step 15 (after the save of step 10), so the kill lands
+    # at a known step; its peer is then waiting inside the collectives of step 15.
+    agents = start_node_agents(run_dir, port, {dead: "sleep:*:15:120"})
+    deadline = time.monotonic() + 180
+    while not list(run_dir.glob(".fault-sleep-*-15")):
+        assert time.monotonic() < deadline and all(a.poll() is None for a in agents), [a.poll() for a in agents]
+        time.sleep(0.2)
+    time.sleep(0.5)
+    worker_pid = int(next(run_dir.glob(".fault-sleep-*-15")).read_text())
+    killed_at = time.monotonic()
+    os.killpg(agents[dead].pid, signal.SIGKILL)  # the agent; torchrun put its worker in another session
+    survivor = agents[1 - dead]
+    assert survivor.wait(timeout=60) != 0
+    assert time.monotonic() - killed_at < 30  # a dead peer is noticed at once, not at the 90 s timeout
+    agents[dead].wait(timeout=10)
+    log = agent_log(run_dir, 1 - dead, port)
+    assert "a collective failed or timed out (train.collective_timeout_s=90) during step 15" in log, log[-3000:]
+    # The orphaned worker of the killed agent noticed and exited by itself, so no stray process
+    # keeps training into the run directory that the restarted job will use.
+    deadline = time.monotonic() + 15
+    while not is_gone(worker_pid):
+        assert time.monotonic() < deadline, f"orphaned worker {worker_pid} is still running"
+        time.sleep(0.2)
+    assert "the torchrun agent" in agent_log(run_dir, dead, port)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+
+    port = free_port()  # the scheduler starts both nodes again
+    agents = start_node_agents(run_dir, port, {})
+    for node, agent in enumerate(agents):
+        assert agent.wait(timeout=240) == 0, agent_log(run_dir, node, port)[-3000:]
+    assert "resumed from" in agent_log(run_dir, 0, port) + agent_log(run_dir, 1, port)
+    resumed = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl", across_restarts=True)]
+    assert resumed == uninterrupted  # bit for bit, dropout masks included
