@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import signal
@@ -114,6 +115,40 @@ def test_resharding_2x2x2_to_1x1x1_and_1x2x4(tmp_path: Path) -> None:
             assert torch.equal(weight, index.full(name, "param")[:200]), (target, name)
         continuation = saved[0]["continuation"]
         assert loaded[0]["continuation"] == pytest.approx(continuation, rel=1e-5), target
+    # The metadata lists each file's parameters, so a rank opens only the files it needs.
+    checkpoint = tmp_path / "checkpoints" / "step_00000010"
+    files = json.loads((checkpoint / "metadata.json").read_text())["files"]
+    last_stage_layer = sorted(set(files["rank_00004.pt"]["params"]) & set(files["rank_00005.pt"]["params"]))[0]
+    for name, dp0, stage in (("embedding.word.weight", {0, 1}, {0, 1, 2, 3}), (last_stage_layer, {4, 5}, {4, 5, 6, 7})):
+        opened = set(PieceIndex(checkpoint, files, names={name}).payloads)
+        assert dp0 <= opened <= stage, (name, opened)  # dp rank 0 of the stage holds every weight
+
+
+def _resume_worker(rank: int, world_size: int, root: str, train_steps: int = 0) -> dict:
+    groups = build_parallel_groups(Topology(tp=1, pp=1, dp=world_size), rank, torch.device("cpu"))
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    get_logger().addHandler(handler)
+    trainer = build_trainer(make_config(dp=world_size), groups, None)
+    checkpointer = Checkpointer(trainer, Path(root))
+    if train_steps:
+        trainer.fit(steps=train_steps, checkpointer=checkpointer)
+        return {}
+    return {"start": checkpointer.resume(), "messages": messages}
+
+
+def test_ranks_share_the_checksums_and_agree_on_a_damaged_file(tmp_path: Path) -> None:
+    """Two ranks each hash half the files; a flipped byte that only rank 1 reads still makes both
+    ranks skip that checkpoint and resume the previous one."""
+    run_distributed(_resume_worker, 2, str(tmp_path), 20, timeout=400)  # saves steps 10 and 20
+    shard = tmp_path / "checkpoints" / "step_00000020" / "rank_00001.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    results = run_distributed(_resume_worker, 2, str(tmp_path), timeout=400)
+    assert [r["start"] for r in results] == [10, 10]
+    assert any("rank_00001.pt fails its sha256 checksum" in m for m in results[0]["messages"]), results[0]
 
 
 def test_optimizer_moments_survive_resharding(tmp_path: Path) -> None:

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 import megalm
-from megalm.checkpoint.state import PieceIndex, collect_pieces, model_differences, optimizer_steps, restore
-from megalm.checkpoint.store import CheckpointError, CheckpointStore
+from megalm.checkpoint.state import PieceIndex, collect_pieces, model_differences, named_params, optimizer_steps, restore
+from megalm.checkpoint.store import CheckpointError, CheckpointStore, rank_file_name
 from megalm.config import config_to_dict
 from megalm.faults import maybe_inject
 
@@ -75,7 +75,8 @@ class Checkpointer:
             "loss_scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
             "tokenizer_hash": tokenizer.hash if tokenizer is not None else None,
         }
-        path = self.store.save(step, payload, metadata)
+        params = sorted({piece["name"] for piece in payload["pieces"]})
+        path = self.store.save(step, payload, metadata, file_info={"params": params})
         self.last_save_time = time.monotonic()
         trainer.logger.info(f"checkpoint saved: {path} ({time.perf_counter() - start:.2f} s)")
         return path
@@ -103,6 +104,7 @@ class Checkpointer:
     def resume(self) -> Optional[int]:
         """Restore the newest usable checkpoint; return its step, or None when there is none."""
         trainer = self.trainer
+        start = time.perf_counter()
         found = self.store.find_resumable(log=trainer.logger.warning)
         if found is None:
             return None
@@ -117,8 +119,11 @@ class Checkpointer:
                 f"checkpoint {path} is from a different model and cannot be resumed:\n  " + "\n  ".join(differences)
                 + "\nuse the checkpoint's config, another run directory, or --no-resume"
             )
-        start = time.perf_counter()
-        index = PieceIndex(path, sorted(metadata["files"]))
+        verified = time.perf_counter()
+        index = PieceIndex(
+            path, metadata["files"], names={name for name, _ in named_params(trainer.chunks)},
+            always=(rank_file_name(trainer.groups.rank),),
+        )
         restore(trainer.chunks, trainer.optimizer, trainer.groups, index, metadata["optimizer_steps"])
         if trainer.scaler is not None and metadata.get("loss_scaler"):
             trainer.scaler.load_state_dict(metadata["loss_scaler"])
@@ -127,7 +132,8 @@ class Checkpointer:
             trainer.chunks[0].rng.load_state_dict(index.payloads[trainer.groups.rank]["rng"])
         step = int(metadata["step"])
         trainer.logger.info(
-            f"resumed from {path} at step {step} ({time.perf_counter() - start:.2f} s)"
+            f"resumed from {path} at step {step} ({time.perf_counter() - start:.2f} s, of which "
+            f"{verified - start:.2f} s verifying)"
             + ("" if same_layout else f"; resharded from {metadata['layout']} (random streams reseeded)")
         )
         return step
@@ -158,7 +164,7 @@ def export_consolidated(checkpoint_dir: Path, output: Path) -> dict[str, Any]:
     checkpoint_dir = Path(checkpoint_dir)
     store = CheckpointStore(checkpoint_dir.parent, rank=0)
     metadata = store.verify(checkpoint_dir)
-    index = PieceIndex(checkpoint_dir, sorted(metadata["files"]))
+    index = PieceIndex(checkpoint_dir, metadata["files"])
     vocab = metadata["config"]["model"]["vocab_size"]
     state = {}
     for name, kind in sorted(index.pieces):

@@ -8,7 +8,10 @@ and loading assembles, per parameter, the full tensor from the pieces of every f
 this rank's shard for the current layout. So a checkpoint saved at one (tp, pp, dp, ZeRO) loads
 at any other; RNG states are restored only when the layout is the same.
 
-Files are read with memory mapping, so a rank touches only the pages of the pieces it needs.
+The metadata lists the parameters in each file, so a rank opens only the files that hold its
+parameters; files are memory-mapped, so it reads only the pages of the pieces it uses; and when the
+saved tp size equals the current one, a rank's shard is assembled from its own tp rank's pieces
+without building the full tensor (resharding builds the full tensor and cuts it).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ MODEL_FIELDS = (
 )
 
 
-def _named_params(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
+def named_params(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
     return [(getattr(p, "init_name", n), p) for chunk in chunks for n, p in chunk.named_parameters()]
 
 
@@ -45,7 +48,7 @@ def collect_pieces(chunks: list[nn.Module], optimizer: Any, groups) -> list[dict
     """This rank's share of the weights and Adam moments, as pieces."""
     pieces = []
     sharded = isinstance(optimizer, ShardedAdamW)
-    for name, param in _named_params(chunks):
+    for name, param in named_params(chunks):
         if not counted_once(param, groups) or groups.dp_rank != 0:
             continue
         pieces.append(_piece(name, param, "param", param, 0, param.numel(), groups))
@@ -54,7 +57,7 @@ def collect_pieces(chunks: list[nn.Module], optimizer: Any, groups) -> list[dict
             for kind in ("exp_avg", "exp_avg_sq"):
                 pieces.append(_piece(name, param, kind, state[kind], 0, param.numel(), groups))
     if sharded:
-        names = {id(p): n for n, p in _named_params(chunks)}
+        names = {id(p): n for n, p in named_params(chunks)}
         for master, segment in zip(optimizer.masters, optimizer.segments):
             if not counted_once(segment.param, groups) or master not in optimizer.optimizer.state:
                 continue
@@ -77,10 +80,17 @@ def optimizer_steps(optimizer: Any) -> int:
 class PieceIndex:
     """Every piece of a checkpoint, by (name, kind), from memory-mapped rank files."""
 
-    def __init__(self, path: Path, files: list[str]) -> None:
+    def __init__(self, path: Path, files: list[str] | dict[str, dict], names: set[str] | None = None,
+                 always: tuple[str, ...] = ()) -> None:
+        """Index `files` (names, or the metadata's {name: info}); with `names`, open only the files
+        whose recorded parameters include one of them, plus the files in `always`."""
         self.pieces: dict[tuple[str, str], list[dict]] = {}
         self.payloads: dict[int, dict] = {}
-        for name in files:
+        infos = files if isinstance(files, dict) else {name: {} for name in files}
+        for name in sorted(infos):
+            listed = infos[name].get("params")
+            if names is not None and listed is not None and name not in always and not names.intersection(listed):
+                continue
             payload = torch.load(path / name, map_location="cpu", mmap=True, weights_only=False)
             self.payloads[payload["rank"]] = payload
             for piece in payload["pieces"]:
@@ -99,6 +109,21 @@ class PieceIndex:
             flat[piece["lo"] : piece["hi"]] = piece["tensor"]
             region.copy_(flat.view_as(region))
         return full
+
+
+    def shard(self, name: str, kind: str, param: nn.Parameter, groups) -> torch.Tensor:
+        """This rank's tp shard of (name, kind) at the current layout, in memory of its own."""
+        pieces = self.pieces.get((name, kind), [])
+        target_shape, _ = shard_geometry(param, groups.tp_rank, groups.tp_size)
+        mine = sorted((p for p in pieces if p["tp_rank"] == groups.tp_rank), key=lambda p: p["lo"])
+        same_split = all(p["tp_size"] == groups.tp_size and list(p["full_shape"]) == list(target_shape) for p in pieces)
+        if pieces and same_split and sum(p["hi"] - p["lo"] for p in mine) == param.numel():
+            shard = torch.empty(param.shape, dtype=mine[0]["tensor"].dtype)
+            flat = shard.view(-1)
+            for piece in mine:
+                flat[piece["lo"] : piece["hi"]] = piece["tensor"]
+            return shard
+        return _my_shard(self.full(name, kind), param, groups).clone()  # not a view that keeps the full tensor
 
 
 def _my_shard(full: torch.Tensor, param: nn.Parameter, groups) -> torch.Tensor:
@@ -120,15 +145,15 @@ def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, 
     """Load weights and Adam moments for this rank's shard, at the current layout."""
     sharded = isinstance(optimizer, ShardedAdamW)
     with torch.no_grad():
-        for name, param in _named_params(chunks):
-            param.copy_(_my_shard(index.full(name, "param"), param, groups))
+        for name, param in named_params(chunks):
+            param.copy_(index.shard(name, "param", param, groups))
         moments = {}
-        for name, param in _named_params(chunks):
-            moments[param] = {kind: _my_shard(index.full(name, kind), param, groups) for kind in ("exp_avg", "exp_avg_sq")}
+        for name, param in named_params(chunks):
+            moments[param] = {kind: index.shard(name, kind, param, groups) for kind in ("exp_avg", "exp_avg_sq")}
         if not sharded:
             for param, state in moments.items():
                 step = torch.tensor(float(steps), dtype=torch.float32)
-                optimizer.state[param] = {"step": step, **{k: v.to(param.device).clone() for k, v in state.items()}}
+                optimizer.state[param] = {"step": step, **{k: v.to(param.device) for k, v in state.items()}}
             return
         for master, segment in zip(optimizer.masters, optimizer.segments):
             lo, hi = segment.param_lo, segment.param_hi

@@ -67,8 +67,13 @@ class CheckpointStore:
         self.writer = writer  # replaceable in tests (e.g. one that raises ENOSPC)
 
     # ---- saving ---------------------------------------------------------------------------------
-    def save(self, step: int, payload: dict[str, Any], metadata: dict[str, Any]) -> Path:
-        """Write this rank's payload; rank 0 commits the checkpoint once every rank succeeded."""
+    def save(
+        self, step: int, payload: dict[str, Any], metadata: dict[str, Any], file_info: Optional[dict[str, Any]] = None
+    ) -> Path:
+        """Write this rank's payload; rank 0 commits the checkpoint once every rank succeeded.
+
+        `file_info` (this rank's, JSON-able) is recorded next to its file's size and checksum.
+        """
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if self.rank == 0:
@@ -77,7 +82,7 @@ class CheckpointStore:
             tmp.mkdir()
         self._barrier()
         error: Optional[str] = None
-        record: Optional[tuple[str, int, str]] = None
+        record: Optional[tuple[str, dict[str, Any]]] = None
         try:
             path = tmp / rank_file_name(self.rank)
             part = path.with_name(path.name + ".part")
@@ -86,7 +91,7 @@ class CheckpointStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             part.replace(path)
-            record = (path.name, path.stat().st_size, _sha256(path))
+            record = (path.name, {**(file_info or {}), "bytes": path.stat().st_size, "sha256": _sha256(path)})
             maybe_inject("save", step, self.rank, self.root.parent)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of any rank's failure
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
@@ -102,7 +107,7 @@ class CheckpointStore:
                 f"{'the previous checkpoint ' + previous + ' is intact' if previous else 'there is no earlier checkpoint'}"
             )
         if self.rank == 0:
-            files = {name: {"bytes": size, "sha256": sha} for (name, size, sha), _ in records}
+            files = {name: info for (name, info), _ in records}
             for name, info in files.items():
                 if (tmp / name).stat().st_size != info["bytes"]:
                     raise CheckpointError(f"{tmp / name} changed size during the save")
@@ -156,8 +161,10 @@ class CheckpointStore:
         found = [p for p in self.root.glob("step_*") if p.is_dir() and (p / METADATA).exists()]
         return sorted(found, key=lambda p: p.name, reverse=True)
 
-    def verify(self, path: Path) -> dict[str, Any]:
-        """Metadata of a checkpoint after checking every file's presence, size and checksum."""
+    def verify(self, path: Path, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+        """Metadata of a checkpoint after checking every file's presence and size, and the checksums
+        of this caller's share of the files: share (i, n) hashes every n-th file from the i-th, so n
+        ranks together read the checkpoint once instead of n times."""
         meta_path = path / METADATA
         if not meta_path.exists():
             raise CheckpointError(f"{path} is incomplete: {METADATA} is missing")
@@ -165,7 +172,7 @@ class CheckpointStore:
             metadata = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise CheckpointError(f"{meta_path} is unreadable: {error}") from None
-        for name, info in metadata["files"].items():
+        for position, (name, info) in enumerate(sorted(metadata["files"].items())):
             file = path / name
             if not file.exists():
                 raise CheckpointError(f"{file} is missing (listed in {meta_path})")
@@ -173,7 +180,7 @@ class CheckpointStore:
                 raise CheckpointError(
                     f"{file} has {file.stat().st_size} bytes, {info['bytes']} expected: truncated or overwritten"
                 )
-            if _sha256(file) != info["sha256"]:
+            if position % share[1] == share[0] and _sha256(file) != info["sha256"]:
                 raise CheckpointError(f"{file} fails its sha256 checksum: the file is corrupt")
         return metadata
 
@@ -188,11 +195,18 @@ class CheckpointStore:
                     f"looking for an earlier complete checkpoint")
             else:
                 candidates = [pointed] + [c for c in candidates if c != pointed]
+        share = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
         for path in candidates:
+            # Every rank checks its share of the checksums; all ranks then agree on the verdict.
+            metadata, problem = None, None
             try:
-                return path, self.verify(path)
+                metadata = self.verify(path, share)
             except CheckpointError as error:
-                log(f"skipping checkpoint {path}: {error}")
+                problem = str(error)
+            problems = [p for p in self._gather(problem) if p]
+            if not problems:
+                return path, metadata
+            log(f"skipping checkpoint {path}: {problems[0]}")
         return None
 
     # ---- collectives over the whole job ---------------------------------------------------------
