@@ -54,7 +54,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # A crash in native code (SIGSEGV, SIGABRT from a C++ terminate) prints every thread's Python
     # stack, so a dead rank in a thousand-GPU job says where it was.
-    faulthandler.enable(all_threads=True)
+    try:
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, OSError, ValueError):  # stderr without a file descriptor (captured)
+        pass
     from megalm.train import NonFiniteLossError, build_trainer, write_resolved_config
 
     device = resolve_device(config.train.device)
