@@ -100,21 +100,35 @@ def _reshard_worker(rank: int, world_size: int, layout: tuple, root: str, mode: 
         records = trainer.fit(steps=13, start_step=10)  # the un-resharded continuation
         return {"weights": full_state(trainer), "continuation": [r["loss"] for r in records]}
     start = checkpointer.resume()
+    # Save the loaded state again at this layout: the test compares every full tensor with the original.
+    Checkpointer(trainer, Path(root) / f"resaved-{'x'.join(map(str, layout))}").save(start)
     weights = full_state(trainer)
     records = trainer.fit(steps=13, start_step=start)
     return {"weights": weights, "continuation": [r["loss"] for r in records], "start": start}
 
 
-def test_resharding_2x2x2_to_1x1x1_and_1x2x4(tmp_path: Path) -> None:
+def assert_same_full_tensors(original: Path, resaved: Path) -> None:
+    """Every parameter and Adam moment of two checkpoints, as full tensors (real vocabulary rows)."""
+    first = PieceIndex(original, json.loads((original / "metadata.json").read_text())["files"])
+    second = PieceIndex(resaved, json.loads((resaved / "metadata.json").read_text())["files"])
+    assert set(first.pieces) == set(second.pieces)
+    assert {kind for _, kind in first.pieces} == {"param", "exp_avg", "exp_avg_sq"}
+    for name, kind in sorted(first.pieces):
+        assert torch.equal(first.full(name, kind)[:200], second.full(name, kind)[:200]), (resaved, name, kind)
+
+
+def test_resharding_2x2x2_to_1x1x1_1x2x4_1x4x1_4x1x2(tmp_path: Path) -> None:
     saved = run_distributed(_reshard_worker, 8, (2, 2, 2, 1), str(tmp_path), "save", timeout=400)
     index = PieceIndex(tmp_path / "checkpoints" / "step_00000010", [f"rank_{r:05d}.pt" for r in range(8)])
-    for target, world in (((1, 1, 1, 0), 1), ((1, 2, 4, 1), 8), ((2, 2, 2, 0), 8)):
+    for target, world in (((1, 1, 1, 0), 1), ((1, 2, 4, 1), 8), ((2, 2, 2, 0), 8), ((1, 4, 1, 0), 4), ((4, 1, 2, 1), 8)):
         loaded = run_distributed(_reshard_worker, world, target, str(tmp_path), "load", timeout=400)
         assert loaded[0]["start"] == 10
         for name, weight in {k: v for r in loaded for k, v in r["weights"].items()}.items():
             assert torch.equal(weight, index.full(name, "param")[:200]), (target, name)
         continuation = saved[0]["continuation"]
         assert loaded[0]["continuation"] == pytest.approx(continuation, rel=1e-5), target
+        resaved = tmp_path / f"resaved-{'x'.join(map(str, target))}" / "checkpoints" / "step_00000010"
+        assert_same_full_tensors(tmp_path / "checkpoints" / "step_00000010", resaved)
     # The metadata lists each file's parameters, so a rank opens only the files it needs.
     checkpoint = tmp_path / "checkpoints" / "step_00000010"
     files = json.loads((checkpoint / "metadata.json").read_text())["files"]
@@ -268,6 +282,8 @@ def test_resharding_back_from_1x1x1_to_2x2x2_zero1(tmp_path: Path) -> None:
     for name, weight in {k: v for r in loaded for k, v in r["weights"].items()}.items():
         assert torch.equal(weight, index.full(name, "param")[:200]), name
     assert loaded[0]["continuation"] == pytest.approx(saved[0]["continuation"], rel=1e-5)
+    resaved = tmp_path / "resaved-2x2x2x1" / "checkpoints" / "step_00000010"
+    assert_same_full_tensors(tmp_path / "checkpoints" / "step_00000010", resaved)
 
 
 def test_convert_writes_one_file_of_full_tensors(tmp_path: Path) -> None:
