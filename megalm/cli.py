@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import faulthandler
 
-    from megalm.distributed import build_parallel_groups, init_distributed, resolve_device
+    from megalm.distributed import build_parallel_groups, describe_failed_collective, init_distributed, resolve_device
     from megalm.metrics import setup_logging
 
     # A crash in native code (SIGSEGV, SIGABRT from a C++ terminate) prints every thread's Python
@@ -93,8 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(
             f"megalm: rank {rank}: a collective failed or timed out (train.collective_timeout_s="
             f"{config.train.collective_timeout_s:g}) during step {trainer.current_step}: "
-            f"{str(error).splitlines()[0][:500]}; another rank died or is hung; exiting so torchrun can "
-            f"restart from the last checkpoint",
+            f"{describe_failed_collective(error, groups)}: {str(error).splitlines()[0][:500]}; another rank "
+            f"died or is hung; exiting so torchrun can restart from the last checkpoint",
             file=sys.stderr,
             flush=True,
         )

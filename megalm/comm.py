@@ -211,32 +211,13 @@ class CommCounter:
 
     def __init__(self, groups: ParallelGroups, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._names = [
-            (group, name)
-            for name, group in (
-                ("tp", groups.tp_group),
-                ("dp", groups.dp_group),
-                ("pp", groups.pp_group),
-                ("embedding", groups.embedding_group),
-            )
-            if group is not None
-        ]
+        self.groups = groups
         self._lock = threading.Lock()
         self._stats: dict[tuple[str, str], list[int]] = {}
 
     def group_name(self, group: Any) -> str:
         """'tp' | 'dp' | 'pp' | 'embedding' | 'world' | 'ranks[...]' for a process group argument."""
-        if group is None:
-            return "world"
-        for known, name in self._names:
-            if group is known:
-                return name
-        if dist.is_initialized() and group is dist.group.WORLD:
-            return "world"
-        try:
-            return f"ranks{dist.get_process_group_ranks(group)}"
-        except Exception:  # noqa: BLE001 - a name is all we need
-            return repr(group)
+        return self.groups.group_name(group)
 
     @contextlib.contextmanager
     def counting(self) -> Iterator["CommCounter"]:

@@ -12,7 +12,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -77,6 +78,30 @@ class ParallelGroups:
     @property
     def is_last_stage(self) -> bool:
         return self.topology.is_last_stage(self.rank)
+
+    def group_name(self, group: ProcessGroup) -> str:
+        """'tp' | 'dp' | 'pp' | 'embedding' | 'world' | 'ranks[...]' for a process group argument."""
+        if group is None:
+            return "world"
+        for name in ("tp", "dp", "pp", "embedding"):
+            if group is getattr(self, f"{name}_group"):
+                return name
+        if dist.is_initialized() and group is dist.group.WORLD:
+            return "world"
+        try:
+            return f"ranks{dist.get_process_group_ranks(group)}"
+        except Exception:  # noqa: BLE001 - a name is all we need
+            return repr(group)
+
+    def describe_group(self, group: ProcessGroup) -> str:
+        """e.g. 'the dp group (global ranks [0, 2])', for error messages."""
+        name = self.group_name(group)
+        ranks = {"tp": self.tp_ranks, "dp": self.dp_ranks, "pp": self.pp_ranks}.get(name)
+        if ranks is None and name == "embedding" and dist.is_initialized():
+            ranks = tuple(dist.get_process_group_ranks(group))
+        if name == "world":
+            return "the world group"
+        return f"the {name} group (global ranks {list(ranks)})" if ranks is not None else f"the group {name}"
 
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> "ParallelGroups":
@@ -215,3 +240,44 @@ def all_reduce_(tensor: torch.Tensor, group: ProcessGroup, op: dist.ReduceOp = d
     if group is not None:
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
+
+
+COLLECTIVE_NOTE = "megalm collective: "
+
+
+def wait_for(work: Any, what: str) -> None:
+    """Wait for an asynchronous collective; if it fails, the error carries `what` it was."""
+    try:
+        work.wait()
+    except RuntimeError as error:
+        error.add_note(COLLECTIVE_NOTE + what)
+        raise
+
+
+def describe_failed_collective(error: BaseException, groups: ParallelGroups) -> str:
+    """Which collective, over which group, and from where in megalm, for an error raised by one.
+
+    An asynchronous wait says what it waited for (`wait_for`); for a blocking call the innermost
+    torch.distributed frame of the traceback names the function and holds its `group` argument.
+    """
+    import traceback
+
+    frames = list(traceback.walk_tb(error.__traceback__))
+    # The innermost megalm frame that is not one of the small wrappers in this module.
+    callers = [
+        f"{Path(f.f_code.co_filename).relative_to(_PACKAGE_ROOT)}:{line} in {f.f_code.co_name}"
+        for f, line in reversed(frames)
+        if Path(f.f_code.co_filename).is_relative_to(_PACKAGE_ROOT / "megalm") and f.f_code.co_filename != __file__
+    ]
+    caller = callers[0] if callers else "outside megalm"
+    for note in getattr(error, "__notes__", []):
+        if note.startswith(COLLECTIVE_NOTE):
+            return f"{note[len(COLLECTIVE_NOTE):]} (waited at {caller})"
+    for frame, _ in reversed(frames):
+        if frame.f_code.co_filename.endswith("distributed_c10d.py") and frame.f_code.co_name[0] != "_":
+            group = frame.f_locals.get("group")
+            return f"{frame.f_code.co_name} over {groups.describe_group(group)} (called at {caller})"
+    return f"a collective (called at {caller})"
+
+
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]

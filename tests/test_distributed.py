@@ -6,6 +6,7 @@ that rank's group as the Topology lists it. Several layouts share one spawn of 8
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -123,3 +124,28 @@ def test_world_size_mismatch_is_a_clear_error() -> None:
         assert message is not None, "build_parallel_groups accepted a topology of 4 on 2 ranks"
         assert "torch.distributed has 2 ranks" in message
         assert "topology expects 4" in message
+
+
+# ---- naming a failed collective -------------------------------------------------------------------------
+class _FailingWork:
+    def wait(self) -> None:
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+
+
+def test_a_failed_asynchronous_wait_names_what_it_waited_for() -> None:
+    from megalm.distributed import describe_failed_collective, wait_for
+
+    with pytest.raises(RuntimeError, match="Connection closed") as info:
+        wait_for(_FailingWork(), "all_reduce of gradient bucket 2 over the dp group (global ranks [0, 1])")
+    text = describe_failed_collective(info.value, ParallelGroups.single())
+    assert text.startswith("all_reduce of gradient bucket 2 over the dp group (global ranks [0, 1]) (waited at")
+
+
+def test_a_failed_blocking_collective_is_named_from_the_traceback() -> None:
+    from megalm.distributed import describe_failed_collective
+
+    assert not dist.is_initialized()
+    with pytest.raises(Exception) as info:  # no process group: torch raises inside all_reduce
+        dist.all_reduce(torch.zeros(1))
+    text = describe_failed_collective(info.value, ParallelGroups.single())
+    assert text.startswith("all_reduce over "), text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,6 +57,9 @@ def test_hung_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     assert proc.returncode != 0
     # The waiting rank names the timeout and the step and exits; torchrun then ends the hung one.
     assert "a collective failed or timed out (train.collective_timeout_s=6) during step 3" in proc.stderr
+    # ... and names the collective, its group and where megalm called it.
+    assert re.search(r"during step 3: all_reduce over the (dp|world) group.* \(called at megalm/\S+\.py:\d+ in \w+\)",
+                     proc.stderr), proc.stderr[-3000:]
     assert elapsed < 60, elapsed  # well before the hung rank's 60 s are over
 
 
@@ -144,7 +148,8 @@ def test_node_failure_then_scheduler_restart_resumes_exactly(
     assert time.monotonic() - killed_at < 30  # a dead peer is noticed at once, not at the 90 s timeout
     agents[dead].wait(timeout=10)
     log = agent_log(run_dir, 1 - dead, port)
-    assert "a collective failed or timed out (train.collective_timeout_s=90) during step 15" in log, log[-3000:]
+    assert "a collective failed or timed out (train.collective_timeout_s=90) during step 15: " in log, log[-3000:]
+    assert re.search(r"during step 15: \w+ .*over the (dp|world) group", log), log[-3000:]
     # The orphaned worker of the killed agent noticed and exited by itself, so no stray process
     # keeps training into the run directory that the restarted job will use.
     deadline = time.monotonic() + 15

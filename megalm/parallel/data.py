@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megalm.distributed import ParallelGroups, ProcessGroup
+from megalm.distributed import ParallelGroups, ProcessGroup, wait_for
 
 
 def _reduce_scatter_single(output: torch.Tensor, tensor: torch.Tensor, group: ProcessGroup, async_op: bool):
@@ -214,7 +214,9 @@ class GradientSync:
             self._launch(bucket)
         for bucket in self.buckets:
             if bucket.handle is not None:
-                bucket.handle.wait()
+                op = "reduce_scatter" if self.shard else "all_reduce"
+                wait_for(bucket.handle, f"{op} of gradient bucket {bucket.index} over "
+                                        f"{self.groups.describe_group(self.groups.dp_group)}")
                 bucket.handle = None
         if self.shard:
             for bucket in self.buckets:

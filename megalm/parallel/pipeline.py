@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megalm.data.batch import Batch
-from megalm.distributed import ParallelGroups
+from megalm.distributed import ParallelGroups, wait_for
 from megalm.model.gpt import GPTModel
 from megalm.parallel.schedules import Action, build_schedule
 
@@ -95,7 +95,8 @@ class PipelineExecutor:
             work = dist.irecv(buffer, src=self.groups.pp_ranks[source], group=self.groups.pp_group)
             self._posted[next_key] = (buffer, work)
         buffer, work = self._posted.pop(key)
-        work.wait()
+        wait_for(work, f"irecv of {key} from pipeline stage {source} (global rank {self.groups.pp_ranks[source]}) "
+                       f"over {self.groups.describe_group(self.groups.pp_group)}")
         return buffer
 
     def _send(self, tensor: torch.Tensor, destination: int) -> None:
@@ -103,7 +104,7 @@ class PipelineExecutor:
         if tuple(tensor.shape) != self.activation_shape:
             raise RuntimeError(f"pipeline message of shape {tuple(tensor.shape)}, expected {self.activation_shape}")
         work = dist.isend(tensor, dst=self.groups.pp_ranks[destination], group=self.groups.pp_group)
-        self._pending_sends.append((tensor, work))
+        self._pending_sends.append((tensor, work, destination))
 
     # ---- running a schedule -----------------------------------------------------------------------
     def run(self, batches: list[Batch], loss_fn: LossFn, forward_only: bool = False) -> torch.Tensor:
@@ -132,8 +133,9 @@ class PipelineExecutor:
                     loss_sum += self._forward(action, batches[action.microbatch], loss_fn, forward_only)
                 else:
                     self._backward(action)
-        for _, work in self._pending_sends:
-            work.wait()
+        for _, work, destination in self._pending_sends:
+            wait_for(work, f"isend to pipeline stage {destination} (global rank {self.groups.pp_ranks[destination]}) "
+                           f"over {self.groups.describe_group(self.groups.pp_group)}")
         self._pending_sends.clear()
         return loss_sum
 
