@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _exit_worker(code: int) -> None:
     """End a torchrun worker without the interpreter's teardown, once everything is saved and closed.
 
-    In about one of 25 two-node test runs a worker that had finished cleanly (checkpoint committed,
+    In 2 of 38 two-node test runs a worker that had finished cleanly (checkpoint committed,
     process group destroyed) aborted during interpreter teardown with "terminate called without an
     active exception" from native code, with no Python frame on the stack. torchrun then reports the
     job as failed and the other nodes wait in its exit barrier for minutes. Nothing is left to do at
