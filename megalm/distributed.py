@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -245,12 +245,13 @@ def all_reduce_(tensor: torch.Tensor, group: ProcessGroup, op: dist.ReduceOp = d
 COLLECTIVE_NOTE = "megalm collective: "
 
 
-def wait_for(work: Any, what: str) -> None:
-    """Wait for an asynchronous collective; if it fails, the error carries `what` it was."""
+def wait_for(work: Any, what: Callable[[], str]) -> None:
+    """Wait for an asynchronous collective; if it fails, the error carries what it was (`what()`,
+    called only then, so the hot path builds no message)."""
     try:
         work.wait()
     except RuntimeError as error:
-        error.add_note(COLLECTIVE_NOTE + what)
+        error.add_note(COLLECTIVE_NOTE + what())
         raise
 
 

@@ -136,7 +136,7 @@ def test_a_failed_asynchronous_wait_names_what_it_waited_for() -> None:
     from megalm.distributed import describe_failed_collective, wait_for
 
     with pytest.raises(RuntimeError, match="Connection closed") as info:
-        wait_for(_FailingWork(), "all_reduce of gradient bucket 2 over the dp group (global ranks [0, 1])")
+        wait_for(_FailingWork(), lambda: "all_reduce of gradient bucket 2 over the dp group (global ranks [0, 1])")
     text = describe_failed_collective(info.value, ParallelGroups.single())
     assert text.startswith("all_reduce of gradient bucket 2 over the dp group (global ranks [0, 1]) (waited at")
 

@@ -214,9 +214,8 @@ class GradientSync:
             self._launch(bucket)
         for bucket in self.buckets:
             if bucket.handle is not None:
-                op = "reduce_scatter" if self.shard else "all_reduce"
-                wait_for(bucket.handle, f"{op} of gradient bucket {bucket.index} over "
-                                        f"{self.groups.describe_group(self.groups.dp_group)}")
+                wait_for(bucket.handle, lambda: f"{'reduce_scatter' if self.shard else 'all_reduce'} of gradient "
+                         f"bucket {bucket.index} over {self.groups.describe_group(self.groups.dp_group)}")
                 bucket.handle = None
         if self.shard:
             for bucket in self.buckets:

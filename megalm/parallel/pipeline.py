@@ -95,8 +95,8 @@ class PipelineExecutor:
             work = dist.irecv(buffer, src=self.groups.pp_ranks[source], group=self.groups.pp_group)
             self._posted[next_key] = (buffer, work)
         buffer, work = self._posted.pop(key)
-        wait_for(work, f"irecv of {key} from pipeline stage {source} (global rank {self.groups.pp_ranks[source]}) "
-                       f"over {self.groups.describe_group(self.groups.pp_group)}")
+        wait_for(work, lambda: f"irecv of {key} from pipeline stage {source} (global rank "
+                               f"{self.groups.pp_ranks[source]}) over {self.groups.describe_group(self.groups.pp_group)}")
         return buffer
 
     def _send(self, tensor: torch.Tensor, destination: int) -> None:
@@ -134,8 +134,8 @@ class PipelineExecutor:
                 else:
                     self._backward(action)
         for _, work, destination in self._pending_sends:
-            wait_for(work, f"isend to pipeline stage {destination} (global rank {self.groups.pp_ranks[destination]}) "
-                           f"over {self.groups.describe_group(self.groups.pp_group)}")
+            wait_for(work, lambda: f"isend to pipeline stage {destination} (global rank "
+                                   f"{self.groups.pp_ranks[destination]}) over {self.groups.describe_group(self.groups.pp_group)}")
         self._pending_sends.clear()
         return loss_sum
 
