@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from megalm.topology import RankCoords, Topology
 
 ProcessGroup = Optional[dist.ProcessGroup]
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the directory that holds megalm/
 
 
 @dataclass(frozen=True)
@@ -261,8 +263,6 @@ def describe_failed_collective(error: BaseException, groups: ParallelGroups) -> 
     An asynchronous wait says what it waited for (`wait_for`); for a blocking call the innermost
     torch.distributed frame of the traceback names the function and holds its `group` argument.
     """
-    import traceback
-
     frames = list(traceback.walk_tb(error.__traceback__))
     # The innermost megalm frame that is not one of the small wrappers in this module.
     callers = [
@@ -280,5 +280,3 @@ def describe_failed_collective(error: BaseException, groups: ParallelGroups) -> 
             return f"{frame.f_code.co_name} over {groups.describe_group(group)} (called at {caller})"
     return f"a collective (called at {caller})"
 
-
-_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
