@@ -12,16 +12,16 @@ are acyclic (which `simulate` checks) cannot deadlock.
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
+from torch.autograd.graph import get_gradient_edge
 
 from megalm.data.batch import Batch
-from megalm.distributed import ParallelGroups, wait_for
+from megalm.distributed import ParallelGroups
 from megalm.model.gpt import GPTModel
+from megalm.parallel.p2p import DistTransport, Transfer, Transport
 from megalm.parallel.schedules import Action, build_schedule
 
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
@@ -51,60 +51,65 @@ class PipelineExecutor:
         num_microbatches: int,
         activation_shape: tuple[int, ...],
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        *,
+        message_dtype: torch.dtype = torch.float32,
+        transport: Optional[Transport] = None,
     ) -> None:
         self.chunks = chunks
         self.groups = groups
         self.pp = groups.pp_size
+        self.pp_rank = groups.pp_rank
         self.virtual_stages = len(chunks)
         self.last_stage = self.pp * self.virtual_stages - 1
-        self.activation_shape = activation_shape
+        self.activation_shape = tuple(activation_shape)
         self.autocast = autocast
+        self.message_dtype = message_dtype
+        self.transport: Transport = transport if transport is not None else DistTransport(groups)
         self.train_schedule = build_schedule(schedule, self.pp, num_microbatches, self.virtual_stages)
+        self.combine_rounds = schedule == "interleaved"
         self.stats = StepStats()
-        self._train_orders: Optional[dict[int, list]] = None  # source rank -> keys in send order
 
-    # ---- the order of messages on each channel ----------------------------------------------------
-    def _stage(self, rank: int, chunk: int) -> int:
-        return chunk * self.pp + rank
+    def _stage(self, chunk: int) -> int:
+        return chunk * self.pp + self.pp_rank
 
-    def _sends(self, rank: int, action: Action) -> Optional[tuple[int, tuple]]:
-        """(destination pp rank, message key) of what `action` on `rank` sends, if anything."""
-        stage = self._stage(rank, action.chunk)
-        if action.kind == "F" and stage < self.last_stage:
-            return (stage + 1) % self.pp, ("act", action.microbatch, stage + 1)
-        if action.kind == "B" and stage > 0:
-            return (stage - 1) % self.pp, ("grad", action.microbatch, stage - 1)
+    def _needs(self, action: Action) -> Optional[tuple[int, tuple]]:
+        """(source pp rank, message key) of what `action` receives before it runs, if anything."""
+        stage = self._stage(action.chunk)
+        if action.kind == "F" and stage > 0:
+            return (stage - 1) % self.pp, ("act", action.microbatch, stage)
+        if action.kind == "B" and stage < self.last_stage:
+            return (stage + 1) % self.pp, ("grad", action.microbatch, stage)
         return None
 
-    def _channel_orders(self, schedules: list[list[Action]]) -> dict[int, list]:
-        """For each source rank: the keys it sends to this rank, in its sending order."""
-        me = self.groups.pp_rank
-        expected: dict[int, list] = {}
-        for rank, actions in enumerate(schedules):
-            for action in actions:
-                sent = self._sends(rank, action)
-                if sent is not None and sent[0] == me:
-                    expected.setdefault(rank, []).append(sent[1])
-        return expected
+    def _exchange(self, outgoing: list[Transfer], actions: tuple[Action, ...]) -> dict[Action, torch.Tensor]:
+        """Send the last round's messages and receive this round's inputs as ONE group; wait for it.
 
-    def _recv(self, source: int, key: tuple) -> torch.Tensor:
-        """Post receives from `source` in its sending order up to `key`, then wait for `key`."""
-        while key not in self._posted:
-            next_key = self._expected[source].popleft()
-            buffer = torch.empty(self.activation_shape, dtype=torch.float32, device=self.groups.device)
-            work = dist.irecv(buffer, src=self.groups.pp_ranks[source], group=self.groups.pp_group)
-            self._posted[next_key] = (buffer, work)
-        buffer, work = self._posted.pop(key)
-        wait_for(work, lambda: f"irecv of {key} from pipeline stage {source} (global rank "
-                               f"{self.groups.pp_ranks[source]}) over {self.groups.describe_group(self.groups.pp_group)}")
-        return buffer
+        The group completes only when every operation in it is matched, so on return the sent
+        tensors are released (the caller drops them) and every receive buffer is filled.
+        """
+        transfers = list(outgoing)
+        received = {}
+        for action in actions:
+            needs = self._needs(action)
+            if needs is not None:
+                buffer = torch.empty(self.activation_shape, dtype=self.message_dtype, device=self.groups.device)
+                transfers.append(Transfer("recv", needs[0], needs[1], buffer))
+                received[action] = buffer
+        if transfers:
+            self.transport.wait(self.transport.start(transfers))
+        return received
 
-    def _send(self, tensor: torch.Tensor, destination: int) -> None:
-        tensor = tensor.detach().to(torch.float32).contiguous()
+    def _message(self, tensor: torch.Tensor, destination: int, key: tuple) -> Transfer:
+        """A send of `tensor` in the message dtype (no copy when it already is that dtype and contiguous)."""
         if tuple(tensor.shape) != self.activation_shape:
-            raise RuntimeError(f"pipeline message of shape {tuple(tensor.shape)}, expected {self.activation_shape}")
-        work = dist.isend(tensor, dst=self.groups.pp_ranks[destination], group=self.groups.pp_group)
-        self._pending_sends.append((tensor, work, destination))
+            raise RuntimeError(
+                f"pipeline message {key} has shape {tuple(tensor.shape)}, expected {self.activation_shape}: the "
+                f"activation shape given to PipelineExecutor must match what the model chunks return"
+            )
+        tensor = tensor.detach()
+        if tensor.dtype != self.message_dtype:
+            tensor = tensor.to(self.message_dtype)
+        return Transfer("send", destination, key, tensor.contiguous())
 
     # ---- running a schedule -----------------------------------------------------------------------
     def run(self, batches: list[Batch], loss_fn: LossFn, forward_only: bool = False) -> torch.Tensor:
@@ -114,61 +119,92 @@ class PipelineExecutor:
         )
         if not forward_only and any(len(actions) != 2 * len(batches) * self.virtual_stages for actions in schedules):
             raise RuntimeError(f"the schedule was built for another number of micro-batches than {len(batches)}")
-        if forward_only:  # evaluation: rare, and its schedule depends on len(batches)
-            orders = self._channel_orders(schedules)
-        else:  # training: the same schedule every step, so its channel orders are computed once
-            if self._train_orders is None:
-                self._train_orders = self._channel_orders(schedules)
-            orders = self._train_orders
-        self._expected = {source: deque(keys) for source, keys in orders.items()}
-        self._posted: dict[tuple, tuple] = {}
-        self._pending_sends: list = []
         self._saved: dict[tuple[int, int], tuple] = {}
         self.stats = StepStats()
         loss_sum = torch.zeros((), device=self.groups.device)
+        outgoing: list[Transfer] = []  # the last round's messages, sent with the next round's receives
         grad_mode = torch.no_grad() if forward_only else contextlib.nullcontext()
         with grad_mode:
-            for action in schedules[self.groups.pp_rank]:
-                if action.kind == "F":
-                    loss_sum += self._forward(action, batches[action.microbatch], loss_fn, forward_only)
-                else:
-                    self._backward(action)
-        for _, work, destination in self._pending_sends:
-            wait_for(work, lambda: f"isend to pipeline stage {destination} (global rank "
-                                   f"{self.groups.pp_ranks[destination]}) over {self.groups.describe_group(self.groups.pp_group)}")
-        self._pending_sends.clear()
+            for round_ in self._rounds(schedules[self.pp_rank], combine=self.combine_rounds and not forward_only):
+                received = self._exchange(outgoing, round_)
+                outgoing = []  # released: the exchange that carried them has completed
+                outgoing, loss = self._run_round(round_, received, batches, loss_fn, forward_only)
+                loss_sum += loss
+            self._exchange(outgoing, ())
         return loss_sum
 
-    def _forward(self, action: Action, batch: Batch, loss_fn: LossFn, forward_only: bool) -> torch.Tensor:
-        stage = self._stage(self.groups.pp_rank, action.chunk)
+    def _run_round(
+        self, round_: tuple[Action, ...], received: dict, batches: list[Batch], loss_fn: LossFn, forward_only: bool
+    ) -> tuple[list[Transfer], torch.Tensor]:
+        """Compute a round's actions; returns their messages (no other reference to them survives) and loss."""
+        messages, loss_sum = [], torch.zeros((), device=self.groups.device)
+        for action in round_:
+            if action.kind == "F":
+                loss, message = self._forward(action, batches[action.microbatch], received.pop(action, None), loss_fn, forward_only)
+                loss_sum += loss
+            else:
+                message = self._backward(action, received.pop(action, None))
+            if message is not None:
+                messages.append(message)
+        return messages, loss_sum
+
+    @staticmethod
+    def _rounds(actions: list[Action], combine: bool) -> list[tuple[Action, ...]]:
+        """The actions between two exchanges: one each, or (interleaved, steady phase) a forward and a backward.
+
+        The interleaved steady phase pairs F(a) with a B(b) that does not wait for it, and its
+        forward and backward messages then cross between the same ranks: one exchange per pair
+        (Megatron's send-forward-backward / receive-forward-backward). Without a steady phase
+        (m = pp: all forwards, then all backwards) every action is its own round.
+        """
+        singles = [(action,) for action in actions]
+        leading = next((i for i, action in enumerate(actions) if action.kind == "B"), len(actions))
+        if not combine or leading == sum(action.kind == "F" for action in actions):
+            return singles
+        rounds, index = singles[: leading - 1], leading - 1  # warm-up forwards, one each
+        while index + 1 < len(actions) and actions[index].kind == "F" and actions[index + 1].kind == "B":
+            rounds.append((actions[index], actions[index + 1]))
+            index += 2
+        return rounds + singles[index:]
+
+    def _forward(
+        self, action: Action, batch: Batch, received: Optional[torch.Tensor], loss_fn: LossFn, forward_only: bool
+    ) -> tuple[torch.Tensor, Optional[Transfer]]:
+        stage = self._stage(action.chunk)
         chunk = self.chunks[action.chunk]
-        if stage == 0:
-            inputs = batch.tokens
-        else:
-            inputs = self._recv((stage - 1) % self.pp, ("act", action.microbatch, stage))
+        inputs = batch.tokens if stage == 0 else received
+        if stage > 0:
             inputs.requires_grad_(not forward_only)
         with self.autocast():
             if stage == self.last_stage:
                 output = loss_fn(chunk(inputs, labels=batch.labels, prefix_lengths=batch.prefix_lengths), batch)
             else:
                 output = chunk(inputs, prefix_lengths=batch.prefix_lengths)
-        if stage < self.last_stage:
-            self._send(output, (stage + 1) % self.pp)
+        if stage == self.last_stage:
+            if not forward_only:
+                self._keep(action, inputs if stage > 0 else None, output)
+            return output.detach(), None
+        message = self._message(output, (stage + 1) % self.pp, ("act", action.microbatch, stage + 1))
         if not forward_only:
-            self._saved[(action.microbatch, action.chunk)] = (inputs if stage > 0 else None, output)
-            self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._saved))
-        return output.detach() if stage == self.last_stage else torch.zeros((), device=self.groups.device)
+            # Keep only the autograd edge of the output, not the tensor: once the send completes its
+            # storage is freed, and backward starts from the edge with the received gradient.
+            self._keep(action, inputs if stage > 0 else None, get_gradient_edge(output))
+        return torch.zeros((), device=self.groups.device), message
 
-    def _backward(self, action: Action) -> None:
-        stage = self._stage(self.groups.pp_rank, action.chunk)
+    def _keep(self, action: Action, inputs: Optional[torch.Tensor], output) -> None:
+        self._saved[(action.microbatch, action.chunk)] = (inputs, output)
+        self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._saved))
+
+    def _backward(self, action: Action, grad: Optional[torch.Tensor]) -> Optional[Transfer]:
+        stage = self._stage(action.chunk)
         inputs, output = self._saved.pop((action.microbatch, action.chunk))
         if stage == self.last_stage:
             output.backward()
         else:
-            grad = self._recv((stage + 1) % self.pp, ("grad", action.microbatch, stage))
             torch.autograd.backward(output, grad_tensors=grad)
-        if stage > 0:
-            self._send(inputs.grad, (stage - 1) % self.pp)
+        if stage == 0:
+            return None
+        return self._message(inputs.grad, (stage - 1) % self.pp, ("grad", action.microbatch, stage - 1))
 
 
 def activation_shape(seq_length: int, micro_batch_size: int, hidden_size: int, groups: ParallelGroups, sequence_parallel: bool) -> tuple[int, int, int]:
