@@ -1,12 +1,30 @@
 """The pipeline executor: runs one rank's schedule (megalm.parallel.schedules) for one step.
 
-Activations and their gradients travel between adjacent virtual stages with non-blocking
-isend/irecv. Shapes are known from the config ([s, b, h], or [s/tp, b, h] per tp rank with
-sequence parallel), so there is no shape handshake. Every rank knows every rank's action list,
-so a receiver posts its receives on each channel in exactly the order the sender sends (the
-order NCCL needs; gloo would also match by tag), posting them lazily, when first needed.
-Sends are waited on at the end of the step; since no send blocks, a schedule whose dependencies
-are acyclic (which `simulate` checks) cannot deadlock.
+Activations and their gradients travel between adjacent virtual stages through a `Transport`
+(megalm.parallel.p2p: `batch_isend_irecv` over the pp group). Shapes are known from the config
+([s, b, h], or [s/tp, b, h] per tp rank with sequence parallel), so there is no shape handshake;
+messages travel in `message_dtype`.
+
+The protocol is built for NCCL, where a rank pair shares one in-order channel and a large send
+completes only once the peer has reached the matching receive. A rank's action list is cut into
+rounds: one action each, except that in the interleaved schedule's steady phase a forward and the
+backward after it form one round. Before each round the rank makes ONE exchange, a single batched
+group holding the previous round's sends and this round's receives, and waits for all of it:
+send-forward + receive-backward after a 1F1B forward, send-backward + receive-forward after a
+backward, and (interleaved) both sends and both receives at once. Neighbouring ranks' exchanges
+meet group against group, so a crossing pair of messages is always inside one group, and no rank
+waits on a message whose sender is itself waiting on that rank. `megalm.parallel.p2p_check`
+replays the operations the executor really issues under these rules for every schedule.
+
+Memory stays bounded by the schedule's in-flight count: a message is released as soon as the
+exchange that carried it completes, and a stage keeps only the autograd edge of its output
+(`get_gradient_edge`), not the tensor, so the output's storage is freed once it is sent; backward
+then starts from that edge with the received gradient. No receive is posted ahead of its round:
+one posted earlier on its own goes on the channel before a send the peer expects first (the
+crossing that deadlocks), and on a single NCCL stream it holds back every later group of the rank
+until its sender gets there. So transfers overlap each other (the sends and receives of one group
+run together) but not compute; prefetching would need a per-schedule proof, which the checker
+can supply, and is left for later.
 """
 
 from __future__ import annotations
