@@ -34,7 +34,8 @@ class Transfer:
         name, microbatch, stage = self.key
         what = "activation" if name == "act" else "gradient"
         direction = "to" if self.kind == "send" else "from"
-        return f"{self.kind} of the {what} of micro-batch {microbatch} for virtual stage {stage} {direction} pipeline rank {self.peer}"
+        return (f"{self.kind} of the {what} of micro-batch {microbatch} for virtual stage {stage} "
+                f"{direction} pipeline rank {self.peer}")
 
 
 class Transport(Protocol):
@@ -52,8 +53,17 @@ class DistTransport:
 
     def __init__(self, groups: ParallelGroups) -> None:
         self.groups = groups
+        self._started = False
 
     def start(self, transfers: Sequence[Transfer]) -> tuple[Sequence[Transfer], list]:
+        if not self._started:
+            self._started = True
+            # torch requires every rank of the group in the FIRST batch_isend_irecv on an NCCL group
+            # (it may create the communicator); the first exchange pairs only neighbours, so a
+            # barrier over the pp group creates it first. gloo needs nothing.
+            if dist.get_backend(self.groups.pp_group) == "nccl":
+                device = self.groups.device
+                dist.barrier(group=self.groups.pp_group, device_ids=[device.index] if device.type == "cuda" else None)
         ops = [
             dist.P2POp(
                 dist.isend if transfer.kind == "send" else dist.irecv,

@@ -158,7 +158,8 @@ class PipelineExecutor:
         messages, loss_sum = [], torch.zeros((), device=self.groups.device)
         for action in round_:
             if action.kind == "F":
-                loss, message = self._forward(action, batches[action.microbatch], received.pop(action, None), loss_fn, forward_only)
+                batch = batches[action.microbatch]
+                loss, message = self._forward(action, batch, received.pop(action, None), loss_fn, forward_only)
                 loss_sum += loss
             else:
                 message = self._backward(action, received.pop(action, None))

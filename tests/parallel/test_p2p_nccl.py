@@ -59,8 +59,11 @@ def test_no_deadlock_in_evaluation(pp: int, v: int) -> None:
         assert not problems_of(record_pipeline(schedule, pp, m * pp if v > 1 else m, v, SHAPE, forward_only=True))
 
 
-@pytest.mark.parametrize("case", [("1f1b", 2, 2, 1), ("1f1b", 4, 9, 1), ("gpipe", 3, 4, 1), ("interleaved", 2, 4, 2),
-                                  ("interleaved", 4, 8, 3), ("interleaved", 3, 3, 2)])
+SMALL_CASES = [("1f1b", 2, 2, 1), ("1f1b", 4, 9, 1), ("gpipe", 3, 4, 1), ("interleaved", 2, 4, 2),
+               ("interleaved", 4, 8, 3), ("interleaved", 3, 3, 2)]
+
+
+@pytest.mark.parametrize("case", SMALL_CASES)
 def test_no_deadlock_small_cases(case: tuple) -> None:
     assert not problems_of(record_pipeline(*case, SP_SHAPE))
 
@@ -102,6 +105,7 @@ def record_pipeline_with_shapes(model_shape: tuple, executor_shape: tuple) -> No
     groups = ParallelGroups(topology=Topology(1, 2, 1), rank=0, device=torch.device("cpu"), pp_ranks=(0, 1))
     events: list = []
     chunk = StubChunk(model_shape, events, is_first=True, is_last=False, name="chunk 0")
-    executor = PipelineExecutor([chunk], groups, "1f1b", 1, executor_shape, transport=RecordingTransport(events, (0, 1)))
+    transport = RecordingTransport(events, (0, 1))
+    executor = PipelineExecutor([chunk], groups, "1f1b", 1, executor_shape, transport=transport)
     tokens = torch.zeros(1, 4, dtype=torch.long)
     executor.run([Batch(tokens, tokens, torch.ones(1, 4))], lambda losses, batch: losses.sum())

@@ -1,10 +1,11 @@
 """What a pipeline stage holds during a 1F1B step does not grow with the number of micro-batches.
 
-Every storage created during the step is tracked (a TorchDispatchMode sees every op's output and
-every receive buffer; a weak reference says when the storage is freed), each storage counted
-once; the subset that autograd saved for backward (saved-tensor hooks) is the activations. The
-live bytes are sampled right after every chunk forward, before its output is sent. Parameter
-gradients (fixed size) and scalars (the loss accumulators) are left out. A single forward of the same chunk, measured the
+Every storage allocated during the step is tracked (a TorchDispatchMode sees every op's new
+output, receive buffers included; a weak reference says when the storage is freed), each storage
+counted once; the subset autograd saved for backward (saved-tensor hooks) is the activations.
+The live bytes are sampled right after every chunk forward, before its output is sent; the old
+executor's held sends and kept outputs show up there. Parameter gradients (fixed size) and
+scalars (the loss accumulators) are left out. A single forward of the same chunk, measured the
 same way, gives one micro-batch's bytes P (what backward keeps, its input buffer included) and
 the output's bytes O; the step's peak must equal in-flight(stage) x P + O for m = 8 and m = 64.
 """
@@ -43,7 +44,8 @@ class LiveStorages(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not func.is_view:  # a view or an in-place op returns a storage that existed before
-            inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            leaves = pytree.tree_leaves((args, kwargs))
+            inputs = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
             for leaf in pytree.tree_leaves(out):
                 if isinstance(leaf, torch.Tensor) and leaf.untyped_storage().data_ptr() not in inputs:
                     self.add(leaf)
