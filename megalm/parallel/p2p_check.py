@@ -225,8 +225,8 @@ def _head(channels: dict, rank: int, peer: int) -> str:
     return "[" + "; ".join(f"{op.kind} {op.key}{'' if not op.matched else ' (matched)'}" for op in ops) + "]"
 
 
-def sends_held_past_compute(trace: Trace) -> list[str]:
-    """Sends whose wait (their release) comes after a later compute event of the same rank."""
+def sends_held_past_compute(trace: Trace, allowed: int = 0) -> list[str]:
+    """Sends whose wait (their release) comes more than `allowed` compute events after their issue."""
     held = []
     for rank, events in trace.items():
         issued_at: dict[int, tuple[int, dict]] = {}
@@ -240,7 +240,7 @@ def sends_held_past_compute(trace: Trace) -> list[str]:
                         issued_at[spec["id"]] = (computes, spec)
             elif "wait" in event and event["wait"] in issued_at:
                 start, spec = issued_at.pop(event["wait"])
-                if computes > start:
+                if computes > start + allowed:
                     held.append(f"rank {rank}: send {spec['key']} waited {computes - start} computations later")
     return held
 

@@ -8,30 +8,39 @@ messages travel in `message_dtype`.
 The protocol is built for NCCL, where a rank pair shares one in-order channel and a large send
 completes only once the peer has reached the matching receive. A rank's action list is cut into
 rounds: one action each, except that in the interleaved schedule's steady phase a forward and the
-backward after it form one round. Before each round the rank makes ONE exchange, a single batched
-group holding the previous round's sends and this round's receives, and waits for all of it:
-send-forward + receive-backward after a 1F1B forward, send-backward + receive-forward after a
-backward, and (interleaved) both sends and both receives at once. Neighbouring ranks' exchanges
+backward after it form one round. Before each single-action round the rank makes ONE exchange, a
+batched group holding the previous round's sends and this round's receives, and waits for all of
+it: send-forward + receive-backward after a 1F1B forward, send-backward + receive-forward after a
+backward, send-forward + receive-forward in GPipe and in warm-up. Neighbouring ranks' exchanges
 meet group against group, so a crossing pair of messages is always inside one group, and no rank
-waits on a message whose sender is itself waiting on that rank. `megalm.parallel.p2p_check`
-replays the operations the executor really issues under these rules for every schedule.
+waits on a message whose sender is itself waiting on that rank.
+
+The interleaved steady state (F then B) overlaps transfers with compute as Megatron does: right
+after F the rank issues, unwaited, one group with F's output and the receive of the next F's
+input; right after B one group with B's gradient and the receive of the next B's gradient; each
+is waited just before the next F (B), so each direction's transfer runs under the other
+direction's compute (virtual stages wrap from the last rank to the first, so F and B messages
+cross between the same neighbours). The first steady round takes both inputs from the exchange
+before it; the first cool-down round finds its gradient already posted.
+
+`megalm.parallel.p2p_check` replays the operations the executor really issues under these rules
+(independent pair channels, and one stream per rank) for every schedule up to pp=8, m=32, v=4.
 
 Memory stays bounded by the schedule's in-flight count: a message is released as soon as the
 exchange that carried it completes, and a stage keeps only the autograd edge of its output
 (`get_gradient_edge`), not the tensor, so the output's storage is freed once it is sent; backward
-then starts from that edge with the received gradient. No receive is posted ahead of its round:
-one posted earlier on its own goes on the channel before a send the peer expects first (the
-crossing that deadlocks), and on a single NCCL stream it holds back every later group of the rank
-until its sender gets there. So transfers overlap each other (the sends and receives of one group
-run together) but not compute; prefetching would need a per-schedule proof, which the checker
-can supply, and is left for later.
+then starts from that edge with the received gradient (interleaved steady state: one message
+per direction is held one computation longer, while it overlaps). GPipe and 1F1B post no receive
+ahead of its round: there a receive posted early on its own goes on the channel before a send the
+peer expects first (the crossing that deadlocks: the checker finds it), so their transfers overlap
+each other (the sends and receives of one group run together) but not compute.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.autograd.graph import get_gradient_edge
@@ -143,13 +152,72 @@ class PipelineExecutor:
         outgoing: list[Transfer] = []  # the last round's messages, sent with the next round's receives
         grad_mode = torch.no_grad() if forward_only else contextlib.nullcontext()
         with grad_mode:
-            for round_ in self._rounds(schedules[self.pp_rank], combine=self.combine_rounds and not forward_only):
-                received = self._exchange(outgoing, round_)
+            rounds = self._rounds(schedules[self.pp_rank], combine=self.combine_rounds and not forward_only)
+            lanes: dict[str, tuple[Any, dict]] = {}  # "F" / "B": the group in flight and its receive buffers
+            first_steady = next((i for i, r in enumerate(rounds) if len(r) == 2), None)
+            for index, round_ in enumerate(rounds):
+                following = rounds[index + 1] if index + 1 < len(rounds) else ()
+                if len(round_) == 2 and index != first_steady:
+                    loss_sum += self._steady_round(round_, following, lanes, {}, batches, loss_fn)
+                    continue
+                prefetched = self._settle(lanes)
+                received = self._exchange(outgoing, tuple(a for a in round_ if a not in prefetched))
+                received.update(prefetched)
                 outgoing = []  # released: the exchange that carried them has completed
+                if len(round_) == 2:
+                    loss_sum += self._steady_round(round_, following, lanes, received, batches, loss_fn)
+                    continue
                 outgoing, loss = self._run_round(round_, received, batches, loss_fn, forward_only)
                 loss_sum += loss
+            self._settle(lanes)
             self._exchange(outgoing, ())
         return loss_sum
+
+    def _post(self, sends: list[Transfer], prefetch: tuple[Action, ...]) -> Optional[tuple[Any, dict]]:
+        """Issue `sends` and the receives of `prefetch`'s inputs as one group, not waited: (handle, buffers)."""
+        transfers, buffers = list(sends), {}
+        for action in prefetch:
+            needs = self._needs(action)
+            if needs is not None:
+                buffers[action] = torch.empty(self.activation_shape, dtype=self.message_dtype, device=self.groups.device)
+                transfers.append(Transfer("recv", needs[0], needs[1], buffers[action]))
+        return (self.transport.start(transfers), buffers) if transfers else None
+
+    def _settle(self, lanes: dict, kind: Optional[str] = None) -> dict[Action, torch.Tensor]:
+        """Wait for the group in flight on lane `kind` (or on both); returns its receive buffers."""
+        received = {}
+        for lane in [kind] if kind else list(lanes):
+            if lane in lanes:
+                handle, buffers = lanes.pop(lane)
+                self.transport.wait(handle)
+                received.update(buffers)
+        return received
+
+    def _steady_round(
+        self, round_: tuple[Action, ...], following: tuple[Action, ...], lanes: dict, received: dict,
+        batches: list[Batch], loss_fn: LossFn,
+    ) -> torch.Tensor:
+        """Interleaved steady state (Megatron's overlapped exchange): F, then B, each on its own lane.
+
+        Before F (B) the rank waits for the forward (backward) lane's group, which holds the last
+        F's (B's) message and this input; after F (B) it issues, unwaited, one group with F's
+        output and the receive of the next round's F input (B's gradient and the next B's), so
+        each transfer overlaps the other direction's compute.
+        """
+        forward, backward = round_
+        received.update(self._settle(lanes, "F"))
+        batch = batches[forward.microbatch]
+        loss, message = self._forward(forward, batch, received.pop(forward, None), loss_fn, False)
+        posted = self._post([message] if message else [], tuple(a for a in following if a.kind == "F"))
+        if posted:
+            lanes["F"] = posted
+        del message  # the lane holds it until its group completes
+        received.update(self._settle(lanes, "B"))
+        message = self._backward(backward, received.pop(backward, None))
+        posted = self._post([message] if message else [], tuple(a for a in following if a.kind == "B"))
+        if posted:
+            lanes["B"] = posted
+        return loss
 
     def _run_round(
         self, round_: tuple[Action, ...], received: dict, batches: list[Batch], loss_fn: LossFn, forward_only: bool
