@@ -208,13 +208,13 @@ class PipelineExecutor:
         received.update(self._settle(lanes, "F"))
         batch = batches[forward.microbatch]
         loss, message = self._forward(forward, batch, received.pop(forward, None), loss_fn, False)
-        posted = self._post([message] if message else [], tuple(a for a in following if a.kind == "F"))
+        posted = self._post([message] if message is not None else [], tuple(a for a in following if a.kind == "F"))
         if posted:
             lanes["F"] = posted
         del message  # the lane holds it until its group completes
         received.update(self._settle(lanes, "B"))
         message = self._backward(backward, received.pop(backward, None))
-        posted = self._post([message] if message else [], tuple(a for a in following if a.kind == "B"))
+        posted = self._post([message] if message is not None else [], tuple(a for a in following if a.kind == "B"))
         if posted:
             lanes["B"] = posted
         return loss
@@ -239,10 +239,9 @@ class PipelineExecutor:
     def _rounds(actions: list[Action], combine: bool) -> list[tuple[Action, ...]]:
         """The actions between two exchanges: one each, or (interleaved, steady phase) a forward and a backward.
 
-        The interleaved steady phase pairs F(a) with a B(b) that does not wait for it, and its
-        forward and backward messages then cross between the same ranks: one exchange per pair
-        (Megatron's send-forward-backward / receive-forward-backward). Without a steady phase
-        (m = pp: all forwards, then all backwards) every action is its own round.
+        The interleaved steady phase pairs F(a) with the B(b) after it, which does not wait for it;
+        such a round runs `_steady_round`. Without a steady phase (m = pp: all forwards, then all
+        backwards) every action is its own round.
         """
         singles = [(action,) for action in actions]
         leading = next((i for i, action in enumerate(actions) if action.kind == "B"), len(actions))
