@@ -12,8 +12,9 @@
 #   PYTHON=/path/to/python    use it as it is (it must hold the CUDA build of torch, numpy, pyyaml,
 #                             sentencepiece and pytest); the checkout runs from PYTHONPATH
 #   VENV (default .venv)      reuse it if it exists
-#   a python3 on PATH whose torch is a CUDA build (a GPU image's own): create VENV from it with
-#                             --system-site-packages and install megalm into it (--no-deps: offline)
+#   a python3 on PATH whose torch is a CUDA build (a GPU image's own): its venv if it is one, else
+#                             create VENV from it with --system-site-packages and install megalm into
+#                             it (--no-deps, no build isolation: works offline)
 #   otherwise                 scripts/setup_env.sh (EXTRAS=dev): torch==TORCH_VERSION from the
 #                             configured package index
 # A CPU build of torch is refused (exit 3), never benchmarked: PyPI's Linux x86_64 torch wheel is
@@ -47,11 +48,19 @@ elif [[ -x "$VENV/bin/python" ]]; then
   PY="$VENV/bin/python"
   say "reusing $VENV"
 elif command -v python3 >/dev/null && [[ "$(python3 -c "$torch_kind" 2>/dev/null)" == "cuda" ]]; then
-  say "creating $VENV from $(command -v python3), whose torch is a CUDA build (--system-site-packages)"
-  python3 -m venv --system-site-packages "$VENV"
-  PY="$VENV/bin/python"
-  if ! "$PY" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT" >>"$LOG" 2>&1; then
-    say "note: pip install -e . failed (see $LOG); megalm runs from the checkout via PYTHONPATH"
+  SYSTEM_PY=$(python3 -c 'import sys; print(sys.executable)')
+  if [[ "$(python3 -c 'import sys; print(sys.prefix != sys.base_prefix)')" == "True" ]]; then
+    # python3 is itself a venv (a GPU image's /opt/.../.venv): a venv made from it would see the base
+    # interpreter's packages, not this one's torch, so this venv is the one to reuse.
+    PY=$SYSTEM_PY
+    say "reusing the venv of $PY, whose torch is a CUDA build"
+  else
+    say "creating $VENV from $SYSTEM_PY, whose torch is a CUDA build (--system-site-packages)"
+    python3 -m venv --system-site-packages "$VENV"
+    PY="$VENV/bin/python"
+    if ! "$PY" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT" >>"$LOG" 2>&1; then
+      say "note: pip install -e . failed (see $LOG); megalm runs from the checkout via PYTHONPATH"
+    fi
   fi
 else
   say "no CUDA torch found on python3: installing with scripts/setup_env.sh into $VENV"

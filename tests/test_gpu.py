@@ -205,6 +205,27 @@ def test_gpu_check_fails_clearly_without_a_gpu(tmp_path: Path) -> None:
     assert not list((tmp_path / "out").glob("bench_*"))
 
 
+@pytest.mark.slow  # every Python start imports torch (sitecustomize)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_gpu_check_reuses_the_venv_that_holds_a_cuda_torch(tmp_path: Path) -> None:
+    """A GPU image's python3 lives in a venv of its own (offline, no registry): the check uses that
+    interpreter rather than a new venv, which would not see its torch."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(
+        "import torch\ntorch.version.cuda = '12.8'\ntorch.cuda.is_available = lambda: False\n"
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    proc = _gpu_check(str(tmp_path / "out"), VENV=str(tmp_path / "no-venv"), PYTHONPATH=str(fake),
+                      PATH=f"{bin_dir}:{os.environ['PATH']}")
+    assert f"reusing the venv of {sys.executable}, whose torch is a CUDA build" in proc.stderr, proc.stderr
+    assert not (tmp_path / "no-venv").exists()
+    assert proc.returncode == 2 and "sees no GPU" in proc.stderr  # and then: no device here
+
+
 def test_gpu_check_summary_reads_bench_json_and_test_figures(tmp_path: Path) -> None:
     """The summary step on real outputs: a CPU `megalm bench --json` and a test's figures line."""
     from megalm.cli import main
