@@ -67,7 +67,9 @@ def _stub_slurm(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\nenv > "{tmp_path}/srun_env.txt"\necho "$@" > "{tmp_path}/srun_args.txt"\n')
-    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nprintf "node001\\nnode002\\n"\n')
+    # Many nodes, as on a real cluster: the node list is longer than a pipe's buffer, so a reader
+    # that stops after the first line would kill scontrol with SIGPIPE (and the job, under pipefail).
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nfor i in $(seq -w 1 20000); do echo "node$i"; done\n')
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     return bin_dir
@@ -87,10 +89,10 @@ def test_sbatch_activates_the_venv_and_creates_its_log_directory(tmp_path: Path)
     proc = _sbatch(tmp_path, VENV=str(venv), NCCL_SOCKET_IFNAME="ib0", NCCL_IB_HCA="mlx5_0")
     assert proc.returncode == 0, proc.stderr
     log = (tmp_path / "logs" / "megalm-42.out").read_text()
-    assert "megalm: job 42, 2 nodes x 8 GPUs, rendezvous node001:29500" in log
+    assert "megalm: job 42, 2 nodes x 8 GPUs, rendezvous node00001:29500" in log
     env = dict(line.split("=", 1) for line in (tmp_path / "srun_env.txt").read_text().splitlines() if "=" in line)
     assert env["VIRTUAL_ENV"] == str(venv) and env["PATH"].startswith(f"{venv}/bin:")
-    assert (env["NNODES"], env["MASTER_ADDR"], env["RDZV_ID"]) == ("2", "node001", "42")
+    assert (env["NNODES"], env["MASTER_ADDR"], env["RDZV_ID"]) == ("2", "node00001", "42")
     assert (env["NCCL_SOCKET_IFNAME"], env["NCCL_IB_HCA"]) == ("ib0", "mlx5_0")
     assert env["MEGALM_LOG_DIR"] == "logs"
     args = (tmp_path / "srun_args.txt").read_text().split()
