@@ -166,10 +166,10 @@ def _control_worker(rank: int, world_size: int) -> dict:
         "separate": control is not groups.dp_group and control is not dist.group.WORLD,
         "name": groups.describe_group(control),
     }
-    # Rank 1 is 4 s late: rank 0's barrier on the control group ends after its own 1 s timeout, not
+    # Rank 1 is 6 s late: rank 0's barrier on the control group ends after its own 1 s timeout, not
     # the dp group's 60 s, so the timeout is the control group's own.
     if rank == 1:
-        time.sleep(4.0)
+        time.sleep(6.0)
     start = time.monotonic()
     try:
         dist.barrier(group=control)
@@ -187,7 +187,7 @@ def test_control_group_spans_every_rank_over_gloo_with_its_own_timeout() -> None
         assert result["backend"] == "gloo" and result["size"] == 2 and result["sum"] == 0 + 1
         assert result["separate"]
         assert result["name"] == "the control group (global ranks [0, 1])"
-    assert results[0]["timed_out"] and results[0]["waited_s"] < 3.5, results[0]
+    assert results[0]["timed_out"] and results[0]["waited_s"] < 4.5, results[0]
 
 
 # ---- GPU start-up: device_id, TF32 ----------------------------------------------------------------------
