@@ -18,9 +18,10 @@ LOGGER_NAME = "megalm"
 # Dense bf16 peak TFLOP/s per device, for MFU when log.peak_tflops is not set (first match wins).
 # The H100 comes in three boards with different clocks and SM counts. NVIDIA's H100 product page
 # (nvidia.com/en-us/data-center/h100, "BFLOAT16 Tensor Core ... * With sparsity") gives 1,979
-# TFLOP/s for SXM and 1,671 for NVL, and the H100 PCIe product brief (PB-11133-001) 1,513; the dense
-# rate is half of the sparse one: SXM 989, NVL 835, PCIe 756. The SXM5 board has 132 SMs and 80 GB,
-# NVL 132 SMs and 94 GB, PCIe 114 SMs and 80 GB.
+# TFLOP/s for SXM and 1,671 for NVL; NVIDIA's earlier H100 datasheet table (SXM | PCIe columns, as
+# reproduced by resellers, e.g. archive-lib.hpctech.co.jp/gpuproduct/nvidia-h100.html) gives 1,513 for
+# PCIe, with "specifications 1/2 lower without sparsity": dense SXM 989, NVL 835, PCIe 756. The SXM5
+# board has 132 SMs and 80 GB, NVL 132 SMs and 94 GB, PCIe 114 SMs and 80 GB.
 H100_SXM, H100_NVL, H100_PCIE = 989.0, 835.0, 756.0
 _PEAK_BF16_TFLOPS = {"H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
