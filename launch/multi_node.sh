@@ -11,12 +11,12 @@
 # MEGALM_LOG_DIR (logs), and the NCCL network, flight-recorder and allocator settings of
 # launch/env.sh (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG, ...; each overridable).
 set -euo pipefail
-# shellcheck source=launch/env.sh
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 if [[ $# -lt 1 || -z "${NNODES:-}" || -z "${MASTER_ADDR:-}" ]]; then
   echo "usage: NNODES=N MASTER_ADDR=HOST [MASTER_PORT=29500] [NPROC_PER_NODE=G] $0 CONFIG [key=value ...]" >&2
   exit 2
 fi
+# shellcheck source=launch/env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
