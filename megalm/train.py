@@ -235,6 +235,7 @@ class Trainer:
                 f"grad norm {result.grad_norm:.3f} | {rates['tokens_per_s']:,.0f} tok/s | "
                 f"{rates['tflops_per_device']:.3g} TFLOP/s/device | MFU {mfu} | "
                 f"data {100 * result.data_seconds / result.seconds:.1f}% | mem {record['peak_memory_gb']:.2f} GB"
+                + (f" ({record['peak_reserved_gb']:.2f} GB reserved)" if record["peak_reserved_gb"] is not None else "")
                 + (f" | skipped (fp16 overflow, loss scale now {self.scaler.scale:g})" if result.skipped else "")
             )
             if self.comm.enabled:
