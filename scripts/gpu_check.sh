@@ -17,9 +17,13 @@
 #                             it (--no-deps, no build isolation: works offline)
 #   otherwise                 scripts/setup_env.sh (EXTRAS=dev): torch==TORCH_VERSION from the
 #                             configured package index
-# A CPU build of torch is refused (exit 3), never benchmarked: PyPI's Linux x86_64 torch wheel is
-# the CUDA build, but a pip configured for a CPU index or a wheel directory of +cpu builds installs
-# torch without CUDA, and then this script says so and stops. No GPU visible: exit 2.
+# A CPU build of torch is refused (exit 3), never benchmarked. `pip install torch==2.13.0` from PyPI
+# on Linux x86_64 resolves to torch-2.13.0-cp3XX-manylinux_2_28_x86_64.whl, the CUDA 13.0 build (it
+# requires cuda-toolkit 13.0.3, nvidia-cudnn-cu13, nvidia-nccl-cu13 2.29.7; driver >= 580), so
+# setup_env.sh on a GPU machine that reaches PyPI gets CUDA; a pip configured for a CPU index or a
+# wheel directory of +cpu builds (as on megalm's CPU CI machine) installs 2.13.0+cpu, and then this
+# script says so and stops. A machine that reaches no registry (a GPU image with its own torch) is
+# served by the python3 branch above. No GPU visible: exit 2.
 # Bench sizes (global batch, steps) are cut to fit the time: BENCH_STEPS, BENCH_WARMUP,
 # BATCH_125M, BATCH_1_3B override them.
 set -euo pipefail
@@ -99,9 +103,10 @@ import json, sys
 i = json.load(open(sys.argv[1]))
 print(i["torch"], i["torch_cuda"], i["cuda_available"], ",".join(i["missing_modules"]) or "-")' "$OUT_DIR/environment.json")
 if [[ "$TORCH_CUDA" == "None" ]]; then
-  say "torch $TORCH in $PY is a CPU build: this check would time the CPU. Install the CUDA build, e.g."
-  say "  $PY -m pip install torch==${TORCH_VERSION:-2.13.0} --index-url https://download.pytorch.org/whl/cu128"
-  say "or point PYTHON at an interpreter that has it"
+  say "torch $TORCH in $PY is a CPU build: this check would time the CPU. Install the CUDA build:"
+  say "  $PY -m pip install --force-reinstall torch==${TORCH_VERSION:-2.13.0} --index-url https://pypi.org/simple"
+  say "(PyPI's Linux x86_64 torch 2.13.0 is the CUDA 13.0 build: NVIDIA driver >= 580), or from"
+  say "https://download.pytorch.org/whl/cu126 (or cu128) for an older driver; or set PYTHON to an interpreter that has it"
   exit 3
 fi
 if [[ "$AVAILABLE" != "True" ]]; then

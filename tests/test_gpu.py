@@ -186,7 +186,7 @@ def test_gpu_check_refuses_a_cpu_build_of_torch(tmp_path: Path) -> None:
     proc = _gpu_check(str(tmp_path / "out"), PYTHON=sys.executable)
     assert proc.returncode == 3, proc.stderr
     assert f"torch {torch.__version__} in {sys.executable} is a CPU build" in proc.stderr
-    assert "--index-url https://download.pytorch.org/whl/cu" in proc.stderr
+    assert "--index-url https://pypi.org/simple" in proc.stderr and "CUDA 13.0 build" in proc.stderr
     assert json.loads((tmp_path / "out" / "environment.json").read_text())["torch_cuda"] is None
     assert not list((tmp_path / "out").glob("bench_*"))  # nothing was benchmarked on the CPU
 
