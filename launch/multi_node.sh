@@ -7,12 +7,16 @@
 #
 # Environment: NNODES (required), MASTER_ADDR (required), MASTER_PORT (29500), NPROC_PER_NODE
 # (GPUs on this node), RDZV_ID (job id shared by all nodes; SLURM_JOB_ID when set), MAX_RESTARTS
-# (0: restarts of the whole group after a failure), RDZV_TIMEOUT (seconds to wait for all nodes).
+# (0: restarts of the whole group after a failure), RDZV_TIMEOUT (seconds to wait for all nodes),
+# MEGALM_LOG_DIR (logs), and the NCCL network, flight-recorder and allocator settings of
+# launch/env.sh (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG, ...; each overridable).
 set -euo pipefail
 if [[ $# -lt 1 || -z "${NNODES:-}" || -z "${MASTER_ADDR:-}" ]]; then
   echo "usage: NNODES=N MASTER_ADDR=HOST [MASTER_PORT=29500] [NPROC_PER_NODE=G] $0 CONFIG [key=value ...]" >&2
   exit 2
 fi
+# shellcheck source=launch/env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi

@@ -486,7 +486,7 @@ def format_report(result: dict) -> str:
 
 def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> int:
     """`megalm bench`: time megalm and (unless --no-baseline) the plain baseline; print, write JSON."""
-    from megalm.distributed import build_parallel_groups, init_distributed, resolve_device
+    from megalm.distributed import allow_tf32, build_parallel_groups, init_distributed, resolve_device
     from megalm.metrics import setup_logging
 
     steps, warmup = int(args.steps), int(args.warmup)
@@ -494,6 +494,7 @@ def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> i
         print(f"megalm bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}", file=sys.stderr)
         return 2
     device = resolve_device(config.train.device)
+    tf32 = allow_tf32(device, config.train.precision)  # as `megalm train` does: both phases time the same math
     rank, _ = init_distributed(device)
     setup_logging(rank, config.log.all_ranks)
     groups = build_parallel_groups(topology, rank, device)
@@ -510,6 +511,8 @@ def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> i
         "config": getattr(args, "config", None),
         "overrides": list(getattr(args, "overrides", []) or []),
         "device": device_name(device),
+        "torch_version": torch.__version__,
+        "tf32": tf32,
         "layout": topology.describe(),
         "world_size": topology.world_size,
         "dp": topology.dp,

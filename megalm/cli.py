@@ -49,8 +49,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import faulthandler
 
-    from megalm.distributed import build_parallel_groups, describe_failed_collective, init_distributed, resolve_device
-    from megalm.metrics import setup_logging
+    import torch
+
+    from megalm.distributed import (
+        allow_tf32, build_parallel_groups, describe_failed_collective, init_distributed, resolve_device,
+    )
+    from megalm.metrics import describe_out_of_memory, setup_logging
 
     # A crash in native code (SIGSEGV, SIGABRT from a C++ terminate) prints every thread's Python
     # stack, so a dead rank in a thousand-GPU job says where it was.
@@ -61,9 +65,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from megalm.train import NonFiniteLossError, build_trainer, write_resolved_config
 
     device = resolve_device(config.train.device)
+    allow_tf32(device, config.train.precision)
     rank, _ = init_distributed(device, config.train.collective_timeout_s)
     logger = setup_logging(rank, config.log.all_ranks)
-    groups = build_parallel_groups(topology, rank, device, config.train.collective_timeout_s)
+    groups = build_parallel_groups(
+        topology, rank, device, config.train.collective_timeout_s, control_timeout_s=config.checkpoint.timeout_s
+    )
     run_dir = Path(args.run_dir or config.train.run_dir)
     if rank == 0:
         logger.info("resolved config:\n" + config_to_yaml(config))
@@ -85,6 +92,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as error:
         logger.error(f"rank {rank}: {error}")
         code = 3
+    except torch.OutOfMemoryError as error:
+        # A RuntimeError too, but not a failed collective: say so, with the memory figures. This
+        # rank's peers then fail their next collective (reported as such) and exit. A restart
+        # would run out of memory again, so the exit code says "do not retry": 4.
+        print(
+            f"megalm: rank {rank}: {describe_out_of_memory(device, trainer.current_step)}; "
+            f"the error: {str(error).splitlines()[0][:500]}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if "WORLD_SIZE" in os.environ:
+            _exit_worker(OUT_OF_MEMORY_EXIT)
+        code = OUT_OF_MEMORY_EXIT
     except RuntimeError as error:
         if "WORLD_SIZE" not in os.environ:
             raise
@@ -108,6 +128,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         _exit_worker(code)
     return code
+
+
+OUT_OF_MEMORY_EXIT = 4  # distinct from a failed collective (1) and a non-finite loss (3)
 
 
 def _exit_worker(code: int) -> None:

@@ -402,10 +402,13 @@ class CheckpointConfig(_Section):
     save_at_end: bool = True
     signal: str = "SIGTERM"  # on this signal (any rank) every rank saves and exits 0
     on_nan: str = "skip"  # a non-finite gradient: skip the step, or stop (the last checkpoint stays intact)
+    # Timeout of the checkpoint path's own gloo group (save/stop decision, commit barriers, checksum
+    # verdicts): a save may take this long on a slow filesystem without tripping train.collective_timeout_s.
+    timeout_s: float = 1800.0
 
     def _check_values(self) -> None:
         self._non_negative("interval_steps", "interval_minutes")
-        self._positive("keep")
+        self._positive("keep", "timeout_s")
 
 
 _SECTIONS: dict[str, type[_Section]] = {

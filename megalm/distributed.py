@@ -40,6 +40,10 @@ class ParallelGroups:
     dp_group: ProcessGroup = None
     pp_group: ProcessGroup = None
     embedding_group: ProcessGroup = None
+    # All ranks over gloo with checkpoint.timeout_s: checkpoint coordination (save/stop decisions,
+    # commit barriers, checksum verdicts) runs here, so a slow filesystem during a save waits on
+    # this group's long timeout instead of tripping the training groups' (NCCL's) watchdog.
+    control_group: ProcessGroup = None
     # Global ranks of this rank's groups (for p2p and for error messages).
     tp_ranks: tuple[int, ...] = (0,)
     dp_ranks: tuple[int, ...] = (0,)
@@ -85,7 +89,7 @@ class ParallelGroups:
         """'tp' | 'dp' | 'pp' | 'embedding' | 'world' | 'ranks[...]' for a process group argument."""
         if group is None:
             return "world"
-        for name in ("tp", "dp", "pp", "embedding"):
+        for name in ("tp", "dp", "pp", "embedding", "control"):
             if group is getattr(self, f"{name}_group"):
                 return name
         if dist.is_initialized() and group is dist.group.WORLD:
@@ -99,7 +103,7 @@ class ParallelGroups:
         """e.g. 'the dp group (global ranks [0, 2])', for error messages."""
         name = self.group_name(group)
         ranks = {"tp": self.tp_ranks, "dp": self.dp_ranks, "pp": self.pp_ranks}.get(name)
-        if ranks is None and name == "embedding" and dist.is_initialized():
+        if ranks is None and name in ("embedding", "control") and dist.is_initialized():
             ranks = tuple(dist.get_process_group_ranks(group))
         if name == "world":
             return "the world group"
@@ -129,6 +133,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def allow_tf32(device: torch.device, precision: str) -> bool:
+    """fp32 runs on CUDA: let matmuls and convolutions use TF32 tensor cores; True if set.
+
+    TF32 rounds the inputs to a 10-bit mantissa and accumulates in fp32 (about 1e-3 relative
+    error per product, the dynamic range of fp32), at up to 8x the throughput of fp32 FMA on
+    Ampere and Hopper. bf16/fp16 runs do their matmuls in half precision and are left as they are.
+    """
+    if device.type != "cuda" or precision != "fp32":
+        return False
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: the per-backend API
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def init_distributed(device: torch.device, timeout_s: float = 300.0) -> tuple[int, int]:
     """Start torch.distributed from torchrun's environment (NCCL on GPU, gloo on CPU).
 
@@ -155,7 +177,12 @@ def init_distributed(device: torch.device, timeout_s: float = 300.0) -> tuple[in
         )
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"megalm/attempt_{attempt}", base)
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        # device_id binds the NCCL communicator to this rank's GPU at init (eager init): no guess
+        # of the device at the first collective, and barrier() knows which GPU to use.
+        device_id = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(
+            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **device_id
+        )
         if "TORCHELASTIC_RUN_ID" in os.environ:
             exit_with_launcher(rank)
     return dist.get_rank(), dist.get_world_size()
@@ -202,10 +229,18 @@ def _new_groups(
     return mine, my_ranks
 
 
+DEFAULT_CONTROL_TIMEOUT_S = 1800.0  # checkpoint.timeout_s's default: a save of a large model on a slow filesystem
+
+
 def build_parallel_groups(
-    topology: Topology, rank: int, device: torch.device, timeout_s: Optional[float] = None
+    topology: Topology,
+    rank: int,
+    device: torch.device,
+    timeout_s: Optional[float] = None,
+    control_timeout_s: float = DEFAULT_CONTROL_TIMEOUT_S,
 ) -> ParallelGroups:
-    """Create the TP, DP, PP and embedding process groups of `topology` for this rank."""
+    """Create the TP, DP, PP and embedding process groups of `topology` for this rank, and the
+    control group (every rank, gloo, `control_timeout_s`) that checkpoint coordination uses."""
     if topology.world_size == 1:
         return ParallelGroups(topology=topology, rank=0, device=device)
     if not dist.is_initialized():
@@ -223,6 +258,10 @@ def build_parallel_groups(
     embedding_group, _ = _new_groups(topology.embedding_groups(), rank, timeout)
     if topology.embedding_group_ranks(rank) is None:
         embedding_group = None
+    # A group of its own even where the world is gloo already (CPU): its timeout is separate.
+    control_group = dist.new_group(
+        list(range(topology.world_size)), timeout=datetime.timedelta(seconds=control_timeout_s), backend="gloo"
+    )
     return ParallelGroups(
         topology=topology,
         rank=rank,
@@ -231,6 +270,7 @@ def build_parallel_groups(
         dp_group=dp_group,
         pp_group=pp_group,
         embedding_group=embedding_group,
+        control_group=control_group,
         tp_ranks=tp_ranks,
         dp_ranks=dp_ranks,
         pp_ranks=pp_ranks,

@@ -6,7 +6,10 @@ MEGALM_FAULT="KIND:RANK:STEP[:SECONDS]" makes global rank RANK, at optimizer ste
   hang          block in a collective that no other rank joins (or sleep SECONDS without
                 torch.distributed): its peers wait in theirs until the collective timeout;
   sleep         sleep SECONDS before the step, outside any collective (a window in which a test
-                can kill this rank's node at a known step; its peers wait in their next collective).
+                can kill this rank's node at a known step; its peers wait in their next collective);
+  sleep-in-save sleep SECONDS inside the checkpoint save of STEP, after writing its own file (a slow
+                filesystem: its peers wait in the save's coordination, on the control group);
+  oom           raise torch.OutOfMemoryError before the step (what the CUDA allocator raises).
 RANK may be "*" (every rank of the processes that see the variable, e.g. one node's agent).
 A fault fires once per run directory and rank (a marker file records it), so a restarted job goes on.
 """
@@ -18,7 +21,8 @@ import signal
 import time
 from pathlib import Path
 
-KINDS = ("kill", "kill-in-save", "hang", "sleep")
+KINDS = ("kill", "kill-in-save", "hang", "sleep", "sleep-in-save", "oom")
+_IN_SAVE = ("kill-in-save", "sleep-in-save")  # fire inside the save of STEP; the others before the step
 
 
 def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
@@ -31,7 +35,7 @@ def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
         raise ValueError(f"MEGALM_FAULT={spec!r}: unknown kind {kind!r}; use one of {', '.join(KINDS)}")
     if (fault_rank != "*" and int(fault_rank) != rank) or int(fault_step) != step:
         return
-    if (where == "save") != (kind == "kill-in-save"):
+    if (where == "save") != (kind in _IN_SAVE):
         return
     marker = Path(run_dir) / f".fault-{kind}-{rank}-{step}"
     if marker.exists():
@@ -40,8 +44,14 @@ def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
     marker.write_text(f"{os.getpid()}\n")  # the pid, for tests that look for orphans
     if kind in ("kill", "kill-in-save"):
         os.kill(os.getpid(), signal.SIGKILL)
-    elif kind == "sleep":
+    elif kind in ("sleep", "sleep-in-save"):
         time.sleep(float(rest[0]) if rest else 3600.0)
+    elif kind == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(
+            f"CUDA out of memory (injected by MEGALM_FAULT={spec}). Tried to allocate 2.00 GiB"
+        )
     elif kind == "hang":
         import torch
         import torch.distributed as dist

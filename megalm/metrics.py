@@ -15,8 +15,15 @@ from megalm.config import ModelConfig
 
 LOGGER_NAME = "megalm"
 
-# Dense bf16 peak TFLOP/s per device, for MFU when log.peak_tflops is not set.
-_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "H800": 989.0, "L40S": 362.0}
+# Dense bf16 peak TFLOP/s per device, for MFU when log.peak_tflops is not set (first match wins).
+# The H100 comes in three boards with different clocks and SM counts. NVIDIA's H100 product page
+# (nvidia.com/en-us/data-center/h100, "BFLOAT16 Tensor Core ... * With sparsity") gives 1,979
+# TFLOP/s for SXM and 1,671 for NVL; NVIDIA's earlier H100 datasheet table (SXM | PCIe columns, as
+# reproduced by resellers, e.g. archive-lib.hpctech.co.jp/gpuproduct/nvidia-h100.html) gives 1,513 for
+# PCIe, with "specifications 1/2 lower without sparsity": dense SXM 989, NVL 835, PCIe 756. The SXM5
+# board has 132 SMs and 80 GB, NVL 132 SMs and 94 GB, PCIe 114 SMs and 80 GB.
+H100_SXM, H100_NVL, H100_PCIE = 989.0, 835.0, 756.0
+_PEAK_BF16_TFLOPS = {"H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
 
 def get_logger() -> logging.Logger:
@@ -48,22 +55,105 @@ def training_flops_per_token(cfg: ModelConfig) -> float:
     return 3.0 * forward
 
 
-def guess_peak_tflops(device: torch.device) -> Optional[float]:
-    """Dense bf16 peak of a known GPU, or None (CPU, unknown GPU): then MFU needs log.peak_tflops."""
-    if device.type != "cuda":
+def peak_bf16_tflops(name: str, sm_count: int, memory_gib: float) -> Optional[float]:
+    """Dense bf16 peak of a GPU from its name, SM count and memory, or None when unknown."""
+    upper = name.upper()
+    if "H100" in upper:
+        if "NVL" in upper or (sm_count == 132 and memory_gib > 85):  # 94 GB NVL board
+            return H100_NVL
+        if "PCIE" in upper or sm_count == 114:
+            return H100_PCIE
+        return H100_SXM
+    if "NVL" in upper:  # e.g. H200 NVL: a lower-clocked board whose figure is not in this table
         return None
-    name = torch.cuda.get_device_name(device)
     for key, peak in _PEAK_BF16_TFLOPS.items():
-        if key in name:
+        if key in upper:
             return peak
     return None
 
 
+def guess_peak_tflops(device: torch.device) -> Optional[float]:
+    """Dense bf16 peak of a known GPU, or None (CPU, unknown GPU): then MFU needs log.peak_tflops."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return peak_bf16_tflops(props.name, props.multi_processor_count, props.total_memory / 2**30)
+
+
+def _linux_peak_rss_bytes() -> Optional[int]:
+    """VmHWM (peak resident set) of this process from /proc, or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory window; False where the platform cannot (then the peak is since start).
+
+    CUDA: the caching allocator's peak statistics. CPU: Linux resets a process's peak resident set
+    (VmHWM) when "5" is written to /proc/self/clear_refs.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated GPU memory, or this process's peak resident set size on CPU."""
+    """Peak allocated GPU memory since the last reset_peak_memory, or on CPU this process's peak
+    resident set (since the last reset where Linux allows one, else since the process started)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = _linux_peak_rss_bytes()
+    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_reserved_bytes(device: torch.device) -> Optional[int]:
+    """Peak memory the CUDA caching allocator held (allocated + cached), or None on CPU."""
+    return torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
+
+
+def memory_figures(device: torch.device) -> dict[str, Optional[float]]:
+    """GiB now allocated, reserved, peak allocated, peak reserved and total on `device` (CPU: peak RSS)."""
+    gib = 2**30
+    if device.type != "cuda":
+        return {"allocated_gib": None, "reserved_gib": None, "peak_gib": peak_memory_bytes(device) / gib,
+                "peak_reserved_gib": None, "total_gib": None}
+    return {
+        "allocated_gib": torch.cuda.memory_allocated(device) / gib,
+        "reserved_gib": torch.cuda.memory_reserved(device) / gib,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / gib,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
+        "total_gib": torch.cuda.get_device_properties(device).total_memory / gib,
+    }
+
+
+def describe_out_of_memory(device: torch.device, step: int, figures: Optional[dict] = None) -> str:
+    """What an out-of-memory error needs to say: where, the memory figures, and what to try."""
+    figures = figures if figures is not None else memory_figures(device)
+    if device.type == "cuda":
+        where = (
+            f"{device}: {figures['allocated_gib']:.2f} GiB allocated, {figures['reserved_gib']:.2f} GiB reserved, "
+            f"peak {figures['peak_gib']:.2f} GiB allocated / {figures['peak_reserved_gib']:.2f} GiB reserved, "
+            f"of {figures['total_gib']:.2f} GiB"
+        )
+    else:
+        where = f"{device}: peak resident set {figures['peak_gib']:.2f} GiB"
+    return (
+        f"out of memory during step {step} on {where}; to fit, try a smaller train.micro_batch_size "
+        f"(more accumulation steps), more pipeline stages or tensor parallelism (parallel.pp, parallel.tp), "
+        f"parallel.sequence_parallel=true with tp > 1, parallel.zero_stage=1, train.precision=bf16; "
+        f"`megalm plan` predicts each stage's memory for a layout; PYTORCH_CUDA_ALLOC_CONF="
+        f"expandable_segments:True reduces fragmentation (reserved much above allocated)"
+    )
 
 
 def throughput(

@@ -21,7 +21,9 @@ from megalm.data.tokenizer import Tokenizer
 from megalm.distributed import ParallelGroups, all_reduce_
 from megalm.generate import generate
 from megalm.kernels import describe_kernels
-from megalm.metrics import MetricsWriter, get_logger, guess_peak_tflops, peak_memory_bytes, throughput
+from megalm.metrics import (
+    MetricsWriter, get_logger, guess_peak_tflops, peak_memory_bytes, peak_reserved_bytes, reset_peak_memory, throughput,
+)
 from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters
 from megalm.optim import LossScaler, build_optimizer, clip_grads_, found_inf, grad_norm, lr_at, set_lr
 from megalm.parallel.data import GradientSync, ShardedAdamW, counted_once
@@ -116,6 +118,7 @@ class Trainer:
 
     def train_step(self, step: int) -> StepResult:
         """One optimizer step over the global batch of `step`."""
+        reset_peak_memory(self.groups.device)  # record()'s peak_memory_gb is this step's
         start = time.perf_counter()
         device = self.groups.device
         batches = [batch.to(device) for batch in self.data.micro_batches(step)]
@@ -193,7 +196,12 @@ class Trainer:
         return (total[0] / total[1]).item()
 
     def record(self, result: StepResult) -> dict:
-        """Metrics of one step: written to JSONL every step, logged every log.interval steps."""
+        """Metrics of one step: written to JSONL every step, logged every log.interval steps.
+
+        peak_memory_gb / peak_reserved_gb are the peaks of this step (train_step resets the window
+        at its start). CUDA: allocated and reserved by the caching allocator; CPU: the process's peak
+        resident set (reset per step where Linux allows it; peak_reserved_gb is None).
+        """
         rates = throughput(
             self.config.model, result.tokens, result.seconds, self.groups.topology.world_size, self.peak_tflops
         )
@@ -209,6 +217,9 @@ class Trainer:
             "loss_scale": result.loss_scale,
             **rates,
             "peak_memory_gb": peak_memory_bytes(self.groups.device) / 2**30,
+            "peak_reserved_gb": (
+                None if (reserved := peak_reserved_bytes(self.groups.device)) is None else reserved / 2**30
+            ),
         }
         if self.comm.enabled:
             record.update(self.comm.metrics())
@@ -224,6 +235,7 @@ class Trainer:
                 f"grad norm {result.grad_norm:.3f} | {rates['tokens_per_s']:,.0f} tok/s | "
                 f"{rates['tflops_per_device']:.3g} TFLOP/s/device | MFU {mfu} | "
                 f"data {100 * result.data_seconds / result.seconds:.1f}% | mem {record['peak_memory_gb']:.2f} GB"
+                + (f" ({record['peak_reserved_gb']:.2f} GB reserved)" if record["peak_reserved_gb"] is not None else "")
                 + (f" | skipped (fp16 overflow, loss scale now {self.scaler.scale:g})" if result.skipped else "")
             )
             if self.comm.enabled:

@@ -38,6 +38,8 @@ def test_bench_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert result["ratio_tokens_per_s"] == pytest.approx(megalm["tokens_per_s"] / baseline["tokens_per_s"], rel=1e-12)
     assert f"{RATIO_LINE} {result['ratio_tokens_per_s']:.2f}" in out
     assert "megalm " in out and "plain PyTorch" in out and "cpu (" in out
+    # What scripts/gpu_check.sh reports from this file: which torch, and whether fp32 matmuls ran in TF32.
+    assert result["torch_version"] == torch.__version__ and result["tf32"] is False and result["precision"] == "fp32"
 
 
 def test_no_baseline_prints_no_ratio(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -77,3 +77,29 @@ def test_train_writes_resolved_config_and_metrics(tmp_path: Path, capsys) -> Non
     assert records[-1]["loss"] < records[0]["loss"]
     for key in ("lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "peak_memory_gb"):
         assert key in records[0]
+    assert "peak_reserved_gb" in records[0]  # None on CPU: the caching allocator's figure is CUDA's
+
+
+def test_out_of_memory_is_reported_with_figures_not_as_a_traceback(tmp_path: Path, capsys, monkeypatch) -> None:
+    """An OutOfMemoryError (a RuntimeError) is neither a collective failure nor an unexplained crash."""
+    monkeypatch.setenv("MEGALM_FAULT", "oom:0:3")
+    config = str(ROOT / "configs" / "tiny.yaml")
+    code = main(["train", config, "train.steps=5", "optim.warmup_steps=1", "--run-dir", str(tmp_path)])
+    assert code == 4
+    err = capsys.readouterr().err
+    assert "megalm: rank 0: out of memory during step 3 on cpu: peak resident set" in err
+    for advice in ("train.micro_batch_size", "parallel.pp", "parallel.tp", "megalm plan"):
+        assert advice in err
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_out_of_memory_message_gives_the_cuda_allocator_figures() -> None:
+    import torch
+
+    from megalm.metrics import describe_out_of_memory
+
+    figures = {"allocated_gib": 70.25, "reserved_gib": 78.5, "peak_gib": 77.0, "peak_reserved_gib": 79.0,
+               "total_gib": 79.1}
+    text = describe_out_of_memory(torch.device("cuda", 3), 12, figures)
+    assert text.startswith("out of memory during step 12 on cuda:3: 70.25 GiB allocated, 78.50 GiB reserved, "
+                           "peak 77.00 GiB allocated / 79.00 GiB reserved, of 79.10 GiB; to fit, try")

@@ -149,3 +149,82 @@ def test_a_failed_blocking_collective_is_named_from_the_traceback() -> None:
         dist.all_reduce(torch.zeros(1))
     text = describe_failed_collective(info.value, ParallelGroups.single())
     assert text.startswith("all_reduce over "), text
+
+
+# ---- the control group: checkpoint coordination with its own timeout ----------------------------------
+def _control_worker(rank: int, world_size: int) -> dict:
+    import time
+
+    groups = build_parallel_groups(
+        Topology(tp=1, pp=1, dp=world_size), rank, torch.device("cpu"), timeout_s=60, control_timeout_s=1.0
+    )
+    control = groups.control_group
+    result = {
+        "backend": dist.get_backend(control),
+        "size": dist.get_world_size(control),
+        "sum": _sum_over(control, rank),
+        "separate": control is not groups.dp_group and control is not dist.group.WORLD,
+        "name": groups.describe_group(control),
+    }
+    # Rank 1 is 6 s late: rank 0's barrier on the control group ends after its own 1 s timeout, not
+    # the dp group's 60 s, so the timeout is the control group's own.
+    if rank == 1:
+        time.sleep(6.0)
+    start = time.monotonic()
+    try:
+        dist.barrier(group=control)
+        result["timed_out"] = False
+    except RuntimeError:
+        result["timed_out"] = True
+    result["waited_s"] = time.monotonic() - start
+    dist.barrier(group=groups.dp_group)  # both ranks leave together (the dp group's timeout is 60 s)
+    return result
+
+
+def test_control_group_spans_every_rank_over_gloo_with_its_own_timeout() -> None:
+    results = run_distributed(_control_worker, 2)
+    for result in results:
+        assert result["backend"] == "gloo" and result["size"] == 2 and result["sum"] == 0 + 1
+        assert result["separate"]
+        assert result["name"] == "the control group (global ranks [0, 1])"
+    assert results[0]["timed_out"] and results[0]["waited_s"] < 4.5, results[0]
+
+
+# ---- GPU start-up: device_id, TF32 ----------------------------------------------------------------------
+def test_init_process_group_binds_the_gpu_with_device_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, init_process_group gets device_id (eager NCCL init on this rank's GPU); on CPU it does not."""
+    import megalm.distributed as distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.dist, "TCPStore", lambda *a, **k: object())
+    monkeypatch.setattr(distributed.dist, "PrefixStore", lambda prefix, store: store)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda device: None)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+
+    assert distributed.init_distributed(torch.device("cuda", 1), timeout_s=5) == (1, 2)
+    assert calls[-1]["backend"] == "nccl" and calls[-1]["device_id"] == torch.device("cuda", 1)
+    calls.clear()
+    distributed.init_distributed(torch.device("cpu"), timeout_s=5)
+    assert calls[-1]["backend"] == "gloo" and "device_id" not in calls[-1]
+
+
+def test_tf32_is_allowed_for_fp32_runs_on_cuda_only() -> None:
+    from megalm.distributed import allow_tf32
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = (matmul.fp32_precision, conv.fp32_precision)
+    try:
+        matmul.fp32_precision, conv.fp32_precision = "ieee", "ieee"
+        assert not allow_tf32(torch.device("cpu"), "fp32")
+        assert not allow_tf32(torch.device("cuda", 0), "bf16")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert allow_tf32(torch.device("cuda", 0), "fp32")  # sets backend flags only: no GPU needed
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved

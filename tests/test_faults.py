@@ -63,6 +63,33 @@ def test_hung_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     assert elapsed < 60, elapsed  # well before the hung rank's 60 s are over
 
 
+def test_a_save_slower_than_the_collective_timeout_completes(tmp_path: Path) -> None:
+    """A slow filesystem: rank 1 spends 8 s in the save of step 2, more than twice the 3 s collective
+    timeout. Rank 0 waits for it on the control group (checkpoint.timeout_s), not on a training
+    group, so the job neither trips the timeout nor loses the checkpoint, and trains on."""
+    start = time.monotonic()
+    proc = torchrun(tmp_path, "train.steps=4", "optim.warmup_steps=1", "checkpoint.interval_steps=2",
+                    "train.collective_timeout_s=3",
+                    fault="sleep-in-save:1:2:8", timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (tmp_path / ".fault-sleep-in-save-1-2").exists()  # the slow save did happen
+    assert time.monotonic() - start > 8
+    assert "a collective failed" not in proc.stderr
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert (tmp_path / "checkpoints" / "step_00000002" / "metadata.json").exists()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_out_of_memory_is_reported_as_such_with_the_memory_figures(tmp_path: Path) -> None:
+    proc = torchrun(tmp_path, "train.steps=5", "optim.warmup_steps=1", fault="oom:1:3", timeout=180)
+    assert proc.returncode != 0
+    assert re.search(r"megalm: rank 1: out of memory during step 3 on cpu: peak resident set \d+\.\d+ GiB; "
+                     r"to fit, try a smaller train.micro_batch_size", proc.stderr), proc.stderr[-3000:]
+    assert "CUDA out of memory (injected" in proc.stderr
+    assert "rank 1: a collective failed" not in proc.stderr  # what today's code said
+    # Rank 0 truly waited on a dead peer: that one is (correctly) a failed collective.
+
+
 def test_sigterm_on_one_rank_makes_every_rank_save_and_exit_zero(tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("MEGALM_FAULT", None)
@@ -97,6 +124,7 @@ def start_node_agents(run_dir: Path, port: int, faults: dict[int, str]) -> list[
     for node in range(2):
         env = dict(
             os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NNODES="2", NPROC_PER_NODE="1",
+            MEGALM_LOG_DIR=str(run_dir.parent / "logs"),
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RDZV_ID=f"megalm-{port}", RDZV_TIMEOUT="120",
             TORCHRUN=f"{sys.executable} -m torch.distributed.run",
         )

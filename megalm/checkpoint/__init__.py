@@ -47,7 +47,9 @@ class Checkpointer:
     def __init__(self, trainer, run_dir: Path, writer=torch.save) -> None:
         self.trainer = trainer
         self.config = trainer.config.checkpoint
-        self.store = CheckpointStore(Path(run_dir) / "checkpoints", trainer.groups.rank, self.config.keep, writer)
+        self.store = CheckpointStore(
+            Path(run_dir) / "checkpoints", trainer.groups.rank, self.config.keep, writer, trainer.groups.control_group
+        )
         self.store.clean_leftovers()
         self.last_save_time = time.monotonic()
         self.stop_requested = False
@@ -89,14 +91,15 @@ class Checkpointer:
         """(save, stop) after `step` steps, agreed by every rank in one all-reduce.
 
         Save by count, by time (rank clocks differ, so any rank's "due" counts), at the end, or
-        when any rank received the stop signal; stop on that signal.
+        when any rank received the stop signal; stop on that signal. The all-reduce runs over the
+        control group (gloo, a CPU tensor), like every collective of the checkpoint path.
         """
         every, minutes = self.config.interval_steps, self.config.interval_minutes
         save = (every > 0 and step % every == 0) or (final and self.config.save_at_end)
         save = save or (minutes > 0 and time.monotonic() - self.last_save_time >= 60 * minutes)
-        flags = torch.tensor([float(save), float(self.stop_requested)], device=self.trainer.groups.device)
+        flags = torch.tensor([float(save), float(self.stop_requested)])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.trainer.groups.control_group)
         save, stop = bool(flags[0]), bool(flags[1])
         return save or stop, stop
 

@@ -58,13 +58,22 @@ def _distributed() -> bool:
 
 
 class CheckpointStore:
-    """Saves and finds complete checkpoints under `root`, for all ranks of the job."""
+    """Saves and finds complete checkpoints under `root`, for all ranks of the job.
 
-    def __init__(self, root: Path, rank: int, keep: int = 3, writer=torch.save) -> None:
+    Its collectives (barriers, the gathering of file records and checksum verdicts) run over
+    `group`: the job's control group (`ParallelGroups.control_group`, gloo, checkpoint.timeout_s),
+    never a training group, so that a slow save does not trip the training collectives' timeout.
+    `group=None` means the default (world) group, for a store used outside a training run.
+    """
+
+    def __init__(
+        self, root: Path, rank: int, keep: int = 3, writer=torch.save, group: Optional[dist.ProcessGroup] = None
+    ) -> None:
         self.root = Path(root)
         self.rank = rank
         self.keep = keep
         self.writer = writer  # replaceable in tests (e.g. one that raises ENOSPC)
+        self.group = group
 
     # ---- saving ---------------------------------------------------------------------------------
     def save(
@@ -195,7 +204,7 @@ class CheckpointStore:
                     f"looking for an earlier complete checkpoint")
             else:
                 candidates = [pointed] + [c for c in candidates if c != pointed]
-        share = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        share = (dist.get_rank(self.group), dist.get_world_size(self.group)) if _distributed() else (0, 1)
         for path in candidates:
             # Every rank checks its share of the checksums; all ranks then agree on the verdict.
             metadata, problem = None, None
@@ -209,14 +218,14 @@ class CheckpointStore:
             log(f"skipping checkpoint {path}: {problems[0]}")
         return None
 
-    # ---- collectives over the whole job ---------------------------------------------------------
+    # ---- collectives over the whole job (the control group) -------------------------------------
     def _barrier(self) -> None:
         if _distributed():
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def _gather(self, item: Any) -> list[Any]:
         if not _distributed():
             return [item]
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, item)
+        out: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(out, item, group=self.group)
         return out

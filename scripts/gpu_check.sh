@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# What only a GPU can show, on a machine with one CUDA GPU, in under 10 minutes:
+#   1. the tests marked `gpu` (tests/test_gpu.py on cuda): bf16 training steps, fused-AdamW resume bit
+#      for bit, peak memory against `megalm plan`, TF32 for fp32;
+#   2. `megalm bench` of configs/gpt-125m.yaml and configs/gpt-1.3b.yaml in bf16 (MFU and the ratio to
+#      a plain PyTorch GPT of the same shape), each to a JSON file;
+#   3. gpu_check.json: the environment, the tests' verdicts and figures, the bench figures.
+#
+#   scripts/gpu_check.sh OUTPUT_DIR        (or OUT=OUTPUT_DIR scripts/gpu_check.sh)
+#
+# The Python environment, first that applies:
+#   PYTHON=/path/to/python    use it as it is (it must hold the CUDA build of torch, numpy, pyyaml,
+#                             sentencepiece and pytest); the checkout runs from PYTHONPATH
+#   VENV (default .venv)      reuse it if it exists
+#   a python3 on PATH whose torch is a CUDA build (a GPU image's own): its venv if it is one, else
+#                             create VENV from it with --system-site-packages and install megalm into
+#                             it (--no-deps, no build isolation: works offline)
+#   otherwise                 scripts/setup_env.sh (EXTRAS=dev): torch==TORCH_VERSION from the
+#                             configured package index
+# A CPU build of torch is refused (exit 3), never benchmarked. `pip install torch==2.13.0` from PyPI
+# on Linux x86_64 resolves to torch-2.13.0-cp3XX-manylinux_2_28_x86_64.whl, the CUDA 13.0 build (it
+# requires cuda-toolkit 13.0.3, nvidia-cudnn-cu13, nvidia-nccl-cu13 2.29.7; driver >= 580), so
+# setup_env.sh on a GPU machine that reaches PyPI gets CUDA; a pip configured for a CPU index or a
+# wheel directory of +cpu builds (as on megalm's CPU CI machine) installs 2.13.0+cpu, and then this
+# script says so and stops. A machine that reaches no registry (a GPU image with its own torch) is
+# served by the python3 branch above. No GPU visible: exit 2.
+# Bench sizes (global batch, steps) are cut to fit the time: BENCH_STEPS, BENCH_WARMUP,
+# BATCH_125M, BATCH_1_3B override them.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+usage() { echo "usage: $0 OUTPUT_DIR   (or set OUT)" >&2; exit 2; }
+[[ $# -le 1 ]] || usage
+[[ "${1:-}" != "-h" && "${1:-}" != "--help" ]] || usage
+OUT_DIR=${1:-${OUT:-}}
+[[ -n "$OUT_DIR" ]] || usage
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+LOG="$OUT_DIR/gpu_check.log"
+: >"$LOG"
+say() { echo "gpu_check: $*" | tee -a "$LOG" >&2; }
+START=$(date +%s)
+
+# ---- 1. the Python environment ------------------------------------------------------------------
+VENV=${VENV:-$ROOT/.venv}
+torch_kind='import torch; print("cuda" if torch.version.cuda else "cpu")'
+if [[ -n "${PYTHON:-}" ]]; then
+  PY=$PYTHON
+  say "using PYTHON=$PY"
+elif [[ -x "$VENV/bin/python" ]]; then
+  PY="$VENV/bin/python"
+  say "reusing $VENV"
+elif command -v python3 >/dev/null && [[ "$(python3 -c "$torch_kind" 2>/dev/null)" == "cuda" ]]; then
+  SYSTEM_PY=$(python3 -c 'import sys; print(sys.executable)')
+  if [[ "$(python3 -c 'import sys; print(sys.prefix != sys.base_prefix)')" == "True" ]]; then
+    # python3 is itself a venv (a GPU image's /opt/.../.venv): a venv made from it would see the base
+    # interpreter's packages, not this one's torch, so this venv is the one to reuse.
+    PY=$SYSTEM_PY
+    say "reusing the venv of $PY, whose torch is a CUDA build"
+  else
+    say "creating $VENV from $SYSTEM_PY, whose torch is a CUDA build (--system-site-packages)"
+    python3 -m venv --system-site-packages "$VENV"
+    PY="$VENV/bin/python"
+    if ! "$PY" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT" >>"$LOG" 2>&1; then
+      say "note: pip install -e . failed (see $LOG); megalm runs from the checkout via PYTHONPATH"
+    fi
+  fi
+else
+  say "no CUDA torch found on python3: installing with scripts/setup_env.sh into $VENV"
+  EXTRAS=dev bash scripts/setup_env.sh 2>&1 | tee -a "$LOG"
+  PY="$VENV/bin/python"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+set +e
+"$PY" - >"$OUT_DIR/environment.json" 2>>"$LOG" <<'EOF'
+import json, platform, sys
+import torch
+info = {"python": sys.version.split()[0], "executable": sys.executable, "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "platform": platform.platform()}
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    info.update(device=props.name, sm_count=props.multi_processor_count, memory_gib=props.total_memory / 2**30,
+                capability=f"{props.major}.{props.minor}", device_count=torch.cuda.device_count())
+missing = []
+for module in ("numpy", "yaml", "sentencepiece", "pytest"):
+    try:
+        __import__(module)
+    except ImportError:
+        missing.append(module)
+info["missing_modules"] = missing
+print(json.dumps(info, indent=1))
+EOF
+status=$?
+set -e
+if [[ $status -ne 0 ]]; then
+  say "$PY cannot import torch (see $LOG)"
+  exit 3
+fi
+read -r TORCH TORCH_CUDA AVAILABLE MISSING < <("$PY" -c '
+import json, sys
+i = json.load(open(sys.argv[1]))
+print(i["torch"], i["torch_cuda"], i["cuda_available"], ",".join(i["missing_modules"]) or "-")' "$OUT_DIR/environment.json")
+if [[ "$TORCH_CUDA" == "None" ]]; then
+  say "torch $TORCH in $PY is a CPU build: this check would time the CPU. Install the CUDA build:"
+  say "  $PY -m pip install --force-reinstall torch==${TORCH_VERSION:-2.13.0} --index-url https://pypi.org/simple"
+  say "(PyPI's Linux x86_64 torch 2.13.0 is the CUDA 13.0 build: NVIDIA driver >= 580), or from"
+  say "https://download.pytorch.org/whl/cu126 (or cu128) for an older driver; or set PYTHON to an interpreter that has it"
+  exit 3
+fi
+if [[ "$AVAILABLE" != "True" ]]; then
+  say "torch $TORCH (CUDA $TORCH_CUDA) sees no GPU: check nvidia-smi and CUDA_VISIBLE_DEVICES"
+  exit 2
+fi
+if [[ "$MISSING" != "-" ]]; then
+  say "$PY lacks $MISSING: install them (pip install $(tr , ' ' <<<"$MISSING" | sed 's/yaml/pyyaml/'))"
+  exit 3
+fi
+[[ "$TORCH" == "${TORCH_VERSION:-2.13.0}"* ]] || say "note: torch $TORCH, not the pinned ${TORCH_VERSION:-2.13.0}"
+say "torch $TORCH, CUDA $TORCH_CUDA, $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')"
+nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1 || true
+
+# ---- 2. the gpu tests ---------------------------------------------------------------------------
+failed=()
+rm -f "$OUT_DIR/gpu_tests.jsonl"
+say "pytest -m gpu tests/test_gpu.py"
+set +e
+CUBLAS_WORKSPACE_CONFIG=:4096:8 MEGALM_GPU_CHECK_OUT="$OUT_DIR/gpu_tests.jsonl" OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} \
+  timeout 300 "$PY" -m pytest -q -rA -m gpu tests/test_gpu.py --junitxml "$OUT_DIR/gpu_tests.xml" \
+  >"$OUT_DIR/gpu_tests.log" 2>&1
+status=$?
+set -e
+tail -n 5 "$OUT_DIR/gpu_tests.log" | tee -a "$LOG" >&2
+[[ $status -eq 0 ]] || failed+=("gpu tests (exit $status)")
+
+# ---- 3. megalm bench ----------------------------------------------------------------------------
+bench() {  # NAME CONFIG GLOBAL_BATCH
+  say "megalm bench $2 (bf16, global batch $3, ${BENCH_STEPS:-5} steps)"
+  set +e
+  timeout 240 "$PY" -m megalm.cli bench "$2" train.device=cuda train.precision=bf16 "train.global_batch_size=$3" \
+    --steps "${BENCH_STEPS:-5}" --warmup "${BENCH_WARMUP:-2}" --json "$OUT_DIR/bench_$1.json" \
+    >"$OUT_DIR/bench_$1.log" 2>&1
+  local code=$?
+  set -e
+  tail -n 12 "$OUT_DIR/bench_$1.log" | tee -a "$LOG" >&2
+  [[ $code -eq 0 ]] || failed+=("bench $1 (exit $code)")
+}
+bench gpt-125m configs/gpt-125m.yaml "${BATCH_125M:-64}"
+bench gpt-1.3b configs/gpt-1.3b.yaml "${BATCH_1_3B:-16}"
+
+# ---- 4. the summary -----------------------------------------------------------------------------
+"$PY" scripts/gpu_check_summary.py "$OUT_DIR" "$(( $(date +%s) - START ))" "${failed[@]}" | tee -a "$LOG"
+if (( ${#failed[@]} )); then
+  say "FAILED: ${failed[*]}"
+  exit 1
+fi
+say "all passed in $(( $(date +%s) - START )) s; results in $OUT_DIR"

@@ -1,0 +1,250 @@
+"""Single-rank checks that need a GPU to mean anything, run by scripts/gpu_check.sh.
+
+Every test takes a `device` parameter: "cuda" is marked `gpu` and skipped where no GPU is visible
+(tests/conftest.py), "cpu" runs the same body in the ordinary suite, so the code path stays tested
+on machines without a GPU. Where a figure only means something on a GPU (peak memory against the
+planner) the CPU run checks the exact part and the GPU run the whole; figures are appended, one JSON
+line per test, to $MEGALM_GPU_CHECK_OUT when it is set (gpu_check.sh collects them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megalm.checkpoint import Checkpointer
+from megalm.config import Config, load_config
+from megalm.distributed import ParallelGroups, allow_tf32
+from megalm.train import build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _report(name: str, device: str, **figures) -> None:
+    path = os.environ.get("MEGALM_GPU_CHECK_OUT")
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"test": name, "device": device, **figures}) + "\n")
+
+
+def _config(device: str, *overrides: str, base: str = "tiny.yaml") -> Config:
+    return load_config(ROOT / "configs" / base, [f"train.device={device}", *overrides])
+
+
+def _groups(device: str) -> ParallelGroups:
+    return ParallelGroups.single(torch.device("cuda", 0) if device == "cuda" else "cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_training_steps(device: str) -> None:
+    """A few bf16 steps through the Trainer: the loss is finite and comes down."""
+    config = _config(device, "train.precision=bf16", "train.steps=10", "train.global_batch_size=8",
+                     "optim.warmup_steps=2", "optim.lr=3e-3")
+    trainer = build_trainer(config, _groups(device), None)
+    records = trainer.fit()
+    losses = [r["loss"] for r in records]
+    _report("bf16_training_steps", device, losses=losses, step_time_s=[r["step_time_s"] for r in records],
+            peak_memory_gb=records[-1]["peak_memory_gb"], peak_reserved_gb=records[-1]["peak_reserved_gb"])
+    assert all(math.isfinite(loss) for loss in losses), losses
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses  # synthetic data: learnable, comes down fast
+    if device == "cuda":
+        assert records[-1]["peak_reserved_gb"] >= records[-1]["peak_memory_gb"] > 0
+
+
+def _state(trainer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # ShardedAdamW wraps one
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = [optimizer.state[p][k].detach().cpu().clone() for p in params for k in sorted(optimizer.state[p])]
+    return [p.detach().cpu().clone() for p in trainer.params], state
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adamw_resume_is_bit_for_bit(device: str, tmp_path: Path) -> None:
+    """Save at step 3, start a new Trainer, resume, train to 6: the same losses, weights and Adam
+    state as 6 uninterrupted steps. On CUDA the optimizer is torch's fused AdamW (or apex's)."""
+    overrides = ("train.steps=6", "train.global_batch_size=8", "optim.warmup_steps=2", "checkpoint.interval_steps=3",
+                 "model.hidden_dropout=0.1", "model.attention_dropout=0.1")
+    groups = _groups(device)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # the same kernels and reduction order
+    try:
+        straight = build_trainer(_config(device, *overrides), groups, None)
+        if device == "cuda":
+            defaults = straight.optimizer.defaults
+            assert defaults.get("fused") or "FusedAdam" in type(straight.optimizer).__name__, defaults
+        expected = [r["loss"] for r in straight.fit()]
+        weights, state = _state(straight)
+        del straight
+
+        first = build_trainer(_config(device, *overrides), groups, None)
+        first.fit(steps=3, checkpointer=Checkpointer(first, tmp_path))
+        del first
+        resumed = build_trainer(_config(device, *overrides), groups, None)
+        checkpointer = Checkpointer(resumed, tmp_path)
+        start = checkpointer.resume()
+        assert start == 3
+        losses = [r["loss"] for r in resumed.fit(start_step=start, checkpointer=checkpointer)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    got_weights, got_state = _state(resumed)
+    _report("adamw_resume_bit_for_bit", device, expected=expected[3:], resumed=losses,
+            optimizer=type(resumed.optimizer).__name__)
+    assert losses == expected[3:]
+    assert len(got_weights) == len(weights) and all(torch.equal(a, b) for a, b in zip(got_weights, weights))
+    assert len(got_state) == len(state) and all(torch.equal(a, b) for a, b in zip(got_state, state))
+
+
+# Peak memory against `megalm plan`: on CUDA a GPT-125M step (micro batch 4 x 1024 tokens, bf16) whose
+# activations (about 5 GiB) and fp32 weights/gradients/Adam state (about 2.6 GiB) dominate every fixed
+# cost. The planner computes weights, gradient buckets and Adam state exactly (the CPU run checks that
+# part against the real tensors) and activations from the per-layer formula; the measured peak also holds
+# what the formula leaves out: the caching allocator's rounding (512 B blocks), cuBLAS workspaces
+# (tens of MiB), autograd's short-lived temporaries of the layer being differentiated and the fused
+# optimizer's scratch. Those are a few hundred MiB here, under 5% of the plan, so 15% either way is a
+# check that fails when a whole term (a kept fp32 logits copy, a second set of activations) is wrong.
+PEAK_TOLERANCE = 0.15
+
+
+def _plan(config: Config):
+    from megalm.plan import get_numerics, load_cluster, stage_memory
+    from megalm.plan.layout import layout_from_config
+
+    return stage_memory(config.model, layout_from_config(config, gpus=1), load_cluster("h100-80gb"),
+                        get_numerics("megalm"), config.train.precision, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_peak_memory_matches_the_planner(device: str) -> None:
+    if device == "cuda":
+        config = _config(device, "train.micro_batch_size=4", "train.global_batch_size=4", "train.steps=3",
+                         "optim.warmup_steps=1", base="gpt-125m.yaml")
+    else:  # the same path on the tiny model: only the exact (static) part is meaningful on CPU
+        config = _config(device, "train.steps=2", "optim.warmup_steps=1")
+    trainer = build_trainer(config, _groups(device), None)
+    records = trainer.fit()  # step 1 creates the Adam state; the later steps are steady
+    plan = _plan(config)
+    static = plan.weights + plan.grads + plan.optimizer
+    weights = sum(p.numel() * p.element_size() for p in trainer.params)
+    grads = sum(b.grad.numel() * b.grad.element_size() for b in trainer.sync.buckets)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    moments = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if v.dim() > 0)
+    figures = {"planned_total_gib": (plan.total - plan.reserved) / 2**30, "planned_static_gib": static / 2**30,
+               "planned_activations_gib": (plan.activations + plan.embedding_logits) / 2**30,
+               "real_static_gib": (weights + grads + moments) / 2**30}
+    assert (weights, grads, moments) == (plan.weights, plan.grads, plan.optimizer), figures
+    if device == "cuda":
+        measured = records[-1]["peak_memory_gb"] * 2**30
+        figures.update(measured_peak_gib=measured / 2**30, ratio=measured / (plan.total - plan.reserved),
+                       measured_peak_reserved_gib=records[-1]["peak_reserved_gb"])
+        _report("peak_memory_vs_plan", device, **figures)
+        assert abs(measured / (plan.total - plan.reserved) - 1) < PEAK_TOLERANCE, figures
+    else:
+        _report("peak_memory_vs_plan", device, **figures)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tf32_follows_precision_on_the_device(device: str) -> None:
+    """What `megalm train` sets at start: TF32 for fp32 on CUDA (a real matmul lands in TF32's accuracy
+    class, about 1e-4 to 1e-3, not fp32's 1e-7), nothing on CPU or for bf16."""
+    saved = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert not allow_tf32(_groups(device).device, "bf16")
+        assert allow_tf32(_groups(device).device, "fp32") == (device == "cuda")
+        generator = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(1024, 1024, generator=generator).to(_groups(device).device) for _ in range(2))
+        exact = a.double() @ b.double()
+        error = float(((a @ b).double() - exact).norm() / exact.norm())
+        _report("tf32_matmul", device, relative_error=error)
+        assert (1e-5 < error < 1e-2) if device == "cuda" else error < 1e-5
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+
+
+# ---- scripts/gpu_check.sh: what can be exercised without a GPU ------------------------------------------
+def _gpu_check(*args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHON", "VENV")}
+    return subprocess.run(["bash", "scripts/gpu_check.sh", *args], cwd=ROOT, env={**environ, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_check_needs_an_output_directory() -> None:
+    proc = _gpu_check()
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+    assert _gpu_check("a", "b").returncode == 2
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="this torch is a CUDA build")
+def test_gpu_check_refuses_a_cpu_build_of_torch(tmp_path: Path) -> None:
+    proc = _gpu_check(str(tmp_path / "out"), PYTHON=sys.executable)
+    assert proc.returncode == 3, proc.stderr
+    assert f"torch {torch.__version__} in {sys.executable} is a CPU build" in proc.stderr
+    assert "--index-url https://pypi.org/simple" in proc.stderr and "CUDA 13.0 build" in proc.stderr
+    assert json.loads((tmp_path / "out" / "environment.json").read_text())["torch_cuda"] is None
+    assert not list((tmp_path / "out").glob("bench_*"))  # nothing was benchmarked on the CPU
+
+
+@pytest.mark.slow  # every Python start imports torch (sitecustomize)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_gpu_check_fails_clearly_without_a_gpu(tmp_path: Path) -> None:
+    fake = tmp_path / "fake"  # a CUDA build of torch that sees no device
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(
+        "import torch\ntorch.version.cuda = '12.8'\ntorch.cuda.is_available = lambda: False\n"
+    )
+    proc = _gpu_check(OUT=str(tmp_path / "out"), PYTHON=sys.executable, PYTHONPATH=str(fake))
+    assert proc.returncode == 2, proc.stderr
+    assert f"torch {torch.__version__} (CUDA 12.8) sees no GPU" in proc.stderr
+    assert not list((tmp_path / "out").glob("bench_*"))
+
+
+@pytest.mark.slow  # every Python start imports torch (sitecustomize)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_gpu_check_reuses_the_venv_that_holds_a_cuda_torch(tmp_path: Path) -> None:
+    """A GPU image's python3 lives in a venv of its own (offline, no registry): the check uses that
+    interpreter rather than a new venv, which would not see its torch."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(
+        "import torch\ntorch.version.cuda = '12.8'\ntorch.cuda.is_available = lambda: False\n"
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    proc = _gpu_check(str(tmp_path / "out"), VENV=str(tmp_path / "no-venv"), PYTHONPATH=str(fake),
+                      PATH=f"{bin_dir}:{os.environ['PATH']}")
+    assert f"reusing the venv of {sys.executable}, whose torch is a CUDA build" in proc.stderr, proc.stderr
+    assert not (tmp_path / "no-venv").exists()
+    assert proc.returncode == 2 and "sees no GPU" in proc.stderr  # and then: no device here
+
+
+def test_gpu_check_summary_reads_bench_json_and_test_figures(tmp_path: Path) -> None:
+    """The summary step on real outputs: a CPU `megalm bench --json` and a test's figures line."""
+    from megalm.cli import main
+
+    assert main(["bench", str(ROOT / "configs" / "tiny.yaml"), "--steps", "1", "--warmup", "0",
+                 "--json", str(tmp_path / "bench_gpt-125m.json")]) == 0
+    (tmp_path / "gpu_tests.jsonl").write_text(json.dumps({"test": "tf32_matmul", "relative_error": 3e-4}) + "\n")
+    (tmp_path / "gpu_tests.xml").write_text(
+        '<testsuites><testsuite><testcase name="test_a[cuda]"/><testcase name="test_b[cuda]"><failure/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    proc = subprocess.run([sys.executable, "scripts/gpu_check_summary.py", str(tmp_path), "12", "bench gpt-1.3b (exit 1)"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["tests"] == {"test_a[cuda]": "passed", "test_b[cuda]": "failed"}
+    assert summary["test_figures"][0]["relative_error"] == 3e-4
+    bench = summary["bench"]["gpt-125m"]
+    assert bench["megalm"]["tokens_per_s"] > 0 and bench["ratio_tokens_per_s"] > 0
+    assert bench["torch_version"] == torch.__version__ and bench["tf32"] is False
+    assert summary["bench"]["gpt-1.3b"] is None and summary["failed"] == ["bench gpt-1.3b (exit 1)"]
+    assert "bench gpt-125m:" in proc.stdout and "megalm/plain PyTorch" in proc.stdout
