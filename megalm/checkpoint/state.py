@@ -321,7 +321,11 @@ def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, 
     for saved_group, group in zip(param_groups, inner.param_groups):
         if group["params"]:
             saved_group.update({key: _decode(value, group["params"][0].device) for key, value in per_group.items()})
+    live = inner.param_groups  # wrappers (ShardedAdamW) hold this list: keep it and its dicts
     inner.load_state_dict({"state": state, "param_groups": param_groups})
+    for group, loaded in zip(live, inner.param_groups):
+        group.update(loaded)
+    inner.param_groups = live
 
 
 def model_differences(saved: dict, current: dict) -> list[str]:
