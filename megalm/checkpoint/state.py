@@ -96,11 +96,14 @@ def _split_state(entry: dict, master: torch.Tensor) -> tuple[dict[str, torch.Ten
     tensors, scalars = {}, {}
     for key, value in entry.items():
         if torch.is_tensor(value) and value.dim() > 0:
-            if value.numel() != master.numel() or key in _RESERVED_KINDS:
+            if value.numel() != master.numel():
                 raise ValueError(
                     f"optimizer state {key!r} has shape {tuple(value.shape)} for a master of {master.numel()} "
-                    f"elements: megalm checkpoints hold per-parameter tensors of the master's size and scalars"
+                    f"elements: megalm checkpoints hold per-parameter tensors of the master's size and scalars only; "
+                    f"use an optimizer whose state has that form (AdamW does)"
                 )
+            if key in _RESERVED_KINDS:
+                raise ValueError(f"optimizer state {key!r} clashes with the checkpoint's piece kind of that name")
             tensors[key] = value
         else:
             scalars[key] = value

@@ -118,6 +118,20 @@ def test_fp32_zero1_saves_no_masters(tmp_path: Path) -> None:
     assert {kind for _, kind in index.pieces} == {"param", "exp_avg", "exp_avg_sq"}
 
 
+@pytest.mark.parametrize("make", [plain, zero1], ids=["plain", "zero1"])
+def test_any_per_parameter_tensor_round_trips(make, tmp_path: Path) -> None:
+    """AMSGrad's max_exp_avg_sq is saved and restored like the moments, with no name listed anywhere."""
+    model = chunks()
+    optimizer = make(model, amsgrad=True, foreach=True)
+    take_steps(optimizer, optimizer_view(optimizer).masters, 2)
+    index, scalars = saved(tmp_path, model, optimizer)
+    assert {kind for _, kind in index.pieces} == {"param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    loaded = chunks()
+    loaded_optimizer = make(loaded, amsgrad=True, foreach=True)
+    restore(loaded, loaded_optimizer, GROUPS, index, scalars)
+    assert_same(state_of(loaded_optimizer), state_of(optimizer))
+
+
 # ---- where step lives and sits --------------------------------------------------------------------
 def test_restored_step_sits_where_the_optimizer_wants_it(tmp_path: Path) -> None:
     """torch keeps `step` on the parameter's device for fused and capturable AdamW (on CPU for the
