@@ -27,7 +27,7 @@ without building the full tensor (resharding builds the full tensor and cuts it)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn

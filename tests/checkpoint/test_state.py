@@ -36,7 +36,8 @@ def take_steps(optimizer, params: list[torch.Tensor], steps: int, seed: int = 0)
 
 def plain(model: list, cls=torch.optim.AdamW, **kwargs):
     """The optimizer build_optimizer makes (two decay groups), with another class or flags."""
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in build_optimizer(model, OptimConfig(), "cpu").param_groups]
+    built = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    groups = [{"params": group["params"], "weight_decay": group["weight_decay"]} for group in built.param_groups]
     optimizer = cls(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, **kwargs)
     for group in groups:
         for param in group["params"]:
