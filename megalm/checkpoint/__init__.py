@@ -2,9 +2,9 @@
 
 `Checkpointer` ties a Trainer to a `CheckpointStore`: `save(step)` writes every rank's pieces
 (see `state.py`) and commits atomically; `resume()` finds the newest checkpoint that verifies,
-refuses one from a different model, and restores weights, Adam moments, the loss scale, the data
-position and (same layout only) every rank's RNG states, so the resumed run reproduces the
-uninterrupted one bit for bit.
+refuses one from a different model, and restores weights, fp32 masters, the optimizer's state
+(through its own load_state_dict), the loss scale, the data position and (same layout only) every
+rank's RNG states, so the resumed run reproduces the uninterrupted one bit for bit.
 
 We do not use torch.distributed.checkpoint: its resharding covers DTensor/FSDP state dicts,
 while megalm's shards are plain tensors plus Megatron-style layout attributes; our own pieces
@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 
 import megalm
-from megalm.checkpoint.state import PieceIndex, collect_pieces, model_differences, named_params, optimizer_steps, restore
+from megalm.checkpoint.state import (
+    PieceIndex, collect_pieces, model_differences, named_params, optimizer_scalars, restore, saved_scalars, steps_of,
+)
 from megalm.checkpoint.store import CheckpointError, CheckpointStore, rank_file_name
 from megalm.config import config_to_dict
 from megalm.faults import maybe_inject
@@ -67,13 +69,15 @@ class Checkpointer:
             "rng": trainer.chunks[0].rng.state_dict(),
         }
         tokenizer = trainer.tokenizer
+        scalars = optimizer_scalars(trainer.optimizer)
         metadata = {
             "megalm_version": megalm.__version__,
             "config": config_to_dict(trainer.config),
             "layout": _layout(trainer),
             "world_size": trainer.groups.topology.world_size,
             "consumed_samples": step * trainer.config.train.global_batch_size,
-            "optimizer_steps": optimizer_steps(trainer.optimizer),
+            "optimizer_steps": steps_of(scalars),
+            "optimizer_scalars": scalars,  # per-parameter and group-level scalars (step), stored once
             "loss_scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
             "tokenizer_hash": tokenizer.hash if tokenizer is not None else None,
         }
@@ -127,7 +131,7 @@ class Checkpointer:
             path, metadata["files"], names={name for name, _ in named_params(trainer.chunks)},
             always=(rank_file_name(trainer.groups.rank),),
         )
-        restore(trainer.chunks, trainer.optimizer, trainer.groups, index, metadata["optimizer_steps"])
+        restore(trainer.chunks, trainer.optimizer, trainer.groups, index, saved_scalars(metadata))
         if trainer.scaler is not None and metadata.get("loss_scaler"):
             trainer.scaler.load_state_dict(metadata["loss_scaler"])
         same_layout = metadata["layout"] == _layout(trainer) and metadata["world_size"] == trainer.groups.topology.world_size

@@ -1,12 +1,22 @@
 """What a checkpoint holds, described by parameter name and slice, so any layout can load it.
 
 Every saved tensor is a *piece*: (name, kind, full shape, tp split dim, tp rank, tp size, and a
-flat range [lo, hi) inside that tp shard). Model weights and replicated Adam moments are whole tp
-shards; ZeRO-1 moments are the flat segments a dp rank owns. Each full parameter is written once
-(dp rank 0, tp rank 0 for replicated params, never the last stage's copy of the tied embedding),
-and loading assembles, per parameter, the full tensor from the pieces of every file, then cuts
-this rank's shard for the current layout. So a checkpoint saved at one (tp, pp, dp, ZeRO) loads
-at any other; RNG states are restored only when the layout is the same.
+flat range [lo, hi) inside that tp shard). Kinds: "param" (the model weight, what export reads),
+"master" (the optimizer's fp32 master, saved only where it is a separate tensor of another dtype
+than the weight, e.g. bf16 weights) and one kind per tensor the optimizer keeps per parameter
+(exp_avg, exp_avg_sq, max_exp_avg_sq, ...). Weights are whole tp shards; optimizer tensors cover
+the flat range of the parameter the master holds (ZeRO-1: the segment a dp rank owns). Each full
+parameter is written once (dp rank 0, tp rank 0 for replicated params, never the last stage's copy
+of the tied embedding), and loading assembles, per parameter, the full tensor from the pieces of
+every file, then cuts this rank's shard for the current layout. So a checkpoint saved at one
+(tp, pp, dp, ZeRO) loads at any other; RNG states are restored only when the layout is the same.
+
+Optimizer state goes through the inner torch optimizer's own `state_dict()` / `load_state_dict()`,
+which place each value where that optimizer wants it (torch fused or capturable AdamW: `step` on
+the parameter's device). Scalars (a per-parameter `step` tensor in torch's AdamW, the group-level
+`step` of apex FusedAdam) are equal across parameters and groups; they are checked and stored once
+in the metadata (`optimizer_scalars`). `optimizer_view` is the one place that knows megalm's
+optimizer classes.
 
 The metadata lists the parameters in each file, so a rank opens only the files that hold its
 parameters; files are memory-mapped, so it reads only the pages of the pieces it uses; and when the
@@ -17,7 +27,7 @@ without building the full tensor (resharding builds the full tensor and cuts it)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -44,37 +54,174 @@ def _piece(name: str, param: nn.Parameter, kind: str, tensor: torch.Tensor, lo: 
     }
 
 
-def collect_pieces(chunks: list[nn.Module], optimizer: Any, groups) -> list[dict]:
-    """This rank's share of the weights and Adam moments, as pieces."""
-    pieces = []
-    sharded = isinstance(optimizer, ShardedAdamW)
-    for name, param in named_params(chunks):
-        if not counted_once(param, groups) or groups.dp_rank != 0:
-            continue
-        pieces.append(_piece(name, param, "param", param, 0, param.numel(), groups))
-        if not sharded and param in optimizer.state:
-            state = optimizer.state[param]
-            for kind in ("exp_avg", "exp_avg_sq"):
-                pieces.append(_piece(name, param, kind, state[kind], 0, param.numel(), groups))
-    if sharded:
-        names = {id(p): n for n, p in named_params(chunks)}
-        for master, segment in zip(optimizer.masters, optimizer.segments):
-            if not counted_once(segment.param, groups) or master not in optimizer.optimizer.state:
-                continue
-            state = optimizer.optimizer.state[master]
-            for kind in ("exp_avg", "exp_avg_sq"):
-                pieces.append(
-                    _piece(names[id(segment.param)], segment.param, kind, state[kind], segment.param_lo, segment.param_hi, groups)
+class WholeParam(NamedTuple):
+    """A master that holds the whole parameter (no ZeRO)."""
+
+    param: nn.Parameter
+    param_lo: int
+    param_hi: int
+
+
+class OptimizerView(NamedTuple):
+    """What checkpoints need of an optimizer, whatever megalm class wraps it."""
+
+    inner: torch.optim.Optimizer  # the torch optimizer whose params are `masters`
+    masters: list[torch.Tensor]
+    segments: list[Any]  # parallel to masters: .param, .param_lo, .param_hi (flat range the master holds)
+    sharded: bool  # ZeRO-1: each dp rank holds part of the state and saves its own
+
+
+def optimizer_view(optimizer: Any) -> OptimizerView:
+    """(inner optimizer, masters, segments, sharded) of megalm's optimizer: the only class-specific code here."""
+    if isinstance(optimizer, torch.optim.Optimizer):  # plain torch optimizer: each param is its own master
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return OptimizerView(optimizer, params, [WholeParam(p, 0, p.numel()) for p in params], False)
+    if isinstance(optimizer, ShardedAdamW):
+        return OptimizerView(optimizer.optimizer, list(optimizer.masters), list(optimizer.segments), optimizer.sync.dp > 1)
+    raise TypeError(f"megalm checkpoints do not know optimizer {type(optimizer).__qualname__}: extend optimizer_view()")
+
+
+_RESERVED_KINDS = ("param", "master")
+
+
+def _state_by_master(view: OptimizerView) -> tuple[dict[int, dict], list[dict]]:
+    """The inner optimizer's state_dict(): per-master state (by id of the master) and its param groups."""
+    saved = view.inner.state_dict()
+    order = [p for group in view.inner.param_groups for p in group["params"]]
+    return {id(order[index]): entry for index, entry in saved["state"].items()}, saved["param_groups"]
+
+
+def _split_state(entry: dict, master: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors of the master's size, scalars) of one parameter's optimizer state."""
+    tensors, scalars = {}, {}
+    for key, value in entry.items():
+        if torch.is_tensor(value) and value.dim() > 0:
+            if value.numel() != master.numel():
+                raise ValueError(
+                    f"optimizer state {key!r} has shape {tuple(value.shape)} for a master of {master.numel()} "
+                    f"elements: megalm checkpoints hold per-parameter tensors of the master's size and scalars only; "
+                    f"use an optimizer whose state has that form (AdamW does)"
                 )
-    return pieces
+            if key in _RESERVED_KINDS:
+                raise ValueError(f"optimizer state {key!r} clashes with the checkpoint's piece kind of that name")
+            tensors[key] = value
+        else:
+            scalars[key] = value
+    return tensors, scalars
+
+
+def _encode(value: Any) -> dict:
+    """A scalar (number, or tensor of one element) as JSON, with what it takes to rebuild it."""
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise ValueError(f"optimizer scalar state must have one element, not shape {tuple(value.shape)}")
+        return {"value": value.reshape(-1)[0].item(), "dtype": str(value.dtype).removeprefix("torch."),
+                "shape": list(value.shape)}
+    return {"value": value}
+
+
+def _decode(encoded: dict, device: torch.device | str = "cpu") -> Any:
+    if "dtype" not in encoded:
+        return encoded["value"]
+    dtype = getattr(torch, encoded["dtype"])
+    return torch.tensor(encoded["value"], dtype=dtype, device=device).reshape(encoded["shape"])
+
+
+def _once(found: dict[str, dict], key: str, encoded: dict, where: str) -> None:
+    if found.setdefault(key, encoded) != encoded:
+        raise ValueError(
+            f"optimizer scalar {key!r} differs between {where} ({found[key]} vs {encoded}); megalm saves it "
+            f"once, so every parameter must have taken the same optimizer steps"
+        )
+
+
+def optimizer_scalars(optimizer: Any) -> dict[str, Any]:
+    """The optimizer's scalar state, checked equal across this rank's parameters and groups, as JSON.
+
+    {"class": inner optimizer class, "param": per-parameter scalars (torch AdamW's step), "group":
+    param-group entries that are state rather than hyperparameters (not in `defaults`; apex's step)}.
+    """
+    view = optimizer_view(optimizer)
+    states, param_groups = _state_by_master(view)
+    per_param: dict[str, dict] = {}
+    for master in view.masters:
+        if id(master) in states:
+            for key, value in _split_state(states[id(master)], master)[1].items():
+                _once(per_param, key, _encode(value), "parameters")
+    per_group: dict[str, dict] = {}
+    defaults = set(view.inner.defaults) | {"params", "param_names"}
+    for group in param_groups:
+        if group["params"]:
+            for key in sorted(set(group) - defaults):
+                _once(per_group, key, _encode(group[key]), "param groups")
+    cls = type(view.inner)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "param": per_param, "group": per_group}
+
+
+def steps_of(scalars: dict[str, Any]) -> int:
+    """Optimizer steps recorded in `optimizer_scalars` (per-parameter or group `step`), 0 before the first."""
+    for place in ("param", "group"):
+        if "step" in scalars.get(place, {}):
+            return int(scalars[place]["step"]["value"])
+    return 0
 
 
 def optimizer_steps(optimizer: Any) -> int:
-    """How many optimizer steps the Adam states have seen (all parameters alike)."""
-    inner = optimizer.optimizer if isinstance(optimizer, ShardedAdamW) else optimizer
-    for state in inner.state.values():
-        return int(state["step"])
-    return 0
+    """How many optimizer steps the optimizer state has seen (all parameters alike)."""
+    return steps_of(optimizer_scalars(optimizer))
+
+
+def saved_scalars(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's optimizer scalars; checkpoints before they were recorded held a per-parameter step."""
+    if "optimizer_scalars" in metadata:
+        return metadata["optimizer_scalars"]
+    steps = int(metadata.get("optimizer_steps", 0))
+    param = {"step": {"value": float(steps), "dtype": "float32", "shape": []}} if steps else {}
+    return {"class": "torch.optim.adamw.AdamW", "param": param, "group": {}}
+
+
+def _keeps_step_per_param(class_name: str) -> bool:
+    """torch.optim's Adam/AdamW keep a `step` tensor per parameter; apex's (and DeepSpeed's) FusedAdam one per group."""
+    return class_name.startswith("torch.optim.")
+
+
+def _translate_step(saved: dict[str, Any], inner: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Saved (per-parameter, group) scalars, with `step` moved to where this optimizer class keeps it."""
+    per_param, per_group = dict(saved.get("param", {})), dict(saved.get("group", {}))
+    cls = type(inner)
+    current = f"{cls.__module__}.{cls.__qualname__}"
+    if saved.get("class") == current:
+        return per_param, per_group
+    steps = steps_of(saved)
+    per_param.pop("step", None)
+    per_group.pop("step", None)
+    if steps and _keeps_step_per_param(current):
+        per_param["step"] = {"value": float(steps), "dtype": "float32", "shape": []}
+    elif steps:
+        per_group["step"] = {"value": steps}
+    return per_param, per_group
+
+
+def collect_pieces(chunks: list[nn.Module], optimizer: Any, groups) -> list[dict]:
+    """This rank's share of the weights, fp32 masters and per-parameter optimizer tensors, as pieces."""
+    pieces = []
+    for name, param in named_params(chunks):
+        if counted_once(param, groups) and groups.dp_rank == 0:
+            pieces.append(_piece(name, param, "param", param, 0, param.numel(), groups))
+    view = optimizer_view(optimizer)
+    states, _ = _state_by_master(view)
+    names = {id(p): n for n, p in named_params(chunks)}
+    for master, segment in zip(view.masters, view.segments):
+        param, lo, hi = segment.param, segment.param_lo, segment.param_hi
+        if not counted_once(param, groups) or (groups.dp_rank != 0 and not view.sharded):
+            continue
+        name = names[id(param)]
+        if master is not param and master.dtype != param.dtype:  # same dtype: the weight holds the master's value
+            pieces.append(_piece(name, param, "master", master, lo, hi, groups))
+        if id(master) in states:
+            for kind, value in sorted(_split_state(states[id(master)], master)[0].items()):
+                pieces.append(_piece(name, param, kind, value, lo, hi, groups))
+    return pieces
 
 
 class PieceIndex:
@@ -141,28 +288,47 @@ def _my_shard(full: torch.Tensor, param: nn.Parameter, groups) -> torch.Tensor:
     return full.narrow(split, offsets[split], param.shape[split])
 
 
-def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, steps: int) -> None:
-    """Load weights and Adam moments for this rank's shard, at the current layout."""
-    sharded = isinstance(optimizer, ShardedAdamW)
+def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, scalars: dict[str, Any]) -> None:
+    """Load weights, masters and optimizer state for this rank's shard at the current layout.
+
+    Each parameter's value comes from its "master" pieces when the checkpoint has them, else from
+    its "param" pieces; masters take their range of it, weights its cast to their dtype (what the
+    optimizer step derives them by). `scalars` is the checkpoint's `saved_scalars`.
+    """
+    view = optimizer_view(optimizer)
+    values: dict[int, tuple[str, torch.Tensor]] = {}
     with torch.no_grad():
         for name, param in named_params(chunks):
-            param.copy_(index.shard(name, "param", param, groups))
-        moments = {}
-        for name, param in named_params(chunks):
-            moments[param] = {kind: index.shard(name, kind, param, groups) for kind in ("exp_avg", "exp_avg_sq")}
-        if not sharded:
-            for param, state in moments.items():
-                step = torch.tensor(float(steps), dtype=torch.float32)
-                optimizer.state[param] = {"step": step, **{k: v.to(param.device) for k, v in state.items()}}
-            return
-        for master, segment in zip(optimizer.masters, optimizer.segments):
-            lo, hi = segment.param_lo, segment.param_hi
-            master.copy_(segment.param.detach().reshape(-1)[lo:hi])
-            state = moments[segment.param]
-            optimizer.optimizer.state[master] = {
-                "step": torch.tensor(float(steps), dtype=torch.float32),
-                **{k: v.reshape(-1)[lo:hi].to(master.device).clone() for k, v in state.items()},
-            }
+            value = index.shard(name, "master" if (name, "master") in index.pieces else "param", param, groups)
+            param.copy_(value)
+            values[id(param)] = (name, value)
+        for master, segment in zip(view.masters, view.segments):
+            if master is not segment.param:
+                flat = values[id(segment.param)][1].reshape(-1)[segment.param_lo : segment.param_hi]
+                master.copy_(flat.view_as(master))
+    kinds = sorted({kind for _, kind in index.pieces} - set(_RESERVED_KINDS))
+    per_param, per_group = _translate_step(scalars, view.inner)
+    if not kinds and not per_param and not per_group:
+        return  # saved before the first optimizer step
+    inner = view.inner
+    position = {id(p): i for i, p in enumerate(p for group in inner.param_groups for p in group["params"])}
+    state = {}
+    for master, segment in zip(view.masters, view.segments):
+        name = values[id(segment.param)][0]
+        entry: dict[str, Any] = {key: _decode(encoded) for key, encoded in per_param.items()}
+        for kind in kinds:
+            full = index.shard(name, kind, segment.param, groups).reshape(-1)
+            entry[kind] = full[segment.param_lo : segment.param_hi].reshape(master.shape).clone()
+        state[position[id(master)]] = entry
+    param_groups = inner.state_dict()["param_groups"]  # this run's hyperparameters
+    for saved_group, group in zip(param_groups, inner.param_groups):
+        if group["params"]:
+            saved_group.update({key: _decode(value, group["params"][0].device) for key, value in per_group.items()})
+    live = inner.param_groups  # wrappers (ShardedAdamW) hold this list: keep it and its dicts
+    inner.load_state_dict({"state": state, "param_groups": param_groups})
+    for group, loaded in zip(live, inner.param_groups):
+        group.update(loaded)
+    inner.param_groups = live
 
 
 def model_differences(saved: dict, current: dict) -> list[str]:
