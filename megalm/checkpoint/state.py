@@ -157,11 +157,12 @@ def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, 
             return
         for master, segment in zip(optimizer.masters, optimizer.segments):
             lo, hi = segment.param_lo, segment.param_hi
-            master.copy_(segment.param.detach().reshape(-1)[lo:hi])
+            if master is not segment.param:  # an fp32 parameter without ZeRO is its own master
+                master.copy_(segment.param.detach().reshape(-1)[lo:hi])
             state = moments[segment.param]
             optimizer.optimizer.state[master] = {
                 "step": torch.tensor(float(steps), dtype=torch.float32),
-                **{k: v.reshape(-1)[lo:hi].to(master.device).clone() for k, v in state.items()},
+                **{k: v.reshape(-1)[lo:hi].reshape(master.shape).to(master.device).clone() for k, v in state.items()},
             }
 
 
