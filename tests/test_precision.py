@@ -225,19 +225,20 @@ def test_layer_norm_keeps_fp32_statistics_for_bf16() -> None:
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_cpu_attention_softmax_runs_in_fp32_for_bf16(masked: bool) -> None:
-    """SDPA on bf16 inputs is within twice the bf16 rounding of its output (softmax statistics in fp32;
-    like flash attention, the probabilities are rounded to bf16 before the product with V)."""
+    """SDPA on bf16 inputs: mean error about 1.4x the bf16 rounding of its output (softmax statistics
+    in fp32; like flash attention, probabilities are rounded to bf16 before the product with V),
+    where a bf16 softmax gives about 3x."""
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 4, 128, 32).bfloat16() for _ in range(3))
     mask = (torch.rand(2, 1, 128, 128) > 0.3) | torch.eye(128, dtype=torch.bool) if masked else None
     exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    rounding = (exact.bfloat16().float() - exact).abs().max()
-    assert (out.float() - exact).abs().max() <= 2 * rounding
+    rounding = (exact.bfloat16().float() - exact).abs().mean()
+    assert (out.float() - exact).abs().mean() <= 1.6 * rounding
     # the same attention with a bf16 softmax is clearly worse: the check can tell them apart
     keep = mask if masked else torch.ones(128, 128, dtype=torch.bool).tril()
     scores = (q @ k.transpose(-1, -2) * 32**-0.5).masked_fill(~keep, float("-inf"))
-    assert (torch.softmax(scores, -1) @ v).float().sub(exact).abs().max() > 4 * rounding
+    assert (torch.softmax(scores, -1) @ v).float().sub(exact).abs().mean() > 2.5 * rounding
 
 
 # ---- low-precision activations and collectives ------------------------------------------------------
