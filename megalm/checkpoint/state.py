@@ -61,10 +61,15 @@ def collect_pieces(chunks: list[nn.Module], optimizer: Any, groups) -> list[dict
         for master, segment in zip(optimizer.masters, optimizer.segments):
             if not counted_once(segment.param, groups) or master not in optimizer.optimizer.state:
                 continue
+            if not optimizer.sharded and groups.dp_rank != 0:  # replicated over dp: dp rank 0 writes it
+                continue
             state = optimizer.optimizer.state[master]
-            for kind in ("exp_avg", "exp_avg_sq"):
+            tensors = {kind: state[kind] for kind in ("exp_avg", "exp_avg_sq")}
+            if master is not segment.param:  # the fp32 master of a bf16/fp16 parameter (or a ZeRO-1 shard)
+                tensors["master"] = master
+            for kind, tensor in tensors.items():
                 pieces.append(
-                    _piece(names[id(segment.param)], segment.param, kind, state[kind], segment.param_lo, segment.param_hi, groups)
+                    _piece(names[id(segment.param)], segment.param, kind, tensor, segment.param_lo, segment.param_hi, groups)
                 )
     return pieces
 
@@ -146,7 +151,9 @@ def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, 
     sharded = isinstance(optimizer, ShardedAdamW)
     with torch.no_grad():
         for name, param in named_params(chunks):
-            param.copy_(index.shard(name, "param", param, groups))
+            # fp32 masters, where saved, are the exact weights (the "param" pieces may be bf16/fp16).
+            kind = "master" if (name, "master") in index.pieces else "param"
+            param.copy_(index.shard(name, kind, param, groups))
         moments = {}
         for name, param in named_params(chunks):
             moments[param] = {kind: index.shard(name, kind, param, groups) for kind in ("exp_avg", "exp_avg_sq")}
@@ -155,10 +162,13 @@ def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, 
                 step = torch.tensor(float(steps), dtype=torch.float32)
                 optimizer.state[param] = {"step": step, **{k: v.to(param.device) for k, v in state.items()}}
             return
+        names = {id(p): n for n, p in named_params(chunks)}
         for master, segment in zip(optimizer.masters, optimizer.segments):
             lo, hi = segment.param_lo, segment.param_hi
             if master is not segment.param:  # an fp32 parameter without ZeRO is its own master
-                master.copy_(segment.param.detach().reshape(-1)[lo:hi])
+                name = names[id(segment.param)]
+                source = index.shard(name, "master", segment.param, groups) if (name, "master") in index.pieces else segment.param
+                master.copy_(source.detach().reshape(-1)[lo:hi])
             state = moments[segment.param]
             optimizer.optimizer.state[master] = {
                 "step": torch.tensor(float(steps), dtype=torch.float32),
