@@ -65,7 +65,7 @@ def collect_pieces(chunks: list[nn.Module], optimizer: Any, groups) -> list[dict
                 continue
             state = optimizer.optimizer.state[master]
             tensors = {kind: state[kind] for kind in ("exp_avg", "exp_avg_sq")}
-            if master is not segment.param:  # the fp32 master of a bf16/fp16 parameter (or a ZeRO-1 shard)
+            if segment.param.dtype != torch.float32:  # the fp32 master of a bf16/fp16 parameter
                 tensors["master"] = master
             for kind, tensor in tensors.items():
                 pieces.append(

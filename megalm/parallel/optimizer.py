@@ -72,6 +72,11 @@ class MixedPrecisionOptimizer:
             else []
         )
 
+    @property
+    def state(self):
+        """The inner optimizer's state, keyed by master (the parameter itself in fp32 without ZeRO)."""
+        return self.optimizer.state
+
     def grads(self) -> list[torch.Tensor]:
         """The fp32 main gradients the step reads (unscaled and clipped in place by the trainer)."""
         return [master.grad for master in self.masters if master.grad is not None]
