@@ -80,8 +80,8 @@ class Trainer:
                 config.model.seq_length, config.train.micro_batch_size, config.model.hidden_size, groups,
                 config.parallel.sequence_parallel,
             ),
-            # TODO(issue 12, pipeline p2p): pass message_dtype=param_dtype(config) (megalm.model.gpt) once PipelineExecutor
-            # accepts it; until then messages travel in fp32 and each stage casts its input (GPTModel.forward).
+            # TODO(issue 12, pipeline p2p): pass message_dtype=param_dtype(config) (megalm.model.gpt) once
+            # PipelineExecutor accepts it; until then messages travel in fp32 and each stage casts its input.
         )
         self.data = data
         self.valid = valid

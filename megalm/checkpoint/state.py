@@ -167,7 +167,8 @@ def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, 
             lo, hi = segment.param_lo, segment.param_hi
             if master is not segment.param:  # an fp32 parameter without ZeRO is its own master
                 name = names[id(segment.param)]
-                source = index.shard(name, "master", segment.param, groups) if (name, "master") in index.pieces else segment.param
+                saved = (name, "master") in index.pieces
+                source = index.shard(name, "master", segment.param, groups) if saved else segment.param
                 master.copy_(source.detach().reshape(-1)[lo:hi])
             state = moments[segment.param]
             optimizer.optimizer.state[master] = {

@@ -83,9 +83,8 @@ class MixedPrecisionOptimizer:
 
     def counted_grads(self) -> list[torch.Tensor]:
         """Gradients that count towards the global norm (see counted_once)."""
-        return [
-            m.grad for m, s in zip(self.masters, self.segments) if m.grad is not None and counted_once(s.param, self.groups)
-        ]
+        pairs = zip(self.masters, self.segments)
+        return [m.grad for m, s in pairs if m.grad is not None and counted_once(s.param, self.groups)]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Gradients live in the sync's buffers, which start_step() zeroes."""
