@@ -10,7 +10,6 @@ import torch.distributed as dist
 
 from megalm.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from megalm.distributed import ParallelGroups, build_parallel_groups
-from megalm.parallel.data import GradientSync
 from megalm.parallel.tensor import gather_full_tensor
 from megalm.testing import run_distributed
 from megalm.topology import Topology
