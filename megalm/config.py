@@ -237,7 +237,7 @@ class ParallelConfig(_Section):
     zero_stage: int = 0  # 0: replicated optimizer; 1: optimizer states sharded over dp (ZeRO-1)
     bucket_size_mb: float = 25.0  # gradient buckets reduced over dp as one collective each
     overlap_grad_sync: bool = True  # launch each bucket's reduction during the backward pass
-    grad_reduce_dtype: str = "fp32"  # gradient buckets: "fp32", or "bf16" (half the bytes, less precise)
+    grad_reduce_dtype: str = "fp32"  # dtype on the wire of the gradient reduction: "fp32", or "bf16" (half the bytes); buckets accumulate in fp32
 
     def _check_values(self) -> None:
         self._positive("tp", "pp", "dp", "virtual_stages", "bucket_size_mb")
@@ -299,7 +299,7 @@ class TrainConfig(_Section):
     global_batch_size: int = 1
     grad_accum_steps: Optional[int] = None
     seed: int = 1234
-    precision: str = "fp32"  # bf16 / fp16: fp32 parameters and optimizer, matmuls under torch.autocast
+    precision: str = "fp32"  # bf16 / fp16: low-precision params, fp32 main grads + masters + Adam (README "Precision")
     engine: str = "megalm"  # "deepspeed": DeepSpeed's ZeRO for data parallelism (optional extra)
     device: str = "auto"
     run_dir: str = "runs/default"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -24,9 +23,10 @@ from megalm.kernels import describe_kernels
 from megalm.metrics import (
     MetricsWriter, get_logger, guess_peak_tflops, peak_memory_bytes, peak_reserved_bytes, reset_peak_memory, throughput,
 )
-from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters
-from megalm.optim import LossScaler, build_optimizer, clip_grads_, found_inf, grad_norm, lr_at, set_lr
-from megalm.parallel.data import GradientSync, ShardedAdamW, counted_once
+from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters, param_dtype
+from megalm.optim import LossScaler, clip_grads_, found_inf, grad_norm, lr_at, set_lr
+from megalm.parallel.data import GradientSync
+from megalm.parallel.optimizer import MixedPrecisionOptimizer, build_optimizer_wrapper, bytes_per_parameter
 from megalm.parallel.pipeline import PipelineExecutor, activation_shape
 from megalm.parallel.schedules import analytic_bubble, build_schedule, simulate
 
@@ -44,14 +44,6 @@ class StepResult:
     loss_scale: float = 1.0
 
 
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16/fp16: parameters and optimizer stay fp32, matmuls run in half precision under torch.autocast."""
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
 class NonFiniteLossError(RuntimeError):
     """The loss became inf or nan and checkpoint.on_nan is 'stop'."""
 
@@ -64,7 +56,7 @@ class Trainer:
         config: Config,
         groups: ParallelGroups,
         chunks: list[GPTModel],
-        optimizer: torch.optim.Optimizer,
+        optimizer: MixedPrecisionOptimizer,
         data: BatchSampler,
         metrics: MetricsWriter,
         valid: Optional[BatchSampler] = None,
@@ -90,7 +82,7 @@ class Trainer:
                 config.model.seq_length, config.train.micro_batch_size, config.model.hidden_size, groups,
                 config.parallel.sequence_parallel,
             ),
-            autocast=lambda: autocast_context(config.train.precision, groups.device),
+            message_dtype=param_dtype(config),  # activations cross stages in the parameters' dtype
         )
         self.data = data
         self.valid = valid
@@ -159,16 +151,15 @@ class Trainer:
         )
 
     def _update(self, step: int, scale: float) -> tuple[float, bool]:
-        """Unscale, check for overflow (fp16), clip by the global norm and step; (norm, skipped)."""
-        sharded = isinstance(self.optimizer, ShardedAdamW)
+        """Unscale, check for overflow (fp16), clip by the global norm and step; (norm, skipped).
+
+        Works on the optimizer's fp32 main gradients, whatever the parameters' precision."""
         groups = self.groups
-        if sharded:  # each dp rank holds a different shard: norms and overflow checks span dp too
-            grads, counted = self.optimizer.grads(), self.optimizer.counted_grads()
-            reduce_over = [groups.dp_group, groups.tp_group, groups.pp_group]
-        else:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            counted = [p.grad for p in self.params if p.grad is not None and counted_once(p, groups)]
-            reduce_over = [groups.tp_group, groups.pp_group]
+        grads, counted = self.optimizer.grads(), self.optimizer.counted_grads()
+        # ZeRO-1: each dp rank holds a different shard, so norms span dp too.
+        reduce_over = [groups.dp_group, groups.tp_group, groups.pp_group] if self.optimizer.sharded else [
+            groups.tp_group, groups.pp_group
+        ]
         if self.scaler is not None:
             if found_inf(grads, [groups.dp_group, groups.tp_group, groups.pp_group], groups.device):
                 self.scaler.update(found_inf=True)
@@ -292,7 +283,6 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
     chunks = build_model_chunks(config, groups)
     chunks[0].rng.seed_replicated()
     parallel = config.parallel
-    optim = config.optim
     runner = None
     if config.train.engine == "deepspeed":
         from megalm.engines.deepspeed_engine import build_deepspeed_engine, check_supported
@@ -304,12 +294,9 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
         sync = GradientSync(
             chunks, groups, int(parallel.bucket_size_mb * 2**20), parallel.overlap_grad_sync,
             shard=parallel.zero_stage == 1,
-            grad_dtype=torch.bfloat16 if parallel.grad_reduce_dtype == "bf16" else torch.float32,
+            reduce_dtype=torch.bfloat16 if parallel.grad_reduce_dtype == "bf16" else torch.float32,
         )
-        if parallel.zero_stage == 1:
-            optimizer = ShardedAdamW(sync, optim.lr, (optim.beta1, optim.beta2), optim.eps, optim.weight_decay)
-        else:
-            optimizer = build_optimizer(chunks, optim, groups.device)
+        optimizer = build_optimizer_wrapper(sync, config.optim)
     data = build_sampler(config, sources.train, groups.dp_rank, groups.dp_size)
     valid = build_sampler(config, sources.valid, groups.dp_rank, groups.dp_size) if sources.valid else None
     writer_path = run_dir / "metrics.jsonl" if (run_dir is not None and groups.rank == 0) else None
@@ -387,6 +374,7 @@ def dry_run_report(config: Config, topology) -> str:
         f"{100 * analytic_bubble(topology.pp, accum, parallel.virtual_stages):.1f}% = (pp-1)/(m*v+pp-1)"
     )
     shown = per_rank if len(per_rank) <= 6 else per_rank[:3] + [None] + per_rank[-2:]
+    per_param = bytes_per_parameter(config.train.precision, parallel.zero_stage, topology.dp)
     for entry in shown:
         if entry is None:
             lines.append("  ...")
@@ -395,7 +383,8 @@ def dry_run_report(config: Config, topology) -> str:
         layers = f"layers {layers}" if layers else "no layers"
         lines.append(
             f"  stage {pp_rank:>3}: {layers}, {count:,} parameters per rank, "
-            f"{16 * count / 2**30:.1f} GiB of fp32 weights + grads + Adam states, "
+            f"{per_param * count / 2**30:.1f} GiB of {config.train.precision} weights + fp32 main grads + "
+            f"optimizer state ({per_param:g} bytes/parameter), "
             f"at most {simulation.max_in_flight[pp_rank]} micro-batch chunks in flight"
         )
     return "\n".join(lines)

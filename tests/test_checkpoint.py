@@ -24,7 +24,6 @@ from megalm.checkpoint.state import PieceIndex, optimizer_scalars, optimizer_vie
 from megalm.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from megalm.distributed import ParallelGroups, build_parallel_groups
 from megalm.metrics import get_logger, read_metrics
-from megalm.parallel.data import ShardedAdamW
 from megalm.parallel.tensor import gather_full_tensor
 from megalm.testing import run_distributed
 from megalm.topology import Topology
@@ -56,23 +55,6 @@ def use_adamw(implementation: str) -> None:
     if implementation == "apex":
         fake_apex.install()
     os.environ[kernels.ENV_ADAMW] = implementation
-
-
-def build(config: Config, groups: ParallelGroups):
-    """build_trainer, with ZeRO-1's inner AdamW chosen by megalm.kernels like the plain path's.
-
-    A bridge until the optimizer wrapper of issue 12 builds its inner optimizer through
-    kernels.adamw_class_and_kwargs: today train.py gives ShardedAdamW torch's default AdamW.
-    """
-    trainer = build_trainer(config, groups, None)
-    if isinstance(trainer.optimizer, ShardedAdamW):
-        cls, extra, _ = kernels.adamw_class_and_kwargs(groups.device)
-        optim = config.optim
-        trainer.optimizer = ShardedAdamW(
-            trainer.sync, optim.lr, (optim.beta1, optim.beta2), optim.eps, optim.weight_decay,
-            make_optimizer=functools.partial(cls, **extra),
-        )
-    return trainer
 
 
 def implementation_of(trainer) -> str:
@@ -122,7 +104,7 @@ def _bitwise_worker(rank: int, world_size: int, layout: tuple, root: str, implem
     for implementation in implementations:
         use_adamw(implementation)
         straight_dir, resumed_dir = Path(root) / implementation / "straight", Path(root) / implementation / "resumed"
-        straight = build(config, groups)
+        straight = build_trainer(config, groups, None)
         records = straight.fit(steps=BITWISE_STEPS, checkpointer=Checkpointer(straight, straight_dir))
         if rank == 0:
             name = f"step_{BITWISE_SAVE:08d}"
@@ -130,7 +112,7 @@ def _bitwise_worker(rank: int, world_size: int, layout: tuple, root: str, implem
             (resumed_dir / "checkpoints" / "latest").write_text(name + "\n")
         if world_size > 1:
             dist.barrier()
-        resumed = build(config, groups)
+        resumed = build_trainer(config, groups, None)
         checkpointer = Checkpointer(resumed, resumed_dir)
         start = checkpointer.resume()
         continued = resumed.fit(steps=BITWISE_STEPS, start_step=start, checkpointer=checkpointer)
@@ -179,7 +161,7 @@ def _reshard_worker(rank: int, world_size: int, layout: tuple, root: str, mode: 
         use_adamw(implementation)
     groups = build_parallel_groups(Topology(tp=tp, pp=pp, dp=dp), rank, torch.device("cpu"))
     config = make_config(tp, pp, dp, zero, dropout=0.0)
-    trainer = build(config, groups)
+    trainer = build_trainer(config, groups, None)
     checkpointer = Checkpointer(trainer, Path(root))
     if mode == "save":
         trainer.fit(steps=10, checkpointer=checkpointer)

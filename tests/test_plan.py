@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from megalm.cli import main
-from megalm.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from megalm.config import Config, ModelConfig, ParallelConfig, TrainConfig
 from megalm.distributed import ParallelGroups
 from megalm.model.gpt import build_model_chunks, count_parameters
-from megalm.optim import build_optimizer
-from megalm.parallel.data import GradientSync, ShardedAdamW
+from megalm.parallel.data import GradientSync
+from megalm.parallel.optimizer import MixedPrecisionOptimizer
 from megalm.parallel.schedules import build_schedule, simulate
 from megalm.plan import (
     Layout, PlanError, cluster_from_dict, get_numerics, load_cluster, make_plan, search, stage_memory,
@@ -122,14 +122,17 @@ def test_parameter_counts_equal_meta_built_shards(parallel):
         assert rank_param_count(config.model, _layout(config), pp_rank) == sum(count_parameters(c) for c in chunks)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("tp,pp,dp,zero", [(1, 1, 1, 0), (2, 2, 1, 0), (1, 2, 2, 1), (2, 1, 3, 1)])
-def test_gradient_and_optimizer_bytes_equal_megalm(tp, pp, dp, zero):
-    """Buckets from a real GradientSync and Adam state from a real (Sharded)AdamW, per dp rank."""
+def test_gradient_and_optimizer_bytes_equal_megalm(tp, pp, dp, zero, precision):
+    """Buckets from a real GradientSync and state from a real MixedPrecisionOptimizer, per dp rank."""
     config = _config(tp, pp, dp, zero_stage=zero, bucket_size_mb=0.004)  # small buckets: several per stage
+    config.train.precision = precision
+    param_bytes = 4 if precision == "fp32" else 2
     topology = Topology(tp, pp, dp)
     layout = _layout(config)
     for pp_rank in range(pp):
-        planned = stage_memory(config.model, layout, A100, MEGALM, "fp32", pp_rank)
+        planned = stage_memory(config.model, layout, A100, MEGALM, precision, pp_rank)
         for dp_rank in range(dp):
             groups = _groups(topology, pp_rank, dp_rank)
             chunks = build_model_chunks(config, groups)  # materialised: small
@@ -137,25 +140,28 @@ def test_gradient_and_optimizer_bytes_equal_megalm(tp, pp, dp, zero):
             buckets = bucket_sizes(config.model, layout, pp_rank)
             assert [b.numel for b in sync.buckets] == [-(-n // dp) * dp if zero else n for n in buckets]
             params = sum(count_parameters(c) for c in chunks)
-            assert planned.weights == 4 * params
+            assert planned.weights == sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
+            assert planned.weights == param_bytes * params
+            optimizer = MixedPrecisionOptimizer(sync, 1e-3, (0.9, 0.95), 1e-8, 0.0)
+            for master in optimizer.masters:
+                master.grad = torch.zeros_like(master) if master.grad is None else master.grad
+            optimizer.optimizer.step()  # the local AdamW step (no collective): creates the moments
+            grads = sum(b.grad.numel() * b.grad.element_size() for b in sync.buckets)
             if zero:
-                optimizer = ShardedAdamW(sync, 1e-3, (0.9, 0.95), 1e-8, 0.0)
-                optimizer.optimizer.step()  # the local AdamW step (no collective): creates the moments
                 shard = zero1_shard_params(buckets, dp, dp_rank)
                 assert optimizer.state_bytes() == 8 * shard
-                assert sum(m.numel() for m in optimizer.masters) == shard
-                grads = sum(b.grad.numel() + b.shard_grad.numel() for b in sync.buckets)
+                assert optimizer.master_bytes() == 4 * sum(m.numel() for m in optimizer.masters) == 4 * shard
+                grads += sum(b.shard_main.numel() * b.shard_main.element_size() for b in sync.buckets)
+                gather = sum(g.numel() * g.element_size() for g in optimizer._gather)
                 if dp_rank == 0:
-                    assert planned.optimizer == optimizer.state_bytes() + 4 * shard
+                    assert planned.optimizer == optimizer.state_bytes() + optimizer.master_bytes()
+                    p2p = 2 * param_bytes * 16 * 1 * 32 if pp > 1 else 0  # send + receive of [s, b, h]
+                    assert planned.buffers == gather + p2p
             else:
-                optimizer = build_optimizer(chunks, OptimConfig(), torch.device("cpu"))
-                for p in optimizer.param_groups[0]["params"] + optimizer.param_groups[1]["params"]:
-                    p.grad = torch.zeros_like(p)
-                optimizer.step()
-                state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if v.dim() > 0)
-                assert planned.optimizer == state == 8 * params
-                grads = sum(b.grad.numel() for b in sync.buckets)
-            assert planned.grads == 4 * grads
+                assert optimizer.state_bytes() == 8 * params
+                assert optimizer.master_bytes() == (0 if precision == "fp32" else 4 * params)
+                assert planned.optimizer == optimizer.state_bytes() + optimizer.master_bytes()
+            assert planned.grads == grads
 
 
 # ---- published runs ------------------------------------------------------------------------------

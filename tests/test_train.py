@@ -1,4 +1,4 @@
-"""The trainer in one process: bf16 autocast trains like fp32; the data stream is layout-independent."""
+"""The trainer in one process: bf16 mixed precision trains like fp32; the data stream is layout-independent."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ def _curve(*overrides: str) -> list[float]:
     return [record["loss"] for record in trainer.fit()]
 
 
-def test_bf16_autocast_follows_fp32() -> None:
+def test_bf16_follows_fp32() -> None:
     fp32 = _curve()
     bf16 = _curve("train.precision=bf16")
-    assert bf16 != fp32  # autocast really changed the arithmetic
+    assert bf16 != fp32  # bf16 parameters really changed the arithmetic
     assert bf16[-1] < bf16[0] - 0.5
     assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05
 

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from megalm.model.init import shard_geometry
-from megalm.parallel.data import ShardedAdamW, counted_once
+from megalm.parallel.data import counted_once
+from megalm.parallel.optimizer import MixedPrecisionOptimizer
 
 MODEL_FIELDS = (
     "family", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size", "max_position_embeddings",
@@ -76,8 +77,8 @@ def optimizer_view(optimizer: Any) -> OptimizerView:
     if isinstance(optimizer, torch.optim.Optimizer):  # plain torch optimizer: each param is its own master
         params = [p for group in optimizer.param_groups for p in group["params"]]
         return OptimizerView(optimizer, params, [WholeParam(p, 0, p.numel()) for p in params], False)
-    if isinstance(optimizer, ShardedAdamW):
-        return OptimizerView(optimizer.optimizer, list(optimizer.masters), list(optimizer.segments), optimizer.sync.dp > 1)
+    if isinstance(optimizer, MixedPrecisionOptimizer):
+        return OptimizerView(optimizer.optimizer, list(optimizer.masters), list(optimizer.segments), optimizer.sharded)
     raise TypeError(f"megalm checkpoints do not know optimizer {type(optimizer).__qualname__}: extend optimizer_view()")
 
 
@@ -324,7 +325,7 @@ def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, 
     for saved_group, group in zip(param_groups, inner.param_groups):
         if group["params"]:
             saved_group.update({key: _decode(value, group["params"][0].device) for key, value in per_group.items()})
-    live = inner.param_groups  # wrappers (ShardedAdamW) hold this list: keep it and its dicts
+    live = inner.param_groups  # the wrapper (MixedPrecisionOptimizer) holds this list: keep it and its dicts
     inner.load_state_dict({"state": state, "param_groups": param_groups})
     for group, loaded in zip(live, inner.param_groups):
         group.update(loaded)

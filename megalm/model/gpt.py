@@ -4,6 +4,11 @@
 the final norm plus the tied output layer and loss on the last stage (all of it when pp = 1).
 Each rank builds only its own shard; `build_model` constructs on the meta device and fills the
 shard from (seed, parameter name), so the same seed gives the same full model at any layout.
+
+Under bf16/fp16 (`train.precision`) the parameters are initialised in fp32 exactly as in fp32 runs,
+then cast: the low-precision model is the rounded fp32 model, and the matmuls read it directly
+(no autocast). Activations follow the parameters' dtype; LayerNorm statistics, softmax and the
+loss are computed in fp32 (megalm.model.layers, megalm.parallel.tensor).
 """
 
 from __future__ import annotations
@@ -23,6 +28,18 @@ from megalm.parallel.schedules import partition_layers
 from megalm.parallel.tensor import mark_parameter, parallel_logits, vocab_parallel_cross_entropy
 
 EMBEDDING_NAME = "embedding.word.weight"
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def param_dtype(config: Config) -> torch.dtype:
+    """The dtype the model's parameters (and activations) are held in for this run.
+
+    megalm's engine holds them in train.precision; DeepSpeed is handed fp32 parameters (its bf16
+    mode is autocast, megalm.engines.deepspeed_engine).
+    """
+    if config.train.engine == "deepspeed":
+        return torch.float32
+    return PARAM_DTYPES[config.train.precision]
 
 
 def prefix_attention_mask(prefix_lengths: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -92,6 +109,11 @@ class GPTModel(nn.Module):
             self.output_weight.init_name = EMBEDDING_NAME
             self.output_weight.embedding_copy = True  # counted once (first stage) in the grad norm
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the parameters (fp32, or bf16/fp16 under mixed precision)."""
+        return next(self.parameters()).dtype
+
     def _output_weight(self) -> torch.Tensor:
         return self.embedding.word.weight if self.output_weight is None else self.output_weight
 
@@ -106,7 +128,8 @@ class GPTModel(nn.Module):
         Returns per-token losses [b, s] on the last stage when labels are given, vocab-split
         logits [s, b, v/tp] when not, and hidden states [s, b, h] on the other stages.
         """
-        hidden = self.embedding(inputs) if self.is_first else inputs
+        # A later stage computes in the parameters' dtype whatever dtype its input message arrived in.
+        hidden = self.embedding(inputs) if self.is_first else inputs.to(self.dtype)
         seq_len = inputs.shape[1] if self.is_first else hidden.shape[0] * (
             self.groups.tp_size if self.sequence_parallel else 1
         )
@@ -138,13 +161,18 @@ def build_model(
     materialize: bool = True,
     spec: Optional[StageSpec] = None,
     rng: Optional[ParallelRNG] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> GPTModel:
-    """Build this rank's shard on the meta device, then (optionally) allocate and initialise it."""
+    """Build this rank's shard on the meta device, then (optionally) allocate and initialise it.
+
+    Parameters are initialised in fp32, then cast to `dtype` (the rounded fp32 model)."""
     rng = rng or ParallelRNG(seed, groups)
     with torch.device("meta"):
         model = GPTModel(cfg, groups, rng, sequence_parallel, spec)
     if materialize:
         materialize_model(model, groups.device, seed)
+    if dtype != torch.float32:
+        model.to(dtype)  # in place (param.data), so the Parameter objects and their layout attributes stay
     return model
 
 
@@ -153,8 +181,9 @@ def build_model_chunks(config: Config, groups: ParallelGroups, materialize: bool
     parallel = config.parallel
     rng = ParallelRNG(config.train.seed, groups)
     specs = stage_specs(config.model.num_layers, groups, parallel.virtual_stages, parallel.pipeline_layers)
+    dtype = param_dtype(config)
     return [
-        build_model(config.model, groups, config.train.seed, parallel.sequence_parallel, materialize, spec, rng)
+        build_model(config.model, groups, config.train.seed, parallel.sequence_parallel, materialize, spec, rng, dtype)
         for spec in specs
     ]
 

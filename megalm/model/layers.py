@@ -36,10 +36,30 @@ def layer_norm(
     """
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    norm = layer_norm_class(device_type)(hidden_size, eps=eps)
+    cls = layer_norm_class(device_type)
+    if cls is nn.LayerNorm:
+        cls = LayerNorm
+    norm = cls(hidden_size, eps=eps)
     for param in norm.parameters():
         mark_parameter(param, None, sequence_parallel)
     return norm
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm with fp32 statistics for bf16/fp16 inputs on every device.
+
+    torch's CPU kernel computes a bf16 input's statistics in fp32 but keeps the mean and 1/std
+    for backward in bf16, unless the weight is fp32 ("mixed" inputs). So low-precision weights
+    (held in the run's precision, like every parameter) are passed as fp32: the kernel then keeps
+    fp32 statistics, and the output stays in the input's dtype. On CUDA torch's kernel keeps fp32
+    statistics either way; apex FusedLayerNorm does too (megalm.kernels).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.weight.dtype == torch.float32 or x.device.type != "cpu":
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x, self.normalized_shape, self.weight.float(), bias, self.eps)
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,18 +1,22 @@
-"""Data-parallel gradient sync: contiguous buckets, reductions overlapped with backward, ZeRO-1.
+"""Data-parallel gradient sync: contiguous fp32 main-grad buckets, reductions overlapped with backward, ZeRO-1.
 
 Every parameter's gradient is accumulated (by a post-accumulate-grad hook) into a slice of a
-contiguous fp32 bucket. A parameter's gradient is final after its m-th accumulation of the step
-(m = micro-batches), so no signal from the schedule is needed and no collective ever runs on a
-non-final micro-batch. When every parameter of a bucket is final, the bucket's reduction over the
-data-parallel group is launched asynchronously (buckets in a fixed order, the same on every
-rank), overlapping the rest of the backward pass; `finish()` waits before the optimizer step.
+contiguous fp32 bucket, its *main gradient*: the per-micro-batch `.grad` (in the parameter's
+dtype, bf16/fp16 under mixed precision) is added into the fp32 slice and freed, so small
+contributions of many micro-batches are kept whatever the parameter's precision. A parameter's
+gradient is final after its m-th accumulation of the step (m = micro-batches), so no signal from
+the schedule is needed and no collective ever runs on a non-final micro-batch. When every
+parameter of a bucket is final, the bucket's reduction over the data-parallel group is launched
+asynchronously (buckets in a fixed order, the same on every rank), overlapping the rest of the
+backward pass; `finish()` waits before the optimizer step.
 
-- Plain data parallel: all-reduce (sum) of each bucket; each parameter's `.grad` then views its
-  slice. The loss is already divided by the global token count, so a sum is right.
+- Plain data parallel: all-reduce (sum) of each bucket. The loss is already divided by the
+  global token count, so a sum is right. fp32 parameters then see their main gradient as `.grad`.
 - ZeRO-1 (`shard=True`): reduce-scatter of each bucket instead: dp rank r receives the summed
-  slice r of every bucket (buckets are padded to a multiple of dp). `ShardedAdamW` steps only
-  that slice (fp32 master weights and Adam states for 1/dp of the model), then all-gathers the
-  updated parameters.
+  slice r of every bucket (buckets are padded to a multiple of dp) in an fp32 shard buffer. The
+  optimizer (megalm.parallel.optimizer) steps only that slice, then all-gathers the parameters.
+- `reduce_dtype=torch.bfloat16` changes only the wire: a bf16 copy of the bucket is reduced
+  (half the bytes) and the result is written back into the fp32 buffers. Accumulation stays fp32.
 
 Two reductions are folded in: sequence-parallel gradients (replicated params that saw only this
 rank's sequence shard) are summed over tp in the hook, as tp ranks run their backward in
@@ -24,7 +28,7 @@ their own that is summed over the embedding group in `finish()`, after the pipel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -55,8 +59,9 @@ class Bucket:
     ready: int = 0
     launched: bool = False
     handle: Optional[dist.Work] = None
-    shard_grad: Optional[torch.Tensor] = None  # ZeRO-1: this rank's reduced slice (reduce dtype)
-    shard_main: Optional[torch.Tensor] = None  # the same slice in fp32, for the optimizer
+    shard_main: Optional[torch.Tensor] = None  # ZeRO-1: this rank's reduced slice, fp32, for the optimizer
+    wire: Optional[torch.Tensor] = None  # reduce_dtype copy of the bucket while its reduction runs
+    wire_shard: Optional[torch.Tensor] = None  # ZeRO-1 with a low-precision wire: the reduce-scatter output
 
     @property
     def numel(self) -> int:
@@ -65,13 +70,18 @@ class Bucket:
 
 @dataclass
 class Segment:
-    """The part of one parameter inside this rank's ZeRO-1 shard of a bucket."""
+    """The part of one parameter whose main gradient this rank's optimizer reads: its ZeRO-1 shard
+    of a bucket, or (without ZeRO) the whole parameter."""
 
     param: nn.Parameter
     param_lo: int  # range in the flattened parameter
     param_hi: int
-    shard_lo: int  # where it sits in the shard
+    shard_lo: int  # where it sits in the bucket's shard (ZeRO-1) or in the bucket (without ZeRO)
     bucket: Bucket = field(repr=False)
+
+    @property
+    def numel(self) -> int:
+        return self.param_hi - self.param_lo
 
 
 class GradientSync:
@@ -85,10 +95,12 @@ class GradientSync:
         overlap: bool = True,
         shard: bool = False,
         events: Optional[list] = None,
-        grad_dtype: torch.dtype = torch.float32,
+        reduce_dtype: torch.dtype = torch.float32,
     ) -> None:
+        if reduce_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"reduce_dtype must be torch.float32 or torch.bfloat16, got {reduce_dtype}")
         self.groups = groups
-        self.grad_dtype = grad_dtype  # accumulation and reduction dtype (bf16 halves the bytes moved)
+        self.reduce_dtype = reduce_dtype  # the wire only: buckets accumulate in fp32 always
         self.overlap = overlap
         self.shard = shard
         self.events = events  # when a list: ("hook", name, count) and ("launch", bucket) in order
@@ -125,7 +137,7 @@ class GradientSync:
         size = 0
         for name, param in named:
             current.append((name, param))
-            size += param.numel() * torch.finfo(self.grad_dtype).bits // 8
+            size += param.numel() * 4  # fp32 main gradients
             if size >= bucket_bytes:
                 self._make_bucket(current)
                 current, size = [], 0
@@ -138,15 +150,10 @@ class GradientSync:
             offsets.append(total)
             total += param.numel()
         padded = -(-total // self.dp) * self.dp if self.shard else total  # equal shards for reduce-scatter
-        grad = torch.zeros(padded, dtype=self.grad_dtype, device=self.groups.device)
+        grad = torch.zeros(padded, dtype=torch.float32, device=self.groups.device)
         bucket = Bucket(len(self.buckets), [p for _, p in named], offsets, grad, deferred)
         if self.shard:
-            bucket.shard_grad = torch.zeros(padded // self.dp, dtype=self.grad_dtype, device=self.groups.device)
-            bucket.shard_main = (
-                bucket.shard_grad
-                if self.grad_dtype == torch.float32
-                else torch.zeros(padded // self.dp, dtype=torch.float32, device=self.groups.device)
-            )
+            bucket.shard_main = torch.zeros(padded // self.dp, dtype=torch.float32, device=self.groups.device)
         for (name, param), offset in zip(named, offsets):
             self._views[param] = grad[offset : offset + param.numel()].view_as(param)
             self._bucket_of[param] = bucket
@@ -165,9 +172,13 @@ class GradientSync:
         for param in self._views:
             param.grad = None
 
+    def main_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """The fp32 main gradient of `param` (its slice of a bucket, shaped like the parameter)."""
+        return self._views[param]
+
     def _hook(self, param: nn.Parameter) -> None:
         view = self._views[param]
-        view.add_(param.grad)
+        view.add_(param.grad)  # the micro-batch's gradient (param dtype) into the fp32 main gradient
         param.grad = None
         self._counts[param] += 1
         if self.events is not None:
@@ -197,12 +208,19 @@ class GradientSync:
         group = self.groups.dp_group
         if group is None:
             if self.shard:
-                bucket.shard_grad.copy_(bucket.grad)
+                bucket.shard_main.copy_(bucket.grad)
             return
+        source, target = bucket.grad, bucket.shard_main
+        if self.reduce_dtype != torch.float32:  # a low-precision copy travels; fp32 is written back in finish()
+            bucket.wire = source = bucket.grad.to(self.reduce_dtype)
+            if self.shard:
+                bucket.wire_shard = target = torch.empty(
+                    bucket.numel // self.dp, dtype=self.reduce_dtype, device=bucket.grad.device
+                )
         if self.shard:
-            bucket.handle = _reduce_scatter_single(bucket.shard_grad, bucket.grad, group, async_op=True)
+            bucket.handle = _reduce_scatter_single(target, source, group, async_op=True)
         else:
-            bucket.handle = dist.all_reduce(bucket.grad, group=group, async_op=True)
+            bucket.handle = dist.all_reduce(source, group=group, async_op=True)
 
     def finish(self) -> None:
         """Launch what is left (the tied embedding after its cross-stage sum), wait, expose grads."""
@@ -217,20 +235,26 @@ class GradientSync:
                 wait_for(bucket.handle, lambda: f"{'reduce_scatter' if self.shard else 'all_reduce'} of gradient "
                          f"bucket {bucket.index} over {self.groups.describe_group(self.groups.dp_group)}")
                 bucket.handle = None
-        if self.shard:
-            for bucket in self.buckets:
-                if bucket.shard_main is not bucket.shard_grad:
-                    bucket.shard_main.copy_(bucket.shard_grad)
-        else:
+            if bucket.wire is not None:  # back into fp32, then free the wire copies
+                if self.shard:
+                    bucket.shard_main.copy_(bucket.wire_shard)
+                else:
+                    bucket.grad.copy_(bucket.wire)
+                bucket.wire = bucket.wire_shard = None
+        if not self.shard:
             for param, view in self._views.items():
-                param.grad = view if view.dtype == param.dtype else view.to(param.dtype)
+                if param.dtype == torch.float32:  # an fp32 parameter is its own master: .grad is the main grad
+                    param.grad = view
 
     # ---- ZeRO-1 views ---------------------------------------------------------------------------
     def segments(self) -> list[Segment]:
-        """This dp rank's pieces of every parameter (ZeRO-1), in bucket order."""
+        """This dp rank's pieces of every parameter (ZeRO-1; whole parameters without), in bucket order."""
         out = []
         rank = self.groups.dp_rank
         for bucket in self.buckets:
+            if not self.shard:
+                out.extend(Segment(p, 0, p.numel(), offset, bucket) for p, offset in zip(bucket.params, bucket.offsets))
+                continue
             shard_size = bucket.numel // self.dp
             lo, hi = rank * shard_size, (rank + 1) * shard_size
             for param, offset in zip(bucket.params, bucket.offsets):
@@ -238,6 +262,11 @@ class GradientSync:
                 if start < end:
                     out.append(Segment(param, start - offset, end - offset, start - lo, bucket))
         return out
+
+    def segment_grad(self, segment: Segment) -> torch.Tensor:
+        """The flat fp32 main gradient of a segment (a view into the buffers the reductions write)."""
+        buffer = segment.bucket.shard_main if self.shard else segment.bucket.grad
+        return buffer[segment.shard_lo : segment.shard_lo + segment.numel]
 
 
 def counted_once(param: nn.Parameter, groups: ParallelGroups) -> bool:
@@ -248,72 +277,10 @@ def counted_once(param: nn.Parameter, groups: ParallelGroups) -> bool:
     return getattr(param, "tp_split_dim", None) is not None or groups.tp_rank == 0
 
 
-class ShardedAdamW:
-    """ZeRO-1: AdamW over this dp rank's shard, fp32 masters, then an all-gather of the parameters."""
+def __getattr__(name: str):
+    """`ShardedAdamW`, the old name of the optimizer wrapper (megalm.parallel.optimizer), for older imports."""
+    if name == "ShardedAdamW":
+        from megalm.parallel.optimizer import MixedPrecisionOptimizer
 
-    def __init__(
-        self,
-        sync: GradientSync,
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        weight_decay: float,
-        make_optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
-    ) -> None:
-        if not sync.shard:
-            raise ValueError("ShardedAdamW needs a GradientSync built with shard=True")
-        self.sync = sync
-        self.groups = sync.groups
-        self.segments = sync.segments()
-        self.masters: list[torch.Tensor] = []
-        decay, no_decay = [], []
-        for segment in self.segments:
-            flat = segment.param.detach().reshape(-1)[segment.param_lo : segment.param_hi]
-            master = flat.to(torch.float32).clone().requires_grad_(True)
-            size = segment.param_hi - segment.param_lo
-            master.grad = segment.bucket.shard_main[segment.shard_lo : segment.shard_lo + size]
-            self.masters.append(master)
-            (no_decay if segment.param.dim() < 2 else decay).append(master)
-        param_groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        make = make_optimizer or torch.optim.AdamW
-        self.optimizer = make(param_groups, lr=lr, betas=betas, eps=eps)
-        self.param_groups = self.optimizer.param_groups
-        self._gather = [
-            torch.empty(bucket.numel, dtype=bucket.params[0].dtype, device=self.groups.device)
-            for bucket in sync.buckets
-        ]
-
-    def grads(self) -> list[torch.Tensor]:
-        return [master.grad for master in self.masters]
-
-    def counted_grads(self) -> list[torch.Tensor]:
-        """Shard gradients that count towards the global norm (see counted_once)."""
-        return [m.grad for m, s in zip(self.masters, self.segments) if counted_once(s.param, self.groups)]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Gradients live in the sync's buffers, which start_step() zeroes."""
-
-    def step(self) -> None:
-        self.optimizer.step()
-        dp_group = self.groups.dp_group
-        for bucket, gathered in zip(self.sync.buckets, self._gather):
-            shard_size = bucket.numel // self.sync.dp
-            local = gathered[self.groups.dp_rank * shard_size : (self.groups.dp_rank + 1) * shard_size]
-            for master, segment in zip(self.masters, self.segments):
-                if segment.bucket is bucket:
-                    size = segment.param_hi - segment.param_lo
-                    local[segment.shard_lo : segment.shard_lo + size].copy_(master.detach())
-            if dp_group is not None:
-                _all_gather_single(gathered, local.clone(), dp_group)
-            with torch.no_grad():
-                for param, offset in zip(bucket.params, bucket.offsets):
-                    param.copy_(gathered[offset : offset + param.numel()].view_as(param))
-
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state (Adam moments) held by this rank."""
-        return sum(
-            value.numel() * value.element_size()
-            for state in self.optimizer.state.values()
-            for value in state.values()
-            if torch.is_tensor(value) and value.dim() > 0
-        )
+        return MixedPrecisionOptimizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

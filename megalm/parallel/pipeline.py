@@ -77,7 +77,6 @@ class PipelineExecutor:
         schedule: str,
         num_microbatches: int,
         activation_shape: tuple[int, ...],
-        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         *,
         message_dtype: torch.dtype = torch.float32,
         transport: Optional[Transport] = None,
@@ -89,7 +88,6 @@ class PipelineExecutor:
         self.virtual_stages = len(chunks)
         self.last_stage = self.pp * self.virtual_stages - 1
         self.activation_shape = tuple(activation_shape)
-        self.autocast = autocast
         self.message_dtype = message_dtype
         self.transport: Transport = transport if transport is not None else DistTransport(groups)
         self.train_schedule = build_schedule(schedule, self.pp, num_microbatches, self.virtual_stages)
@@ -261,11 +259,10 @@ class PipelineExecutor:
         inputs = batch.tokens if stage == 0 else received
         if stage > 0:
             inputs.requires_grad_(not forward_only)
-        with self.autocast():
-            if stage == self.last_stage:
-                output = loss_fn(chunk(inputs, labels=batch.labels, prefix_lengths=batch.prefix_lengths), batch)
-            else:
-                output = chunk(inputs, prefix_lengths=batch.prefix_lengths)
+        if stage == self.last_stage:
+            output = loss_fn(chunk(inputs, labels=batch.labels, prefix_lengths=batch.prefix_lengths), batch)
+        else:
+            output = chunk(inputs, prefix_lengths=batch.prefix_lengths)
         if stage == self.last_stage:
             if not forward_only:
                 self._keep(action, inputs if stage > 0 else None, output)

@@ -249,6 +249,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, real_vocab_size, group):
         # logits: [s, b, v/tp] (any float dtype; computed in fp32), target: [s, b]
+        ctx.logits_dtype = logits.dtype
         logits = logits.float()
         local_vocab = logits.shape[-1]
         if real_vocab_size is not None and vocab_start + local_vocab > real_vocab_size:
@@ -281,7 +282,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad = softmax  # reuse the saved buffer: d loss / d logits = softmax - one_hot(target)
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -(~outside).to(grad.dtype).unsqueeze(-1))
         grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None, None
+        return grad.to(ctx.logits_dtype), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(

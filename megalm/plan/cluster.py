@@ -99,7 +99,7 @@ class Numerics:
     grad_bytes: int  # the gradient buffer (and the data-parallel all-reduce)
     master_bytes: int  # fp32 master copy kept by the optimizer (0: the weights are the masters)
     moment_bytes: int  # Adam's two moments
-    zero1_gather_buffer: bool  # megalm's ZeRO-1 keeps a full fp32 gather buffer per bucket
+    zero1_gather_buffer: bool  # megalm's ZeRO-1 keeps a full gather buffer per bucket (parameter dtype)
     flash_attention: bool  # fused attention: no [s, s] scores stored or read from HBM
     overlap_grad_sync: bool  # data-parallel reduction overlapped with the last backward
     description: str
@@ -107,12 +107,24 @@ class Numerics:
     def replace(self, **changes) -> "Numerics":
         return dataclasses.replace(self, **changes)
 
+    def for_precision(self, precision: str) -> "Numerics":
+        """megalm keeps parameters in the run's precision (fp32 masters only when that is bf16/fp16); others are fixed."""
+        if self.name != "megalm":
+            return self
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise PlanError(f"unknown precision {precision!r}: use fp32, bf16 or fp16")
+        low = precision != "fp32"
+        return self.replace(param_bytes=2 if low else 4, master_bytes=4 if low else 0,
+                            description=f"megalm's engine: {precision} params + fp32 main grads + "
+                                        f"{'fp32 master + ' if low else ''}fp32 Adam, SDPA attention")
+
 
 NUMERICS = {
-    # megalm as implemented: fp32 parameters, fp32 gradient buckets, fp32 Adam moments; bf16/fp16 only
-    # under autocast. ZeRO-1 (ShardedAdamW) adds an fp32 master of the shard and a full gather buffer.
+    # megalm as implemented (megalm.parallel.optimizer): parameters in the run's precision, fp32 main-grad
+    # buckets, fp32 Adam moments, fp32 masters under bf16/fp16 (`for_precision` sets param and master
+    # bytes; the values here are fp32's). ZeRO-1 shards master and moments and adds a gather buffer.
     "megalm": Numerics("megalm", 4, 4, 0, 8, True, True, True,
-                       "megalm's engine: fp32 params + fp32 grads + fp32 Adam (autocast matmuls), SDPA attention"),
+                       "megalm's engine: fp32 params + fp32 main grads + fp32 Adam, SDPA attention"),
     # Megatron-LM (2021) / Yuan 1.0 mixed precision: fp16 params and grads, fp32 master + Adam moments,
     # materialised attention scores, gradient all-reduce after the backward pass.
     "megatron": Numerics("megatron", 2, 2, 4, 8, False, False, False,

@@ -105,20 +105,21 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
                  precision: str, pp_rank: int) -> StageMemory:
     """Memory of the most loaded rank (dp rank 0) of pipeline stage `pp_rank`."""
     act_bytes = ACTIVATION_BYTES[precision]
+    numerics = numerics.for_precision(precision)
     chunks = stage_chunks(model, layout, pp_rank)
     params = rank_param_count(model, layout, pp_rank)
     buckets = bucket_sizes(model, layout, pp_rank)
     dp = layout.dp
     weights = params * numerics.param_bytes
     buffers = 0
-    if numerics.name == "megalm":  # exact: GradientSync and the optimizers in megalm.parallel.data
-        if layout.zero_stage == 1:
+    if numerics.name == "megalm":  # exact: GradientSync (megalm.parallel.data), MixedPrecisionOptimizer
+        if layout.zero_stage == 1:  # fp32 buckets + fp32 reduce-scatter output of the shard
             grads = 4 * sum(padded(n, dp) for n in buckets) + 4 * sum(padded(n, dp) // dp for n in buckets)
             optimizer = (4 + 8) * zero1_shard_params(buckets, dp, 0)  # fp32 master + 2 moments of the shard
-            buffers += 4 * sum(padded(n, dp) for n in buckets)  # all-gather buffer per bucket
+            buffers += numerics.param_bytes * sum(padded(n, dp) for n in buckets)  # all-gather buffer per bucket
         else:
-            grads = 4 * sum(buckets)
-            optimizer = 8 * params
+            grads = 4 * sum(buckets)  # fp32 main gradients
+            optimizer = (numerics.master_bytes + 8) * params  # fp32 masters (bf16/fp16 only) + 2 moments
     else:
         grads = params * numerics.grad_bytes
         kept = -(-params // dp) if layout.zero_stage == 1 else params
@@ -199,6 +200,7 @@ def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, num
 def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, precision: str) -> StepTime:
     """Predicted time of one optimizer step and the throughput it implies."""
     act_bytes = ACTIVATION_BYTES[precision]
+    numerics = numerics.for_precision(precision)
     s, b, h, t = model.seq_length, layout.micro_batch_size, model.hidden_size, layout.tp
     m, pp, v, dp = layout.num_microbatches, layout.pp, layout.virtual_stages, layout.dp
     sp = t if layout.sequence_parallel else 1

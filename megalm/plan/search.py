@@ -47,6 +47,7 @@ def make_plan(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
               stages: Optional[Sequence[int]] = None) -> Plan:
     """Plan one layout; `stages` limits the memory model to some pipeline ranks (default: all)."""
     layout.check(model)
+    numerics = numerics.for_precision(precision)
     ranks = range(layout.pp) if stages is None else sorted(set(stages))
     memory = [stage_memory(model, layout, cluster, numerics, precision, r) for r in ranks]
     return Plan(model, layout, cluster, numerics, precision, memory, step_time(model, layout, cluster, numerics, precision))

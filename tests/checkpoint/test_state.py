@@ -15,7 +15,8 @@ from megalm.config import Config, ModelConfig, OptimConfig
 from megalm.distributed import ParallelGroups
 from megalm.model.gpt import build_model_chunks
 from megalm.optim import build_optimizer
-from megalm.parallel.data import GradientSync, ShardedAdamW
+from megalm.parallel.data import GradientSync
+from megalm.parallel.optimizer import MixedPrecisionOptimizer
 from tests.fake_apex import GroupStepAdam
 
 GROUPS = ParallelGroups.single()
@@ -45,9 +46,9 @@ def plain(model: list, cls=torch.optim.AdamW, **kwargs):
     return optimizer
 
 
-def zero1(model: list, cls=torch.optim.AdamW, **kwargs) -> ShardedAdamW:
+def zero1(model: list, cls=torch.optim.AdamW, **kwargs) -> MixedPrecisionOptimizer:
     sync = GradientSync(model, GROUPS, bucket_bytes=4096, shard=True)
-    return ShardedAdamW(sync, 1e-2, (0.9, 0.95), 1e-8, 0.1, make_optimizer=functools.partial(cls, **kwargs))
+    return MixedPrecisionOptimizer(sync, 1e-2, (0.9, 0.95), 1e-8, 0.1, optimizer_class=cls, optimizer_kwargs=kwargs)
 
 
 def saved(tmp_path: Path, model: list, optimizer) -> tuple[PieceIndex, dict]:

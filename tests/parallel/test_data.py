@@ -10,7 +10,6 @@ import torch.distributed as dist
 
 from megalm.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from megalm.distributed import ParallelGroups, build_parallel_groups
-from megalm.parallel.data import GradientSync, ShardedAdamW
 from megalm.parallel.tensor import gather_full_tensor
 from megalm.testing import run_distributed
 from megalm.topology import Topology
@@ -43,9 +42,7 @@ def full_weights(trainer) -> dict[str, torch.Tensor]:
 def train_steps(config: Config, groups: ParallelGroups) -> dict:
     trainer = build_trainer(config, groups, None)
     losses = [trainer.train_step(step).loss for step in range(STEPS)]
-    state = trainer.optimizer.state_bytes() if isinstance(trainer.optimizer, ShardedAdamW) else sum(
-        v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values() if v.dim() > 0
-    )
+    state = trainer.optimizer.state_bytes()
     return {"weights": full_weights(trainer), "losses": losses, "state_bytes": state}
 
 
@@ -160,7 +157,7 @@ def _fp16_worker(rank: int, world_size: int) -> list:
     def finish_with_inf():
         original_finish()
         if inject["step"] == 1 and rank == 1:  # only one rank sees the overflow
-            trainer.params[3].grad.view(-1)[0] = float("inf")
+            trainer.sync.main_grad(trainer.params[3]).view(-1)[0] = float("inf")  # fp16 params: grads are fp32 main grads
 
     trainer.sync.finish = finish_with_inf
     out = []

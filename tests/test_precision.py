@@ -1,0 +1,312 @@
+"""Megatron-style mixed precision: dtypes of every tensor, bytes per parameter, fp32 accumulation, kernels.
+
+In bf16/fp16 the model's parameters are low precision and read directly by the matmuls; the
+weight gradients accumulate in fp32 main-grad buckets; the optimizer keeps fp32 masters and
+moments. The bytes a rank holds are summed from the real tensors and compared with the README's
+table and the planner (megalm.plan) exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megalm.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from megalm.distributed import ParallelGroups, build_parallel_groups
+from megalm.model.layers import layer_norm
+from megalm.parallel.data import GradientSync
+from megalm.plan import Layout, get_numerics, load_cluster, stage_memory
+from megalm.testing import run_distributed
+from megalm.topology import Topology
+from megalm.train import build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---- fp32 accumulation of gradient buckets (issue 12, item 6) -------------------------------------
+class _Scalar(nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2, dtype=dtype))
+
+
+def _accumulate_worker(rank: int, world_size: int, dtype: torch.dtype, shard: bool) -> list[float]:
+    groups = (
+        build_parallel_groups(Topology(dp=world_size), rank, torch.device("cpu"))
+        if world_size > 1
+        else ParallelGroups.single()
+    )
+    module = _Scalar(dtype)
+    sync = GradientSync([module], groups, reduce_dtype=torch.bfloat16, shard=shard)
+    # One gradient of 1.0, then 64 of 2^-9: each is below half a bf16 ulp of 1.0 (2^-8), so a bf16
+    # accumulator stays at 1.0, while fp32 keeps them all: 1 + 64 * 2^-9 = 1.125, exact in bf16 too.
+    contributions = [1.0] + [2.0**-9] * 64
+    sync.start_step(len(contributions))
+    for value in contributions:
+        (module.weight * value).sum().backward()
+    sync.finish()
+    if shard:
+        return [v for b in sync.buckets for v in b.shard_main.tolist()]
+    return sync.main_grad(module.weight).tolist()
+
+
+@pytest.mark.parametrize("world_size,dtype,shard", [
+    (1, torch.float32, False), (1, torch.bfloat16, False), (2, torch.float32, False), (2, torch.bfloat16, True),
+])
+def test_bf16_wire_keeps_small_increments_over_many_microbatches(world_size, dtype, shard) -> None:
+    """grad_reduce_dtype=bf16 casts only for the wire: the buckets accumulate in fp32."""
+    if world_size == 1:
+        results = [_accumulate_worker(0, 1, dtype, shard)]
+    else:
+        results = run_distributed(_accumulate_worker, world_size, dtype, shard)
+    for values in results:
+        assert values == [1.125 * world_size] * len(values)
+
+
+# ---- dtypes and bytes per parameter ----------------------------------------------------------------
+def _config(dp: int, precision: str, zero: int) -> Config:
+    return Config(
+        model=ModelConfig(num_layers=4, hidden_size=32, num_heads=4, vocab_size=300, seq_length=16),
+        parallel=ParallelConfig(tp=1, pp=1, dp=dp, zero_stage=zero, bucket_size_mb=0.004),
+        optim=OptimConfig(lr=1e-3, warmup_steps=0),
+        train=TrainConfig(steps=2, micro_batch_size=1, global_batch_size=2 * dp, seed=3, precision=precision),
+    )
+
+
+def readme_bytes_per_parameter() -> dict[tuple[str, bool], str]:
+    """The README's "Bytes per parameter" table: (precision, ZeRO-1) -> total as an expression in dp."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Bytes per parameter"):]
+    table: dict[tuple[str, bool], str] = {}
+    for line in section.splitlines()[1:]:
+        if line.startswith("#"):
+            break
+        cells = [c.strip().strip("`*") for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not re.match(r"^(fp32|bf16|fp16)", cells[0]):
+            continue
+        for precision in re.findall(r"fp32|bf16|fp16", cells[0].split("+")[0]):
+            table[(precision, "ZeRO-1" in cells[0])] = cells[-1]
+    return table
+
+
+def _eval_bytes(expression: str, dp: int) -> float:
+    if not set(expression) <= set("0123456789 +/*().dp"):
+        raise AssertionError(f"unexpected README entry {expression!r}")
+    return eval(expression, {"__builtins__": {}}, {"dp": dp})  # digits, + / * and dp only (checked above)
+
+
+def _held_tensors(trainer) -> dict[str, list[torch.Tensor]]:
+    """Every persistent tensor a rank holds for its parameters, by role (storages counted once)."""
+    optimizer, sync = trainer.optimizer, trainer.sync
+    moments = [v for s in optimizer.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    return {
+        "param": list(trainer.params),
+        "main_grad": [b.grad for b in sync.buckets] + [b.shard_main for b in sync.buckets if b.shard_main is not None],
+        "master": [m for m, s in zip(optimizer.masters, optimizer.segments) if m is not s.param],
+        "moments": moments,
+        "gather": list(optimizer._gather),
+    }
+
+
+def _bytes_worker(rank: int, world_size: int) -> dict:
+    groups = (
+        build_parallel_groups(Topology(dp=world_size), rank, torch.device("cpu"))
+        if world_size > 1
+        else ParallelGroups.single()
+    )
+    out = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        for zero in (0, 1):
+            trainer = build_trainer(_config(world_size, precision, zero), groups, None)
+            for step in range(2):
+                trainer.train_step(step)
+            held = _held_tensors(trainer)
+            storages = {}
+            for role, tensors in held.items():
+                for tensor in tensors:
+                    storages.setdefault(tensor.untyped_storage().data_ptr(), (role, tensor))
+            # Anything else alive on the parameters: a leftover .grad would be a hidden copy.
+            leftover = [p.grad for p in trainer.params if p.grad is not None]
+            assert all(g.untyped_storage().data_ptr() in storages for g in leftover), "a .grad outside the buckets"
+            out[(precision, zero)] = {
+                "bytes": sum(t.untyped_storage().nbytes() for _, t in storages.values()),
+                "dtypes": {role: sorted({str(t.dtype) for t in ts}) for role, ts in held.items()},
+                "params": sum(p.numel() for p in trainer.params),
+                "padded": sum(b.numel for b in trainer.sync.buckets),
+                "grad_none": all(p.grad is None for p in trainer.params),
+            }
+    return out
+
+
+@pytest.fixture(scope="module")
+def held_bytes() -> dict[int, list[dict]]:
+    return {1: [_bytes_worker(0, 1)], 2: run_distributed(_bytes_worker, 2)}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_params_fp32_main_grads_masters_and_moments(held_bytes, precision) -> None:
+    low = str(LOW[precision])
+    for world_size, ranks in held_bytes.items():
+        for per_rank in ranks:
+            for zero in (0, 1):
+                dtypes = per_rank[(precision, zero)]["dtypes"]
+                assert dtypes["param"] == [low], (world_size, zero)
+                assert dtypes["main_grad"] == ["torch.float32"]
+                assert dtypes["master"] == ["torch.float32"] and dtypes["moments"] == ["torch.float32"]
+                assert dtypes["gather"] == ([low] if zero else [])
+                assert per_rank[(precision, zero)]["grad_none"]  # the low-precision .grad is freed in the hook
+
+
+def test_fp32_without_zero_holds_no_master_copy(held_bytes) -> None:
+    for ranks in held_bytes.values():
+        for per_rank in ranks:
+            assert per_rank[("fp32", 0)]["dtypes"]["master"] == []  # each parameter is its own master
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("zero", [0, 1])
+def test_bytes_per_parameter_equal_readme_and_planner(held_bytes, precision, zero) -> None:
+    table = readme_bytes_per_parameter()
+    cluster, numerics = load_cluster("a100-80gb"), get_numerics("megalm")
+    param_bytes = 4 if precision == "fp32" else 2
+    for dp, ranks in held_bytes.items():
+        measured = [per_rank[(precision, zero)] for per_rank in ranks]
+        params, padded = measured[0]["params"], measured[0]["padded"]
+        # README: per-rank bytes per parameter. Summed over the dp ranks the ZeRO-1 shards add up to the
+        # whole model, so the sum is exact: dp x table x params, plus the buckets' padding (< dp elements
+        # per bucket) in the fp32 bucket, the gather buffer and the fp32 shard of the last rank.
+        pad = padded - params
+        expected = _eval_bytes(table[(precision, zero == 1)], dp) * dp * params
+        expected += pad * (dp * (4 + param_bytes) + 4) if zero else 0
+        assert sum(m["bytes"] for m in measured) == pytest.approx(expected, abs=1e-6), (dp, table)
+        # Planner: dp rank 0 exactly (weights + gradients + optimizer + buffers; no p2p at pp = 1).
+        config = _config(dp, precision, zero)
+        layout = Layout(1, 1, dp, 1, config.train.global_batch_size, "1f1b", 1, "none", zero, False, None,
+                        config.parallel.bucket_size_mb)
+        plan = stage_memory(config.model, layout, cluster, numerics, precision, 0)
+        assert plan.weights + plan.grads + plan.optimizer + plan.buffers == measured[0]["bytes"]
+
+
+# ---- fp32 statistics inside low-precision kernels -------------------------------------------------
+def test_layer_norm_keeps_fp32_statistics_for_bf16() -> None:
+    """torch's CPU LayerNorm saves bf16 mean/rstd for bf16 weights; megalm's passes fp32 weights to keep fp32."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 4, 256) * 3 + 5).bfloat16()
+    grad_out = torch.randn(64, 4, 256).bfloat16()
+    norm = layer_norm(256, 1e-5, False, "cpu")
+    with torch.no_grad():
+        norm.weight.copy_((1 + 0.1 * torch.randn(256)).bfloat16())  # bf16 values: the same in both runs
+        norm.bias.copy_((0.1 * torch.randn(256)).bfloat16())
+    reference = layer_norm(256, 1e-5, False, "cpu")
+    reference.load_state_dict(norm.state_dict())
+
+    def input_grad(module, dtype):
+        inp = x.to(dtype).requires_grad_(True)
+        module.to(dtype)(inp).backward(grad_out.to(dtype))
+        return inp.grad.float()
+
+    exact = input_grad(reference, torch.float32)
+    ours = input_grad(norm, torch.bfloat16)
+    plain = torch.nn.LayerNorm(256, eps=1e-5).bfloat16()
+    plain.load_state_dict(norm.state_dict())
+    torch_bf16 = input_grad(plain, torch.bfloat16)
+    scale = exact.abs().max()
+    # ours: the bf16 rounding of inputs and output only (< 2^-8); bf16 statistics roughly double it
+    assert (ours - exact).abs().max() / scale < 2**-8
+    assert (torch_bf16 - exact).abs().max() / scale > (ours - exact).abs().max() / scale * 1.5
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_attention_softmax_runs_in_fp32_for_bf16(masked: bool) -> None:
+    """SDPA on bf16 inputs: mean error about 1.4x the bf16 rounding of its output (softmax statistics
+    in fp32; like flash attention, probabilities are rounded to bf16 before the product with V),
+    where a bf16 softmax gives about 3x."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 128, 32).bfloat16() for _ in range(3))
+    mask = (torch.rand(2, 1, 128, 128) > 0.3) | torch.eye(128, dtype=torch.bool) if masked else None
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    rounding = (exact.bfloat16().float() - exact).abs().mean()
+    assert (out.float() - exact).abs().mean() <= 1.6 * rounding
+    # the same attention with a bf16 softmax is clearly worse: the check can tell them apart
+    keep = mask if masked else torch.ones(128, 128, dtype=torch.bool).tril()
+    scores = (q @ k.transpose(-1, -2) * 32**-0.5).masked_fill(~keep, float("-inf"))
+    assert (torch.softmax(scores, -1) @ v).float().sub(exact).abs().mean() > 2.5 * rounding
+
+
+# ---- low-precision activations and collectives ------------------------------------------------------
+def _activation_worker(rank: int, world_size: int) -> dict:
+    groups = build_parallel_groups(Topology(tp=2), rank, torch.device("cpu"))
+    config = _config(1, "bf16", 0)
+    config.parallel.tp, config.parallel.sequence_parallel = 2, True
+    trainer = build_trainer(config, groups, None)
+    seen: list[tuple[str, str, int]] = []
+    originals = {}
+    names = [n for n in ("all_reduce", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_single",
+                         "reduce_scatter_tensor") if hasattr(dist, n)]
+    for name in names:
+        original = getattr(dist, name)
+        originals[name] = original
+
+        def recording(tensor, *args, _name=name, _original=original, **kwargs):
+            seen.append((_name, str(tensor.dtype), tuple(tensor.shape)))
+            return _original(tensor, *args, **kwargs)
+
+        setattr(dist, name, recording)
+    outputs: list[str] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(str(o.dtype)) if torch.is_tensor(o) else None)
+             for chunk in trainer.chunks for m in chunk.modules() if not isinstance(m, type(trainer.chunks[0]))]
+    try:
+        trainer.train_step(0)
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+        for hook in hooks:
+            hook.remove()
+    return {"collectives": seen, "outputs": outputs}
+
+
+def test_bf16_activations_and_tp_collectives_stay_bf16() -> None:
+    """tp=2 with sequence parallel: every module output and every activation collective ([s, b, h]) is bf16."""
+    for result in run_distributed(_activation_worker, 2):
+        activation = [dtype for _, dtype, shape in result["collectives"] if len(shape) == 3 and shape[-1] == 32]
+        assert len(activation) >= 4 * 4 and set(activation) == {"torch.bfloat16"}
+        assert set(result["outputs"]) == {"torch.bfloat16"}
+
+
+# ---- resume in bf16: the fp32 masters are saved, so resuming is bit for bit -------------------------
+def _bf16_resume_worker(rank: int, world_size: int, zero: int, root: str) -> dict:
+    from tests.test_checkpoint import make_config as checkpoint_config
+    from tests.test_checkpoint import run
+
+    groups = build_parallel_groups(Topology(dp=world_size), rank, torch.device("cpu")) if world_size > 1 else (
+        ParallelGroups.single())
+    config = checkpoint_config(1, 1, world_size, zero)
+    config.train.precision = "bf16"
+    straight = run(config, groups, Path(root) / "straight")
+    first = run(config, groups, Path(root) / "resumed", stop_at=10)
+    second = run(config, groups, Path(root) / "resumed", resume=True)
+    masters = [[m.detach().clone() for m in r[3].optimizer.masters] for r in (straight, second)]
+    return {
+        "losses_equal": straight[0] == first[0] + second[0],
+        "weights_equal": all(torch.equal(a, b) for a, b in zip(straight[1], second[1])),
+        "state_equal": all(torch.equal(a, b) for a, b in zip(straight[2], second[2])),
+        "masters_equal": all(torch.equal(a, b) for a, b in zip(*masters)),
+    }
+
+
+@pytest.mark.parametrize("world_size,zero", [(1, 0), (2, 1)])
+def test_bf16_resume_is_bitwise_identical(world_size: int, zero: int, tmp_path: Path) -> None:
+    if world_size == 1:
+        results = [_bf16_resume_worker(0, 1, zero, str(tmp_path))]
+    else:
+        results = run_distributed(_bf16_resume_worker, world_size, zero, str(tmp_path), timeout=400)
+    for result in results:
+        assert result == {"losses_equal": True, "weights_equal": True, "state_equal": True, "masters_equal": True}
