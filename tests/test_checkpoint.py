@@ -94,11 +94,13 @@ def differences(first: dict, second: dict) -> list[str]:
 BITWISE_STEPS, BITWISE_SAVE = 8, 4
 
 
-def _bitwise_worker(rank: int, world_size: int, layout: tuple, root: str, implementations: tuple) -> dict:
+def _bitwise_worker(rank: int, world_size: int, layout: tuple, root: str, implementations: tuple,
+                    precision: str = "fp32") -> dict:
     """Per implementation: 8 steps straight (saving at 4) == resume that checkpoint in a new trainer, 4 steps."""
     tp, pp, dp, zero = layout
     groups = build_parallel_groups(Topology(tp=tp, pp=pp, dp=dp), rank, torch.device("cpu"))
     config = make_config(tp, pp, dp, zero)
+    config.train.precision = precision
     config.checkpoint.interval_steps = BITWISE_SAVE
     results = {}
     for implementation in implementations:
