@@ -2,8 +2,11 @@
 
 Both are timed in the same process, on the same device, on the same pre-generated micro-batches
 (this rank's share of each global batch, already on the device), with the same number of
-micro-batches per optimizer step, the same precision, optimizer, clipping, warm-up and timed step
-counts. The baseline runs first so that on CPU its peak memory is measured before megalm's model
+micro-batches per optimizer step, the same `train.precision`, optimizer, clipping, warm-up and timed step
+counts. In bf16 the baseline trains the way a plain PyTorch (nanoGPT-style) loop does, under
+torch.autocast over fp32 weights, while megalm holds bf16 weights with fp32 main gradients and
+masters (Megatron-style): the ratio therefore includes the gain of megalm's precision scheme. The
+baseline runs first so that on CPU its peak memory is measured before megalm's model
 exists. Results are the median step time and what follows from it (tokens/s, model TFLOP/s per
 device, MFU, peak memory), and the ratio megalm / baseline of per-device tokens/s.
 
