@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install megalm with its test tools into .venv and run the test suite (CPU, gloo).
+# Install megalm with its test tools and optional extras into .venv and run the test suite (CPU, gloo).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-EXTRAS=dev bash scripts/setup_env.sh
+# The optional DeepSpeed engine is installed too, so its parity tests run rather than skip.
+EXTRAS=dev,deepspeed bash scripts/setup_env.sh
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec .venv/bin/python -m pytest -q -ra "$@"
