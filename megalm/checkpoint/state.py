@@ -32,14 +32,35 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from megalm.checkpoint.store import CheckpointError
 from megalm.model.init import shard_geometry
 from megalm.parallel.data import counted_once
 from megalm.parallel.optimizer import MixedPrecisionOptimizer
 
+# Model fields a checkpoint must share with the run that resumes it: every one that decides a
+# parameter's shape or what the weights mean. Padded vocabulary rows (make_vocab_size_divisible_by x
+# tp) are the one shape that may differ; `model_differences` compares the derived sizes below too.
 MODEL_FIELDS = (
-    "family", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size", "max_position_embeddings",
-    "position_embedding", "layernorm_eps",
+    "family", "num_layers", "hidden_size", "num_heads", "vocab_size", "position_embedding", "layernorm_eps",
 )
+EMBEDDING_NAME = "embedding.word.weight"  # megalm.model.gpt's; the one parameter with padded rows
+
+
+def _derived_sizes(model: dict) -> dict[str, tuple[str, Any]]:
+    """Shape-bearing values a model config derives from optional fields: {key: (what it is, value)}."""
+    hidden = model.get("hidden_size")
+    ffn = model.get("ffn_hidden_size")
+    out = {"ffn": ("MLP hidden size (model.ffn_hidden_size, or 4 x hidden_size when unset)",
+                   ffn if ffn is not None else 4 * hidden)}
+    if model.get("position_embedding", "learned") == "learned":
+        positions = model.get("max_position_embeddings")
+        out["positions"] = (
+            "learned position table rows (model.max_position_embeddings, or model.seq_length when unset)",
+            positions if positions is not None else model.get("seq_length"),
+        )
+    else:
+        out["rotary_base"] = ("model.rotary_base (rotary position frequencies)", model.get("rotary_base", 10000.0))
+    return out
 
 
 def named_params(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
@@ -271,13 +292,18 @@ class PieceIndex:
             for piece in mine:
                 flat[piece["lo"] : piece["hi"]] = piece["tensor"]
             return shard
-        return _my_shard(self.full(name, kind), param, groups).clone()  # not a view that keeps the full tensor
+        return _my_shard(self.full(name, kind), param, groups, name).clone()  # not a view that keeps the full tensor
 
 
-def _my_shard(full: torch.Tensor, param: nn.Parameter, groups) -> torch.Tensor:
-    """This rank's shard of `full`, adapted when the padded vocabulary size differs."""
+def _my_shard(full: torch.Tensor, param: nn.Parameter, groups, name: str = "") -> torch.Tensor:
+    """This rank's shard of `full`, adapted when the padded vocabulary size differs (and only then)."""
     target_shape, offsets = shard_geometry(param, groups.tp_rank, groups.tp_size)
     if tuple(full.shape) != tuple(target_shape):
+        if name != EMBEDDING_NAME or tuple(full.shape[1:]) != tuple(target_shape[1:]):
+            raise CheckpointError(
+                f"parameter {name} has shape {tuple(full.shape)} in the checkpoint but {tuple(target_shape)} in "
+                f"this model: only the padded vocabulary rows may differ; resume with the checkpoint's model config"
+            )
         # Only the padded vocabulary rows differ between layouts: copy what overlaps.
         resized = torch.zeros(target_shape, dtype=full.dtype)
         rows = min(full.shape[0], target_shape[0])
@@ -333,9 +359,16 @@ def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, 
 
 
 def model_differences(saved: dict, current: dict) -> list[str]:
-    """The model fields that differ between a checkpoint's config and this run's."""
-    return [
+    """The shape-bearing model fields (and derived sizes) that differ between a checkpoint's config and this run's."""
+    out = [
         f"model.{field}: checkpoint {saved.get(field)!r}, this run {current.get(field)!r}"
         for field in MODEL_FIELDS
         if saved.get(field) != current.get(field)
     ]
+    if saved.get("position_embedding") != current.get("position_embedding"):
+        return out  # the position fields of the two kinds are not comparable
+    theirs, ours = _derived_sizes(saved), _derived_sizes(current)
+    for key, (what, value) in ours.items():
+        if theirs[key][1] != value:
+            out.append(f"{what}: checkpoint {theirs[key][1]!r}, this run {value!r}")
+    return out

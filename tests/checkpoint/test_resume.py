@@ -1,0 +1,85 @@
+"""Resume refuses what it cannot continue: another model shape."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megalm.checkpoint import Checkpointer, CheckpointError
+from megalm.checkpoint.state import PieceIndex, restore, saved_scalars
+from megalm.config import Config, ModelConfig, OptimConfig, TrainConfig
+from megalm.distributed import ParallelGroups
+from megalm.train import build_trainer
+
+SAVED_STEPS = 2
+
+
+def make_config(**model) -> Config:
+    fields = dict(num_layers=2, hidden_size=32, num_heads=4, vocab_size=200, seq_length=16)
+    fields.update(model)
+    config = Config(
+        model=ModelConfig(**fields),
+        optim=OptimConfig(lr=3e-3, warmup_steps=1),
+        train=TrainConfig(steps=SAVED_STEPS, micro_batch_size=2, global_batch_size=4, seed=9),
+    )
+    config.checkpoint.interval_steps = SAVED_STEPS
+    return config
+
+
+def train_and_save(run_dir: Path, config: Config) -> Path:
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+    trainer.fit(checkpointer=Checkpointer(trainer, run_dir))
+    return run_dir / "checkpoints" / f"step_{SAVED_STEPS:08d}"
+
+
+def resume(run_dir: Path, config: Config):
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+    return trainer, Checkpointer(trainer, run_dir).resume()
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("learned")
+    train_and_save(run_dir, make_config())
+    return run_dir
+
+
+# ---- 1: every shape-bearing model field is compared ------------------------------------------------
+@pytest.mark.parametrize("change, expected", [
+    ({"seq_length": 32}, r"learned position table rows .*: checkpoint 16, this run 32"),
+    ({"max_position_embeddings": 64}, r"learned position table rows .*: checkpoint 16, this run 64"),
+    ({"ffn_hidden_size": 64}, r"MLP hidden size .*: checkpoint 128, this run 64"),
+    ({"position_embedding": "rotary"}, r"model\.position_embedding: checkpoint 'learned', this run 'rotary'"),
+])
+def test_resume_with_another_shape_is_refused(learned_run: Path, change: dict, expected: str) -> None:
+    with pytest.raises(CheckpointError, match=expected):
+        resume(learned_run, make_config(**change))
+
+
+def test_same_shapes_spelled_differently_resume(learned_run: Path) -> None:
+    """An explicit ffn size / position table equal to the derived one is the same model; vocab padding may differ."""
+    assert resume(learned_run, make_config(ffn_hidden_size=128, max_position_embeddings=16))[1] == SAVED_STEPS
+    config = make_config()
+    config.model.make_vocab_size_divisible_by = 8  # 200 padded rows instead of 256: only padding differs
+    trainer, step = resume(learned_run, config)
+    assert step == SAVED_STEPS and trainer.chunks[0].embedding.word.weight.shape[0] == 200
+
+
+def test_rotary_resume_compares_the_rotary_base(tmp_path: Path) -> None:
+    train_and_save(tmp_path, make_config(position_embedding="rotary"))
+    assert resume(tmp_path, make_config(position_embedding="rotary", seq_length=32))[1] == SAVED_STEPS
+    with pytest.raises(CheckpointError, match=r"model\.rotary_base .*: checkpoint 10000.0, this run 500.0"):
+        resume(tmp_path, make_config(position_embedding="rotary", rotary_base=500.0))
+
+
+def test_restore_refuses_a_shape_that_is_not_vocabulary_padding(learned_run: Path) -> None:
+    """Below the config check: restoring pieces into a longer position table raises, never zero-pads."""
+    trainer = build_trainer(make_config(seq_length=32), ParallelGroups.single(), None)
+    path = learned_run / "checkpoints" / f"step_{SAVED_STEPS:08d}"
+    index = PieceIndex(path, ["rank_00000.pt"])
+    scalars = saved_scalars(json.loads((path / "metadata.json").read_text()))
+    with pytest.raises(CheckpointError, match=r"embedding\.position.* \(16, 32\) in the checkpoint but \(32, 32\)"):
+        restore(trainer.chunks, trainer.optimizer, trainer.groups, index, scalars)
