@@ -227,11 +227,17 @@ class Trainer:
                 f"{rates['tflops_per_device']:.3g} TFLOP/s/device | MFU {mfu} | "
                 f"data {100 * result.data_seconds / result.seconds:.1f}% | mem {record['peak_memory_gb']:.2f} GB"
                 + (f" ({record['peak_reserved_gb']:.2f} GB reserved)" if record["peak_reserved_gb"] is not None else "")
-                + (f" | skipped (fp16 overflow, loss scale now {self.scaler.scale:g})" if result.skipped else "")
+                + (f" | skipped ({self._skip_reason()})" if result.skipped else "")
             )
             if self.comm.enabled:
                 self.logger.info(self.comm.format())
         return record
+
+    def _skip_reason(self) -> str:
+        """Why a step's update was skipped: an fp16 overflow, or a non-finite loss (fp32/bf16)."""
+        if self.scaler is not None:
+            return f"fp16 overflow, loss scale now {self.scaler.scale:g}"
+        return "non-finite loss, checkpoint.on_nan=skip"
 
     def fit(self, steps: Optional[int] = None, start_step: int = 0, checkpointer=None) -> list[dict]:
         """Train from `start_step` to `steps` (default train.steps), saving as configured; print samples."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import torch
 
 from megalm.config import load_config
 from megalm.data.pipeline import build_sampler, build_sources
 from megalm.distributed import ParallelGroups
+from megalm.metrics import get_logger
 from megalm.train import build_trainer
 from tests.test_cli import ROOT
 
@@ -38,3 +42,28 @@ def test_global_batch_is_the_same_at_any_dp() -> None:
     first = single[0]
     assert torch.equal(first.tokens[:, 1:], first.labels[:, :-1])
     assert first.loss_mask[0, : int(first.prefix_lengths[0]) - 1].sum() == 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_non_finite_loss_is_skipped_and_logged(precision: str) -> None:
+    """checkpoint.on_nan=skip (the default) without a loss scaler: the step is skipped and logged, not a crash."""
+    config = load_config(ROOT / "configs" / "tiny.yaml", ["train.steps=2", f"train.precision={precision}"])
+    assert config.checkpoint.on_nan == "skip"
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+    with torch.no_grad():
+        trainer.chunks[0].embedding.word.weight.fill_(float("nan"))
+    before = [p.detach().clone() for p in trainer.params]
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger, level = get_logger(), get_logger().level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        records = trainer.fit()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r["skipped"] for r in records] == [True, True]
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, trainer.params))  # no update
+    assert any("step      1/2" in m and "skipped (non-finite loss, checkpoint.on_nan=skip)" in m for m in messages), messages
