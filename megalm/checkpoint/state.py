@@ -26,6 +26,8 @@ without building the full tensor (resharding builds the full tensor and cuts it)
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -246,6 +248,23 @@ def collect_pieces(chunks: list[nn.Module], optimizer: Any, groups) -> list[dict
     return pieces
 
 
+def load_rank_file(file: Path) -> dict:
+    """A rank file's payload, unpickled with torch's weights-only loader (tensors and plain types only).
+
+    A checkpoint is data: a file that asks the unpickler for anything else (a class, a function call)
+    is refused with CheckpointError, never executed.
+    """
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as error:
+        named = re.search(r"GLOBAL (\S+?)[ ,.]* was not an allowed global", str(error))
+        detail = f"it asks for {named.group(1)}" if named else str(error).strip().splitlines()[0][:300]
+        raise CheckpointError(
+            f"{file} is not a plain megalm checkpoint file: {detail}, and megalm refuses to load anything but tensors "
+            f"and plain types from a checkpoint; use a checkpoint written by megalm from a trusted source"
+        ) from None
+
+
 class PieceIndex:
     """Every piece of a checkpoint, by (name, kind), from memory-mapped rank files."""
 
@@ -260,7 +279,7 @@ class PieceIndex:
             listed = infos[name].get("params")
             if names is not None and listed is not None and name not in always and not names.intersection(listed):
                 continue
-            payload = torch.load(path / name, map_location="cpu", mmap=True, weights_only=False)
+            payload = load_rank_file(path / name)
             self.payloads[payload["rank"]] = payload
             for piece in payload["pieces"]:
                 self.pieces.setdefault((piece["name"], piece["kind"]), []).append(piece)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -83,3 +84,49 @@ def test_restore_refuses_a_shape_that_is_not_vocabulary_padding(learned_run: Pat
     scalars = saved_scalars(json.loads((path / "metadata.json").read_text()))
     with pytest.raises(CheckpointError, match=r"embedding\.position.* \(16, 32\) in the checkpoint but \(32, 32\)"):
         restore(trainer.chunks, trainer.optimizer, trainer.groups, index, scalars)
+
+
+# ---- 8: loading a checkpoint never runs code from it ------------------------------------------------
+class _WritesMarker:
+    """Unpickling this calls open(marker, "w"): what a hostile checkpoint file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _plant(checkpoint: Path, marker: Path) -> Path:
+    """Replace rank 0's file by a payload carrying the marker writer, and fix the metadata to match it."""
+    file = checkpoint / "rank_00000.pt"
+    payload = torch.load(file, weights_only=True)
+    payload["rng"]["extra"] = _WritesMarker(marker)
+    torch.save(payload, file)
+    meta_path = checkpoint / "metadata.json"
+    metadata = json.loads(meta_path.read_text())
+    metadata["files"][file.name].update(bytes=file.stat().st_size, sha256=hashlib.sha256(file.read_bytes()).hexdigest())
+    meta_path.write_text(json.dumps(metadata))
+    return file
+
+
+def test_checkpoint_files_hold_only_tensors_and_plain_types(learned_run: Path) -> None:
+    payload = torch.load(learned_run / "checkpoints" / f"step_{SAVED_STEPS:08d}" / "rank_00000.pt", weights_only=True)
+    assert payload["rank"] == 0 and payload["pieces"] and torch.is_tensor(payload["rng"]["replicated"])
+
+
+def test_a_pickle_payload_is_refused_at_resume_not_run(tmp_path: Path) -> None:
+    config = make_config()
+    file = _plant(train_and_save(tmp_path, config), tmp_path / "marker")
+    with pytest.raises(CheckpointError, match=rf"{file} is not a plain megalm checkpoint file: it asks for .*open"):
+        resume(tmp_path, config)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_a_pickle_payload_is_refused_by_convert_not_run(tmp_path: Path, capsys) -> None:
+    from megalm.cli import main
+
+    file = _plant(train_and_save(tmp_path, make_config()), tmp_path / "marker")
+    assert main(["convert", str(file.parent), str(tmp_path / "model.pt")]) != 0
+    assert f"{file} is not a plain megalm checkpoint file" in capsys.readouterr().err
+    assert not (tmp_path / "marker").exists() and not (tmp_path / "model.pt").exists()
