@@ -75,7 +75,7 @@ class Checkpointer:
             "config": config_to_dict(trainer.config),
             "layout": _layout(trainer),
             "world_size": trainer.groups.topology.world_size,
-            "consumed_samples": step * trainer.config.train.global_batch_size,
+            "consumed_samples": trainer.data.consumed_samples(step),
             "optimizer_steps": steps_of(scalars),
             "optimizer_scalars": scalars,  # per-parameter and group-level scalars (step), stored once
             "loss_scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
@@ -138,12 +138,31 @@ class Checkpointer:
         if same_layout:
             trainer.chunks[0].rng.load_state_dict(index.payloads[trainer.groups.rank]["rng"])
         step = int(metadata["step"])
+        self._resume_data(step, metadata)
         trainer.logger.info(
             f"resumed from {path} at step {step} ({time.perf_counter() - start:.2f} s, of which "
             f"{verified - start:.2f} s verifying)"
             + ("" if same_layout else f"; resharded from {metadata['layout']} (random streams reseeded)")
         )
         return step
+
+    def _resume_data(self, step: int, metadata: dict[str, Any]) -> None:
+        """Continue the data at the checkpoint's consumed_samples; say when the batch size or the seed changed."""
+        trainer, saved = self.trainer, metadata["config"]["train"]
+        current = trainer.config.train
+        consumed = int(metadata.get("consumed_samples", step * saved["global_batch_size"]))
+        trainer.data.resume_at(step, consumed)
+        if saved["global_batch_size"] != current.global_batch_size:
+            trainer.logger.warning(
+                f"train.global_batch_size changed from {saved['global_batch_size']} to {current.global_batch_size}: "
+                f"the data continues at sample {consumed} (the checkpoint's consumed_samples), in global batches of "
+                f"{current.global_batch_size}"
+            )
+        if saved["seed"] != current.seed:
+            trainer.logger.warning(
+                f"train.seed changed from {saved['seed']} to {current.seed}: the data order changes from here on "
+                f"(the run continues at sample {consumed} of the new order)"
+            )
 
     # ---- stop signals ---------------------------------------------------------------------------
     def install_signal_handler(self) -> None:

@@ -38,6 +38,16 @@ class BatchSampler:
         self.per_rank = global_batch_size // dp_size
         self.dp_rank = dp_rank
         self.prefixlm = prefixlm
+        self.start_step = 0  # step `start_step` begins at sample `start_samples` (a resume may move both)
+        self.start_samples = 0
+
+    def resume_at(self, step: int, consumed_samples: int) -> None:
+        """Continue with step `step` at sample `consumed_samples`, whatever global batch size consumed them."""
+        self.start_step, self.start_samples = step, consumed_samples
+
+    def consumed_samples(self, step: int) -> int:
+        """Samples consumed before optimizer step `step` (0-based): the data position after `step` steps."""
+        return self.start_samples + (step - self.start_step) * self.global_batch_size
 
     def sample_ids(self, consumed_samples: int) -> list[range]:
         """Sample ids of this rank's micro-batches in the global batch starting at consumed_samples."""
@@ -51,8 +61,8 @@ class BatchSampler:
         return [self._batch([self.source.sample(i) for i in ids]) for ids in self.sample_ids(consumed_samples)]
 
     def micro_batches(self, step: int) -> list[Batch]:
-        """The micro-batches of optimizer step `step` (a constant global batch size)."""
-        return self.micro_batches_at(step * self.global_batch_size)
+        """The micro-batches of optimizer step `step`: global batches follow on from the resume position."""
+        return self.micro_batches_at(self.consumed_samples(step))
 
     def _batch(self, samples: list[Sample]) -> Batch:
         tokens = torch.from_numpy(np.stack([s.tokens for s in samples]))

@@ -1,9 +1,10 @@
-"""Resume refuses what it cannot continue: another model shape."""
+"""Resume: refuses another model shape, continues the data where it stopped, never runs code from a file."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 from megalm.checkpoint import Checkpointer, CheckpointError
 from megalm.checkpoint.state import PieceIndex, restore, saved_scalars
 from megalm.config import Config, ModelConfig, OptimConfig, TrainConfig
+from megalm.data.pipeline import build_sampler, build_sources
 from megalm.distributed import ParallelGroups
+from megalm.metrics import get_logger
 from megalm.train import build_trainer
 
 SAVED_STEPS = 2
@@ -130,3 +133,44 @@ def test_a_pickle_payload_is_refused_by_convert_not_run(tmp_path: Path, capsys) 
     assert main(["convert", str(file.parent), str(tmp_path / "model.pt")]) != 0
     assert f"{file} is not a plain megalm checkpoint file" in capsys.readouterr().err
     assert not (tmp_path / "marker").exists() and not (tmp_path / "model.pt").exists()
+
+
+# ---- 2: the data continues at the checkpoint's consumed_samples --------------------------------------
+def _logged(run) -> tuple[object, list[str]]:
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    get_logger().addHandler(handler)
+    try:
+        return run(), messages
+    finally:
+        get_logger().removeHandler(handler)
+
+
+def test_resume_with_another_global_batch_continues_at_the_consumed_samples(tmp_path: Path) -> None:
+    """8 samples a step for 2 steps, then 4 a step: step 3 reads samples 16..19 (not 8..11), and so on."""
+    config = make_config()
+    config.train.global_batch_size = 8
+    train_and_save(tmp_path, config)  # consumed_samples 16
+    config.train.global_batch_size, config.train.steps = 4, SAVED_STEPS + 2
+    config.checkpoint.interval_steps = 1
+    (trainer, step), messages = _logged(lambda: resume(tmp_path, config))
+    assert step == SAVED_STEPS
+    reference = build_sampler(config, build_sources(config).train, 0, 1)
+    for offset, first in enumerate((16, 20)):
+        got, want = trainer.data.micro_batches(step + offset), reference.micro_batches_at(first)
+        assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(got, want, strict=True))
+    assert any("train.global_batch_size changed from 8 to 4: the data continues at sample 16" in m for m in messages)
+    trainer.fit(start_step=step, checkpointer=Checkpointer(trainer, tmp_path))
+    saved = json.loads((tmp_path / "checkpoints" / f"step_{SAVED_STEPS + 2:08d}" / "metadata.json").read_text())
+    assert saved["consumed_samples"] == 16 + 2 * 4
+
+
+def test_resume_with_another_seed_says_the_data_order_changes(learned_run: Path) -> None:
+    config = make_config()
+    config.train.seed = 10
+    (_, step), messages = _logged(lambda: resume(learned_run, config))
+    assert step == SAVED_STEPS
+    assert any("train.seed changed from 9 to 10: the data order changes" in m for m in messages), messages
+    _, messages = _logged(lambda: resume(learned_run, make_config()))
+    assert not any("changed from" in m for m in messages), messages
