@@ -4,7 +4,8 @@ The position in the data is one number, `consumed_samples`. Global batch number 
 ids [k*G, (k+1)*G) of the source; data-parallel rank r reads only its contiguous share
 [r*G/dp, (r+1)*G/dp) of it, cut into micro-batches. Because the global batch does not depend on
 dp, resuming from `consumed_samples` with another dp size yields exactly the samples an
-uninterrupted run would have seen.
+uninterrupted run would have seen. A resume (`resume_at`) continues at the checkpoint's
+`consumed_samples`, so a changed global batch size G neither skips nor repeats samples.
 """
 
 from __future__ import annotations
