@@ -200,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="validate and print the layout, do not train")
     train.add_argument("--world-size", type=int, help="world size to validate against (dry run)")
     train.add_argument("--run-dir", help="override train.run_dir")
-    train.add_argument("--no-resume", action="store_true", help="start fresh even if run_dir has checkpoints")
+    train.add_argument(
+        "--no-resume", action="store_true",
+        help="start from step 0; an earlier run's checkpoints are moved to checkpoints.old-<UTC time>/",
+    )
     train.set_defaults(func=cmd_train)
 
     check = sub.add_parser("check", help="same as train --dry-run")
