@@ -67,11 +67,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(config.train.device)
     allow_tf32(device, config.train.precision)
     rank, _ = init_distributed(device, config.train.collective_timeout_s)
+    run_dir = Path(args.run_dir or config.train.run_dir)
+    from megalm.checkpoint.lock import lock_run_dir
+
+    # One job per run directory: rank 0 locks it and every rank learns the verdict before any
+    # group is built or any file written (see checkpoint/lock.py); the lock lives as long as we do.
+    try:
+        run_lock = lock_run_dir(run_dir, rank)
+    except CheckpointError:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
     logger = setup_logging(rank, config.log.all_ranks)
     groups = build_parallel_groups(
         topology, rank, device, config.train.collective_timeout_s, control_timeout_s=config.checkpoint.timeout_s
     )
-    run_dir = Path(args.run_dir or config.train.run_dir)
     if rank == 0:
         logger.info("resolved config:\n" + config_to_yaml(config))
         logger.info(f"config written to {write_resolved_config(config, run_dir)}")
@@ -82,7 +94,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     start_step = 0
     if config.train.engine == "megalm":
         checkpointer = Checkpointer(trainer, run_dir)
-        start_step = 0 if args.no_resume else (checkpointer.resume() or 0)
+        if args.no_resume:
+            checkpointer.start_over()  # an earlier run's checkpoints are moved aside, never mixed in
+        else:
+            start_step = checkpointer.resume() or 0
         checkpointer.install_signal_handler()
     else:
         logger.warning("train.engine=deepspeed: megalm checkpoints and resume are not available with this engine")
@@ -125,6 +140,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+        if run_lock is not None:
+            run_lock.close()  # releases the run directory (the OS would, at exit, anyway)
     if "TORCHELASTIC_RUN_ID" in os.environ:
         _exit_worker(code)
     return code
@@ -183,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="validate and print the layout, do not train")
     train.add_argument("--world-size", type=int, help="world size to validate against (dry run)")
     train.add_argument("--run-dir", help="override train.run_dir")
-    train.add_argument("--no-resume", action="store_true", help="start fresh even if run_dir has checkpoints")
+    train.add_argument(
+        "--no-resume", action="store_true",
+        help="start from step 0; an earlier run's checkpoints are moved to checkpoints.old-<UTC time>/",
+    )
     train.set_defaults(func=cmd_train)
 
     check = sub.add_parser("check", help="same as train --dry-run")

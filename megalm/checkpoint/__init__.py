@@ -108,6 +108,12 @@ class Checkpointer:
         return save or stop, stop
 
     # ---- resuming -------------------------------------------------------------------------------
+    def start_over(self) -> None:
+        """--no-resume: move an earlier run's checkpoints aside (logged) so that this run's saves
+        are neither pruned in their favour nor mixed with them at the next resume."""
+        self.store.move_aside(log=self.trainer.logger.warning)
+        self.store._barrier()
+
     def resume(self) -> Optional[int]:
         """Restore the newest usable checkpoint; return its step, or None when there is none."""
         trainer = self.trainer

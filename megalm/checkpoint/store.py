@@ -6,7 +6,7 @@ Layout of `RUN_DIR/checkpoints/`::
         rank_00000.pt ...     each rank's pieces (its shards, its optimizer state, its RNG)
         metadata.json         step, config, layout, versions, and every file's size and sha256
     latest                    "step_00000010": written to a temp file, fsynced, renamed
-    .tmp-step_00000020/       an interrupted save: ignored, and removed at the next start
+    .tmp-step_00000020-XXXX/  an interrupted save (unique per save): ignored, and removed at the next start
 
 A save writes every rank's file into the temp directory (fsync each), gathers sizes and
 checksums on rank 0, checks them, writes metadata.json, renames the directory, then replaces
@@ -19,7 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,6 +34,7 @@ from megalm.fsutil import fsync_dir as _fsync_dir
 
 METADATA = "metadata.json"
 LATEST = "latest"
+STEP_NAME = re.compile(r"step_[0-9]{8}")  # the only thing `latest` may name: an entry of this directory
 
 
 class CheckpointError(RuntimeError):
@@ -84,12 +88,14 @@ class CheckpointStore:
         `file_info` (this rank's, JSON-able) is recorded next to its file's size and checksum.
         """
         final = self.root / step_dir_name(step)
-        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        name = None
         if self.rank == 0:
+            # A name unique to this save, so that nothing else (a second job, which the run
+            # directory lock refuses anyway) can remove or fill it; rank 0 tells the others.
             self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        self._barrier()
+            name = f".tmp-{step_dir_name(step)}-{os.getpid()}-{secrets.token_hex(4)}"
+            (self.root / name).mkdir()
+        tmp = self.root / self._gather(name)[0]
         error: Optional[str] = None
         record: Optional[tuple[str, dict[str, Any]]] = None
         try:
@@ -110,7 +116,10 @@ class CheckpointStore:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             self._barrier()
-            previous = self.latest_name()
+            try:
+                previous = self.latest_name()
+            except CheckpointError:
+                previous = None
             raise CheckpointError(
                 f"saving step {step} failed ({'; '.join(errors)}); nothing was committed and "
                 f"{'the previous checkpoint ' + previous + ' is intact' if previous else 'there is no earlier checkpoint'}"
@@ -146,9 +155,31 @@ class CheckpointStore:
         _fsync_dir(self.root)
 
     def _prune(self) -> None:
-        complete = self.complete()
-        for path in complete[self.keep :]:
+        """Keep the `keep` most recently committed checkpoints (by commit time, not step number,
+        so that a fresh run's saves are never removed in favour of an older run's higher steps)."""
+        def committed(path: Path) -> tuple[float, str]:
+            try:
+                return (path / METADATA).stat().st_mtime, path.name
+            except OSError:
+                return 0.0, path.name
+
+        for path in sorted(self.complete(), key=committed, reverse=True)[self.keep :]:
             shutil.rmtree(path, ignore_errors=True)
+
+    def move_aside(self, log=print) -> Optional[Path]:
+        """Move an earlier run's checkpoints to `checkpoints.old-<UTC time>/` (rank 0, for --no-resume)."""
+        if self.rank != 0 or not self.root.exists() or not any(self.root.iterdir()):
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        target = self.root.with_name(f"{self.root.name}.old-{stamp}")
+        suffix = 1
+        while target.exists():
+            target = self.root.with_name(f"{self.root.name}.old-{stamp}-{suffix}")
+            suffix += 1
+        self.root.rename(target)
+        _fsync_dir(self.root.parent)
+        log(f"--no-resume: moved the earlier checkpoints {self.root} to {target}; this run starts from step 0")
+        return target
 
     def clean_leftovers(self) -> None:
         """Remove temp directories of interrupted saves (rank 0, at start)."""
@@ -158,10 +189,23 @@ class CheckpointStore:
 
     # ---- finding and verifying ------------------------------------------------------------------
     def latest_name(self) -> Optional[str]:
+        """The checkpoint `latest` names, or None; CheckpointError when it names anything but a
+        plain `step_NNNNNNNN` entry of this directory (another path, garbage)."""
         pointer = self.root / LATEST
         if not pointer.exists():
             return None
-        return pointer.read_text(encoding="utf-8").strip() or None
+        raw = pointer.read_bytes()
+        try:
+            name = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"checkpoint pointer {pointer} is not text ({raw[:40]!r}...)") from None
+        if not name:
+            return None
+        if not STEP_NAME.fullmatch(name):
+            raise CheckpointError(
+                f"checkpoint pointer {pointer} names {name[:200]!r}, not a step_NNNNNNNN entry of {self.root}"
+            )
+        return name
 
     def complete(self) -> list[Path]:
         """Complete checkpoints (with metadata), newest first."""
@@ -194,12 +238,24 @@ class CheckpointStore:
         return metadata
 
     def find_resumable(self, log=print) -> Optional[tuple[Path, dict[str, Any]]]:
-        """The newest checkpoint that verifies, preferring `latest`; bad ones are reported and skipped."""
+        """The newest checkpoint that verifies, preferring `latest`; bad ones are reported and skipped.
+
+        None when there is no checkpoint at all. When there are checkpoints (or a `latest` pointer)
+        but none verifies, CheckpointError with every reason: starting over would overwrite them,
+        so that takes an explicit --no-resume. No file is touched.
+        """
         candidates = self.complete()
-        name = self.latest_name()
+        reasons: list[str] = []
+        try:
+            name = self.latest_name()
+        except CheckpointError as error:
+            name = None
+            reasons.append(str(error))
+            log(f"{error}; ignoring it and looking for the newest complete checkpoint")
         if name is not None:
             pointed = self.root / name
             if not (pointed / METADATA).exists():
+                reasons.append(f"{self.root / LATEST} names {name}, which is missing or incomplete")
                 log(f"checkpoint pointer {self.root / LATEST} names {name}, which is missing or incomplete; "
                     f"looking for an earlier complete checkpoint")
             else:
@@ -215,7 +271,14 @@ class CheckpointStore:
             problems = [p for p in self._gather(problem) if p]
             if not problems:
                 return path, metadata
+            reasons.append(f"{path.name}: {problems[0]}")
             log(f"skipping checkpoint {path}: {problems[0]}")
+        if reasons:
+            raise CheckpointError(
+                f"{self.root} has checkpoints but none can be resumed:\n  " + "\n  ".join(reasons)
+                + "\nevery file was kept; repair or remove them, use another run directory, "
+                "or pass --no-resume to start over (the checkpoints are then moved aside)"
+            )
         return None
 
     # ---- collectives over the whole job (the control group) -------------------------------------
