@@ -229,6 +229,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CheckpointError, DataError) as error:
         print(f"megalm: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training installed its save-and-stop handler
+        print("megalm: interrupted before training started; nothing to save", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
