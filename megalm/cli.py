@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 from megalm.checkpoint.store import CheckpointError
 from megalm.config import Config, ConfigError, config_to_yaml, load_config, validate
 from megalm.data.pipeline import DataError
+from megalm.plan.report import periodic_save_warning
 from megalm.topology import Topology
 
 
@@ -45,6 +46,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(config_to_yaml(config))
         print(dry_run_report(config, topology))
+        warning = periodic_save_warning(config, topology.world_size)
+        if warning:
+            print(f"megalm: {warning}", file=sys.stderr)
         return 0
 
     import faulthandler
@@ -75,6 +79,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if rank == 0:
         logger.info("resolved config:\n" + config_to_yaml(config))
         logger.info(f"config written to {write_resolved_config(config, run_dir)}")
+        warning = periodic_save_warning(config, topology.world_size)
+        if warning:
+            logger.warning(warning)
     trainer = build_trainer(config, groups, run_dir)
     from megalm.checkpoint import Checkpointer
 

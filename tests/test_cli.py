@@ -145,3 +145,15 @@ def test_a_second_ctrl_c_exits_at_once_without_saving(tmp_path: Path) -> None:
     assert proc.returncode == 130, output[-3000:]
     assert "second interrupt: exiting now without saving" in output and "Traceback" not in output
     assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+def test_check_warns_about_a_long_run_without_periodic_saves(capsys) -> None:
+    config = str(ROOT / "configs" / "yuan-lm-13b.yaml")
+    assert main(["check", config, "checkpoint.interval_minutes=0"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: no periodic checkpoint .* in a run of 54,496 steps, about [\d,.]+ h on 1792 a100-80gb "
+                     r"GPUs by `megalm plan`'s step-time model: .* checkpoint.interval_minutes=30", err), err
+    assert main(["check", config]) == 0  # the shipped config saves every 30 minutes
+    assert "no periodic checkpoint" not in capsys.readouterr().err
+    assert main(["check", str(ROOT / "configs" / "tiny.yaml")]) == 0  # a run of seconds needs none
+    assert "no periodic checkpoint" not in capsys.readouterr().err
