@@ -186,6 +186,12 @@ def test_unknown_nested_key_message_is_exact(tmp_path: Path) -> None:
     assert str(info.value) == f"unknown key 'optim.lrr' in {path}; did you mean 'optim.lr'?"
 
 
+
+def test_data_cache_dir_is_not_a_key_that_does_nothing() -> None:
+    """No code read data.cache_dir (sample indices are always computed in memory): it is refused, not ignored."""
+    with pytest.raises(ConfigError, match="unknown key 'data.cache_dir'"):
+        tiny("data.cache_dir=/tmp/x")
+
 def test_field_in_wrong_place_suggests_its_section() -> None:
     with pytest.raises(ConfigError, match=r"'lr' in x; did you mean 'optim\.lr'"):
         config_from_dict({"lr": 0.1}, "x")
