@@ -96,6 +96,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     code = 0
     try:
         trainer.fit(start_step=start_step, checkpointer=checkpointer)
+        if checkpointer is not None and checkpointer.stopped_on_signal:
+            from megalm.launch import write_clean_stop_marker
+
+            write_clean_stop_marker()  # tells megalm.launch that this worker stopped cleanly
     except NonFiniteLossError as error:
         logger.error(f"rank {rank}: {error}")
         code = 3

@@ -57,6 +57,7 @@ class Checkpointer:
         self.store.clean_leftovers()
         self.last_save_time = time.monotonic()
         self.stop_requested = False
+        self.stopped_on_signal = False
         self._previous_handler = None
 
     # ---- saving ---------------------------------------------------------------------------------
@@ -107,6 +108,7 @@ class Checkpointer:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.trainer.groups.control_group)
         save, stop = bool(flags[0]), bool(flags[1])
+        self.stopped_on_signal = stop  # this rank's or another's: megalm.launch reads it as a clean stop
         return save or stop, stop
 
     # ---- resuming -------------------------------------------------------------------------------
