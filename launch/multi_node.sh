@@ -20,9 +20,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
-# TORCHRUN may hold several words, e.g. "python -m torch.distributed.run".
+# megalm.launch is torchrun that exits 0 on a clean signal stop (SIGTERM/SIGINT: every worker saved
+# and exited 0), where torchrun itself exits 1, so a scheduler does not count the stop as a failure.
+# TORCHRUN may hold several words, e.g. "python -m torch.distributed.run" (plain torchrun).
 # shellcheck disable=SC2086
-exec ${TORCHRUN:-torchrun} \
+exec ${TORCHRUN:-python -m megalm.launch} \
   --nnodes "$NNODES" \
   --nproc-per-node "$NPROC_PER_NODE" \
   --rdzv-backend c10d \

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 from megalm.checkpoint.store import CheckpointError
 from megalm.config import Config, ConfigError, config_to_yaml, load_config, validate
 from megalm.data.pipeline import DataError
+from megalm.plan.report import periodic_save_warning
 from megalm.topology import Topology
 
 
@@ -45,6 +46,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(config_to_yaml(config))
         print(dry_run_report(config, topology))
+        warning = periodic_save_warning(config, topology.world_size)
+        if warning:
+            print(f"megalm: {warning}", file=sys.stderr)
         return 0
 
     import faulthandler
@@ -87,6 +91,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if rank == 0:
         logger.info("resolved config:\n" + config_to_yaml(config))
         logger.info(f"config written to {write_resolved_config(config, run_dir)}")
+        warning = periodic_save_warning(config, topology.world_size)
+        if warning:
+            logger.warning(warning)
     trainer = build_trainer(config, groups, run_dir)
     from megalm.checkpoint import Checkpointer
 
@@ -104,6 +111,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     code = 0
     try:
         trainer.fit(start_step=start_step, checkpointer=checkpointer)
+        if checkpointer is not None and checkpointer.stopped_on_signal:
+            from megalm.launch import write_clean_stop_marker
+
+            write_clean_stop_marker()  # tells megalm.launch that this worker stopped cleanly
     except NonFiniteLossError as error:
         logger.error(f"rank {rank}: {error}")
         code = 3
@@ -249,6 +260,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CheckpointError, DataError) as error:
         print(f"megalm: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training installed its save-and-stop handler
+        print("megalm: interrupted before training started; nothing to save", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -328,7 +328,6 @@ class DataConfig(_Section):
     weights: Optional[list[float]] = None  # blend weights, one per path (null: proportional to size)
     split: str = "98,1,1"  # train,valid,test shares of each dataset's documents
     tokenizer: Optional[str] = None  # the sentencepiece .model the data was tokenized with
-    cache_dir: Optional[str] = None  # where sample indices are cached (null: computed in memory)
     prefix_fraction_min: float = 0.1  # PrefixLM pretraining: prefix length drawn per sample,
     prefix_fraction_max: float = 0.5  # uniform in [min, max] x seq_length
     prefix_field: str = "prefix"  # pairs: JSONL keys of the bidirectional prefix and the target

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +108,52 @@ def test_out_of_memory_message_gives_the_cuda_allocator_figures() -> None:
     text = describe_out_of_memory(torch.device("cuda", 3), 12, figures)
     assert text.startswith("out of memory during step 12 on cuda:3: 70.25 GiB allocated, 78.50 GiB reserved, "
                            "peak 77.00 GiB allocated / 79.00 GiB reserved, of 79.10 GiB; to fit, try")
+
+
+def _train_until_sleeping(run_dir: Path, seconds: float) -> subprocess.Popen:
+    """`megalm train` in one process, paused by the sleep fault before step 5 (after 4 steps)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MEGALM_FAULT=f"sleep:0:5:{seconds}")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "megalm.cli", "train", "configs/tiny.yaml", "train.steps=3000",
+           "optim.warmup_steps=2", "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (run_dir / ".fault-sleep-0-5").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    return proc
+
+
+def test_ctrl_c_saves_and_exits_zero(tmp_path: Path) -> None:
+    proc = _train_until_sleeping(tmp_path, 2)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert "interrupt: saving after this step" in output and "stop signal received: saved step 5" in output
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+
+
+def test_a_second_ctrl_c_exits_at_once_without_saving(tmp_path: Path) -> None:
+    proc = _train_until_sleeping(tmp_path, 60)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=30)[0]
+    assert time.monotonic() - start < 10  # not the 60 s sleep
+    assert proc.returncode == 130, output[-3000:]
+    assert "second interrupt: exiting now without saving" in output and "Traceback" not in output
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+def test_check_warns_about_a_long_run_without_periodic_saves(capsys) -> None:
+    config = str(ROOT / "configs" / "yuan-lm-13b.yaml")
+    assert main(["check", config, "checkpoint.interval_minutes=0"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: no periodic checkpoint .* in a run of 54,496 steps, about [\d,.]+ h on 1792 a100-80gb "
+                     r"GPUs by `megalm plan`'s step-time model: .* checkpoint.interval_minutes=30", err), err
+    assert main(["check", config]) == 0  # the shipped config saves every 30 minutes
+    assert "no periodic checkpoint" not in capsys.readouterr().err
+    assert main(["check", str(ROOT / "configs" / "tiny.yaml")]) == 0  # a run of seconds needs none
+    assert "no periodic checkpoint" not in capsys.readouterr().err

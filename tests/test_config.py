@@ -59,6 +59,26 @@ def test_every_shipped_config_is_listed() -> None:
     assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(SHIPPED)
 
 
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_every_shipped_run_longer_than_an_hour_saves_periodically(name: str) -> None:
+    """The shipped configs' run lengths (by `megalm plan`'s step-time model) against their save intervals."""
+    from megalm.plan.report import estimated_run_hours, periodic_save_warning
+
+    config = load_config(CONFIGS / name)
+    topology = validate(config, SHIPPED[name])
+    hours = estimated_run_hours(config, topology.world_size)
+    assert hours is not None
+    if name.startswith("tiny"):
+        assert hours < 1  # tiny runs need no periodic save
+    else:
+        assert hours > 1, (name, hours)
+        assert 0 < config.checkpoint.interval_minutes <= 60, name
+    assert periodic_save_warning(config, topology.world_size) is None
+    if not name.startswith("tiny"):  # the same run without a periodic save is warned about
+        bare = load_config(CONFIGS / name, ["checkpoint.interval_minutes=0"])
+        assert "no periodic checkpoint" in periodic_save_warning(bare, topology.world_size)
+
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_config_loads_and_validates(name: str) -> None:
     config = load_config(CONFIGS / name)
@@ -165,6 +185,12 @@ def test_unknown_nested_key_message_is_exact(tmp_path: Path) -> None:
         load_config(path)
     assert str(info.value) == f"unknown key 'optim.lrr' in {path}; did you mean 'optim.lr'?"
 
+
+
+def test_data_cache_dir_is_not_a_key_that_does_nothing() -> None:
+    """No code read data.cache_dir (sample indices are always computed in memory): it is refused, not ignored."""
+    with pytest.raises(ConfigError, match="unknown key 'data.cache_dir'"):
+        tiny("data.cache_dir=/tmp/x")
 
 def test_field_in_wrong_place_suggests_its_section() -> None:
     with pytest.raises(ConfigError, match=r"'lr' in x; did you mean 'optim\.lr'"):

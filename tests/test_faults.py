@@ -194,3 +194,34 @@ def test_node_failure_then_scheduler_restart_resumes_exactly(
     assert "resumed from" in agent_log(run_dir, 0, port) + agent_log(run_dir, 1, port)
     resumed = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl", across_restarts=True)]
     assert resumed == uninterrupted  # bit for bit, dropout masks included
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_launcher_is_a_clean_stop_with_exit_zero(sig: signal.Signals, tmp_path: Path) -> None:
+    """A scheduler's SIGTERM (or Ctrl-C) to launch/single_node.sh: torchrun forwards it, every worker
+    saves and exits 0, and the script exits 0 (plain torchrun exits 1 here: it re-raises the signal)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NPROC_PER_NODE="2",
+               MEGALM_LOG_DIR=str(tmp_path / "logs"), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    for name in ("MEGALM_FAULT", "TORCHRUN"):
+        env.pop(name, None)
+    cmd = ["bash", "launch/single_node.sh", "configs/tiny.yaml", "train.steps=3000", "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step     25/" in line:
+            break
+    proc.send_signal(sig)  # the script exec'd the launcher: this is its process
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "every local worker saved and exited 0; a clean stop" in output
+    step = int((tmp_path / "run" / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 25 <= step < 3000
+
+
+def test_a_worker_that_fails_after_a_signal_is_still_a_failure(tmp_path: Path) -> None:
+    from megalm.launch import all_stopped_cleanly
+
+    (tmp_path / "rank_0").write_text("2\n")
+    assert not all_stopped_cleanly(tmp_path)  # rank 1 left no marker: not a clean stop
+    (tmp_path / "rank_1").write_text("2\n")
+    assert all_stopped_cleanly(tmp_path)
+    assert not all_stopped_cleanly(tmp_path / "missing")

@@ -14,7 +14,9 @@ process group to inspect, and keep atomicity and checksums under our control.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -55,6 +57,7 @@ class Checkpointer:
         self.store.clean_leftovers()
         self.last_save_time = time.monotonic()
         self.stop_requested = False
+        self.stopped_on_signal = False
         self._previous_handler = None
 
     # ---- saving ---------------------------------------------------------------------------------
@@ -105,6 +108,7 @@ class Checkpointer:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.trainer.groups.control_group)
         save, stop = bool(flags[0]), bool(flags[1])
+        self.stopped_on_signal = stop  # this rank's or another's: megalm.launch reads it as a clean stop
         return save or stop, stop
 
     # ---- resuming -------------------------------------------------------------------------------
@@ -172,14 +176,22 @@ class Checkpointer:
 
     # ---- stop signals ---------------------------------------------------------------------------
     def install_signal_handler(self) -> None:
-        """On checkpoint.signal, finish the current step, save and exit 0 (every rank agrees)."""
-        signum = getattr(signal, self.config.signal)
+        """On checkpoint.signal or SIGINT (Ctrl-C), finish the current step, save and exit 0 (every
+        rank agrees); a second SIGINT exits at once with 130, without saving (the last committed
+        checkpoint stays `latest`: saves are atomic)."""
+        rank = self.trainer.groups.rank
 
         def handler(number, frame):  # noqa: ARG001
+            if number == signal.SIGINT and self.stop_requested:
+                print(f"megalm: rank {rank}: second interrupt: exiting now without saving", file=sys.stderr, flush=True)
+                os._exit(128 + signal.SIGINT)
             self.stop_requested = True
+            if number == signal.SIGINT:
+                print(f"megalm: rank {rank}: interrupt: saving after this step, then exiting (press Ctrl-C again "
+                      f"to exit at once without saving)", file=sys.stderr, flush=True)
 
-        self._previous_handler = signal.signal(signum, handler)
-
+        self._previous_handler = signal.signal(getattr(signal, self.config.signal), handler)
+        signal.signal(signal.SIGINT, handler)
 
 
 def checkpoint_summary(path: Path) -> dict[str, Any]:

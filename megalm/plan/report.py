@@ -136,3 +136,30 @@ def _cli_entry(args: argparse.Namespace) -> int:
 
 
 
+
+
+ESTIMATE_CLUSTER = "a100-80gb"  # `megalm plan`'s default cluster: the basis of the run-length estimate
+
+
+def estimated_run_hours(config, gpus: int) -> Optional[float]:
+    """Hours for train.steps on `gpus` GPUs of the default cluster, by `step_time`; None if unplannable."""
+    try:
+        layout = layout_from_config(config, gpus)
+        plan = make_plan(config.model, layout, load_cluster(ESTIMATE_CLUSTER), get_numerics("megalm"),
+                         config.train.precision)
+    except ValueError:  # PlanError, ConfigError: a layout the model cannot plan gets no estimate
+        return None
+    return plan.time.total * config.train.steps / 3600
+
+
+def periodic_save_warning(config, gpus: int) -> Optional[str]:
+    """A warning when a run estimated at over an hour has no periodic checkpoint; None otherwise."""
+    ckpt = config.checkpoint
+    if ckpt.interval_steps > 0 or ckpt.interval_minutes > 0:
+        return None
+    hours = estimated_run_hours(config, gpus)
+    if hours is None or hours <= 1:
+        return None
+    return (f"warning: no periodic checkpoint (checkpoint.interval_steps and checkpoint.interval_minutes are 0) "
+            f"in a run of {config.train.steps:,} steps, about {hours:,.1f} h on {gpus} {ESTIMATE_CLUSTER} GPUs by "
+            f"`megalm plan`'s step-time model: a crash loses all of it; set e.g. checkpoint.interval_minutes=30")
