@@ -30,3 +30,7 @@ export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$TORCH
 # The caching allocator grows segments instead of allocating new fixed-size ones: less
 # fragmentation when activation shapes vary (reserved memory much above allocated).
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# On SIGTERM/SIGINT torchrun forwards the signal and kills workers that have not exited after
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torch's default: 30); megalm's stop saves a checkpoint
+# first, which takes longer than that at 13B+, so allow 15 minutes (read by torch 2.13's launcher).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}

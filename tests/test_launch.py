@@ -45,6 +45,7 @@ def test_launch_sets_gpu_defaults(tmp_path: Path, script: str) -> None:
     assert env["TORCH_FR_DUMP_TEMP_FILE"] == f"{tmp_path / 'logs'}/nccl_trace_rank_"
     assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == env["TORCH_FR_DUMP_TEMP_FILE"]
     assert env["NCCL_DEBUG"] == "WARN"
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "900"  # time for the stop signal's checkpoint
     assert "NCCL_SOCKET_IFNAME" not in env and "NCCL_IB_HCA" not in env  # cluster-specific: no guess
     assert (tmp_path / "logs").is_dir()
     assert (tmp_path / "args.txt").read_text().split()[-3:] == ["megalm.cli", "train", "configs/tiny.yaml"]
