@@ -22,7 +22,7 @@ from megalm.data.inspect import unigram_entropy
 from megalm.metrics import read_metrics
 
 config = load_config("runs/quickstart/config.yaml")
-records = read_metrics("runs/quickstart/metrics.jsonl")
+records = read_metrics("runs/quickstart/metrics.jsonl", across_restarts=True)  # a re-run resumes
 unigram = unigram_entropy(IndexedDataset(config.data.paths[0]))
 valid = [r["valid_loss"] for r in records if "valid_loss" in r]
 print(f"quickstart: train loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f} over {len(records)} steps; "
