@@ -60,7 +60,7 @@ def test_bf16_training_steps(device: str) -> None:
 
 
 def _state(trainer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # ShardedAdamW wraps one
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # MixedPrecisionOptimizer wraps one
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = [optimizer.state[p][k].detach().cpu().clone() for p in params for k in sorted(optimizer.state[p])]
     return [p.detach().cpu().clone() for p in trainer.params], state

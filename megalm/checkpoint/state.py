@@ -190,11 +190,6 @@ def steps_of(scalars: dict[str, Any]) -> int:
     return 0
 
 
-def optimizer_steps(optimizer: Any) -> int:
-    """How many optimizer steps the optimizer state has seen (all parameters alike)."""
-    return steps_of(optimizer_scalars(optimizer))
-
-
 def saved_scalars(metadata: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's optimizer scalars; checkpoints before they were recorded held a per-parameter step."""
     if "optimizer_scalars" in metadata:

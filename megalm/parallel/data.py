@@ -275,12 +275,3 @@ def counted_once(param: nn.Parameter, groups: ParallelGroups) -> bool:
     if getattr(param, "embedding_copy", False):
         return False
     return getattr(param, "tp_split_dim", None) is not None or groups.tp_rank == 0
-
-
-def __getattr__(name: str):
-    """`ShardedAdamW`, the old name of the optimizer wrapper (megalm.parallel.optimizer), for older imports."""
-    if name == "ShardedAdamW":
-        from megalm.parallel.optimizer import MixedPrecisionOptimizer
-
-        return MixedPrecisionOptimizer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
