@@ -77,8 +77,8 @@ def test_adamw_resume_is_bit_for_bit(device: str, tmp_path: Path) -> None:
     try:
         straight = build_trainer(_config(device, *overrides), groups, None)
         if device == "cuda":
-            defaults = straight.optimizer.defaults
-            assert defaults.get("fused") or "FusedAdam" in type(straight.optimizer).__name__, defaults
+            inner = getattr(straight.optimizer, "optimizer", straight.optimizer)  # MixedPrecisionOptimizer wraps one
+            assert inner.defaults.get("fused") or "FusedAdam" in type(inner).__name__, inner.defaults
         expected = [r["loss"] for r in straight.fit()]
         weights, state = _state(straight)
         del straight
@@ -120,13 +120,14 @@ def _plan(config: Config):
                         get_numerics("megalm"), config.train.precision, 0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_peak_memory_matches_the_planner(device: str) -> None:
+@pytest.mark.parametrize("device,precision", [("cpu", "fp32"), ("cpu", "bf16"),
+                                              pytest.param("cuda", "bf16", marks=pytest.mark.gpu)])
+def test_peak_memory_matches_the_planner(device: str, precision: str) -> None:
     if device == "cuda":
         config = _config(device, "train.micro_batch_size=4", "train.global_batch_size=4", "train.steps=3",
-                         "optim.warmup_steps=1", base="gpt-125m.yaml")
+                         "optim.warmup_steps=1", f"train.precision={precision}", base="gpt-125m.yaml")
     else:  # the same path on the tiny model: only the exact (static) part is meaningful on CPU
-        config = _config(device, "train.steps=2", "optim.warmup_steps=1")
+        config = _config(device, "train.steps=2", "optim.warmup_steps=1", f"train.precision={precision}")
     trainer = build_trainer(config, _groups(device), None)
     records = trainer.fit()  # step 1 creates the Adam state; the later steps are steady
     plan = _plan(config)
@@ -135,6 +136,9 @@ def test_peak_memory_matches_the_planner(device: str) -> None:
     grads = sum(b.grad.numel() * b.grad.element_size() for b in trainer.sync.buckets)
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     moments = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if v.dim() > 0)
+    # fp32 masters of bf16/fp16 parameters (an fp32 parameter without ZeRO is its own master)
+    own = {id(p) for p in trainer.params}
+    moments += sum(m.numel() * m.element_size() for m in trainer.optimizer.masters if id(m) not in own)
     figures = {"planned_total_gib": (plan.total - plan.reserved) / 2**30, "planned_static_gib": static / 2**30,
                "planned_activations_gib": (plan.activations + plan.embedding_logits) / 2**30,
                "real_static_gib": (weights + grads + moments) / 2**30}
@@ -143,10 +147,10 @@ def test_peak_memory_matches_the_planner(device: str) -> None:
         measured = records[-1]["peak_memory_gb"] * 2**30
         figures.update(measured_peak_gib=measured / 2**30, ratio=measured / (plan.total - plan.reserved),
                        measured_peak_reserved_gib=records[-1]["peak_reserved_gb"])
-        _report("peak_memory_vs_plan", device, **figures)
+        _report("peak_memory_vs_plan", device, precision=precision, **figures)
         assert abs(measured / (plan.total - plan.reserved) - 1) < PEAK_TOLERANCE, figures
     else:
-        _report("peak_memory_vs_plan", device, **figures)
+        _report("peak_memory_vs_plan", device, precision=precision, **figures)
 
 
 @pytest.mark.parametrize("device", DEVICES)
