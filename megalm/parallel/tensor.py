@@ -249,22 +249,24 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, real_vocab_size, group):
         # logits: [s, b, v/tp] (any float dtype; computed in fp32), target: [s, b]
+        # One fp32 working copy of the logits, transformed in place (shift, exp, normalise) into the
+        # softmax that backward turns into the gradient: with the caller's logits, at most one fp32
+        # and one low-precision [s, b, v/tp] tensor are alive (planner: act_bytes + 4 per element).
         ctx.logits_dtype = logits.dtype
-        logits = logits.float()
-        local_vocab = logits.shape[-1]
+        work = logits.clone() if logits.dtype == torch.float32 else logits.float()
+        local_vocab = work.shape[-1]
         if real_vocab_size is not None and vocab_start + local_vocab > real_vocab_size:
             # Padded vocabulary entries never take part in the softmax.
-            logits = logits.clone()
-            logits[..., max(real_vocab_size - vocab_start, 0):] = float("-inf")
-        logits_max = logits.max(dim=-1).values
+            work[..., max(real_vocab_size - vocab_start, 0):] = float("-inf")
+        logits_max = work.max(dim=-1).values
         if group is not None:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - logits_max.unsqueeze(-1)
+        shifted = work.sub_(logits_max.unsqueeze(-1))
 
         outside = (target < vocab_start) | (target >= vocab_start + local_vocab)
         local_target = (target - vocab_start).masked_fill(outside, 0)
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        exp = shifted.exp()
+        exp = shifted.exp_()
         sum_exp = exp.sum(dim=-1)
         if group is not None:
             both = torch.stack([target_logit, sum_exp])

@@ -134,8 +134,10 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
     if any(first for _, first, _ in chunks):
         embedding_logits += flight * act_bytes * s * b * h // sp  # embedding output kept for backward
     if any(last for _, _, last in chunks):
-        # one micro-batch's vocab-split logits: low-precision output, fp32 copy for the loss, its gradient
-        embedding_logits += s * b * model.padded_vocab_size(layout.tp) // layout.tp * (act_bytes + 4 + 4)
+        # one micro-batch's vocab-split logits: the output in the activation dtype and the loss's one fp32
+        # working copy (which becomes the softmax and then, in place, the gradient); measured on CPU by
+        # tests/parallel/test_cross_entropy_memory.py and through the CUDA allocator by tests/test_gpu.py
+        embedding_logits += s * b * model.padded_vocab_size(layout.tp) // layout.tp * (act_bytes + 4)
         embedding_logits += act_bytes * s * b * h // sp  # final LayerNorm output
     if layout.pp > 1:
         buffers += 2 * act_bytes * s * b * h // sp  # p2p send and receive
