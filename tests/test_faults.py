@@ -63,6 +63,22 @@ def test_hung_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     assert elapsed < 60, elapsed  # well before the hung rank's 60 s are over
 
 
+def test_rank_stuck_outside_any_collective_ends_within_the_timeout(tmp_path: Path) -> None:
+    """Rank 1 sleeps (in Python, in no collective) at step 3; rank 0 times out in the step's all-reduce
+    after 6 s and exits; torchrun's SIGTERM then reaches the sleeper, which has `stop_grace_s()` (5 s
+    here: three tiny steps are far shorter) to reach the end of its step, and exits 1 with its stack
+    instead of sleeping on until torchrun's SIGKILL, which comes 30 s after the SIGTERM (fixed in torchrun
+    for a failed peer). Old code: about 50 s in all; now about 20."""
+    start = time.monotonic()
+    proc = torchrun(tmp_path, "train.collective_timeout_s=6", fault="sleep:1:3:120", timeout=200)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "rank 1: the stop signal came over 5 s ago and this rank has not reached the end of step 3" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "in maybe_inject" in proc.stderr  # the stuck rank's stack: where it sleeps
+    assert elapsed < 40, elapsed  # start-up + 6 s timeout + 5 s grace (old: start-up + 6 s + 30 s)
+
+
 def test_a_save_slower_than_the_collective_timeout_completes(tmp_path: Path) -> None:
     """A slow filesystem: rank 1 spends 8 s in the save of step 2, more than twice the 3 s collective
     timeout. Rank 0 waits for it on the control group (checkpoint.timeout_s), not on a training

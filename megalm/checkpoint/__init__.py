@@ -14,9 +14,12 @@ process group to inspect, and keep atomicity and checksums under our control.
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import select
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -59,10 +62,21 @@ class Checkpointer:
         self.stop_requested = False
         self.stopped_on_signal = False
         self._previous_handler = None
+        self._stop_reached = False  # this rank reached a step boundary after the stop signal
+        self._in_save = False
+        self._longest_step_s: Optional[float] = None
+        self._step_started: Optional[float] = None
 
     # ---- saving ---------------------------------------------------------------------------------
     def save(self, step: int) -> Path:
         """Save the state after `step` optimizer steps (all ranks call this together)."""
+        self._in_save = True
+        try:
+            return self._save(step)
+        finally:
+            self._in_save = False
+
+    def _save(self, step: int) -> Path:
         trainer = self.trainer
         start = time.perf_counter()
         payload = {
@@ -92,6 +106,7 @@ class Checkpointer:
 
     def before_step(self, step: int) -> None:
         """Called before optimizer step `step` (1-based); fault injection for tests hooks in here."""
+        self._step_started = time.monotonic()
         maybe_inject("step", step, self.trainer.groups.rank, self.store.root.parent)
 
     def decide(self, step: int, final: bool) -> tuple[bool, bool]:
@@ -101,6 +116,10 @@ class Checkpointer:
         when any rank received the stop signal; stop on that signal. The all-reduce runs over the
         control group (gloo, a CPU tensor), like every collective of the checkpoint path.
         """
+        if self._step_started is not None:
+            took = time.monotonic() - self._step_started
+            self._longest_step_s = max(took, self._longest_step_s or 0.0)
+        self._stop_reached = self.stop_requested
         every, minutes = self.config.interval_steps, self.config.interval_minutes
         save = (every > 0 and step % every == 0) or (final and self.config.save_at_end)
         save = save or (minutes > 0 and time.monotonic() - self.last_save_time >= 60 * minutes)
@@ -178,20 +197,70 @@ class Checkpointer:
     def install_signal_handler(self) -> None:
         """On checkpoint.signal or SIGINT (Ctrl-C), finish the current step, save and exit 0 (every
         rank agrees); a second SIGINT exits at once with 130, without saving (the last committed
-        checkpoint stays `latest`: saves are atomic)."""
-        rank = self.trainer.groups.rank
+        checkpoint stays `latest`: saves are atomic).
 
-        def handler(number, frame):  # noqa: ARG001
-            if number == signal.SIGINT and self.stop_requested:
-                print(f"megalm: rank {rank}: second interrupt: exiting now without saving", file=sys.stderr, flush=True)
-                os._exit(128 + signal.SIGINT)
+        The signals are handled by a watcher thread woken through `signal.set_wakeup_fd`, so they are
+        seen even while the main thread is stuck in C code (where Python-level handlers never run).
+        After the first one the rank has `stop_grace_s()` to reach the end of its step; a rank that
+        does not (stuck outside any collective: its peers have already timed out, and torchrun's
+        SIGTERM is what reaches it) prints every thread's stack and exits 1 at once instead of
+        waiting for torchrun's SIGKILL (30 s after a peer failed; TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 900 s in
+        launch/env.sh, when torchrun itself was signalled).
+        A save in progress is not cut: the checkpoint path has its own bound (checkpoint.timeout_s).
+        """
+        numbers = {getattr(signal, self.config.signal), signal.SIGINT}
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+
+        def handler(number, frame):  # noqa: ARG001  (main thread, between bytecodes: may come late or never)
             self.stop_requested = True
-            if number == signal.SIGINT:
-                print(f"megalm: rank {rank}: interrupt: saving after this step, then exiting (press Ctrl-C again "
-                      f"to exit at once without saving)", file=sys.stderr, flush=True)
 
-        self._previous_handler = signal.signal(getattr(signal, self.config.signal), handler)
-        signal.signal(signal.SIGINT, handler)
+        for number in numbers:  # a Python handler must be set for the C-level one to write to the wakeup fd
+            previous = signal.signal(number, handler)
+            if number != signal.SIGINT:
+                self._previous_handler = previous
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch_signals, args=(read_fd, numbers), daemon=True,
+                         name="megalm-stop-signals").start()
+
+    def stop_grace_s(self) -> float:
+        """How long a rank may take after the stop signal to reach the end of its step: three times
+        its longest step so far (at least 5 s), at most train.collective_timeout_s (the timeout
+        itself before the first step has ended, which may include compilation)."""
+        timeout = float(self.trainer.config.train.collective_timeout_s)
+        if self._longest_step_s is None:
+            return timeout
+        return min(timeout, max(5.0, 3 * self._longest_step_s))
+
+    def _watch_signals(self, read_fd: int, numbers: set) -> None:
+        rank = self.trainer.groups.rank
+        deadline = grace = None  # set by the first signal
+        while True:
+            ready, _, _ = select.select([read_fd], [], [], 0.1)
+            received = [n for n in os.read(read_fd, 64) if n in numbers] if ready else []
+            for number in received:
+                if number == signal.SIGINT and deadline is not None:
+                    print(f"megalm: rank {rank}: second interrupt: exiting now without saving", file=sys.stderr,
+                          flush=True)
+                    os._exit(128 + signal.SIGINT)
+                if deadline is None:
+                    self.stop_requested = True
+                    grace = self.stop_grace_s()
+                    deadline = time.monotonic() + grace
+                    if number == signal.SIGINT:
+                        print(f"megalm: rank {rank}: interrupt: saving after this step, then exiting (press Ctrl-C "
+                              f"again to exit at once without saving)", file=sys.stderr, flush=True)
+            if deadline is None or self._stop_reached:
+                continue
+            if self._in_save:  # saves are bounded by checkpoint.timeout_s; the grace restarts after one
+                deadline = max(deadline, time.monotonic() + self.stop_grace_s())
+            elif time.monotonic() > deadline:
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                print(f"megalm: rank {rank}: the stop signal came over {grace:.0f} s ago and this rank has "
+                      f"not reached the end of step {self.trainer.current_step}: it is stuck outside any collective "
+                      f"(its stack is above); exiting without saving (the last committed checkpoint stays latest)",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
 
 
 def checkpoint_summary(path: Path) -> dict[str, Any]:
