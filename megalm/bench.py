@@ -469,6 +469,10 @@ def format_report(result: dict) -> str:
     elif result.get("baseline_skipped"):
         lines.append(f"baseline: {result['baseline_skipped']}")
     notes = [f"peak memory: {result['peak_memory_kind']}"]
+    if result.get("planned_peak_gib") and not result["device"].startswith("cpu"):  # CPU: RSS, not comparable
+        measured = result["megalm"]["peak_memory_gib"]
+        notes.append(f"megalm plan predicts {result['planned_peak_gib']:.3f} GiB for megalm's peak (measured/planned "
+                     f"{measured / result['planned_peak_gib']:.2f})")
     for key, label in (("megalm", "megalm"), ("baseline", "plain PyTorch")):
         entry = result.get(key)
         if entry is not None and entry["max_step_s"] > NOISY_SPREAD * entry["min_step_s"]:
@@ -485,6 +489,19 @@ def format_report(result: dict) -> str:
         notes.append("MFU needs log.peak_tflops on this device")
     lines += [f"  note: {note}" for note in notes]
     return "\n".join(lines)
+
+
+def planned_peak_bytes(config: Config, topology: Topology) -> int:
+    """What `megalm plan` predicts megalm's most loaded rank holds at its peak (reserved memory left
+    out: the benchmark reports allocated memory), for comparison with the measured peak on a GPU."""
+    from megalm.plan import get_numerics, load_cluster, stage_memory
+    from megalm.plan.layout import layout_from_config
+
+    layout = layout_from_config(config, gpus=topology.world_size)
+    cluster, numerics = load_cluster("h100-80gb"), get_numerics("megalm")  # the cluster only sets `reserved`
+    stages = [stage_memory(config.model, layout, cluster, numerics, config.train.precision, pp_rank)
+              for pp_rank in range(topology.pp)]
+    return max(stage.total - stage.reserved for stage in stages)
 
 
 def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> int:
@@ -531,6 +548,7 @@ def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> i
         "peak_memory_kind": megalm.memory_kind,
         "megalm": summarize(megalm, config, peak_tflops),
         "baseline": summarize(baseline, config, peak_tflops) if baseline is not None else None,
+        "planned_peak_gib": planned_peak_bytes(config, topology) / 2**30,
         "ratio_tokens_per_s": None,
         "baseline_skipped": "--no-baseline" if args.no_baseline else (
             None if baseline is not None else "the plain model did not fit on one device (out of memory)"

@@ -33,7 +33,7 @@ def bench_figures(path: Path) -> Optional[dict[str, Any]]:
     result = json.loads(path.read_text(encoding="utf-8"))
     out = {key: result.get(key) for key in ("config", "device", "torch_version", "precision", "tf32",
                                             "global_batch_size", "micro_batch_size", "peak_tflops",
-                                            "ratio_tokens_per_s", "baseline_skipped")}
+                                            "ratio_tokens_per_s", "baseline_skipped", "planned_peak_gib")}
     for phase in ("megalm", "baseline"):
         entry = result.get(phase)
         out[phase] = None if entry is None else {
@@ -71,7 +71,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         mfu = f"{100 * megalm['mfu']:.1f}%" if megalm.get("mfu") is not None else "n/a"
         ratio = f"{bench['ratio_tokens_per_s']:.2f}" if bench["ratio_tokens_per_s"] is not None else "n/a"
         lines.append(f"  bench {name}: {megalm.get('tokens_per_s', 0):,.0f} tokens/s, "
-                     f"{megalm.get('tflops_per_device', 0):.1f} TFLOP/s, MFU {mfu}, megalm/plain PyTorch {ratio}")
+                     f"{megalm.get('tflops_per_device', 0):.1f} TFLOP/s, MFU {mfu}, megalm/plain PyTorch {ratio}"
+                     + (f", peak {megalm['peak_memory_gib']:.2f} GiB (plan {bench['planned_peak_gib']:.2f})"
+                        if bench.get("planned_peak_gib") and megalm.get("peak_memory_gib") else ""))
     return "\n".join(lines)
 
 

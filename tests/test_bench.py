@@ -40,6 +40,17 @@ def test_bench_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert "megalm " in out and "plain PyTorch" in out and "cpu (" in out
     # What scripts/gpu_check.sh reports from this file: which torch, and whether fp32 matmuls ran in TF32.
     assert result["torch_version"] == torch.__version__ and result["tf32"] is False and result["precision"] == "fp32"
+    # The planner's figure for megalm's peak, compared in the table only on a GPU (on CPU the peak is the RSS).
+    from megalm.bench import format_report, planned_peak_bytes
+    from megalm.topology import Topology
+
+    config = load_config(TINY)
+    assert result["planned_peak_gib"] == planned_peak_bytes(config, Topology(1, 1, 1)) / 2**30 > 0
+    assert "megalm plan predicts" not in out
+    on_gpu = dict(result, device="NVIDIA H200")
+    on_gpu["megalm"] = dict(megalm, peak_memory_gib=2 * result["planned_peak_gib"])
+    assert f"megalm plan predicts {result['planned_peak_gib']:.3f} GiB for megalm's peak (measured/planned 2.00)" \
+        in format_report(on_gpu)
 
 
 def test_no_baseline_prints_no_ratio(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
