@@ -88,6 +88,7 @@ class GPTModel(nn.Module):
         self.rng = rng
         self.sequence_parallel = sequence_parallel and groups.tp_size > 1
         self.is_first = spec.first
+        self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (seq_len, device) -> cos, sin
         self.is_last = spec.last
         self.layer_ids = spec.layers
         self.embedding = Embedding(cfg, groups, rng, self.sequence_parallel) if self.is_first else None
@@ -140,7 +141,10 @@ class GPTModel(nn.Module):
             attn_mask = prefix_attention_mask(prefix_lengths, seq_len)
         rotary = None
         if self.cfg.position_embedding == "rotary":
-            rotary = rotary_cos_sin(seq_len, self.cfg.head_dim(), self.cfg.rotary_base, hidden.device)
+            key = (seq_len, hidden.device)  # computed once per shape, not every forward
+            if key not in self._rotary:
+                self._rotary[key] = rotary_cos_sin(seq_len, self.cfg.head_dim(), self.cfg.rotary_base, hidden.device)
+            rotary = self._rotary[key]
         for layer in self.layers.values():
             hidden = layer(hidden, attn_mask, rotary)
         if not self.is_last:
