@@ -307,22 +307,55 @@ def _say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+# The errors that mean "the user asked for something that cannot work": one line each, no traceback.
+_USER_ERRORS: tuple[tuple[tuple[type[BaseException], ...], str], ...] = (
+    ((ConfigError,), "config error"),
+    ((DataError, DatasetFormatError, TokenizerError), "data error"),
+    ((CheckpointError, PathError, FaultSpecError), "error"),
+)
+
+
+def describe_error(error: BaseException) -> Optional[str]:
+    """The one-line report of a user error, or None for anything else (a bug: let it trace back)."""
+    for kinds, label in _USER_ERRORS:
+        if isinstance(error, kinds):
+            return f"megalm: {label}: {error}"
+    return None
+
+
+def check_launch(argv: Sequence[str], world_size: Optional[int]) -> Optional[str]:
+    """The launcher's check of a `megalm train` command line before any worker starts (megalm.launch):
+    the one-line report of what would make every worker fail, or None. `world_size` is None when
+    the launcher cannot know it (an elastic node range); the workers then check the layout."""
+    args = parse_args(build_parser(), argv)  # a usage error exits here, printed once
+    if args.command != "train" or args.dry_run or args.world_size is not None:
+        return None  # nothing to launch workers for, or a mistake each worker reports alike
+    try:
+        config = load_config(args.config, args.overrides)
+        if world_size is not None:
+            validate(config, world_size)
+        check_before_start(config, Path(args.run_dir or config.train.run_dir))
+    except Exception as error:  # noqa: BLE001 - anything else is a bug: let it trace back
+        message = describe_error(error)
+        if message is None:
+            raise
+        return message
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
-    except ConfigError as error:
-        _say(f"megalm: config error: {error}")
-        return 2
-    except (DataError, DatasetFormatError, TokenizerError) as error:
-        _say(f"megalm: data error: {error}")
-        return 2
-    except (CheckpointError, PathError, FaultSpecError) as error:
-        _say(f"megalm: error: {error}")
-        return 2
     except KeyboardInterrupt:  # Ctrl-C before training installed its save-and-stop handler
         _say("megalm: interrupted before training started; nothing to save")
         return 130
+    except Exception as error:
+        message = describe_error(error)
+        if message is None:
+            raise
+        _say(message)
+        return 2
 
 
 if __name__ == "__main__":
