@@ -89,6 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     device, sources = check_before_start(config, run_dir)
     allow_tf32(device, config.train.precision)
     rank, _ = init_distributed(device, config.train.collective_timeout_s)
+    global _ranks_differ
+    _ranks_differ = True  # from here on an error may be this rank's own: every rank reports its own
     from megalm.checkpoint.lock import lock_run_dir
 
     # One job per run directory: rank 0 locks it and every rank learns the verdict before any
@@ -300,10 +302,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
     return args
 
 
+_ranks_differ = False  # set once this process joined the job's process group
+
+
 def _say(message: str) -> None:
-    """Print an error that every rank of a torchrun job meets alike (the same config, files, device
-    kind), once per node (local rank 0) rather than once per rank; the first line of the log is it."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    """Print an error once per node (local rank 0) rather than once per rank when it was found before
+    the process group: the ranks of a node then meet it alike (the same config, files, device kind).
+    After that, an error can be one rank's own (a shard file it cannot read), so every rank reports it;
+    errors that all ranks agree on there (a refused lock, a failed save) are printed by rank 0 alone."""
+    if _ranks_differ or os.environ.get("LOCAL_RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
 
 
@@ -344,6 +351,8 @@ def check_launch(argv: Sequence[str], world_size: Optional[int]) -> Optional[str
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    global _ranks_differ
+    _ranks_differ = False
     args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
