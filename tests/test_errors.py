@@ -169,6 +169,21 @@ def test_cuda_without_a_gpu_is_a_config_error(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_more_local_ranks_than_gpus_is_a_config_error(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Seen on an H200 machine with one GPU: LOCAL_RANK=1 ended in torch's IndexError traceback."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    from megalm.config import ConfigError
+    from megalm.distributed import resolve_device
+
+    with pytest.raises(ConfigError, match=r"local rank 1 needs cuda:1 but only 1 GPU\(s\) are visible: launch at "
+                                          r"most 1 processes per node \(--nproc-per-node\)"):
+        resolve_device("cuda")
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path: Path, capsys) -> None:
     (tmp_path / "file").write_text("x")
     refused(capsys, ["train", TINY, *SHORT, "--run-dir", str(tmp_path / "file")],
