@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -329,3 +330,28 @@ def test_the_launcher_reports_a_mistake_once_before_starting_workers(tmp_path: P
         "needs whole heads; use a tp dividing 4"
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_refusal_every_rank_agrees_on_is_printed_once_and_the_launcher_adds_one_line(tmp_path: Path) -> None:
+    """The run directory is locked by another job: rank 0's verdict reaches every rank, rank 0 alone says
+    it, and megalm.launch reports the failed workers in one line instead of torchrun's traceback."""
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".megalm.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("host elsewhere pid 1\n")
+        lock.flush()
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env.pop("MEGALM_FAULT", None)
+        cmd = [sys.executable, "-m", "megalm.launch", "--standalone", "--nproc-per-node", "2", "-m", "megalm.cli",
+               "train", "configs/tiny.yaml", *SHORT, "--run-dir", str(run_dir)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("megalm: error:")]
+    assert len(refusals) == 1 and "is in use by another job (host elsewhere pid 1)" in refusals[0], proc.stderr
+    assert re.search(r"^megalm\.launch: 2 worker\(s\) failed; the first: global rank \d \(local rank \d, pid \d+\) "
+                     r"exited with code 2 at [\d:]{8}; its own report is above$", proc.stderr, re.M), proc.stderr
+    assert not (run_dir / "metrics.jsonl").exists()
