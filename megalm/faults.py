@@ -41,7 +41,10 @@ class FaultSpec:
 
 def parse_fault_spec(spec: str) -> FaultSpec:
     """Parse "KIND:RANK:STEP[:SECONDS]"; FaultSpecError (one line, with the fix) when malformed."""
-    fix = f"expected KIND:RANK:STEP[:SECONDS], e.g. kill:1:5, with KIND one of {', '.join(KINDS)}; or unset MEGALM_FAULT"
+    fix = (
+        f"expected KIND:RANK:STEP[:SECONDS], e.g. kill:1:5, with KIND one of {', '.join(KINDS)}; "
+        f"or unset MEGALM_FAULT"
+    )
     parts = spec.split(":")
     if not 3 <= len(parts) <= 4:
         raise FaultSpecError(f"MEGALM_FAULT={spec!r} has {len(parts)} field(s): {fix}")

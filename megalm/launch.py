@@ -5,10 +5,17 @@ shutdown timeout) and then re-raises the signal as an exception: it exits 1 even
 saved a checkpoint and exited 0, and a scheduler counts the stop as a failure. Here torchrun runs in
 this process; each worker that stops cleanly on a signal writes a marker into MEGALM_CLEAN_STOP_DIR
 (`megalm.cli`), and when every local worker did, this process exits 0.
+
+Before starting any worker it checks a `-m megalm.cli train ...` command as every worker would
+before its process group (config, layout, data, device, run directory, MEGALM_FAULT), so such a
+mistake is printed once, in one line, with exit code 2; a worker that fails later is reported in one
+line rather than torchrun's traceback and failure table (each worker has printed its own reason).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -45,9 +52,10 @@ def check_before_launch(argv: Sequence[str]) -> Optional[str]:
     from torch.distributed.run import get_args_parser
 
     try:
-        args = get_args_parser().parse_args(list(argv))
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = get_args_parser().parse_args(list(argv))
     except SystemExit:
-        return None  # torchrun itself reports its usage errors
+        return None  # torchrun itself reports its usage errors, once
     if not (args.module and args.training_script == "megalm.cli"):
         return None
     from megalm.cli import check_launch
@@ -61,10 +69,10 @@ def _describe_failure(error) -> str:
     how = f"exited with code {failure.exitcode}"
     if failure.exitcode < 0:
         how = f"was killed by signal {-failure.exitcode}"
+    when = time.strftime("%H:%M:%S", time.localtime(failure.timestamp))
     return (
         f"megalm.launch: {len(error.failures)} worker(s) failed; the first: global rank {rank} (local rank "
-        f"{failure.local_rank}, pid {failure.pid}) {how} at {time.strftime('%H:%M:%S', time.localtime(failure.timestamp))}; "
-        f"its own report is above"
+        f"{failure.local_rank}, pid {failure.pid}) {how} at {when}; its own report is above"
     )
 
 

@@ -151,7 +151,8 @@ def test_overrides_after_an_option_are_accepted(tmp_path: Path, capsys) -> None:
     assert main(["check", TINY, "--world-size", "8", "parallel.tp=2", "train.global_batch_size=32"]) == 0
     assert "world 8 = tp 2 x pp 1 x dp 4" in capsys.readouterr().out
     run_dir = tmp_path / "run"
-    assert main(["train", TINY, "train.steps=2", "--run-dir", str(run_dir), "optim.warmup_steps=1", "optim.lr=5e-4"]) == 0
+    argv = ["train", TINY, "train.steps=2", "--run-dir", str(run_dir), "optim.warmup_steps=1", "optim.lr=5e-4"]
+    assert main(argv) == 0
     resolved = (run_dir / "config.yaml").read_text()
     assert "steps: 2" in resolved and "warmup_steps: 1" in resolved and "lr: 0.0005" in resolved
     capsys.readouterr()
