@@ -10,7 +10,11 @@ from typing import Optional, Sequence
 
 from megalm.checkpoint.store import CheckpointError
 from megalm.config import Config, ConfigError, config_to_yaml, load_config, validate
+from megalm.data.indexed import DatasetFormatError
 from megalm.data.pipeline import DataError
+from megalm.data.tokenizer import TokenizerError
+from megalm.faults import FaultSpecError
+from megalm.fsutil import PathError, check_run_dir, describe_write_error, os_error_in
 from megalm.plan.report import periodic_save_warning
 from megalm.topology import Topology
 
@@ -36,6 +40,21 @@ def _load(args: argparse.Namespace, dry_run: bool) -> tuple[Config, Topology]:
     return config, validate(config, _world_size(config, getattr(args, "world_size", None), dry_run))
 
 
+def check_before_start(config: Config, run_dir: Path):
+    """Everything that can be refused without a process group, so that a mistake costs one clear line
+    and no GPU time: MEGALM_FAULT, the device, the run directory (a file, not writable) and the data
+    (missing or corrupt token files, another tokenizer). Returns (device, data sources)."""
+    from megalm.data.pipeline import build_sources
+    from megalm.distributed import resolve_device
+    from megalm.faults import check_fault_env
+
+    check_fault_env()
+    device = resolve_device(config.train.device)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # one probe per node: its ranks share the filesystem
+        check_run_dir(run_dir)
+    return device, build_sources(config)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate, then (unless --dry-run) start the process groups and train."""
     if args.world_size is not None and not args.dry_run:
@@ -55,9 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from megalm.distributed import (
-        allow_tf32, build_parallel_groups, describe_failed_collective, init_distributed, resolve_device,
-    )
+    from megalm.distributed import allow_tf32, build_parallel_groups, describe_failed_collective, init_distributed
     from megalm.metrics import describe_out_of_memory, setup_logging
 
     # A crash in native code (SIGSEGV, SIGABRT from a C++ terminate) prints every thread's Python
@@ -68,22 +85,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         pass
     from megalm.train import NonFiniteLossError, build_trainer, write_resolved_config
 
-    device = resolve_device(config.train.device)
+    run_dir = Path(args.run_dir or config.train.run_dir)
+    device, sources = check_before_start(config, run_dir)
     allow_tf32(device, config.train.precision)
     rank, _ = init_distributed(device, config.train.collective_timeout_s)
-    run_dir = Path(args.run_dir or config.train.run_dir)
+    global _ranks_differ
+    _ranks_differ = True  # from here on an error may be this rank's own: every rank reports its own
     from megalm.checkpoint.lock import lock_run_dir
 
     # One job per run directory: rank 0 locks it and every rank learns the verdict before any
     # group is built or any file written (see checkpoint/lock.py); the lock lives as long as we do.
     try:
         run_lock = lock_run_dir(run_dir, rank)
-    except CheckpointError:
+    except CheckpointError as error:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
-        raise
+        if rank == 0:  # every rank got rank 0's verdict: say it once
+            print(f"megalm: error: {error}", file=sys.stderr, flush=True)
+        return 2
     logger = setup_logging(rank, config.log.all_ranks)
     groups = build_parallel_groups(
         topology, rank, device, config.train.collective_timeout_s, control_timeout_s=config.checkpoint.timeout_s
@@ -94,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         warning = periodic_save_warning(config, topology.world_size)
         if warning:
             logger.warning(warning)
-    trainer = build_trainer(config, groups, run_dir)
+    trainer = build_trainer(config, groups, run_dir, sources)
     from megalm.checkpoint import Checkpointer
 
     checkpointer = None
@@ -118,6 +139,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as error:
         logger.error(f"rank {rank}: {error}")
         code = 3
+    except CheckpointError as error:
+        # A failed save (a full disk): every rank learned every rank's outcome before raising, so
+        # rank 0 says it once; nothing was committed and the previous checkpoint is intact.
+        if rank == 0:
+            print(f"megalm: error: {error}", file=sys.stderr, flush=True)
+        code = 2
     except torch.OutOfMemoryError as error:
         # A RuntimeError too, but not a failed collective: say so, with the memory figures. This
         # rank's peers then fail their next collective (reported as such) and exit. A restart
@@ -189,7 +216,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """One consolidated file of full tensors from a sharded checkpoint (any layout)."""
     from megalm.checkpoint import export_consolidated
 
-    summary = export_consolidated(Path(args.checkpoint), Path(args.output))
+    output = Path(args.output)
+    if output.is_dir():
+        raise PathError(f"convert output {output} is a directory: give the file to write, e.g. {output / 'model.pt'}")
+    if not output.parent.is_dir():
+        raise PathError(
+            f"cannot write {output}: the directory {output.parent} does not exist; create it first "
+            f"(mkdir -p {output.parent}) or choose another output path"
+        )
+    try:
+        summary = export_consolidated(Path(args.checkpoint), output)
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, CheckpointError) or os_error_in(error) is None:
+            raise
+        raise PathError(f"writing {output} failed: {describe_write_error(error)}") from None
     print(f"wrote {args.output}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
           f"{summary['bytes'] / 2**20:.1f} MiB")
     return 0
@@ -250,19 +290,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse, accepting `section.field=value` overrides after options too (`train CFG --run-dir X a.b=1`):
+    argparse alone stops filling the overrides at the first option and rejects what follows."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+_ranks_differ = False  # set once this process joined the job's process group
+
+
+def _say(message: str) -> None:
+    """Print an error once per node (local rank 0) rather than once per rank when it was found before
+    the process group: the ranks of a node then meet it alike (the same config, files, device kind).
+    After that, an error can be one rank's own (a shard file it cannot read), so every rank reports it;
+    errors that all ranks agree on there (a refused lock, a failed save) are printed by rank 0 alone."""
+    if _ranks_differ or os.environ.get("LOCAL_RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
+# The errors that mean "the user asked for something that cannot work": one line each, no traceback.
+_USER_ERRORS: tuple[tuple[tuple[type[BaseException], ...], str], ...] = (
+    ((ConfigError,), "config error"),
+    ((DataError, DatasetFormatError, TokenizerError), "data error"),
+    ((CheckpointError, PathError, FaultSpecError), "error"),
+)
+
+
+def describe_error(error: BaseException) -> Optional[str]:
+    """The one-line report of a user error, or None for anything else (a bug: let it trace back)."""
+    for kinds, label in _USER_ERRORS:
+        if isinstance(error, kinds):
+            return f"megalm: {label}: {error}"
+    return None
+
+
+def check_launch(argv: Sequence[str], world_size: Optional[int]) -> Optional[str]:
+    """The launcher's check of a `megalm train` command line before any worker starts (megalm.launch):
+    the one-line report of what would make every worker fail, or None. `world_size` is None when
+    the launcher cannot know it (an elastic node range); the workers then check the layout."""
+    args = parse_args(build_parser(), argv)  # a usage error exits here, printed once
+    if args.command != "train" or args.dry_run or args.world_size is not None:
+        return None  # nothing to launch workers for, or a mistake each worker reports alike
+    try:
+        config = load_config(args.config, args.overrides)
+        if world_size is not None:
+            validate(config, world_size)
+        check_before_start(config, Path(args.run_dir or config.train.run_dir))
+    except Exception as error:  # noqa: BLE001 - anything else is a bug: let it trace back
+        message = describe_error(error)
+        if message is None:
+            raise
+        return message
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    global _ranks_differ
+    _ranks_differ = False
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
-    except ConfigError as error:
-        print(f"megalm: config error: {error}", file=sys.stderr)
-        return 2
-    except (CheckpointError, DataError) as error:
-        print(f"megalm: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # Ctrl-C before training installed its save-and-stop handler
-        print("megalm: interrupted before training started; nothing to save", file=sys.stderr)
+        _say("megalm: interrupted before training started; nothing to save")
         return 130
+    except Exception as error:
+        message = describe_error(error)
+        if message is None:
+            raise
+        _say(message)
+        return 2
 
 
 if __name__ == "__main__":

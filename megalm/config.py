@@ -53,9 +53,36 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping names one key twice (PyYAML would silently keep the last value)."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    """Construct a mapping, refusing a key given twice: the first value would be silently ignored."""
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key; construct_mapping reports it
+            continue
+        if first is not None:
+            raise _DuplicateKeyError(
+                f"key {key!r} is given twice, on line {first.start_mark.line + 1} and line "
+                f"{key_node.start_mark.line + 1}; keep one of them"
+            )
+        seen[key] = key_node
+    return loader.construct_mapping(node, deep=True)
+
+
+_YamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def _parse_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKeyError as error:
+        raise ConfigError(f"{source}: {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"cannot parse YAML in {source}: {error}") from error
 
@@ -553,14 +580,28 @@ def _load_tree(path: Path, chain: tuple[tuple[Path, str], ...] = ()) -> dict:
     if any(resolved == seen for seen, _ in chain):
         cycle = " -> ".join([shown for _, shown in chain] + [source])
         raise ConfigError(f"base cycle: {cycle}; remove one of these base: entries")
+    included = f" (the base of {chain[-1][1]})" if chain else ""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        included = f" (the base of {chain[-1][1]})" if chain else ""
         raise ConfigError(f"config file {source}{included} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"config path {source}{included} is a directory: give a YAML file such as configs/tiny.yaml"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {source}{included} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+            f"{error.start}): give a YAML file, saved as UTF-8"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {source}{included}: {error.strerror or error}") from None
     data = _parse_yaml(text, source)
     if data is None:
-        data = {}
+        raise ConfigError(
+            f"config file {source}{included} is empty (no settings, only comments or nothing): an empty file is "
+            f"more likely a mistake than a wish for every default; write at least `base: tiny.yaml` or one section"
+        )
     if not isinstance(data, Mapping):
         raise _not_a_mapping(data, source)
     data = dict(data)
@@ -637,10 +678,38 @@ def _heads_message(model: ModelConfig) -> str:
     )
 
 
-def _nearby_divisor(number: int, near: int) -> int:
-    """The divisor of `number` closest to `near` (ties go to the smaller)."""
-    divisors = [d for d in range(1, number + 1) if number % d == 0]
-    return min(divisors, key=lambda d: (abs(d - near), d))
+def _nearby_divisor(number: int, near: int, max_tries: int = 100_000) -> int:
+    """A divisor of `number` close to `near`: the closest one (ties go to the smaller) when it is
+    within `max_tries` of `near`, else gcd(number, near). Never a loop over all of `number`, which
+    for a hidden size of 10^11 took minutes in an error message."""
+    near = max(1, min(near, number))
+    for distance in range(min(max_tries, near)):
+        for candidate in (near - distance, near + distance):
+            if 1 <= candidate <= number and number % candidate == 0:
+                return candidate
+    return math.gcd(number, near)
+
+
+_MAX_TENSOR_BYTES = 2**63 - 1  # torch's sizes and strides are int64: a larger tensor cannot even be described
+
+
+def _check_tensor_sizes(model: ModelConfig, tp: int) -> None:
+    """Every full weight must fit torch's 64-bit byte count in fp32; a hidden size of 2^62 would
+    otherwise end a dry run in a "storage size calculation overflowed" traceback."""
+    hidden = model.hidden_size
+    shapes = {
+        "the word embedding (padded model.vocab_size x model.hidden_size)": (model.padded_vocab_size(tp), hidden),
+        "the position table (model.max_position_embeddings x model.hidden_size)": (model.max_positions(), hidden),
+        "the attention QKV weight (3 x model.hidden_size x model.hidden_size)": (3 * hidden, hidden),
+        "the MLP weight (model.ffn_hidden_size x model.hidden_size)": (model.ffn_size(), hidden),
+    }
+    for name, (rows, cols) in shapes.items():
+        if rows * cols * 4 > _MAX_TENSOR_BYTES:
+            raise ConfigError(
+                f"model too large to describe: {name} would be {rows:,} x {cols:,} = {rows * cols:.3g} elements, "
+                f"{rows * cols * 4:.3g} bytes in fp32, beyond torch's 2^63-byte limit (model.hidden_size={hidden}, "
+                f"model.vocab_size={model.vocab_size}); use sizes of a real model (Yuan 245B: hidden 16384)"
+            )
 
 
 def _check_model(config: Config) -> None:
@@ -648,6 +717,7 @@ def _check_model(config: Config) -> None:
     tp, pp = parallel.tp, parallel.pp
     if model.hidden_size % model.num_heads != 0:
         raise ConfigError(_heads_message(model))
+    _check_tensor_sizes(model, tp)
     if model.num_heads % tp != 0:
         raise ConfigError(
             f"model.num_heads={model.num_heads} is not divisible by parallel.tp={tp}: each "

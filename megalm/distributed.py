@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from megalm.config import ConfigError
 from megalm.topology import RankCoords, Topology
 
 ProcessGroup = Optional[dist.ProcessGroup]
@@ -128,8 +129,17 @@ def resolve_device(name: str) -> torch.device:
         return default_device()
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no GPU is visible: use train.device=cpu or auto")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            build = "" if torch.version.cuda else " (and this torch is a CPU build)"
+            raise ConfigError(
+                f"train.device=cuda but no GPU is visible{build}: use train.device=cpu or auto, or run where a GPU is"
+            )
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {local_rank} needs cuda:{local_rank} but only {torch.cuda.device_count()} GPU(s) are "
+                f"visible: launch at most {torch.cuda.device_count()} processes per node (--nproc-per-node)"
+            )
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 

@@ -19,10 +19,58 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 KINDS = ("kill", "kill-in-save", "hang", "sleep", "sleep-in-save", "oom")
 _IN_SAVE = ("kill-in-save", "sleep-in-save")  # fire inside the save of STEP; the others before the step
+
+
+class FaultSpecError(ValueError):
+    """MEGALM_FAULT is set but malformed; checked at start, before any process group exists."""
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    kind: str
+    rank: Optional[int]  # None: every rank ("*")
+    step: int
+    seconds: Optional[float]
+
+
+def parse_fault_spec(spec: str) -> FaultSpec:
+    """Parse "KIND:RANK:STEP[:SECONDS]"; FaultSpecError (one line, with the fix) when malformed."""
+    fix = (
+        f"expected KIND:RANK:STEP[:SECONDS], e.g. kill:1:5, with KIND one of {', '.join(KINDS)}; "
+        f"or unset MEGALM_FAULT"
+    )
+    parts = spec.split(":")
+    if not 3 <= len(parts) <= 4:
+        raise FaultSpecError(f"MEGALM_FAULT={spec!r} has {len(parts)} field(s): {fix}")
+    kind, rank, step = parts[:3]
+    if kind not in KINDS:
+        raise FaultSpecError(f"MEGALM_FAULT={spec!r}: unknown kind {kind!r}: {fix}")
+    if rank != "*" and not rank.isdigit():
+        raise FaultSpecError(f"MEGALM_FAULT={spec!r}: RANK must be a global rank or *, got {rank!r}: {fix}")
+    if not step.isdigit():
+        raise FaultSpecError(f"MEGALM_FAULT={spec!r}: STEP must be an optimizer step number, got {step!r}: {fix}")
+    seconds = None
+    if len(parts) == 4:
+        try:
+            seconds = float(parts[3])
+        except ValueError:
+            seconds = -1.0
+        if not seconds >= 0:
+            raise FaultSpecError(f"MEGALM_FAULT={spec!r}: SECONDS must be a number >= 0, got {parts[3]!r}: {fix}")
+    return FaultSpec(kind, None if rank == "*" else int(rank), int(step), seconds)
+
+
+def check_fault_env() -> None:
+    """Refuse a malformed MEGALM_FAULT at start, not at the first step of a long run."""
+    spec = os.environ.get("MEGALM_FAULT")
+    if spec:
+        parse_fault_spec(spec)
 
 
 def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
@@ -30,10 +78,9 @@ def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
     spec = os.environ.get("MEGALM_FAULT")
     if not spec:
         return
-    kind, fault_rank, fault_step, *rest = spec.split(":")
-    if kind not in KINDS:
-        raise ValueError(f"MEGALM_FAULT={spec!r}: unknown kind {kind!r}; use one of {', '.join(KINDS)}")
-    if (fault_rank != "*" and int(fault_rank) != rank) or int(fault_step) != step:
+    fault = parse_fault_spec(spec)
+    kind, rest = fault.kind, [] if fault.seconds is None else [fault.seconds]
+    if (fault.rank is not None and fault.rank != rank) or fault.step != step:
         return
     if (where == "save") != (kind in _IN_SAVE):
         return

@@ -164,9 +164,11 @@ def test_unknown_key_in_base_names_the_base_file(tmp_path: Path) -> None:
         load_config(tmp_path / "leaf.yaml")
 
 
-def test_empty_file_and_empty_section_give_defaults(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path / "empty.yaml", "")) == Config()
+def test_empty_section_gives_defaults_but_an_empty_file_is_refused(tmp_path: Path) -> None:
     assert load_config(write(tmp_path / "header.yaml", "model:\n# nothing yet\n")) == Config()
+    for text in ("", "# only a comment\n"):
+        with pytest.raises(ConfigError, match=r"empty\.yaml is empty .*write at least `base: tiny\.yaml`"):
+            load_config(write(tmp_path / "empty.yaml", text))
 
 
 # ---- strictness --------------------------------------------------------------------------------

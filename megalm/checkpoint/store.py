@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megalm.faults import maybe_inject
+from megalm.fsutil import describe_write_error
 from megalm.fsutil import fsync_dir as _fsync_dir
 
 METADATA = "metadata.json"
@@ -109,7 +110,8 @@ class CheckpointStore:
             record = (path.name, {**(file_info or {}), "bytes": path.stat().st_size, "sha256": _sha256(path)})
             maybe_inject("save", step, self.rank, self.root.parent)
         except Exception as exc:  # noqa: BLE001 - every rank must learn of any rank's failure
-            error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+            # A full disk says "No space left on device", not torch's "unexpected pos".
+            error = f"rank {self.rank} writing {path}: {describe_write_error(exc)}"
         records = self._gather((record, error))
         errors = [err for _, err in records if err]
         if errors:

@@ -229,6 +229,12 @@ class IndexedDataset:
         self.index_file = index_path(self.prefix)
         self.data_file = data_path(self.prefix)
         if not self.index_file.is_file():
+            if self.prefix.suffix in (".bin", ".idx") and index_path(self.prefix.with_suffix("")).is_file():
+                raise DatasetFormatError(
+                    f"{self.prefix}: give the token files' prefix, without {self.prefix.suffix}: "
+                    f"data.paths=[{self.prefix.with_suffix('')}] (it names both {self.prefix.with_suffix('.bin').name} "
+                    f"and {self.prefix.with_suffix('.idx').name})"
+                )
             hint = (
                 f"{self.data_file} exists without it, so the run that wrote it did not finish"
                 if self.data_file.exists() else "neither does the .bin"
