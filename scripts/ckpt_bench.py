@@ -81,10 +81,10 @@ def _worker(rank: int, world_size: int, config_path: str, layout: tuple, overrid
         times.append(_timed(lambda: trainer.train_step(step))[1])
         step += 1
     out["step_s"] = statistics.median(times)
+    sync_path, _ = _timed(lambda: Checkpointer(trainer, Path(root) / "sync2").save(step))  # the state saved below
     config.checkpoint.async_save = True
     async_dir = Path(root) / "async"
     checkpointer = Checkpointer(trainer, async_dir)
-    sync_path, _ = _timed(lambda: Checkpointer(trainer, Path(root) / "sync2").save(step))  # same state, sync
     _, out["async_stall_s"] = _timed(lambda: checkpointer.save(step))
     during = []
     while checkpointer.writing() and len(during) < 6:
@@ -97,7 +97,8 @@ def _worker(rank: int, world_size: int, config_path: str, layout: tuple, overrid
         sync_meta = json.loads((sync_path / "metadata.json").read_text())
         async_path = async_dir / "checkpoints" / sync_path.name
         async_meta = json.loads((async_path / "metadata.json").read_text())
-        out["async_identical"] = sync_meta == async_meta and all(
+        flags = [meta["config"]["checkpoint"].pop("async_save") for meta in (sync_meta, async_meta)]
+        out["async_identical"] = flags == [False, True] and sync_meta == async_meta and all(
             (sync_path / name).read_bytes() == (async_path / name).read_bytes() for name in sync_meta["files"]
         )
         out["async_latest"] = (async_dir / "checkpoints" / "latest").read_text().strip()
