@@ -1,7 +1,7 @@
 """Checkpoint save/load figures on CPU (gloo ranks in one machine): the numbers of issue 13.
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/ckpt_bench.py configs/gpt-125m.yaml \
-        --layouts 1x1x1 2x2x2 model.seq_length=32
+        --layouts 1x1x1,2x2x2 model.seq_length=32
 
 Per layout (tp x pp x dp): train 2 steps, then time a synchronous save, the resume of it (verify +
 load), the bytes each rank wrote, and the bytes of the rank files each rank opened to load its
@@ -108,11 +108,11 @@ def _worker(rank: int, world_size: int, config_path: str, layout: tuple, overrid
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
-    parser.add_argument("--layouts", nargs="+", default=["1x1x1", "2x2x2"])
+    parser.add_argument("--layouts", default="1x1x1,2x2x2", help="comma-separated tp x pp x dp layouts")
     parser.add_argument("--root", default=None, help="where the checkpoints go (default: a temp directory)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    for text in args.layouts:
+    for text in args.layouts.split(","):
         layout = tuple(int(x) for x in text.split("x"))
         with tempfile.TemporaryDirectory(dir=args.root) as root:
             results = run_distributed(

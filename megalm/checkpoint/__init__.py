@@ -48,6 +48,15 @@ def _layout(trainer) -> dict:
     }
 
 
+def _lower_priority() -> None:
+    """Give the calling thread (the async writer) the lowest CPU priority (Linux: nice 19 for this
+    thread only), so that where the CPU is short it takes what training leaves rather than half."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the writer runs at training's priority
+        pass
+
+
 @dataclass
 class _PendingSave:
     """An async save: its files are being written by `thread`; it commits at `Checkpointer.finish`."""
@@ -118,6 +127,7 @@ class Checkpointer:
         pending = _PendingSave(step, tmp, metadata, start, time.perf_counter() - start)
 
         def write() -> None:
+            _lower_priority()
             pending.written = self.store.write(step, tmp, payload, file_info)
 
         pending.thread = threading.Thread(target=write, name=f"megalm-checkpoint-writer-{step}", daemon=True)

@@ -4,10 +4,12 @@ Every saved tensor is a *piece*: (name, kind, full shape, tp split dim, tp rank,
 flat range [lo, hi) inside that tp shard). Kinds: "param" (the model weight, what export reads),
 "master" (the optimizer's fp32 master, saved only where it is a separate tensor of another dtype
 than the weight, e.g. bf16 weights) and one kind per tensor the optimizer keeps per parameter
-(exp_avg, exp_avg_sq, max_exp_avg_sq, ...). Weights are whole tp shards; optimizer tensors cover
-the flat range of the parameter the master holds (ZeRO-1: the segment a dp rank owns). Each full
-parameter is written once (dp rank 0, tp rank 0 for replicated params, never the last stage's copy
-of the tied embedding), and loading assembles, per parameter, the full tensor from the pieces of
+(exp_avg, exp_avg_sq, max_exp_avg_sq, ...). Each full parameter is written once (tp rank 0 for
+replicated params, never the last stage's copy of the tied embedding), its tp shard split over the
+dp ranks that hold it alike: dp rank d writes the d-th of dp equal flat ranges of the weight (and,
+without ZeRO-1, of the master and optimizer tensors; with ZeRO-1 each dp rank writes the segment it
+owns). Checkpoints from before the split (dp rank 0 wrote whole shards) are pieces too and load
+unchanged. Loading assembles, per parameter, the full tensor from the pieces of
 every file, then cuts this rank's shard for the current layout. So a checkpoint saved at one
 (tp, pp, dp, ZeRO) loads at any other; RNG states are restored only when the layout is the same.
 
@@ -18,8 +20,8 @@ the parameter's device). Scalars (a per-parameter `step` tensor in torch's AdamW
 in the metadata (`optimizer_scalars`). `optimizer_view` is the one place that knows megalm's
 optimizer classes.
 
-The metadata lists the parameters in each file, so a rank opens only the files that hold its
-parameters; files are memory-mapped, so it reads only the pages of the pieces it uses; and when the
+The metadata lists the parameters in each file, so a rank's dp group opens only the files that hold
+its parameters, each file once between them (`shared_index`: one dp rank reads, all receive); and when the
 saved tp size equals the current one, a rank's shard is assembled from its own tp rank's pieces
 without building the full tensor (resharding builds the full tensor and cuts it).
 """

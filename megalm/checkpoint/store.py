@@ -10,7 +10,8 @@ Layout of `RUN_DIR/checkpoints/`::
 
 A save writes every rank's file into the temp directory (fsync each), gathers sizes and
 checksums on rank 0, checks them, writes metadata.json, renames the directory, then replaces
-`latest`. An interrupted or failed save therefore never leaves `latest` pointing at anything
+`latest` (`begin`, `write`, `commit`; an async save runs `write` in a background thread and
+`commit` later, with every rank together). An interrupted or failed save therefore never leaves `latest` pointing at anything
 incomplete, and a failure on any rank (a full disk) is agreed on by all ranks before commit.
 """
 
