@@ -39,70 +39,71 @@ def _live_state(trainer) -> dict:
     return out
 
 
-# ---- dp ranks share the writes ---------------------------------------------------------------------------
-def _spread_worker(rank: int, world_size: int, root: str, zero: int) -> dict:
-    groups = build_parallel_groups(Topology(tp=1, pp=1, dp=2), rank, torch.device("cpu"))
-    config = make_config(dp=2, zero=zero, dropout=0.0)
-    trainer = build_trainer(config, groups, None)
-    trainer.fit(steps=2)
-    path = Checkpointer(trainer, Path(root)).save(2)
-    file = path / f"rank_{rank:05d}.pt"
-    pieces = state.load_rank_file(file)["pieces"]
-    return {"bytes": file.stat().st_size, "kinds": sorted({p["kind"] for p in pieces}), "live": _live_state(trainer)}
+# ---- dp ranks share the writes and the reads -------------------------------------------------------------
+def _dp_worker(rank: int, world_size: int, root: str) -> dict:
+    """1x2x2, without and with ZeRO-1: save after 2 steps, then resume in a new trainer, counting file opens."""
+    groups = build_parallel_groups(Topology(tp=1, pp=2, dp=2), rank, torch.device("cpu"))
+    out = {}
+    for zero in (0, 1):
+        run_dir = Path(root) / f"zero{zero}"
+        config = make_config(pp=2, dp=2, zero=zero, dropout=0.0)
+        trainer = build_trainer(config, groups, None)
+        trainer.fit(steps=2, checkpointer=Checkpointer(trainer, run_dir))  # saves at the end
+        file = run_dir / "checkpoints" / "step_00000002" / f"rank_{rank:05d}.pt"
+        pieces = state.load_rank_file(file)["pieces"]
+        opened: list[str] = []
+        original = state.load_rank_file
+        state.load_rank_file = lambda file: opened.append(Path(file).name) or original(file)
+        try:
+            resumed = build_trainer(config, groups, None)
+            start = Checkpointer(resumed, run_dir).resume()
+        finally:
+            state.load_rank_file = original
+        out[zero] = {"stage": groups.pp_rank, "bytes": file.stat().st_size, "kinds": sorted({p["kind"] for p in pieces}),
+                     "saved": _live_state(trainer), "loaded": _live_state(resumed), "start": start, "opened": opened}
+    return out
+
+
+@pytest.fixture(scope="module")
+def dp_runs(tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("dp")
+    return root, run_distributed(_dp_worker, 4, str(root))
 
 
 @pytest.mark.parametrize("zero", [0, 1], ids=["replicated-optimizer", "zero1"])
-def test_dp_ranks_share_the_writes_and_their_union_is_the_whole_state(zero: int, tmp_path: Path) -> None:
-    """At dp 2 each rank writes half of the weights (and, without ZeRO, of the moments): both files hold
-    weights, their sizes are within 5% of each other, and together they hold every tensor exactly."""
-    results = run_distributed(_spread_worker, 2, str(tmp_path), zero)
-    sizes = [r["bytes"] for r in results]
-    assert max(sizes) < 1.05 * min(sizes), sizes
+def test_dp_ranks_share_the_writes_and_their_union_is_the_whole_state(zero: int, dp_runs) -> None:
+    """Each of a stage's two dp ranks writes half of its weights (and, without ZeRO, of its moments):
+    both files hold weights, their sizes are within 5% of each other, together they hold every tensor."""
+    root, results = dp_runs
+    for stage in (0, 1):
+        sizes = [r[zero]["bytes"] for r in results if r[zero]["stage"] == stage]
+        assert len(sizes) == 2 and max(sizes) < 1.05 * min(sizes), (stage, sizes)
     for result in results:
-        assert result["kinds"] == ["exp_avg", "exp_avg_sq", "param"], result["kinds"]
-    checkpoint = tmp_path / "checkpoints" / "step_00000002"
-    index = PieceIndex(checkpoint, ["rank_00000.pt", "rank_00001.pt"])
+        assert result[zero]["kinds"] == ["exp_avg", "exp_avg_sq", "param"], result[zero]["kinds"]
+    index = PieceIndex(root / f"zero{zero}" / "checkpoints" / "step_00000002", [f"rank_{r:05d}.pt" for r in range(4)])
     checked = 0
     for result in results:
-        for (name, kind), (lo, hi, value) in result["live"].items():
+        for (name, kind), (lo, hi, value) in result[zero]["saved"].items():
             assert torch.equal(index.full(name, kind).reshape(-1)[lo:hi], value), (name, kind)
             checked += 1
-    assert checked > 20
-
-
-# ---- the reads are shared over dp ----------------------------------------------------------------------
-def _load_worker(rank: int, world_size: int, root: str, zero: int) -> dict:
-    groups = build_parallel_groups(Topology(tp=1, pp=2, dp=2), rank, torch.device("cpu"))
-    config = make_config(pp=2, dp=2, zero=zero, dropout=0.0)
-    trainer = build_trainer(config, groups, None)
-    trainer.fit(steps=2, checkpointer=Checkpointer(trainer, Path(root)))  # saves at the end
-    saved = _live_state(trainer)
-    opened: list[str] = []
-    original = state.load_rank_file
-    state.load_rank_file = lambda file: opened.append(Path(file).name) or original(file)
-    try:
-        resumed = build_trainer(config, groups, None)
-        start = Checkpointer(resumed, Path(root)).resume()
-    finally:
-        state.load_rank_file = original
-    loaded = _live_state(resumed)
-    same = sorted(saved) == sorted(loaded) and all(
-        saved[key][:2] == loaded[key][:2] and torch.equal(saved[key][2], loaded[key][2]) for key in saved
-    )
-    return {"start": start, "opened": opened, "stage": groups.pp_rank, "same": same}
+    assert checked > 40
 
 
 @pytest.mark.parametrize("zero", [0, 1], ids=["replicated-optimizer", "zero1"])
-def test_resume_reads_each_file_once_per_shard_group(zero: int, tmp_path: Path) -> None:
-    """1x2x2: the two dp ranks of a stage open each file their stage needs once between them (not each
-    all of them), and every rank's weights and moments come back bit for bit."""
-    results = run_distributed(_load_worker, 4, str(tmp_path), zero)
+def test_resume_reads_each_file_once_per_shard_group(zero: int, dp_runs) -> None:
+    """The two dp ranks of a stage open each file their stage needs once between them (not each all of
+    them), both read a share, and every rank's weights and moments come back bit for bit."""
+    _, results = dp_runs
     for stage in (0, 1):
-        group = [r for r in results if r["stage"] == stage]
+        group = [r[zero] for r in results if r[zero]["stage"] == stage]
         opened = sorted(name for r in group for name in r["opened"])
         assert len(opened) == len(set(opened)) >= 2, (stage, opened)  # at least the stage's own two files, once each
-        assert all(r["opened"] for r in group), group  # both ranks read a share
-    assert [(r["start"], r["same"]) for r in results] == [(2, True)] * 4
+        assert all(r["opened"] for r in group), group
+    for result in results:
+        saved, loaded = result[zero]["saved"], result[zero]["loaded"]
+        assert result[zero]["start"] == 2 and sorted(saved) == sorted(loaded)
+        for key in saved:
+            assert saved[key][:2] == loaded[key][:2] and torch.equal(saved[key][2], loaded[key][2]), key
 
 
 # ---- async saves ----------------------------------------------------------------------------------------
