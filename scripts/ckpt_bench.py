@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--layouts", default="1x1x1,2x2x2", help="comma-separated tp x pp x dp layouts")
     parser.add_argument("--root", default=None, help="where the checkpoints go (default: a temp directory)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     for text in args.layouts.split(","):
         layout = tuple(int(x) for x in text.split("x"))
         with tempfile.TemporaryDirectory(dir=args.root) as root:
