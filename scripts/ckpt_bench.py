@@ -46,6 +46,13 @@ def _count_opened_files() -> list:
     return opened
 
 
+def _any_rank(flag: bool) -> bool:
+    value = torch.tensor([float(flag)])
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value[0])
+
+
 def _timed(fn):
     if dist.is_initialized():
         dist.barrier()
@@ -87,7 +94,7 @@ def _worker(rank: int, world_size: int, config_path: str, layout: tuple, overrid
     checkpointer = Checkpointer(trainer, async_dir)
     _, out["async_stall_s"] = _timed(lambda: checkpointer.save(step))
     during = []
-    while checkpointer.writing() and len(during) < 6:
+    while _any_rank(checkpointer.writing()) and len(during) < 6:  # every rank runs the same steps
         during.append(_timed(lambda: trainer.train_step(step))[1])
         step += 1
     _, out["async_finish_s"] = _timed(checkpointer.finish)
