@@ -431,6 +431,9 @@ class CheckpointConfig(_Section):
     # Timeout of the checkpoint path's own gloo group (save/stop decision, commit barriers, checksum
     # verdicts): a save may take this long on a slow filesystem without tripping train.collective_timeout_s.
     timeout_s: float = 1800.0
+    # Write checkpoints in a background thread: training stalls only for the copy to host memory
+    # (pinned with CUDA); the save commits (moves `latest`) once every rank's writer is done.
+    async_save: bool = False
 
     def _check_values(self) -> None:
         self._non_negative("interval_steps", "interval_minutes")

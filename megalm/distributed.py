@@ -45,6 +45,9 @@ class ParallelGroups:
     # commit barriers, checksum verdicts) runs here, so a slow filesystem during a save waits on
     # this group's long timeout instead of tripping the training groups' (NCCL's) watchdog.
     control_group: ProcessGroup = None
+    # This rank's dp group again, over gloo with checkpoint.timeout_s: at resume, one dp rank reads
+    # each checkpoint file its (tp, pp) shard needs and shares the pieces with the others here.
+    control_dp_group: ProcessGroup = None
     # Global ranks of this rank's groups (for p2p and for error messages).
     tp_ranks: tuple[int, ...] = (0,)
     dp_ranks: tuple[int, ...] = (0,)
@@ -226,14 +229,14 @@ def exit_with_launcher(rank: int, poll_s: float = 1.0) -> None:
 
 
 def _new_groups(
-    rank_lists: list[list[int]], rank: int, timeout: Optional[datetime.timedelta]
+    rank_lists: list[list[int]], rank: int, timeout: Optional[datetime.timedelta], backend: Optional[str] = None
 ) -> tuple[ProcessGroup, tuple[int, ...]]:
     """Create one process group per list (every rank must create all of them, in order)."""
     mine: ProcessGroup = None
     my_ranks: tuple[int, ...] = (rank,)
     for ranks in rank_lists:
         # new_group does not inherit the world's timeout: pass it, or a hang waits 30 minutes.
-        group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
+        group = dist.new_group(ranks, timeout=timeout, backend=backend) if len(ranks) > 1 else None
         if rank in ranks:
             mine, my_ranks = group, tuple(ranks)
     return mine, my_ranks
@@ -272,6 +275,9 @@ def build_parallel_groups(
     control_group = dist.new_group(
         list(range(topology.world_size)), timeout=datetime.timedelta(seconds=control_timeout_s), backend="gloo"
     )
+    control_dp_group, _ = _new_groups(
+        topology.dp_groups(), rank, datetime.timedelta(seconds=control_timeout_s), backend="gloo"
+    )
     return ParallelGroups(
         topology=topology,
         rank=rank,
@@ -281,6 +287,7 @@ def build_parallel_groups(
         pp_group=pp_group,
         embedding_group=embedding_group,
         control_group=control_group,
+        control_dp_group=control_dp_group,
         tp_ranks=tp_ranks,
         dp_ranks=dp_ranks,
         pp_ranks=pp_ranks,

@@ -255,8 +255,11 @@ class Trainer:
                 if save:
                     checkpointer.save(step)
                 if stop:
+                    checkpointer.finish()  # an async save's writer ends and the save commits before exit
                     self.logger.info(f"stop signal received: saved step {step}, exiting")
                     return records
+        if checkpointer is not None:
+            checkpointer.finish()
         if records:
             rest = records[1:] or records
             times = [r["step_time_s"] for r in rest]

@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,9 +30,10 @@ import torch.distributed as dist
 
 import megalm
 from megalm.checkpoint.state import (
-    PieceIndex, collect_pieces, model_differences, named_params, optimizer_scalars, restore, saved_scalars, steps_of,
+    HostCopies, PieceIndex, collect_pieces, model_differences, named_params, optimizer_scalars, restore, saved_scalars,
+    shared_index, state_names, steps_of,
 )
-from megalm.checkpoint.store import CheckpointError, CheckpointStore, rank_file_name
+from megalm.checkpoint.store import CheckpointError, CheckpointStore, rank_file_name, step_dir_name
 from megalm.config import config_to_dict
 from megalm.faults import maybe_inject
 
@@ -46,6 +48,28 @@ def _layout(trainer) -> dict:
         "virtual_stages": parallel.virtual_stages, "pipeline_layers": parallel.pipeline_layers,
         "sequence_parallel": parallel.sequence_parallel,
     }
+
+
+def _lower_priority() -> None:
+    """Give the calling thread (the async writer) the lowest CPU priority (Linux: nice 19 for this
+    thread only), so that where the CPU is short it takes what training leaves rather than half."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the writer runs at training's priority
+        pass
+
+
+@dataclass
+class _PendingSave:
+    """An async save: its files are being written by `thread`; it commits at `Checkpointer.finish`."""
+
+    step: int
+    tmp: Path
+    metadata: dict[str, Any]
+    start: float  # perf_counter at the save's start
+    stall_s: float  # how long training waited (the copy to host memory)
+    thread: Optional[threading.Thread] = None
+    written: tuple = (None, "the background writer ended without a result")  # store.write's result
 
 
 class Checkpointer:
@@ -66,23 +90,31 @@ class Checkpointer:
         self._in_save = False
         self._longest_step_s: Optional[float] = None
         self._step_started: Optional[float] = None
+        self.host = HostCopies(keep=self.config.async_save)  # pinned buffers with CUDA, reused by async saves
+        self.pending: Optional[_PendingSave] = None  # an async save whose writer runs or awaits the commit
 
     # ---- saving ---------------------------------------------------------------------------------
     def save(self, step: int) -> Path:
-        """Save the state after `step` optimizer steps (all ranks call this together)."""
-        self._in_save = True
+        """Save the state after `step` optimizer steps (all ranks call this together).
+
+        Synchronous: returns once the checkpoint is committed. With checkpoint.async_save, returns
+        once this rank's share is copied to host memory; a background thread writes it, and the
+        commit follows at the first `decide()` after every rank's writer is done (or at `finish()`).
+        """
+        self._in_save = True  # the stop-signal watchdog does not cut a save (see install_signal_handler)
         try:
             return self._save(step)
         finally:
             self._in_save = False
 
     def _save(self, step: int) -> Path:
+        self.finish()  # the previous async save commits first (its writer has its buffers)
         trainer = self.trainer
         start = time.perf_counter()
         payload = {
             "rank": trainer.groups.rank,
             "layout": _layout(trainer),
-            "pieces": collect_pieces(trainer.chunks, trainer.optimizer, trainer.groups),
+            "pieces": collect_pieces(trainer.chunks, trainer.optimizer, trainer.groups, self.host),
             "rng": trainer.chunks[0].rng.state_dict(),
         }
         tokenizer = trainer.tokenizer
@@ -98,10 +130,43 @@ class Checkpointer:
             "loss_scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
             "tokenizer_hash": tokenizer.hash if tokenizer is not None else None,
         }
-        params = sorted({piece["name"] for piece in payload["pieces"]})
-        path = self.store.save(step, payload, metadata, file_info={"params": params})
+        file_info = {"params": sorted({piece["name"] for piece in payload["pieces"]})}
         self.last_save_time = time.monotonic()
-        trainer.logger.info(f"checkpoint saved: {path} ({time.perf_counter() - start:.2f} s)")
+        if not self.config.async_save:
+            path = self.store.save(step, payload, metadata, file_info=file_info)
+            trainer.logger.info(f"checkpoint saved: {path} ({time.perf_counter() - start:.2f} s)")
+            return path
+        tmp = self.store.begin(step)
+        pending = _PendingSave(step, tmp, metadata, start, time.perf_counter() - start)
+
+        def write() -> None:
+            _lower_priority()
+            pending.written = self.store.write(step, tmp, payload, file_info)
+
+        pending.thread = threading.Thread(target=write, name=f"megalm-checkpoint-writer-{step}", daemon=True)
+        pending.thread.start()
+        self.pending = pending
+        trainer.logger.info(
+            f"checkpoint of step {step}: copied to host memory in {pending.stall_s:.2f} s, written in the background"
+        )
+        return self.store.root / step_dir_name(step)
+
+    def writing(self) -> bool:
+        """Whether this rank's background writer is still writing."""
+        return self.pending is not None and self.pending.thread.is_alive()
+
+    def finish(self) -> Optional[Path]:
+        """Wait for this rank's background writer and commit its save (all ranks call this together);
+        CheckpointError when any rank's writer failed. None when no async save is pending."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        pending.thread.join()
+        path = self.store.commit(pending.step, pending.tmp, pending.written, pending.metadata)
+        self.trainer.logger.info(
+            f"checkpoint saved: {path} ({time.perf_counter() - pending.start:.2f} s, of which training waited "
+            f"{pending.stall_s:.2f} s for the copy to host memory)"
+        )
         return path
 
     def before_step(self, step: int) -> None:
@@ -114,7 +179,9 @@ class Checkpointer:
 
         Save by count, by time (rank clocks differ, so any rank's "due" counts), at the end, or
         when any rank received the stop signal; stop on that signal. The all-reduce runs over the
-        control group (gloo, a CPU tensor), like every collective of the checkpoint path.
+        control group (gloo, a CPU tensor), like every collective of the checkpoint path. It also
+        tells whether any rank's async writer is still writing; once none is, the pending save
+        commits here (a writer's error is raised here, at the step after it happened).
         """
         if self._step_started is not None:
             took = time.monotonic() - self._step_started
@@ -123,10 +190,12 @@ class Checkpointer:
         every, minutes = self.config.interval_steps, self.config.interval_minutes
         save = (every > 0 and step % every == 0) or (final and self.config.save_at_end)
         save = save or (minutes > 0 and time.monotonic() - self.last_save_time >= 60 * minutes)
-        flags = torch.tensor([float(save), float(self.stop_requested)])
+        flags = torch.tensor([float(save), float(self.stop_requested), float(self.writing())])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.trainer.groups.control_group)
         save, stop = bool(flags[0]), bool(flags[1])
+        if self.pending is not None and not flags[2]:
+            self.finish()  # every rank's writer is done (every rank sees the same flags): commit now
         self.stopped_on_signal = stop  # this rank's or another's: megalm.launch reads it as a clean stop
         return save or stop, stop
 
@@ -156,14 +225,18 @@ class Checkpointer:
                 + "\nuse the checkpoint's config, another run directory, or --no-resume"
             )
         verified = time.perf_counter()
-        index = PieceIndex(
+        groups = trainer.groups
+        same_layout = metadata["layout"] == _layout(trainer) and metadata["world_size"] == groups.topology.world_size
+        # The dp ranks of this (tp, pp) shard read each needed file once between them and share the
+        # pieces (with the same layout, their own files too: each one's RNG states are in its own).
+        index = shared_index(
             path, metadata["files"], names={name for name, _ in named_params(trainer.chunks)},
-            always=(rank_file_name(trainer.groups.rank),),
+            state_names=state_names(trainer.chunks, trainer.optimizer), group=groups.control_dp_group,
+            always=tuple(rank_file_name(rank) for rank in groups.dp_ranks) if same_layout else (),
         )
-        restore(trainer.chunks, trainer.optimizer, trainer.groups, index, saved_scalars(metadata))
+        restore(trainer.chunks, trainer.optimizer, groups, index, saved_scalars(metadata))
         if trainer.scaler is not None and metadata.get("loss_scaler"):
             trainer.scaler.load_state_dict(metadata["loss_scaler"])
-        same_layout = metadata["layout"] == _layout(trainer) and metadata["world_size"] == trainer.groups.topology.world_size
         if same_layout:
             trainer.chunks[0].rng.load_state_dict(index.payloads[trainer.groups.rank]["rng"])
         step = int(metadata["step"])

@@ -4,10 +4,12 @@ Every saved tensor is a *piece*: (name, kind, full shape, tp split dim, tp rank,
 flat range [lo, hi) inside that tp shard). Kinds: "param" (the model weight, what export reads),
 "master" (the optimizer's fp32 master, saved only where it is a separate tensor of another dtype
 than the weight, e.g. bf16 weights) and one kind per tensor the optimizer keeps per parameter
-(exp_avg, exp_avg_sq, max_exp_avg_sq, ...). Weights are whole tp shards; optimizer tensors cover
-the flat range of the parameter the master holds (ZeRO-1: the segment a dp rank owns). Each full
-parameter is written once (dp rank 0, tp rank 0 for replicated params, never the last stage's copy
-of the tied embedding), and loading assembles, per parameter, the full tensor from the pieces of
+(exp_avg, exp_avg_sq, max_exp_avg_sq, ...). Each full parameter is written once (tp rank 0 for
+replicated params, never the last stage's copy of the tied embedding), its tp shard split over the
+dp ranks that hold it alike: dp rank d writes the d-th of dp equal flat ranges of the weight (and,
+without ZeRO-1, of the master and optimizer tensors; with ZeRO-1 each dp rank writes the segment it
+owns). Checkpoints from before the split (dp rank 0 wrote whole shards) are pieces too and load
+unchanged. Loading assembles, per parameter, the full tensor from the pieces of
 every file, then cuts this rank's shard for the current layout. So a checkpoint saved at one
 (tp, pp, dp, ZeRO) loads at any other; RNG states are restored only when the layout is the same.
 
@@ -18,8 +20,8 @@ the parameter's device). Scalars (a per-parameter `step` tensor in torch's AdamW
 in the metadata (`optimizer_scalars`). `optimizer_view` is the one place that knows megalm's
 optimizer classes.
 
-The metadata lists the parameters in each file, so a rank opens only the files that hold its
-parameters; files are memory-mapped, so it reads only the pages of the pieces it uses; and when the
+The metadata lists the parameters in each file, so a rank's dp group opens only the files that hold
+its parameters, each file once between them (`shared_index`: one dp rank reads, all receive); and when the
 saved tp size equals the current one, a rank's shard is assembled from its own tp rank's pieces
 without building the full tensor (resharding builds the full tensor and cuts it).
 """
@@ -69,12 +71,50 @@ def named_params(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
     return [(getattr(p, "init_name", n), p) for chunk in chunks for n, p in chunk.named_parameters()]
 
 
-def _piece(name: str, param: nn.Parameter, kind: str, tensor: torch.Tensor, lo: int, hi: int, groups) -> dict:
+class HostCopies:
+    """Where a save copies the pieces' tensors to host memory, with training stalled for the copy only.
+
+    With CUDA, into pinned buffers kept from save to save (pinned memory is slow to allocate, and
+    copies into it run asynchronously at full bandwidth; one synchronize ends them all). On CPU
+    pinning is unavailable (and a device-to-host copy does not exist): the copies are ordinary
+    clones, kept only with `keep` (an async save reuses them; a synchronous save frees them).
+    Each piece gets a tensor of its own, so the file torch.save writes is the same either way.
+    """
+
+    def __init__(self, keep: bool = False) -> None:
+        self.pinned = torch.cuda.is_available()
+        self.keep = keep or self.pinned
+        self.buffers: dict[tuple[str, str, str], torch.Tensor] = {}
+
+    def copy(self, key: tuple[str, str, str], tensor: torch.Tensor) -> torch.Tensor:
+        flat = tensor.detach().reshape(-1)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() != flat.numel() or buffer.dtype != flat.dtype:
+            buffer = torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=self.pinned)
+            if self.keep:
+                self.buffers[key] = buffer
+        buffer.copy_(flat, non_blocking=self.pinned and flat.is_cuda)
+        return buffer
+
+    def synchronize(self) -> None:
+        if self.pinned:
+            torch.cuda.synchronize()
+
+
+def dp_share(lo: int, hi: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
+    """The part of the flat range [lo, hi) that dp rank `dp_rank` of `dp_size` writes (contiguous, balanced)."""
+    size = hi - lo
+    return lo + size * dp_rank // dp_size, lo + size * (dp_rank + 1) // dp_size
+
+
+def _piece(name: str, param: nn.Parameter, kind: str, tensor: torch.Tensor, lo: int, hi: int, groups,
+           host: HostCopies) -> dict:
+    """A piece of (name, kind): `tensor` holds the flat range [lo, hi) of the parameter's tp shard."""
     full_shape, _ = shard_geometry(param, groups.tp_rank, groups.tp_size)
     return {
         "name": name, "kind": kind, "full_shape": list(full_shape), "split_dim": getattr(param, "tp_split_dim", None),
         "tp_rank": groups.tp_rank, "tp_size": groups.tp_size, "lo": lo, "hi": hi,
-        "tensor": tensor.detach().reshape(-1).to("cpu", copy=True),
+        "tensor": host.copy((name, kind, str(lo)), tensor),
     }
 
 
@@ -221,26 +261,48 @@ def _translate_step(saved: dict[str, Any], inner: torch.optim.Optimizer) -> tupl
     return per_param, per_group
 
 
-def collect_pieces(chunks: list[nn.Module], optimizer: Any, groups) -> list[dict]:
-    """This rank's share of the weights, fp32 masters and per-parameter optimizer tensors, as pieces."""
+def collect_pieces(chunks: list[nn.Module], optimizer: Any, groups, host: HostCopies | None = None) -> list[dict]:
+    """This rank's share of the weights, fp32 masters and per-parameter optimizer tensors, as pieces.
+
+    Whatever the dp ranks of one (tp, pp) shard hold alike (the weights; without ZeRO, the masters
+    and optimizer state too) is split over them: dp rank d writes the d-th of dp equal flat ranges
+    of each tensor, so every rank writes about 1/dp of its shard instead of dp rank 0 all of it.
+    ZeRO-1's state is each dp rank's own segment already. `host` receives the copies.
+    """
+    host = host or HostCopies()
     pieces = []
+
+    def add(name, param, kind, tensor, lo, hi, replicated):
+        if replicated:  # keep this dp rank's part of [lo, hi) only
+            part_lo, part_hi = dp_share(lo, hi, groups.dp_rank, groups.dp_size)
+            tensor, lo, hi = tensor.detach().reshape(-1)[part_lo - lo : part_hi - lo], part_lo, part_hi
+        if hi > lo:
+            pieces.append(_piece(name, param, kind, tensor, lo, hi, groups, host))
+
     for name, param in named_params(chunks):
-        if counted_once(param, groups) and groups.dp_rank == 0:
-            pieces.append(_piece(name, param, "param", param, 0, param.numel(), groups))
+        if counted_once(param, groups):
+            add(name, param, "param", param, 0, param.numel(), True)
     view = optimizer_view(optimizer)
     states, _ = _state_by_master(view)
     names = {id(p): n for n, p in named_params(chunks)}
     for master, segment in zip(view.masters, view.segments):
         param, lo, hi = segment.param, segment.param_lo, segment.param_hi
-        if not counted_once(param, groups) or (groups.dp_rank != 0 and not view.sharded):
+        if not counted_once(param, groups):
             continue
         name = names[id(param)]
         if master is not param and master.dtype != param.dtype:  # same dtype: the weight holds the master's value
-            pieces.append(_piece(name, param, "master", master, lo, hi, groups))
+            add(name, param, "master", master, lo, hi, not view.sharded)
         if id(master) in states:
             for kind, value in sorted(_split_state(states[id(master)], master)[0].items()):
-                pieces.append(_piece(name, param, kind, value, lo, hi, groups))
+                add(name, param, kind, value, lo, hi, not view.sharded)
+    host.synchronize()
     return pieces
+
+
+def state_names(chunks: list[nn.Module], optimizer: Any) -> set[str]:
+    """Names of the parameters whose optimizer state this rank holds (ZeRO-1: those of its segments)."""
+    names = {id(p): n for n, p in named_params(chunks)}
+    return {names[id(segment.param)] for segment in optimizer_view(optimizer).segments}
 
 
 def load_rank_file(file: Path) -> dict:
@@ -260,6 +322,17 @@ def load_rank_file(file: Path) -> dict:
         ) from None
 
 
+def needed_files(files: list[str] | dict[str, dict], names: set[str] | None = None, always: tuple[str, ...] = ()) -> list[str]:
+    """The files (sorted) whose recorded parameters include one of `names` (all without `names`), and `always`."""
+    infos = files if isinstance(files, dict) else {name: {} for name in files}
+    out = []
+    for name in sorted(infos):
+        listed = infos[name].get("params")
+        if names is None or listed is None or name in always or names.intersection(listed):
+            out.append(name)
+    return out
+
+
 class PieceIndex:
     """Every piece of a checkpoint, by (name, kind), from memory-mapped rank files."""
 
@@ -269,15 +342,14 @@ class PieceIndex:
         whose recorded parameters include one of them, plus the files in `always`."""
         self.pieces: dict[tuple[str, str], list[dict]] = {}
         self.payloads: dict[int, dict] = {}
-        infos = files if isinstance(files, dict) else {name: {} for name in files}
-        for name in sorted(infos):
-            listed = infos[name].get("params")
-            if names is not None and listed is not None and name not in always and not names.intersection(listed):
-                continue
-            payload = load_rank_file(path / name)
-            self.payloads[payload["rank"]] = payload
-            for piece in payload["pieces"]:
-                self.pieces.setdefault((piece["name"], piece["kind"]), []).append(piece)
+        for name in needed_files(files, names, always):
+            self.add(load_rank_file(path / name))
+
+    def add(self, payload: dict) -> None:
+        """Index one rank file's payload ({"rank", "pieces", "rng", ...})."""
+        self.payloads[payload["rank"]] = payload
+        for piece in payload["pieces"]:
+            self.pieces.setdefault((piece["name"], piece["kind"]), []).append(piece)
 
     def full(self, name: str, kind: str) -> torch.Tensor:
         """The full tensor of (name, kind) at its saved shape."""
@@ -307,6 +379,82 @@ class PieceIndex:
                 flat[piece["lo"] : piece["hi"]] = piece["tensor"]
             return shard
         return _my_shard(self.full(name, kind), param, groups, name).clone()  # not a view that keeps the full tensor
+
+
+def _readers(files: list[str], sizes: dict[str, int], count: int) -> dict[str, int]:
+    """Which of `count` ranks reads each file: the largest files first, each to the least loaded."""
+    load = [0] * count
+    reader = {}
+    for name in sorted(files, key=lambda n: (-sizes.get(n, 0), n)):
+        chosen = min(range(count), key=lambda i: (load[i], i))
+        reader[name] = chosen
+        load[chosen] += sizes.get(name, 0)
+    return reader
+
+
+def shared_index(path: Path, files: dict[str, dict], names: set[str], state_names: set[str], group,
+                 always: tuple[str, ...] = ()) -> PieceIndex:
+    """The pieces this rank restores from, each file read by one rank of `group` (its dp group).
+
+    The dp ranks of a (tp, pp) shard need the same files (those holding their parameters, `names`).
+    Each file is read by one of them (by bytes, balanced), which sends its pieces of `names` to the
+    others (one broadcast per dtype and file reader), so the group reads each byte once instead of
+    dp times. Every rank keeps the weights and masters, and the optimizer state of `state_names`
+    only (ZeRO-1: the parameters of its own segments). `group` None (dp 1): read them all here.
+    """
+    wanted = needed_files(files, names, always)
+    index = PieceIndex(path, [])
+
+    def keep(piece: dict) -> bool:
+        return piece["name"] in names and (piece["kind"] in _RESERVED_KINDS or piece["name"] in state_names)
+
+    if group is None:
+        for name in wanted:
+            payload = load_rank_file(path / name)
+            index.add(dict(payload, pieces=[piece for piece in payload["pieces"] if keep(piece)]))
+        return index
+    import torch.distributed as dist
+
+    me, count = dist.get_rank(group), dist.get_world_size(group)
+    reader = _readers(wanted, {n: files[n].get("bytes", 0) for n in wanted}, count)
+    for source in range(count):
+        header: list[Any] = [None]
+        if source == me:
+            loaded = []
+            for name in wanted:
+                if reader[name] == me:
+                    payload = load_rank_file(path / name)
+                    loaded.append((payload, [piece for piece in payload["pieces"] if piece["name"] in names]))
+            header[0] = [
+                ({key: value for key, value in payload.items() if key != "pieces"},
+                 [{key: value for key, value in piece.items() if key != "tensor"}
+                  | {"dtype": str(piece["tensor"].dtype).removeprefix("torch."), "numel": piece["tensor"].numel()}
+                  for piece in pieces])
+                for payload, pieces in loaded
+            ]
+            tensors = [piece["tensor"] for _, pieces in loaded for piece in pieces]
+        dist.broadcast_object_list(header, src=dist.get_global_rank(group, source), group=group)
+        described = [piece for _, pieces in header[0] for piece in pieces]
+        for dtype in sorted({piece["dtype"] for piece in described}):
+            members = [i for i, piece in enumerate(described) if piece["dtype"] == dtype]
+            if source == me:
+                buffer = torch.cat([tensors[i].reshape(-1) for i in members])
+            else:
+                buffer = torch.empty(sum(described[i]["numel"] for i in members), dtype=getattr(torch, dtype))
+            dist.broadcast(buffer, src=dist.get_global_rank(group, source), group=group)
+            offset = 0
+            for i in members:
+                described[i]["tensor"] = buffer[offset : offset + described[i]["numel"]]
+                offset += described[i]["numel"]
+        kept = [(rest, [piece for piece in pieces if keep(piece)]) for rest, pieces in header[0]]
+        dropped = sum(len(pieces) for _, pieces in header[0]) > sum(len(pieces) for _, pieces in kept)
+        for rest, pieces in kept:
+            for piece in pieces:
+                del piece["dtype"], piece["numel"]
+                if dropped:  # a tensor of its own, so that the buffers (and the dropped bytes) are freed
+                    piece["tensor"] = piece["tensor"].clone()
+            index.add(dict(rest, pieces=pieces))
+    return index
 
 
 def _my_shard(full: torch.Tensor, param: nn.Parameter, groups, name: str = "") -> torch.Tensor:

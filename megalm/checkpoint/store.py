@@ -10,7 +10,8 @@ Layout of `RUN_DIR/checkpoints/`::
 
 A save writes every rank's file into the temp directory (fsync each), gathers sizes and
 checksums on rank 0, checks them, writes metadata.json, renames the directory, then replaces
-`latest`. An interrupted or failed save therefore never leaves `latest` pointing at anything
+`latest` (`begin`, `write`, `commit`; an async save runs `write` in a background thread and
+`commit` later, with every rank together). An interrupted or failed save therefore never leaves `latest` pointing at anything
 incomplete, and a failure on any rank (a full disk) is agreed on by all ranks before commit.
 """
 
@@ -87,8 +88,14 @@ class CheckpointStore:
         """Write this rank's payload; rank 0 commits the checkpoint once every rank succeeded.
 
         `file_info` (this rank's, JSON-able) is recorded next to its file's size and checksum.
+        The three phases (`begin`, `write`, `commit`) are also called apart: an async save runs
+        `write` in a background thread while training goes on.
         """
-        final = self.root / step_dir_name(step)
+        tmp = self.begin(step)
+        return self.commit(step, tmp, self.write(step, tmp, payload, file_info), metadata)
+
+    def begin(self, step: int) -> Path:
+        """The temp directory of the save of `step`, made by rank 0 (all ranks call this together)."""
         name = None
         if self.rank == 0:
             # A name unique to this save, so that nothing else (a second job, which the run
@@ -96,9 +103,13 @@ class CheckpointStore:
             self.root.mkdir(parents=True, exist_ok=True)
             name = f".tmp-{step_dir_name(step)}-{os.getpid()}-{secrets.token_hex(4)}"
             (self.root / name).mkdir()
-        tmp = self.root / self._gather(name)[0]
-        error: Optional[str] = None
-        record: Optional[tuple[str, dict[str, Any]]] = None
+        return self.root / self._gather(name)[0]
+
+    def write(
+        self, step: int, tmp: Path, payload: dict[str, Any], file_info: Optional[dict[str, Any]] = None
+    ) -> tuple[Optional[tuple[str, dict[str, Any]]], Optional[str]]:
+        """Write and fsync this rank's file into `tmp`: ((file name, its record), None), or (None, the
+        error). No collective: it may run in a background thread."""
         try:
             path = tmp / rank_file_name(self.rank)
             part = path.with_name(path.name + ".part")
@@ -109,10 +120,20 @@ class CheckpointStore:
             part.replace(path)
             record = (path.name, {**(file_info or {}), "bytes": path.stat().st_size, "sha256": _sha256(path)})
             maybe_inject("save", step, self.rank, self.root.parent)
+            return record, None
         except Exception as exc:  # noqa: BLE001 - every rank must learn of any rank's failure
             # A full disk says "No space left on device", not torch's "unexpected pos".
-            error = f"rank {self.rank} writing {path}: {describe_write_error(exc)}"
-        records = self._gather((record, error))
+            return None, f"rank {self.rank} writing {path}: {describe_write_error(exc)}"
+
+    def commit(
+        self, step: int, tmp: Path, written: tuple[Optional[tuple[str, dict[str, Any]]], Optional[str]],
+        metadata: dict[str, Any],
+    ) -> Path:
+        """Gather every rank's `write` result; rank 0 checks them, writes metadata.json, renames the
+        directory and moves `latest` (all ranks call this together). Any rank's error: nothing is
+        committed, and every rank raises CheckpointError."""
+        final = self.root / step_dir_name(step)
+        records = self._gather(written)
         errors = [err for _, err in records if err]
         if errors:
             if self.rank == 0:
