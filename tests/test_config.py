@@ -539,3 +539,13 @@ def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
     path = write(tmp_path / "bad.yaml", "model: [unclosed\n")
     with pytest.raises(ConfigError, match=r"cannot parse YAML in .*bad\.yaml"):
         load_config(path)
+
+
+def test_checkpoint_async_is_accepted_as_the_name_of_async_save_and_shared_read_is_checked() -> None:
+    from megalm.config import ConfigError, load_config
+
+    config = load_config(CONFIGS / "tiny.yaml", ["checkpoint.async=true"])
+    assert config.checkpoint.async_save is True and config.checkpoint.shared_read == "auto"
+    assert load_config(CONFIGS / "tiny.yaml", ["checkpoint.shared_read=never"]).checkpoint.shared_read == "never"
+    with pytest.raises(ConfigError, match="shared_read"):
+        load_config(CONFIGS / "tiny.yaml", ["checkpoint.shared_read=sometimes"])

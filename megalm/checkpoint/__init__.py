@@ -18,6 +18,7 @@ import faulthandler
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -228,11 +229,15 @@ class Checkpointer:
         groups = trainer.groups
         same_layout = metadata["layout"] == _layout(trainer) and metadata["world_size"] == groups.topology.world_size
         # The dp ranks of this (tp, pp) shard read each needed file once between them and share the
-        # pieces (with the same layout, their own files too: each one's RNG states are in its own).
+        # pieces (with the same layout, their own files too: each one's RNG states are in its own);
+        # or, not sharing (checkpoint.shared_read), each reads what it needs, its own file included.
+        share = self._share_reads()
+        if same_layout:
+            always = tuple(rank_file_name(rank) for rank in groups.dp_ranks) if share else (rank_file_name(groups.rank),)
         index = shared_index(
             path, metadata["files"], names={name for name, _ in named_params(trainer.chunks)},
-            state_names=state_names(trainer.chunks, trainer.optimizer), group=groups.control_dp_group,
-            always=tuple(rank_file_name(rank) for rank in groups.dp_ranks) if same_layout else (),
+            state_names=state_names(trainer.chunks, trainer.optimizer),
+            group=groups.control_dp_group if share else None, always=always if same_layout else (),
         )
         restore(trainer.chunks, trainer.optimizer, groups, index, saved_scalars(metadata))
         if trainer.scaler is not None and metadata.get("loss_scaler"):
@@ -247,6 +252,18 @@ class Checkpointer:
             + ("" if same_layout else f"; resharded from {metadata['layout']} (random streams reseeded)")
         )
         return step
+
+    def _share_reads(self) -> bool:
+        """Whether this shard's dp ranks share the reads at resume (checkpoint.shared_read; the same
+        answer on every rank of the dp group)."""
+        group, mode = self.trainer.groups.control_dp_group, self.config.shared_read
+        if group is None or mode == "never":
+            return False
+        if mode == "always":
+            return True
+        hosts: list[Optional[str]] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(hosts, socket.gethostname(), group=group)
+        return len(set(hosts)) > 1
 
     def _resume_data(self, step: int, metadata: dict[str, Any]) -> None:
         """Continue the data at the checkpoint's consumed_samples; say when the batch size or the seed changed."""

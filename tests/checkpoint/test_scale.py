@@ -51,16 +51,20 @@ def _dp_worker(rank: int, world_size: int, root: str) -> dict:
         trainer.fit(steps=2, checkpointer=Checkpointer(trainer, run_dir))  # saves at the end
         file = run_dir / "checkpoints" / "step_00000002" / f"rank_{rank:05d}.pt"
         pieces = state.load_rank_file(file)["pieces"]
-        opened: list[str] = []
-        original = state.load_rank_file
-        state.load_rank_file = lambda file: opened.append(Path(file).name) or original(file)
-        try:
-            resumed = build_trainer(config, groups, None)
-            start = Checkpointer(resumed, run_dir).resume()
-        finally:
-            state.load_rank_file = original
         out[zero] = {"stage": groups.pp_rank, "bytes": file.stat().st_size, "kinds": sorted({p["kind"] for p in pieces}),
-                     "saved": _live_state(trainer), "loaded": _live_state(resumed), "start": start, "opened": opened}
+                     "saved": _live_state(trainer)}
+        # checkpoint.shared_read: always shares; auto does not on one host (its ranks share the page cache)
+        for mode in ("always", "auto"):
+            opened: list[str] = []
+            original = state.load_rank_file
+            state.load_rank_file = lambda file: opened.append(Path(file).name) or original(file)
+            try:
+                config.checkpoint.shared_read = mode
+                resumed = build_trainer(config, groups, None)
+                start = Checkpointer(resumed, run_dir).resume()
+            finally:
+                state.load_rank_file = original
+            out[zero][mode] = {"loaded": _live_state(resumed), "start": start, "opened": opened}
     return out
 
 
@@ -95,15 +99,21 @@ def test_resume_reads_each_file_once_per_shard_group(zero: int, dp_runs) -> None
     them), both read a share, and every rank's weights and moments come back bit for bit."""
     _, results = dp_runs
     for stage in (0, 1):
-        group = [r[zero] for r in results if r[zero]["stage"] == stage]
+        group = [r[zero]["always"] for r in results if r[zero]["stage"] == stage]
         opened = sorted(name for r in group for name in r["opened"])
         assert len(opened) == len(set(opened)) >= 2, (stage, opened)  # at least the stage's own two files, once each
         assert all(r["opened"] for r in group), group
+        # shared_read=auto on one host: each rank reads what it needs itself (both of its stage's files)
+        for r in results:
+            if r[zero]["stage"] == stage:
+                own = {f"rank_{rank:05d}.pt" for rank in range(4) if results[rank][zero]["stage"] == stage}
+                assert own <= set(r[zero]["auto"]["opened"]), r[zero]["auto"]["opened"]
     for result in results:
-        saved, loaded = result[zero]["saved"], result[zero]["loaded"]
-        assert result[zero]["start"] == 2 and sorted(saved) == sorted(loaded)
-        for key in saved:
-            assert saved[key][:2] == loaded[key][:2] and torch.equal(saved[key][2], loaded[key][2]), key
+        for mode in ("always", "auto"):
+            saved, loaded = result[zero]["saved"], result[zero][mode]["loaded"]
+            assert result[zero][mode]["start"] == 2 and sorted(saved) == sorted(loaded)
+            for key in saved:
+                assert saved[key][:2] == loaded[key][:2] and torch.equal(saved[key][2], loaded[key][2]), (mode, key)
 
 
 # ---- async saves ----------------------------------------------------------------------------------------
