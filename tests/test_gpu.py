@@ -101,6 +101,37 @@ def test_adamw_resume_is_bit_for_bit(device: str, tmp_path: Path) -> None:
     assert len(got_state) == len(state) and all(torch.equal(a, b) for a, b in zip(got_state, state))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_async_save_snapshots_the_step_it_was_asked_for(device: str, tmp_path: Path) -> None:
+    """An async save (on CUDA: non-blocking copies into pinned host buffers) holds the state of the step
+    it was called at, although training runs on and changes the weights while the writer is held back:
+    its file is byte-identical to a synchronous save of that step, and a resume from it is exact."""
+    import threading
+
+    overrides = ("train.steps=4", "train.global_batch_size=8", "optim.warmup_steps=2", "train.precision=bf16")
+    trainer = build_trainer(_config(device, *overrides), _groups(device), None)
+    trainer.fit(steps=2)
+    sync = Checkpointer(trainer, tmp_path / "sync").save(2)
+    gate = threading.Event()
+
+    def held_writer(payload, handle):
+        assert gate.wait(timeout=60)
+        torch.save(payload, handle)
+
+    trainer.config.checkpoint.async_save = True
+    checkpointer = Checkpointer(trainer, tmp_path / "async", writer=held_writer)
+    checkpointer.save(2)
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.fit(steps=4, start_step=2)  # the weights, masters and moments change under the held writer
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.params))
+    gate.set()
+    committed = checkpointer.finish()
+    _report("async_save_snapshot", device, pinned=checkpointer.host.pinned)
+    assert committed.name == "step_00000002"
+    assert (committed / "rank_00000.pt").read_bytes() == (sync / "rank_00000.pt").read_bytes()
+    assert checkpointer.host.pinned == (device == "cuda")
+
+
 # Peak memory against `megalm plan`: on CUDA a GPT-125M step (micro batch 4 x 1024 tokens, bf16) whose
 # activations (about 5 GiB) and fp32 weights/gradients/Adam state (about 2.6 GiB) dominate every fixed
 # cost. The planner computes weights, gradient buckets and Adam state exactly (the CPU run checks that
