@@ -17,7 +17,8 @@ from megalm.data.batch import prefix_loss_mask
 from megalm.distributed import ParallelGroups, build_parallel_groups
 from megalm.model.gpt import build_model
 from megalm.parallel.tensor import gather_full_tensor
-from megalm.testing import all_reduce_sequence_parallel_grads, run_distributed
+from megalm.parallel.data import GradientSync
+from megalm.testing import run_distributed
 from megalm.topology import Topology
 
 SEED = 7
@@ -59,11 +60,13 @@ def run_case(groups: ParallelGroups, family: str, sp: bool, position: str) -> di
     """Loss, full params and full grads of one forward/backward at this layout."""
     cfg = model_config(family, position)
     model = build_model(cfg, groups, SEED, sequence_parallel=sp)
+    sync = GradientSync([model], groups)  # the trainer's path: sums sequence-parallel grads over tp
+    sync.start_step(1)
     tokens, labels, mask, prefix = make_batch(family)
     losses = model(tokens, labels=labels, prefix_lengths=prefix)
     loss = (losses * mask).sum() / mask.sum()
     loss.backward()
-    all_reduce_sequence_parallel_grads(model.parameters(), groups)
+    sync.finish()
     params, grads = {}, {}
     for name, p in model.named_parameters():
         params[name] = gather_full_tensor(p.data, p.tp_split_dim, groups)
