@@ -134,6 +134,22 @@ def _stacks_of(procs: list, stack_dir: Path, ranks: Iterable[int]) -> str:
     return "\n".join(parts)
 
 
+def _more_failures(failures: dict, procs: list, results: Any, world_size: int, done: set, wait: float = 2.0) -> dict:
+    """The failures of the next `wait` seconds too: when one rank's collective times out, its peers
+    fail a moment later ("connection closed") and whichever reports first need not be the cause."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and len(failures) + len(done) < world_size:
+        try:
+            rank, ok, payload = results.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if ok:
+            done.add(rank)
+        else:
+            failures[rank] = payload
+    return failures
+
+
 def run_distributed(
     fn: Callable, world_size: int, *args: Any, timeout: float = 180.0, collective_timeout: Optional[float] = None
 ) -> list[Any]:
@@ -198,9 +214,10 @@ def _collect(procs: list, results: Any, world_size: int, timeout: float, stack_d
                 )
             continue
         if not ok:
-            others = _stacks_of(procs, stack_dir, sorted(set(range(world_size)) - set(collected) - {rank}))
+            failures = _more_failures({rank: payload}, procs, results, world_size, set(collected))
+            others = _stacks_of(procs, stack_dir, sorted(set(range(world_size)) - set(collected) - set(failures)))
             raise RuntimeError(
-                f"rank {rank} of {world_size} failed:\n{payload}"
+                "\n".join(f"rank {r} of {world_size} failed:\n{text}" for r, text in failures.items())
                 + (f"\nthe other ranks still running were here:\n{others}" if others else "")
             )
         collected[rank] = torch.load(io.BytesIO(payload), weights_only=False)
