@@ -39,7 +39,7 @@ import torch.distributed.distributed_c10d as c10d
 import torch.multiprocessing as mp
 from torch import nn
 
-from megalm.distributed import ParallelGroups, ProcessGroup
+from megalm.distributed import ParallelGroups
 
 ENV_COLLECTIVE_TIMEOUT = "MEGALM_TEST_COLLECTIVE_TIMEOUT_S"
 ENV_TIMEOUT_SCALE = "MEGALM_TEST_TIMEOUT_SCALE"
@@ -224,10 +224,10 @@ def _collect(procs: list, results: Any, world_size: int, timeout: float, stack_d
     return [collected[rank] for rank in range(world_size)]
 
 
-# ---- plain reference reductions ---------------------------------------------------------------
-# The trainer reduces gradients through megalm.parallel.data.GradientSync (buckets, overlap, ZeRO-1).
-# These unbucketed versions do the same sums in the most direct way; tests use them to build the
-# references that the engine is compared against.
+# ---- a plain reference reduction ---------------------------------------------------------------
+# The trainer reduces gradients through megalm.parallel.data.GradientSync (buckets, overlap, ZeRO-1),
+# and the TP/PP parity tests use it. Tests of other parts (communication counts, the optimizer)
+# that only need the sequence-parallel sum use this unbucketed version.
 
 
 def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter], groups: ParallelGroups) -> None:
@@ -241,31 +241,3 @@ def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter], groups: P
     dist.all_reduce(flat, group=groups.tp_group)
     for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         grad.copy_(synced)
-
-
-def all_reduce_embedding_grads(chunks: list[nn.Module], groups: ParallelGroups) -> None:
-    """Sum the tied embedding's gradient over its first-stage and last-stage copies."""
-    if groups.embedding_group is None or groups.pp_size == 1:
-        return
-    weight = None
-    if chunks[0].is_first:
-        weight = chunks[0].embedding.word.weight
-    elif chunks[-1].is_last:
-        weight = chunks[-1].output_weight
-    if weight is not None and weight.grad is not None:
-        dist.all_reduce(weight.grad, group=groups.embedding_group)
-
-
-def all_reduce_gradients(params: Iterable[nn.Parameter], group: ProcessGroup) -> None:
-    """Sum every gradient over `group` in one flat buffer per dtype (no buckets, no overlap)."""
-    if group is None:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for param in params:
-        if param.grad is not None:
-            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
-    for grads in by_dtype.values():
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=group)
-        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            grad.copy_(synced)
