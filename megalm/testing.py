@@ -9,7 +9,7 @@ A hang fails in seconds, not minutes, and shows where every rank was stuck:
   without an explicit timeout) times out after `collective_timeout` seconds (default 30,
   `MEGALM_TEST_COLLECTIVE_TIMEOUT_S`): a receive that no one sends, or a collective a rank never
   joins, raises on that rank instead of waiting for the test's whole budget;
-- the spawn as a whole has `timeout` seconds (the caller sizes it to the work; scaled by
+- the spawn's work has `timeout` seconds once every rank has started (the caller sizes it; scaled by
   `MEGALM_TEST_TIMEOUT_SCALE` on a slow machine), and a rank that dies without reporting is
   noticed within a second;
 - on any failure every rank still alive dumps its Python stack (faulthandler, on SIGUSR2) and the
@@ -105,6 +105,7 @@ def _worker(
         # take torch's default: make it this test's, in this worker process only.
         c10d.default_pg_timeout = timeout
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+        results.put((rank, None, b""))  # started: the spawn's time budget begins when every rank is here
         value = fn(rank, world_size, *args)
         results.put((rank, True, _dumps(value)))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
@@ -145,7 +146,7 @@ def _more_failures(failures: dict, procs: list, results: Any, world_size: int, d
             continue
         if ok:
             done.add(rank)
-        else:
+        elif ok is not None:
             failures[rank] = payload
     return failures
 
@@ -155,7 +156,8 @@ def run_distributed(
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return the ranks' results.
 
-    `timeout`: seconds for the whole spawn (size it to the work); `collective_timeout`: seconds a
+    `timeout`: seconds for the spawn's work once every rank has started (size it to the work),
+    scaled by `MEGALM_TEST_TIMEOUT_SCALE`; `collective_timeout`: seconds a
     rank may wait in one collective or receive (default `MEGALM_TEST_COLLECTIVE_TIMEOUT_S` or 30)."""
     if collective_timeout is None:
         collective_timeout = _seconds_from_env(ENV_COLLECTIVE_TIMEOUT, DEFAULT_COLLECTIVE_TIMEOUT_S)
@@ -190,7 +192,8 @@ def run_distributed(
 def _collect(procs: list, results: Any, world_size: int, timeout: float, stack_dir: Path) -> list[Any]:
     """Gather every rank's result; on a failure, a death or the deadline, raise with the stacks."""
     collected: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout
+    started: set[int] = set()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S + timeout
     dead_since: dict[int, float] = {}
     while len(collected) < world_size:
         try:
@@ -212,6 +215,11 @@ def _collect(procs: list, results: Any, world_size: int, timeout: float, stack_d
                 raise TimeoutError(
                     f"ranks {missing} of {world_size} did not finish within {timeout:.0f}s; their stacks:\n{stacks}"
                 )
+            continue
+        if ok is None:
+            started.add(rank)
+            if len(started) == world_size:
+                deadline = time.monotonic() + timeout
             continue
         if not ok:
             failures = _more_failures({rank: payload}, procs, results, world_size, set(collected))
