@@ -1,25 +1,51 @@
-"""One spawn helper for multi-process tests: gloo on CPU, a free port, a hard timeout.
+"""One spawn helper for multi-process tests: gloo on CPU, a free port, timeouts that end hangs fast.
 
 `run_distributed(fn, world_size, *args)` starts `world_size` processes, initialises gloo in each,
 calls `fn(rank, world_size, *args)` and returns every rank's return value (tensors allowed).
-A failure on any rank, or the timeout, kills all ranks and raises with the rank's traceback.
+
+A hang fails in seconds, not minutes, and shows where every rank was stuck:
+
+- every process group a worker creates (the world and, through torch's default, each `new_group`
+  without an explicit timeout) times out after `collective_timeout` seconds (default 30,
+  `MEGALM_TEST_COLLECTIVE_TIMEOUT_S`): a receive that no one sends, or a collective a rank never
+  joins, raises on that rank instead of waiting for the test's whole budget;
+- the spawn's work has `timeout` seconds once every rank has started (the caller sizes it; scaled by
+  `MEGALM_TEST_TIMEOUT_SCALE` on a slow machine), and a rank that dies without reporting is
+  noticed within a second;
+- on any failure every rank still alive dumps its Python stack (faulthandler, on SIGUSR2) and the
+  error raised here carries those stacks along with the failing rank's traceback.
+The ranks' start-up (importing torch on a loaded machine) is outside these limits: the ranks meet
+at a store barrier with a long timeout before the process group exists.
 """
 
 from __future__ import annotations
 
+import datetime
+import faulthandler
 import io
 import os
 import queue
+import signal
 import socket
+import tempfile
+import time
 import traceback
-from typing import Any, Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 import torch.multiprocessing as mp
 from torch import nn
 
-from megalm.distributed import ParallelGroups, ProcessGroup
+from megalm.distributed import ParallelGroups
+
+ENV_COLLECTIVE_TIMEOUT = "MEGALM_TEST_COLLECTIVE_TIMEOUT_S"
+ENV_TIMEOUT_SCALE = "MEGALM_TEST_TIMEOUT_SCALE"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 30.0
+STARTUP_TIMEOUT_S = 300.0  # every rank imported torch and reached the store (8 ranks on 2 busy cores)
+STACK_SIGNAL = signal.SIGUSR2  # SIGTERM/SIGINT/SIGUSR1 are the trainer's checkpoint signals
 
 
 def free_port() -> int:
@@ -35,7 +61,30 @@ def _dumps(value: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any) -> None:
+def _seconds_from_env(name: str, default: float) -> float:
+    text = os.environ.get(name, "")
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a number of seconds; set it to e.g. 60 or unset it") from None
+    if value <= 0:
+        raise ValueError(f"{name}={text!r} must be positive; set it to e.g. 60 or unset it")
+    return value
+
+
+def _meet(store: dist.Store, world_size: int, timeout: float) -> None:
+    """Wait until every rank has reached the store (start-up skew is not a hang)."""
+    if store.add("megalm_testing/arrived", 1) == world_size:
+        store.set("megalm_testing/all_arrived", "1")
+    store.wait(["megalm_testing/all_arrived"], datetime.timedelta(seconds=timeout))
+
+
+def _worker(
+    rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any,
+    collective_timeout: float, stack_dir: str,
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -44,8 +93,19 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
         WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(1)
+    stacks = open(Path(stack_dir) / f"rank_{rank}.txt", "w")  # noqa: SIM115 - open for the process's life
+    faulthandler.register(STACK_SIGNAL, file=stacks, all_threads=True)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        store = dist.TCPStore(
+            "127.0.0.1", port, world_size, is_master=rank == 0, timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S)
+        )
+        _meet(store, world_size, STARTUP_TIMEOUT_S)
+        timeout = datetime.timedelta(seconds=collective_timeout)
+        # Groups made later without a timeout (dist.new_group(...), build_parallel_groups' default)
+        # take torch's default: make it this test's, in this worker process only.
+        c10d.default_pg_timeout = timeout
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+        results.put((rank, None, b""))  # started: the spawn's time budget begins when every rank is here
         value = fn(rank, world_size, *args)
         results.put((rank, True, _dumps(value)))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
@@ -55,40 +115,127 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0) -> list[Any]:
-    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return the ranks' results."""
+def _stacks_of(procs: list, stack_dir: Path, ranks: Iterable[int]) -> str:
+    """Ask each listed rank still alive for its Python stack; return them as text."""
+    asked = []
+    for rank in ranks:
+        if procs[rank].is_alive():
+            try:
+                os.kill(procs[rank].pid, STACK_SIGNAL)
+                asked.append(rank)
+            except ProcessLookupError:
+                pass
+    if not asked:
+        return ""
+    time.sleep(1.0)  # faulthandler writes from the signal handler, at once; leave it a moment
+    parts = []
+    for rank in asked:
+        text = (stack_dir / f"rank_{rank}.txt").read_text(errors="replace").strip()
+        parts.append(f"--- rank {rank} stack ---\n{text or '(no stack written: the process did not answer)'}")
+    return "\n".join(parts)
+
+
+def _more_failures(failures: dict, procs: list, results: Any, world_size: int, done: set, wait: float = 2.0) -> dict:
+    """The failures of the next `wait` seconds too: when one rank's collective times out, its peers
+    fail a moment later ("connection closed") and whichever reports first need not be the cause."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and len(failures) + len(done) < world_size:
+        try:
+            rank, ok, payload = results.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if ok:
+            done.add(rank)
+        elif ok is not None:
+            failures[rank] = payload
+    return failures
+
+
+def run_distributed(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 180.0, collective_timeout: Optional[float] = None
+) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; return the ranks' results.
+
+    `timeout`: seconds for the spawn's work once every rank has started (size it to the work),
+    scaled by `MEGALM_TEST_TIMEOUT_SCALE`; `collective_timeout`: seconds a
+    rank may wait in one collective or receive (default `MEGALM_TEST_COLLECTIVE_TIMEOUT_S` or 30)."""
+    if collective_timeout is None:
+        collective_timeout = _seconds_from_env(ENV_COLLECTIVE_TIMEOUT, DEFAULT_COLLECTIVE_TIMEOUT_S)
+    timeout *= _seconds_from_env(ENV_TIMEOUT_SCALE, 1.0)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, results), daemon=True)
-        for rank in range(world_size)
-    ]
-    for proc in procs:
-        proc.start()
-    collected: dict[int, Any] = {}
-    try:
-        while len(collected) < world_size:
-            try:
-                rank, ok, payload = results.get(timeout=timeout)
-            except queue.Empty:
-                missing = sorted(set(range(world_size)) - set(collected))
-                raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f}s") from None
-            if not ok:
-                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
-            collected[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-    finally:
+    with tempfile.TemporaryDirectory(prefix="megalm-stacks-") as stack_dir:
+        procs = [
+            ctx.Process(
+                target=_worker,
+                args=(rank, world_size, port, fn, args, results, collective_timeout, stack_dir),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
         for proc in procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
+            proc.start()
+        finished = False
+        try:
+            values = _collect(procs, results, world_size, timeout, Path(stack_dir))
+            finished = True
+            return values
+        finally:
+            for proc in procs:
+                proc.join(timeout=5 if finished else 0)  # after a failure the stacks are taken: end at once
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(timeout=5)
+
+
+def _collect(procs: list, results: Any, world_size: int, timeout: float, stack_dir: Path) -> list[Any]:
+    """Gather every rank's result; on a failure, a death or the deadline, raise with the stacks."""
+    collected: dict[int, Any] = {}
+    started: set[int] = set()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S + timeout
+    dead_since: dict[int, float] = {}
+    while len(collected) < world_size:
+        try:
+            rank, ok, payload = results.get(timeout=0.5)
+        except queue.Empty:
+            now = time.monotonic()
+            missing = sorted(set(range(world_size)) - set(collected))
+            for rank in missing:
+                if procs[rank].exitcode is not None:
+                    dead_since.setdefault(rank, now)
+            # A result is in the queue before its process exits; allow its pipe a moment to drain.
+            gone = [rank for rank, since in dead_since.items() if rank in missing and now - since > 2.0]
+            if gone:
+                codes = ", ".join(f"rank {r} exit code {procs[r].exitcode}" for r in gone)
+                stacks = _stacks_of(procs, stack_dir, missing)
+                raise RuntimeError(f"ranks {gone} of {world_size} died without a result ({codes})\n{stacks}")
+            if now > deadline:
+                stacks = _stacks_of(procs, stack_dir, missing)
+                raise TimeoutError(
+                    f"ranks {missing} of {world_size} did not finish within {timeout:.0f}s; their stacks:\n{stacks}"
+                )
+            continue
+        if ok is None:
+            started.add(rank)
+            if len(started) == world_size:
+                deadline = time.monotonic() + timeout
+            continue
+        if not ok:
+            failures = _more_failures({rank: payload}, procs, results, world_size, set(collected))
+            others = _stacks_of(procs, stack_dir, sorted(set(range(world_size)) - set(collected) - set(failures)))
+            raise RuntimeError(
+                "\n".join(f"rank {r} of {world_size} failed:\n{text}" for r, text in failures.items())
+                + (f"\nthe other ranks still running were here:\n{others}" if others else "")
+            )
+        collected[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     return [collected[rank] for rank in range(world_size)]
 
 
-# ---- plain reference reductions ---------------------------------------------------------------
-# The trainer reduces gradients through megalm.parallel.data.GradientSync (buckets, overlap, ZeRO-1).
-# These unbucketed versions do the same sums in the most direct way; tests use them to build the
-# references that the engine is compared against.
+# ---- a plain reference reduction ---------------------------------------------------------------
+# The trainer reduces gradients through megalm.parallel.data.GradientSync (buckets, overlap, ZeRO-1),
+# and the TP/PP parity tests use it. Tests of other parts (communication counts, the optimizer)
+# that only need the sequence-parallel sum use this unbucketed version.
 
 
 def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter], groups: ParallelGroups) -> None:
@@ -102,31 +249,3 @@ def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter], groups: P
     dist.all_reduce(flat, group=groups.tp_group)
     for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         grad.copy_(synced)
-
-
-def all_reduce_embedding_grads(chunks: list[nn.Module], groups: ParallelGroups) -> None:
-    """Sum the tied embedding's gradient over its first-stage and last-stage copies."""
-    if groups.embedding_group is None or groups.pp_size == 1:
-        return
-    weight = None
-    if chunks[0].is_first:
-        weight = chunks[0].embedding.word.weight
-    elif chunks[-1].is_last:
-        weight = chunks[-1].output_weight
-    if weight is not None and weight.grad is not None:
-        dist.all_reduce(weight.grad, group=groups.embedding_group)
-
-
-def all_reduce_gradients(params: Iterable[nn.Parameter], group: ProcessGroup) -> None:
-    """Sum every gradient over `group` in one flat buffer per dtype (no buckets, no overlap)."""
-    if group is None:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for param in params:
-        if param.grad is not None:
-            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
-    for grads in by_dtype.values():
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=group)
-        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            grad.copy_(synced)

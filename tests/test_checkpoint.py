@@ -102,6 +102,8 @@ def _bitwise_worker(rank: int, world_size: int, layout: tuple, root: str, implem
     config = make_config(tp, pp, dp, zero)
     config.train.precision = precision
     config.checkpoint.interval_steps = BITWISE_SAVE
+    if precision == "fp16":  # a scale that overflows at steps 1, 4 and 8 and grows between: the state matters
+        config.optim.initial_loss_scale, config.optim.loss_scale_window, config.optim.loss_scale_hysteresis = 2.0**20, 2, 1
     results = {}
     for implementation in implementations:
         use_adamw(implementation)
@@ -124,6 +126,10 @@ def _bitwise_worker(rank: int, world_size: int, layout: tuple, root: str, implem
             "losses_equal": [r["loss"] for r in records[BITWISE_SAVE:]] == [r["loss"] for r in continued],
             "weights_equal": all(torch.equal(a, b) for a, b in zip(straight.params, resumed.params)),
             "state_differences": differences(optimizer_state(straight), optimizer_state(resumed)),
+            "scales_equal": [(r["loss_scale"], r["skipped"]) for r in records[BITWISE_SAVE:]]
+            == [(r["loss_scale"], r["skipped"]) for r in continued],
+            "scaler_equal": (straight.scaler and straight.scaler.state_dict()) == (resumed.scaler and resumed.scaler.state_dict()),
+            "skipped": [r["skipped"] for r in records],
         }
     return results
 
@@ -140,11 +146,24 @@ def test_resume_is_bitwise_identical(layout, implementations, tmp_path: Path) ->
     results = run_distributed(_bitwise_worker, tp * pp * dp, layout, str(tmp_path), implementations, timeout=600)
     expected = {
         name: {"implementation": (name, name), "start": BITWISE_SAVE, "losses_equal": True, "weights_equal": True,
-               "state_differences": []}
+               "state_differences": [], "scales_equal": True, "scaler_equal": True, "skipped": [False] * BITWISE_STEPS}
         for name in implementations
     }
     for rank, result in enumerate(results):
         assert result == expected, (rank, result)
+
+
+def test_fp16_resume_is_bitwise_identical_with_the_loss_scaler(tmp_path: Path) -> None:
+    """fp16 with dynamic loss scaling: the scale, its clean-step count and hysteresis resume too, so the
+    overflow-skipped steps and every bit of the weights and optimizer state match the straight run."""
+    results = run_distributed(_bitwise_worker, 2, (1, 1, 2, 0), str(tmp_path), ("foreach",), "fp16", timeout=400)
+    for rank, result in enumerate(results):
+        assert result["foreach"] == {
+            "implementation": ("foreach", "foreach"), "start": BITWISE_SAVE, "losses_equal": True, "weights_equal": True,
+            "state_differences": [], "scales_equal": True, "scaler_equal": True,
+            # overflows before the save and after it: the resumed run must skip the same step
+            "skipped": [True, False, False, True, False, False, False, True],
+        }, (rank, result)
 
 
 # ---- resharding ---------------------------------------------------------------------------------------

@@ -411,7 +411,22 @@ def test_layers_vs_pipeline_stages(overrides: tuple, message: str) -> None:
 
 
 def test_uneven_pipeline_layers_are_accepted() -> None:
-    validate(tiny("model.num_layers=8", "parallel.pp=4", "parallel.pipeline_layers=[1,3,3,1]"), 4)
+    """An uneven split validates, and each stage then really holds its listed layers."""
+    import torch
+
+    from megalm.distributed import ParallelGroups
+    from megalm.model.gpt import stage_specs
+
+    config = tiny("model.num_layers=8", "parallel.pp=4", "parallel.pipeline_layers=[1,3,3,1]")
+    validate(config, 4)
+    assert config.parallel.pipeline_layers == [1, 3, 3, 1]
+    topology = Topology(pp=4)
+    layers = []
+    for pp_rank in range(4):
+        groups = ParallelGroups(topology=topology, rank=topology.rank(pp=pp_rank, dp=0, tp=0), device=torch.device("cpu"))
+        (spec,) = stage_specs(8, groups, 1, config.parallel.pipeline_layers)
+        layers.append(list(spec.layers))
+    assert layers == [[0], [1, 2, 3], [4, 5, 6], [7]]
 
 
 def test_batch_not_divisible_suggests_multiples() -> None:

@@ -286,7 +286,7 @@ def test_bf16_activations_and_tp_collectives_stay_bf16() -> None:
 def test_bf16_resume_is_bitwise_identical(world_size: int, zero: int, tmp_path: Path) -> None:
     """bf16 weights, fp32 masters and moments, losses: equal bit for bit after a resume (the production
     checkpoint path of tests/test_checkpoint.py, in bf16)."""
-    from tests.test_checkpoint import BITWISE_SAVE, _bitwise_worker
+    from tests.test_checkpoint import BITWISE_SAVE, BITWISE_STEPS, _bitwise_worker
 
     layout, implementations = (1, 1, world_size, zero), ("fused",)
     if world_size == 1:
@@ -295,6 +295,7 @@ def test_bf16_resume_is_bitwise_identical(world_size: int, zero: int, tmp_path: 
         results = run_distributed(_bitwise_worker, world_size, layout, str(tmp_path), implementations, "bf16",
                                   timeout=400)
     expected = {"fused": {"implementation": ("fused", "fused"), "start": BITWISE_SAVE, "losses_equal": True,
-                          "weights_equal": True, "state_differences": []}}
+                          "weights_equal": True, "state_differences": [], "scales_equal": True,
+                          "scaler_equal": True, "skipped": [False] * BITWISE_STEPS}}
     for result in results:
         assert result == expected

@@ -96,7 +96,9 @@ def test_dropout_with_tensor_parallel_trains(tmp_path: Path, single_lm: list[dic
     for run in (plain, sp):
         assert run[-1]["loss"] < run[0]["loss"] - 0.8
         assert abs(run[-1]["loss"] - single_lm[-1]["loss"]) < 0.25
-        assert losses(run) != losses(single_lm)  # dropout really was on
+        # Dropout really was on: without it tp=2 follows the single-process curve within 1e-4 (summation
+        # order only, test_tp2_dp2_torchrun_matches_single_process); dropout 0.1 moves it by ~0.1.
+        assert max(abs(x - y) for x, y in zip(losses(run), losses(single_lm))) > 1e-2
 
 
 def test_multi_node_launch_script_two_agents(tmp_path: Path, single_lm: list[dict]) -> None:

@@ -13,14 +13,9 @@ import pytest
 from megalm.data.indexed import DatasetFormatError, IndexedDataset
 from megalm.data.inspect import format_report, length_histogram, sample_documents, summarize
 from megalm.data.preprocess import PreprocessError, preprocess
-from megalm.data.preprocess import register_cli as register_preprocess_cli
 
-try:
-    from megalm.data.tokenizer import Tokenizer, train_tokenizer
-except ImportError:  # pragma: no cover - the tokenizer module is written separately
-    Tokenizer = train_tokenizer = None
-
-needs_tokenizer = pytest.mark.skipif(Tokenizer is None, reason="megalm/data/tokenizer.py is not available")
+from megalm.cli import main as cli_main
+from megalm.data.tokenizer import Tokenizer, train_tokenizer
 
 ENGLISH = [
     "The quick brown fox jumps over the lazy dog.",
@@ -73,8 +68,6 @@ def fake_model(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def real_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if Tokenizer is None:
-        pytest.skip("megalm/data/tokenizer.py is not available")
     directory = tmp_path_factory.mktemp("tokenizer")
     corpus = directory / "train.txt"
     corpus.write_text("\n".join(DOCUMENTS * 20) + "\n", encoding="utf-8")
@@ -101,7 +94,7 @@ def _files(directory: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("kind", ["fake", pytest.param("real", marks=needs_tokenizer)])
+@pytest.mark.parametrize("kind", ["fake", "real"])
 @pytest.mark.parametrize("fmt", ["jsonl", "txt"])
 def test_round_trip_english_chinese_mixed(tmp_path: Path, kind: str, fmt: str, request: pytest.FixtureRequest) -> None:
     model = request.getfixturevalue("fake_model" if kind == "fake" else "real_model")
@@ -134,7 +127,7 @@ def test_no_eos_crlf_and_bom(tmp_path: Path, fake_model: Path) -> None:
     assert 1 not in dataset.tokens()
 
 
-@pytest.mark.parametrize("kind", ["fake", pytest.param("real", marks=needs_tokenizer)])
+@pytest.mark.parametrize("kind", ["fake", "real"])
 def test_worker_count_does_not_change_the_output(tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
     model = request.getfixturevalue("fake_model" if kind == "fake" else "real_model")
     texts = [DOCUMENTS[i % len(DOCUMENTS)] * (1 + i % 4) for i in range(300)]
@@ -292,24 +285,9 @@ def test_inspect_report_and_samples(tmp_path: Path, fake_model: Path) -> None:
 
 
 def _cli(argv: list[str]) -> int:
-    """`megalm.cli.main` when its imports are all there, else our own parsers in an equivalent tree."""
-    try:
-        from megalm.cli import main
-    except ImportError:  # pragma: no cover - megalm.cli imports modules written by others
-        import argparse
-
-        from megalm.data.inspect import register_cli as register_inspect_cli
-
-        parser = argparse.ArgumentParser(prog="megalm")
-        sub = parser.add_subparsers(dest="command", required=True)
-        register_preprocess_cli(sub)
-        register_inspect_cli(sub.add_parser("data").add_subparsers(dest="data_command", required=True))
-        args = parser.parse_args(argv)
-        return args.func(args)
-    return main(argv)
+    return cli_main(argv)
 
 
-@needs_tokenizer
 def test_cli_preprocess_and_inspect(tmp_path: Path, real_model: Path, capsys: pytest.CaptureFixture) -> None:
     source = _jsonl(tmp_path / "docs.jsonl", DOCUMENTS)
     prefix = tmp_path / "data" / "corpus"
@@ -339,7 +317,6 @@ def test_cli_preprocess_and_inspect(tmp_path: Path, real_model: Path, capsys: py
     assert "index file missing" in capsys.readouterr().err
 
 
-@needs_tokenizer
 def test_real_tokenizer_round_trip_for_unseen_text(tmp_path: Path, real_model: Path) -> None:
     """Characters the tokenizer never saw come back exactly (byte fallback), as do odd separators."""
     unseen = ["龘靐齉 — never seen characters 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "line\u2028separator and \u2581 meta symbol", "\u3000全角空格\u3000"]

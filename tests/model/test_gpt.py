@@ -24,7 +24,7 @@ from megalm.config import ModelConfig, load_config
 from megalm.data.batch import prefix_loss_mask
 from megalm.distributed import ParallelGroups
 from megalm.model.gpt import build_model, count_parameters, materialize_model
-from megalm.model.init import fill_normal_shard_
+from megalm.model.init import fill_normal_shard_, init_kind
 from megalm.topology import Topology
 
 SEED = 11
@@ -296,6 +296,27 @@ def test_pipeline_stages_hold_the_same_parameters_as_pp1() -> None:
     with torch.no_grad():
         staged = last(first(tokens), labels=labels)
         assert torch.allclose(staged, full(tokens, labels=labels), rtol=1e-6, atol=1e-6)
+
+
+def test_init_is_a_function_of_seed_and_name() -> None:
+    """Each parameter's values come from (seed, its name): parameters of equal shape in different
+    layers differ, each equals what its name alone gives, and another seed changes all of them."""
+    cfg = small_config(num_layers=3, init_std=0.02)
+    model = build_model(cfg, ParallelGroups.single(), SEED)
+    other_seed = dict(build_model(cfg, ParallelGroups.single(), SEED + 1).named_parameters())
+    drawn = {name: p.detach() for name, p in model.named_parameters() if init_kind(name).endswith("normal")}
+    assert len(drawn) == 1 + 1 + 4 * 3  # word and position embeddings; qkv, proj, fc1, fc2 per layer
+    names = sorted(drawn)
+    for i, first in enumerate(names):
+        std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if init_kind(first) == "scaled_normal" else cfg.init_std
+        alone = torch.empty(drawn[first].shape)
+        fill_normal_shard_(alone, tuple(alone.shape), (0,) * alone.dim(), SEED, first, std)
+        assert torch.equal(drawn[first], alone), first
+        assert not torch.equal(drawn[first], other_seed[first]), first
+        for second in names[i + 1 :]:
+            a, b = drawn[first].flatten(), drawn[second].flatten()
+            n = min(a.numel(), b.numel())
+            assert not torch.equal(a[:n], b[:n]), (first, second)  # e.g. layers.0 vs layers.1 qkv
 
 
 # ---- 4. the 245B config: one rank's shard -----------------------------------------------------

@@ -1,8 +1,9 @@
 """Pipeline parallelism against one process: every schedule, with tp and dp, LM and PrefixLM.
 
 Each case runs one optimizer step's forward/backward over the same global batch at a layout,
-gathers every gradient to full shape (tp) and by name (pp, dp replicas), and compares loss and
-gradients with the single-process model on identical weights. It also counts the activations
+reduces gradients with the trainer's GradientSync, gathers every gradient to full shape (tp) and
+by name (pp, dp replicas), and compares loss and gradients with the single-process model on
+identical weights. It also counts the activations
 each schedule keeps (1F1B: at most pp on the first stage; GPipe: all m).
 """
 
@@ -19,7 +20,8 @@ from megalm.distributed import ParallelGroups, all_reduce_, build_parallel_group
 from megalm.model.gpt import build_model_chunks
 from megalm.parallel.pipeline import PipelineExecutor, activation_shape
 from megalm.parallel.tensor import gather_full_tensor
-from megalm.testing import all_reduce_embedding_grads, all_reduce_gradients, all_reduce_sequence_parallel_grads, run_distributed
+from megalm.parallel.data import GradientSync
+from megalm.testing import run_distributed
 from megalm.topology import Topology
 
 MICRO, MICROBATCHES = 2, 4
@@ -44,11 +46,12 @@ def one_step(config: Config, groups: ParallelGroups) -> dict:
         chunks, groups, config.parallel.schedule, len(batches),
         activation_shape(16, MICRO, 32, groups, config.parallel.sequence_parallel),
     )
+    # The trainer's gradient path: bucketed, overlapped dp reduction, the sequence-parallel sum over
+    # tp and the tied embedding's cross-stage sum all happen in GradientSync (small buckets: several).
+    sync = GradientSync(chunks, groups, bucket_bytes=4096)
+    sync.start_step(len(batches))
     loss = executor.run(batches, lambda losses, batch: (losses * batch.loss_mask).sum() / tokens)
-    params = [p for chunk in chunks for p in chunk.parameters()]
-    all_reduce_embedding_grads(chunks, groups)
-    all_reduce_sequence_parallel_grads(params, groups)
-    all_reduce_gradients(params, groups.dp_group)
+    sync.finish()
     all_reduce_(loss, groups.pp_group)
     all_reduce_(loss, groups.dp_group)
     grads = {}

@@ -17,7 +17,8 @@ from megalm.data.batch import prefix_loss_mask
 from megalm.distributed import ParallelGroups, build_parallel_groups
 from megalm.model.gpt import build_model
 from megalm.parallel.tensor import gather_full_tensor
-from megalm.testing import all_reduce_sequence_parallel_grads, run_distributed
+from megalm.parallel.data import GradientSync
+from megalm.testing import run_distributed
 from megalm.topology import Topology
 
 SEED = 7
@@ -59,11 +60,13 @@ def run_case(groups: ParallelGroups, family: str, sp: bool, position: str) -> di
     """Loss, full params and full grads of one forward/backward at this layout."""
     cfg = model_config(family, position)
     model = build_model(cfg, groups, SEED, sequence_parallel=sp)
+    sync = GradientSync([model], groups)  # the trainer's path: sums sequence-parallel grads over tp
+    sync.start_step(1)
     tokens, labels, mask, prefix = make_batch(family)
     losses = model(tokens, labels=labels, prefix_lengths=prefix)
     loss = (losses * mask).sum() / mask.sum()
     loss.backward()
-    all_reduce_sequence_parallel_grads(model.parameters(), groups)
+    sync.finish()
     params, grads = {}, {}
     for name, p in model.named_parameters():
         params[name] = gather_full_tensor(p.data, p.tp_split_dim, groups)
@@ -157,6 +160,85 @@ def test_dropout_masks_follow_the_split(sp: bool) -> None:
         # Attention dropout differs per rank (local heads), yet the residual stream stays replicated:
         # any disagreement in the hidden-dropout masks would make these differ.
         assert torch.equal(ranks[0]["hidden"], ranks[1]["hidden"])
+
+
+HIDDEN_P, ATTENTION_P = 0.3, 0.1  # different, so a swap of the two shows
+
+
+def _recording_dropout(records: list):
+    """F.dropout that also records (kind, p, mask of dropped elements)."""
+    real = torch.nn.functional.dropout
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        out = real(x, p, training, inplace)
+        records.append(("hidden", p, ((out == 0) & (x != 0)).detach() if not inplace else None))
+        return out
+
+    return dropout
+
+
+def _recording_attention(records: list):
+    """F.scaled_dot_product_attention that also records the dropout mask it applied to the
+    attention probabilities: the same call is replayed from the same generator state with
+    v = identity, which returns the dropped, rescaled probabilities themselves."""
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        before = torch.get_rng_state()
+        out = real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+        if dropout_p > 0:
+            after = torch.get_rng_state()
+            torch.set_rng_state(before)
+            seq = q.shape[-2]
+            identity = torch.eye(seq, dtype=v.dtype).expand(*v.shape[:-1], seq)
+            probs = real(q, k, identity, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+            torch.set_rng_state(after)
+            assert torch.allclose(probs @ v, out, atol=1e-6)  # the replay is the mask the model used
+            allowed = torch.ones(seq, seq, dtype=torch.bool).tril() if is_causal else torch.ones(seq, seq).bool()
+            records.append(("attention", dropout_p, ((probs == 0) & allowed).detach()))
+        return out
+
+    return attention
+
+
+def _mask_worker(rank: int, world_size: int, sp: bool) -> list:
+    """The dropout masks the model itself draws in one training forward: (kind, p, mask) in call order."""
+    from unittest import mock
+
+    groups = build_parallel_groups(Topology(tp=world_size), rank, torch.device("cpu"))
+    cfg = dataclasses.replace(model_config("lm", "learned"), hidden_dropout=HIDDEN_P, attention_dropout=ATTENTION_P)
+    model = build_model(cfg, groups, SEED, sequence_parallel=sp)
+    model.train()
+    records: list = []
+    functional = torch.nn.functional
+    with mock.patch.object(functional, "dropout", _recording_dropout(records)), \
+            mock.patch.object(functional, "scaled_dot_product_attention", _recording_attention(records)):
+        torch.manual_seed(99)  # the replicated stream: same seed on every tp rank
+        tokens, labels, _, _ = make_batch("lm")
+        model(tokens, labels=labels)
+    return records
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_the_models_own_dropout_masks_across_tp_ranks(sp: bool) -> None:
+    """Attention dropout (local heads) draws a different mask on each tp rank; hidden and embedding
+    dropout draw the same mask where the activation is replicated and a different one on sequence-
+    parallel shards; each site uses its own probability (hidden_dropout vs attention_dropout)."""
+    ranks = run_distributed(_mask_worker, 2, sp)
+    kinds = [kind for kind, _, _ in ranks[0]]
+    # embedding, then per layer: attention, hidden (after attention), hidden (after the MLP)
+    assert kinds == ["hidden"] + ["attention", "hidden", "hidden"] * 2
+    for rank_records in ranks:
+        assert [kind for kind, _, _ in rank_records] == kinds
+        for kind, p, mask in rank_records:
+            expected = HIDDEN_P if kind == "hidden" else ATTENTION_P
+            assert p == expected, (kind, p)
+            rate = mask.float().mean().item() if kind == "hidden" else mask.sum().item() / (mask.numel() * 17 / 32)
+            assert abs(rate - expected) < 0.05, (kind, rate)  # the mask really drops at that rate
+    for site, ((kind, _, mask0), (_, _, mask1)) in enumerate(zip(ranks[0], ranks[1])):
+        assert mask0.shape == mask1.shape
+        distinct = kind == "attention" or sp
+        assert torch.equal(mask0, mask1) != distinct, (site, kind, "masks should differ" if distinct else "equal")
 
 
 def test_dropout_changes_output_when_training() -> None:
