@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,10 +109,17 @@ def test_async_save_snapshots_the_step_it_was_asked_for(device: str, tmp_path: P
     its file is byte-identical to a synchronous save of that step, and a resume from it is exact."""
     import threading
 
-    overrides = ("train.steps=4", "train.global_batch_size=8", "optim.warmup_steps=2", "train.precision=bf16")
-    trainer = build_trainer(_config(device, *overrides), _groups(device), None)
+    if device == "cuda":  # gpt-125m: a 1.7 GB rank file, so the stall and the write times mean something
+        config = _config(device, "train.steps=4", "train.micro_batch_size=1", "train.global_batch_size=1",
+                         "optim.warmup_steps=2", base="gpt-125m.yaml")
+    else:
+        config = _config(device, "train.steps=4", "train.global_batch_size=8", "optim.warmup_steps=2",
+                         "train.precision=bf16")
+    trainer = build_trainer(config, _groups(device), None)
     trainer.fit(steps=2)
+    start = time.perf_counter()
     sync = Checkpointer(trainer, tmp_path / "sync").save(2)
+    sync_s = time.perf_counter() - start
     gate = threading.Event()
 
     def held_writer(payload, handle):
@@ -120,13 +128,16 @@ def test_async_save_snapshots_the_step_it_was_asked_for(device: str, tmp_path: P
 
     trainer.config.checkpoint.async_save = True
     checkpointer = Checkpointer(trainer, tmp_path / "async", writer=held_writer)
+    start = time.perf_counter()
     checkpointer.save(2)
+    stall_s = time.perf_counter() - start  # training waits this long (the copy to host), not for the write
     before = [p.detach().clone() for p in trainer.params]
     trainer.fit(steps=4, start_step=2)  # the weights, masters and moments change under the held writer
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.params))
     gate.set()
     committed = checkpointer.finish()
-    _report("async_save_snapshot", device, pinned=checkpointer.host.pinned)
+    _report("async_save_snapshot", device, pinned=checkpointer.host.pinned, sync_save_s=sync_s, async_stall_s=stall_s,
+            bytes=(sync / "rank_00000.pt").stat().st_size)
     assert committed.name == "step_00000002"
     assert (committed / "rank_00000.pt").read_bytes() == (sync / "rank_00000.pt").read_bytes()
     assert checkpointer.host.pinned == (device == "cuda")
