@@ -9,6 +9,7 @@ line per test, to $MEGALM_GPU_CHECK_OUT when it is set (gpu_check.sh collects th
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -144,14 +145,14 @@ def test_async_save_snapshots_the_step_it_was_asked_for(device: str, tmp_path: P
 
 
 # Peak memory against `megalm plan`: on CUDA a GPT-125M step (micro batch 4 x 1024 tokens, bf16) whose
-# activations (about 5 GiB) and fp32 weights/gradients/Adam state (about 2.6 GiB) dominate every fixed
-# cost. The planner computes weights, gradient buckets and Adam state exactly (the CPU run checks that
-# part against the real tensors) and activations from the per-layer formula; the measured peak also holds
-# what the formula leaves out: the caching allocator's rounding (512 B blocks), cuBLAS workspaces
-# (tens of MiB), autograd's short-lived temporaries of the layer being differentiated and the fused
-# optimizer's scratch. Those are a few hundred MiB here, under 5% of the plan, so 15% either way is a
-# check that fails when a whole term (a kept fp32 logits copy, a second set of activations) is wrong.
-PEAK_TOLERANCE = 0.15
+# activations and logits (about 2.3 GiB) and bf16 weights, fp32 main gradients, masters and Adam state
+# (about 2.1 GiB) dominate every fixed cost. The planner computes the static part exactly (the CPU run
+# checks it against the real tensors), activations from the per-layer formula and the logits as their
+# output plus the loss's one fp32 copy; the measured peak also holds what the formula leaves out: the
+# caching allocator's rounding, cuBLAS workspaces and autograd's short-lived temporaries. On an H200
+# (2026-11-26) the peak was 4.46 GiB against 4.37 planned (+2%); before the cross-entropy kept a single
+# fp32 copy it was 6.00 against 5.14. 5% either way fails when any whole term is wrong.
+PEAK_TOLERANCE = 0.05
 
 
 def _plan(config: Config):
@@ -170,6 +171,10 @@ def test_peak_memory_matches_the_planner(device: str, precision: str) -> None:
                          "optim.warmup_steps=1", f"train.precision={precision}", base="gpt-125m.yaml")
     else:  # the same path on the tiny model: only the exact (static) part is meaningful on CPU
         config = _config(device, "train.steps=2", "optim.warmup_steps=1", f"train.precision={precision}")
+    # Earlier tests' trainers may still hold device memory (reference cycles wait for the collector):
+    # the check is about what this trainer holds, so collect first and count what is left as a base.
+    gc.collect()
+    base = torch.cuda.memory_allocated() if device == "cuda" else 0
     trainer = build_trainer(config, _groups(device), None)
     records = trainer.fit()  # step 1 creates the Adam state; the later steps are steady
     plan = _plan(config)
@@ -186,8 +191,8 @@ def test_peak_memory_matches_the_planner(device: str, precision: str) -> None:
                "real_static_gib": (weights + grads + moments) / 2**30}
     assert (weights, grads, moments) == (plan.weights, plan.grads, plan.optimizer), figures
     if device == "cuda":
-        measured = records[-1]["peak_memory_gb"] * 2**30
-        figures.update(measured_peak_gib=measured / 2**30, ratio=measured / (plan.total - plan.reserved),
+        measured = records[-1]["peak_memory_gb"] * 2**30 - base
+        figures.update(base_gib=base / 2**30, measured_peak_gib=measured / 2**30, ratio=measured / (plan.total - plan.reserved),
                        measured_peak_reserved_gib=records[-1]["peak_reserved_gb"])
         _report("peak_memory_vs_plan", device, precision=precision, **figures)
         assert abs(measured / (plan.total - plan.reserved) - 1) < PEAK_TOLERANCE, figures
