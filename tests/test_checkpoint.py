@@ -208,20 +208,41 @@ def assert_same_full_tensors(original: Path, resaved: Path) -> None:
         assert torch.equal(first.full(name, kind)[:200], second.full(name, kind)[:200]), (resaved, name, kind)
 
 
-def test_resharding_2x2x2_to_1x1x1_1x2x4_1x4x1_4x1x2(tmp_path: Path) -> None:
-    saved = run_distributed(_reshard_worker, 8, (2, 2, 2, 1), str(tmp_path), "save", timeout=400)
-    index = PieceIndex(tmp_path / "checkpoints" / "step_00000010", [f"rank_{r:05d}.pt" for r in range(8)])
-    for target, world in (((1, 1, 1, 0), 1), ((1, 2, 4, 1), 8), ((2, 2, 2, 0), 8), ((1, 4, 1, 0), 4), ((4, 1, 2, 1), 8)):
-        loaded = run_distributed(_reshard_worker, world, target, str(tmp_path), "load", timeout=400)
-        assert loaded[0]["start"] == 10
-        for name, weight in {k: v for r in loaded for k, v in r["weights"].items()}.items():
-            assert torch.equal(weight, index.full(name, "param")[:200]), (target, name)
-        continuation = saved[0]["continuation"]
-        assert loaded[0]["continuation"] == pytest.approx(continuation, rel=1e-5), target
-        resaved = tmp_path / f"resaved-{'x'.join(map(str, target))}" / "checkpoints" / "step_00000010"
-        assert_same_full_tensors(tmp_path / "checkpoints" / "step_00000010", resaved)
-    # The metadata lists each file's parameters, so a rank opens only the files it needs.
-    checkpoint = tmp_path / "checkpoints" / "step_00000010"
+@pytest.fixture(scope="module")
+def resharding_source(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """A 2x2x2+ZeRO-1 run saved at step 10, which the resharding tests load into other layouts."""
+    root = tmp_path_factory.mktemp("reshard")
+    return root, run_distributed(_reshard_worker, 8, (2, 2, 2, 1), str(root), "save", timeout=400)
+
+
+# (tp, pp, dp, zero stage), world size. Three targets run nightly only: the default run keeps the
+# consolidation to one rank and the tp-changing ZeRO-1 target (the suite must stay under 15 minutes).
+RESHARD_TARGETS = [
+    pytest.param((1, 1, 1, 0), 1, id="1x1x1"),
+    pytest.param((4, 1, 2, 1), 8, id="4x1x2-zero1"),
+    pytest.param((1, 2, 4, 1), 8, id="1x2x4-zero1", marks=pytest.mark.nightly),
+    pytest.param((2, 2, 2, 0), 8, id="2x2x2", marks=pytest.mark.nightly),
+    pytest.param((1, 4, 1, 0), 4, id="1x4x1", marks=pytest.mark.nightly),
+]
+
+
+@pytest.mark.parametrize("target, world", RESHARD_TARGETS)
+def test_resharding_from_2x2x2_zero1(target: tuple, world: int, resharding_source) -> None:
+    root, saved = resharding_source
+    index = PieceIndex(root / "checkpoints" / "step_00000010", [f"rank_{r:05d}.pt" for r in range(8)])
+    loaded = run_distributed(_reshard_worker, world, target, str(root), "load", timeout=400)
+    assert loaded[0]["start"] == 10
+    for name, weight in {k: v for r in loaded for k, v in r["weights"].items()}.items():
+        assert torch.equal(weight, index.full(name, "param")[:200]), (target, name)
+    continuation = saved[0]["continuation"]
+    assert loaded[0]["continuation"] == pytest.approx(continuation, rel=1e-5), target
+    resaved = root / f"resaved-{'x'.join(map(str, target))}" / "checkpoints" / "step_00000010"
+    assert_same_full_tensors(root / "checkpoints" / "step_00000010", resaved)
+
+
+def test_the_metadata_lets_a_rank_open_only_the_files_it_needs(resharding_source) -> None:
+    root, _ = resharding_source
+    checkpoint = root / "checkpoints" / "step_00000010"
     files = json.loads((checkpoint / "metadata.json").read_text())["files"]
     last_stage_layer = sorted(set(files["rank_00004.pt"]["params"]) & set(files["rank_00005.pt"]["params"]))[0]
     for name, dp0, stage in (("embedding.word.weight", {0, 1}, {0, 1, 2, 3}), (last_stage_layer, {4, 5}, {4, 5, 6, 7})):
