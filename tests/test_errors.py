@@ -336,14 +336,10 @@ def test_the_launcher_reports_a_mistake_once_before_starting_workers(tmp_path: P
 def test_a_refusal_every_rank_agrees_on_is_printed_once_and_the_launcher_adds_one_line(tmp_path: Path) -> None:
     """The run directory is locked by another job: rank 0's verdict reaches every rank, rank 0 alone says
     it, and megalm.launch reports the failed workers in one line instead of torchrun's traceback."""
-    import fcntl
+    from tests.checkpoint.test_store import lock_held_elsewhere
 
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    with open(run_dir / ".megalm.lock", "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        lock.write("host elsewhere pid 1\n")
-        lock.flush()
+    with lock_held_elsewhere(run_dir, 1):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         env.pop("MEGALM_FAULT", None)
         cmd = [sys.executable, "-m", "megalm.launch", "--standalone", "--nproc-per-node", "2", "-m", "megalm.cli",

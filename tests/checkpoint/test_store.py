@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -159,13 +160,20 @@ def _lock_worker(rank: int, world_size: int, free: str, held: str) -> list[str]:
     return verdicts
 
 
+@contextlib.contextmanager
+def lock_held_elsewhere(run_dir: Path, pid: int):
+    """The run directory's lock held (by this process) as another job on host "elsewhere" would hold it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".megalm.lock", "a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(f"host elsewhere pid {pid}\n")
+        held.flush()
+        yield
+
+
 def test_every_rank_learns_of_the_refusal(tmp_path: Path) -> None:
     held_dir = tmp_path / "held"
-    held_dir.mkdir()
-    with open(held_dir / ".megalm.lock", "a+") as held:
-        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("host elsewhere pid 4242\n")
-        held.flush()
+    with lock_held_elsewhere(held_dir, 4242):
         results = run_distributed(_lock_worker, 2, str(tmp_path / "free"), str(held_dir))
     assert [r[0] for r in results] == ["holder", "follower"]
     assert all(r[1].startswith("refused:") and "host elsewhere pid 4242" in r[1] for r in results), results
