@@ -250,7 +250,7 @@ def test_the_metadata_lets_a_rank_open_only_the_files_it_needs(resharding_source
         assert dp0 <= opened <= stage, (name, opened)  # dp rank 0 of the stage holds every weight
 
 
-@pytest.mark.slow
+@pytest.mark.nightly  # 30 s; the group step's save/restore is in the default run (tests/checkpoint/test_state.py)
 def test_group_step_optimizer_reshards(tmp_path: Path) -> None:
     """The apex stand-in (step in the param group) saved at 2x2x2+ZeRO-1 loads at 1x1x1 and 1x2x2+ZeRO-1:
     every full tensor and moment equal, the group step carried over, the same continuation."""
