@@ -47,7 +47,8 @@ class Layout:
         parts = [f"tp{self.tp} pp{self.pp} dp{self.dp} mb{self.micro_batch_size}"]
         if self.pp > 1:
             parts.append(self.schedule + (f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
-        parts.append(f"recompute {self.recompute}" + (f" x{self.recompute_layers}" if self.recompute_layers else ""))
+        parts.append(f"recompute {self.recompute}" + (
+            f" (first {self.recompute_layers} layers per chunk)" if self.recompute_layers else ""))
         if self.sequence_parallel:
             parts.append("sp")
         if self.zero_stage:
