@@ -254,7 +254,9 @@ class ParallelConfig(_Section):
     SECTION: ClassVar[str] = "parallel"
 
     SCHEDULES: ClassVar[tuple[str, ...]] = ("1f1b", "gpipe", "interleaved")
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "grad_reduce_dtype": ("fp32", "bf16")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "schedule": SCHEDULES, "grad_reduce_dtype": ("fp32", "bf16"), "recompute": ("none", "selective", "full"),
+    }
 
     tp: int = 1
     pp: int = 1
@@ -267,10 +269,19 @@ class ParallelConfig(_Section):
     bucket_size_mb: float = 25.0  # gradient buckets reduced over dp as one collective each
     overlap_grad_sync: bool = True  # launch each bucket's reduction during the backward pass
     grad_reduce_dtype: str = "fp32"  # dtype on the wire of the gradient reduction: "fp32", or "bf16" (half the bytes); buckets accumulate in fp32
+    # Activation recompute (README "Activation recompute"): "none"; "selective" recomputes the attention
+    # core (scores, softmax, dropout) in backward; "full" keeps only each layer's input and reruns the layer.
+    recompute: str = "none"
+    recompute_layers: Optional[int] = None  # full only: recompute the first N layers of each model chunk; null: all
 
     def _check_values(self) -> None:
-        self._positive("tp", "pp", "dp", "virtual_stages", "bucket_size_mb")
+        self._positive("tp", "pp", "dp", "virtual_stages", "bucket_size_mb", "recompute_layers")
         self._require(self.zero_stage in (0, 1, 2), "zero_stage", "0, 1 or 2")
+        if self.recompute_layers is not None and self.recompute != "full":
+            raise ConfigError(
+                f"parallel.recompute_layers={self.recompute_layers} applies to full recompute only, but "
+                f"parallel.recompute is {self.recompute!r}: set parallel.recompute=full or remove recompute_layers"
+            )
 
 
 @dataclass
@@ -750,9 +761,14 @@ def _check_model(config: Config) -> None:
             f"model.num_layers={model.num_layers} layers: every stage needs a layer; lower pp or virtual_stages"
         )
     try:
-        partition_layers(model.num_layers, stages, parallel.pipeline_layers)
+        per_stage = [len(layers) for layers in partition_layers(model.num_layers, stages, parallel.pipeline_layers)]
     except ScheduleError as error:
         raise ConfigError(str(error)) from None
+    if parallel.recompute_layers is not None and parallel.recompute_layers > max(per_stage):
+        raise ConfigError(
+            f"parallel.recompute_layers={parallel.recompute_layers} exceeds the {max(per_stage)} layers of the "
+            f"largest pipeline stage (model chunk): use at most {max(per_stage)}, or null to recompute every layer"
+        )
     if model.seq_length > model.max_positions():
         raise ConfigError(
             f"model.seq_length={model.seq_length} exceeds model.max_position_embeddings="

@@ -315,7 +315,9 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
     logger.info(
         f"{groups.topology.describe()} | {sum(count_parameters(c) for c in chunks):,} parameters on rank "
         f"{groups.rank} | schedule {config.parallel.schedule} | "
-        f"accumulation {grad_accum_steps(config, groups.dp_size)} x micro batch {config.train.micro_batch_size}"
+        f"accumulation {grad_accum_steps(config, groups.dp_size)} x micro batch {config.train.micro_batch_size} | "
+        f"recompute {parallel.recompute}"
+        + (f" (first {parallel.recompute_layers} layers of each chunk)" if parallel.recompute_layers else "")
     )
     return Trainer(config, groups, chunks, optimizer, data, metrics, valid, sources.tokenizer, sync, runner)
 

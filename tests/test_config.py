@@ -429,6 +429,36 @@ def test_uneven_pipeline_layers_are_accepted() -> None:
     assert layers == [[0], [1, 2, 3], [4, 5, 6], [7]]
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("parallel.recompute=partial",), r"parallel\.recompute must be one of 'none', 'selective', 'full', got 'partial'"),
+        (("parallel.recompute_layers=1",), r"recompute_layers=1 applies to full recompute only.*'none'"),
+        (("parallel.recompute=selective", "parallel.recompute_layers=1"), r"full recompute only.*'selective'"),
+        (("parallel.recompute=full", "parallel.recompute_layers=0"), r"parallel\.recompute_layers must be positive"),
+        (("parallel.recompute=full", "model.num_layers=4", "parallel.pp=2", "parallel.recompute_layers=3"),
+         r"recompute_layers=3 exceeds the 2 layers of the largest pipeline stage"),
+        (("parallel.recompute=full", "model.num_layers=8", "parallel.pp=2", "parallel.virtual_stages=2",
+          "parallel.schedule=interleaved", "parallel.recompute_layers=3"),
+         r"recompute_layers=3 exceeds the 2 layers"),
+    ],
+)
+def test_recompute_keys_are_checked(overrides: tuple, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config = tiny(*overrides)
+        validate(config, config.parallel.pp)
+
+
+def test_recompute_keys_accepted() -> None:
+    """Every recompute mode validates; recompute_layers up to the largest stage's layer count."""
+    for mode in ("none", "selective", "full"):
+        assert tiny(f"parallel.recompute={mode}").parallel.recompute == mode
+    config = tiny("parallel.recompute=full", "model.num_layers=6", "parallel.pp=2", "parallel.pipeline_layers=[2,4]",
+                  "parallel.recompute_layers=4")
+    validate(config, 2)
+    assert config.parallel.recompute_layers == 4
+
+
 def test_batch_not_divisible_suggests_multiples() -> None:
     config = tiny("train.global_batch_size=100")
     with pytest.raises(ConfigError) as info:

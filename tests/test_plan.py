@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megalm.cli import main
-from megalm.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from megalm.config import Config, ModelConfig, ParallelConfig, TrainConfig, load_config
 from megalm.distributed import ParallelGroups
 from megalm.model.gpt import build_model_chunks, count_parameters
 from megalm.parallel.data import GradientSync
@@ -236,3 +236,30 @@ def test_model_that_never_fits_names_smallest_gpu_count():
         search(YUAN_245B, A100, 8, 3360, MEGATRON, "fp16")
     smallest = int(str(info.value).rsplit(" ", 1)[-1])
     assert search(YUAN_245B, A100, smallest, 3360, MEGATRON, "fp16", top=1, micro_batches=(1,))[0].fits
+
+
+def test_plan_follows_the_configs_recompute(capsys):
+    """`megalm plan` plans the recompute the config runs (parallel.recompute, recompute_layers); --recompute overrides."""
+    def plan(*overrides, flags=()):
+        assert main(["plan", "configs/gpt-125m.yaml", *overrides, "--gpus", "8", "--json", *flags]) == 0
+        out = json.loads(capsys.readouterr().out)
+        return out["layout"], out["memory"][0]["activations"], out["time"]["hardware_tflops"] / out["time"]["model_tflops"]
+
+    layout, none, _ = plan()
+    assert (layout["recompute"], layout["recompute_layers"]) == ("none", None)
+    layout, full, full_ratio = plan("parallel.recompute=full")
+    assert (layout["recompute"], layout["recompute_layers"]) == ("full", None)
+    layout, half, half_ratio = plan("parallel.recompute=full", "parallel.recompute_layers=6")
+    assert (layout["recompute"], layout["recompute_layers"]) == ("full", 6)
+    assert full < half < none
+    assert 1 < half_ratio < full_ratio  # half the layers' forward recomputed
+    # 6 layers store only their input, 6 store everything (pp=1: one micro-batch in flight; bf16)
+    half_layout = Layout(**layout)
+    model = load_config("configs/gpt-125m.yaml", []).model
+    stored_full, working = layer_activation_bytes(model, half_layout, 2, MEGALM.flash_attention)
+    plain = dataclasses.replace(half_layout, recompute="none", recompute_layers=None)
+    stored_none, _ = layer_activation_bytes(model, plain, 2, MEGALM.flash_attention)
+    assert half == 6 * stored_full + 6 * stored_none + working
+    layout, _, _ = plan("parallel.recompute=full", "parallel.recompute_layers=6", flags=("--recompute", "selective"))
+    assert (layout["recompute"], layout["recompute_layers"]) == ("selective", None)
+

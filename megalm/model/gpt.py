@@ -9,6 +9,10 @@ Under bf16/fp16 (`train.precision`) the parameters are initialised in fp32 exact
 then cast: the low-precision model is the rounded fp32 model, and the matmuls read it directly
 (no autocast). Activations follow the parameters' dtype; LayerNorm statistics, softmax and the
 loss are computed in fp32 (megalm.model.layers, megalm.parallel.tensor).
+
+Activation recompute (`parallel.recompute`): "full" keeps only the input of each of a chunk's first
+`recompute_layers` layers (all by default) and reruns the layer in backward; "selective" reruns the
+attention core only. Both redraw the forward's dropout masks (megalm.parallel.random.recompute).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from megalm.config import Config, ModelConfig
 from megalm.distributed import ParallelGroups
 from megalm.model.init import initialize_parameters_
 from megalm.model.layers import Embedding, TransformerLayer, layer_norm, rotary_cos_sin
-from megalm.parallel.random import ParallelRNG
+from megalm.parallel.random import ParallelRNG, recompute
 from megalm.parallel.schedules import partition_layers
 from megalm.parallel.tensor import mark_parameter, parallel_logits, vocab_parallel_cross_entropy
 
@@ -80,8 +84,12 @@ class GPTModel(nn.Module):
         rng: ParallelRNG,
         sequence_parallel: bool = False,
         spec: Optional[StageSpec] = None,
+        recompute: str = "none",
+        recompute_layers: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if recompute not in ("none", "selective", "full"):
+            raise ValueError(f"recompute must be 'none', 'selective' or 'full', got {recompute!r}")
         spec = spec or stage_specs(cfg.num_layers, groups)[0]
         self.cfg = cfg
         self.groups = groups
@@ -91,11 +99,17 @@ class GPTModel(nn.Module):
         self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (seq_len, device) -> cos, sin
         self.is_last = spec.last
         self.layer_ids = spec.layers
+        # full: this chunk's first recomputed_layers layers keep only their input (a chunk with fewer
+        # layers than recompute_layers recomputes all of them)
+        self.recomputed_layers = 0
+        if recompute == "full":
+            self.recomputed_layers = len(spec.layers) if recompute_layers is None else min(recompute_layers, len(spec.layers))
         self.embedding = Embedding(cfg, groups, rng, self.sequence_parallel) if self.is_first else None
         # Keys are global layer indices, so parameter names do not depend on the pipeline split.
-        self.layers = nn.ModuleDict(
-            {str(i): TransformerLayer(cfg, groups, rng, self.sequence_parallel) for i in self.layer_ids}
-        )
+        self.layers = nn.ModuleDict({
+            str(i): TransformerLayer(cfg, groups, rng, self.sequence_parallel, recompute_core=recompute == "selective")
+            for i in self.layer_ids
+        })
         self.final_norm = (
             layer_norm(cfg.hidden_size, cfg.layernorm_eps, self.sequence_parallel, groups.device.type)
             if self.is_last
@@ -145,8 +159,12 @@ class GPTModel(nn.Module):
             if key not in self._rotary:
                 self._rotary[key] = rotary_cos_sin(seq_len, self.cfg.head_dim(), self.cfg.rotary_base, hidden.device)
             rotary = self._rotary[key]
-        for layer in self.layers.values():
-            hidden = layer(hidden, attn_mask, rotary)
+        recomputing = torch.is_grad_enabled()  # nothing to save (generation, evaluation): run plainly
+        for index, layer in enumerate(self.layers.values()):
+            if recomputing and index < self.recomputed_layers:
+                hidden = recompute(layer, self.rng, hidden, attn_mask, rotary)  # keeps the [s(/tp), b, h] input
+            else:
+                hidden = layer(hidden, attn_mask, rotary)
         if not self.is_last:
             return hidden
         hidden = self.final_norm(hidden)
@@ -166,13 +184,15 @@ def build_model(
     spec: Optional[StageSpec] = None,
     rng: Optional[ParallelRNG] = None,
     dtype: torch.dtype = torch.float32,
+    recompute: str = "none",
+    recompute_layers: Optional[int] = None,
 ) -> GPTModel:
     """Build this rank's shard on the meta device, then (optionally) allocate and initialise it.
 
     Parameters are initialised in fp32, then cast to `dtype` (the rounded fp32 model)."""
     rng = rng or ParallelRNG(seed, groups)
     with torch.device("meta"):
-        model = GPTModel(cfg, groups, rng, sequence_parallel, spec)
+        model = GPTModel(cfg, groups, rng, sequence_parallel, spec, recompute, recompute_layers)
     if materialize:
         materialize_model(model, groups.device, seed)
     if dtype != torch.float32:
@@ -187,7 +207,8 @@ def build_model_chunks(config: Config, groups: ParallelGroups, materialize: bool
     specs = stage_specs(config.model.num_layers, groups, parallel.virtual_stages, parallel.pipeline_layers)
     dtype = param_dtype(config)
     return [
-        build_model(config.model, groups, config.train.seed, parallel.sequence_parallel, materialize, spec, rng, dtype)
+        build_model(config.model, groups, config.train.seed, parallel.sequence_parallel, materialize, spec, rng, dtype,
+                    parallel.recompute, parallel.recompute_layers)
         for spec in specs
     ]
 

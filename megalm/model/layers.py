@@ -3,6 +3,10 @@
 Activations are [s, b, h] (sequence first, see megalm.parallel.tensor). With sequence parallel
 the residual stream is [s/tp, b, h] and attention/MLP see the full sequence through the
 all-gather inside the column-parallel layers.
+
+Selective activation recompute (`recompute_core`) keeps the attention core's inputs (q, k, v and
+the mask) instead of what it saves inside (scores, probabilities, dropout mask) and reruns it in
+backward; full recompute wraps whole layers (megalm.model.gpt).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import nn
 from megalm.config import ModelConfig
 from megalm.distributed import ParallelGroups
 from megalm.kernels import layer_norm_class
-from megalm.parallel.random import ParallelRNG
+from megalm.parallel.random import ParallelRNG, recompute
 from megalm.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -119,11 +123,17 @@ def _dropout(x: torch.Tensor, p: float, training: bool, rng: ParallelRNG, split:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with heads split over tp (fused QKV laid out per head)."""
+    """Multi-head self-attention with heads split over tp (fused QKV laid out per head).
 
-    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool) -> None:
+    recompute_core: selective recompute, the core (QK^T, softmax, dropout, PV) reruns in backward."""
+
+    def __init__(
+        self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool,
+        recompute_core: bool = False,
+    ) -> None:
         super().__init__()
         self.rng = rng
+        self.recompute_core = recompute_core
         self.local_heads = cfg.num_heads // groups.tp_size
         self.head_dim = cfg.head_dim()
         self.dropout = cfg.attention_dropout
@@ -144,14 +154,23 @@ class Attention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, nh, s, d]
+        if self.recompute_core and torch.is_grad_enabled():
+            out = recompute(self._core, self.rng, q, k, v, attn_mask)
+        else:
+            out = self._core(q, k, v, attn_mask)
+        out = out.permute(2, 0, 1, 3).reshape(seq_len, batch, self.local_heads * self.head_dim)  # [s, b, h/tp]
+        return self.proj(out)
+
+    def _core(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) with dropout, times v: [b, nh, s, d]."""
         dropout = self.dropout if self.training else 0.0
         # Local heads are split activations: their dropout masks must differ across tp ranks.
         with self.rng.tp_distinct() if dropout > 0 else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=attn_mask is None
             )
-        out = out.permute(2, 0, 1, 3).reshape(seq_len, batch, self.local_heads * self.head_dim)  # [s, b, h/tp]
-        return self.proj(out)
 
 
 class MLP(nn.Module):
@@ -169,13 +188,16 @@ class MLP(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-LayerNorm block: x + drop(attn(ln1(x))), then x + drop(mlp(ln2(x)))."""
 
-    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool) -> None:
+    def __init__(
+        self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool,
+        recompute_core: bool = False,
+    ) -> None:
         super().__init__()
         self.rng = rng
         self.sequence_parallel = sequence_parallel
         self.dropout = cfg.hidden_dropout
         self.ln1 = layer_norm(cfg.hidden_size, cfg.layernorm_eps, sequence_parallel, groups.device.type)
-        self.attn = Attention(cfg, groups, rng, sequence_parallel)
+        self.attn = Attention(cfg, groups, rng, sequence_parallel, recompute_core)
         self.ln2 = layer_norm(cfg.hidden_size, cfg.layernorm_eps, sequence_parallel, groups.device.type)
         self.mlp = MLP(cfg, groups, sequence_parallel)
 

@@ -11,14 +11,19 @@ Two streams live on every rank:
 
 The object is owned by the model and passed explicitly; nothing here is global state of megalm
 (it does swap torch's own generator state in and out, as dropout offers no generator argument).
+
+`recompute` is activation recompute that redraws the same dropout masks: torch's checkpoint
+restores the replicated stream (the default generator) for the rerun, and the tp-distinct stream,
+which lives here, is rewound to where the forward found it and put back afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from megalm.distributed import ParallelGroups
 
@@ -82,3 +87,31 @@ class ParallelRNG:
     def load_state_dict(self, state: dict) -> None:
         self._set(state["replicated"])
         self._distinct_state = state["tp_distinct"].clone()
+
+
+class _Rewind:
+    """Run the body with the tp-distinct stream at `state`, then put back the stream's current state.
+
+    Re-enterable (a retained graph's second backward recomputes again), unlike a generator context."""
+
+    def __init__(self, rng: ParallelRNG, state: torch.Tensor) -> None:
+        self.rng, self.state, self.current = rng, state, None
+
+    def __enter__(self) -> None:
+        self.current = self.rng._distinct_state
+        self.rng._distinct_state = self.state
+
+    def __exit__(self, *exc: object) -> None:
+        self.rng._distinct_state = self.current
+
+
+def recompute(function: Callable[..., Any], rng: ParallelRNG, *args: Any) -> Any:
+    """function(*args), keeping only its inputs for backward and rerunning it there (activation recompute).
+
+    The rerun draws the forward's dropout masks from both streams, and leaves both streams as it found
+    them, so a recomputed model computes bit for bit what a stored one does."""
+    state = rng._distinct_state  # never mutated in place: tp_distinct() replaces it by a new tensor
+    return checkpoint(
+        function, *args, use_reentrant=False, preserve_rng_state=True,
+        context_fn=lambda: (contextlib.nullcontext(), _Rewind(rng, state)),
+    )

@@ -33,6 +33,7 @@ class Layout:
     sequence_parallel: bool = False
     pipeline_layers: Optional[tuple[int, ...]] = None
     bucket_size_mb: float = 25.0
+    recompute_layers: Optional[int] = None  # full recompute: the first N layers of each chunk; None: all
 
     @property
     def gpus(self) -> int:
@@ -46,7 +47,8 @@ class Layout:
         parts = [f"tp{self.tp} pp{self.pp} dp{self.dp} mb{self.micro_batch_size}"]
         if self.pp > 1:
             parts.append(self.schedule + (f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
-        parts.append(f"recompute {self.recompute}")
+        parts.append(f"recompute {self.recompute}" + (
+            f" (first {self.recompute_layers} layers per chunk)" if self.recompute_layers else ""))
         if self.sequence_parallel:
             parts.append("sp")
         if self.zero_stage:
@@ -57,6 +59,8 @@ class Layout:
         """Raise PlanError if megalm could not run this layout (same rules as config.validate)."""
         if self.recompute not in RECOMPUTE:
             raise PlanError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
+        if self.recompute_layers is not None and (self.recompute != "full" or self.recompute_layers < 1):
+            raise PlanError(f"recompute_layers={self.recompute_layers} needs full recompute and a positive count")
         if model.num_heads % self.tp or model.ffn_size() % self.tp:
             raise PlanError(f"tp={self.tp} does not divide num_heads={model.num_heads} / ffn {model.ffn_size()}")
         if self.sequence_parallel and model.seq_length % self.tp:
@@ -74,9 +78,16 @@ class Layout:
             raise PlanError(str(error)) from None
 
 
-def layout_from_config(config: Config, gpus: Optional[int] = None, recompute: str = "none") -> Layout:
-    """The layout a config runs with on `gpus` GPUs (dp derived as in config.validate)."""
+def layout_from_config(config: Config, gpus: Optional[int] = None, recompute: Optional[str] = None) -> Layout:
+    """The layout a config runs with on `gpus` GPUs (dp derived as in config.validate).
+
+    recompute None: the config's parallel.recompute (and recompute_layers); a value overrides it."""
     parallel, train = config.parallel, config.train
+    recompute_layers = parallel.recompute_layers
+    if recompute is None:
+        recompute = parallel.recompute
+    elif recompute != parallel.recompute:
+        recompute_layers = None  # the config's count belongs to its own recompute mode
     if gpus is None:
         if parallel.dp is None:
             raise PlanError("the config has parallel.dp null: give --gpus N")
@@ -95,7 +106,15 @@ def layout_from_config(config: Config, gpus: Optional[int] = None, recompute: st
         parallel.tp, parallel.pp, dp, train.micro_batch_size, train.global_batch_size, parallel.schedule,
         parallel.virtual_stages, recompute, parallel.zero_stage, parallel.sequence_parallel,
         tuple(parallel.pipeline_layers) if parallel.pipeline_layers else None, parallel.bucket_size_mb,
+        recompute_layers,
     )
+
+
+def recomputed_layers(layout: Layout, chunk_layers: int) -> int:
+    """How many of a chunk's layers full recompute reruns (megalm.model.gpt.GPTModel.recomputed_layers)."""
+    if layout.recompute != "full":
+        return 0
+    return chunk_layers if layout.recompute_layers is None else min(layout.recompute_layers, chunk_layers)
 
 
 # ---- exact parameter geometry --------------------------------------------------------------------

@@ -23,6 +23,7 @@ Time (seconds per optimizer step) on the slowest stage, which sets the pipeline'
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,7 +32,7 @@ from megalm.metrics import training_flops_per_token
 from megalm.parallel.schedules import analytic_bubble
 from megalm.plan.cluster import Cluster, Numerics
 from megalm.plan.layout import (
-    Layout, bucket_sizes, padded, rank_param_count, stage_chunks, zero1_shard_params,
+    Layout, bucket_sizes, padded, rank_param_count, recomputed_layers, stage_chunks, zero1_shard_params,
 )
 
 GiB = 2**30
@@ -125,9 +126,15 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
         kept = -(-params // dp) if layout.zero_stage == 1 else params
         optimizer = kept * (numerics.master_bytes + numerics.moment_bytes)
     stored, working = layer_activation_bytes(model, layout, act_bytes, numerics.flash_attention)
+    # full recompute of only the first recompute_layers layers of a chunk: the rest store everything
+    stored_plain, _ = layer_activation_bytes(model, dataclasses.replace(layout, recompute="none"), act_bytes,
+                                             numerics.flash_attention)
     flight = in_flight(layout, pp_rank)
-    chunk_layers = max(len(layers) for layers, _, _ in chunks)
-    activations = flight * chunk_layers * stored + working
+    per_chunk = 0
+    for layers, _, _ in chunks:
+        rerun = recomputed_layers(layout, len(layers)) if layout.recompute == "full" else len(layers)
+        per_chunk = max(per_chunk, rerun * stored + (len(layers) - rerun) * stored_plain)
+    activations = flight * per_chunk + working
     s, b, h = model.seq_length, layout.micro_batch_size, model.hidden_size
     sp = layout.tp if layout.sequence_parallel else 1
     embedding_logits = 0
@@ -209,11 +216,10 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
     forward, scores = layer_forward_time(model, layout, cluster, numerics, act_bytes)
     recompute = {"none": 0.0, "selective": scores, "full": forward}[layout.recompute]
-    per_layer = 3 * forward + recompute
     # tensor-parallel collectives: tp ranks are consecutive, so the group spans tp ranks
     bandwidth, latency = cluster.link(t)
     collective = _all_reduce_time(act_bytes * s * b * h, t, bandwidth, latency)
-    per_layer_comm = collective * (2 + 2 + (2 if layout.recompute == "full" else 0))
+    recompute_comm = 2 * collective if layout.recompute == "full" else 0.0
     logits = 3 * 2 * s * b * h * model.padded_vocab_size(t) / t / matmul_rate
     logits_comm = collective if t > 1 and layout.sequence_parallel else 0.0
     # the slowest pipeline rank sets the pace
@@ -221,9 +227,10 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     for pp_rank in range(pp):
         chunks = stage_chunks(model, layout, pp_rank)
         layers = sum(len(c[0]) for c in chunks)
+        rerun = sum(recomputed_layers(layout, len(c[0])) for c in chunks) if layout.recompute == "full" else layers
         last = any(c[2] for c in chunks)
-        c = layers * per_layer + (logits if last else 0.0)
-        k = layers * per_layer_comm + (logits_comm if last else 0.0)
+        c = layers * 3 * forward + rerun * recompute + (logits if last else 0.0)
+        k = layers * 4 * collective + rerun * recompute_comm + (logits_comm if last else 0.0)
         if c + k > compute_per_mb + comm_per_mb:
             compute_per_mb, comm_per_mb = c, k
     compute, tensor_comm = m * compute_per_mb, m * comm_per_mb
@@ -266,6 +273,9 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     model_flops = training_flops_per_token(model)
     extra = {"none": 0.0, "full": model_flops / 3 - 2 * h * model.vocab_size,
              "selective": 4 * s * h * model.num_layers}[layout.recompute]  # recomputed forward FLOPs per token
+    if layout.recompute == "full":  # only recompute_layers of each chunk
+        chunks = [c for r in range(pp) for c in stage_chunks(model, layout, r)]
+        extra *= sum(recomputed_layers(layout, len(c[0])) for c in chunks) / model.num_layers
     result.model_tflops = model_flops * result.tokens_per_s / gpus / 1e12
     result.hardware_tflops = (model_flops + extra) * result.tokens_per_s / gpus / 1e12
     result.mfu = result.model_tflops / cluster.peak_tflops

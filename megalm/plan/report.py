@@ -118,7 +118,8 @@ def register_cli(sub) -> None:
     plan.add_argument("--search", action="store_true", help="print the fastest layouts that fit")
     plan.add_argument("--top", type=int, default=5, help="layouts (or shapes) to print")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
-    plan.add_argument("--recompute", default="none", choices=("none", "selective", "full"))
+    plan.add_argument("--recompute", choices=("none", "selective", "full"),
+                      help="activation recompute to plan for (default: the config's parallel.recompute)")
     plan.add_argument("--numerics", default="megalm", choices=("megalm", "megatron"),
                       help="megalm: fp32 params/grads/Adam as implemented; megatron: fp16 params + fp32 master")
     plan.add_argument("--tokens", type=float, help="also print the days to train this many tokens")
