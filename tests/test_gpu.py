@@ -144,6 +144,32 @@ def test_async_save_snapshots_the_step_it_was_asked_for(device: str, tmp_path: P
     assert checkpointer.host.pinned == (device == "cuda")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_draws_the_stored_runs_dropout_masks(device: str, mode: str) -> None:
+    """parallel.recompute with hidden and attention dropout 0.1 (on CUDA: bf16, the fused SDPA kernel's
+    own dropout from the CUDA generator): the same first loss bit for bit and the same gradients as
+    the run that stores its activations. A mask drawn anew in the recomputation would change the
+    gradients by their own size; CUDA's attention backward is not deterministic, so there the
+    gradients are compared to 1% of their norm (on CPU: bit for bit)."""
+    from tests.model.test_recompute import make_config, train
+
+    def run(recompute: str) -> dict:
+        config = make_config("lm", recompute)
+        config.train.device = device
+        if device == "cuda":
+            config.train.precision = "bf16"
+        return train(config, _groups(device))
+
+    want, got = run("none"), run(mode)
+    errors = [float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(got["grads"][0], want["grads"][0])]
+    _report("recompute_parity", device, mode=mode, losses=got["losses"], stored_losses=want["losses"],
+            max_relative_grad_error=max(errors))
+    assert got["losses"][0] == want["losses"][0]
+    assert len(errors) == len(want["grads"][0]) > 0
+    assert (max(errors) < 1e-2) if device == "cuda" else (max(errors) == 0.0), errors
+
+
 # Peak memory against `megalm plan`: on CUDA a GPT-125M step (micro batch 4 x 1024 tokens, bf16) whose
 # activations and logits (about 2.3 GiB) and bf16 weights, fp32 main gradients, masters and Adam state
 # (about 2.1 GiB) dominate every fixed cost. The planner computes the static part exactly (the CPU run
