@@ -657,10 +657,9 @@ def _parse_override(override: str) -> tuple[str, str, Any]:
     if not name:
         example = fields(_SECTIONS[section])[0].name
         raise ConfigError(f"{source} must name a field, e.g. {section}.{example}=...")
-    name = _SECTIONS[section].ALIASES.get(name, name)
-    if name not in _field_types(_SECTIONS[section]):
+    if _SECTIONS[section].ALIASES.get(name, name) not in _field_types(_SECTIONS[section]):
         raise _unknown_key(key, source)
-    return section, name, _parse_yaml(text, source)
+    return section, name, _parse_yaml(text, source)  # _check_tree resolves an alias to its field
 
 
 def _apply_to_tree(tree: dict, overrides: Sequence[str]) -> dict:

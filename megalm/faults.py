@@ -79,7 +79,7 @@ def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
     if not spec:
         return
     fault = parse_fault_spec(spec)
-    kind, rest = fault.kind, [] if fault.seconds is None else [fault.seconds]
+    kind, seconds = fault.kind, 3600.0 if fault.seconds is None else fault.seconds
     if (fault.rank is not None and fault.rank != rank) or fault.step != step:
         return
     if (where == "save") != (kind in _IN_SAVE):
@@ -92,7 +92,7 @@ def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
     if kind in ("kill", "kill-in-save"):
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind in ("sleep", "sleep-in-save"):
-        time.sleep(float(rest[0]) if rest else 3600.0)
+        time.sleep(seconds)
     elif kind == "oom":
         import torch
 
@@ -105,4 +105,4 @@ def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
 
         if dist.is_initialized():
             dist.all_reduce(torch.zeros(1))  # unmatched: only this rank calls it now
-        time.sleep(float(rest[0]) if rest else 3600.0)
+        time.sleep(seconds)

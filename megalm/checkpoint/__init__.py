@@ -86,7 +86,6 @@ class Checkpointer:
         self.last_save_time = time.monotonic()
         self.stop_requested = False
         self.stopped_on_signal = False
-        self._previous_handler = None
         self._stop_reached = False  # this rank reached a step boundary after the stop signal
         self._in_save = False
         self._longest_step_s: Optional[float] = None
@@ -232,12 +231,11 @@ class Checkpointer:
         # pieces (with the same layout, their own files too: each one's RNG states are in its own);
         # or, not sharing (checkpoint.shared_read), each reads what it needs, its own file included.
         share = self._share_reads()
-        if same_layout:
-            always = tuple(rank_file_name(rank) for rank in groups.dp_ranks) if share else (rank_file_name(groups.rank),)
+        own_files = tuple(rank_file_name(rank) for rank in (groups.dp_ranks if share else (groups.rank,)))
         index = shared_index(
             path, metadata["files"], names={name for name, _ in named_params(trainer.chunks)},
             state_names=state_names(trainer.chunks, trainer.optimizer),
-            group=groups.control_dp_group if share else None, always=always if same_layout else (),
+            group=groups.control_dp_group if share else None, always=own_files if same_layout else (),
         )
         restore(trainer.chunks, trainer.optimizer, groups, index, saved_scalars(metadata))
         if trainer.scaler is not None and metadata.get("loss_scaler"):
@@ -306,9 +304,7 @@ class Checkpointer:
             self.stop_requested = True
 
         for number in numbers:  # a Python handler must be set for the C-level one to write to the wakeup fd
-            previous = signal.signal(number, handler)
-            if number != signal.SIGINT:
-                self._previous_handler = previous
+            signal.signal(number, handler)
         signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         threading.Thread(target=self._watch_signals, args=(read_fd, numbers), daemon=True,
                          name="megalm-stop-signals").start()
@@ -326,7 +322,8 @@ class Checkpointer:
         rank = self.trainer.groups.rank
         deadline = grace = None  # set by the first signal
         while True:
-            ready, _, _ = select.select([read_fd], [], [], 0.1)
+            # Asleep until a signal comes; after the first one, awake every 0.1 s to watch the deadline.
+            ready, _, _ = select.select([read_fd], [], [], None if deadline is None else 0.1)
             received = [n for n in os.read(read_fd, 64) if n in numbers] if ready else []
             for number in received:
                 if number == signal.SIGINT and deadline is not None:

@@ -96,9 +96,9 @@ class GPTModel(nn.Module):
         self.rng = rng
         self.sequence_parallel = sequence_parallel and groups.tp_size > 1
         self.is_first = spec.first
-        self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (seq_len, device) -> cos, sin
         self.is_last = spec.last
         self.layer_ids = spec.layers
+        self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (seq_len, device) -> cos, sin
         # full: this chunk's first recomputed_layers layers keep only their input (a chunk with fewer
         # layers than recompute_layers recomputes all of them)
         self.recomputed_layers = 0
