@@ -271,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(bench)
     bench.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    bench.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch baseline")
+    bench.add_argument("--no-baseline", action="store_true",
+                       help="skip the plain PyTorch baseline (and the transformers GPT-2)")
+    bench.add_argument("--no-transformers", action="store_true",
+                       help="skip Hugging Face transformers' GPT-2 (timed when transformers is installed)")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(func=cmd_bench)
 
