@@ -10,6 +10,7 @@ line per test, to $MEGALM_GPU_CHECK_OUT when it is set (gpu_check.sh collects th
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -325,3 +326,7 @@ def test_gpu_check_summary_reads_bench_json_and_test_figures(tmp_path: Path) -> 
     assert bench["torch_version"] == torch.__version__ and bench["tf32"] is False
     assert summary["bench"]["gpt-1.3b"] is None and summary["failed"] == ["bench gpt-1.3b (exit 1)"]
     assert "bench gpt-125m:" in proc.stdout and "megalm/plain PyTorch" in proc.stdout
+    assert "bench gpt-1.3b: no result" in proc.stdout
+    if importlib.util.find_spec("transformers") is not None:  # the hf extra: a third phase and ratio
+        assert bench["ratio_transformers_tokens_per_s"] > 0 and bench["transformers"]["tokens_per_s"] > 0
+        assert "megalm/transformers" in proc.stdout
