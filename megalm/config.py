@@ -346,6 +346,10 @@ class TrainConfig(_Section):
     collective_timeout_s: float = 300.0  # a collective waiting longer ends the job (NCCL's default: 600)
     eval_interval: int = 0  # evaluate the valid split every N steps (0: never)
     eval_batches: int = 1  # global batches of the valid split per evaluation
+    # Fine-tune from weights: a checkpoint directory (RUN/checkpoints/step_NNNNNNNN) or a run directory (its
+    # latest checkpoint). Loads the model weights only, at any layout, and starts at step 0 with a fresh
+    # optimizer, LR schedule and data position; a run directory with a checkpoint of its own resumes instead.
+    init_from: Optional[str] = None
 
     def _check_values(self) -> None:
         self._positive("steps", "micro_batch_size", "global_batch_size", "grad_accum_steps", "eval_batches")
@@ -353,6 +357,7 @@ class TrainConfig(_Section):
         self._positive("collective_timeout_s")
         self._non_negative("seed")
         self._require(self.run_dir.strip() != "", "run_dir", "a non-empty path")
+        self._require(self.init_from is None or self.init_from.strip() != "", "init_from", "a path or null")
 
 
 @dataclass
@@ -854,6 +859,11 @@ def validate(config: Config, world_size: Optional[int] = None) -> Topology:
         raise ConfigError(
             "parallel.zero_stage=2 needs train.engine=deepspeed; megalm's own engine offers 0 (replicated) and 1 "
             "(sharded optimizer states)"
+        )
+    if config.train.init_from is not None and config.train.engine != "megalm":
+        raise ConfigError(
+            f"train.init_from needs train.engine=megalm (megalm's checkpoints load its weights), got "
+            f"train.engine={config.train.engine}: remove train.init_from or use the megalm engine"
         )
     if config.log.sample_prompts and (pp > 1 or config.data.tokenizer is None):
         raise ConfigError(
