@@ -1,4 +1,4 @@
-"""megalm command line: parse, build, call. `megalm train | check | bench`."""
+"""megalm command line: parse, build, call. `megalm --help` lists every command."""
 
 from __future__ import annotations
 
@@ -246,9 +246,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(config, topology, args)
 
 
+def _wide_help(prog: str) -> argparse.HelpFormatter:
+    """Help with each command's description on one line, whatever the terminal's width."""
+    return argparse.HelpFormatter(prog, max_help_position=30, width=200)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megalm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="megalm", formatter_class=_wide_help,
+        description="3D-parallel (tensor x pipeline x data) GPT training: LM and PrefixLM, from a tiny CPU model to Yuan 245B.",
+        epilog="`megalm COMMAND --help` shows a command's options; docs/config.md lists every config key.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, title="commands")
 
     train = sub.add_parser("train", help="train a config (single process or under torchrun)")
     _add_config_args(train)
@@ -285,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     from megalm.plan.report import register_cli as register_plan
 
     register_plan(sub)  # megalm plan CONFIG --cluster NAME --gpus N [--search] ...
+
+    from megalm.config_doc import register_cli as register_config_doc
+
+    register_config_doc(sub)  # megalm config-doc [--output docs/config.md | --check docs/config.md]
 
     # Data commands live beside their code; each module adds its own sub-parser.
     from megalm.data import corpus, inspect, preprocess, tokenizer
