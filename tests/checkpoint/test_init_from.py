@@ -16,7 +16,7 @@ from megalm.cli import check_before_start, main
 from megalm.config import Config, ConfigError, config_to_dict, ModelConfig, OptimConfig, ParallelConfig, TrainConfig, validate
 from megalm.data.pipeline import build_sampler, build_sources
 from megalm.distributed import ParallelGroups, build_parallel_groups
-from megalm.metrics import get_logger
+from megalm.metrics import get_logger, read_metrics
 from megalm.optim import lr_at
 from megalm.testing import run_distributed
 from megalm.topology import Topology
@@ -161,6 +161,23 @@ def test_a_run_with_its_own_checkpoint_resumes_instead(source_run: Path, tmp_pat
                for m in messages), messages
     assert all(torch.equal(value, source[name]) for name, value in weights(restarted).items())
     assert not any(torch.equal(value, own[name]) for name, value in weights(restarted).items())
+
+
+def test_megalm_train_fine_tunes_then_resumes_its_own_checkpoint(source_run: Path, tmp_path: Path, capsys) -> None:
+    """Through the CLI: a fine-tune starts at step 0 from init_from; started again it resumes its own checkpoint."""
+    run_dir = tmp_path / "ft"
+    args = ["train", str(ROOT / "configs" / "tiny.yaml"), "model.hidden_size=32", "model.vocab_size=200",
+            "model.seq_length=16", "train.micro_batch_size=2", "train.global_batch_size=4", "optim.warmup_steps=1",
+            "optim.decay_steps=3", "train.steps=2",
+            f"train.init_from={source_run}", "--run-dir", str(run_dir)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"initialised the model weights from {find_checkpoint(source_run)} (step 8 of its run" in out
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "step" in r] == [1, 2]
+    assert main(args[:-3] + ["train.steps=3", *args[-3:]]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "not used: this run directory has a checkpoint of its own" in out
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "step" in r][-1] == 3
 
 
 # ---- precision: weights are read in the run's precision --------------------------------------------------
