@@ -65,8 +65,18 @@ def test_ring_all_reduce_by_hand():
 def test_activation_bytes_by_hand():
     model = ModelConfig(num_layers=2, hidden_size=8, num_heads=2, seq_length=4)
     layout = Layout(1, 1, 1, 1, 1)
-    # LN1 in, QKV in, LN2 in, fc1 in: 4 x 2 x 32 = 256; Q,K,V,proj in 4 x 2 x 32 = 256; GeLU in + fc2 in 2 x 2 x 128 = 512
-    assert layer_activation_bytes(model, layout, 2, flash=True) == (1024, 0)
+    # megalm on CUDA: LN1 in, LN2 in 2 x 2 x 32 = 128 + their fp32 mean and 1/std 4 x 4 x 4 = 64; QKV in, fc1 in
+    # 2 x 2 x 32 = 128; proj in 2 x 32 + GeLU in + fc2 in 2 x 2 x 128 = 576; q, k, v (views of the QKV
+    # output) 3 x 2 x 32 = 192 + the flash kernel's fp32 logsumexp 2 heads x 4 x 4 = 32 (its output, b = 1,
+    # is the projection's input)
+    assert layer_activation_bytes(model, layout, 2, flash=True) == (1120, 0)
+    # on CPU the bf16 LayerNorm weights and biases are handed over as fp32 copies: 4 x 8 x 4 = 128 more
+    assert layer_activation_bytes(model, layout, 2, flash=True, kernels="cpu") == (1248, 0)
+    # selective keeps q, k, v and drops the logsumexp; full keeps the layer input and reruns the rest
+    assert layer_activation_bytes(model, dataclasses.replace(layout, recompute="selective"), 2) == (1088, 224)
+    assert layer_activation_bytes(model, dataclasses.replace(layout, recompute="full"), 2) == (64, 1120)
+    # Megatron-LM's kernels (Korthikanti et al. 2022): LN1 in, QKV in, LN2 in, fc1 in: 4 x 2 x 32 = 256;
+    # Q, K, V, proj in 4 x 2 x 32 = 256; GeLU in + fc2 in 2 x 2 x 128 = 512
     # materialised scores: 2 heads x 4 x 4 elements x 2 bytes = 64
     assert layer_activation_bytes(model, layout, 2, flash=False) == (1088, 0)
     full = dataclasses.replace(layout, recompute="full")
