@@ -258,7 +258,7 @@ def _all_reduce_time(nbytes: float, ranks: int, bandwidth: float, latency: float
 
 
 def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, act_bytes: int) -> tuple[float, float]:
-    """(seconds of one layer's forward for one micro-batch on one GPU, of which the attention scores part)."""
+    """(seconds of one layer's forward for one micro-batch on one GPU, of which the attention core's part)."""
     s, b, h, f, a, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), model.num_heads, layout.tp
     sp = t if layout.sequence_parallel else 1
     matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
@@ -273,7 +273,9 @@ def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, num
         # QK^T writes the scores, fused scale-mask-softmax reads and writes them, AV reads them; dropout adds r/w + mask
         per_element = 4 * act_bytes + ((2 * act_bytes + 1) if model.attention_dropout > 0 else 0)
         scores = per_element * a * s * s * b / t / memory_rate
-    return gemm / matmul_rate + elementwise / memory_rate + scores, scores
+    # what selective recompute reruns: the attention core, its two matmuls (QK^T, PV) and the scores' traffic
+    core = 4 * s * s * b * h / t / matmul_rate + scores
+    return gemm / matmul_rate + elementwise / memory_rate + scores, core
 
 
 def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, precision: str) -> StepTime:
@@ -284,8 +286,8 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     m, pp, v, dp = layout.num_microbatches, layout.pp, layout.virtual_stages, layout.dp
     sp = t if layout.sequence_parallel else 1
     matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
-    forward, scores = layer_forward_time(model, layout, cluster, numerics, act_bytes)
-    recompute = {"none": 0.0, "selective": scores, "full": forward}[layout.recompute]
+    forward, core = layer_forward_time(model, layout, cluster, numerics, act_bytes)
+    recompute = {"none": 0.0, "selective": core, "full": forward}[layout.recompute]
     # tensor-parallel collectives: tp ranks are consecutive, so the group spans tp ranks
     bandwidth, latency = cluster.link(t)
     collective = _all_reduce_time(act_bytes * s * b * h, t, bandwidth, latency)
@@ -349,7 +351,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     result.model_tflops = model_flops * result.tokens_per_s / gpus / 1e12
     result.hardware_tflops = (model_flops + extra) * result.tokens_per_s / gpus / 1e12
     result.mfu = result.model_tflops / cluster.peak_tflops
-    result.parts = {"per_layer_forward_s": forward, "attention_scores_s": scores, "tp_collective_s": collective,
+    result.parts = {"per_layer_forward_s": forward, "attention_core_s": core, "tp_collective_s": collective,
                     "microbatches": m}
     return result
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 from megalm.config import load_config
 from megalm.plan.cluster import PlanError, get_numerics, load_cluster
-from megalm.plan.layout import layout_from_config
+from megalm.plan.layout import layout_from_config, layout_overrides, overrides_yaml
 from megalm.plan.model import GiB, days_to_train
 from megalm.plan.search import Plan, make_plan, propose_shapes, search
 
@@ -57,6 +57,13 @@ def format_search(plans: list[Plan], reference: Optional[Plan] = None) -> str:
     return "\n".join(lines)
 
 
+def format_overrides(overrides: list[str]) -> str:
+    """The best layout, ready to paste: command-line overrides, then the same as YAML."""
+    yaml_text = "\n".join("  " + line for line in overrides_yaml(overrides).splitlines())
+    return (f"best layout as overrides (megalm train|plan CONFIG ...):\n  {' '.join(overrides)}\n"
+            f"or in the experiment YAML:\n{yaml_text}")
+
+
 def explain(best: Plan, reference: Plan) -> str:
     """Why `best` beats (or ties) `reference`: the parts of the step that changed most."""
     delta = {name: getattr(reference.time, name) - getattr(best.time, name) for name in PARTS}
@@ -93,11 +100,15 @@ def run_plan(args: argparse.Namespace) -> int:
         gpus = args.gpus or (plan.layout.gpus if plan else None)
         if gpus is None:
             raise PlanError("--search needs --gpus N (the config's own layout is not usable)")
-        plans = search(model, cluster, gpus, config.train.global_batch_size, numerics, precision, top=args.top)
+        plans = search(model, cluster, gpus, config.train.global_batch_size, numerics, precision, top=args.top,
+                       config=config)
+        overrides = layout_overrides(plans[0].layout, config)
         if args.json:
-            print(json.dumps({"configured": plan.to_dict() if plan else None, "best": [p.to_dict() for p in plans]}, indent=1))
+            print(json.dumps({"configured": plan.to_dict() if plan else None, "best": [p.to_dict() for p in plans],
+                              "overrides": overrides, "yaml": overrides_yaml(overrides)}, indent=1))
         else:
             print(format_search(plans, plan))
+            print(format_overrides(overrides))
         return 0
     layout = layout_from_config(config, args.gpus, args.recompute)
     plan = make_plan(model, layout, cluster, numerics, precision)
