@@ -69,3 +69,21 @@ def test_cuda_kernels_keep_less_than_cpu_ones_under_dropout() -> None:
 def test_whole_table_within_tolerance(capsys) -> None:
     assert main([]) == 0, capsys.readouterr().out
     assert len(default_cases()) > 100
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_prefix_mask_is_kept_once_per_microbatch(recompute: str) -> None:
+    """What PrefixLM keeps besides its layers' bytes (the [b, 1, s, s] bool mask under recompute) is
+    prefix_mask_bytes: a model's bytes outside its layers are 2 x (1 layer) - (2 layers)."""
+    from megalm.distributed import ParallelGroups
+    from megalm.plan.measure import saved_by_forward
+    from megalm.plan.model import prefix_mask_bytes
+
+    def outside(case: Case) -> int:
+        groups = ParallelGroups.single()
+        return 2 * saved_by_forward(case, 1, groups) - saved_by_forward(case, 2, groups)
+
+    prefix = Case("prefixlm", recompute=recompute, **SHAPE)
+    extra = outside(prefix) - outside(dataclasses.replace(prefix, family="lm"))
+    assert extra == prefix_mask_bytes(prefix.model(), prefix.layout())
+    assert (extra > 0) == (recompute != "none")

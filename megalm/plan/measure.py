@@ -179,20 +179,26 @@ def default_cases(quick: bool = False) -> list[Case]:
 
 
 def table(measured: dict[Case, int], kernels: str, markdown: bool = False) -> tuple[str, float]:
-    """The measured-vs-predicted table and the largest relative error."""
-    worst = 0.0
-    if markdown:
-        lines = ["| case | measured B | predicted B | error |", "| --- | ---: | ---: | ---: |"]
-    else:
+    """The measured-vs-predicted table and the largest relative error (Markdown: one row per case, the
+    three recompute modes side by side)."""
+    errors = {case: predict_layer(case, kernels) / got - 1 for case, got in measured.items()}
+    worst = max((abs(e) for e in errors.values()), default=0.0)
+    if not markdown:
         lines = [f"{'case':70s} {'measured B':>11s} {'predicted B':>11s} {'error':>7s}"]
+        for case, got in measured.items():
+            lines.append(f"{case.label():70s} {got:11,} {predict_layer(case, kernels):11,} {100 * errors[case]:+6.2f}%")
+        return "\n".join(lines), worst
+    modes = ("none", "selective", "full")
+    lines = ["| case | " + " | ".join(f"{m}: measured B | predicted" for m in modes) + " |",
+             "| --- |" + " ---: | ---: |" * len(modes)]
+    rows: dict[Case, list[str]] = {}
     for case, got in measured.items():
-        want = predict_layer(case, kernels)
-        error = want / got - 1
-        worst = max(worst, abs(error))
-        if markdown:
-            lines.append(f"| {' '.join(case.label().split())} | {got:,} | {want:,} | {100 * error:+.2f}% |")
-        else:
-            lines.append(f"{case.label():70s} {got:11,} {want:11,} {100 * error:+6.2f}%")
+        cells = rows.setdefault(dataclasses.replace(case, recompute="none"), ["", ""] * len(modes))
+        index = 2 * modes.index(case.recompute)
+        cells[index:index + 2] = [f"{got:,}", f"{predict_layer(case, kernels):,} ({100 * errors[case]:+.2f}%)"]
+    for case, cells in rows.items():
+        label = " ".join(case.label().replace(" none ", " ").split())
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines), worst
 
 
