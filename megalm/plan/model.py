@@ -1,9 +1,9 @@
 """The analytic model: memory per pipeline stage and time per step of a layout on a cluster.
 
 Memory (bytes per GPU, for the worst rank of each stage): weights, gradients and optimizer state
-from the exact parameter geometry (`megalm.plan.layout`), activations per layer from the
-Korthikanti et al. (2022) breakdown times the micro-batches in flight on that stage for the
-chosen schedule, the embedding / logits working set on the first / last stage, and communication
+from the exact parameter geometry (`megalm.plan.layout`), activations per layer as megalm's layers
+keep them on CUDA or CPU kernels (measured: megalm.plan.measure; Megatron numerics: the Korthikanti
+et al. (2022) breakdown) times the micro-batches in flight on that stage for the chosen schedule, the embedding / logits working set on the first / last stage, and communication
 buffers.
 
 Time (seconds per optimizer step) on the slowest stage, which sets the pipeline's pace:
@@ -130,15 +130,11 @@ def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kern
         # [s, b, heads, d] memory order: CPU's flash kernel and CUDA's flash kernel follow q's layout (which
         # is that order only when q is dense, i.e. rotary made it a new tensor), CUDA's memory-efficient
         # kernel (fp32, or any attention mask) writes [b, s, heads, d]; with b = 1 both orders coincide.
-        # PrefixLM's bool mask becomes an additive [b, 1, s, s] mask in the activation dtype in every layer
-        # (CUDA's memory-efficient kernel pads its rows to 16 elements; prefix_mask_bytes counts the bool mask)
         efficient = not cpu and (act_bytes == 4 or model.family == "prefixlm")
         follows_q = cpu or (not efficient and model.position_embedding == "rotary")
         output = 0 if follows_q or b == 1 else act_bytes * sbh // t
         logsumexp = 4 * b * heads * (-(-s // 32) * 32 if efficient else s)
-        core = qkv + output + logsumexp
-        if model.family == "prefixlm":
-            core += act_bytes * b * s * (s if cpu else -(-s // 16) * 16)
+        core = qkv + output + logsumexp + prefix_additive_mask_bytes(model, layout, act_bytes, kernels)
     return norms + linear_inputs + split + masks, core, qkv
 
 
@@ -162,6 +158,15 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, act_bytes: int, f
     if layout.recompute == "selective":
         return kept + core_inputs, core
     return kept + core, 0
+
+
+def prefix_additive_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kernels: str) -> int:
+    """PrefixLM's dense mask as the fused SDPA kernels keep it, in every layer: the bool [b, 1, s, s] mask
+    becomes an additive mask in the activation dtype (CUDA's memory-efficient kernel pads rows to 16)."""
+    if model.family != "prefixlm":
+        return 0
+    s, b = model.seq_length, layout.micro_batch_size
+    return act_bytes * b * s * (s if kernels == "cpu" else -(-s // 16) * 16)
 
 
 def prefix_mask_bytes(model: ModelConfig, layout: Layout) -> int:
