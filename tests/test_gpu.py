@@ -337,7 +337,7 @@ def test_layer_activation_bytes_match_the_planner(device: str) -> None:
     """Bytes one transformer layer saves for backward (megalm.plan.measure) equal `megalm plan`'s with this
     device's kernels: on CUDA the fused attention kernels and 1-byte dropout masks (the CUDA terms of
     megalm.plan.model._megalm_layer_bytes are inferred from torch's kernels; this is their measurement)."""
-    from megalm.plan.measure import TOLERANCE, Case, measure, predict_layer
+    from megalm.plan.measure import TOLERANCE, Case, attention_kernels, measure, predict_layer
 
     if device == "cuda":
         shape = dict(seq_length=128, hidden_size=256, num_heads=4)
@@ -349,7 +349,9 @@ def test_layer_activation_bytes_match_the_planner(device: str) -> None:
     else:  # tests/test_plan_measure.py measures the CPU table; here the same path on two cases
         cases = [Case(dropout=0.1), Case(family="prefixlm", precision="bf16")]
     measured = measure(cases, "cuda" if device == "cuda" else "cpu")
-    rows = [(" ".join(case.label().split()), got, predict_layer(case, device)) for case, got in measured.items()]
+    groups = _groups(device)
+    rows = [(" ".join(case.label().split()), got, predict_layer(case, device), attention_kernels(case, groups))
+            for case, got in measured.items()]
     _report("layer_activation_bytes_vs_plan", device, rows=rows)
     wrong = [row for row in rows if abs(row[2] / row[1] - 1) > TOLERANCE]
     assert not wrong, wrong

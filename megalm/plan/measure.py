@@ -100,8 +100,8 @@ class SavedBytes:
         return sum(self.storages.values())
 
 
-def saved_by_forward(case: Case, num_layers: int, groups: ParallelGroups) -> int:
-    """Bytes one training forward (loss included) of a `num_layers` model saves for backward."""
+def _forward(case: Case, num_layers: int, groups: ParallelGroups) -> tuple[torch.Tensor, int]:
+    """(per-token losses, bytes saved for backward) of one training forward of a `num_layers` model."""
     from megalm.model.gpt import build_model_chunks
 
     (chunk,) = build_model_chunks(case.config(num_layers), groups)
@@ -113,8 +113,29 @@ def saved_by_forward(case: Case, num_layers: int, groups: ParallelGroups) -> int
     prefix = torch.randint(1, s, (b,), generator=generator).to(groups.device) if case.family == "prefixlm" else None
     with SavedBytes(chunk) as saved:
         losses = chunk(tokens, labels=labels, prefix_lengths=prefix)
+    return losses, saved.total
+
+
+def saved_by_forward(case: Case, num_layers: int, groups: ParallelGroups) -> int:
+    """Bytes one training forward (loss included) of a `num_layers` model saves for backward."""
+    losses, total = _forward(case, num_layers, groups)
     losses.float().sum().backward()  # the saved graph is a usable one
-    return saved.total
+    return total
+
+
+def attention_kernels(case: Case, groups: Optional[ParallelGroups] = None) -> list[str]:
+    """The autograd nodes of the attention kernels torch chose for the case (which SDPA backend ran)."""
+    losses, _ = _forward(dataclasses.replace(case, recompute="none"), 1, groups or ParallelGroups.single())
+    names, seen, stack = set(), set(), [losses.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "Attention" in node.name() or "Softmax" in node.name():
+            names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return sorted(names)
 
 
 def measure_layer(case: Case, groups: Optional[ParallelGroups] = None) -> int:
@@ -142,9 +163,10 @@ def measure(cases: Iterable[Case], device: str = "cpu") -> dict[Case, int]:
     """Measured bytes per layer of every case: tp = 1 in this process, tp = 2 cases on 2 gloo ranks."""
     cases = list(cases)
     out = {}
+    single = ParallelGroups.single(torch.device("cuda", 0) if device == "cuda" else device)
     for case in cases:
         if case.tp == 1:
-            out[case] = measure_layer(case, ParallelGroups.single(device))
+            out[case] = measure_layer(case, single)
     parallel = [case for case in cases if case.tp > 1]
     for tp in sorted({case.tp for case in parallel}):
         if device != "cpu":
