@@ -338,3 +338,22 @@ def test_selective_recompute_costs_the_attention_core():
     core = 4 * 1024 ** 2 * 8 * 768 / matmul_rate
     assert selective.time.compute - none.time.compute == pytest.approx(8 * 12 * core, rel=1e-6)
     assert selective.peak_memory < none.peak_memory  # the attention output and logsumexp are not kept
+
+
+def test_plan_describes_cuda_kernels_unless_asked_for_cpu_ones(capsys):
+    """A plan describes the GPU run (CUDA kernels); --kernels cpu plans a CPU run's activations, which under
+    dropout keep the math path's [s, s] tensors and activation-dtype masks (tests/test_plan_measure.py)."""
+    def activations(*flags):
+        assert main(["plan", "configs/tiny.yaml", "model.hidden_dropout=0.1", "model.attention_dropout=0.1",
+                     "--gpus", "1", "--json", *flags]) == 0
+        out = json.loads(capsys.readouterr().out)
+        return out["kernels"], out["memory"][0]["activations"]
+
+    (cuda_name, cuda), (cpu_name, cpu) = activations(), activations("--kernels", "cpu")
+    assert (cuda_name, cpu_name) == ("cuda", "cpu")
+    config = load_config("configs/tiny.yaml", ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"])
+    layout = layout_from_config(config, 1)
+    for kernels, got in (("cuda", cuda), ("cpu", cpu)):
+        stored, _ = layer_activation_bytes(config.model, layout, 4, kernels=kernels)
+        assert got == config.model.num_layers * stored
+    assert cpu > cuda

@@ -9,7 +9,7 @@ from typing import Optional
 from megalm.config import load_config
 from megalm.plan.cluster import PlanError, get_numerics, load_cluster
 from megalm.plan.layout import layout_from_config, layout_overrides, overrides_yaml
-from megalm.plan.model import GiB, days_to_train
+from megalm.plan.model import KERNELS, GiB, days_to_train
 from megalm.plan.search import Plan, make_plan, propose_shapes, search
 
 PARTS = ("compute", "bubble", "pipeline_comm", "tensor_comm", "data_comm", "optimizer")
@@ -20,7 +20,7 @@ def format_plan(plan: Plan, tokens: Optional[float] = None) -> str:
     t, layout = plan.time, plan.layout
     lines = [
         f"plan: {layout.short()} = {layout.gpus} GPUs on {plan.cluster.name} ({plan.cluster.gpu}); "
-        f"{plan.precision}, {plan.numerics.description}",
+        f"{plan.precision}, {plan.numerics.description}" + ("; activations of CPU kernels" if plan.kernels == "cpu" else ""),
         f"memory per GPU (GiB, limit {plan.cluster.hbm_gib:g}):",
         "  stage layers  weights    grads optimizer activations emb/logits  buffers reserved    total  in-flight",
     ]
@@ -111,7 +111,7 @@ def run_plan(args: argparse.Namespace) -> int:
             print(format_overrides(overrides))
         return 0
     layout = layout_from_config(config, args.gpus, args.recompute)
-    plan = make_plan(model, layout, cluster, numerics, precision)
+    plan = make_plan(model, layout, cluster, numerics, precision, kernels=args.kernels)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
     else:
@@ -133,6 +133,8 @@ def register_cli(sub) -> None:
                       help="activation recompute to plan for (default: the config's parallel.recompute)")
     plan.add_argument("--numerics", default="megalm", choices=("megalm", "megatron"),
                       help="megalm: fp32 params/grads/Adam as implemented; megatron: fp16 params + fp32 master")
+    plan.add_argument("--kernels", default="cuda", choices=KERNELS,
+                      help="whose kernels the activation bytes describe: cuda (GPU runs) or cpu (a CPU run)")
     plan.add_argument("--tokens", type=float, help="also print the days to train this many tokens")
     plan.add_argument("--propose-params", type=float, help="propose model shapes of about this many parameters")
     plan.set_defaults(func=_cli_entry)

@@ -23,6 +23,7 @@ class Plan:
     precision: str
     memory: list[StageMemory]
     time: StepTime
+    kernels: str = "cuda"  # whose kernels the activation bytes describe (megalm.plan.model.KERNELS)
 
     @property
     def peak_memory(self) -> int:
@@ -35,6 +36,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "cluster": self.cluster.name, "numerics": self.numerics.name, "precision": self.precision,
+            "kernels": self.kernels,
             "layout": dataclasses.asdict(self.layout), "gpus": self.layout.gpus,
             "fits": self.fits, "peak_memory_gib": self.peak_memory / GiB,
             "memory": [dict(dataclasses.asdict(s), total=s.total) for s in self.memory],
@@ -44,13 +46,15 @@ class Plan:
 
 
 def make_plan(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, precision: str,
-              stages: Optional[Sequence[int]] = None) -> Plan:
-    """Plan one layout; `stages` limits the memory model to some pipeline ranks (default: all)."""
+              stages: Optional[Sequence[int]] = None, kernels: str = "cuda") -> Plan:
+    """Plan one layout; `stages` limits the memory model to some pipeline ranks (default: all); `kernels`:
+    whose kernels the activation bytes describe (cuda, or cpu for a CPU run)."""
     layout.check(model)
     numerics = numerics.for_precision(precision)
     ranks = range(layout.pp) if stages is None else sorted(set(stages))
-    memory = [stage_memory(model, layout, cluster, numerics, precision, r) for r in ranks]
-    return Plan(model, layout, cluster, numerics, precision, memory, step_time(model, layout, cluster, numerics, precision))
+    memory = [stage_memory(model, layout, cluster, numerics, precision, r, kernels) for r in ranks]
+    return Plan(model, layout, cluster, numerics, precision, memory, step_time(model, layout, cluster, numerics, precision),
+                kernels)
 
 
 def _divisors(n: int) -> list[int]:
