@@ -127,12 +127,11 @@ def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kern
     else:
         # fused SDPA kernels keep q, k, v, the output and the fp32 logsumexp (dropout: a few bytes of RNG
         # state). The output shares its storage with the projection's input when it comes out in q's
-        # [s, b, heads, d] memory order: CPU's flash kernel and CUDA's flash kernel follow q's layout (which
-        # is that order only when q is dense, i.e. rotary made it a new tensor), CUDA's memory-efficient
+        # [s, b, heads, d] memory order: the CPU flash kernel and CUDA's flash and cuDNN kernels allocate it
+        # in q's layout (empty_like keeps a strided tensor's dimension order), CUDA's memory-efficient
         # kernel (fp32, or any attention mask) writes [b, s, heads, d]; with b = 1 both orders coincide.
         efficient = not cpu and (act_bytes == 4 or model.family == "prefixlm")
-        follows_q = cpu or (not efficient and model.position_embedding == "rotary")
-        output = 0 if follows_q or b == 1 else act_bytes * sbh // t
+        output = act_bytes * sbh // t if efficient and b > 1 else 0
         logsumexp = 4 * b * heads * (-(-s // 32) * 32 if efficient else s)
         core = qkv + output + logsumexp + prefix_additive_mask_bytes(model, layout, act_bytes, kernels)
     return norms + linear_inputs + split + masks, core, qkv
@@ -155,8 +154,8 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, act_bytes: int, f
     sp = layout.tp if layout.sequence_parallel else 1
     if layout.recompute == "full":
         return act_bytes * model.seq_length * layout.micro_batch_size * model.hidden_size // sp, kept + core
-    if layout.recompute == "selective":
-        return kept + core_inputs, core
+    if layout.recompute == "selective":  # the rerun core materialises what it saves beyond its kept inputs
+        return kept + core_inputs, core - core_inputs
     return kept + core, 0
 
 
