@@ -180,7 +180,8 @@ def measure(cases: Iterable[Case], device: str = "cpu") -> dict[Case, int]:
 
 
 def default_cases(quick: bool = False) -> list[Case]:
-    """The table in docs/plan.md (quick: the subset tests/test_plan_measure.py runs by default)."""
+    """The table in docs/plan.md (quick: one shape, and recompute modes only for fp32 with dropout and bf16
+    without)."""
     shapes = [dict(seq_length=64, hidden_size=128, num_heads=4, micro_batch_size=2),
               dict(seq_length=128, hidden_size=64, num_heads=8, micro_batch_size=1)]
     layouts = [dict(tp=1), dict(tp=2), dict(tp=2, sequence_parallel=True)]
@@ -226,7 +227,7 @@ def table(measured: dict[Case, int], kernels: str, markdown: bool = False) -> tu
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megalm.plan.measure", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the default test's subset of cases")
+    parser.add_argument("--quick", action="store_true", help="one shape and fewer recompute cases")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table (docs/plan.md)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to measure (tp=1 only on cuda)")
     args = parser.parse_args(argv)
