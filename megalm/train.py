@@ -20,6 +20,7 @@ from megalm.data.tokenizer import Tokenizer
 from megalm.distributed import ParallelGroups, all_reduce_
 from megalm.generate import generate
 from megalm.kernels import describe_kernels
+from megalm.model.attention import describe_attention
 from megalm.metrics import (
     MetricsWriter, get_logger, guess_peak_tflops, peak_memory_bytes, peak_reserved_bytes, reset_peak_memory, throughput,
 )
@@ -312,6 +313,7 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
     metrics = MetricsWriter(writer_path)
     metrics.write({"event": "start", "time": time.time(), "world_size": groups.topology.world_size})
     logger.info(describe_kernels(groups.device))
+    logger.info(describe_attention(config.model, groups.device))
     logger.info(
         f"{groups.topology.describe()} | {sum(count_parameters(c) for c in chunks):,} parameters on rank "
         f"{groups.rank} | schedule {config.parallel.schedule} | "
