@@ -20,7 +20,7 @@ j <= i or j lies in the sample's prefix) chooses by `model.prefix_attention`:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -101,17 +101,28 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     return dense.sum(dim=-1).to(torch.int32), indices.to(torch.int32)
 
 
-# One compiled flex_attention per process, shared by every layer (torch.compile compiles on first call).
-# Called inside a compiled region (train.compile), dynamo traces flex_attention itself, as it should.
-_compiled_flex_attention = torch.compile(flex_attention)
+_compiled_flex_attention: Optional[Callable[..., Tensor]] = None
+
+
+def _flex_kernel(device_type: str) -> Callable[..., Tensor]:
+    """The compiled flex_attention on CUDA (one per process, shared by every layer; built on first use, as
+    torch.compile's import takes seconds), the eager one elsewhere. Inside a region being compiled
+    (train.compile) the plain function: dynamo traces it into the fused kernel itself."""
+    global _compiled_flex_attention
+    if device_type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention)
+    return _compiled_flex_attention
 
 
 def flex_prefix_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
     """softmax(q k^T / sqrt(d)) v over the block mask's visible pairs: [b, nh, s, d], no dropout."""
-    attend = _compiled_flex_attention if q.device.type == "cuda" else flex_attention
     try:
-        return attend(q, k, v, block_mask=block_mask)
+        return _flex_kernel(q.device.type)(q, k, v, block_mask=block_mask)
     except NotImplementedError as error:  # torch has no FlexAttention backward on this device
+        if q.device.type == "cuda":
+            raise
         raise RuntimeError(
             f"model.prefix_attention=flex cannot train on {q.device.type}: {error} Use model.prefix_attention=auto "
             f"(or dense) there"

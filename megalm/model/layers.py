@@ -7,6 +7,9 @@ all-gather inside the column-parallel layers.
 Selective activation recompute (`recompute_core`) keeps the attention core's inputs (q, k, v and
 the mask) instead of what it saves inside (scores, probabilities, dropout mask) and reruns it in
 backward; full recompute wraps whole layers (megalm.model.gpt).
+
+The attention core is SDPA (causal, or a dense PrefixLM mask) or, handed a BlockMask, FlexAttention
+(PrefixLM, megalm.model.attention).
 """
 
 from __future__ import annotations
