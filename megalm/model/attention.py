@@ -43,6 +43,12 @@ def prefix_attention_kernel(cfg: ModelConfig, device_type: str) -> tuple[str, st
     return "flex", "auto on cuda"
 
 
+def uses_dense_prefix_mask(cfg: ModelConfig, device_type: str) -> bool:
+    """Whether this model keeps SDPA's dense [b, 1, s, s] PrefixLM mask on `device_type` (`megalm plan` counts
+    its bytes); False for LM and for FlexAttention, whose block mask is [b, 1, s/128, s/128] ints."""
+    return cfg.family == "prefixlm" and prefix_attention_kernel(cfg, device_type)[0] == "dense"
+
+
 def describe_attention(cfg: ModelConfig, device: torch.device | str) -> str:
     """One start-up log line naming the attention kernel of the run and why."""
     if cfg.family != "prefixlm":

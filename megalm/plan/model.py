@@ -29,7 +29,6 @@ from typing import Optional
 
 from megalm.config import ModelConfig
 from megalm.metrics import training_flops_per_token
-from megalm.model.attention import prefix_attention_kernel
 from megalm.parallel.schedules import analytic_bubble
 from megalm.plan.cluster import Cluster, Numerics
 from megalm.plan.layout import (
@@ -83,19 +82,6 @@ class StageMemory:
                 + self.buffers + self.reserved)
 
 
-def prefix_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: int, device_type: str = "cuda") -> tuple[int, int]:
-    """PrefixLM on SDPA's dense mask: (bytes SDPA keeps per layer, bytes recompute keeps per chunk), per micro-batch.
-
-    SDPA turns the [b, 1, s, s] bool mask into an additive one in the activation dtype and keeps it for
-    backward in every layer; a recomputed layer keeps the bool mask itself, one tensor shared by the chunk.
-    (0, 0) for LM and for FlexAttention, whose block mask is [b, 1, s/128, s/128] ints (megalm.model.attention).
-    """
-    if model.family != "prefixlm" or prefix_attention_kernel(model, device_type)[0] != "dense":
-        return 0, 0
-    elements = layout.micro_batch_size * model.seq_length * model.seq_length
-    return act_bytes * elements, elements
-
-
 def layer_activation_bytes(model: ModelConfig, layout: Layout, act_bytes: int, flash: bool) -> tuple[int, int]:
     """(stored per layer and micro-batch, working set of one layer being recomputed/backwarded)."""
     s, b, h, f, a, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), model.num_heads, layout.tp
@@ -108,12 +94,11 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, act_bytes: int, f
     if not flash:
         elements = a * s * s * b // t
         scores = act_bytes * elements + ((act_bytes + 1) * elements if model.attention_dropout > 0 else 0)
-    mask, _ = prefix_mask_bytes(model, layout, act_bytes)
-    full = replicated + split + scores + mask
+    full = replicated + split + scores
     if layout.recompute == "full":
         return act_bytes * sbh // sp, full
     if layout.recompute == "selective":
-        return replicated + split, scores + mask
+        return replicated + split, scores
     return full, 0
 
 
@@ -149,8 +134,6 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
     for layers, _, _ in chunks:
         rerun = recomputed_layers(layout, len(layers)) if layout.recompute == "full" else len(layers)
         per_chunk = max(per_chunk, rerun * stored + (len(layers) - rerun) * stored_plain)
-    if layout.recompute != "none":  # recomputed layers keep the chunk's dense PrefixLM mask
-        per_chunk += prefix_mask_bytes(model, layout, act_bytes)[1]
     activations = flight * per_chunk + working
     s, b, h = model.seq_length, layout.micro_batch_size, model.hidden_size
     sp = layout.tp if layout.sequence_parallel else 1
