@@ -20,10 +20,10 @@ from megalm.data.tokenizer import Tokenizer
 from megalm.distributed import ParallelGroups, all_reduce_
 from megalm.generate import generate
 from megalm.kernels import describe_kernels
-from megalm.model.attention import describe_attention
 from megalm.metrics import (
     MetricsWriter, get_logger, guess_peak_tflops, peak_memory_bytes, peak_reserved_bytes, reset_peak_memory, throughput,
 )
+from megalm.model.attention import describe_attention
 from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters, param_dtype
 from megalm.optim import LossScaler, clip_grads_, found_inf, grad_norm, lr_at, set_lr
 from megalm.parallel.data import GradientSync
