@@ -192,6 +192,7 @@ class ModelConfig(_Section):
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "family": ("lm", "prefixlm"),
         "position_embedding": ("learned", "rotary"),
+        "prefix_attention": ("auto", "flex", "dense"),
     }
 
     family: str = "lm"  # "lm": causal GPT; "prefixlm": bidirectional attention over each sample's prefix, loss after it
@@ -209,6 +210,8 @@ class ModelConfig(_Section):
     layernorm_eps: float = 1e-5  # epsilon of every LayerNorm
     init_std: float = 0.02  # std of the normal initialisation (output projections: init_std / sqrt(2 x num_layers))
     make_vocab_size_divisible_by: int = 128  # the embedding's rows are vocab_size padded to a multiple of this x tp
+    # PrefixLM attention: "flex" (FlexAttention, block mask), "dense" (SDPA, [b, 1, s, s] mask), "auto": flex on CUDA without attention dropout
+    prefix_attention: str = "auto"
 
     def _check_values(self) -> None:
         self._positive(
@@ -218,6 +221,12 @@ class ModelConfig(_Section):
         )
         for name in ("hidden_dropout", "attention_dropout"):
             self._require(0.0 <= getattr(self, name) < 1.0, name, "in [0, 1)")
+        if self.prefix_attention != "auto" and self.family != "prefixlm":
+            raise ConfigError(f"model.prefix_attention={self.prefix_attention} applies to model.family=prefixlm only "
+                              f"(LM attention is SDPA is_causal): remove it or set it to auto")
+        if self.prefix_attention == "flex" and self.attention_dropout > 0:
+            raise ConfigError(f"model.prefix_attention=flex has no attention dropout, but model.attention_dropout="
+                              f"{self.attention_dropout}: set attention_dropout to 0 or prefix_attention to dense (or auto)")
 
     def ffn_size(self) -> int:
         """The MLP hidden size: ffn_hidden_size, or 4 * hidden_size when unset."""

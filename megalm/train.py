@@ -23,6 +23,7 @@ from megalm.kernels import describe_kernels
 from megalm.metrics import (
     MetricsWriter, get_logger, guess_peak_tflops, peak_memory_bytes, peak_reserved_bytes, reset_peak_memory, throughput,
 )
+from megalm.model.attention import describe_attention
 from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters, param_dtype
 from megalm.optim import LossScaler, clip_grads_, found_inf, grad_norm, lr_at, set_lr
 from megalm.parallel.data import GradientSync
@@ -312,6 +313,7 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
     metrics = MetricsWriter(writer_path)
     metrics.write({"event": "start", "time": time.time(), "world_size": groups.topology.world_size})
     logger.info(describe_kernels(groups.device))
+    logger.info(describe_attention(config.model, groups.device))
     logger.info(
         f"{groups.topology.describe()} | {sum(count_parameters(c) for c in chunks):,} parameters on rank "
         f"{groups.rank} | schedule {config.parallel.schedule} | "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What only a GPU can show, on a machine with one CUDA GPU, in under 10 minutes:
 #   1. the tests marked `gpu` (tests/test_gpu.py on cuda): bf16 training steps, fused-AdamW resume bit
-#      for bit, peak memory against `megalm plan`, TF32 for fp32;
+#      for bit, peak memory against `megalm plan`, TF32 for fp32, FlexAttention PrefixLM against the
+#      dense mask (parity and peak memory);
 #   2. `megalm bench` of configs/gpt-125m.yaml and configs/gpt-1.3b.yaml in bf16 (MFU and the ratio to
 #      a plain PyTorch GPT of the same shape), each to a JSON file;
 #   3. gpu_check.json: the environment, the tests' verdicts and figures, the bench figures.

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,141 @@ def test_tf32_follows_precision_on_the_device(device: str) -> None:
         assert (1e-5 < error < 1e-2) if device == "cuda" else error < 1e-5
     finally:
         torch.backends.cuda.matmul.fp32_precision = saved
+
+
+# ---- PrefixLM through FlexAttention (model.prefix_attention) ---------------------------------------
+# One shape for every CUDA flex check, so the kernel is compiled once per dtype: 2 layers, hidden 256
+# (4 heads of 64), ffn 512, micro batch 2 x 4096 tokens. Every activation of a bf16 step is then smaller
+# than s x s = 16 MiB (the largest, the QKV output, is 12 MiB), so an allocation of s x s bytes or more
+# that the causal LM step does not make too can only hold an [s, s] tensor. The CPU
+# run checks the parity at 128 tokens (eagerly, with torch's CPU device check lifted: torch has no CPU
+# flex backward); the CPU no-[s, s] check is tests/model/test_flex.py.
+FLEX_PREFIXES = (1000, 2560)  # inside a 128-token tile and on a tile edge: partial and full tiles both
+# Flex against the dense mask, relative error of the loss / of each gradient's norm. fp32: both kernels
+# compute the softmax in fp32 with IEEE matmuls (TF32 off); only tile order differs (H200, torch 2.11,
+# 2026-11-26: gradients 1.2e-6, loss 0). bf16: activations and the probabilities fed to PV are rounded to
+# bf16 in different places by the two kernels (bf16 has 8 bits: 4e-3 per rounding); measured gradients
+# 6.8e-3 on the H200 and 1.4e-2 on CPU (128 tokens), loss 7e-6. The control, the causal LM on the same
+# weights and batch, differs by 0.23 (H200) and 0.38 (CPU) in the gradients: more than 5x the tolerance,
+# so it tells the prefix mask from another. The loss of random tokens is near ln(vocab) whatever the
+# mask (control: 1e-5), so the gradients carry the check; gpu_check's figures hold the measured errors.
+FLEX_TOLERANCE = {"fp32": (1e-5, 1e-4), "bf16": (1e-3, 3e-2)}
+
+
+def _flex_model(device: str, precision: str, family: str = "prefixlm", kernel: str = "auto", recompute: str = "none"):
+    from megalm.model.gpt import build_model_chunks
+
+    seq = 4096 if device == "cuda" else 128
+    config = _config(device, "model.num_layers=2", "model.hidden_size=256", "model.num_heads=4",
+                     "model.ffn_hidden_size=512", "model.vocab_size=256", f"model.seq_length={seq}",
+                     f"train.precision={precision}", f"model.family={family}", f"parallel.recompute={recompute}",
+                     *([f"model.prefix_attention={kernel}"] if family == "prefixlm" else []), base="tiny-prefixlm.yaml")
+    (chunk,) = build_model_chunks(config, _groups(device))
+    return chunk
+
+
+def _flex_batch(device: str, seq: int, shift: int = 0):
+    generator = torch.Generator().manual_seed(11 + shift)
+    tokens = torch.randint(0, 256, (2, seq), generator=generator).to(device)
+    labels = torch.randint(0, 256, (2, seq), generator=generator).to(device)
+    scale = seq / 4096
+    prefix = torch.tensor([int((p + 128 * shift) * scale) for p in FLEX_PREFIXES], device=device)
+    return tokens, labels, prefix
+
+
+def _flex_step(chunk, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Mean loss over the tokens after each prefix, and the parameters' gradients."""
+    tokens, labels, prefix = batch
+    chunk.zero_grad(set_to_none=True)
+    losses = chunk(tokens, labels=labels, prefix_lengths=prefix)  # [b, s]
+    mask = torch.arange(tokens.shape[1], device=tokens.device) + 1 >= prefix.unsqueeze(1)
+    loss = (losses.float() * mask).sum() / mask.sum()
+    loss.backward()
+    return loss.detach(), [p.grad.float().clone() for p in chunk.parameters()]
+
+
+def _relative(got: tuple, want: tuple) -> tuple[float, float]:
+    loss = abs(float(got[0] / want[0]) - 1)
+    grads = max(float((a - b).norm() / b.norm()) for a, b in zip(got[1], want[1]))
+    return loss, grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_flex_prefixlm_matches_the_dense_mask(device: str, precision: str, monkeypatch) -> None:
+    """FlexAttention PrefixLM (on CUDA the compiled kernel, which reads the BlockMask's tiles), also under
+    selective recompute, against SDPA with the dense mask on the same weights and batch: loss and every
+    gradient. New prefix lengths at the same shape reuse the compiled kernel (no recompile)."""
+    import torch.nn.attention.flex_attention as torch_flex
+
+    if device == "cpu":
+        monkeypatch.setattr(torch_flex, "_validate_device", lambda *args, **kwargs: None)
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"  # fp32 means fp32 here, on both kernels
+    try:
+        dense = _flex_model(device, precision, kernel="dense")
+        flex = _flex_model(device, precision, kernel="flex")
+        causal = _flex_model(device, precision, family="lm")  # the control: the same weights, no prefix
+        seq = flex.cfg.seq_length
+        batch = _flex_batch(device, seq)
+        want = _flex_step(dense, batch)
+        got = _flex_step(flex, batch)
+        control = _relative(_flex_step(causal, batch), want)
+        error = _relative(got, want)
+        # selective recompute reruns the (compiled) flex call in backward: the same result
+        selective = _relative(_flex_step(_flex_model(device, precision, kernel="flex", recompute="selective"), batch), want)
+        error = tuple(max(a, b) for a, b in zip(error, selective))
+        for shift in (1, 2):  # other prefixes, same shape: no recompile on CUDA
+            with torch._dynamo.config.patch(error_on_recompile=device == "cuda"):
+                again = _relative(_flex_step(flex, _flex_batch(device, seq, shift)), _flex_step(dense, _flex_batch(device, seq, shift)))
+            error = tuple(max(a, b) for a, b in zip(error, again))
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+    loss_tol, grad_tol = FLEX_TOLERANCE[precision]
+    _report("flex_prefixlm_parity", device, precision=precision, seq=seq, loss_error=error[0], grad_error=error[1],
+            control_loss_error=control[0], control_grad_error=control[1], tolerance=[loss_tol, grad_tol])
+    assert error[0] <= loss_tol and error[1] <= grad_tol, (error, control)
+    assert control[1] > 5 * grad_tol, control  # the tolerance tells the prefix mask from the causal one
+
+
+@pytest.mark.gpu
+def test_flex_prefixlm_allocates_no_seq_by_seq_tensor() -> None:
+    """bf16 forward + backward: flex makes no allocation of s x s bytes or more beyond those the causal
+    LM's flash step makes too (the step's own buffers: an [s, s] tensor would be an extra one; the dense
+    mask path's [b, 1, s, s] masks are, the control), and its peak is the causal LM's within s x s / 2
+    bytes, below the dense mask's by more than s x s."""
+    device = "cuda"
+    peaks, large = {}, {}
+    for name, family, kernel in (("lm", "lm", "auto"), ("flex", "prefixlm", "flex"), ("dense", "prefixlm", "dense")):
+        chunk = _flex_model(device, "bf16", family, kernel)
+        seq = chunk.cfg.seq_length
+        batch = _flex_batch(device, seq)
+        _flex_step(chunk, batch)  # compiles (flex) and warms up
+        chunk.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(context=None, max_entries=100000, clear_history=True)
+        try:
+            _flex_step(chunk, batch)
+            torch.cuda.synchronize()
+            snapshot = torch.cuda.memory._snapshot()
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+        peaks[name] = torch.cuda.max_memory_allocated() - base
+        square = seq * seq
+        large[name] = sorted(e["size"] for trace in snapshot["device_traces"] for e in trace
+                             if e["action"] == "alloc" and e["size"] >= square)
+        del chunk
+    _report("flex_prefixlm_memory", device, seq=seq, peak_mib={k: v / 2**20 for k, v in peaks.items()},
+            allocations_of_s_by_s_bytes_or_more_mib={k: [n / 2**20 for n in v] for k, v in large.items()},
+            seq_by_seq_mib=square / 2**20)
+    extra = {name: list((Counter(large[name]) - Counter(large["lm"])).elements()) for name in ("flex", "dense")}
+    assert extra["flex"] == [], large  # nothing the causal flash step does not allocate too
+    assert any(n >= 2 * square for n in extra["dense"]), large  # the control: its [2, 1, s, s] masks
+    assert peaks["flex"] <= peaks["lm"] + square / 2, peaks  # H200: +0.03 MiB
+    assert peaks["flex"] < peaks["dense"] - square, peaks  # H200: 129 MiB against 277
 
 
 # ---- scripts/gpu_check.sh: what can be exercised without a GPU ------------------------------------------

@@ -85,5 +85,5 @@ def test_prefix_mask_is_kept_once_per_microbatch(recompute: str) -> None:
 
     prefix = Case("prefixlm", recompute=recompute, **SHAPE)
     extra = outside(prefix) - outside(dataclasses.replace(prefix, family="lm"))
-    assert extra == prefix_mask_bytes(prefix.model(), prefix.layout())
+    assert extra == prefix_mask_bytes(prefix.model(), prefix.layout(), "cpu")
     assert (extra > 0) == (recompute != "none")

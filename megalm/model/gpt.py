@@ -10,6 +10,10 @@ then cast: the low-precision model is the rounded fp32 model, and the matmuls re
 (no autocast). Activations follow the parameters' dtype; LayerNorm statistics, softmax and the
 loss are computed in fp32 (megalm.model.layers, megalm.parallel.tensor).
 
+PrefixLM attention is FlexAttention with a block mask, or SDPA with a dense [b, 1, s, s] mask
+(`model.prefix_attention`, megalm.model.attention); either is built once per micro-batch and chunk and
+shared by the chunk's layers.
+
 Activation recompute (`parallel.recompute`): "full" keeps only the input of each of a chunk's first
 `recompute_layers` layers (all by default) and reruns the layer in backward; "selective" reruns the
 attention core only. Both redraw the forward's dropout masks (megalm.parallel.random.recompute).
@@ -25,6 +29,7 @@ from torch import nn
 
 from megalm.config import Config, ModelConfig
 from megalm.distributed import ParallelGroups
+from megalm.model.attention import prefix_attention_kernel, prefix_attention_mask, prefix_block_mask
 from megalm.model.init import initialize_parameters_
 from megalm.model.layers import Embedding, TransformerLayer, layer_norm, rotary_cos_sin
 from megalm.parallel.random import ParallelRNG, recompute
@@ -44,14 +49,6 @@ def param_dtype(config: Config) -> torch.dtype:
     if config.train.engine == "deepspeed":
         return torch.float32
     return PARAM_DTYPES[config.train.precision]
-
-
-def prefix_attention_mask(prefix_lengths: torch.Tensor, seq_length: int) -> torch.Tensor:
-    """[b, 1, s, s] bool mask: query i sees key j if j <= i or j lies inside the sample's prefix."""
-    positions = torch.arange(seq_length, device=prefix_lengths.device)
-    causal = positions.unsqueeze(1) >= positions.unsqueeze(0)  # [s, s]
-    in_prefix = positions.unsqueeze(0) < prefix_lengths.view(-1, 1, 1)  # [b, 1, s] over keys
-    return (causal.unsqueeze(0) | in_prefix).unsqueeze(1)
 
 
 @dataclass(frozen=True)
@@ -99,6 +96,7 @@ class GPTModel(nn.Module):
         self.is_last = spec.last
         self.layer_ids = spec.layers
         self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (seq_len, device) -> cos, sin
+        self.prefix_kernel = prefix_attention_kernel(cfg, groups.device.type)[0] if cfg.family == "prefixlm" else None
         # full: this chunk's first recomputed_layers layers keep only their input (a chunk with fewer
         # layers than recompute_layers recomputes all of them)
         self.recomputed_layers = 0
@@ -152,7 +150,8 @@ class GPTModel(nn.Module):
         if self.cfg.family == "prefixlm":
             if prefix_lengths is None:
                 raise ValueError("a PrefixLM model needs prefix_lengths for every sample")
-            attn_mask = prefix_attention_mask(prefix_lengths, seq_len)
+            build_mask = prefix_block_mask if self.prefix_kernel == "flex" else prefix_attention_mask
+            attn_mask = build_mask(prefix_lengths, seq_len)  # a BlockMask, or a [b, 1, s, s] bool tensor
         rotary = None
         if self.cfg.position_embedding == "rotary":
             key = (seq_len, hidden.device)  # computed once per shape, not every forward

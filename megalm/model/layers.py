@@ -7,12 +7,15 @@ all-gather inside the column-parallel layers.
 Selective activation recompute (`recompute_core`) keeps the attention core's inputs (q, k, v and
 the mask) instead of what it saves inside (scores, probabilities, dropout mask) and reruns it in
 backward; full recompute wraps whole layers (megalm.model.gpt).
+
+The attention core is SDPA (causal, or a dense PrefixLM mask) or, handed a BlockMask, FlexAttention
+(PrefixLM, megalm.model.attention).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,7 @@ from torch import nn
 from megalm.config import ModelConfig
 from megalm.distributed import ParallelGroups
 from megalm.kernels import layer_norm_class
+from megalm.model.attention import BlockMask, flex_prefix_attention
 from megalm.parallel.random import ParallelRNG, recompute
 from megalm.parallel.tensor import (
     ColumnParallelLinear,
@@ -122,6 +126,10 @@ def _dropout(x: torch.Tensor, p: float, training: bool, rng: ParallelRNG, split:
     return F.dropout(x, p, training=True)
 
 
+# What a layer is handed to mask attention: None (causal), a dense bool mask, or a FlexAttention BlockMask.
+AttentionMask = Union[None, torch.Tensor, BlockMask]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with heads split over tp (fused QKV laid out per head).
 
@@ -145,7 +153,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        attn_mask: Optional[torch.Tensor],
+        attn_mask: AttentionMask,
         rotary: Optional[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         qkv = self.qkv(x)  # [s, b, 3 * local_heads * d]
@@ -161,10 +169,13 @@ class Attention(nn.Module):
         out = out.permute(2, 0, 1, 3).reshape(seq_len, batch, self.local_heads * self.head_dim)  # [s, b, h/tp]
         return self.proj(out)
 
-    def _core(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d) + mask) with dropout, times v: [b, nh, s, d]."""
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: AttentionMask) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) with dropout, times v: [b, nh, s, d].
+
+        None: causal (SDPA is_causal); a bool tensor: SDPA with that mask; a BlockMask: FlexAttention
+        (PrefixLM, no dropout: ModelConfig allows flex only with attention_dropout 0)."""
+        if isinstance(attn_mask, BlockMask):
+            return flex_prefix_attention(q, k, v, attn_mask)
         dropout = self.dropout if self.training else 0.0
         # Local heads are split activations: their dropout masks must differ across tp ranks.
         with self.rng.tp_distinct() if dropout > 0 else contextlib.nullcontext():
@@ -204,7 +215,7 @@ class TransformerLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        attn_mask: Optional[torch.Tensor],
+        attn_mask: AttentionMask,
         rotary: Optional[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         drop = lambda t: _dropout(t, self.dropout, self.training, self.rng, self.sequence_parallel)  # noqa: E731

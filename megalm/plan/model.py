@@ -29,6 +29,7 @@ from typing import Optional
 
 from megalm.config import ModelConfig
 from megalm.metrics import training_flops_per_token
+from megalm.model.attention import uses_dense_prefix_mask
 from megalm.parallel.schedules import analytic_bubble
 from megalm.plan.cluster import Cluster, Numerics, PlanError
 from megalm.plan.layout import (
@@ -130,7 +131,7 @@ def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kern
         # [s, b, heads, d] memory order: the CPU flash kernel and CUDA's flash and cuDNN kernels allocate it
         # in q's layout (empty_like keeps a strided tensor's dimension order), CUDA's memory-efficient
         # kernel (fp32, or any attention mask) writes [b, s, heads, d]; with b = 1 both orders coincide.
-        efficient = not cpu and (act_bytes == 4 or model.family == "prefixlm")
+        efficient = not cpu and (act_bytes == 4 or uses_dense_prefix_mask(model, kernels))
         output = act_bytes * sbh // t if efficient and b > 1 else 0
         logsumexp = 4 * b * heads * (-(-s // 32) * 32 if efficient else s)
         core = qkv + output + logsumexp + prefix_additive_mask_bytes(model, layout, act_bytes, kernels)
@@ -161,17 +162,18 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, act_bytes: int, f
 
 def prefix_additive_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kernels: str) -> int:
     """PrefixLM's dense mask as the fused SDPA kernels keep it, in every layer: the bool [b, 1, s, s] mask
-    becomes an additive mask in the activation dtype (CUDA's memory-efficient kernel pads rows to 16)."""
-    if model.family != "prefixlm":
+    becomes an additive mask in the activation dtype (CUDA's memory-efficient kernel pads rows to 16).
+    FlexAttention keeps no mask (its block mask is [b, 1, s/128, s/128] ints)."""
+    if not uses_dense_prefix_mask(model, kernels):
         return 0
     s, b = model.seq_length, layout.micro_batch_size
     return act_bytes * b * s * (s if kernels == "cpu" else -(-s // 16) * 16)
 
 
-def prefix_mask_bytes(model: ModelConfig, layout: Layout) -> int:
+def prefix_mask_bytes(model: ModelConfig, layout: Layout, kernels: str = "cuda") -> int:
     """PrefixLM's dense [b, 1, s, s] bool mask, kept once per micro-batch and model chunk by recompute's
     checkpoints (without recompute the layers keep only their additive copies, `_megalm_layer_bytes`)."""
-    if model.family != "prefixlm" or layout.recompute == "none":
+    if not uses_dense_prefix_mask(model, kernels) or layout.recompute == "none":
         return 0
     return layout.micro_batch_size * model.seq_length ** 2
 
@@ -208,7 +210,7 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
     for layers, _, _ in chunks:
         rerun = recomputed_layers(layout, len(layers)) if layout.recompute == "full" else len(layers)
         per_chunk = max(per_chunk, rerun * stored + (len(layers) - rerun) * stored_plain)
-    activations = flight * (per_chunk + prefix_mask_bytes(model, layout)) + working
+    activations = flight * (per_chunk + prefix_mask_bytes(model, layout, kernels)) + working
     s, b, h = model.seq_length, layout.micro_batch_size, model.hidden_size
     sp = layout.tp if layout.sequence_parallel else 1
     embedding_logits = 0
