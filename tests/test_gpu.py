@@ -354,7 +354,7 @@ def test_compiled_layers_train_like_eager(device: str) -> None:
             compile_s=compiled[0]["compile_s"], first_step_s=compiled[0]["step_time_s"],
             eager_step_s=eager_step, compiled_step_s=compiled_step)
     assert compiled[0]["compile_s"] > 0 and compiled[-1]["compile_s"] == compiled[0]["compile_s"], compiled
-    tolerance = 2e-2 if device == "cuda" else 1e-5
+    tolerance = 5e-3 if device == "cuda" else 1e-5  # H200, torch 2.11: 3e-5 seen
     for step, (got, want) in enumerate(zip(compiled_losses, eager_losses)):
         assert abs(got - want) <= tolerance * abs(want), (step, compiled_losses, eager_losses)
     assert compiled_losses[-1] < compiled_losses[0] - 0.05, compiled_losses  # it trains
