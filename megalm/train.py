@@ -308,11 +308,11 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
     chunks = build_model_chunks(config, groups)
     chunks[0].rng.seed_replicated()
     if config.train.compile:
-        from megalm.model.compile import compile_layers
+        from megalm.model import compile as compile_module
 
-        compiled = compile_layers(chunks)
-        logger.info(f"compile: {compiled} transformer layers compiled with torch.compile (inductor) when the first "
-                    f"step runs them; identical layers share the compiled code")
+        compiled = compile_module.compile_layers(chunks)
+        logger.info(f"compile: {compiled} transformer layers compiled with torch.compile ({compile_module.DEFAULT_BACKEND}) "
+                    f"when the first step runs them; identical layers share the compiled code")
     parallel = config.parallel
     runner = None
     if config.train.engine == "deepspeed":

@@ -185,6 +185,17 @@ def test_recompute_around_compiled_layers_is_bitwise(family: str, aot_eager) -> 
         assert_bitwise(train(make_config(family, dropout=0.1, recompute=mode), single), stored, (family, mode))
 
 
+@pytest.mark.nightly
+def test_recompute_around_inductor_layers_is_bitwise() -> None:
+    """The same with inductor and its own replicated masks (tp = 1: the hidden dropout is in the
+    graph): the rerun of a compiled layer draws the forward's masks, so selective and full recompute
+    equal the compiled stored run bit for bit."""
+    single = ParallelGroups.single()
+    stored = train(make_config(dropout=0.1), single)
+    for mode in ("selective", "full"):
+        assert_bitwise(train(make_config(dropout=0.1, recompute=mode), single), stored, mode)
+
+
 def _parallel_worker(rank: int, world_size: int, backend: str) -> dict:
     compile_module.DEFAULT_BACKEND = backend
     groups = build_parallel_groups(Topology(tp=2, pp=2, dp=1), rank, torch.device("cpu"))
