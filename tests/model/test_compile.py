@@ -287,3 +287,18 @@ def test_inductor_replicated_dropout_agrees_across_tp() -> None:
     outputs differ (attention dropout stays tp-distinct, eager)."""
     ranks = run_distributed(_replicated_worker, 2, timeout=600, collective_timeout=600)
     assert torch.equal(ranks[0], ranks[1])
+
+
+@pytest.mark.nightly
+def test_inductor_fuses_the_element_wise_functions() -> None:
+    """bias + GeLU and bias + dropout + residual (with and without dropout) each become one kernel."""
+    import torch._inductor.metrics as metrics
+
+    rng = ParallelRNG(1, ParallelGroups.single())
+    y, bias, residual = torch.randn(16, 4, 32), torch.randn(32), torch.randn(16, 4, 32)
+    for function, args in ((bias_gelu, (y, bias)), (bias_dropout_add, (y, bias, residual, 0.1, True, rng, False)),
+                           (bias_dropout_add, (y, bias, residual, 0.0, True, rng, False))):
+        torch._dynamo.reset()
+        metrics.reset()
+        torch.compile(function, backend="inductor")(*args)
+        assert metrics.generated_kernel_count == 1, (function.__name__, args[3:4], metrics.generated_kernel_count)
