@@ -5,8 +5,11 @@ Both are timed in the same process, on the same device, on the same pre-generate
 micro-batches per optimizer step, the same `train.precision`, optimizer, clipping, warm-up and timed step
 counts. In bf16 the baseline trains the way a plain PyTorch (nanoGPT-style) loop does, under
 torch.autocast over fp32 weights, while megalm holds bf16 weights with fp32 main gradients and
-masters (Megatron-style): the ratio therefore includes the gain of megalm's precision scheme. The
-baseline runs first so that on CPU its peak memory is measured before megalm's model
+masters (Megatron-style): the ratio therefore includes the gain of megalm's precision scheme.
+When Hugging Face `transformers` is installed (the optional `hf` extra), its GPT2LMHeadModel of the
+same shape is timed too, trained exactly as the plain baseline is (`TransformersGPT2`), and a
+second ratio megalm / transformers is reported; without it the report says it was skipped. The
+baselines run first so that on CPU their peak memory is measured before megalm's model
 exists. Results are the median step time and what follows from it (tokens/s, model TFLOP/s per
 device, MFU, peak memory), and the ratio megalm / baseline of per-device tokens/s.
 
@@ -206,6 +209,56 @@ def build_baseline_optimizer(model: nn.Module, config: Config, device: torch.dev
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, **extra)
 
 
+class TransformersGPT2(nn.Module):
+    """Hugging Face `transformers`' GPT2LMHeadModel of megalm's shape (the optional third phase).
+
+    Same layers, hidden size, heads, FFN, vocabulary (unpadded), tied output layer, LayerNorm eps,
+    dropouts and tanh GeLU ("gelu_new"), attention through SDPA. GPT-2 has learned absolute
+    positions only: a rotary megalm config is timed against learned positions (the difference is
+    an [s, h] add against megalm's rotations of q and k). GPT-2 is causal; a PrefixLM run passes
+    the prefix mask as a [b, 1, s, s] boolean attention mask, which transformers applies as given.
+    Its own weight init; the loss is computed here, as the plain baseline computes it.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.cfg = cfg
+        config = GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.max_positions(), n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_size(), activation_function="gelu_new",
+            resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout, attn_pdrop=cfg.attention_dropout,
+            layer_norm_epsilon=cfg.layernorm_eps, tie_word_embeddings=True, use_cache=False,
+            bos_token_id=None, eos_token_id=None,
+        )
+        self.model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Summed cross-entropy over the labels that are not IGNORE_INDEX; tokens, labels [b, s]."""
+        mask = prefix_attention_mask(prefix_lengths, tokens.shape[1]) if self.cfg.family == "prefixlm" else None
+        logits = self.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits  # [b, s, V]
+        return F.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+
+def transformers_missing() -> Optional[str]:
+    """Why the transformers phase cannot run here (None when it can)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return "Hugging Face transformers is not installed (pip install 'megalm[hf]')"
+    return None
+
+
+def build_transformers_gpt2(cfg: ModelConfig, seed: int, device: torch.device) -> TransformersGPT2:
+    torch.manual_seed(seed)
+    return TransformersGPT2(cfg).to(device)
+
+
 BaselineBatch = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # tokens, labels, prefix_lengths
 
 
@@ -368,27 +421,26 @@ def prepare_batches(config: Config, groups: ParallelGroups, num_steps: int) -> l
 
 
 def run_baseline(
-    config: Config, groups: ParallelGroups, batches: list[list[Batch]], warmup: int, steps: int
+    config: Config, groups: ParallelGroups, batches: list[list[Batch]], warmup: int, steps: int,
+    builder: Callable[[ModelConfig, int, torch.device], nn.Module] = build_baseline, name: str = "plain PyTorch",
 ) -> Optional[PhaseResult]:
-    """Time the plain GPT on this rank's share of each step; None if it does not fit on the device."""
+    """Time a single-device GPT (the plain one, or transformers') on this rank's share of each step;
+    None if it does not fit on the device."""
     device = groups.device
     memory = PeakMemory(device)
     failed = 0.0
     compiled: list[float] = []
     try:
-        model = build_baseline(config.model, config.train.seed, device)
+        model = builder(config.model, config.train.seed, device)
         if config.train.compile:
-            from megalm.model import compile as compile_module
-
-            for block in model.blocks:
-                block.compile(backend=compile_module.DEFAULT_BACKEND)
+            _compile_blocks(model)
         optimizer = build_baseline_optimizer(model, config, device)
         step = make_baseline_step(model, optimizer, config, [baseline_batches(b) for b in batches])
         times, losses, peak = time_steps(step, warmup, steps, device, memory, barrier=False, compile_times=compiled)
         num_parameters = sum(p.numel() for p in model.parameters())
     except torch.cuda.OutOfMemoryError:
         failed, times, losses, peak, num_parameters = 1.0, [], [], 0, 0
-    model = optimizer = step = None  # noqa: F841 - free the baseline before megalm is built
+    model = optimizer = step = None  # noqa: F841 - free this model before the next phase builds its own
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -396,9 +448,19 @@ def run_baseline(
         return None
     local_tokens = sum(b.tokens.numel() for b in batches[0])
     return PhaseResult(
-        "plain PyTorch", _max_over_ranks(times, device), losses, int(_max_over_ranks([peak], device)[0]),
+        name, _max_over_ranks(times, device), losses, int(_max_over_ranks([peak], device)[0]),
         local_tokens, 1, num_parameters, memory.description(), *_compile_times(config, compiled, device),
     )
+
+
+def _compile_blocks(model: nn.Module) -> None:
+    """train.compile: torch.compile each transformer block of a comparison model, as megalm compiles
+    each of its layers (megalm.model.compile), so the ratios compare compiled with compiled."""
+    from megalm.model import compile as compile_module
+
+    blocks = model.blocks if isinstance(model, BaselineGPT) else model.model.transformer.h
+    for block in blocks:
+        block.compile(backend=compile_module.DEFAULT_BACKEND)
 
 
 def _compile_times(config: Config, compiled: list[float], device: torch.device) -> tuple[Optional[float], ...]:
@@ -465,6 +527,9 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
 
 
+PHASES = (("megalm", "megalm"), ("baseline", "plain PyTorch"), ("transformers", "transformers GPT-2"))
+
+
 def format_report(result: dict) -> str:
     """The table printed by `megalm bench`."""
     multi = result["world_size"] > 1
@@ -472,7 +537,7 @@ def format_report(result: dict) -> str:
         "TFLOP/s/device", "MFU", "peak mem GiB"
     ]
     rows = [header]
-    for key, label in (("megalm", "megalm"), ("baseline", "plain PyTorch")):
+    for key, label in PHASES:
         entry = result.get(key)
         if entry is None:
             continue
@@ -501,8 +566,12 @@ def format_report(result: dict) -> str:
         lines.append(f"ratio megalm/baseline tokens/s: {result['ratio_tokens_per_s']:.2f}")
     elif result.get("baseline_skipped"):
         lines.append(f"baseline: {result['baseline_skipped']}")
+    if result.get("ratio_transformers_tokens_per_s") is not None:
+        lines.append(f"ratio megalm/transformers tokens/s: {result['ratio_transformers_tokens_per_s']:.2f}")
+    elif result.get("transformers_skipped"):
+        lines.append(f"transformers GPT-2: skipped, {result['transformers_skipped']}")
     notes = [f"peak memory: {result['peak_memory_kind']}"]
-    for key, label in (("megalm", "megalm"), ("baseline", "plain PyTorch")):
+    for key, label in PHASES:
         entry = result.get(key)
         if entry is None or entry.get("compile_s") is None:
             continue
@@ -514,7 +583,7 @@ def format_report(result: dict) -> str:
         measured = result["megalm"]["peak_memory_gib"]
         notes.append(f"megalm plan predicts {result['planned_peak_gib']:.3f} GiB for megalm's peak (measured/planned "
                      f"{measured / result['planned_peak_gib']:.2f})")
-    for key, label in (("megalm", "megalm"), ("baseline", "plain PyTorch")):
+    for key, label in PHASES:
         entry = result.get(key)
         if entry is not None and entry["max_step_s"] > NOISY_SPREAD * entry["min_step_s"]:
             notes.append(
@@ -562,6 +631,14 @@ def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> i
     try:
         batches = prepare_batches(config, groups, warmup + steps)
         baseline = None if args.no_baseline else run_baseline(config, groups, batches, warmup, steps)
+        hf_skipped = "--no-baseline" if args.no_baseline else (
+            "--no-transformers" if getattr(args, "no_transformers", False) else transformers_missing()
+        )
+        hf = None
+        if hf_skipped is None:
+            hf = run_baseline(config, groups, batches, warmup, steps, build_transformers_gpt2, "transformers GPT-2")
+            if hf is None:
+                hf_skipped = "transformers' GPT-2 did not fit on one device (out of memory)"
         megalm = run_megalm(config, groups, batches, warmup, steps)
     finally:
         if dist.is_initialized():
@@ -591,7 +668,10 @@ def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> i
         "megalm": summarize(megalm, config, peak_tflops),
         "baseline": summarize(baseline, config, peak_tflops) if baseline is not None else None,
         "planned_peak_gib": planned_peak_bytes(config, topology) / 2**30,
+        "transformers": summarize(hf, config, peak_tflops) if hf is not None else None,
+        "transformers_skipped": hf_skipped,
         "ratio_tokens_per_s": None,
+        "ratio_transformers_tokens_per_s": None,
         "baseline_skipped": "--no-baseline" if args.no_baseline else (
             None if baseline is not None else "the plain model did not fit on one device (out of memory)"
         ),
@@ -599,6 +679,10 @@ def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> i
     if result["baseline"] is not None:
         result["ratio_tokens_per_s"] = (
             result["megalm"]["tokens_per_s_per_device"] / result["baseline"]["tokens_per_s_per_device"]
+        )
+    if result["transformers"] is not None:
+        result["ratio_transformers_tokens_per_s"] = (
+            result["megalm"]["tokens_per_s_per_device"] / result["transformers"]["tokens_per_s_per_device"]
         )
     if rank == 0:
         print(format_report(result), flush=True)

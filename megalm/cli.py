@@ -1,4 +1,4 @@
-"""megalm command line: parse, build, call. `megalm train | check | bench`."""
+"""megalm command line: parse, build, call. `megalm --help` lists every command."""
 
 from __future__ import annotations
 
@@ -40,10 +40,12 @@ def _load(args: argparse.Namespace, dry_run: bool) -> tuple[Config, Topology]:
     return config, validate(config, _world_size(config, getattr(args, "world_size", None), dry_run))
 
 
-def check_before_start(config: Config, run_dir: Path):
+def check_before_start(config: Config, run_dir: Path, resume: bool = True):
     """Everything that can be refused without a process group, so that a mistake costs one clear line
-    and no GPU time: MEGALM_FAULT, the device, the run directory (a file, not writable) and the data
-    (missing or corrupt token files, another tokenizer). Returns (device, data sources)."""
+    and no GPU time: MEGALM_FAULT, the device, the run directory (a file, not writable), the data
+    (missing or corrupt token files, another tokenizer) and train.init_from (no checkpoint there, or
+    one of another model; unless the run resumes its own). Returns (device, data sources)."""
+    from megalm.checkpoint.weights import check_init_from, will_resume
     from megalm.data.pipeline import build_sources
     from megalm.distributed import resolve_device
     from megalm.faults import check_fault_env
@@ -52,7 +54,10 @@ def check_before_start(config: Config, run_dir: Path):
     device = resolve_device(config.train.device)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one probe per node: its ranks share the filesystem
         check_run_dir(run_dir)
-    return device, build_sources(config)
+    sources = build_sources(config)
+    if config.train.init_from is not None and not (resume and will_resume(run_dir)):
+        check_init_from(config, sources.tokenizer)
+    return device, sources
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -86,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from megalm.train import NonFiniteLossError, build_trainer, write_resolved_config
 
     run_dir = Path(args.run_dir or config.train.run_dir)
-    device, sources = check_before_start(config, run_dir)
+    device, sources = check_before_start(config, run_dir, resume=not args.no_resume)
     allow_tf32(device, config.train.precision)
     rank, _ = init_distributed(device, config.train.collective_timeout_s)
     global _ranks_differ
@@ -122,10 +127,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     start_step = 0
     if config.train.engine == "megalm":
         checkpointer = Checkpointer(trainer, run_dir)
-        if args.no_resume:
-            checkpointer.start_over()  # an earlier run's checkpoints are moved aside, never mixed in
-        else:
-            start_step = checkpointer.resume() or 0
+        # Resume the run's own checkpoint, else load train.init_from's weights (if set) at step 0; with
+        # --no-resume an earlier run's checkpoints are moved aside first, never mixed in.
+        start_step = checkpointer.start(resume=not args.no_resume)
         checkpointer.install_signal_handler()
     else:
         logger.warning("train.engine=deepspeed: megalm checkpoints and resume are not available with this engine")
@@ -242,9 +246,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(config, topology, args)
 
 
+def _wide_help(prog: str) -> argparse.HelpFormatter:
+    """Help with each command's description on one line, whatever the terminal's width."""
+    return argparse.HelpFormatter(prog, max_help_position=30, width=200)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megalm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="megalm", formatter_class=_wide_help,
+        description="3D-parallel (tensor x pipeline x data) GPT training: LM and PrefixLM, from a tiny CPU model to Yuan 245B.",
+        epilog="`megalm COMMAND --help` shows a command's options; docs/config.md lists every config key.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, title="commands")
 
     train = sub.add_parser("train", help="train a config (single process or under torchrun)")
     _add_config_args(train)
@@ -271,13 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(bench)
     bench.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    bench.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch baseline")
+    bench.add_argument("--no-baseline", action="store_true",
+                       help="skip the plain PyTorch baseline (and the transformers GPT-2)")
+    bench.add_argument("--no-transformers", action="store_true",
+                       help="skip Hugging Face transformers' GPT-2 (timed when transformers is installed)")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(func=cmd_bench)
 
     from megalm.plan.report import register_cli as register_plan
 
     register_plan(sub)  # megalm plan CONFIG --cluster NAME --gpus N [--search] ...
+
+    from megalm.config_doc import register_cli as register_config_doc
+
+    register_config_doc(sub)  # megalm config-doc [--output docs/config.md | --check docs/config.md]
 
     # Data commands live beside their code; each module adds its own sub-parser.
     from megalm.data import corpus, inspect, preprocess, tokenizer
@@ -341,7 +361,7 @@ def check_launch(argv: Sequence[str], world_size: Optional[int]) -> Optional[str
         config = load_config(args.config, args.overrides)
         if world_size is not None:
             validate(config, world_size)
-        check_before_start(config, Path(args.run_dir or config.train.run_dir))
+        check_before_start(config, Path(args.run_dir or config.train.run_dir), resume=not args.no_resume)
     except Exception as error:  # noqa: BLE001 - anything else is a bug: let it trace back
         message = describe_error(error)
         if message is None:

@@ -194,21 +194,21 @@ class ModelConfig(_Section):
         "position_embedding": ("learned", "rotary"),
     }
 
-    family: str = "lm"
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_heads: int = 4
-    ffn_hidden_size: Optional[int] = None
-    vocab_size: int = 256
-    seq_length: int = 64
-    max_position_embeddings: Optional[int] = None
-    position_embedding: str = "learned"
-    rotary_base: float = 10000.0
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    layernorm_eps: float = 1e-5
-    init_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
+    family: str = "lm"  # "lm": causal GPT; "prefixlm": bidirectional attention over each sample's prefix, loss after it
+    num_layers: int = 2  # transformer layers
+    hidden_size: int = 64  # width of the residual stream
+    num_heads: int = 4  # attention heads (must divide hidden_size, and be divisible by parallel.tp)
+    ffn_hidden_size: Optional[int] = None  # MLP hidden size; null: 4 x hidden_size
+    vocab_size: int = 256  # token ids the model knows (the tokenizer's vocabulary size)
+    seq_length: int = 64  # tokens per training sample
+    max_position_embeddings: Optional[int] = None  # rows of the learned position table; null: seq_length
+    position_embedding: str = "learned"  # "learned" absolute positions, or "rotary" (RoPE in attention)
+    rotary_base: float = 10000.0  # rotary only: the base of the rotary frequencies
+    hidden_dropout: float = 0.0  # dropout after attention and MLP and on the embeddings, in [0, 1)
+    attention_dropout: float = 0.0  # dropout on the attention probabilities, in [0, 1)
+    layernorm_eps: float = 1e-5  # epsilon of every LayerNorm
+    init_std: float = 0.02  # std of the normal initialisation (output projections: init_std / sqrt(2 x num_layers))
+    make_vocab_size_divisible_by: int = 128  # the embedding's rows are vocab_size padded to a multiple of this x tp
 
     def _check_values(self) -> None:
         self._positive(
@@ -258,10 +258,10 @@ class ParallelConfig(_Section):
         "schedule": SCHEDULES, "grad_reduce_dtype": ("fp32", "bf16"), "recompute": ("none", "selective", "full"),
     }
 
-    tp: int = 1
-    pp: int = 1
-    dp: Optional[int] = None
-    sequence_parallel: bool = False
+    tp: int = 1  # tensor-parallel ranks: each layer's weights split over them
+    pp: int = 1  # pipeline stages: the layers split over them
+    dp: Optional[int] = None  # data-parallel replicas; null: world size / (tp x pp), else it must equal that
+    sequence_parallel: bool = False  # with tp > 1: LayerNorm and dropout regions split over tp along the sequence
     schedule: str = "1f1b"  # pipeline schedule: "1f1b" | "gpipe" | "interleaved"
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     pipeline_layers: Optional[list[int]] = None  # layers per (virtual) stage; null: uniform
@@ -293,22 +293,22 @@ class OptimConfig(_Section):
         "decay_style": ("cosine", "linear", "constant"),
     }
 
-    lr: float = 3e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    decay_steps: Optional[int] = None
-    decay_style: str = "cosine"
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr: float = 3e-4  # peak learning rate, reached at the end of the warmup
+    min_lr: float = 0.0  # learning rate at the end of the decay, and after it
+    warmup_steps: int = 0  # steps of linear warmup from lr / warmup_steps to lr
+    decay_steps: Optional[int] = None  # steps from the start to the end of the decay (warmup included); null: train.steps
+    decay_style: str = "cosine"  # shape of the decay from lr to min_lr after the warmup
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay (not on 1-D tensors: biases, LayerNorm weights)
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's epsilon
+    clip_grad: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     # fp16 only: dynamic loss scaling (loss_scale null) or a static loss_scale.
     loss_scale: Optional[float] = None
-    initial_loss_scale: float = 65536.0
+    initial_loss_scale: float = 65536.0  # fp16, dynamic: the scale at the start
     loss_scale_window: int = 1000  # clean steps before the scale doubles
     loss_scale_hysteresis: int = 2  # overflowing steps tolerated before the scale halves
-    min_loss_scale: float = 1.0
+    min_loss_scale: float = 1.0  # fp16, dynamic: the scale never halves below this
 
     def _check_values(self) -> None:
         self._non_negative("min_lr", "warmup_steps", "weight_decay", "clip_grad")
@@ -334,19 +334,23 @@ class TrainConfig(_Section):
         "engine": ("megalm", "deepspeed"),
     }
 
-    steps: int = 100
-    micro_batch_size: int = 1
-    global_batch_size: int = 1
-    grad_accum_steps: Optional[int] = None
-    seed: int = 1234
+    steps: int = 100  # optimizer steps of the whole run (a resumed run continues up to it)
+    micro_batch_size: int = 1  # samples per forward/backward on one rank
+    global_batch_size: int = 1  # samples per optimizer step: micro_batch_size x dp x grad_accum_steps
+    grad_accum_steps: Optional[int] = None  # micro-batches per step per dp rank; null: derived from the batch sizes
+    seed: int = 1234  # seeds the initialisation, dropout and the data order
     precision: str = "fp32"  # bf16 / fp16: low-precision params, fp32 main grads + masters + Adam (README "Precision")
     engine: str = "megalm"  # "deepspeed": DeepSpeed's ZeRO for data parallelism (optional extra)
-    device: str = "auto"
-    run_dir: str = "runs/default"
+    device: str = "auto"  # "auto": CUDA when a GPU is visible, else CPU
+    run_dir: str = "runs/default"  # where config.yaml, metrics.jsonl and checkpoints/ go (--run-dir overrides it)
     collective_timeout_s: float = 300.0  # a collective waiting longer ends the job (NCCL's default: 600)
     eval_interval: int = 0  # evaluate the valid split every N steps (0: never)
     eval_batches: int = 1  # global batches of the valid split per evaluation
     compile: bool = False  # torch.compile each transformer layer (README "Compiled layers"); megalm engine only
+    # Fine-tune from weights: a checkpoint directory (RUN/checkpoints/step_NNNNNNNN) or a run directory (its
+    # latest checkpoint). Loads the model weights only, at any layout, and starts at step 0 with a fresh
+    # optimizer, LR schedule and data position; a run directory with a checkpoint of its own resumes instead.
+    init_from: Optional[str] = None
 
     def _check_values(self) -> None:
         self._positive("steps", "micro_batch_size", "global_batch_size", "grad_accum_steps", "eval_batches")
@@ -354,6 +358,7 @@ class TrainConfig(_Section):
         self._positive("collective_timeout_s")
         self._non_negative("seed")
         self._require(self.run_dir.strip() != "", "run_dir", "a non-empty path")
+        self._require(self.init_from is None or self.init_from.strip() != "", "init_from", "a path or null")
 
 
 @dataclass
@@ -363,16 +368,16 @@ class DataConfig(_Section):
     SECTION: ClassVar[str] = "data"
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"kind": ("synthetic", "indexed", "pairs")}
 
-    kind: str = "synthetic"
+    kind: str = "synthetic"  # "synthetic": a built-in seeded token stream (no files); "indexed": token files; "pairs": JSONL
     # indexed: .bin/.idx prefixes written by `megalm preprocess`; pairs: JSONL files of prefix/target.
     paths: list[str] = field(default_factory=list)
     weights: Optional[list[float]] = None  # blend weights, one per path (null: proportional to size)
     split: str = "98,1,1"  # train,valid,test shares of each dataset's documents
     tokenizer: Optional[str] = None  # the sentencepiece .model the data was tokenized with
-    prefix_fraction_min: float = 0.1  # PrefixLM pretraining: prefix length drawn per sample,
-    prefix_fraction_max: float = 0.5  # uniform in [min, max] x seq_length
-    prefix_field: str = "prefix"  # pairs: JSONL keys of the bidirectional prefix and the target
-    target_field: str = "target"
+    prefix_fraction_min: float = 0.1  # PrefixLM pretraining: each sample's prefix is drawn uniform in [min, max] x seq_length
+    prefix_fraction_max: float = 0.5  # PrefixLM pretraining: the longest prefix, as a fraction of seq_length
+    prefix_field: str = "prefix"  # pairs: the JSONL key of the bidirectional prefix
+    target_field: str = "target"  # pairs: the JSONL key of the target (the loss is on it only)
 
     def _check_values(self) -> None:
         low, high = self.prefix_fraction_min, self.prefix_fraction_max
@@ -418,9 +423,9 @@ class LogConfig(_Section):
 
     SECTION: ClassVar[str] = "log"
 
-    interval: int = 10
-    peak_tflops: Optional[float] = None
-    all_ranks: bool = False
+    interval: int = 10  # print a step line every N steps (metrics.jsonl gets every step)
+    peak_tflops: Optional[float] = None  # the device's dense bf16 TFLOP/s, for MFU; null: known GPUs are recognised
+    all_ranks: bool = False  # every rank logs (prefixed with its rank), not only rank 0
     comm_stats: bool = False  # count bytes and calls per collective and group (or MEGALM_COMM_STATS=1)
     sample_prompts: list[str] = field(default_factory=list)  # generate from these after training
     sample_tokens: int = 48  # tokens generated per prompt
@@ -442,7 +447,7 @@ class CheckpointConfig(_Section):
     interval_steps: int = 0  # save every N steps (0: never by count)
     interval_minutes: float = 0.0  # and/or every N minutes (0: never by time)
     keep: int = 3  # complete checkpoints kept in run_dir/checkpoints
-    save_at_end: bool = True
+    save_at_end: bool = True  # save when train.steps is reached
     signal: str = "SIGTERM"  # on this signal (any rank) every rank saves and exits 0
     on_nan: str = "skip"  # a non-finite gradient: skip the step, or stop (the last checkpoint stays intact)
     # Timeout of the checkpoint path's own gloo group (save/stop decision, commit barriers, checksum
@@ -860,6 +865,11 @@ def validate(config: Config, world_size: Optional[int] = None) -> Topology:
         raise ConfigError(
             "parallel.zero_stage=2 needs train.engine=deepspeed; megalm's own engine offers 0 (replicated) and 1 "
             "(sharded optimizer states)"
+        )
+    if config.train.init_from is not None and config.train.engine != "megalm":
+        raise ConfigError(
+            f"train.init_from needs train.engine=megalm (megalm's checkpoints load its weights), got "
+            f"train.engine={config.train.engine}: remove train.init_from or use the megalm engine"
         )
     if config.log.sample_prompts and (pp > 1 or config.data.tokenizer is None):
         raise ConfigError(

@@ -26,15 +26,19 @@ def test_outcomes(junit: Path) -> dict[str, str]:
     return outcomes
 
 
+PHASES = (("megalm", "megalm"), ("baseline", "plain PyTorch"), ("transformers", "transformers"))
+
+
 def bench_figures(path: Path) -> Optional[dict[str, Any]]:
     """The figures of one `megalm bench --json` file that the check reports."""
     if not path.exists():
         return None
     result = json.loads(path.read_text(encoding="utf-8"))
-    out = {key: result.get(key) for key in ("config", "device", "torch_version", "precision", "tf32",
+    out = {key: result.get(key) for key in ("config", "overrides", "device", "torch_version", "precision", "tf32",
                                             "global_batch_size", "micro_batch_size", "peak_tflops",
-                                            "ratio_tokens_per_s", "baseline_skipped", "planned_peak_gib")}
-    for phase in ("megalm", "baseline"):
+                                            "ratio_tokens_per_s", "baseline_skipped", "ratio_transformers_tokens_per_s",
+                                            "transformers_skipped", "planned_peak_gib", "compile_seconds")}
+    for phase, _ in PHASES:
         entry = result.get(phase)
         out[phase] = None if entry is None else {
             key: entry.get(key) for key in ("median_step_s", "tokens_per_s", "tflops_per_device", "mfu",
@@ -49,14 +53,24 @@ def summarize(out_dir: Path, seconds: float, failed: list[str]) -> dict[str, Any
     if jsonl.exists():
         figures = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
     environment = out_dir / "environment.json"
+    # bench_NAME.json in the order the check ran them (modification time)
+    benches = sorted(out_dir.glob("bench_*.json"), key=lambda path: path.stat().st_mtime)
+    bench = {path.stem[len("bench_"):]: bench_figures(path) for path in benches}
+    for step in failed:  # "bench NAME (exit N)" that left no JSON: listed, with no result
+        if step.startswith("bench "):
+            bench.setdefault(step.split()[1], None)
     return {
         "seconds": seconds,
         "failed": failed,
         "environment": json.loads(environment.read_text(encoding="utf-8")) if environment.exists() else None,
         "tests": test_outcomes(out_dir / "gpu_tests.xml"),
         "test_figures": figures,
-        "bench": {name: bench_figures(out_dir / f"bench_{name}.json") for name in ("gpt-125m", "gpt-1.3b")},
+        "bench": bench,
     }
+
+
+def _mfu(entry: Optional[dict]) -> str:
+    return f"{100 * entry['mfu']:.1f}%" if entry and entry.get("mfu") is not None else "n/a"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -68,12 +82,17 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"  bench {name}: no result")
             continue
         megalm = bench["megalm"] or {}
-        mfu = f"{100 * megalm['mfu']:.1f}%" if megalm.get("mfu") is not None else "n/a"
-        ratio = f"{bench['ratio_tokens_per_s']:.2f}" if bench["ratio_tokens_per_s"] is not None else "n/a"
-        lines.append(f"  bench {name}: {megalm.get('tokens_per_s', 0):,.0f} tokens/s, "
-                     f"{megalm.get('tflops_per_device', 0):.1f} TFLOP/s, MFU {mfu}, megalm/plain PyTorch {ratio}"
-                     + (f", peak {megalm['peak_memory_gib']:.2f} GiB (plan {bench['planned_peak_gib']:.2f})"
-                        if bench.get("planned_peak_gib") and megalm.get("peak_memory_gib") else ""))
+        line = (f"  bench {name}: {megalm.get('tokens_per_s', 0):,.0f} tokens/s, "
+                f"{megalm.get('tflops_per_device', 0):.1f} TFLOP/s, MFU {_mfu(megalm)}")
+        for key, label, ratio in (("baseline", "plain PyTorch", "ratio_tokens_per_s"),
+                                  ("transformers", "transformers", "ratio_transformers_tokens_per_s")):
+            if bench.get(ratio) is not None:
+                line += f"; {label} MFU {_mfu(bench[key])}, megalm/{label} {bench[ratio]:.2f}"
+        if bench.get("planned_peak_gib") and megalm.get("peak_memory_gib"):
+            line += f"; peak {megalm['peak_memory_gib']:.2f} GiB (plan {bench['planned_peak_gib']:.2f})"
+        if bench.get("compile_seconds") is not None:
+            line += f"; compile {bench['compile_seconds']:.0f} s"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ RATIO_LINE = "ratio megalm/baseline tokens/s:"
 
 def test_bench_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "bench.json"
-    assert main(["bench", TINY, "--steps", "3", "--warmup", "1", "--json", str(path)]) == 0
+    assert main(["bench", TINY, "--steps", "3", "--warmup", "1", "--no-transformers", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     result = json.loads(path.read_text())
     megalm, baseline = result["megalm"], result["baseline"]
@@ -66,7 +66,7 @@ def test_no_baseline_prints_no_ratio(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_prefixlm_rotary_bf16_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "bench.json"
     overrides = ["model.family=prefixlm", "model.position_embedding=rotary", "train.precision=bf16"]
-    assert main(["bench", TINY, *overrides, "--steps", "1", "--warmup", "1", "--json", str(path)]) == 0
+    assert main(["bench", TINY, *overrides, "--steps", "1", "--warmup", "1", "--no-transformers", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     assert result["precision"] == "bf16" and result["ratio_tokens_per_s"] > 0
     assert RATIO_LINE in capsys.readouterr().out
@@ -136,12 +136,16 @@ def test_bench_with_compiled_layers(tmp_path: Path, capsys: pytest.CaptureFixtur
     torch._dynamo.reset()
     path = tmp_path / "bench.json"
     args = ["bench", TINY, "--steps", "2", "--warmup", str(warmup), "--json", str(path), "train.compile=true",
-            "train.global_batch_size=4"]
+            "train.global_batch_size=4"] + ([] if warmup else ["--no-transformers"])
     assert main(args) == 0
     out = capsys.readouterr().out
     result = json.loads(path.read_text())
     assert result["compile"] is True and "compiled layers (train.compile)" in out
-    for key, label in (("megalm", "megalm"), ("baseline", "plain PyTorch")):
+    from megalm.bench import PHASES
+
+    phases = [(key, label) for key, label in PHASES if result.get(key) is not None]
+    assert len(phases) >= 2  # megalm and the plain baseline (and transformers' GPT-2 where installed)
+    for key, label in phases:
         entry = result[key]
         if warmup:
             assert entry["compile_s"] > 0 and entry["compile_s_timed"] == 0, entry
@@ -151,3 +155,75 @@ def test_bench_with_compiled_layers(tmp_path: Path, capsys: pytest.CaptureFixtur
             assert entry["compile_s"] == 0 and entry["compile_s_timed"] > 0, entry
             assert f"{label} compiled for {entry['compile_s_timed']:.1f} s during the timed steps" in out
     torch._dynamo.reset()
+
+
+# ---- Hugging Face transformers' GPT-2, the optional third phase ----------------------------------
+def _copy_baseline_into_transformers(hf, baseline: BaselineGPT) -> None:
+    """The plain baseline's weights into transformers' GPT-2 (Conv1D weights are [in, out])."""
+    source = {name: t.detach() for name, t in baseline.state_dict().items()}
+    target = {"wte.weight": source["token_embedding.weight"], "wpe.weight": source["position_embedding.weight"],
+              "ln_f.weight": source["final_norm.weight"], "ln_f.bias": source["final_norm.bias"]}
+    parts = {"ln1": "ln_1", "ln2": "ln_2", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for i in range(baseline.cfg.num_layers):
+        for mine, theirs in parts.items():
+            weight = source[f"blocks.{i}.{mine}.weight"]
+            target[f"h.{i}.{theirs}.weight"] = weight if mine.startswith("ln") else weight.t()
+            target[f"h.{i}.{theirs}.bias"] = source[f"blocks.{i}.{mine}.bias"]
+    missing, unexpected = hf.model.transformer.load_state_dict(target, strict=False)
+    assert not unexpected and all(".attn.bias" in name or ".attn.masked_bias" in name for name in missing), missing
+
+
+@pytest.mark.parametrize("family", ["lm", "prefixlm"])
+def test_transformers_gpt2_is_the_same_model(family: str) -> None:
+    """Same parameter count as the plain baseline, and from its weights the same loss: "same shape"
+    is a fact for the transformers phase too (PrefixLM through the [b, 1, s, s] mask it is given)."""
+    pytest.importorskip("transformers", reason="Hugging Face transformers is not installed (pip install 'megalm[hf]')")
+    from megalm.bench import build_transformers_gpt2
+
+    config, megalm, baseline = _models(family, "learned")
+    hf = build_transformers_gpt2(config.model, config.train.seed, torch.device("cpu"))
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in baseline.parameters())
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in baseline.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    _copy_baseline_into_transformers(hf, baseline)
+    batch = build_sampler(config, build_sources(config).train, 0, 1).micro_batches(0)[0]
+    tokens, labels, prefix = baseline_batches([batch])[0]
+    with torch.no_grad():
+        expected = baseline(tokens, labels, prefix).item()
+        got = hf(tokens, labels, prefix).item()
+        causal = hf(tokens, labels, torch.zeros_like(prefix)).item() if family == "prefixlm" else None
+    assert got == pytest.approx(expected, rel=1e-5)
+    if family == "prefixlm":  # the mask is really applied: without it the loss differs
+        assert abs(causal - expected) > 1e-3
+
+
+def test_bench_times_transformers_when_installed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("transformers", reason="Hugging Face transformers is not installed (pip install 'megalm[hf]')")
+    path = tmp_path / "bench.json"
+    assert main(["bench", TINY, "--steps", "2", "--warmup", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(path.read_text())
+    hf = result["transformers"]
+    assert result["transformers_skipped"] is None and len(hf["step_times_s"]) == 2 and hf["tokens_per_s"] > 0
+    assert hf["tokens_per_step"] == result["baseline"]["tokens_per_step"]
+    assert result["ratio_transformers_tokens_per_s"] == pytest.approx(
+        result["megalm"]["tokens_per_s"] / hf["tokens_per_s"], rel=1e-12)
+    assert f"ratio megalm/transformers tokens/s: {result['ratio_transformers_tokens_per_s']:.2f}" in out
+    assert "transformers GPT-2" in out
+
+
+def test_bench_without_transformers_says_so(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import megalm.bench
+
+    monkeypatch.setattr(megalm.bench, "transformers_missing", lambda: "Hugging Face transformers is not installed")
+    path = tmp_path / "bench.json"
+    assert main(["bench", TINY, "--steps", "1", "--warmup", "0", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["transformers"] is None and result["ratio_transformers_tokens_per_s"] is None
+    assert "transformers GPT-2: skipped, Hugging Face transformers is not installed" in capsys.readouterr().out
+    assert main(["bench", TINY, "--steps", "1", "--warmup", "0", "--no-transformers", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["transformers_skipped"] == "--no-transformers"

@@ -10,6 +10,7 @@ line per test, to $MEGALM_GPU_CHECK_OUT when it is set (gpu_check.sh collects th
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -325,6 +326,35 @@ def test_gpu_check_summary_reads_bench_json_and_test_figures(tmp_path: Path) -> 
     assert bench["torch_version"] == torch.__version__ and bench["tf32"] is False
     assert summary["bench"]["gpt-1.3b"] is None and summary["failed"] == ["bench gpt-1.3b (exit 1)"]
     assert "bench gpt-125m:" in proc.stdout and "megalm/plain PyTorch" in proc.stdout
+    assert "bench gpt-1.3b: no result" in proc.stdout
+    if importlib.util.find_spec("transformers") is not None:  # the hf extra: a third phase and ratio
+        assert bench["ratio_transformers_tokens_per_s"] > 0 and bench["transformers"]["tokens_per_s"] > 0
+        assert "megalm/transformers" in proc.stdout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_activation_bytes_match_the_planner(device: str) -> None:
+    """Bytes one transformer layer saves for backward (megalm.plan.measure) equal `megalm plan`'s with this
+    device's kernels: on CUDA the fused attention kernels and 1-byte dropout masks (the CUDA terms of
+    megalm.plan.model._megalm_layer_bytes are inferred from torch's kernels; this is their measurement)."""
+    from megalm.plan.measure import TOLERANCE, Case, attention_kernels, measure, predict_layer
+
+    if device == "cuda":
+        shape = dict(seq_length=128, hidden_size=256, num_heads=4)
+        cases = [Case(family, precision, recompute, dropout=dropout, micro_batch_size=b, **shape)
+                 for family in ("lm", "prefixlm") for precision in ("fp32", "bf16") for dropout in (0.0, 0.1)
+                 for recompute in ("none", "selective", "full") for b in (1, 2)]
+        cases += [Case(precision=precision, position_embedding="rotary", micro_batch_size=2, **shape)
+                  for precision in ("fp32", "bf16")]
+    else:  # tests/test_plan_measure.py measures the CPU table; here the same path on two cases
+        cases = [Case(dropout=0.1), Case(family="prefixlm", precision="bf16")]
+    measured = measure(cases, "cuda" if device == "cuda" else "cpu")
+    groups = _groups(device)
+    rows = [(" ".join(case.label().split()), got, predict_layer(case, device), attention_kernels(case, groups))
+            for case, got in measured.items()]
+    _report("layer_activation_bytes_vs_plan", device, rows=rows)
+    wrong = [row for row in rows if abs(row[2] / row[1] - 1) > TOLERANCE]
+    assert not wrong, wrong
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.nightly), pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megalm.cli import main
-from megalm.config import Config, ModelConfig, ParallelConfig, TrainConfig, load_config
+from megalm.config import Config, ModelConfig, ParallelConfig, TrainConfig, load_config, validate
 from megalm.distributed import ParallelGroups
 from megalm.model.gpt import build_model_chunks, count_parameters
 from megalm.parallel.data import GradientSync
@@ -18,7 +18,7 @@ from megalm.parallel.schedules import build_schedule, simulate
 from megalm.plan import (
     Layout, PlanError, cluster_from_dict, get_numerics, load_cluster, make_plan, search, stage_memory,
 )
-from megalm.plan.layout import bucket_sizes, rank_param_count, zero1_shard_params
+from megalm.plan.layout import bucket_sizes, layout_from_config, rank_param_count, zero1_shard_params
 from megalm.plan.model import _all_reduce_time, in_flight, layer_activation_bytes
 from megalm.plan.search import propose_shapes
 from megalm.plan.validation import YUAN_245B, validation_rows, yuan_layout
@@ -65,8 +65,18 @@ def test_ring_all_reduce_by_hand():
 def test_activation_bytes_by_hand():
     model = ModelConfig(num_layers=2, hidden_size=8, num_heads=2, seq_length=4)
     layout = Layout(1, 1, 1, 1, 1)
-    # LN1 in, QKV in, LN2 in, fc1 in: 4 x 2 x 32 = 256; Q,K,V,proj in 4 x 2 x 32 = 256; GeLU in + fc2 in 2 x 2 x 128 = 512
-    assert layer_activation_bytes(model, layout, 2, flash=True) == (1024, 0)
+    # megalm on CUDA: LN1 in, LN2 in 2 x 2 x 32 = 128 + their fp32 mean and 1/std 4 x 4 x 4 = 64; QKV in, fc1 in
+    # 2 x 2 x 32 = 128; proj in 2 x 32 + GeLU in + fc2 in 2 x 2 x 128 = 576; q, k, v (views of the QKV
+    # output) 3 x 2 x 32 = 192 + the flash kernel's fp32 logsumexp 2 heads x 4 x 4 = 32 (its output, b = 1,
+    # is the projection's input)
+    assert layer_activation_bytes(model, layout, 2, flash=True) == (1120, 0)
+    # on CPU the bf16 LayerNorm weights and biases are handed over as fp32 copies: 4 x 8 x 4 = 128 more
+    assert layer_activation_bytes(model, layout, 2, flash=True, kernels="cpu") == (1248, 0)
+    # selective keeps q, k, v and drops the logsumexp; full keeps the layer input and reruns the rest
+    assert layer_activation_bytes(model, dataclasses.replace(layout, recompute="selective"), 2) == (1088, 32)
+    assert layer_activation_bytes(model, dataclasses.replace(layout, recompute="full"), 2) == (64, 1120)
+    # Megatron-LM's kernels (Korthikanti et al. 2022): LN1 in, QKV in, LN2 in, fc1 in: 4 x 2 x 32 = 256;
+    # Q, K, V, proj in 4 x 2 x 32 = 256; GeLU in + fc2 in 2 x 2 x 128 = 512
     # materialised scores: 2 heads x 4 x 4 elements x 2 bytes = 64
     assert layer_activation_bytes(model, layout, 2, flash=False) == (1088, 0)
     full = dataclasses.replace(layout, recompute="full")
@@ -263,3 +273,87 @@ def test_plan_follows_the_configs_recompute(capsys):
     layout, _, _ = plan("parallel.recompute=full", "parallel.recompute_layers=6", flags=("--recompute", "selective"))
     assert (layout["recompute"], layout["recompute_layers"]) == ("selective", None)
 
+
+
+# ---- the search follows megalm: runnable layouts only, and the best one ready to paste ----------
+
+
+def _search_json(capsys, config, *overrides, gpus=8):
+    assert main(["plan", config, *overrides, "--gpus", str(gpus), "--search", "--top", "3", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("config,overrides,gpus", [
+    ("configs/gpt-125m.yaml", (), 8),
+    ("configs/yuan-lm-13b.yaml", ("train.grad_accum_steps=8", "parallel.pipeline_layers=[16,24]",
+                                  "parallel.recompute=full", "parallel.recompute_layers=3", "parallel.bucket_size_mb=40"), 64),
+])
+def test_search_ends_with_overrides_that_run_the_best_layout(capsys, tmp_path, config, overrides, gpus):
+    """Pasted after the config (command line) or merged into it (YAML), the printed overrides give a config
+    that megalm validates and whose plan is the reported best."""
+    found = _search_json(capsys, config, *overrides, gpus=gpus)
+    best, pasted = found["best"][0], found["overrides"]
+    assert main(["plan", config, *overrides, "--gpus", str(gpus), "--search", "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert " ".join(pasted) in text and text.rstrip().endswith(found["yaml"].splitlines()[-1])
+    for source in ("cli", "yaml"):
+        if source == "cli":
+            args = [config, *overrides, *pasted]
+        else:
+            path = tmp_path / "best.yaml"
+            base = load_config(config, list(overrides))
+            from megalm.config import config_to_yaml
+            (tmp_path / "base.yaml").write_text(config_to_yaml(base))
+            path.write_text("base: base.yaml\n" + found["yaml"] + "\n")
+            args = [str(path)]
+        resolved = load_config(args[0], args[1:])
+        validate(resolved)  # parallel.dp is written out: no world size needed
+        assert dataclasses.asdict(layout_from_config(resolved)) == best["layout"]
+        assert main(["plan", *args, "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        assert plan["layout"] == best["layout"]
+        assert plan["time"]["step_s"] == best["time"]["step_s"]
+        assert plan["peak_memory_gib"] == best["peak_memory_gib"]
+
+
+def test_search_plans_only_layouts_megalm_validates(capsys):
+    """Generation after training does not run pipelined (config.validate): the search keeps pp = 1."""
+    prompts = ("log.sample_prompts=[hello]", "data.tokenizer=tok.model")
+    unrestricted = _search_json(capsys, "configs/yuan-lm-13b.yaml", gpus=64)
+    assert any(p["layout"]["pp"] > 1 for p in unrestricted["best"])
+    restricted = _search_json(capsys, "configs/yuan-lm-13b.yaml", *prompts, gpus=64)
+    assert [p["layout"]["pp"] for p in restricted["best"]] == [1, 1, 1]
+    # a config megalm rejects at every layout: the search says so, with megalm's own message
+    assert main(["plan", "configs/gpt-125m.yaml", "optim.warmup_steps=600000", "--gpus", "8", "--search"]) == 2
+    err = capsys.readouterr().err
+    assert "megalm's config validation rejects every one of the" in err and "optim.warmup_steps=600000" in err
+
+
+def test_selective_recompute_costs_the_attention_core():
+    """Selective recompute reruns QK^T and PV (4 s^2 b h / t FLOPs per layer), whatever the attention kernel."""
+    model = load_config("configs/gpt-125m.yaml").model
+    none = make_plan(model, Layout(1, 1, 8, 8, 512), A100, MEGALM, "bf16")
+    selective = make_plan(model, Layout(1, 1, 8, 8, 512, recompute="selective"), A100, MEGALM, "bf16")
+    matmul_rate = A100.peak_tflops * 1e12 * A100.matmul_efficiency
+    core = 4 * 1024 ** 2 * 8 * 768 / matmul_rate
+    assert selective.time.compute - none.time.compute == pytest.approx(8 * 12 * core, rel=1e-6)
+    assert selective.peak_memory < none.peak_memory  # fused attention: only its logsumexp is not kept
+
+
+def test_plan_describes_cuda_kernels_unless_asked_for_cpu_ones(capsys):
+    """A plan describes the GPU run (CUDA kernels); --kernels cpu plans a CPU run's activations, which under
+    dropout keep the math path's [s, s] tensors and activation-dtype masks (tests/test_plan_measure.py)."""
+    def activations(*flags):
+        assert main(["plan", "configs/tiny.yaml", "model.hidden_dropout=0.1", "model.attention_dropout=0.1",
+                     "--gpus", "1", "--json", *flags]) == 0
+        out = json.loads(capsys.readouterr().out)
+        return out["kernels"], out["memory"][0]["activations"]
+
+    (cuda_name, cuda), (cpu_name, cpu) = activations(), activations("--kernels", "cpu")
+    assert (cuda_name, cpu_name) == ("cuda", "cpu")
+    config = load_config("configs/tiny.yaml", ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"])
+    layout = layout_from_config(config, 1)
+    for kernels, got in (("cuda", cuda), ("cpu", cpu)):
+        stored, _ = layer_activation_bytes(config.model, layout, 4, kernels=kernels)
+        assert got == config.model.num_layers * stored
+    assert cpu > cuda

@@ -70,6 +70,31 @@ def test_bf16_wire_keeps_small_increments_over_many_microbatches(world_size, dty
         assert values == [1.125 * world_size] * len(values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp32_gradients_accumulate_in_place_in_the_bucket(dtype: torch.dtype) -> None:
+    """An fp32 parameter's micro-batch gradients go straight into its bucket view (autograd's own
+    in-place accumulation): no gradient tensor of its own per micro-batch, no extra add. A bf16
+    parameter's arrive in bf16 and are added into the fp32 view (its .grad is dropped)."""
+    module = _Scalar(dtype)
+    sync = GradientSync([module], ParallelGroups.single())
+    sync.start_step(2)
+    view = sync.main_grad(module.weight)
+    for value in (1.0, 2.0):
+        (module.weight * value).sum().backward()
+        if dtype == torch.float32:
+            assert module.weight.grad is view
+        else:
+            assert module.weight.grad is None
+    assert view.tolist() == [3.0, 3.0]
+    # Someone replacing the fp32 .grad between micro-batches loses nothing: the hook adds it in.
+    sync.start_step(2)
+    (module.weight * 1.0).sum().backward()
+    module.weight.grad = None
+    (module.weight * 2.0).sum().backward()
+    sync.finish()
+    assert sync.main_grad(module.weight).tolist() == [3.0, 3.0]
+
+
 # ---- dtypes and bytes per parameter ----------------------------------------------------------------
 def _config(dp: int, precision: str, zero: int) -> Config:
     return Config(

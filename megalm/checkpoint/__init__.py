@@ -1,7 +1,8 @@
 """Checkpoints: sharded atomic saves, verified resume (with fallback), resharding, stop signals.
 
 `Checkpointer` ties a Trainer to a `CheckpointStore`: `save(step)` writes every rank's pieces
-(see `state.py`) and commits atomically; `resume()` finds the newest checkpoint that verifies,
+(see `state.py`) and commits atomically; `start()` resumes the run, or else loads the weights of
+`train.init_from` (see `weights.py`); `resume()` finds the newest checkpoint that verifies,
 refuses one from a different model, and restores weights, fp32 masters, the optimizer's state
 (through its own load_state_dict), the loss scale, the data position and (same layout only) every
 rank's RNG states, so the resumed run reproduces the uninterrupted one bit for bit.
@@ -35,6 +36,7 @@ from megalm.checkpoint.state import (
     shared_index, state_names, steps_of,
 )
 from megalm.checkpoint.store import CheckpointError, CheckpointStore, rank_file_name, step_dir_name
+from megalm.checkpoint.weights import describe_source, load_weights
 from megalm.config import config_to_dict
 from megalm.faults import maybe_inject
 
@@ -205,6 +207,38 @@ class Checkpointer:
         are neither pruned in their favour nor mixed with them at the next resume."""
         self.store.move_aside(log=self.trainer.logger.warning)
         self.store._barrier()
+
+    def start(self, resume: bool = True) -> int:
+        """The step training starts at (all ranks call this together). This run's newest checkpoint is
+        resumed; when there is none (or `resume` is False, --no-resume: earlier checkpoints are moved
+        aside), train.init_from's weights are loaded, if set, and training starts at 0. Logs which."""
+        trainer = self.trainer
+        source = trainer.config.train.init_from
+        if resume:
+            step = self.resume()
+            if step is not None:
+                if source is not None:
+                    trainer.logger.info(
+                        f"train.init_from={source} not used: this run directory has a checkpoint of its own, resumed "
+                        f"at step {step} (--no-resume moves it aside and starts over from train.init_from)"
+                    )
+                return step
+        else:
+            self.start_over()
+        if source is not None:
+            self.initialize_from(source)
+        return 0
+
+    def initialize_from(self, source: str) -> Path:
+        """Load the model weights alone from the checkpoint `source` names (train.init_from), at this
+        run's layout and precision; optimizer, schedule, data and RNG stay fresh (checkpoint/weights.py)."""
+        start = time.perf_counter()
+        path, metadata = load_weights(self.trainer, source, self.trainer.groups.control_dp_group
+                                      if self._share_reads() else None)
+        self.trainer.logger.info(
+            f"{describe_source(path, metadata, self.trainer.config)} ({time.perf_counter() - start:.2f} s)"
+        )
+        return path
 
     def resume(self) -> Optional[int]:
         """Restore the newest usable checkpoint; return its step, or None when there is none."""

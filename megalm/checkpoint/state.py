@@ -393,7 +393,7 @@ def _readers(files: list[str], sizes: dict[str, int], count: int) -> dict[str, i
 
 
 def shared_index(path: Path, files: dict[str, dict], names: set[str], state_names: set[str], group,
-                 always: tuple[str, ...] = ()) -> PieceIndex:
+                 always: tuple[str, ...] = (), weights_only: bool = False) -> PieceIndex:
     """The pieces this rank restores from, each file read by one rank of `group` (its dp group).
 
     The dp ranks of a (tp, pp) shard need the same files (those holding their parameters, `names`).
@@ -401,6 +401,7 @@ def shared_index(path: Path, files: dict[str, dict], names: set[str], state_name
     others (one broadcast per dtype and file reader), so the group reads each byte once instead of
     dp times. Every rank keeps the weights and masters, and the optimizer state of `state_names`
     only (ZeRO-1: the parameters of its own segments). `group` None (dp 1): read them all here.
+    `weights_only`: the weights and masters alone (train.init_from), so no optimizer state is sent.
     """
     wanted = needed_files(files, names, always)
     index = PieceIndex(path, [])
@@ -424,7 +425,10 @@ def shared_index(path: Path, files: dict[str, dict], names: set[str], state_name
             for name in wanted:
                 if reader[name] == me:
                     payload = load_rank_file(path / name)
-                    loaded.append((payload, [piece for piece in payload["pieces"] if piece["name"] in names]))
+                    loaded.append((payload, [
+                        piece for piece in payload["pieces"]
+                        if piece["name"] in names and (not weights_only or piece["kind"] in _RESERVED_KINDS)
+                    ]))
             header[0] = [
                 ({key: value for key, value in payload.items() if key != "pieces"},
                  [{key: value for key, value in piece.items() if key != "tensor"}
@@ -477,12 +481,12 @@ def _my_shard(full: torch.Tensor, param: nn.Parameter, groups, name: str = "") -
     return full.narrow(split, offsets[split], param.shape[split])
 
 
-def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, scalars: dict[str, Any]) -> None:
-    """Load weights, masters and optimizer state for this rank's shard at the current layout.
+def restore_weights(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex) -> dict[int, tuple[str, torch.Tensor]]:
+    """Load this rank's shard of the weights and the optimizer's masters at the current layout.
 
     Each parameter's value comes from its "master" pieces when the checkpoint has them, else from
     its "param" pieces; masters take their range of it, weights its cast to their dtype (what the
-    optimizer step derives them by). `scalars` is the checkpoint's `saved_scalars`.
+    optimizer step derives them by). Returns {id(param): (name, value)}.
     """
     view = optimizer_view(optimizer)
     values: dict[int, tuple[str, torch.Tensor]] = {}
@@ -495,6 +499,15 @@ def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, 
             if master is not segment.param:
                 flat = values[id(segment.param)][1].reshape(-1)[segment.param_lo : segment.param_hi]
                 master.copy_(flat.view_as(master))
+    return values
+
+
+def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, scalars: dict[str, Any]) -> None:
+    """Load weights, masters (`restore_weights`) and optimizer state for this rank's shard at the
+    current layout. `scalars` is the checkpoint's `saved_scalars`.
+    """
+    view = optimizer_view(optimizer)
+    values = restore_weights(chunks, optimizer, groups, index)
     kinds = sorted({kind for _, kind in index.pieces} - set(_RESERVED_KINDS))
     per_param, per_group = _translate_step(scalars, view.inner)
     if not kinds and not per_param and not per_group:
@@ -520,11 +533,11 @@ def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, 
     inner.param_groups = live
 
 
-def model_differences(saved: dict, current: dict) -> list[str]:
+def model_differences(saved: dict, current: dict, fields: tuple[str, ...] = MODEL_FIELDS) -> list[str]:
     """The shape-bearing model fields (and derived sizes) that differ between a checkpoint's config and this run's."""
     out = [
         f"model.{field}: checkpoint {saved.get(field)!r}, this run {current.get(field)!r}"
-        for field in MODEL_FIELDS
+        for field in fields
         if saved.get(field) != current.get(field)
     ]
     if saved.get("position_embedding") != current.get("position_embedding"):

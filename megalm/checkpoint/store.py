@@ -260,6 +260,18 @@ class CheckpointStore:
                 raise CheckpointError(f"{file} fails its sha256 checksum: the file is corrupt")
         return metadata
 
+    def verify_together(self, path: Path) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+        """(metadata, None) when `path` verifies, else (None, the first rank's problem). Every rank of
+        the job calls this together: each checks its share of the checksums, then all agree."""
+        share = (dist.get_rank(self.group), dist.get_world_size(self.group)) if _distributed() else (0, 1)
+        metadata, problem = None, None
+        try:
+            metadata = self.verify(path, share)
+        except CheckpointError as error:
+            problem = str(error)
+        problems = [p for p in self._gather(problem) if p]
+        return (metadata, None) if not problems else (None, problems[0])
+
     def find_resumable(self, log=print) -> Optional[tuple[Path, dict[str, Any]]]:
         """The newest checkpoint that verifies, preferring `latest`; bad ones are reported and skipped.
 
@@ -283,19 +295,12 @@ class CheckpointStore:
                     f"looking for an earlier complete checkpoint")
             else:
                 candidates = [pointed] + [c for c in candidates if c != pointed]
-        share = (dist.get_rank(self.group), dist.get_world_size(self.group)) if _distributed() else (0, 1)
         for path in candidates:
-            # Every rank checks its share of the checksums; all ranks then agree on the verdict.
-            metadata, problem = None, None
-            try:
-                metadata = self.verify(path, share)
-            except CheckpointError as error:
-                problem = str(error)
-            problems = [p for p in self._gather(problem) if p]
-            if not problems:
+            metadata, problem = self.verify_together(path)
+            if problem is None:
                 return path, metadata
-            reasons.append(f"{path.name}: {problems[0]}")
-            log(f"skipping checkpoint {path}: {problems[0]}")
+            reasons.append(f"{path.name}: {problem}")
+            log(f"skipping checkpoint {path}: {problem}")
         if reasons:
             raise CheckpointError(
                 f"{self.root} has checkpoints but none can be resumed:\n  " + "\n  ".join(reasons)

@@ -169,8 +169,11 @@ class GradientSync:
         for bucket in self.buckets:
             bucket.grad.zero_()
             bucket.ready, bucket.launched, bucket.handle = 0, False, None
-        for param in self._views:
-            param.grad = None
+        for param, view in self._views.items():
+            # An fp32 parameter's gradient is accumulated by autograd straight into its bucket view
+            # (in place: no per-micro-batch gradient tensor, no extra add); others arrive in their
+            # dtype and are added into the fp32 view by the hook.
+            param.grad = view if param.dtype == torch.float32 else None
 
     def main_grad(self, param: nn.Parameter) -> torch.Tensor:
         """The fp32 main gradient of `param` (its slice of a bucket, shaped like the parameter)."""
@@ -178,8 +181,9 @@ class GradientSync:
 
     def _hook(self, param: nn.Parameter) -> None:
         view = self._views[param]
-        view.add_(param.grad)  # the micro-batch's gradient (param dtype) into the fp32 main gradient
-        param.grad = None
+        if param.grad is not view:  # bf16/fp16, or an fp32 .grad someone replaced: add it in
+            view.add_(param.grad)  # the micro-batch's gradient (param dtype) into the fp32 main gradient
+            param.grad = view if param.dtype == torch.float32 else None
         self._counts[param] += 1
         if self.events is not None:
             self.events.append(("hook", self._names[param], self._counts[param]))

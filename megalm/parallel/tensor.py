@@ -279,14 +279,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if real_vocab_size is not None and vocab_start + local_vocab > real_vocab_size:
             # Padded vocabulary entries never take part in the softmax.
             work[..., max(real_vocab_size - vocab_start, 0):] = float("-inf")
-        logits_max = work.max(dim=-1).values
+        logits_max = work.amax(dim=-1)
         if group is not None:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
         shifted = work.sub_(logits_max.unsqueeze(-1))
 
-        outside = (target < vocab_start) | (target >= vocab_start + local_vocab)
-        local_target = (target - vocab_start).masked_fill(outside, 0)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        if group is None:  # one rank holds the whole vocabulary: every target is local
+            outside, local_target = None, target
+            target_logit = shifted.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        else:
+            outside = (target < vocab_start) | (target >= vocab_start + local_vocab)
+            local_target = (target - vocab_start).masked_fill(outside, 0)
+            target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
         exp = shifted.exp_()
         sum_exp = exp.sum(dim=-1)
         if group is not None:
@@ -303,7 +307,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         softmax, local_target, outside = ctx.saved_tensors
         grad = softmax  # reuse the saved buffer: d loss / d logits = softmax - one_hot(target)
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -(~outside).to(grad.dtype).unsqueeze(-1))
+        index = local_target.unsqueeze(-1)
+        if outside is None:
+            grad.scatter_add_(-1, index, torch.full(index.shape, -1.0, dtype=grad.dtype, device=grad.device))
+        else:
+            grad.scatter_add_(-1, index, -(~outside).to(grad.dtype).unsqueeze(-1))
         grad.mul_(grad_loss.unsqueeze(-1))
         return grad.to(ctx.logits_dtype), None, None, None, None
 

@@ -7,10 +7,11 @@ bytes are exactly what megalm allocates (tests/test_plan.py checks both against 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from megalm.config import Config, ModelConfig, grad_accum_steps
+from megalm.config import Config, ModelConfig, grad_accum_steps, validate
 from megalm.parallel.schedules import check_schedule_args, partition_layers, ScheduleError
 from megalm.plan.cluster import PlanError
 
@@ -108,6 +109,64 @@ def layout_from_config(config: Config, gpus: Optional[int] = None, recompute: Op
         tuple(parallel.pipeline_layers) if parallel.pipeline_layers else None, parallel.bucket_size_mb,
         recompute_layers,
     )
+
+
+def layout_overrides(layout: Layout, config: Config) -> list[str]:
+    """`section.field=value` overrides that make `config` run `layout` (megalm train/plan CONFIG OVERRIDES).
+
+    Every field a layout decides is written out; fields the layout leaves at their default are reset
+    only where the config sets them (uneven pipeline_layers, recompute_layers, a fixed grad_accum_steps)."""
+    def text(value) -> str:
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    parallel, train = config.parallel, config.train
+    values = {
+        "parallel.tp": layout.tp, "parallel.pp": layout.pp, "parallel.dp": layout.dp,
+        "parallel.sequence_parallel": layout.sequence_parallel, "parallel.schedule": layout.schedule,
+        "parallel.virtual_stages": layout.virtual_stages, "parallel.zero_stage": layout.zero_stage,
+        "parallel.recompute": layout.recompute,
+    }
+    pipeline_layers = list(layout.pipeline_layers) if layout.pipeline_layers else None
+    if layout.recompute_layers is not None or parallel.recompute_layers is not None:
+        values["parallel.recompute_layers"] = layout.recompute_layers
+    if pipeline_layers is not None or parallel.pipeline_layers is not None:
+        values["parallel.pipeline_layers"] = "[" + ", ".join(map(str, pipeline_layers)) + "]" if pipeline_layers else None
+    if layout.bucket_size_mb != parallel.bucket_size_mb:
+        values["parallel.bucket_size_mb"] = layout.bucket_size_mb
+    values["train.micro_batch_size"] = layout.micro_batch_size
+    if layout.global_batch_size != train.global_batch_size:
+        values["train.global_batch_size"] = layout.global_batch_size
+    if train.grad_accum_steps is not None:
+        values["train.grad_accum_steps"] = layout.num_microbatches
+    return [f"{key}={text(value)}" for key, value in values.items()]
+
+
+def overrides_yaml(overrides: list[str]) -> str:
+    """The same overrides as a YAML snippet to merge into an experiment file."""
+    sections: dict[str, list[str]] = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        section, _, name = key.partition(".")
+        sections.setdefault(section, []).append(f"  {name}: {value}")
+    return "\n".join(f"{section}:\n" + "\n".join(lines) for section, lines in sections.items())
+
+
+def config_for_layout(config: Config, layout: Layout) -> Config:
+    """`config` running `layout`, checked by megalm's own `config.validate` (ConfigError if megalm cannot run it)."""
+    parallel = dataclasses.replace(
+        config.parallel, tp=layout.tp, pp=layout.pp, dp=layout.dp, sequence_parallel=layout.sequence_parallel,
+        schedule=layout.schedule, virtual_stages=layout.virtual_stages, zero_stage=layout.zero_stage,
+        recompute=layout.recompute, recompute_layers=layout.recompute_layers,
+        pipeline_layers=list(layout.pipeline_layers) if layout.pipeline_layers else None,
+        bucket_size_mb=layout.bucket_size_mb,
+    )
+    train = dataclasses.replace(
+        config.train, micro_batch_size=layout.micro_batch_size, global_batch_size=layout.global_batch_size,
+        grad_accum_steps=None if config.train.grad_accum_steps is None else layout.num_microbatches,
+    )
+    candidate = dataclasses.replace(config, parallel=parallel, train=train)
+    validate(candidate, layout.gpus)
+    return candidate
 
 
 def recomputed_layers(layout: Layout, chunk_layers: int) -> int:

@@ -1,9 +1,9 @@
 """The analytic model: memory per pipeline stage and time per step of a layout on a cluster.
 
 Memory (bytes per GPU, for the worst rank of each stage): weights, gradients and optimizer state
-from the exact parameter geometry (`megalm.plan.layout`), activations per layer from the
-Korthikanti et al. (2022) breakdown times the micro-batches in flight on that stage for the
-chosen schedule, the embedding / logits working set on the first / last stage, and communication
+from the exact parameter geometry (`megalm.plan.layout`), activations per layer as megalm's layers
+keep them on CUDA or CPU kernels (measured: megalm.plan.measure; Megatron numerics: the Korthikanti
+et al. (2022) breakdown) times the micro-batches in flight on that stage for the chosen schedule, the embedding / logits working set on the first / last stage, and communication
 buffers.
 
 Time (seconds per optimizer step) on the slowest stage, which sets the pipeline's pace:
@@ -30,7 +30,7 @@ from typing import Optional
 from megalm.config import ModelConfig
 from megalm.metrics import training_flops_per_token
 from megalm.parallel.schedules import analytic_bubble
-from megalm.plan.cluster import Cluster, Numerics
+from megalm.plan.cluster import Cluster, Numerics, PlanError
 from megalm.plan.layout import (
     Layout, bucket_sizes, padded, rank_param_count, recomputed_layers, stage_chunks, zero1_shard_params,
 )
@@ -82,29 +82,103 @@ class StageMemory:
                 + self.buffers + self.reserved)
 
 
-def layer_activation_bytes(model: ModelConfig, layout: Layout, act_bytes: int, flash: bool) -> tuple[int, int]:
-    """(stored per layer and micro-batch, working set of one layer being recomputed/backwarded)."""
+KERNELS = ("cuda", "cpu")  # whose kernels megalm's activation model describes (docs/plan.md "Activation memory")
+
+
+def _korthikanti_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int) -> tuple[int, int, int]:
+    """(kept by every layer, the attention core's own saves, what selective recompute keeps of it) under
+    Megatron-LM's CUDA kernels: Korthikanti et al. (2022), materialised scores, 1-byte dropout masks."""
     s, b, h, f, a, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), model.num_heads, layout.tp
     sp = t if layout.sequence_parallel else 1
     sbh = s * b * h
     hidden_mask = sbh // sp if model.hidden_dropout > 0 else 0
     replicated = 4 * act_bytes * sbh // sp + 2 * hidden_mask  # LN1 in, QKV in, LN2 in, fc1 in; dropout masks
     split = (4 * act_bytes * sbh + 2 * act_bytes * s * b * f) // t  # Q, K, V, proj in; GeLU in, fc2 in
-    scores = 0
-    if not flash:
-        elements = a * s * s * b // t
-        scores = act_bytes * elements + ((act_bytes + 1) * elements if model.attention_dropout > 0 else 0)
-    full = replicated + split + scores
+    elements = a * s * s * b // t
+    scores = act_bytes * elements + ((act_bytes + 1) * elements if model.attention_dropout > 0 else 0)
+    return replicated + split, scores, 0
+
+
+def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kernels: str) -> tuple[int, int, int]:
+    """(kept by every layer, the attention core's own saves, what selective recompute keeps of it) of
+    megalm's TransformerLayer on `kernels`, as megalm.plan.measure measures it with saved-tensor hooks."""
+    s, b, h, f, a, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), model.num_heads, layout.tp
+    sp = t if layout.sequence_parallel else 1
+    sbh, heads = s * b * h, a // t
+    cpu = kernels == "cpu"
+    norms = 2 * act_bytes * sbh // sp + 2 * 2 * 4 * s * b // sp  # LN1 and LN2 inputs, their fp32 mean and 1/std
+    if cpu and act_bytes != 4:
+        norms += 2 * 2 * 4 * h  # megalm's CPU LayerNorm hands low-precision weight and bias over as fp32 copies
+    # QKV and fc1 inputs: under sequence parallel megalm's column-parallel linear keeps the all-gathered
+    # [s, b, h] (no second all-gather in backward, unlike Megatron), so this term is not divided by tp
+    linear_inputs = 2 * act_bytes * sbh
+    split = act_bytes * (sbh + 2 * s * b * f) // t  # proj input, GeLU input, fc2 input
+    # hidden dropout masks: torch's CUDA dropout keeps a bool mask, its CPU one the scaled mask in the activation dtype
+    masks = 2 * (act_bytes if cpu else 1) * sbh // sp if model.hidden_dropout > 0 else 0
+    # q, k, v as the core receives them: views of the QKV output; rotary makes q and k new tensors, and v
+    # still keeps the whole QKV output alive. Selective recompute keeps exactly these (and the shared mask).
+    qkv = act_bytes * (3 + (2 if model.position_embedding == "rotary" else 0)) * sbh // t
+    if cpu and model.attention_dropout > 0:
+        # SDPA's math path (CPU, dropout): fp32 q*scale and k^T copies with v still a view of the QKV output
+        # (fp32), or fp32 copies of all three (bf16/fp16); softmax output, dropout mask and dropped
+        # probabilities [b, a/t, s, s] all in fp32
+        copies = (2 * 4 * sbh // t + act_bytes * 3 * sbh // t) if act_bytes == 4 else 3 * 4 * sbh // t
+        core = copies + 3 * 4 * b * heads * s * s
+    else:
+        # fused SDPA kernels keep q, k, v, the output and the fp32 logsumexp (dropout: a few bytes of RNG
+        # state). The output shares its storage with the projection's input when it comes out in q's
+        # [s, b, heads, d] memory order: the CPU flash kernel and CUDA's flash and cuDNN kernels allocate it
+        # in q's layout (empty_like keeps a strided tensor's dimension order), CUDA's memory-efficient
+        # kernel (fp32, or any attention mask) writes [b, s, heads, d]; with b = 1 both orders coincide.
+        efficient = not cpu and (act_bytes == 4 or model.family == "prefixlm")
+        output = act_bytes * sbh // t if efficient and b > 1 else 0
+        logsumexp = 4 * b * heads * (-(-s // 32) * 32 if efficient else s)
+        core = qkv + output + logsumexp + prefix_additive_mask_bytes(model, layout, act_bytes, kernels)
+    return norms + linear_inputs + split + masks, core, qkv
+
+
+def layer_activation_bytes(model: ModelConfig, layout: Layout, act_bytes: int, flash: bool = True,
+                           kernels: str = "cuda") -> tuple[int, int]:
+    """(stored per layer and micro-batch, working set of one layer being recomputed/backwarded).
+
+    flash True: megalm's layers on `kernels` ("cuda" or "cpu"; CPU kernels keep more, see
+    `_megalm_layer_bytes`); flash False: Megatron-LM's CUDA kernels with materialised attention."""
+    if kernels not in KERNELS:
+        raise PlanError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    if flash:
+        kept, core, core_inputs = _megalm_layer_bytes(model, layout, act_bytes, kernels)
+    elif kernels == "cuda":
+        kept, core, core_inputs = _korthikanti_layer_bytes(model, layout, act_bytes)
+    else:
+        raise PlanError("materialised attention (megatron numerics) describes Megatron's CUDA kernels: use kernels='cuda'")
+    sp = layout.tp if layout.sequence_parallel else 1
     if layout.recompute == "full":
-        return act_bytes * sbh // sp, full
-    if layout.recompute == "selective":
-        return replicated + split, scores
-    return full, 0
+        return act_bytes * model.seq_length * layout.micro_batch_size * model.hidden_size // sp, kept + core
+    if layout.recompute == "selective":  # the rerun core materialises what it saves beyond its kept inputs
+        return kept + core_inputs, core - core_inputs
+    return kept + core, 0
+
+
+def prefix_additive_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kernels: str) -> int:
+    """PrefixLM's dense mask as the fused SDPA kernels keep it, in every layer: the bool [b, 1, s, s] mask
+    becomes an additive mask in the activation dtype (CUDA's memory-efficient kernel pads rows to 16)."""
+    if model.family != "prefixlm":
+        return 0
+    s, b = model.seq_length, layout.micro_batch_size
+    return act_bytes * b * s * (s if kernels == "cpu" else -(-s // 16) * 16)
+
+
+def prefix_mask_bytes(model: ModelConfig, layout: Layout) -> int:
+    """PrefixLM's dense [b, 1, s, s] bool mask, kept once per micro-batch and model chunk by recompute's
+    checkpoints (without recompute the layers keep only their additive copies, `_megalm_layer_bytes`)."""
+    if model.family != "prefixlm" or layout.recompute == "none":
+        return 0
+    return layout.micro_batch_size * model.seq_length ** 2
 
 
 def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics,
-                 precision: str, pp_rank: int) -> StageMemory:
-    """Memory of the most loaded rank (dp rank 0) of pipeline stage `pp_rank`."""
+                 precision: str, pp_rank: int, kernels: str = "cuda") -> StageMemory:
+    """Memory of the most loaded rank (dp rank 0) of pipeline stage `pp_rank` (activations as `kernels` keep them)."""
     act_bytes = ACTIVATION_BYTES[precision]
     numerics = numerics.for_precision(precision)
     chunks = stage_chunks(model, layout, pp_rank)
@@ -125,16 +199,16 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
         grads = params * numerics.grad_bytes
         kept = -(-params // dp) if layout.zero_stage == 1 else params
         optimizer = kept * (numerics.master_bytes + numerics.moment_bytes)
-    stored, working = layer_activation_bytes(model, layout, act_bytes, numerics.flash_attention)
+    stored, working = layer_activation_bytes(model, layout, act_bytes, numerics.flash_attention, kernels)
     # full recompute of only the first recompute_layers layers of a chunk: the rest store everything
     stored_plain, _ = layer_activation_bytes(model, dataclasses.replace(layout, recompute="none"), act_bytes,
-                                             numerics.flash_attention)
+                                             numerics.flash_attention, kernels)
     flight = in_flight(layout, pp_rank)
     per_chunk = 0
     for layers, _, _ in chunks:
         rerun = recomputed_layers(layout, len(layers)) if layout.recompute == "full" else len(layers)
         per_chunk = max(per_chunk, rerun * stored + (len(layers) - rerun) * stored_plain)
-    activations = flight * per_chunk + working
+    activations = flight * (per_chunk + prefix_mask_bytes(model, layout)) + working
     s, b, h = model.seq_length, layout.micro_batch_size, model.hidden_size
     sp = layout.tp if layout.sequence_parallel else 1
     embedding_logits = 0
@@ -188,7 +262,7 @@ def _all_reduce_time(nbytes: float, ranks: int, bandwidth: float, latency: float
 
 
 def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, act_bytes: int) -> tuple[float, float]:
-    """(seconds of one layer's forward for one micro-batch on one GPU, of which the attention scores part)."""
+    """(seconds of one layer's forward for one micro-batch on one GPU, of which the attention core's part)."""
     s, b, h, f, a, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), model.num_heads, layout.tp
     sp = t if layout.sequence_parallel else 1
     matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
@@ -203,7 +277,9 @@ def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, num
         # QK^T writes the scores, fused scale-mask-softmax reads and writes them, AV reads them; dropout adds r/w + mask
         per_element = 4 * act_bytes + ((2 * act_bytes + 1) if model.attention_dropout > 0 else 0)
         scores = per_element * a * s * s * b / t / memory_rate
-    return gemm / matmul_rate + elementwise / memory_rate + scores, scores
+    # what selective recompute reruns: the attention core, its two matmuls (QK^T, PV) and the scores' traffic
+    core = 4 * s * s * b * h / t / matmul_rate + scores
+    return gemm / matmul_rate + elementwise / memory_rate + scores, core
 
 
 def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, precision: str) -> StepTime:
@@ -214,8 +290,8 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     m, pp, v, dp = layout.num_microbatches, layout.pp, layout.virtual_stages, layout.dp
     sp = t if layout.sequence_parallel else 1
     matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
-    forward, scores = layer_forward_time(model, layout, cluster, numerics, act_bytes)
-    recompute = {"none": 0.0, "selective": scores, "full": forward}[layout.recompute]
+    forward, core = layer_forward_time(model, layout, cluster, numerics, act_bytes)
+    recompute = {"none": 0.0, "selective": core, "full": forward}[layout.recompute]
     # tensor-parallel collectives: tp ranks are consecutive, so the group spans tp ranks
     bandwidth, latency = cluster.link(t)
     collective = _all_reduce_time(act_bytes * s * b * h, t, bandwidth, latency)
@@ -279,7 +355,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     result.model_tflops = model_flops * result.tokens_per_s / gpus / 1e12
     result.hardware_tflops = (model_flops + extra) * result.tokens_per_s / gpus / 1e12
     result.mfu = result.model_tflops / cluster.peak_tflops
-    result.parts = {"per_layer_forward_s": forward, "attention_scores_s": scores, "tp_collective_s": collective,
+    result.parts = {"per_layer_forward_s": forward, "attention_core_s": core, "tp_collective_s": collective,
                     "microbatches": m}
     return result
 

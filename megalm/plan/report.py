@@ -8,8 +8,8 @@ from typing import Optional
 
 from megalm.config import load_config
 from megalm.plan.cluster import PlanError, get_numerics, load_cluster
-from megalm.plan.layout import layout_from_config
-from megalm.plan.model import GiB, days_to_train
+from megalm.plan.layout import layout_from_config, layout_overrides, overrides_yaml
+from megalm.plan.model import KERNELS, GiB, days_to_train
 from megalm.plan.search import Plan, make_plan, propose_shapes, search
 
 PARTS = ("compute", "bubble", "pipeline_comm", "tensor_comm", "data_comm", "optimizer")
@@ -20,7 +20,7 @@ def format_plan(plan: Plan, tokens: Optional[float] = None) -> str:
     t, layout = plan.time, plan.layout
     lines = [
         f"plan: {layout.short()} = {layout.gpus} GPUs on {plan.cluster.name} ({plan.cluster.gpu}); "
-        f"{plan.precision}, {plan.numerics.description}",
+        f"{plan.precision}, {plan.numerics.description}" + ("; activations of CPU kernels" if plan.kernels == "cpu" else ""),
         f"memory per GPU (GiB, limit {plan.cluster.hbm_gib:g}):",
         "  stage layers  weights    grads optimizer activations emb/logits  buffers reserved    total  in-flight",
     ]
@@ -55,6 +55,13 @@ def format_search(plans: list[Plan], reference: Optional[Plan] = None) -> str:
     if reference is not None and plans:
         lines.append(explain(plans[0], reference))
     return "\n".join(lines)
+
+
+def format_overrides(overrides: list[str]) -> str:
+    """The best layout, ready to paste: command-line overrides, then the same as YAML."""
+    yaml_text = "\n".join("  " + line for line in overrides_yaml(overrides).splitlines())
+    return (f"best layout as overrides (megalm train|plan CONFIG ...):\n  {' '.join(overrides)}\n"
+            f"or in the experiment YAML:\n{yaml_text}")
 
 
 def explain(best: Plan, reference: Plan) -> str:
@@ -93,14 +100,18 @@ def run_plan(args: argparse.Namespace) -> int:
         gpus = args.gpus or (plan.layout.gpus if plan else None)
         if gpus is None:
             raise PlanError("--search needs --gpus N (the config's own layout is not usable)")
-        plans = search(model, cluster, gpus, config.train.global_batch_size, numerics, precision, top=args.top)
+        plans = search(model, cluster, gpus, config.train.global_batch_size, numerics, precision, top=args.top,
+                       config=config)
+        overrides = layout_overrides(plans[0].layout, config)
         if args.json:
-            print(json.dumps({"configured": plan.to_dict() if plan else None, "best": [p.to_dict() for p in plans]}, indent=1))
+            print(json.dumps({"configured": plan.to_dict() if plan else None, "best": [p.to_dict() for p in plans],
+                              "overrides": overrides, "yaml": overrides_yaml(overrides)}, indent=1))
         else:
             print(format_search(plans, plan))
+            print(format_overrides(overrides))
         return 0
     layout = layout_from_config(config, args.gpus, args.recompute)
-    plan = make_plan(model, layout, cluster, numerics, precision)
+    plan = make_plan(model, layout, cluster, numerics, precision, kernels=args.kernels)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
     else:
@@ -122,6 +133,8 @@ def register_cli(sub) -> None:
                       help="activation recompute to plan for (default: the config's parallel.recompute)")
     plan.add_argument("--numerics", default="megalm", choices=("megalm", "megatron"),
                       help="megalm: fp32 params/grads/Adam as implemented; megatron: fp16 params + fp32 master")
+    plan.add_argument("--kernels", default="cuda", choices=KERNELS,
+                      help="whose kernels the activation bytes describe: cuda (GPU runs) or cpu (a CPU run)")
     plan.add_argument("--tokens", type=float, help="also print the days to train this many tokens")
     plan.add_argument("--propose-params", type=float, help="propose model shapes of about this many parameters")
     plan.set_defaults(func=_cli_entry)

@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
-from megalm.config import ModelConfig
+from megalm.config import Config, ConfigError, ModelConfig
 from megalm.plan.cluster import Cluster, Numerics, PlanError
-from megalm.plan.layout import Layout
+from megalm.plan.layout import Layout, config_for_layout
 from megalm.plan.model import GiB, StageMemory, StepTime, stage_memory, step_time
 
 
@@ -23,6 +23,7 @@ class Plan:
     precision: str
     memory: list[StageMemory]
     time: StepTime
+    kernels: str = "cuda"  # whose kernels the activation bytes describe (megalm.plan.model.KERNELS)
 
     @property
     def peak_memory(self) -> int:
@@ -35,6 +36,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "cluster": self.cluster.name, "numerics": self.numerics.name, "precision": self.precision,
+            "kernels": self.kernels,
             "layout": dataclasses.asdict(self.layout), "gpus": self.layout.gpus,
             "fits": self.fits, "peak_memory_gib": self.peak_memory / GiB,
             "memory": [dict(dataclasses.asdict(s), total=s.total) for s in self.memory],
@@ -44,13 +46,15 @@ class Plan:
 
 
 def make_plan(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, precision: str,
-              stages: Optional[Sequence[int]] = None) -> Plan:
-    """Plan one layout; `stages` limits the memory model to some pipeline ranks (default: all)."""
+              stages: Optional[Sequence[int]] = None, kernels: str = "cuda") -> Plan:
+    """Plan one layout; `stages` limits the memory model to some pipeline ranks (default: all); `kernels`:
+    whose kernels the activation bytes describe (cuda, or cpu for a CPU run)."""
     layout.check(model)
     numerics = numerics.for_precision(precision)
     ranks = range(layout.pp) if stages is None else sorted(set(stages))
-    memory = [stage_memory(model, layout, cluster, numerics, precision, r) for r in ranks]
-    return Plan(model, layout, cluster, numerics, precision, memory, step_time(model, layout, cluster, numerics, precision))
+    memory = [stage_memory(model, layout, cluster, numerics, precision, r, kernels) for r in ranks]
+    return Plan(model, layout, cluster, numerics, precision, memory, step_time(model, layout, cluster, numerics, precision),
+                kernels)
 
 
 def _divisors(n: int) -> list[int]:
@@ -83,16 +87,29 @@ def candidate_layouts(model: ModelConfig, cluster: Cluster, gpus: int, global_ba
 
 
 def search(model: ModelConfig, cluster: Cluster, gpus: int, global_batch_size: int, numerics: Numerics,
-           precision: str, top: int = 5, find_smallest: bool = True, **candidates) -> list[Plan]:
-    """The `top` layouts that fit in memory, fastest first; PlanError when none divides or none fits."""
-    plans, tried = [], 0
+           precision: str, top: int = 5, find_smallest: bool = True, config: Optional[Config] = None,
+           **candidates) -> list[Plan]:
+    """The `top` layouts that fit in memory, fastest first; PlanError when none divides or none fits.
+
+    With `config`, only layouts megalm's own `config.validate` accepts for that config (and its
+    bucket size) are planned: each plan's layout is then runnable by pasting `layout_overrides`."""
+    plans, tried, rejected = [], 0, []
     for layout in candidate_layouts(model, cluster, gpus, global_batch_size, **candidates):
         tried += 1
-        if layout.recompute == "selective" and numerics.flash_attention:
-            continue  # fused attention keeps no scores: selective recompute is the same as none
+        if config is not None:
+            layout = dataclasses.replace(layout, bucket_size_mb=config.parallel.bucket_size_mb)
+            try:
+                config_for_layout(config, layout)
+            except ConfigError as error:
+                rejected.append((layout, error))
+                continue
         plan = make_plan(model, layout, cluster, numerics, precision, stages=(0, layout.pp - 1))
         if plan.fits:
             plans.append(plan)
+    if tried and len(rejected) == tried:
+        layout, error = rejected[0]
+        raise PlanError(f"megalm's config validation rejects every one of the {tried} layouts of {gpus} GPUs, "
+                        f"e.g. {layout.short()}: {error}")
     if not tried:
         raise PlanError(
             f"no layout divides {gpus} GPUs for this model (heads {model.num_heads}, layers {model.num_layers}, "
@@ -161,9 +178,11 @@ def propose_shapes(target_params: float, cluster: Cluster, gpus: int, global_bat
                 continue
             shape = dataclasses.replace(base, num_layers=num_layers, hidden_size=hidden, num_heads=hidden // head_dim,
                                         ffn_hidden_size=None)
+            # under fused attention selective recompute keeps nearly what none keeps: proposals plan full only
+            recompute = ("full",) if numerics.flash_attention else ("selective", "full")
             try:
                 best = search(shape, cluster, gpus, global_batch_size, numerics, precision, top=1, find_smallest=False,
-                              micro_batches=(1, 2), recompute=("selective", "full"))[0]
+                              micro_batches=(1, 2), recompute=recompute)[0]
             except PlanError:
                 continue
             results.append((shape, best))

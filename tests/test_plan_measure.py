@@ -1,0 +1,89 @@
+"""The planner's per-layer activation bytes equal what megalm's layers save for backward, measured on CPU.
+
+megalm.plan.measure counts the storages a 2-layer minus a 1-layer forward saves (saved-tensor hooks,
+each storage once, parameters left out); the planner is asked with CPU kernels. The default run
+measures a subset (tp=1 in this process, tp=2 with sequence parallel on 2 gloo ranks); the whole
+docs/plan.md table runs nightly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+
+from megalm.plan.measure import TOLERANCE, Case, default_cases, main, measure, predict_layer
+from megalm.plan.model import ACTIVATION_BYTES, layer_activation_bytes
+from megalm.plan.layout import Layout
+
+SHAPE = dict(seq_length=64, hidden_size=128, num_heads=4, micro_batch_size=2)
+SINGLE = [Case(family, precision, recompute, dropout=dropout, **SHAPE)
+          for family in ("lm", "prefixlm") for precision, dropout in (("fp32", 0.1), ("bf16", 0.0), ("bf16", 0.1))
+          for recompute in ("none", "selective", "full")]
+SEQUENCE_PARALLEL = [Case(family, precision, recompute, tp=2, sequence_parallel=True, dropout=dropout, **SHAPE)
+                     for family, precision, dropout in (("lm", "fp32", 0.1), ("prefixlm", "bf16", 0.0))
+                     for recompute in ("none", "selective", "full")]
+
+
+@functools.lru_cache(maxsize=None)
+def measured() -> dict[Case, int]:
+    return measure(SINGLE + SEQUENCE_PARALLEL)
+
+
+@pytest.mark.parametrize("case", SINGLE + SEQUENCE_PARALLEL, ids=lambda case: " ".join(case.label().split()))
+def test_layer_bytes_equal_the_planner_with_cpu_kernels(case: Case) -> None:
+    got, want = measured()[case], predict_layer(case, "cpu")
+    assert abs(want / got - 1) <= TOLERANCE, (case, got, want)
+
+
+@pytest.mark.parametrize("case", [c for c in SINGLE + SEQUENCE_PARALLEL if c.recompute == "none" and c.dropout > 0],
+                         ids=lambda case: " ".join(case.label().split()))
+def test_selective_saves_at_least_the_papers_attention_score_bytes(case: Case) -> None:
+    """Korthikanti et al. (2022): softmax output, dropout mask and dropout output, (2 act + 1) a s^2 b / t bytes."""
+    act = ACTIVATION_BYTES[case.precision]
+    paper = (2 * act + 1) * case.num_heads * case.seq_length ** 2 * case.micro_batch_size // case.tp
+    saved = measured()[case] - measured()[dataclasses.replace(case, recompute="selective")]
+    assert saved >= paper, (saved, paper)
+
+
+@pytest.mark.parametrize("case", [c for c in SINGLE + SEQUENCE_PARALLEL if c.recompute == "full"],
+                         ids=lambda case: " ".join(case.label().split()))
+def test_full_recompute_keeps_only_the_layer_input(case: Case) -> None:
+    sp = case.tp if case.sequence_parallel else 1
+    layer_input = ACTIVATION_BYTES[case.precision] * case.seq_length * case.micro_batch_size * case.hidden_size // sp
+    assert measured()[case] == layer_input
+
+
+def test_cuda_kernels_keep_less_than_cpu_ones_under_dropout() -> None:
+    """A GPU plan describes CUDA kernels (1-byte dropout masks, fused attention): no [s, s] scores."""
+    case = Case(dropout=0.1, seq_length=2048, hidden_size=1024, num_heads=16, micro_batch_size=1)
+    cpu, cuda = predict_layer(case, "cpu"), predict_layer(case, "cuda")
+    scores = 3 * 4 * case.num_heads * case.seq_length ** 2  # CPU's math path: three fp32 [b, a, s, s] tensors
+    assert cpu - cuda >= scores
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        layer_activation_bytes(case.model(), Layout(1, 1, 1, 1, 1), 4, kernels="tpu")
+
+
+@pytest.mark.nightly
+def test_whole_table_within_tolerance(capsys) -> None:
+    assert main([]) == 0, capsys.readouterr().out
+    assert len(default_cases()) > 100
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_prefix_mask_is_kept_once_per_microbatch(recompute: str) -> None:
+    """What PrefixLM keeps besides its layers' bytes (the [b, 1, s, s] bool mask under recompute) is
+    prefix_mask_bytes: a model's bytes outside its layers are 2 x (1 layer) - (2 layers)."""
+    from megalm.distributed import ParallelGroups
+    from megalm.plan.measure import saved_by_forward
+    from megalm.plan.model import prefix_mask_bytes
+
+    def outside(case: Case) -> int:
+        groups = ParallelGroups.single()
+        return 2 * saved_by_forward(case, 1, groups) - saved_by_forward(case, 2, groups)
+
+    prefix = Case("prefixlm", recompute=recompute, **SHAPE)
+    extra = outside(prefix) - outside(dataclasses.replace(prefix, family="lm"))
+    assert extra == prefix_mask_bytes(prefix.model(), prefix.layout())
+    assert (extra > 0) == (recompute != "none")
