@@ -311,8 +311,9 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
         from megalm.model import compile as compile_module
 
         compiled = compile_module.compile_layers(chunks)
-        logger.info(f"compile: {compiled} transformer layers compiled with torch.compile ({compile_module.DEFAULT_BACKEND}) "
-                    f"when the first step runs them; identical layers share the compiled code")
+        backend = compile_module.DEFAULT_BACKEND
+        logger.info(f"compile: {compiled} transformer layers compiled with torch.compile ({backend}) when the first "
+                    f"step runs them; identical layers share the compiled code")
     parallel = config.parallel
     runner = None
     if config.train.engine == "deepspeed":

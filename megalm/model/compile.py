@@ -69,4 +69,5 @@ def compile_seconds() -> float:
         return 0.0
     from torch._dynamo.utils import compilation_time_metrics
 
-    return sum(sum(compilation_time_metrics.get(key, ())) for key in ("_compile.compile_inner", "backward._backward_impl"))
+    keys = ("_compile.compile_inner", "backward._backward_impl")  # torch's names (2.11 and 2.13)
+    return sum(sum(compilation_time_metrics.get(key, ())) for key in keys)
