@@ -13,6 +13,11 @@ baselines run first so that on CPU their peak memory is measured before megalm's
 exists. Results are the median step time and what follows from it (tokens/s, model TFLOP/s per
 device, MFU, peak memory), and the ratio megalm / baseline of per-device tokens/s.
 
+With train.compile=true both models compile their transformer blocks (torch.compile per block, as
+megalm.model.compile does for megalm's layers). The warm-up steps absorb the compilation: each
+phase reports the seconds it spent compiling during warm-up (`compile_s`) and during the timed steps
+(`compile_s_timed`, 0 unless something recompiled; the report flags it: raise --warmup).
+
 On multi-rank runs (torchrun) each rank also times the baseline on its own device, for its
 data-parallel share of the batch; a step takes as long as its slowest rank (per-step maxima over
 ranks), and the ratio compares per-device throughput.
@@ -358,6 +363,8 @@ class PhaseResult:
     num_devices: int
     num_parameters: int
     memory_kind: str
+    compile_s: Optional[float] = None  # train.compile: seconds compiling during warm-up
+    compile_s_timed: Optional[float] = None  # ... and during the timed steps (0 when warm-up absorbed it)
 
 
 def time_steps(
@@ -367,11 +374,19 @@ def time_steps(
     device: torch.device,
     memory: PeakMemory,
     barrier: bool,
+    compile_times: Optional[list[float]] = None,
 ) -> tuple[list[float], list[float], int]:
-    """Run `warmup` untimed then `steps` timed steps; return step seconds, losses and peak memory."""
+    """Run `warmup` untimed then `steps` timed steps; return step seconds, losses and peak memory.
+
+    compile_times: when given, receives the seconds spent compiling during warm-up and during the
+    timed steps (megalm.model.compile.compile_seconds)."""
+    from megalm.model.compile import compile_seconds
+
+    compiled_before = compile_seconds()
     for index in range(warmup):
         step_fn(index)
     _synchronize(device)
+    compiled_warm = compile_seconds()
     gc.collect()
     memory.reset()
     times, losses = [], []
@@ -384,6 +399,8 @@ def time_steps(
         _synchronize(device)
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
+    if compile_times is not None:
+        compile_times += [compiled_warm - compiled_before, compile_seconds() - compiled_warm]
     return times, losses, memory.read()
 
 
@@ -412,11 +429,14 @@ def run_baseline(
     device = groups.device
     memory = PeakMemory(device)
     failed = 0.0
+    compiled: list[float] = []
     try:
         model = builder(config.model, config.train.seed, device)
+        if config.train.compile:
+            _compile_blocks(model)
         optimizer = build_baseline_optimizer(model, config, device)
         step = make_baseline_step(model, optimizer, config, [baseline_batches(b) for b in batches])
-        times, losses, peak = time_steps(step, warmup, steps, device, memory, barrier=False)
+        times, losses, peak = time_steps(step, warmup, steps, device, memory, barrier=False, compile_times=compiled)
         num_parameters = sum(p.numel() for p in model.parameters())
     except torch.cuda.OutOfMemoryError:
         failed, times, losses, peak, num_parameters = 1.0, [], [], 0, 0
@@ -429,8 +449,25 @@ def run_baseline(
     local_tokens = sum(b.tokens.numel() for b in batches[0])
     return PhaseResult(
         name, _max_over_ranks(times, device), losses, int(_max_over_ranks([peak], device)[0]),
-        local_tokens, 1, num_parameters, memory.description(),
+        local_tokens, 1, num_parameters, memory.description(), *_compile_times(config, compiled, device),
     )
+
+
+def _compile_blocks(model: nn.Module) -> None:
+    """train.compile: torch.compile each transformer block of a comparison model, as megalm compiles
+    each of its layers (megalm.model.compile), so the ratios compare compiled with compiled."""
+    from megalm.model import compile as compile_module
+
+    blocks = model.blocks if isinstance(model, BaselineGPT) else model.model.transformer.h
+    for block in blocks:
+        block.compile(backend=compile_module.DEFAULT_BACKEND)
+
+
+def _compile_times(config: Config, compiled: list[float], device: torch.device) -> tuple[Optional[float], ...]:
+    """(warm-up, timed) compile seconds, the maxima over ranks; (None, None) without train.compile."""
+    if not config.train.compile:
+        return None, None
+    return tuple(_max_over_ranks(compiled, device))
 
 
 def run_megalm(
@@ -443,17 +480,18 @@ def run_megalm(
     trainer = build_trainer(config, groups, None)
     trainer.data = PreparedBatches(batches)
     memory = PeakMemory(groups.device)
+    compiled: list[float] = []
     try:
         barrier = dist.is_initialized() and dist.get_world_size() > 1
         step = lambda index: trainer.train_step(index).loss  # noqa: E731
-        times, losses, peak = time_steps(step, warmup, steps, groups.device, memory, barrier)
+        times, losses, peak = time_steps(step, warmup, steps, groups.device, memory, barrier, compiled)
     finally:
         trainer.metrics.close()
     world = groups.topology.world_size
     return PhaseResult(
         "megalm", _max_over_ranks(times, groups.device), losses, int(_max_over_ranks([peak], groups.device)[0]),
         config.train.global_batch_size * config.model.seq_length, world, sum(count_parameters(chunk) for chunk in trainer.chunks),
-        memory.description(),
+        memory.description(), *_compile_times(config, compiled, groups.device),
     )
 
 
@@ -477,6 +515,8 @@ def summarize(phase: PhaseResult, config: Config, peak_tflops: Optional[float]) 
         "num_parameters_on_rank0": phase.num_parameters,
         "step_times_s": phase.step_times_s,
         "losses": phase.losses,
+        "compile_s": phase.compile_s,
+        "compile_s_timed": phase.compile_s_timed,
     }
 
 
@@ -519,7 +559,7 @@ def format_report(result: dict) -> str:
         f"{model['num_heads']} heads, seq {model['seq_length']}, vocab {model['vocab_size']} | "
         f"{result['precision']} | global batch {result['global_batch_size']} = micro {result['micro_batch_size']} "
         f"x dp {result['dp']} x accumulation {result['grad_accum_steps']} | median of {result['steps']} steps "
-        f"after {result['warmup']} warm-up",
+        f"after {result['warmup']} warm-up" + (" | compiled layers (train.compile)" if result.get("compile") else ""),
         *table,
     ]
     if result["ratio_tokens_per_s"] is not None:
@@ -531,6 +571,14 @@ def format_report(result: dict) -> str:
     elif result.get("transformers_skipped"):
         lines.append(f"transformers GPT-2: skipped, {result['transformers_skipped']}")
     notes = [f"peak memory: {result['peak_memory_kind']}"]
+    for key, label in PHASES:
+        entry = result.get(key)
+        if entry is None or entry.get("compile_s") is None:
+            continue
+        notes.append(f"{label} compiled for {entry['compile_s']:.1f} s during warm-up")
+        if entry["compile_s_timed"] > 0:
+            notes.append(f"{label} compiled for {entry['compile_s_timed']:.1f} s during the timed steps: those "
+                         f"timings include compilation; raise --warmup")
     if result.get("planned_peak_gib") and not result["device"].startswith("cpu"):  # CPU: RSS, not comparable
         measured = result["megalm"]["peak_memory_gib"]
         notes.append(f"megalm plan predicts {result['planned_peak_gib']:.3f} GiB for megalm's peak (measured/planned "
@@ -607,6 +655,7 @@ def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> i
         "world_size": topology.world_size,
         "dp": topology.dp,
         "precision": config.train.precision,
+        "compile": config.train.compile,
         "global_batch_size": config.train.global_batch_size,
         "micro_batch_size": config.train.micro_batch_size,
         "grad_accum_steps": grad_accum_steps(config, topology.dp),

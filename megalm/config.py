@@ -355,6 +355,7 @@ class TrainConfig(_Section):
     collective_timeout_s: float = 300.0  # a collective waiting longer ends the job (NCCL's default: 600)
     eval_interval: int = 0  # evaluate the valid split every N steps (0: never)
     eval_batches: int = 1  # global batches of the valid split per evaluation
+    compile: bool = False  # torch.compile each transformer layer (README "Compiled layers"); megalm engine only
     # Fine-tune from weights: a checkpoint directory (RUN/checkpoints/step_NNNNNNNN) or a run directory (its
     # latest checkpoint). Loads the model weights only, at any layout, and starts at step 0 with a fresh
     # optimizer, LR schedule and data position; a run directory with a checkpoint of its own resumes instead.
@@ -864,6 +865,11 @@ def validate(config: Config, world_size: Optional[int] = None) -> Topology:
         check_schedule_args(parallel.schedule, pp, grad_accum_steps(config, topology.dp), parallel.virtual_stages)
     except ScheduleError as error:
         raise ConfigError(str(error)) from None
+    if config.train.compile and config.train.engine == "deepspeed":
+        raise ConfigError(
+            "train.compile=true runs with train.engine=megalm only (DeepSpeed wraps the model and compiles "
+            "with its own settings): set train.compile=false or train.engine=megalm"
+        )
     if parallel.zero_stage == 2 and config.train.engine != "deepspeed":
         raise ConfigError(
             "parallel.zero_stage=2 needs train.engine=deepspeed; megalm's own engine offers 0 (replicated) and 1 "

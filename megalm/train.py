@@ -95,6 +95,7 @@ class Trainer:
         self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
         self.logger = get_logger()
         self.current_step = 0
+        self.compile_s = 0.0  # train.compile: seconds spent compiling so far (megalm.model.compile)
 
     def _global_loss_tokens(self, batches: list[Batch]) -> torch.Tensor:
         local = sum(batch.loss_mask.sum() for batch in batches).to(self.groups.device, torch.float32)
@@ -218,6 +219,8 @@ class Trainer:
         interval = self.config.train.eval_interval
         if self.valid is not None and interval > 0 and (step % interval == 0 or step == self.config.train.steps):
             record["valid_loss"] = self.evaluate()
+        if self.config.train.compile:
+            self._record_compile(record, result)  # after the evaluation, which compiles its own graph
         self.metrics.write(record)
         if step % self.config.log.interval == 0 or step == 1 or step == self.config.train.steps:
             mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
@@ -233,6 +236,19 @@ class Trainer:
             if self.comm.enabled:
                 self.logger.info(self.comm.format())
         return record
+
+    def _record_compile(self, record: dict, result: StepResult) -> None:
+        """compile_s (seconds compiled so far) in every record; logged when a step compiled."""
+        from megalm.model.compile import compile_seconds
+
+        total = compile_seconds()
+        record["compile_s"] = total
+        if total > self.compile_s:
+            self.logger.info(
+                f"compile: {total - self.compile_s:.1f} s compiling the transformer layers at step "
+                f"{result.step + 1} (its training step took {result.seconds:.1f} s; {total:.1f} s compiling in all)"
+            )
+        self.compile_s = total
 
     def _skip_reason(self) -> str:
         """Why a step's update was skipped: an fp16 overflow, or a non-finite loss (fp32/bf16)."""
@@ -292,6 +308,13 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
     sources = sources or build_sources(config)
     chunks = build_model_chunks(config, groups)
     chunks[0].rng.seed_replicated()
+    if config.train.compile:
+        from megalm.model import compile as compile_module
+
+        compiled = compile_module.compile_layers(chunks)
+        backend = compile_module.DEFAULT_BACKEND
+        logger.info(f"compile: {compiled} transformer layers compiled with torch.compile ({backend}) when the first "
+                    f"step runs them; identical layers share the compiled code")
     parallel = config.parallel
     runner = None
     if config.train.engine == "deepspeed":

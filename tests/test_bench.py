@@ -123,6 +123,40 @@ def test_load_from_megalm_needs_a_full_model() -> None:
         load_from_megalm(BaselineGPT(config.model), torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("warmup", [1, 0])
+def test_bench_with_compiled_layers(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch, warmup: int) -> None:
+    """train.compile=true: both models compile their blocks; the warm-up absorbs the compilation and
+    the report gives its seconds; with no warm-up the timed steps compiled, and the report says so.
+    (aot_eager backend: the same graph capture without inductor's code generation, for speed.)"""
+    import torch._dynamo
+
+    from megalm.model import compile as compile_module
+
+    monkeypatch.setattr(compile_module, "DEFAULT_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    path = tmp_path / "bench.json"
+    args = ["bench", TINY, "--steps", "2", "--warmup", str(warmup), "--json", str(path), "train.compile=true",
+            "train.global_batch_size=4"] + ([] if warmup else ["--no-transformers"])
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    result = json.loads(path.read_text())
+    assert result["compile"] is True and "compiled layers (train.compile)" in out
+    from megalm.bench import PHASES
+
+    phases = [(key, label) for key, label in PHASES if result.get(key) is not None]
+    assert len(phases) >= 2  # megalm and the plain baseline (and transformers' GPT-2 where installed)
+    for key, label in phases:
+        entry = result[key]
+        if warmup:
+            assert entry["compile_s"] > 0 and entry["compile_s_timed"] == 0, entry
+            assert f"{label} compiled for {entry['compile_s']:.1f} s during warm-up" in out
+            assert "during the timed steps: those timings include compilation" not in out
+        else:
+            assert entry["compile_s"] == 0 and entry["compile_s_timed"] > 0, entry
+            assert f"{label} compiled for {entry['compile_s_timed']:.1f} s during the timed steps" in out
+    torch._dynamo.reset()
+
+
 # ---- Hugging Face transformers' GPT-2, the optional third phase ----------------------------------
 def _copy_baseline_into_transformers(hf, baseline: BaselineGPT) -> None:
     """The plain baseline's weights into transformers' GPT-2 (Conv1D weights are [in, out])."""

@@ -10,6 +10,13 @@ backward; full recompute wraps whole layers (megalm.model.gpt).
 
 The attention core is SDPA (causal, or a dense PrefixLM mask) or, handed a BlockMask, FlexAttention
 (PrefixLM, megalm.model.attention).
+
+Element-wise work after the matmuls goes through two functions, as in Megatron: the row-parallel
+layers return their bias apart ("skip bias add") for `bias_dropout_add` (residual + dropout(y + b)),
+and under train.compile the first MLP layer does too, for `bias_gelu`. Eagerly they are the same
+ops in the same order as an unfused layer (bit for bit); in a compiled layer (megalm.model.compile)
+inductor fuses each into one kernel. Dropout on split activations swaps in the tp-distinct stream,
+which a compiled graph cannot trace: it runs eagerly there (a graph break), drawing eager's masks.
 """
 
 from __future__ import annotations
@@ -121,13 +128,41 @@ def _dropout(x: torch.Tensor, p: float, training: bool, rng: ParallelRNG, split:
     if p == 0.0 or not training:
         return x
     if split:
-        with rng.tp_distinct():
-            return F.dropout(x, p, training=True)
+        return _distinct_dropout(x, p, rng)
     return F.dropout(x, p, training=True)
 
 
 # What a layer is handed to mask attention: None (causal), a dense bool mask, or a FlexAttention BlockMask.
 AttentionMask = Union[None, torch.Tensor, BlockMask]
+
+
+def _distinct_dropout(x: torch.Tensor, p: float, rng: ParallelRNG) -> torch.Tensor:
+    """Dropout from the tp-distinct stream; eager inside a compiled layer (it swaps generator state,
+    megalm.model.compile.EAGER_ONLY)."""
+    with rng.tp_distinct():
+        return F.dropout(x, p, training=True)
+
+
+def _eager(function, *args):
+    """function(*args), outside any compiled graph (megalm.model.compile.EAGER_ONLY): the attention
+    core while it swaps in the tp-distinct stream (dropout) or recomputes under its own checkpoint."""
+    return function(*args)
+
+
+def bias_gelu(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """GeLU(y + bias): a column-parallel layer's skipped bias and the activation, one kernel when compiled."""
+    return F.gelu(y if bias is None else y + bias, approximate="tanh")
+
+
+def bias_dropout_add(
+    y: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor, p: float, training: bool,
+    rng: ParallelRNG, split: bool,
+) -> torch.Tensor:
+    """residual + dropout(y + bias): a row-parallel layer's skipped bias, the hidden dropout and the
+    residual add, one kernel when compiled (unless the dropout is on a split activation, see _dropout)."""
+    if bias is not None:
+        y = y + bias
+    return residual + _dropout(y, p, training, rng, split)
 
 
 class Attention(nn.Module):
@@ -148,14 +183,17 @@ class Attention(nn.Module):
         # Rows of the full QKV weight are ordered (head, q|k|v, head_dim), so a contiguous split
         # over tp hands each rank whole heads with their q, k and v.
         self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, groups, sequence_parallel=sequence_parallel)
-        self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, groups, sequence_parallel=sequence_parallel)
+        self.proj = RowParallelLinear(
+            cfg.hidden_size, cfg.hidden_size, groups, sequence_parallel=sequence_parallel, skip_bias_add=True
+        )
 
     def forward(
         self,
         x: torch.Tensor,
         attn_mask: AttentionMask,
         rotary: Optional[tuple[torch.Tensor, torch.Tensor]],
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(output without its bias [s(/tp), b, h], the projection's bias): see bias_dropout_add."""
         qkv = self.qkv(x)  # [s, b, 3 * local_heads * d]
         seq_len, batch = qkv.shape[:2]
         q, k, v = qkv.view(seq_len, batch, self.local_heads, 3, self.head_dim).unbind(dim=3)  # [s, b, nh, d]
@@ -163,7 +201,9 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, nh, s, d]
         if self.recompute_core and torch.is_grad_enabled():
-            out = recompute(self._core, self.rng, q, k, v, attn_mask)
+            out = _eager(recompute, self._core, self.rng, q, k, v, attn_mask)
+        elif self.training and self.dropout > 0:
+            out = _eager(self._core, q, k, v, attn_mask)  # tp-distinct dropout masks
         else:
             out = self._core(q, k, v, attn_mask)
         out = out.permute(2, 0, 1, 3).reshape(seq_len, batch, self.local_heads * self.head_dim)  # [s, b, h/tp]
@@ -185,15 +225,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """h -> ffn (column-parallel) -> GeLU -> h (row-parallel)."""
+    """h -> ffn (column-parallel) -> GeLU -> h (row-parallel).
+
+    fc1 keeps its bias inside the GEMM (addmm, faster eagerly) unless its skip_bias_add is set, as
+    megalm.model.compile does for bias_gelu; fc2 always hands its bias on (bias_dropout_add)."""
 
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, sequence_parallel: bool) -> None:
         super().__init__()
         self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size(), groups, sequence_parallel=sequence_parallel)
-        self.fc2 = RowParallelLinear(cfg.ffn_size(), cfg.hidden_size, groups, sequence_parallel=sequence_parallel)
+        self.fc2 = RowParallelLinear(
+            cfg.ffn_size(), cfg.hidden_size, groups, sequence_parallel=sequence_parallel, skip_bias_add=True
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(output without its bias, fc2's bias): see bias_dropout_add."""
+        hidden = bias_gelu(*self.fc1(x)) if self.fc1.skip_bias_add else bias_gelu(self.fc1(x), None)
+        return self.fc2(hidden)
 
 
 class TransformerLayer(nn.Module):
@@ -218,6 +265,6 @@ class TransformerLayer(nn.Module):
         attn_mask: AttentionMask,
         rotary: Optional[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
-        drop = lambda t: _dropout(t, self.dropout, self.training, self.rng, self.sequence_parallel)  # noqa: E731
-        x = x + drop(self.attn(self.ln1(x), attn_mask, rotary))
-        return x + drop(self.mlp(self.ln2(x)))
+        drop = (self.dropout, self.training, self.rng, self.sequence_parallel)
+        x = bias_dropout_add(*self.attn(self.ln1(x), attn_mask, rotary), x, *drop)
+        return bias_dropout_add(*self.mlp(self.ln2(x)), x, *drop)

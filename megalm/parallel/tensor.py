@@ -123,9 +123,15 @@ class _Conjugate(torch.autograd.Function):
         return ctx.backward_op(grad, ctx.group), None, None, None
 
 
+def _run_conjugate(x: torch.Tensor, group: ProcessGroup, forward_op, backward_op) -> torch.Tensor:
+    """Eager even inside a compiled layer (megalm.model.compile.EAGER_ONLY): the collective stays the
+    c10d call that megalm.comm counts and that keeps NCCL's ordering; the compiled graph breaks there."""
+    return _Conjugate.apply(x, group, forward_op, backward_op)
+
+
 def _conjugate(forward_op, backward_op):
     def apply(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-        return x if group is None else _Conjugate.apply(x, group, forward_op, backward_op)
+        return x if group is None else _run_conjugate(x, group, forward_op, backward_op)
 
     apply.__doc__ = f"forward: {forward_op.__name__.strip('_')}; backward: {backward_op.__name__.strip('_')}"
     return apply
@@ -147,7 +153,10 @@ def _divide(total: int, parts: int, what: str) -> int:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x A^T + b with A split by rows (output features) over tp: each rank computes a slice of y."""
+    """y = x A^T + b with A split by rows (output features) over tp: each rank computes a slice of y.
+
+    skip_bias_add: return (x A^T, b) and leave the bias to the caller, which fuses it into the next
+    element-wise work (bias + GeLU, megalm.model.layers); the parameters are the same either way."""
 
     def __init__(
         self,
@@ -158,24 +167,32 @@ class ColumnParallelLinear(nn.Module):
         sequence_parallel: bool = False,
         gather_output: bool = False,
         device: torch.device | str | None = None,
+        skip_bias_add: bool = False,
     ) -> None:
         super().__init__()
         self.group = groups.tp_group
         self.sequence_parallel = sequence_parallel
         self.gather_output = gather_output
+        self.skip_bias_add = skip_bias_add
+        if skip_bias_add and gather_output:
+            raise ValueError("skip_bias_add returns the local output slice's bias: it cannot gather the output")
         local_out = _divide(out_features, groups.tp_size, "output features")
         self.weight = mark_parameter(nn.Parameter(torch.empty(local_out, in_features, device=device)), 0)
         self.bias = mark_parameter(nn.Parameter(torch.empty(local_out, device=device)), 0) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, Optional[torch.Tensor]]:
         # x: [s, b, h] replicated, or [s/tp, b, h] with sequence parallel
         x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        if self.skip_bias_add:
+            return F.linear(x, self.weight), self.bias  # [s, b, out/tp], [out/tp]
         y = F.linear(x, self.weight, self.bias)  # [s, b, out/tp]
         return gather_from_tp(y, self.group) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
-    """y = x A^T + b with A split by columns (input features): partial sums reduced over tp."""
+    """y = x A^T + b with A split by columns (input features): partial sums reduced over tp.
+
+    skip_bias_add: return (reduced x A^T, b), the bias for the caller's bias + dropout + residual."""
 
     def __init__(
         self,
@@ -185,10 +202,12 @@ class RowParallelLinear(nn.Module):
         bias: bool = True,
         sequence_parallel: bool = False,
         device: torch.device | str | None = None,
+        skip_bias_add: bool = False,
     ) -> None:
         super().__init__()
         self.group = groups.tp_group
         self.sequence_parallel = sequence_parallel
+        self.skip_bias_add = skip_bias_add
         local_in = _divide(in_features, groups.tp_size, "input features")
         self.weight = mark_parameter(nn.Parameter(torch.empty(out_features, local_in, device=device)), 1)
         self.bias = (
@@ -197,10 +216,12 @@ class RowParallelLinear(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, Optional[torch.Tensor]]:
         # x: [s, b, in/tp] -> [s, b, out] (or [s/tp, b, out] with sequence parallel)
         y = F.linear(x, self.weight)
         y = reduce_scatter_to_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
+        if self.skip_bias_add:
+            return y, self.bias
         return y if self.bias is None else y + self.bias
 
 
