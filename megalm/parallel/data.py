@@ -203,7 +203,8 @@ class GradientSync:
                               child if isinstance(child, nn.ModuleList) else [child])
             for block in blocks:
                 own = block.parameters(recurse=block is not chunk)
-                buckets = sorted({self._bucket_of[p].index for p in own if p in self._bucket_of})
+                # in forward order (buckets are made in backward order), as the gathers were launched
+                buckets = sorted({self._bucket_of[p].index for p in own if p in self._bucket_of}, reverse=True)
                 if buckets:
                     block.register_forward_pre_hook(functools.partial(self._wait_before_forward, buckets))
 
