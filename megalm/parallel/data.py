@@ -329,6 +329,11 @@ class GradientSync:
                                            async_op=True)
         self._gathering += 1
 
+    @property
+    def gathers_in_flight(self) -> int:
+        """ZeRO-1: parameter all-gathers launched and not yet waited for."""
+        return self._gathering
+
     def _check_storage(self, bucket: Bucket) -> None:
         storage = bucket.param_data.untyped_storage().data_ptr()
         for param in bucket.params:
