@@ -123,7 +123,10 @@ class Trainer:
             chunk.train(training)
 
     def train_step(self, step: int) -> StepResult:
-        """One optimizer step over the global batch of `step`."""
+        """One optimizer step over the global batch of `step`.
+
+        ZeRO-1: the parameters' all-gathers may still be in flight when this returns (the next forward
+        waits for them block by block); `wait_for_parameters()` before reading the weights directly."""
         reset_peak_memory(self.groups.device)  # record()'s peak_memory_gb is this step's
         start = time.perf_counter()
         device = self.groups.device
@@ -282,6 +285,7 @@ class Trainer:
                     checkpointer.save(step)
                 if stop:
                     checkpointer.finish()  # an async save's writer ends and the save commits before exit
+                    self.wait_for_parameters()
                     self.logger.info(f"stop signal received: saved step {step}, exiting")
                     return records
         if checkpointer is not None:
