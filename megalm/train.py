@@ -109,7 +109,8 @@ class Trainer:
 
         def wait() -> None:
             if pending:
-                wait_for(pending.pop(), lambda: f"all_reduce of the loss-token count over {self.groups.describe_group(group)}")
+                wait_for(pending.pop(),
+                         lambda: f"all_reduce of the loss-token count over {self.groups.describe_group(group)}")
 
         return local, wait
 

@@ -102,7 +102,7 @@ def _order_worker(rank: int, world_size: int) -> dict:
 
     def late_step() -> None:
         if rank == 1:
-            time.sleep(1.0)
+            time.sleep(1.5)
         step()
 
     def peer_half() -> torch.Tensor:  # the other rank's half of bucket 0's parameters
@@ -114,7 +114,8 @@ def _order_worker(rank: int, world_size: int) -> dict:
     trainer.train_step(1)
     stale = torch.equal(peer_half(), before)
     pending_after_step = sync.gathers_in_flight
-    pieces = {(p["name"], p["kind"], p["lo"]): p["tensor"] for p in collect_pieces(trainer.chunks, trainer.optimizer, groups)}
+    pieces = {(p["name"], p["kind"], p["lo"]): p["tensor"]
+              for p in collect_pieces(trainer.chunks, trainer.optimizer, groups)}
     pending_after_checkpoint = sync.gathers_in_flight
     fresh = not torch.equal(peer_half(), before)
     trainer.optimizer.step = step
@@ -225,8 +226,8 @@ def _memory_worker(rank: int, world_size: int) -> dict:
             "padded": sum(b.numel for b in trainer.sync.buckets),
             "buckets": len(trainer.sync.buckets),
             "params_in_buckets": all(
-                any(p.untyped_storage().data_ptr() == b.param_data.untyped_storage().data_ptr() for b in trainer.sync.buckets
-                    if b.param_data is not None)
+                any(p.untyped_storage().data_ptr() == b.param_data.untyped_storage().data_ptr()
+                    for b in trainer.sync.buckets if b.param_data is not None)
                 for p in trainer.params
             ),
         }
