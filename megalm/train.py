@@ -7,9 +7,10 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from megalm.comm import CommCounter, comm_stats_enabled
 from megalm.config import Config, config_to_yaml, grad_accum_steps, resolved_decay_steps
@@ -17,7 +18,7 @@ from megalm.data.batch import Batch
 from megalm.data.pipeline import DataSources, build_sampler, build_sources
 from megalm.data.sampler import BatchSampler
 from megalm.data.tokenizer import Tokenizer
-from megalm.distributed import ParallelGroups, all_reduce_
+from megalm.distributed import ParallelGroups, all_reduce_, wait_for
 from megalm.generate import generate
 from megalm.kernels import describe_kernels
 from megalm.metrics import (
@@ -97,9 +98,23 @@ class Trainer:
         self.current_step = 0
         self.compile_s = 0.0  # train.compile: seconds spent compiling so far (megalm.model.compile)
 
-    def _global_loss_tokens(self, batches: list[Batch]) -> torch.Tensor:
-        local = sum(batch.loss_mask.sum() for batch in batches).to(self.groups.device, torch.float32)
-        return all_reduce_(local.clone(), self.groups.dp_group)
+    def _global_loss_tokens(self, batches: list[Batch]) -> tuple[torch.Tensor, Callable[[], None]]:
+        """The global count of loss tokens, reduced asynchronously, and the wait to call before reading it.
+
+        Asynchronous because on NCCL the dp group's collectives run in issue order: a blocking count
+        would hold this step's forward until ZeRO-1's parameter gathers (issued before it) are done."""
+        local = sum(batch.loss_mask.sum() for batch in batches).to(self.groups.device, torch.float32).clone()
+        group = self.groups.dp_group
+        if group is None:
+            return local, lambda: None
+        pending = [dist.all_reduce(local, group=group, async_op=True)]
+
+        def wait() -> None:
+            if pending:
+                wait_for(pending.pop(),
+                         lambda: f"all_reduce of the loss-token count over {self.groups.describe_group(group)}")
+
+        return local, wait
 
     @staticmethod
     def _masked_sum(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -111,7 +126,10 @@ class Trainer:
             chunk.train(training)
 
     def train_step(self, step: int) -> StepResult:
-        """One optimizer step over the global batch of `step`."""
+        """One optimizer step over the global batch of `step`.
+
+        ZeRO-1: the parameters' all-gathers may still be in flight when this returns (the next forward
+        waits for them block by block); `wait_for_parameters()` before reading the weights directly."""
         reset_peak_memory(self.groups.device)  # record()'s peak_memory_gb is this step's
         start = time.perf_counter()
         device = self.groups.device
@@ -128,10 +146,14 @@ class Trainer:
         self.comm.reset()
         with self.comm.counting():
             # Normalise by the global count of loss tokens so every layout computes the same mean.
-            global_tokens = self._global_loss_tokens(batches)
-            loss_sum = self.executor.run(
-                batches, lambda losses, batch: self._masked_sum(losses, batch) * (scale / global_tokens)
-            )
+            global_tokens, wait_tokens = self._global_loss_tokens(batches)
+
+            def scaled_loss(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
+                wait_tokens()
+                return self._masked_sum(losses, batch) * (scale / global_tokens)
+
+            loss_sum = self.executor.run(batches, scaled_loss)
+            wait_tokens()  # the stages without a loss
             self.sync.finish()
             all_reduce_(loss_sum, self.groups.pp_group)  # only the last stage holds the loss
             all_reduce_(loss_sum, self.groups.dp_group)
@@ -175,10 +197,18 @@ class Trainer:
             self.scaler.update(found_inf=False)
         return float(norm), False
 
+    def wait_for_parameters(self) -> None:
+        """ZeRO-1: wait for the parameter all-gathers of the last step (call before reading weights yourself;
+        the next forward, evaluation, generation and checkpoints wait on their own)."""
+        wait = getattr(self.optimizer, "wait_parameters", None)  # DeepSpeed's optimizer has none
+        if wait is not None:
+            wait()
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss over the first train.eval_batches global batches of the valid split."""
         self._set_training(False)
+        self.wait_for_parameters()
         total = torch.zeros(2, device=self.groups.device)  # [loss sum, loss tokens]
         for index in range(self.config.train.eval_batches):
             batches = [batch.to(self.groups.device) for batch in self.valid.micro_batches(index)]
@@ -273,10 +303,12 @@ class Trainer:
                     checkpointer.save(step)
                 if stop:
                     checkpointer.finish()  # an async save's writer ends and the save commits before exit
+                    self.wait_for_parameters()
                     self.logger.info(f"stop signal received: saved step {step}, exiting")
                     return records
         if checkpointer is not None:
             checkpointer.finish()
+        self.wait_for_parameters()  # the weights the run ends with are whole
         if records:
             rest = records[1:] or records
             times = [r["step_time_s"] for r in rest]
@@ -290,6 +322,7 @@ class Trainer:
 
     def print_samples(self) -> list[str]:
         """Generate from log.sample_prompts (every rank takes part; rank 0 prints)."""
+        self.wait_for_parameters()
         texts = []
         for prompt in self.config.log.sample_prompts:
             ids = generate(

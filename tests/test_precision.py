@@ -136,7 +136,6 @@ def _held_tensors(trainer) -> dict[str, list[torch.Tensor]]:
         "main_grad": [b.grad for b in sync.buckets] + [b.shard_main for b in sync.buckets if b.shard_main is not None],
         "master": [m for m, s in zip(optimizer.masters, optimizer.segments) if m is not s.param],
         "moments": moments,
-        "gather": list(optimizer._gather),
     }
 
 
@@ -185,7 +184,6 @@ def test_low_precision_params_fp32_main_grads_masters_and_moments(held_bytes, pr
                 assert dtypes["param"] == [low], (world_size, zero)
                 assert dtypes["main_grad"] == ["torch.float32"]
                 assert dtypes["master"] == ["torch.float32"] and dtypes["moments"] == ["torch.float32"]
-                assert dtypes["gather"] == ([low] if zero else [])
                 assert per_rank[(precision, zero)]["grad_none"]  # the low-precision .grad is freed in the hook
 
 
@@ -206,7 +204,7 @@ def test_bytes_per_parameter_equal_readme_and_planner(held_bytes, precision, zer
         params, padded = measured[0]["params"], measured[0]["padded"]
         # README: per-rank bytes per parameter. Summed over the dp ranks the ZeRO-1 shards add up to the
         # whole model, so the sum is exact: dp x table x params, plus the buckets' padding (< dp elements
-        # per bucket) in the fp32 bucket, the gather buffer and the fp32 shard of the last rank.
+        # per bucket) in the fp32 bucket, the parameter bucket and the fp32 shard of the last rank.
         pad = padded - params
         expected = _eval_bytes(table[(precision, zero == 1)], dp) * dp * params
         expected += pad * (dp * (4 + param_bytes) + 4) if zero else 0

@@ -45,6 +45,7 @@ def make_config(tp=1, pp=1, dp=1, zero=0, micro=2, precision="bf16") -> Config:
 def train(config: Config, groups: ParallelGroups, steps: int = STEPS) -> dict:
     trainer = build_trainer(config, groups, None)
     losses = [trainer.train_step(step).loss for step in range(steps)]
+    trainer.wait_for_parameters()  # ZeRO-1: the last step's gathers may still be in flight
     weights = {}
     for chunk in trainer.chunks:
         for name, param in chunk.named_parameters():

@@ -141,6 +141,7 @@ def optimizer_view(optimizer: Any) -> OptimizerView:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         return OptimizerView(optimizer, params, [WholeParam(p, 0, p.numel()) for p in params], False)
     if isinstance(optimizer, MixedPrecisionOptimizer):
+        optimizer.wait_parameters()  # ZeRO-1: the weights read or written here must be gathered first
         return OptimizerView(optimizer.optimizer, list(optimizer.masters), list(optimizer.segments), optimizer.sharded)
     raise TypeError(f"megalm checkpoints do not know optimizer {type(optimizer).__qualname__}: extend optimizer_view()")
 
@@ -270,6 +271,7 @@ def collect_pieces(chunks: list[nn.Module], optimizer: Any, groups, host: HostCo
     ZeRO-1's state is each dp rank's own segment already. `host` receives the copies.
     """
     host = host or HostCopies()
+    view = optimizer_view(optimizer)  # first: it waits for ZeRO-1's parameter gathers
     pieces = []
 
     def add(name, param, kind, tensor, lo, hi, replicated):
@@ -282,7 +284,6 @@ def collect_pieces(chunks: list[nn.Module], optimizer: Any, groups, host: HostCo
     for name, param in named_params(chunks):
         if counted_once(param, groups):
             add(name, param, "param", param, 0, param.numel(), True)
-    view = optimizer_view(optimizer)
     states, _ = _state_by_master(view)
     names = {id(p): n for n, p in named_params(chunks)}
     for master, segment in zip(view.masters, view.segments):

@@ -14,7 +14,13 @@ backward pass; `finish()` waits before the optimizer step.
   global token count, so a sum is right. fp32 parameters then see their main gradient as `.grad`.
 - ZeRO-1 (`shard=True`): reduce-scatter of each bucket instead: dp rank r receives the summed
   slice r of every bucket (buckets are padded to a multiple of dp) in an fp32 shard buffer. The
-  optimizer (megalm.parallel.optimizer) steps only that slice, then all-gathers the parameters.
+  parameters of a bucket then live in one contiguous buffer of their own dtype, laid out like the
+  gradient bucket (`Bucket.param_data`): the optimizer (megalm.parallel.optimizer) steps only slice r,
+  writes it into slice r of that buffer, and `gather_parameters` all-gathers every bucket in place,
+  asynchronously, in forward order. A forward pre-hook on each block of the model (embedding, each
+  layer, ...) waits for the gathers of that block's buckets, so the later buckets' gathers overlap
+  the earlier blocks' forward; `wait_parameters()` waits for all (before parameters are read outside
+  a forward: checkpoints, the next optimizer step).
 - `reduce_dtype=torch.bfloat16` changes only the wire: a bf16 copy of the bucket is reduced
   (half the bytes) and the result is written back into the fp32 buffers. Accumulation stays fp32.
 
@@ -27,6 +33,7 @@ their own that is summed over the embedding group in `finish()`, after the pipel
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,9 +49,9 @@ def _reduce_scatter_single(output: torch.Tensor, tensor: torch.Tensor, group: Pr
     return fn(output, tensor, group=group, async_op=async_op)
 
 
-def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group: ProcessGroup):
+def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group: ProcessGroup, async_op: bool = False):
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return fn(output, tensor, group=group)
+    return fn(output, tensor, group=group, async_op=async_op)
 
 
 @dataclass
@@ -62,6 +69,8 @@ class Bucket:
     shard_main: Optional[torch.Tensor] = None  # ZeRO-1: this rank's reduced slice, fp32, for the optimizer
     wire: Optional[torch.Tensor] = None  # reduce_dtype copy of the bucket while its reduction runs
     wire_shard: Optional[torch.Tensor] = None  # ZeRO-1 with a low-precision wire: the reduce-scatter output
+    param_data: Optional[torch.Tensor] = None  # ZeRO-1: the parameters' storage (their dtype, padded like grad)
+    gather: Optional[dist.Work] = None  # ZeRO-1: the in-flight all-gather of param_data
 
     @property
     def numel(self) -> int:
@@ -103,7 +112,8 @@ class GradientSync:
         self.reduce_dtype = reduce_dtype  # the wire only: buckets accumulate in fp32 always
         self.overlap = overlap
         self.shard = shard
-        self.events = events  # when a list: ("hook", name, count) and ("launch", bucket) in order
+        self.events = events  # when a list: ("hook", name, count), ("launch", bucket), ("gather", bucket) and
+        # ("gather_wait", bucket) in order
         self.dp = groups.dp_size
         self.buckets: list[Bucket] = []
         self._views: dict[nn.Parameter, torch.Tensor] = {}
@@ -124,6 +134,9 @@ class GradientSync:
         for bucket in self.buckets:
             for param in bucket.params:
                 param.register_post_accumulate_grad_hook(self._hook)
+        self._gathering = 0  # ZeRO-1: parameter all-gathers in flight
+        if self.shard:
+            self._register_gather_waits(chunks)
 
     def _is_cross_stage_tie(self, chunks: list[nn.Module], param: nn.Parameter) -> bool:
         if self.groups.pp_size == 1:
@@ -154,11 +167,52 @@ class GradientSync:
         bucket = Bucket(len(self.buckets), [p for _, p in named], offsets, grad, deferred)
         if self.shard:
             bucket.shard_main = torch.zeros(padded // self.dp, dtype=torch.float32, device=self.groups.device)
+            bucket.param_data = self._parameter_buffer(named, offsets, padded)
         for (name, param), offset in zip(named, offsets):
             self._views[param] = grad[offset : offset + param.numel()].view_as(param)
             self._bucket_of[param] = bucket
             self._names[param] = name
         self.buckets.append(bucket)
+
+    def _parameter_buffer(self, named: list[tuple[str, nn.Parameter]], offsets: list[int], padded: int) -> torch.Tensor:
+        """ZeRO-1: move a bucket's parameters into one buffer laid out like its gradients (the all-gather target)."""
+        dtypes = {param.dtype for _, param in named}
+        if len(dtypes) != 1:
+            raise ValueError(
+                f"ZeRO-1 gathers a bucket's parameters in one dtype, but {named[0][0]}... mix "
+                f"{sorted(str(d) for d in dtypes)}: cast the model to one dtype before building GradientSync"
+            )
+        buffer = torch.zeros(padded, dtype=dtypes.pop(), device=self.groups.device)
+        for (_, param), offset in zip(named, offsets):
+            view = buffer[offset : offset + param.numel()].view_as(param)
+            view.copy_(param.detach())
+            param.data = view  # the Parameter object (and its attributes, hooks) stays; its storage moves
+        return buffer
+
+    def _register_gather_waits(self, chunks: list[nn.Module]) -> None:
+        """ZeRO-1: before each block of the model runs forward, wait for the gathers of its parameters.
+
+        Blocks are the modules a chunk calls in turn: each child, and each entry of a ModuleDict /
+        ModuleList child (the layers); the chunk itself waits for its own direct parameters (the last
+        stage's copy of the embedding). A whole block (not each Linear inside it) is the unit, so a
+        block compiled as one region sees the wait at its boundary."""
+        for chunk in chunks:
+            blocks: list[nn.Module] = [chunk]
+            for child in chunk.children():
+                blocks.extend(child.values() if isinstance(child, nn.ModuleDict) else
+                              child if isinstance(child, nn.ModuleList) else [child])
+            for block in blocks:
+                own = block.parameters(recurse=block is not chunk)
+                # in forward order (buckets are made in backward order), as the gathers were launched
+                buckets = sorted({self._bucket_of[p].index for p in own if p in self._bucket_of}, reverse=True)
+                if buckets:
+                    block.register_forward_pre_hook(functools.partial(self._wait_before_forward, buckets))
+
+    @torch.compiler.disable
+    def _wait_before_forward(self, buckets: list[int], module: nn.Module, args) -> None:
+        if self._gathering:
+            for index in buckets:
+                self._wait_gather(self.buckets[index])
 
     # ---- during the step ------------------------------------------------------------------------
     def start_step(self, num_microbatches: int) -> None:
@@ -249,6 +303,64 @@ class GradientSync:
             for param, view in self._views.items():
                 if param.dtype == torch.float32:  # an fp32 parameter is its own master: .grad is the main grad
                     param.grad = view
+
+    # ---- ZeRO-1 parameter all-gather -------------------------------------------------------------
+    def parameter_shard(self, bucket: Bucket) -> torch.Tensor:
+        """This dp rank's slice of a bucket's parameter buffer: the optimizer writes it, the gather sends it."""
+        size = bucket.numel // self.dp
+        return bucket.param_data[self.groups.dp_rank * size : (self.groups.dp_rank + 1) * size]
+
+    def forward_order(self) -> list[Bucket]:
+        """Buckets in the order the forward pass reads them (buckets are made in backward order)."""
+        return list(reversed(self.buckets))
+
+    def gather_parameters(self, bucket: Bucket) -> None:
+        """Launch the asynchronous all-gather of `bucket`'s parameter shards into its parameter buffer.
+
+        In place: the input is this rank's slice of the output. Every dp rank launches the buckets
+        in the same (forward) order, so the collectives match on NCCL."""
+        self.wait_parameters([bucket])  # never two gathers of one buffer in flight
+        self._check_storage(bucket)
+        if self.groups.dp_group is None:
+            return  # one dp rank: its shard is the whole buffer
+        if self.events is not None:
+            self.events.append(("gather", bucket.index))
+        bucket.gather = _all_gather_single(bucket.param_data, self.parameter_shard(bucket), self.groups.dp_group,
+                                           async_op=True)
+        self._gathering += 1
+
+    @property
+    def gathers_in_flight(self) -> int:
+        """ZeRO-1: parameter all-gathers launched and not yet waited for."""
+        return self._gathering
+
+    def _check_storage(self, bucket: Bucket) -> None:
+        storage = bucket.param_data.untyped_storage().data_ptr()
+        for param in bucket.params:
+            if param.untyped_storage().data_ptr() != storage:
+                raise RuntimeError(
+                    f"ZeRO-1: parameter {self._names[param]} no longer lives in its gradient bucket's parameter "
+                    f"buffer (its .data was replaced, e.g. by module.to() or load_state_dict(assign=True) after "
+                    f"GradientSync was built): copy values into parameters in place (param.copy_) instead"
+                )
+
+    def _wait_gather(self, bucket: Bucket) -> None:
+        if bucket.gather is None:
+            return
+        if self.events is not None:
+            self.events.append(("gather_wait", bucket.index))
+        wait_for(bucket.gather, lambda: f"all_gather of parameter bucket {bucket.index} over "
+                 f"{self.groups.describe_group(self.groups.dp_group)}")
+        bucket.gather = None
+        self._gathering -= 1
+
+    def wait_parameters(self, buckets: Optional[list[Bucket]] = None) -> None:
+        """Wait for the parameter all-gathers in flight (of `buckets`, default all), in forward order.
+
+        The forward pre-hooks do this block by block; call it before reading parameters any other way."""
+        if self._gathering:
+            for bucket in buckets if buckets is not None else self.forward_order():
+                self._wait_gather(bucket)
 
     # ---- ZeRO-1 views ---------------------------------------------------------------------------
     def segments(self) -> list[Segment]:

@@ -4,15 +4,23 @@ Megatron-style mixed precision. The model's parameters are held in the run's pre
 fp16, or fp32) and read directly by the matmuls; their gradients are accumulated in fp32 main-grad
 buffers by `GradientSync`. This wrapper keeps, for every piece of a parameter this rank updates
 (a `Segment`: the whole parameter, or its ZeRO-1 shard), an fp32 *master* whose `.grad` is a view
-of the main gradient, steps an inner torch optimizer (AdamW from megalm.kernels) over the masters,
-and copies the updated masters back into the parameters (ZeRO-1: all-gathered over dp, in the
-parameter dtype). An fp32 parameter without ZeRO is its own master: nothing is copied, and a rank
-holds 16 bytes per parameter, as with a plain AdamW.
+of the main gradient, steps an inner torch optimizer (AdamW from megalm.kernels: fused where the
+device has it) over the masters, and writes the updated masters back into the parameters. An fp32
+parameter is its own master: without ZeRO the parameter itself, with ZeRO-1 its piece of this
+rank's slice of the parameter bucket; nothing is copied.
+
+ZeRO-1: a bucket's parameters live in one contiguous buffer of their dtype (`Bucket.param_data`,
+laid out like the gradient bucket). After the step, bucket by bucket in forward order, the updated
+masters are cast into this rank's slice of that buffer and an asynchronous in-place all-gather over
+dp fills the other slices: no separate gather buffer, and the wire carries the parameters' dtype
+(the analytic minimum: each rank sends its 1/dp of the parameters once). The gathers run while the
+next buckets are cast and while the next step's forward runs: each block of the model waits for
+its buckets in a forward pre-hook (GradientSync), and `wait_parameters()` waits for all of them;
+call it before reading the parameters outside a forward (checkpoints and the trainer do).
 
 Bytes a rank holds per parameter (README, "Precision"): P = parameter bytes (4 fp32, 2 bf16/fp16),
-main gradient 4, master 4 unless the parameter is its own master, moments 8; with ZeRO-1 the
-master and moments are held for 1/dp of the parameters, plus an fp32 reduce-scatter output (4/dp)
-and an all-gather buffer in the parameter dtype (P).
+main gradient 4, master 4 unless the parameter is its own (fp32), moments 8; with ZeRO-1 the master
+and moments are held for 1/dp of the parameters, plus an fp32 reduce-scatter output (4/dp).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from megalm.kernels import adamw_class_and_kwargs
-from megalm.parallel.data import GradientSync, Segment, _all_gather_single, counted_once
+from megalm.parallel.data import GradientSync, Segment, counted_once
 
 
 class MixedPrecisionOptimizer:
@@ -47,6 +55,10 @@ class MixedPrecisionOptimizer:
             param = segment.param
             if not self.sharded and param.dtype == torch.float32:
                 master = param  # its own master; sync.finish() sets .grad to the main gradient
+            elif param.dtype == torch.float32:  # ZeRO-1: its piece of this rank's slice of the parameter bucket
+                shard = sync.parameter_shard(segment.bucket)
+                master = shard[segment.shard_lo : segment.shard_lo + segment.numel]
+                master.grad = sync.segment_grad(segment)
             else:
                 flat = param.detach().reshape(-1)[segment.param_lo : segment.param_hi]
                 master = flat.to(torch.float32, copy=True).requires_grad_(True)
@@ -65,12 +77,12 @@ class MixedPrecisionOptimizer:
             optimizer_kwargs = {**default_kwargs, **(optimizer_kwargs or {})}
         self.optimizer = optimizer_class(param_groups, lr=lr, betas=betas, eps=eps, **(optimizer_kwargs or {}))
         self.param_groups = self.optimizer.param_groups
-        # ZeRO-1: one all-gather buffer per bucket, in the parameters' dtype.
-        self._gather = (
-            [torch.empty(b.numel, dtype=b.params[0].dtype, device=self.groups.device) for b in sync.buckets]
-            if self.sharded
-            else []
-        )
+        self._own = [master is segment.param or _same_memory(master, segment.param) for master, segment in ordered]
+        # ZeRO-1: the separate masters of each bucket (fp32 ones are the bucket's memory already)
+        self._bucket_masters: dict[int, list[tuple[torch.Tensor, Segment]]] = {}
+        for (master, segment), own in zip(ordered, self._own):
+            if self.sharded and not own:
+                self._bucket_masters.setdefault(segment.bucket.index, []).append((master, segment))
 
     @property
     def state(self):
@@ -91,27 +103,24 @@ class MixedPrecisionOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Step the masters, then write them into the model parameters (ZeRO-1: all-gathered)."""
+        """Step the masters, then write them into the model parameters (ZeRO-1: launch the all-gathers)."""
+        self.wait_parameters()  # a bucket no forward read since the last step (unused parameters)
         self.optimizer.step()
         if self.sharded:
-            self._gather_parameters()
+            for bucket in self.sync.forward_order():  # cast bucket k+1 while bucket k's gather runs
+                shard = self.sync.parameter_shard(bucket)
+                for master, segment in self._bucket_masters.get(bucket.index, ()):
+                    shard[segment.shard_lo : segment.shard_lo + segment.numel].copy_(master)
+                self.sync.gather_parameters(bucket)
             return
         for master, segment in zip(self.masters, self.segments):
             if master is not segment.param:
                 segment.param.copy_(master.view_as(segment.param))
 
-    def _gather_parameters(self) -> None:
-        dp_group, dp_rank = self.groups.dp_group, self.groups.dp_rank
-        for bucket, gathered in zip(self.sync.buckets, self._gather):
-            shard_size = bucket.numel // self.sync.dp
-            local = gathered[dp_rank * shard_size : (dp_rank + 1) * shard_size]
-            for master, segment in zip(self.masters, self.segments):
-                if segment.bucket is bucket:
-                    local[segment.shard_lo : segment.shard_lo + segment.numel].copy_(master)
-            if dp_group is not None:
-                _all_gather_single(gathered, local.clone(), dp_group)
-            for param, offset in zip(bucket.params, bucket.offsets):
-                param.copy_(gathered[offset : offset + param.numel()].view_as(param))
+    def wait_parameters(self) -> None:
+        """ZeRO-1: wait for the parameter all-gathers still in flight (no-op otherwise)."""
+        if self.sharded:
+            self.sync.wait_parameters()
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (Adam moments) held by this rank."""
@@ -124,20 +133,25 @@ class MixedPrecisionOptimizer:
 
     def master_bytes(self) -> int:
         """Bytes of fp32 master weights held apart from the parameters (0 when parameters are their own)."""
-        return sum(m.numel() * m.element_size() for m, s in zip(self.masters, self.segments) if m is not s.param)
+        return sum(m.numel() * m.element_size() for m, own in zip(self.masters, self._own) if not own)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def bytes_per_parameter(precision: str, zero_stage: int, dp: int) -> float:
     """Persistent bytes a rank holds per parameter of its model shard (bucket padding aside): the README's table.
 
-    parameter + fp32 main gradient + fp32 master (unless the parameter is its own) + two fp32 moments;
-    ZeRO-1 keeps master and moments for 1/dp of the parameters, plus the fp32 reduce-scatter output
-    (1/dp) and an all-gather buffer in the parameter dtype.
+    parameter + fp32 main gradient + fp32 master (unless the parameter is its own: fp32) + two fp32
+    moments; ZeRO-1 keeps master and moments for 1/dp of the parameters, plus the fp32 reduce-scatter
+    output (1/dp), and gathers the parameters in place (no gather buffer).
     """
     param = 4 if precision == "fp32" else 2
+    master = 0 if precision == "fp32" else 4
     if zero_stage == 1:
-        return param + 4 + (4 + 4 + 8) / dp + param
-    return param + 4 + (0 if precision == "fp32" else 4) + 8
+        return param + 4 + (master + 4 + 8) / dp
+    return param + 4 + master + 8
 
 
 def build_optimizer_wrapper(sync: GradientSync, optim) -> MixedPrecisionOptimizer:

@@ -99,7 +99,7 @@ class Numerics:
     grad_bytes: int  # the gradient buffer (and the data-parallel all-reduce)
     master_bytes: int  # fp32 master copy kept by the optimizer (0: the weights are the masters)
     moment_bytes: int  # Adam's two moments
-    zero1_gather_buffer: bool  # megalm's ZeRO-1 keeps a full gather buffer per bucket (parameter dtype)
+    zero1_gather_buffer: bool  # ZeRO-1 gathers into a buffer apart from the parameters (megalm: no, in place)
     flash_attention: bool  # fused attention: no [s, s] scores stored or read from HBM
     overlap_grad_sync: bool  # data-parallel reduction overlapped with the last backward
     description: str
@@ -122,8 +122,8 @@ class Numerics:
 NUMERICS = {
     # megalm as implemented (megalm.parallel.optimizer): parameters in the run's precision, fp32 main-grad
     # buckets, fp32 Adam moments, fp32 masters under bf16/fp16 (`for_precision` sets param and master
-    # bytes; the values here are fp32's). ZeRO-1 shards master and moments and adds a gather buffer.
-    "megalm": Numerics("megalm", 4, 4, 0, 8, True, True, True,
+    # bytes; the values here are fp32's). ZeRO-1 shards master and moments and gathers the parameters in place.
+    "megalm": Numerics("megalm", 4, 4, 0, 8, False, True, True,
                        "megalm's engine: fp32 params + fp32 main grads + fp32 Adam, SDPA attention"),
     # Megatron-LM (2021) / Yuan 1.0 mixed precision: fp16 params and grads, fp32 master + Adam moments,
     # materialised attention scores, gradient all-reduce after the backward pass.

@@ -192,8 +192,10 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
     if numerics.name == "megalm":  # exact: GradientSync (megalm.parallel.data), MixedPrecisionOptimizer
         if layout.zero_stage == 1:  # fp32 buckets + fp32 reduce-scatter output of the shard
             grads = 4 * sum(padded(n, dp) for n in buckets) + 4 * sum(padded(n, dp) // dp for n in buckets)
-            optimizer = (4 + 8) * zero1_shard_params(buckets, dp, 0)  # fp32 master + 2 moments of the shard
-            buffers += numerics.param_bytes * sum(padded(n, dp) for n in buckets)  # all-gather buffer per bucket
+            # fp32 master (bf16/fp16; an fp32 parameter is its own) + 2 moments of the shard
+            optimizer = (numerics.master_bytes + 8) * zero1_shard_params(buckets, dp, 0)
+            # parameters live in per-bucket buffers padded like the gradients, all-gathered in place
+            buffers += numerics.param_bytes * sum(padded(n, dp) - n for n in buckets)
         else:
             grads = 4 * sum(buckets)  # fp32 main gradients
             optimizer = (numerics.master_bytes + 8) * params  # fp32 masters (bf16/fp16 only) + 2 moments

@@ -32,6 +32,7 @@ def make_config(tp=1, pp=1, dp=1, accum=1, zero=0, global_batch=None, **train) -
 
 
 def full_weights(trainer) -> dict[str, torch.Tensor]:
+    trainer.wait_for_parameters()  # ZeRO-1: the last step's gathers may still be in flight
     out = {}
     for chunk in trainer.chunks:
         for name, param in chunk.named_parameters():
@@ -166,6 +167,7 @@ def _fp16_worker(rank: int, world_size: int) -> list:
         inject["step"] = step
         before = [p.detach().clone() for p in trainer.params]
         result = trainer.train_step(step)
+        trainer.wait_for_parameters()
         changed = any(not torch.equal(b, p) for b, p in zip(before, trainer.params))
         out.append((result.skipped, result.loss_scale, trainer.scaler.scale, changed, result.loss))
     return out
