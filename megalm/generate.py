@@ -288,7 +288,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     parallel, train = config.parallel, config.train
     parallel.tp, parallel.pp, parallel.dp = args.tp, args.pp, world_size // (args.tp * args.pp)
     parallel.virtual_stages, parallel.pipeline_layers, parallel.sequence_parallel = 1, None, False
-    parallel.recompute, parallel.zero_stage = "none", 0
+    parallel.recompute, parallel.zero_stage, parallel.schedule = "none", 0, "1f1b"
     train.engine, train.init_from = "megalm", None
     train.precision = args.precision or train.precision
     train.global_batch_size = train.micro_batch_size * parallel.dp

@@ -7,6 +7,7 @@ checkpoint of another model (every differing field, on one line). `load_weights`
 weights and fp32 masters through the pieces that a resharding resume uses (so a checkpoint saved at
 any (tp, pp, dp, ZeRO) loads at any other) and nothing else: no optimizer state, loss scale, data
 position or RNG state, so the run starts at step 0 with a fresh optimizer and LR schedule.
+`load_model_weights` does the same for model chunks without an optimizer (`megalm generate`).
 
 Precision: a parameter's value is the checkpoint's fp32 master where it saved one (a bf16 or fp16
 run), else its weight; the run's fp32 masters take that value and its weights the cast to their
