@@ -191,3 +191,27 @@ def test_tp_and_pp_give_the_tokens_of_one_process(pairs_run: dict) -> None:
                  "--field", "prefix", "--output", str(one)]) == 0
     assert out.read_text(encoding="utf-8") == one.read_text(encoding="utf-8")
     assert len(one.read_text(encoding="utf-8").splitlines()) == len(pairs_run["held"])
+
+
+# ---- mistakes: one line each ------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra,expected", [
+    ([], "no prompts: give --prompt TEXT"),
+    (["--prompts-file", "missing.txt"], "is not a file"),
+    (["--prompts-file", "BAD"], ":2: not a JSON string or an object with the field 'prompt'"),
+    (["--prompt", "x", "--top-p", "1.5"], "top-p must be in (0, 1]"),
+    (["--prompt", "x", "--tp", "3"], "--tp 3 x --pp 1 does not divide the 1 processes"),
+])
+def test_mistakes_are_one_line(extra: list[str], expected: str, pairs_run: dict, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n', encoding="utf-8")
+    extra = [str(bad) if item == "BAD" else str(tmp_path / item) if item == "missing.txt" else item for item in extra]
+    capsys.readouterr()
+    assert main(["generate", str(pairs_run["run"]), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1, err
+
+
+def test_a_directory_without_a_checkpoint_is_refused(tmp_path: Path, capsys) -> None:
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint={tmp_path} holds no complete checkpoint" in err, err
