@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on CPU: install into .venv, generate the embedded bilingual corpus,
 # train a tokenizer, preprocess to token files, train the tiny GPT with tp=2 x dp=2 (4 processes)
-# and print sample text, then compare the final loss with a unigram model of the corpus.
+# and print sample text, compare the final loss with a unigram model of the corpus, then generate
+# from the checkpoint it saved with `megalm generate`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
@@ -29,3 +30,7 @@ print(f"quickstart: train loss {records[0]['loss']:.3f} -> {records[-1]['loss']:
       f"valid loss {valid[-1]:.3f}; a model that only learned unigram frequencies: {unigram:.3f}")
 assert valid[-1] < unigram - 1.0, "the model did not beat the unigram baseline clearly"
 PY
+
+# Generate from the checkpoint it saved (tp 2 as trained; any layout loads): greedy, with a KV cache.
+python -m torch.distributed.run --standalone --nproc-per-node 2 -m megalm.cli generate runs/quickstart --tp 2 \
+  --prompt "Lena lives in" --prompt "王芳今年" --prompt "What is four times ten? It is" --max-new-tokens 16

@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(func=cmd_bench)
 
+    from megalm.generate import register_cli as register_generate
+
+    register_generate(sub)  # megalm generate CKPT --prompt TEXT ... [--tp N --pp N under torchrun]
+
     from megalm.plan.report import register_cli as register_plan
 
     register_plan(sub)  # megalm plan CONFIG --cluster NAME --gpus N [--search] ...

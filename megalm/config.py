@@ -880,10 +880,9 @@ def validate(config: Config, world_size: Optional[int] = None) -> Topology:
             f"train.init_from needs train.engine=megalm (megalm's checkpoints load its weights), got "
             f"train.engine={config.train.engine}: remove train.init_from or use the megalm engine"
         )
-    if config.log.sample_prompts and (pp > 1 or config.data.tokenizer is None):
+    if config.log.sample_prompts and config.data.tokenizer is None:
         raise ConfigError(
-            "log.sample_prompts needs data.tokenizer and parallel.pp=1 (generation does not run pipelined "
-            "yet): remove the prompts or change the layout"
+            "log.sample_prompts needs data.tokenizer (the prompts are text): remove the prompts or set data.tokenizer"
         )
     if config.optim.warmup_steps > resolved_decay_steps(config):
         raise ConfigError(

@@ -1,66 +1,357 @@
-"""Text generation from a (tensor-parallel) GPT: every tp rank runs the same forward.
+"""Text generation with a KV cache, at any tp and pp: `megalm generate` and the end-of-training samples.
 
-The last position's vocab-split logits are gathered over tp, padded ids are masked, and the next
-token is drawn with a generator seeded identically on every rank, so all ranks pick the same
-token without another collective. No KV cache: this is for samples and smoke tests, not serving.
+A batch's prompts are left-padded to one width, so they all end at the same column: one forward over
+the prompts (the prefill) fills every layer's KV cache, and each later step feeds each row's newest
+token alone. Every token has its own position (counted from its row's first real token) and the
+attention mask hides the pad columns, so a row gets the tokens it would get alone. A PrefixLM's
+prompt is its bidirectional prefix: the prompt's columns see each other both ways, so the cache holds
+the prefix's keys and values computed with the prefix mask, and generated tokens are causal; this is
+training's prefix mask (megalm.model.gpt.prefix_attention_mask) shifted by the padding.
+`use_cache=False` recomputes the whole sequence every step: the reference the cache is tested against.
+
+Tensor parallel: each tp rank gathers the last position's vocab-split logits, drops the padded
+vocabulary rows and draws from a generator seeded alike on every rank, so all tp ranks pick the same
+token with no further collective. Pipeline parallel: a stage receives the previous stage's hidden
+states, runs its layers and sends them on (a rank's virtual stages in turn); the last stage samples
+and broadcasts the tokens over its pipeline group, so the first stage can feed them back. Data
+parallel replicas of `megalm generate` take turns at the batches.
+
+A model fine-tuned on pairs (data.kind pairs) saw each prefix followed by <sep>; its prompts are
+encoded the same way, by the same function (encode_prompt uses megalm.data.dataset.pair_prefix).
+Generation ends at model.seq_length tokens (prompt included); a longer prompt keeps its last
+seq_length - 1 tokens, as pairs training keeps a long prefix's end.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import argparse
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
+from megalm.data.dataset import pair_prefix
 from megalm.distributed import ParallelGroups
 from megalm.model.gpt import GPTModel
 from megalm.parallel.tensor import gather_from_tp
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn, and when a row stops."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy (argmax)
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    top_p: float = 1.0  # keep the smallest set of most likely tokens whose probability reaches p (1: all)
+    seed: int = 0  # the draws' generator, the same on every rank
+    stop_id: Optional[int] = None  # a row ends when it draws this id (eos), which is not returned
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0 (0 keeps every token), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top-p must be in (0, 1] (1 keeps every token), got {self.top_p}")
+
+
+class LayerCache:
+    """One layer's keys and values [b, heads/tp, positions, d]; Attention appends each step's."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+        self.length = 0
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' keys and values; return all of them so far."""
+        end = self.length + keys.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions cannot take {end}")
+        if self.keys is None:
+            shape = (*keys.shape[:2], self.capacity, keys.shape[3])
+            self.keys, self.values = keys.new_empty(shape), values.new_empty(shape)
+        self.keys[:, :, self.length : end] = keys
+        self.values[:, :, self.length : end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def encode_prompt(tokenizer, text: str, pairs: bool) -> list[int]:
+    """A prompt's ids as training showed such text: after fine-tuning on pairs, the prefix then <sep>."""
+    ids = tokenizer.encode(text)
+    return pair_prefix(ids, tokenizer.sep_id) if pairs else ids
+
+
+def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """Next ids [b] from fp32 logits [b, v]: argmax, or a draw after temperature, top-k and top-p."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ranked, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(ranked, dim=-1)
+        above = probs.cumsum(dim=-1) - probs  # the mass of the tokens ranked higher; the first is always kept
+        drop = torch.zeros_like(above, dtype=torch.bool).scatter(-1, order, above >= sampling.top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+
+
+def decoding_mask(pads: torch.Tensor, width: int, total: int, prefix: bool) -> torch.Tensor:
+    """[b, 1, total, total] bool: which columns each column attends to, for prompts left-padded by
+    `pads` [b] to end at column `width`. Causal, plus (PrefixLM) the whole prompt both ways; no real
+    token sees a pad column, and a pad column sees itself alone (a softmax row with no key is NaN)."""
+    columns = torch.arange(total, device=pads.device)
+    real = columns.unsqueeze(0) >= pads.unsqueeze(1)  # [b, k]: not padding
+    sees = columns.unsqueeze(1) >= columns.unsqueeze(0)  # [q, k] causal
+    if prefix:
+        sees = sees | (columns < width).unsqueeze(0)  # the prompt is the bidirectional prefix
+    alone = torch.eye(total, dtype=torch.bool, device=pads.device)
+    return ((sees.unsqueeze(0) & real.unsqueeze(1)) | alone).unsqueeze(1)
+
+
+@contextlib.contextmanager
+def _decoding(chunks: Sequence[GPTModel]) -> Iterator[None]:
+    """Eval mode without sequence parallel (a decode step is one position: nothing to split);
+    the weights are the same either way. Restores both afterwards (the trainer's samples)."""
+    modes = [chunk.training for chunk in chunks]
+    split = [m for chunk in chunks for m in chunk.modules() if getattr(m, "sequence_parallel", False) is True]
+    for module in split:
+        module.sequence_parallel = False
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        yield
+    finally:
+        for module in split:
+            module.sequence_parallel = True
+        for chunk, mode in zip(chunks, modes):
+            chunk.train(mode)
+
+
+def _forward(
+    chunks: Sequence[GPTModel], groups: ParallelGroups, ids: torch.Tensor, positions: torch.Tensor,
+    mask: torch.Tensor, caches: Optional[list[dict[int, LayerCache]]],
+) -> Optional[torch.Tensor]:
+    """One forward through this rank's chunks, passing hidden states [s, b, h] between stages;
+    the last stage's logits [s, b, v/tp], None elsewhere."""
+    pp, pp_rank = groups.pp_size, groups.pp_rank
+    hidden: torch.Tensor = ids
+    for index, chunk in enumerate(chunks):
+        if not chunk.is_first:
+            hidden = torch.empty(ids.shape[1], ids.shape[0], chunk.cfg.hidden_size, dtype=chunk.dtype, device=ids.device)
+            dist.recv(hidden, src=groups.pp_ranks[(pp_rank - 1) % pp], group=groups.pp_group)
+        hidden = chunk.decode(hidden, positions, mask, None if caches is None else caches[index])
+        if not chunk.is_last:
+            dist.send(hidden.contiguous(), dst=groups.pp_ranks[(pp_rank + 1) % pp], group=groups.pp_group)
+    return hidden if chunks[-1].is_last else None
+
+
 @torch.no_grad()
 def generate(
-    model: GPTModel,
+    chunks: Sequence[GPTModel] | GPTModel,
     groups: ParallelGroups,
-    prompt: Sequence[int],
-    max_new_tokens: int,
-    seed: int = 0,
-    temperature: float = 0.7,
-    top_k: int = 20,
-    stop_id: Optional[int] = None,
-) -> list[int]:
-    """Continue `prompt` by up to max_new_tokens ids (top-k sampling; temperature 0 is greedy).
-
-    A PrefixLM model treats the prompt as its bidirectional prefix.
-    """
-    if not (model.is_first and model.is_last):
-        raise NotImplementedError("generation with pipeline parallelism is not supported yet")
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(device=groups.device).manual_seed(seed)
-    window = model.cfg.seq_length
-    tokens = list(prompt)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        context = tokens[-window:]
-        ids = torch.tensor([context], device=groups.device)
-        prefix = None
-        if model.cfg.family == "prefixlm":
-            prefix = torch.tensor([max(1, min(len(prompt), len(context)))], device=groups.device)
-        if model.sequence_parallel and len(context) % groups.tp_size != 0:
-            # sequence parallel splits the sequence: left-pad the context to a multiple of tp
-            pad = groups.tp_size - len(context) % groups.tp_size
-            ids = torch.cat([ids[:, :1].expand(1, pad), ids], dim=1)
-            prefix = None if prefix is None else prefix + pad
-        logits = model(ids, prefix_lengths=prefix)  # [s, 1, v/tp]
-        last = gather_from_tp(logits[-1, 0].float().contiguous(), groups.tp_group)[: model.cfg.vocab_size]
-        if temperature <= 0:
-            next_id = int(last.argmax())
-        else:
-            values, indices = torch.topk(last / temperature, min(top_k, last.numel()))
-            choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)
-            next_id = int(indices[choice])
-        if stop_id is not None and next_id == stop_id:
-            break
-        tokens.append(next_id)
-        new.append(next_id)
-    model.train(was_training)
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Continue each prompt (token ids) by up to sampling.max_new_tokens ids; every rank of the
+    model replica (its tp and pp ranks) calls this together and gets the same ids."""
+    chunks = [chunks] if isinstance(chunks, GPTModel) else list(chunks)
+    cfg, device = chunks[0].cfg, groups.device
+    if not prompts:
+        return []
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("an empty prompt: give every prompt at least one token")
+    window = cfg.seq_length
+    prompts = [list(prompt)[-(window - 1):] for prompt in prompts]  # room for at least one new token
+    batch, width = len(prompts), max(len(prompt) for prompt in prompts)
+    total = min(window, width + sampling.max_new_tokens)
+    tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt) : width] = torch.tensor(prompt, dtype=torch.long, device=device)
+    pads = torch.tensor([width - len(prompt) for prompt in prompts], device=device)
+    positions = (torch.arange(total, device=device).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)  # [b, total]
+    mask = decoding_mask(pads, width, total, cfg.family == "prefixlm")
+    caches = [{i: LayerCache(total) for i in chunk.layer_ids} for chunk in chunks] if use_cache else None
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    last_stage = chunks[-1].is_last
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    new: list[list[int]] = [[] for _ in range(batch)]
+    with _decoding(chunks):
+        for end in range(width, total):
+            begin = end - 1 if use_cache and end > width else 0  # the cache holds columns [0, begin)
+            logits = _forward(chunks, groups, tokens[:, begin:end], positions[:, begin:end],
+                              mask[:, :, begin:end, :end], caches)
+            if last_stage:
+                full = gather_from_tp(logits[-1].float().contiguous(), groups.tp_group)[:, : cfg.vocab_size]
+                next_ids = sample_next(full, sampling, generator)
+            else:
+                next_ids = torch.empty(batch, dtype=torch.long, device=device)
+            if groups.pp_size > 1:
+                dist.broadcast(next_ids, src=groups.pp_ranks[-1], group=groups.pp_group)
+            stopped = next_ids == sampling.stop_id if sampling.stop_id is not None else torch.zeros_like(done)
+            for row in (~done & ~stopped).nonzero().flatten().tolist():
+                new[row].append(int(next_ids[row]))
+            done |= stopped
+            tokens[:, end] = next_ids
+            if bool(done.all()):
+                break
     return new
+
+
+# ----------------------------------------------------------------------------- megalm generate
+def read_prompts(texts: Sequence[str], path: Optional[str], field: str) -> list[str]:
+    """Prompts from --prompt and from a file: one per line, or JSONL (.jsonl/.json: the `field` of each
+    object, or a JSON string per line). Blank lines are skipped."""
+    from megalm.fsutil import PathError
+
+    prompts = list(texts)
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise PathError(f"--prompts-file {file} is not a file: give a text file (one prompt a line) or JSONL")
+        jsonl = file.suffix in (".jsonl", ".json")
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            if not jsonl:
+                prompts.append(line)
+                continue
+            try:
+                record = json.loads(line)
+                prompts.append(record if isinstance(record, str) else str(record[field]))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise PathError(
+                    f"{file}:{number}: not a JSON string or an object with the field {field!r} "
+                    f"({type(error).__name__}: {error}); fix the line or pass --field"
+                ) from None
+    if not prompts:
+        raise PathError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def _load_tokenizer(config, metadata: dict[str, Any], override: Optional[str]):
+    from megalm.data.pipeline import DataError
+    from megalm.data.tokenizer import Tokenizer
+
+    path = override or config.data.tokenizer
+    if path is None:
+        raise DataError("the checkpoint was trained without a tokenizer (data.tokenizer is null): give --tokenizer FILE.model")
+    tokenizer = Tokenizer.load(path)
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise DataError(f"the tokenizer {path} has {tokenizer.vocab_size} tokens but the model {config.model.vocab_size}: "
+                        f"give the tokenizer the checkpoint was trained with (--tokenizer)")
+    saved = metadata.get("tokenizer_hash")
+    if saved and saved != tokenizer.hash:
+        raise DataError(f"the tokenizer {path} (hash {tokenizer.hash[:12]}) is not the checkpoint's ({saved[:12]}): "
+                        f"give the tokenizer the checkpoint was trained with (--tokenizer)")
+    return tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Load a checkpoint at --tp x --pp (x the data-parallel rest of the world), generate, print JSONL."""
+    from megalm.checkpoint.weights import find_checkpoint, load_model_weights, read_metadata
+    from megalm.config import ConfigError, config_from_dict, validate
+    from megalm.distributed import build_parallel_groups, init_distributed, resolve_device
+    from megalm.model.gpt import build_model_chunks
+
+    path = find_checkpoint(args.checkpoint, "checkpoint")
+    metadata = read_metadata(path, "checkpoint")
+    config = config_from_dict(metadata["config"], f"{path}/metadata.json")
+    prompts = read_prompts(args.prompt, args.prompts_file, args.field)
+    tokenizer = _load_tokenizer(config, metadata, args.tokenizer)
+    pairs = args.prompt_format == "pairs" or (args.prompt_format == "auto" and config.data.kind == "pairs")
+    try:
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                            None if args.ignore_eos else tokenizer.eos_id)
+    except ValueError as error:
+        raise ConfigError(f"megalm generate: {error}") from None
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % (args.tp * args.pp) != 0:
+        raise ConfigError(f"--tp {args.tp} x --pp {args.pp} does not divide the {world_size} processes: launch a multiple")
+    parallel, train = config.parallel, config.train
+    parallel.tp, parallel.pp, parallel.dp = args.tp, args.pp, world_size // (args.tp * args.pp)
+    parallel.virtual_stages, parallel.pipeline_layers, parallel.sequence_parallel = 1, None, False
+    parallel.recompute, parallel.zero_stage, parallel.schedule = "none", 0, "1f1b"
+    train.engine, train.init_from = "megalm", None
+    train.precision = args.precision or train.precision
+    train.global_batch_size = train.micro_batch_size * parallel.dp
+    config.log.sample_prompts = []
+    topology = validate(config, world_size)
+    device = resolve_device(args.device)
+    rank, _ = init_distributed(device)
+    try:
+        groups = build_parallel_groups(topology, rank, device)
+        chunks = build_model_chunks(config, groups)
+        load_model_weights(chunks, groups, path, "checkpoint")
+        encoded = [encode_prompt(tokenizer, text, pairs) for text in prompts]
+        batches = [range(start, min(start + args.batch_size, len(prompts)))
+                   for start in range(0, len(prompts), args.batch_size)]
+        mine: dict[int, list[int]] = {}
+        for number, rows in enumerate(batches):
+            if number % groups.dp_size == groups.dp_rank:
+                outputs = generate(chunks, groups, [encoded[i] for i in rows], sampling, use_cache=not args.no_cache)
+                mine.update(zip(rows, outputs))
+        if groups.dp_size > 1:
+            everyone: list[Optional[dict[int, list[int]]]] = [None] * groups.dp_size
+            dist.all_gather_object(everyone, mine, group=groups.control_dp_group)
+            mine = {row: ids for part in everyone for row, ids in part.items()}
+        if rank == 0:
+            lines = [json.dumps({"prompt": text, "completion": tokenizer.decode(mine[i]), "ids": mine[i]},
+                                ensure_ascii=False) for i, text in enumerate(prompts)]
+            if args.output:
+                Path(args.output).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            else:
+                print("\n".join(lines), flush=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="generate text from a checkpoint (KV cache; any tp/pp under torchrun, or one process)",
+        description="Generate from a checkpoint or run directory. Prints one JSON object per prompt: prompt, "
+                    "completion, ids. Under torchrun the world is --tp x --pp x data-parallel replicas.",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest checkpoint)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", help="prompts, one per line; .jsonl/.json: one JSON object (or string) per line")
+    parser.add_argument("--field", default="prompt", help="the JSONL key of the prompt (default: prompt)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt at most")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; else sample")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample from the most likely tokens holding p of the mass")
+    parser.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop a prompt at eos")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow; a check)")
+    parser.add_argument("--prompt-format", choices=("auto", "pairs", "text"), default="auto",
+                        help="pairs: end each prompt with <sep> as pairs fine-tuning did; auto: pairs when the "
+                             "checkpoint was trained on data.kind pairs")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: the checkpoint's")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda when visible")
+    parser.add_argument("--tokenizer", help="default: the checkpoint's data.tokenizer")
+    parser.add_argument("--output", help="write the JSONL here instead of stdout")
+    parser.set_defaults(func=cmd_generate)
+    return None
+

@@ -19,7 +19,7 @@ from megalm.data.pipeline import DataSources, build_sampler, build_sources
 from megalm.data.sampler import BatchSampler
 from megalm.data.tokenizer import Tokenizer
 from megalm.distributed import ParallelGroups, all_reduce_, wait_for
-from megalm.generate import generate
+from megalm.generate import Sampling, encode_prompt, generate
 from megalm.kernels import describe_kernels
 from megalm.metrics import (
     MetricsWriter, get_logger, guess_peak_tflops, peak_memory_bytes, peak_reserved_bytes, reset_peak_memory, throughput,
@@ -321,17 +321,19 @@ class Trainer:
         return records
 
     def print_samples(self) -> list[str]:
-        """Generate from log.sample_prompts (every rank takes part; rank 0 prints)."""
-        self.wait_for_parameters()
-        texts = []
-        for prompt in self.config.log.sample_prompts:
-            ids = generate(
-                self.model, self.groups, self.tokenizer.encode(prompt), self.config.log.sample_tokens,
-                seed=self.config.train.seed, stop_id=self.tokenizer.eos_id,
-            )
-            text = self.tokenizer.decode(ids)
+        """Generate from log.sample_prompts (every rank takes part; rank 0 prints). Prompts are
+        encoded as the training data encoded prefixes (<sep> after pairs fine-tuning)."""
+        prompts = self.config.log.sample_prompts
+        if not prompts:
+            return []
+        self.wait_for_parameters()  # ZeRO-1: the last step's all-gathers
+        pairs = self.config.data.kind == "pairs"
+        sampling = Sampling(self.config.log.sample_tokens, temperature=0.7, top_k=20, seed=self.config.train.seed,
+                            stop_id=self.tokenizer.eos_id)
+        encoded = [encode_prompt(self.tokenizer, prompt, pairs) for prompt in prompts]
+        texts = [self.tokenizer.decode(ids) for ids in generate(self.chunks, self.groups, encoded, sampling)]
+        for prompt, text in zip(prompts, texts):
             self.logger.info(f"sample: {prompt!r} -> {text!r}")
-            texts.append(text)
         return texts
 
 

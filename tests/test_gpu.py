@@ -543,3 +543,27 @@ def test_compiled_layers_train_like_eager(device: str) -> None:
     for step, (got, want) in enumerate(zip(compiled_losses, eager_losses)):
         assert abs(got - want) <= tolerance * abs(want), (step, compiled_losses, eager_losses)
     assert compiled_losses[-1] < compiled_losses[0] - 0.05, compiled_losses  # it trains
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generation_with_the_kv_cache_on_the_device(device: str) -> None:
+    """megalm.generate on the device: in fp32 the KV cache gives the no-cache tokens (LM and PrefixLM,
+    greedy and sampled, prompts of different lengths); bf16 generates every token too."""
+    from megalm.config import ModelConfig
+    from megalm.generate import Sampling, generate
+    from megalm.model.gpt import build_model
+
+    groups = _groups(device)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23, 24, 25, 26, 27]]
+    for family in ("lm", "prefixlm"):
+        cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=100, seq_length=32, family=family,
+                          position_embedding="rotary", init_std=0.3)
+        model = build_model(cfg, groups, seed=3)
+        for sampling in (Sampling(12), Sampling(12, temperature=1.0, top_k=10, top_p=0.9, seed=4)):
+            cached = generate(model, groups, prompts, sampling)
+            assert cached == generate(model, groups, prompts, sampling, use_cache=False), (family, sampling)
+            assert all(len(row) == 12 for row in cached)
+        low = build_model(cfg, groups, seed=3, dtype=torch.bfloat16)
+        start = time.perf_counter()
+        assert all(len(row) == 12 for row in generate(low, groups, prompts, Sampling(12)))
+        _report("generation_kv_cache", device, family=family, bf16_seconds=time.perf_counter() - start)

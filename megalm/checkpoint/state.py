@@ -487,16 +487,17 @@ def restore_weights(chunks: list[nn.Module], optimizer: Any, groups, index: Piec
 
     Each parameter's value comes from its "master" pieces when the checkpoint has them, else from
     its "param" pieces; masters take their range of it, weights its cast to their dtype (what the
-    optimizer step derives them by). Returns {id(param): (name, value)}.
+    optimizer step derives them by). optimizer None: the weights alone (generation, evaluation).
+    Returns {id(param): (name, value)}.
     """
-    view = optimizer_view(optimizer)
+    view = optimizer_view(optimizer) if optimizer is not None else None
     values: dict[int, tuple[str, torch.Tensor]] = {}
     with torch.no_grad():
         for name, param in named_params(chunks):
             value = index.shard(name, "master" if (name, "master") in index.pieces else "param", param, groups)
             param.copy_(value)
             values[id(param)] = (name, value)
-        for master, segment in zip(view.masters, view.segments):
+        for master, segment in zip(view.masters, view.segments) if view is not None else ():
             if master is not segment.param:
                 flat = values[id(segment.param)][1].reshape(-1)[segment.param_lo : segment.param_hi]
                 master.copy_(flat.view_as(master))

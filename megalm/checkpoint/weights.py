@@ -7,6 +7,7 @@ checkpoint of another model (every differing field, on one line). `load_weights`
 weights and fp32 masters through the pieces that a resharding resume uses (so a checkpoint saved at
 any (tp, pp, dp, ZeRO) loads at any other) and nothing else: no optimizer state, loss scale, data
 position or RNG state, so the run starts at step 0 with a fresh optimizer and LR schedule.
+`load_model_weights` does the same for model chunks without an optimizer (`megalm generate`).
 
 Precision: a parameter's value is the checkpoint's fp32 master where it saved one (a bf16 or fp16
 run), else its weight; the run's fp32 masters take that value and its weights the cast to their
@@ -37,12 +38,13 @@ INIT_FIELDS = tuple(field for field in MODEL_FIELDS if field != "family")
 _WHAT_TO_GIVE = "give a checkpoint directory (RUN/checkpoints/step_NNNNNNNN) or a run directory that has saved one"
 
 
-def find_checkpoint(path: str | Path) -> Path:
+def find_checkpoint(path: str | Path, what: str = "train.init_from") -> Path:
     """The checkpoint directory `path` names: itself when it holds metadata.json, else the `latest`
     (or, if that is missing, the newest complete) checkpoint of the run directory or checkpoints
-    directory it names. CheckpointError, with what to give instead, when there is none."""
+    directory it names. CheckpointError, with what to give instead, when there is none; `what` names
+    the setting or argument that gave the path."""
     given = Path(path)
-    where = f"train.init_from={path}"
+    where = f"{what}={path}"
     if not given.exists():
         raise CheckpointError(f"{where} does not exist: {_WHAT_TO_GIVE}")
     if not given.is_dir():
@@ -65,12 +67,12 @@ def find_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{where} holds no complete checkpoint (none in {root}): {_WHAT_TO_GIVE}")
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
+def read_metadata(path: Path, what: str = "train.init_from") -> dict[str, Any]:
     """A checkpoint's metadata.json (sizes and checksums are verified when the weights are loaded)."""
     try:
         return json.loads((path / METADATA).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"train.init_from: {path / METADATA} is unreadable: {error}") from None
+        raise CheckpointError(f"{what}: {path / METADATA} is unreadable: {error}") from None
 
 
 def init_differences(metadata: dict[str, Any], config: Config, tokenizer=None) -> list[str]:
@@ -113,7 +115,17 @@ def load_weights(trainer, source: str, share_group=None) -> tuple[Path, dict[str
     `share_group`: the dp group whose ranks share the file reads (checkpoint.shared_read), or None.
     """
     groups = trainer.groups
-    path = find_checkpoint(source)
+    path, metadata = _open_together(source, groups, "train.init_from")
+    differences = init_differences(metadata, trainer.config, trainer.tokenizer)
+    if differences:
+        raise _refusal(path, differences)
+    _restore(trainer.chunks, trainer.optimizer, groups, path, metadata, share_group)
+    return path, metadata
+
+
+def _open_together(source: str | Path, groups, what: str) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint `source` names, chosen by rank 0 and verified by every rank together."""
+    path = find_checkpoint(source, what)
     if dist.is_initialized() and dist.get_world_size() > 1:  # every rank loads rank 0's choice, even if
         chosen = [str(path)]  # the source run committed a newer checkpoint meanwhile
         dist.broadcast_object_list(chosen, src=0, group=groups.control_group)
@@ -121,15 +133,24 @@ def load_weights(trainer, source: str, share_group=None) -> tuple[Path, dict[str
     store = CheckpointStore(path.parent, groups.rank, group=groups.control_group)
     metadata, problem = store.verify_together(path)
     if problem is not None:
-        raise CheckpointError(f"train.init_from: {problem}; name another checkpoint directory of the source run")
-    differences = init_differences(metadata, trainer.config, trainer.tokenizer)
-    if differences:
-        raise _refusal(path, differences)
+        raise CheckpointError(f"{what}: {problem}; name another checkpoint directory of the source run")
+    return path, metadata
+
+
+def _restore(chunks, optimizer, groups, path: Path, metadata: dict[str, Any], share_group) -> None:
     index = shared_index(
-        path, metadata["files"], names={name for name, _ in named_params(trainer.chunks)}, state_names=set(),
+        path, metadata["files"], names={name for name, _ in named_params(chunks)}, state_names=set(),
         group=share_group, weights_only=True,
     )
-    restore_weights(trainer.chunks, trainer.optimizer, groups, index)
+    restore_weights(chunks, optimizer, groups, index)
+
+
+def load_model_weights(chunks, groups, source: str | Path, what: str = "checkpoint") -> tuple[Path, dict[str, Any]]:
+    """Load the weights of the checkpoint `source` names (as find_checkpoint) into model chunks built
+    at any layout, without an optimizer: generation and evaluation. Every rank calls this together;
+    the files are verified first. Returns (checkpoint path, its metadata)."""
+    path, metadata = _open_together(source, groups, what)
+    _restore(chunks, None, groups, path, metadata, None)
     return path, metadata
 
 

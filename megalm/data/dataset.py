@@ -160,6 +160,14 @@ class PrefixLMSamples:
         return sample
 
 
+def pair_prefix(prefix: Sequence[int], sep_id: int, room: Optional[int] = None) -> list[int]:
+    """A pair's bidirectional prefix as fine-tuning encodes it: the prefix's ids (their last `room`
+    when given; none when room is 0), then <sep>. Generation encodes a prompt to a model trained on
+    pairs with this same function (megalm.generate.encode_prompt), so it sees what training showed it."""
+    kept = list(prefix) if room is None else (list(prefix[-room:]) if room > 0 else [])
+    return kept + [sep_id]
+
+
 class PairSamples:
     """Fine-tuning from JSONL pairs: prefix <sep> target <eos>, padded; loss on the target only.
 
@@ -200,7 +208,7 @@ class PairSamples:
                 f"{self.name}: a target of {len(target)} tokens does not fit in seq_length "
                 f"{self.seq_length}; raise model.seq_length or shorten the targets"
             )
-        prefix = (prefix[-room:] if room > 0 else []) + [self.sep_id]
+        prefix = pair_prefix(prefix, self.sep_id, room)
         tokens = np.full(self.seq_length + 1, self.pad_id, dtype=np.int64)
         used = len(prefix) + len(target)
         tokens[:used] = prefix + target

@@ -173,6 +173,39 @@ class GPTModel(nn.Module):
         losses = vocab_parallel_cross_entropy(logits, labels.t(), self.groups, self.cfg.vocab_size)  # [s, b]
         return losses.t()
 
+    def decode(
+        self,
+        inputs: torch.Tensor,
+        positions: torch.Tensor,
+        attn_mask: torch.Tensor,
+        caches: Optional[dict[int, object]] = None,
+    ) -> torch.Tensor:
+        """Generation's forward (megalm.generate), without sequence parallel.
+
+        inputs: token ids [b, s] (first stage) or hidden states [s, b, h]; positions [b, s] of each
+        token (left-padded prompts start later); attn_mask [b, 1, s, keys] bool over the cached keys
+        then these; caches: {global layer index: LayerCache} or None (the inputs are then the whole
+        sequence). Returns vocab-split logits [s, b, v/tp] on the last stage, hidden states elsewhere.
+        """
+        if self.sequence_parallel:
+            raise ValueError("decode runs without sequence parallel: build the model with sequence_parallel=False")
+        hidden = self.embedding(inputs, positions) if self.is_first else inputs.to(self.dtype)
+        rotary = None
+        if self.cfg.position_embedding == "rotary":
+            longest = int(positions.max()) + 1
+            key = ("decode", max(longest, self.cfg.seq_length), hidden.device)
+            if key not in self._rotary:
+                self._rotary[key] = rotary_cos_sin(key[1], self.cfg.head_dim(), self.cfg.rotary_base, hidden.device)
+            cos, sin = self._rotary[key]  # [S, 1, 1, d]
+            rotary = cos[positions.t()].squeeze(2), sin[positions.t()].squeeze(2)  # [s, b, 1, d]
+        for index, layer in self.layers.items():
+            # .forward: eager even under train.compile (a compiled layer would recompile for every
+            # cache length); the parameters are current (ZeRO-1 callers wait for their gathers first).
+            hidden = layer.forward(hidden, attn_mask, rotary, None if caches is None else caches[int(index)])
+        if not self.is_last:
+            return hidden
+        return parallel_logits(self.final_norm(hidden), self._output_weight(), self.groups.tp_group, False)
+
 
 def build_model(
     cfg: ModelConfig,

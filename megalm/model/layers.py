@@ -110,10 +110,12 @@ class Embedding(nn.Module):
                 nn.Parameter(torch.empty(cfg.max_positions(), cfg.hidden_size)), None, sequence_parallel
             )
 
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         # token_ids: [b, s] -> [s, b, h] ([s/tp, b, h] with sequence parallel)
         hidden = self.word(token_ids.t())
-        if self.position is not None:
+        if self.position is not None and positions is not None:  # generation: [b, s] positions of its own
+            hidden = hidden + self.position[positions.t()]
+        elif self.position is not None:
             seq_len = token_ids.shape[1]
             positions = self.position[:seq_len]
             if self.sequence_parallel:
@@ -192,14 +194,20 @@ class Attention(nn.Module):
         x: torch.Tensor,
         attn_mask: AttentionMask,
         rotary: Optional[tuple[torch.Tensor, torch.Tensor]],
+        kv_cache=None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(output without its bias [s(/tp), b, h], the projection's bias): see bias_dropout_add."""
+        """(output without its bias [s(/tp), b, h], the projection's bias): see bias_dropout_add.
+
+        kv_cache (generation, megalm.generate.LayerCache): keys and values of earlier positions,
+        to which this call's are appended; attention then spans all of them (attn_mask covers them)."""
         qkv = self.qkv(x)  # [s, b, 3 * local_heads * d]
         seq_len, batch = qkv.shape[:2]
         q, k, v = qkv.view(seq_len, batch, self.local_heads, 3, self.head_dim).unbind(dim=3)  # [s, b, nh, d]
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, nh, s, d]
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # [b, nh, cached + s, d]
         if self.recompute_core and torch.is_grad_enabled():
             out = _eager(recompute, self._core, self.rng, q, k, v, attn_mask)
         elif self.training and self.dropout > 0:
@@ -264,7 +272,8 @@ class TransformerLayer(nn.Module):
         x: torch.Tensor,
         attn_mask: AttentionMask,
         rotary: Optional[tuple[torch.Tensor, torch.Tensor]],
+        kv_cache=None,
     ) -> torch.Tensor:
         drop = (self.dropout, self.training, self.rng, self.sequence_parallel)
-        x = bias_dropout_add(*self.attn(self.ln1(x), attn_mask, rotary), x, *drop)
+        x = bias_dropout_add(*self.attn(self.ln1(x), attn_mask, rotary, kv_cache), x, *drop)
         return bias_dropout_add(*self.mlp(self.ln2(x)), x, *drop)
