@@ -37,12 +37,13 @@ INIT_FIELDS = tuple(field for field in MODEL_FIELDS if field != "family")
 _WHAT_TO_GIVE = "give a checkpoint directory (RUN/checkpoints/step_NNNNNNNN) or a run directory that has saved one"
 
 
-def find_checkpoint(path: str | Path) -> Path:
+def find_checkpoint(path: str | Path, what: str | None = None) -> Path:
     """The checkpoint directory `path` names: itself when it holds metadata.json, else the `latest`
     (or, if that is missing, the newest complete) checkpoint of the run directory or checkpoints
-    directory it names. CheckpointError, with what to give instead, when there is none."""
+    directory it names. CheckpointError, with what to give instead, when there is none; `what`
+    names the path in it (default: train.init_from=PATH)."""
     given = Path(path)
-    where = f"train.init_from={path}"
+    where = what or f"train.init_from={path}"
     if not given.exists():
         raise CheckpointError(f"{where} does not exist: {_WHAT_TO_GIVE}")
     if not given.is_dir():
