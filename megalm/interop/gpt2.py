@@ -296,6 +296,10 @@ def _read_gpt2(directory: Path) -> tuple[Config, dict[str, torch.Tensor], Option
     head = tensors.pop("lm_head.weight", None)
     if head is not None and not torch.equal(head, out["embedding.word.weight"][: config.model.vocab_size]):
         raise InteropError(f"{directory}: lm_head.weight differs from the token embedding; megalm ties them")
+    # Older GPT-2 files also hold each layer's causal-mask buffers (attn.bias, attn.masked_bias): not weights.
+    unknown = sorted(key for key in tensors if not key.endswith((".attn.bias", ".attn.masked_bias")))
+    if unknown:
+        raise InteropError(f"{directory}: tensors that megalm's GPT does not have: {', '.join(unknown[:5])}")
     tokenizer = directory / MEGALM_TOKENIZER
     return config, out, tokenizer if tokenizer.is_file() else None
 
@@ -343,10 +347,10 @@ def import_model(source: str | Path, out: str | Path, family: Optional[str] = No
         tokenizer_hash = Tokenizer.load(out / "tokenizer.model").hash
     elif config.data.tokenizer is not None and Path(config.data.tokenizer).is_file():
         tokenizer_hash = Tokenizer.load(config.data.tokenizer).hash
-    dtypes = {tensor.dtype for tensor in state.values()}
-    precision = {value: key for key, value in DTYPES.items()}.get(dtypes.pop() if len(dtypes) == 1 else None)
+    dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in state.values()})
+    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtypes[0]) if len(dtypes) == 1 else None
     if precision is None:
-        raise InteropError(f"{source}: tensors of dtypes {sorted(map(str, dtypes))}; megalm needs one of fp32/bf16/fp16")
+        raise InteropError(f"{source}: tensors of dtype {', '.join(dtypes)}; megalm needs them all fp32, bf16 or fp16")
     config.train.precision = precision
     config.train.run_dir = str(out)
     config.train.init_from = None
@@ -355,6 +359,8 @@ def import_model(source: str | Path, out: str | Path, family: Optional[str] = No
     pieces = []
     for name, param in model.named_parameters():
         name = getattr(param, "init_name", name)
+        if name not in state:
+            raise InteropError(f"{source}: tensor {name} is missing")
         tensor = state.pop(name)
         if tuple(tensor.shape) != tuple(param.shape):
             raise InteropError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model {tuple(param.shape)}")
