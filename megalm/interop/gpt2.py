@@ -178,6 +178,8 @@ def export_gpt2(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InteropError(f"export output {out} exists and is not an empty directory: name a new directory")
     source_tokenizer = _checkpoint_tokenizer(metadata, tokenizer, path) if with_tokenizer else None
+    if source_tokenizer is not None:
+        _require("tokenizers", "writing the tokenizer (tokenizer.json)", "or pass --no-tokenizer to export the weights alone")
     out.mkdir(parents=True, exist_ok=True)
     index = PieceIndex(path, metadata["files"])  # memory-mapped: pieces are read when a tensor is built
     plan = tensor_plan(cfg)
@@ -257,8 +259,18 @@ def _safetensors_files(directory: Path) -> list[Path]:
                        f"save_pretrained(..., safe_serialization=True)")
 
 
+def _require(package: str, purpose: str, alternative: str = "") -> None:
+    """InteropError unless the optional `package` (the hf extra) is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise InteropError(f"{purpose} needs the {package} package, which is not installed: pip install 'megalm[hf]'"
+                           + (f" {alternative}" if alternative else ""))
+
+
 def _read_gpt2(directory: Path) -> tuple[Config, dict[str, torch.Tensor], Optional[Path]]:
     """(megalm config, megalm-named full tensors, megalm tokenizer file or None) of a GPT-2 directory."""
+    _require("safetensors", f"reading {directory}")
     from safetensors import safe_open
 
     where = directory / "config.json"

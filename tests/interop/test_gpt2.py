@@ -252,6 +252,18 @@ def test_what_cannot_be_exported_or_imported_is_one_line(runs, tokenizer: Path, 
     assert (tmp_path / "o2" / "tokenizer.json").is_file()
 
 
+def test_without_the_hf_extra_export_says_what_to_install(runs, tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tokenizers" else find_spec(name, *a))
+    with pytest.raises(InteropError, match=r"needs the tokenizers package, which is not installed: pip install "
+                                           r"'megalm\[hf\]' or pass --no-tokenizer"):
+        export_gpt2(runs["lm-111"], tmp_path / "out")
+    export_gpt2(runs["lm-111"], tmp_path / "weights", with_tokenizer=False)  # the weights need no extra
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["config.json", "model.safetensors"]
+
+
 _MEASURE = """
 import sys, threading, time
 import torch
