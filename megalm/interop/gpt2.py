@@ -15,7 +15,8 @@ GPT-2's architecture. What differs is the weights' layout:
 `export_gpt2` streams: it reads one full tensor at a time from the sharded checkpoint (its tp
 shards and dp pieces put together from memory-mapped rank files), converts it and writes it into
 model.safetensors at offsets announced up front (megalm.interop.safetensors_stream), so its memory
-is about twice the largest tensor whatever the model's size. `import_gpt2` writes a megalm run
+is two to three times the largest tensor (the tensor, its reordered copy, the contiguous bytes
+written) whatever the model's size. `import_gpt2` writes a megalm run
 directory with a checkpoint at step 0 (layout 1 x 1 x 1, no optimizer state) that `megalm train`
 resumes, or that `train.init_from` fine-tunes, at any layout; it holds the whole model in memory.
 It reads a transformers GPT-2 directory, or the file `megalm convert` writes.
@@ -187,12 +188,12 @@ def export_gpt2(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = 
     try:
         for hf_name, name, conversion, shape in plan:
             kind = "master" if (name, "master") in index.pieces else "param"
-            full = index.full(name, kind)
-            value = to_gpt2(conversion, full, cfg)
+            value = to_gpt2(conversion, index.full(name, kind), cfg)  # the full tensor lives as long as its view
             if tuple(value.shape) != shape:
-                raise InteropError(f"{path}: {name} has shape {tuple(full.shape)}, which does not fit the model config")
+                raise InteropError(f"{path}: {name} is {tuple(value.shape)} as GPT-2's {hf_name}, the model config "
+                                   f"says {shape}")
             writer.write(hf_name, value.to(target))
-            del full, value
+            del value
         writer.close()
     except BaseException:
         writer.abort()
