@@ -219,6 +219,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """One consolidated file of full tensors from a sharded checkpoint (any layout)."""
     from megalm.checkpoint import export_consolidated
+    from megalm.checkpoint.weights import find_checkpoint
 
     output = Path(args.output)
     if output.is_dir():
@@ -229,13 +230,37 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"(mkdir -p {output.parent}) or choose another output path"
         )
     try:
-        summary = export_consolidated(Path(args.checkpoint), output)
+        summary = export_consolidated(find_checkpoint(args.checkpoint, what="checkpoint"), output)
     except (OSError, RuntimeError) as error:
         if isinstance(error, CheckpointError) or os_error_in(error) is None:
             raise
         raise PathError(f"writing {output} failed: {describe_write_error(error)}") from None
     print(f"wrote {args.output}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
-          f"{summary['bytes'] / 2**20:.1f} MiB")
+          f"{summary['bytes'] / 2**20:.1f} MiB; `megalm import {args.output} RUN_DIR` makes it a megalm checkpoint again")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A transformers GPT-2 directory from a checkpoint of any layout, streamed tensor by tensor."""
+    from megalm.interop.gpt2 import export_gpt2
+
+    summary = export_gpt2(args.checkpoint, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
+                          with_tokenizer=not args.no_tokenizer, log=lambda message: print(f"megalm: {message}"))
+    tokenizer = "with its tokenizer" if summary["tokenizer"] else "without a tokenizer (the checkpoint has none)"
+    print(f"wrote {args.output}: GPT-2 of step {summary['step']} of {summary['checkpoint']}, {summary['tensors']} "
+          f"tensors, {summary['parameters']:,} parameters in {summary['dtype']}, {tokenizer}; load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(args.output)!r})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """A megalm run directory (checkpoint at step 0) from a transformers GPT-2 directory or a convert file."""
+    from megalm.interop.gpt2 import import_model
+
+    summary = import_model(args.source, args.output, family=args.family)
+    print(f"wrote {summary['checkpoint']}: {summary['family']} of {summary['parameters']:,} parameters"
+          f"{', tokenizer ' + summary['tokenizer'] if summary['tokenizer'] else ''}; fine-tune it with "
+          f"train.init_from={args.output}, or resume it with `megalm train {summary['config']} --run-dir {args.output}`")
     return 0
 
 
@@ -275,10 +300,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--world-size", type=int, help="world size to validate against")
     check.set_defaults(func=cmd_check, run_dir=None, no_resume=True)
 
-    convert = sub.add_parser("convert", help="export a sharded checkpoint as one file of full tensors")
-    convert.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/x/checkpoints/step_00001000")
+    convert = sub.add_parser("convert", help="export a sharded checkpoint as one file of full tensors (megalm import reads it)")
+    convert.add_argument("checkpoint", help="a checkpoint or run directory, e.g. runs/x/checkpoints/step_00001000")
     convert.add_argument("output", help="the .pt file to write")
     convert.set_defaults(func=cmd_convert)
+
+    export = sub.add_parser("export", help="write a checkpoint as a Hugging Face transformers GPT-2 directory")
+    export.add_argument("checkpoint", help="a checkpoint or run directory, saved at any layout")
+    export.add_argument("output", help="the directory to write (new or empty)")
+    export.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers GPT-2 (safetensors)")
+    export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the run's train.precision")
+    export.add_argument("--tokenizer", help="the run's sentencepiece .model, when its data.tokenizer path moved")
+    export.add_argument("--no-tokenizer", action="store_true", help="write the model alone")
+    export.set_defaults(func=cmd_export)
+
+    importer = sub.add_parser("import", help="make a megalm checkpoint from a transformers GPT-2 or a convert file")
+    importer.add_argument("source", help="a transformers GPT-2 directory, or the .pt file `megalm convert` wrote")
+    importer.add_argument("output", help="the run directory to write (new or empty)")
+    importer.add_argument("--family", choices=["lm", "prefixlm"], help="default: the source's (GPT-2: lm)")
+    importer.set_defaults(func=cmd_import)
 
     bench = sub.add_parser("bench", help="time training steps against a plain PyTorch GPT of the same shape")
     _add_config_args(bench)
