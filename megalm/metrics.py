@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from megalm.config import ModelConfig
+from megalm.durations import format_duration  # noqa: F401 - the step line's ETA; re-exported
 
 LOGGER_NAME = "megalm"
 
@@ -167,21 +168,6 @@ def throughput(
         "tflops_per_device": tflops,
         "mfu": tflops / peak_tflops if peak_tflops else None,
     }
-
-
-def format_duration(seconds: float) -> str:
-    """A short human duration for the step line's ETA: 45s, 12m05s, 3h07m, 2d04h."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
 
 
 # TensorBoard tags of the step record's keys (docs/metrics.md); any other numeric key (comm/...)
