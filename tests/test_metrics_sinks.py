@@ -15,7 +15,7 @@ import pytest
 from megalm.cli import main
 from megalm.config import ConfigError, load_config
 from megalm.distributed import ParallelGroups
-from megalm.metrics import TENSORBOARD_TAGS, format_duration, get_logger, read_metrics
+from megalm.metrics import TENSORBOARD_TAGS, build_metrics_writer, format_duration, get_logger, read_metrics
 from megalm.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +83,8 @@ def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path: Path) -> None
     assert [(s.step, s.value) for s in valid] == [(r["step"], pytest.approx(r["valid_loss"], rel=1e-6))
                                                   for r in records if "valid_loss" in r]
     assert "perf/mfu" not in tags and "memory/peak_reserved_gb" not in tags  # null on CPU: not written
+    other_rank = build_metrics_writer(load_config(TINY, ["log.tensorboard=true"]).log, tmp_path / "r1", rank=1)
+    assert other_rank.path is None and other_rank.sinks == [] and not (tmp_path / "r1").exists()  # rank 0 only
 
 
 def _fake_wandb(calls: list) -> types.ModuleType:
