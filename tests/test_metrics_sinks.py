@@ -153,3 +153,22 @@ def test_format_duration() -> None:
     assert [format_duration(s) for s in (0.4, 45, 725, 3 * 3600 + 7 * 60 + 20, 2 * 86400 + 4 * 3600)] == [
         "0s", "45s", "12m05s", "3h07m", "2d04h"
     ]
+
+
+def test_a_resumed_run_replaces_the_tensorboard_steps_after_its_checkpoint(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the tensorboard extra: pip install 'megalm[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megalm.metrics import TensorBoardSink
+
+    first = TensorBoardSink(tmp_path)
+    for step in range(1, 5):  # the interrupted run logged steps 1-4; its checkpoint was at step 2
+        first.write({"step": step, "loss": float(step)})
+    first.close()
+    resumed = TensorBoardSink(tmp_path)
+    for step in (3, 4):
+        resumed.write({"step": step, "loss": 10.0 + step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
