@@ -134,15 +134,26 @@ def test_a_missing_package_is_one_config_error_line(override, package, message, 
     assert err.startswith("megalm: config error: ") and message in err and "\n" not in err
 
 
-def test_step_line_shows_an_eta(tmp_path: Path, caplog) -> None:
-    logger = get_logger()
-    logger.propagate = True
-    caplog.set_level(logging.INFO, logger="megalm")
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_step_line_shows_an_eta(tmp_path: Path) -> None:
+    logger, collect = get_logger(), _Collect()
+    level = logger.level
+    logger.addHandler(collect)
+    logger.setLevel(logging.INFO)
     try:
         records = _train(tmp_path, "train.steps=4")
     finally:
-        logger.propagate = False
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+        logger.removeHandler(collect)
+        logger.setLevel(level)
+    lines = [message for message in collect.messages if message.startswith("step ")]
     assert len(lines) == 4 and all(re.search(r"\| ETA \d+(s|m\d\ds)$", line) for line in lines)
     assert records[-1]["eta_s"] == 0.0
     assert records[0]["eta_s"] == pytest.approx(3 * records[0]["step_time_s"])
