@@ -241,7 +241,8 @@ class WandbSink:
             import wandb
         except ImportError:
             raise ImportError(
-                f"log.wandb_project={project!r} needs the wandb package: pip install wandb, or set log.wandb_project=null"
+                f"log.wandb_project={project!r} needs the wandb package: pip install wandb, "
+                f"or set log.wandb_project=null"
             ) from None
         self.wandb = wandb
         id_file = run_dir / "wandb_id"
@@ -286,7 +287,9 @@ class MetricsWriter:
         self.sinks = []
 
 
-def build_metrics_writer(log: Any, run_dir: Optional[Path], rank: int, config_dict: Optional[dict] = None) -> MetricsWriter:
+def build_metrics_writer(
+    log: Any, run_dir: Optional[Path], rank: int, config_dict: Optional[dict] = None
+) -> MetricsWriter:
     """Rank 0's metrics.jsonl plus the sinks log.tensorboard and log.wandb_project ask for."""
     if run_dir is None or rank != 0:
         return MetricsWriter(None)

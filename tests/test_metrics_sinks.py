@@ -121,7 +121,8 @@ def test_wandb_gets_each_step_and_a_resumed_run_continues_its_id(tmp_path: Path,
 @pytest.mark.parametrize(
     "override, package, message",
     [
-        ("log.tensorboard=true", "tensorboard", "log.tensorboard=true needs the tensorboard package: pip install 'megalm[tensorboard]'"),
+        ("log.tensorboard=true", "tensorboard",
+         "log.tensorboard=true needs the tensorboard package: pip install 'megalm[tensorboard]'"),
         ("log.wandb_project=p", "wandb", "log.wandb_project='p' needs the wandb package: pip install wandb"),
     ],
 )

@@ -26,7 +26,8 @@ SEQ = 64  # tiny.yaml's seq_length
 def sources(tmp_path_factory) -> DataSources:
     """A blend of two token files (300 and 100 documents) for train, the first file's tail for valid."""
     out = tmp_path_factory.mktemp("stats")
-    big, small = write_dataset(out / "big", 300, seed=0, vocab=256), write_dataset(out / "small", 100, seed=1, vocab=256)
+    big = write_dataset(out / "big", 300, seed=0, vocab=256)
+    small = write_dataset(out / "small", 100, seed=1, vocab=256)
     train = BlendedSamples(
         [DocumentSamples(big, range(0, 280), SEQ, (1, 0, 0)), DocumentSamples(small, range(0, 100), SEQ, (1, 1, 0))],
         [3.0, 1.0],
@@ -66,7 +67,8 @@ def test_start_up_lines_and_the_repeat_warning(sources: DataSources) -> None:
     assert warning.startswith(f"the run will read its train split {run_epochs:.1f} times (4,800 samples, "
                               f"data.max_epochs_warning=4)")
     assert describe_data(load_config(TINY, ["train.steps=300", "data.max_epochs_warning=null"]), sources)[1] is None
-    assert describe_data(load_config(TINY, [f"train.steps=300", f"data.max_epochs_warning={run_epochs + 1}"]), sources)[1] is None
+    higher = load_config(TINY, ["train.steps=300", f"data.max_epochs_warning={run_epochs + 1}"])
+    assert describe_data(higher, sources)[1] is None
     with pytest.raises(ConfigError, match="data.max_epochs_warning must be positive"):
         load_config(TINY, ["data.max_epochs_warning=0"])
 
