@@ -387,8 +387,11 @@ class DataConfig(_Section):
     prefix_fraction_max: float = 0.5  # PrefixLM pretraining: the longest prefix, as a fraction of seq_length
     prefix_field: str = "prefix"  # pairs: the JSONL key of the bidirectional prefix
     target_field: str = "target"  # pairs: the JSONL key of the target (the loss is on it only)
+    # warn at start when the run will read its train split more than this many times (null: never warn)
+    max_epochs_warning: Optional[float] = 4.0
 
     def _check_values(self) -> None:
+        self._positive("max_epochs_warning")
         low, high = self.prefix_fraction_min, self.prefix_fraction_max
         if not 0.0 < low <= high < 1.0:
             raise ConfigError(
@@ -438,9 +441,33 @@ class LogConfig(_Section):
     comm_stats: bool = False  # count bytes and calls per collective and group (or MEGALM_COMM_STATS=1)
     sample_prompts: list[str] = field(default_factory=list)  # generate from these after training
     sample_tokens: int = 48  # tokens generated per prompt
+    # write TensorBoard event files to run_dir/tensorboard (rank 0; needs the tensorboard package)
+    tensorboard: bool = False
+    # log each step's metrics to this Weights & Biases project (rank 0; needs the wandb package; null: off)
+    wandb_project: Optional[str] = None
 
     def _check_values(self) -> None:
         self._positive("interval", "peak_tflops", "sample_tokens")
+        if self.tensorboard and not _importable("tensorboard"):
+            raise ConfigError(
+                "log.tensorboard=true needs the tensorboard package: pip install 'megalm[tensorboard]' "
+                "(or pip install tensorboard), or set log.tensorboard=false"
+            )
+        if self.wandb_project is not None and not _importable("wandb"):
+            raise ConfigError(
+                f"log.wandb_project={self.wandb_project!r} needs the wandb package: pip install wandb "
+                f"(and wandb login), or set log.wandb_project=null"
+            )
+
+
+def _importable(module: str) -> bool:
+    """Whether `import module` would find it (already imported, or on the path), without importing it."""
+    import importlib.util
+    import sys
+
+    if module in sys.modules:  # None there means "import fails" (how tests hide a package)
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
 
 
 @dataclass

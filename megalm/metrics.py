@@ -1,4 +1,5 @@
-"""Throughput, model FLOPs, MFU, memory, the megalm logger and the JSONL metrics file."""
+"""Throughput, model FLOPs, MFU, memory, the megalm logger, the JSONL metrics file and its
+TensorBoard / Weights & Biases mirrors."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import logging
 import resource
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 from megalm.config import ModelConfig
+from megalm.durations import format_duration  # noqa: F401 - the step line's ETA; re-exported
 
 LOGGER_NAME = "megalm"
 
@@ -168,11 +170,105 @@ def throughput(
     }
 
 
-class MetricsWriter:
-    """Appends one JSON object per line; rank 0 only (others get a disabled writer)."""
+# TensorBoard tags of the step record's keys (docs/metrics.md); any other numeric key (comm/...)
+# keeps its own name as the tag.
+TENSORBOARD_TAGS = {
+    "loss": "train/loss",
+    "valid_loss": "valid/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "loss_scale": "train/loss_scale",
+    "skipped": "train/skipped",
+    "tokens_per_s": "perf/tokens_per_s",
+    "tflops_per_device": "perf/tflops_per_device",
+    "mfu": "perf/mfu",
+    "step_time_s": "perf/step_time_s",
+    "data_time_s": "perf/data_time_s",
+    "eta_s": "perf/eta_s",
+    "compile_s": "perf/compile_s",
+    "peak_memory_gb": "memory/peak_gb",
+    "peak_reserved_gb": "memory/peak_reserved_gb",
+}
 
-    def __init__(self, path: Optional[Path]) -> None:
+
+def step_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """{tag: value} of a step record's numeric fields (None and the step number left out)."""
+    scalars = {}
+    for key, value in record.items():
+        if key == "step" or value is None or not isinstance(value, (int, float)):
+            continue
+        scalars[TENSORBOARD_TAGS.get(key, key)] = float(value)
+    return scalars
+
+
+class TensorBoardSink:
+    """Step records as TensorBoard scalars in `log_dir` (torch.utils.tensorboard's writer).
+
+    The writer opens at the first step record with purge_step set to that step, so a resumed run
+    hides the steps after its checkpoint that the interrupted run had already logged."""
+
+    def __init__(self, log_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        except ImportError as error:
+            raise ImportError(
+                f"log.tensorboard=true needs the tensorboard package ({error}): pip install 'megalm[tensorboard]'"
+            ) from None
+        self._writer_class = SummaryWriter
+        self.log_dir = log_dir
+        self.writer = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if "step" not in record:
+            return
+        if self.writer is None:
+            self.writer = self._writer_class(log_dir=str(self.log_dir), purge_step=record["step"])
+        for tag, value in step_scalars(record).items():
+            self.writer.add_scalar(tag, value, global_step=record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class WandbSink:
+    """Step records logged to a Weights & Biases run (the wandb package, imported only when asked for).
+
+    The run's id is kept in run_dir/wandb_id, so a resumed megalm run continues the same wandb run."""
+
+    def __init__(self, project: str, run_dir: Path, config: dict[str, Any]) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError(
+                f"log.wandb_project={project!r} needs the wandb package: pip install wandb, "
+                f"or set log.wandb_project=null"
+            ) from None
+        self.wandb = wandb
+        id_file = run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
+        self.run = wandb.init(
+            project=project, name=run_dir.name, dir=str(run_dir), config=config, id=run_id, resume="allow"
+        )
+        if run_id is None and getattr(self.run, "id", None):
+            id_file.write_text(str(self.run.id) + "\n")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if "step" in record:
+            self.wandb.log(step_scalars(record), step=record["step"])
+
+    def close(self) -> None:
+        self.wandb.finish()
+
+
+class MetricsWriter:
+    """Appends one JSON object per line (docs/metrics.md), and hands step records to the optional
+    TensorBoard and Weights & Biases sinks; rank 0 only (others get a disabled writer)."""
+
+    def __init__(self, path: Optional[Path], sinks: Sequence[Any] = ()) -> None:
         self.path = path
+        self.sinks = list(sinks)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -181,10 +277,29 @@ class MetricsWriter:
         if self.path is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        for sink in self.sinks:
+            sink.write(record)
 
     def close(self) -> None:
         if self.path is not None:
             self._file.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+
+def build_metrics_writer(
+    log: Any, run_dir: Optional[Path], rank: int, config_dict: Optional[dict] = None
+) -> MetricsWriter:
+    """Rank 0's metrics.jsonl plus the sinks log.tensorboard and log.wandb_project ask for."""
+    if run_dir is None or rank != 0:
+        return MetricsWriter(None)
+    sinks: list[Any] = []
+    if log.tensorboard:
+        sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+    if log.wandb_project is not None:
+        sinks.append(WandbSink(log.wandb_project, run_dir, config_dict or {}))
+    return MetricsWriter(run_dir / "metrics.jsonl", sinks)
 
 
 def read_metrics(path: Path, across_restarts: bool = False) -> list[dict[str, Any]]:

@@ -13,16 +13,18 @@ import torch
 import torch.distributed as dist
 
 from megalm.comm import CommCounter, comm_stats_enabled
-from megalm.config import Config, config_to_yaml, grad_accum_steps, resolved_decay_steps
+from megalm.config import Config, config_to_dict, config_to_yaml, grad_accum_steps, resolved_decay_steps
 from megalm.data.batch import Batch
 from megalm.data.pipeline import DataSources, build_sampler, build_sources
 from megalm.data.sampler import BatchSampler
+from megalm.data.stats import describe_data
 from megalm.data.tokenizer import Tokenizer
 from megalm.distributed import ParallelGroups, all_reduce_, wait_for
 from megalm.generate import Sampling, encode_prompt, generate
 from megalm.kernels import describe_kernels
 from megalm.metrics import (
-    MetricsWriter, get_logger, guess_peak_tflops, peak_memory_bytes, peak_reserved_bytes, reset_peak_memory, throughput,
+    MetricsWriter, build_metrics_writer, format_duration, get_logger, guess_peak_tflops, peak_memory_bytes,
+    peak_reserved_bytes, reset_peak_memory, throughput,
 )
 from megalm.model.attention import describe_attention
 from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters, param_dtype
@@ -97,6 +99,7 @@ class Trainer:
         self.logger = get_logger()
         self.current_step = 0
         self.compile_s = 0.0  # train.compile: seconds spent compiling so far (megalm.model.compile)
+        self._eta_origin: Optional[tuple[float, int]] = None  # (time, step) after this process's first step
 
     def _global_loss_tokens(self, batches: list[Batch]) -> tuple[torch.Tensor, Callable[[], None]]:
         """The global count of loss tokens, reduced asynchronously, and the wait to call before reading it.
@@ -251,6 +254,7 @@ class Trainer:
             record["valid_loss"] = self.evaluate()
         if self.config.train.compile:
             self._record_compile(record, result)  # after the evaluation, which compiles its own graph
+        record["eta_s"] = self._eta_seconds(step, result.seconds)
         self.metrics.write(record)
         if step % self.config.log.interval == 0 or step == 1 or step == self.config.train.steps:
             mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
@@ -261,6 +265,7 @@ class Trainer:
                 f"{rates['tflops_per_device']:.3g} TFLOP/s/device | MFU {mfu} | "
                 f"data {100 * result.data_seconds / result.seconds:.1f}% | mem {record['peak_memory_gb']:.2f} GB"
                 + (f" ({record['peak_reserved_gb']:.2f} GB reserved)" if record["peak_reserved_gb"] is not None else "")
+                + f" | ETA {format_duration(record['eta_s'])}"
                 + (f" | skipped ({self._skip_reason()})" if result.skipped else "")
             )
             if self.comm.enabled:
@@ -279,6 +284,17 @@ class Trainer:
                 f"{result.step + 1} (its training step took {result.seconds:.1f} s; {total:.1f} s compiling in all)"
             )
         self.compile_s = total
+
+    def _eta_seconds(self, step: int, step_seconds: float) -> float:
+        """Seconds until train.steps at the wall-clock pace since this process's first step (evaluation
+        and checkpoint time included; the first step, with its warm-up, is left out once there are more)."""
+        now = time.perf_counter()
+        remaining = self.config.train.steps - step
+        if self._eta_origin is None or self._eta_origin[1] >= step:
+            self._eta_origin = (now, step)
+            return remaining * step_seconds
+        origin_time, origin_step = self._eta_origin
+        return remaining * (now - origin_time) / (step - origin_step)
 
     def _skip_reason(self) -> str:
         """Why a step's update was skipped: an fp16 overflow, or a non-finite loss (fp32/bf16)."""
@@ -367,8 +383,7 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
         optimizer = build_optimizer_wrapper(sync, config.optim)
     data = build_sampler(config, sources.train, groups.dp_rank, groups.dp_size)
     valid = build_sampler(config, sources.valid, groups.dp_rank, groups.dp_size) if sources.valid else None
-    writer_path = run_dir / "metrics.jsonl" if (run_dir is not None and groups.rank == 0) else None
-    metrics = MetricsWriter(writer_path)
+    metrics = build_metrics_writer(config.log, run_dir, groups.rank, config_to_dict(config))
     metrics.write({"event": "start", "time": time.time(), "world_size": groups.topology.world_size})
     logger.info(describe_kernels(groups.device))
     logger.info(describe_attention(config.model, groups.device))
@@ -379,6 +394,12 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
         f"recompute {parallel.recompute}"
         + (f" (first {parallel.recompute_layers} layers of each chunk)" if parallel.recompute_layers else "")
     )
+    if groups.rank == 0:
+        lines, warning = describe_data(config, sources)
+        for line in lines:
+            logger.info(line)
+        if warning:
+            logger.warning(warning)
     return Trainer(config, groups, chunks, optimizer, data, metrics, valid, sources.tokenizer, sync, runner)
 
 

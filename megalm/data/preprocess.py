@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import math
 import multiprocessing
 import sys
 import time
@@ -39,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TextIO
 import numpy as np
 
 from megalm.data.indexed import DatasetFormatError, IndexedDatasetWriter, data_path, dtype_for_vocab, index_path
+from megalm.durations import format_duration
 
 SKIP_REASONS = ("empty", "invalid_utf8", "bad_json", "missing_field")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -247,14 +249,23 @@ def _mp_context() -> Any:
 # Progress
 
 class _Progress:
-    """A carriage-return status line on stderr, redrawn at most every `interval` seconds."""
+    """Progress of a run, by input bytes read: on a terminal a bar redrawn in place every `interval`
+    seconds (default 0.25); elsewhere (a log file, a pipe) one plain line every `interval` seconds
+    (default 30), so a log holds a readable history rather than carriage returns."""
 
-    def __init__(self, enabled: bool, stream: Optional[TextIO] = None, interval: float = 0.25) -> None:
+    BAR_WIDTH = 30
+
+    def __init__(
+        self, enabled: bool, stream: Optional[TextIO] = None, total_bytes: int = 0, interval: Optional[float] = None
+    ) -> None:
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
-        self.interval = interval
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty()) if callable(isatty) else False
+        self.interval = interval if interval is not None else (0.25 if self.tty else 30.0)
+        self.total_bytes = total_bytes
         self.start = time.perf_counter()
-        self.last_draw = 0.0
+        self.last_draw = self.start if not self.tty else 0.0  # a log's first line comes after one interval
         self.width = 0
 
     def update(self, docs: int, tokens: int, bytes_read: int, force: bool = False) -> None:
@@ -265,16 +276,26 @@ class _Progress:
             return
         self.last_draw = now
         elapsed = max(now - self.start, 1e-9)
-        line = (
-            f"preprocess: {docs:,} docs, {tokens:,} tokens, {bytes_read / 1e6:,.1f} MB read | "
-            f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tokens/s, {bytes_read / 1e6 / elapsed:,.1f} MB/s"
+        fraction = min(bytes_read / self.total_bytes, 1.0) if self.total_bytes else 1.0
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("inf")
+        eta_text = f"ETA {format_duration(eta)}" if math.isfinite(eta) else "ETA ?"
+        rates = (
+            f"{docs:,} docs, {tokens:,} tokens | {docs / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tokens/s, "
+            f"{bytes_read / 1e6 / elapsed:,.1f} MB/s"
         )
-        self.stream.write("\r" + line.ljust(self.width))
+        done = f"{bytes_read / 1e6:,.1f}/{self.total_bytes / 1e6:,.1f} MB read"
+        if self.tty:
+            filled = int(round(self.BAR_WIDTH * fraction))
+            bar = "#" * filled + "." * (self.BAR_WIDTH - filled)
+            line = f"preprocess [{bar}] {100 * fraction:5.1f}% {done} | {rates} | {eta_text}"
+            self.stream.write("\r" + line.ljust(self.width))
+            self.width = len(line)
+        else:
+            self.stream.write(f"preprocess: {100 * fraction:.1f}% ({done}) | {rates} | {eta_text}\n")
         self.stream.flush()
-        self.width = len(line)
 
     def finish(self) -> None:
-        if self.enabled and self.width:
+        if self.enabled and self.tty and self.width:
             self.stream.write("\n")
             self.stream.flush()
 
@@ -317,11 +338,13 @@ def preprocess(
     progress: bool = True,
     tokenizer_loader: Optional[Callable[[Path], Any]] = None,
     progress_stream: Optional[TextIO] = None,
+    progress_interval: Optional[float] = None,
 ) -> PreprocessSummary:
     """Tokenize `inputs` into OUTPUT_PREFIX.bin/.idx; returns counts and throughput.
 
     `tokenizer_loader(path)` replaces `Tokenizer.load` (tests, custom tokenizers); with workers > 1
-    it must be picklable, i.e. a module-level function.
+    it must be picklable, i.e. a module-level function. `progress_interval`: seconds between progress
+    updates (default 0.25 on a terminal, 30 otherwise: see _Progress).
     """
     inputs = [Path(path) for path in inputs]
     output_prefix, tokenizer_path = Path(output_prefix), Path(tokenizer_path)
@@ -332,7 +355,7 @@ def preprocess(
 
     summary = PreprocessSummary(output_prefix=output_prefix, workers=workers)
     reader = _Reader(inputs, chunk_docs)
-    status = _Progress(progress, progress_stream)
+    status = _Progress(progress, progress_stream, sum(path.stat().st_size for path in inputs), progress_interval)
     start = time.perf_counter()
     pool = None
     try:
@@ -405,6 +428,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         summary = preprocess(
             args.input, args.output_prefix, args.tokenizer, text_field=args.text_field, workers=args.workers,
             append_eos=not args.no_eos, strict=args.strict, progress=not args.no_progress,
+            progress_interval=args.progress_interval,
         )
     except _error_types() as error:
         print(f"megalm: error: {error}", file=sys.stderr)
@@ -436,6 +460,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-eos", action="store_true", help="do not append the eos id to each document")
     parser.add_argument("--strict", action="store_true",
                         help="fail on the first invalid UTF-8 / bad JSON / missing-field line instead of skipping it")
-    parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    parser.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    parser.add_argument("--progress-interval", type=float, metavar="SECONDS",
+                        help="seconds between progress updates on stderr: a bar redrawn in place on a terminal "
+                             "(default 0.25), one line each otherwise, e.g. a log file (default 30)")
     parser.set_defaults(func=cmd_preprocess)
     return parser

@@ -226,15 +226,38 @@ def test_failed_run_keeps_the_existing_dataset(tmp_path: Path, fake_model: Path)
     assert IndexedDataset(tmp_path / "ds").num_docs == 2
 
 
-def test_progress_line_and_throughput(tmp_path: Path, fake_model: Path) -> None:
-    stream = io.StringIO()
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal(tmp_path: Path, fake_model: Path) -> None:
+    stream = _Terminal()
     source = _jsonl(tmp_path / "docs.jsonl", DOCUMENTS * 10)
     summary = _run([source], tmp_path / "ds", fake_model, progress=True, progress_stream=stream, chunk_docs=8)
     output = stream.getvalue()
-    assert output.startswith("\rpreprocess: ") and output.endswith("\n")
-    assert "90 docs" in output and "docs/s" in output and "tokens/s" in output and "MB read" in output
+    assert output.startswith("\rpreprocess [") and output.endswith("\n") and output.count("\n") == 1
+    final = output.rstrip("\n").split("\r")[-1]
+    size = source.stat().st_size / 1e6
+    assert final.startswith(f"preprocess [{'#' * 30}] 100.0% {size:,.1f}/{size:,.1f} MB read | 90 docs, ")
+    assert "docs/s" in final and "tokens/s" in final and final.rstrip().endswith("ETA 0s")
     assert summary.seconds > 0 and summary.tokens_per_second > 0 and summary.docs_per_second > 0
     assert summary.bytes_read == source.stat().st_size
+
+
+def test_progress_is_one_line_per_interval_in_a_log(tmp_path: Path, fake_model: Path) -> None:
+    source = _jsonl(tmp_path / "docs.jsonl", DOCUMENTS * 10)
+    stream = io.StringIO()  # not a terminal: a log file or a pipe
+    _run([source], tmp_path / "ds", fake_model, progress=True, progress_stream=stream, chunk_docs=8,
+         progress_interval=0.0)
+    lines = stream.getvalue().splitlines(keepends=True)
+    assert "\r" not in stream.getvalue() and all(line.endswith("\n") for line in lines)
+    assert len(lines) == 12 + 1  # one per chunk of 8 of the 90 documents, and the final line
+    percents = [float(line.split("%")[0].split()[-1]) for line in lines]
+    assert percents == sorted(percents) and percents[-1] == 100.0 and lines[-1].startswith("preprocess: 100.0% (")
+    stream = io.StringIO()  # the default interval (30 s) in a log: only the final line for a short run
+    _run([source], tmp_path / "ds2", fake_model, progress=True, progress_stream=stream, chunk_docs=8)
+    assert stream.getvalue().count("\n") == 1 and "90 docs" in stream.getvalue()
 
 
 # ------------------------------------------------------------------------------------------- inspect
@@ -295,7 +318,8 @@ def test_cli_preprocess_and_inspect(tmp_path: Path, real_model: Path, capsys: py
                  str(real_model), "--workers", "2"]) == 0
     captured = capsys.readouterr()
     assert f"wrote {prefix}.bin and corpus.idx: 9 documents" in captured.out
-    assert "\rpreprocess: " in captured.err and "tokens/s" in captured.err
+    # stderr is not a terminal here: plain lines, no carriage returns
+    assert captured.err.startswith("preprocess: 100.0% (") and "tokens/s" in captured.err and "\r" not in captured.err
 
     assert _cli(["data", "inspect", str(prefix), "--tokenizer", str(real_model), "--samples", "9"]) == 0
     out = capsys.readouterr().out
