@@ -145,6 +145,13 @@ def test_loglikelihoods_match_a_plain_forward_and_tp2_pp2(tmp_path) -> None:
                 prefix = torch.tensor([len(context)]) if family == "prefixlm" else None
                 losses = model(full[:, :-1], full[:, 1:], prefix_lengths=prefix)[0]
                 assert value == pytest.approx(-float(losses[len(context) - 1:].sum()), abs=1e-5)
+        if family == "prefixlm":  # a model fine-tuned on pairs sees each context followed by <sep> (id 3)
+            single.config.data.kind = "pairs"
+            with_sep = [(context + [3], continuation) for context, continuation in REQUESTS[:2]]
+            paired = single.loglikelihoods(REQUESTS[:2])
+            single.config.data.kind = "synthetic"
+            assert paired == pytest.approx(single.loglikelihoods(with_sep), abs=1e-6)
+            assert paired != pytest.approx(expected[family][:2], abs=1e-3)
     for got in run_distributed(_loglik_worker, 4, str(tmp_path), timeout=120):
         for family in FAMILIES:
             assert got[family] == pytest.approx(expected[family], abs=1e-5)
