@@ -121,16 +121,16 @@ FAKE_TOKENIZER = type("FakeTokenizer", (), {"eos_id": 1, "sep_id": 3})()  # ids 
 
 
 def _loglik_worker(rank: int, world_size: int, root: str) -> dict[str, list[float]]:
-    groups = build_parallel_groups(Topology(2, 2, 1), rank, torch.device("cpu"))
     out = {}
-    for family in FAMILIES:
-        evaluator = load_evaluator(Path(root) / family, groups, tp=2, pp=2, batch_size=2)
+    for tp, pp, dp, family in ((2, 2, 1, "lm"), (2, 2, 1, "prefixlm"), (1, 2, 2, "prefixlm")):
+        groups = build_parallel_groups(Topology(tp, pp, dp), rank, torch.device("cpu"))
+        evaluator = load_evaluator(Path(root) / family, groups, tp=tp, pp=pp, batch_size=2)
         evaluator.trainer.tokenizer = FAKE_TOKENIZER
-        out[family] = evaluator.loglikelihoods(REQUESTS)
+        out[f"{tp}x{pp}x{dp} {family}"] = evaluator.loglikelihoods(REQUESTS)
     return out
 
 
-def test_loglikelihoods_match_a_plain_forward_and_tp2_pp2(tmp_path) -> None:
+def test_loglikelihoods_match_a_plain_forward_and_other_layouts(tmp_path) -> None:
     expected = {}
     for family in FAMILIES:
         _train(tmp_path / family, _config(family=family))
@@ -153,8 +153,9 @@ def test_loglikelihoods_match_a_plain_forward_and_tp2_pp2(tmp_path) -> None:
             assert paired == pytest.approx(single.loglikelihoods(with_sep), abs=1e-6)
             assert paired != pytest.approx(expected[family][:2], abs=1e-3)
     for got in run_distributed(_loglik_worker, 4, str(tmp_path), timeout=120):
-        for family in FAMILIES:
-            assert got[family] == pytest.approx(expected[family], abs=1e-5)
+        assert len(got) == 3
+        for layout, values in got.items():
+            assert values == pytest.approx(expected[layout.split()[1]], abs=1e-5), layout
 
 
 def test_world_task_is_well_formed() -> None:

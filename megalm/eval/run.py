@@ -5,7 +5,8 @@ torchrun), built by the trainer's builder, its weights restored as a fine-tune's
 (checkpoint.weights). Everything runs through the pipeline executor's forward-only path, so the
 loss equals the trainer's evaluation and task scoring works at any tp and pp: each scored sequence
 is one row of a micro-batch, its log-likelihood the masked sum of its per-token losses on the last
-stage, summed over the pipeline group so every rank holds every score.
+stage, summed over the pipeline group so every rank holds every score (data-parallel replicas
+share the sequences out and meet in an all-reduce).
 """
 
 from __future__ import annotations
@@ -90,11 +91,19 @@ class Evaluator:
         )
         prefixlm = config.model.family == "prefixlm"
         pairs = prefixlm and config.data.kind == "pairs"
+        for context, continuation in requests:  # checked on every rank before any of them starts
+            if len(continuation) > seq:
+                raise TaskError(
+                    f"a choice of {len(continuation)} tokens does not fit in seq_length {seq}; shorten the choices"
+                )
         for chunk in self.trainer.chunks:
             chunk.train(False)
-        out: list[float] = []
-        for start in range(0, len(requests), rows):
-            group = requests[start:start + rows]
+        # Each data-parallel replica scores every dp-th sequence; the results meet in one all-reduce.
+        mine = list(range(groups.dp_rank, len(requests), groups.dp_size))
+        out = torch.zeros(len(requests), dtype=torch.float64, device=groups.device)
+        for start in range(0, len(mine), rows):
+            indices = mine[start:start + rows]
+            group = [requests[i] for i in indices]
             tokens = torch.zeros(rows, seq, dtype=torch.long)
             labels = torch.zeros(rows, seq, dtype=torch.long)
             mask = torch.zeros(rows, seq)
@@ -102,10 +111,6 @@ class Evaluator:
             for row, (context, continuation) in enumerate(group):
                 if pairs:
                     context = pair_prefix(context, self.tokenizer.sep_id)
-                if len(continuation) > seq:
-                    raise TaskError(
-                        f"a choice of {len(continuation)} tokens does not fit in seq_length {seq}; shorten the choices"
-                    )
                 if not context:
                     context = [self.tokenizer.eos_id]  # an empty context: the first token is predicted after eos
                 context = context[-(seq + 1 - len(continuation)):]
@@ -122,9 +127,10 @@ class Evaluator:
                 return sums.sum()
 
             executor.run([batch], keep, forward_only=True)
-            all_reduce_(sums, groups.pp_group)  # only the last stage computed them
-            out.extend((-sums[:len(group)]).tolist())
-        return out
+            out[torch.tensor(indices, device=groups.device)] = -sums[:len(group)].double()
+        all_reduce_(out, groups.pp_group)  # only the last stage computed them
+        all_reduce_(out, groups.dp_group)
+        return out.tolist()
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context ids, continuation ids) so that together they are the tokens of context + continuation."""
