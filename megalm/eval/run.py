@@ -1,8 +1,8 @@
 """`megalm eval`: load a checkpoint at any layout, then loss/perplexity on token files or task accuracy.
 
 The model is the checkpoint's own config at this process's layout (one process, or tp x pp x dp under
-torchrun), built by the trainer's builder, its weights restored as a fine-tune's are
-(checkpoint.weights). Everything runs through the pipeline executor's forward-only path, so the
+torchrun), built by the trainer's builder, its weights restored by checkpoint.weights.load_model_weights
+(any saved layout). Everything runs through the pipeline executor's forward-only path, so the
 loss equals the trainer's evaluation and task scoring works at any tp and pp: each scored sequence
 is one row of a micro-batch, its log-likelihood the masked sum of its per-token losses on the last
 stage, summed over the pipeline group so every rank holds every score (data-parallel replicas
@@ -21,22 +21,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from megalm.checkpoint.store import CheckpointError
-from megalm.checkpoint.weights import find_checkpoint, load_weights, read_metadata
+from megalm.checkpoint.weights import find_checkpoint, load_model_weights, read_metadata
 from megalm.config import ConfigError, config_from_dict, validate
 from megalm.data.batch import Batch
+from megalm.data.dataset import pair_prefix
 from megalm.distributed import ParallelGroups, all_reduce_
 from megalm.eval.tasks import (
     DEFAULT_CONTENT_FREE, Example, Scores, TaskError, accuracies, chance, few_shot_prefix, load_task,
 )
-
-try:  # the one function pairs training and generation encode a prefix with (i15/generate)
-    from megalm.data.dataset import pair_prefix
-except ImportError:  # pragma: no cover - before that branch is merged: the same encoding
-    def pair_prefix(prefix, sep_id, room=None):
-        kept = list(prefix) if room is None else (list(prefix[-room:]) if room > 0 else [])
-        return kept + [sep_id]
-
 
 @dataclass
 class Evaluator:
@@ -183,10 +175,8 @@ def load_evaluator(
     """The checkpoint `source` names (a checkpoint or run directory), at tp x pp (x dp: the rest of the world)."""
     from megalm.train import build_trainer
 
-    if not Path(source).exists():
-        raise CheckpointError(f"megalm eval: {source} does not exist; give a checkpoint directory or a run directory")
-    path = find_checkpoint(source)
-    config = config_from_dict(read_metadata(path)["config"], str(path))
+    path = find_checkpoint(source, "megalm eval CHECKPOINT")
+    config = config_from_dict(read_metadata(path, "megalm eval")["config"], str(path))
     world = groups.topology.world_size if groups is not None else 1
     if world % (tp * pp):
         raise ConfigError(f"--tp {tp} x --pp {pp} does not divide the world size {world}")
@@ -204,8 +194,9 @@ def load_evaluator(
         config.data.tokenizer = tokenizer
     config.train.micro_batch_size = math.gcd(config.train.micro_batch_size, config.train.global_batch_size // parallel.dp or 1)
     validate(config, world)
-    trainer = build_trainer(config, groups or ParallelGroups.single(), None)
-    path, metadata = load_weights(trainer, str(path))
+    groups = groups or ParallelGroups.single()
+    trainer = build_trainer(config, groups, None)  # its evaluate() is the loss; its optimizer stays unused
+    path, metadata = load_model_weights(trainer.chunks, groups, path, "megalm eval")
     return Evaluator(trainer, path, metadata, batch_size)
 
 
