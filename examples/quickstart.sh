@@ -2,7 +2,7 @@
 # The main job, end to end on CPU: install into .venv, generate the embedded bilingual corpus,
 # train a tokenizer, preprocess to token files, train the tiny GPT with tp=2 x dp=2 (4 processes)
 # and print sample text, compare the final loss with a unigram model of the corpus, then generate
-# from the checkpoint it saved with `megalm generate`.
+# from the checkpoint it saved with `megalm generate` and evaluate it with `megalm eval`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
@@ -34,3 +34,6 @@ PY
 # Generate from the checkpoint it saved (tp 2 as trained; any layout loads): greedy, with a KV cache.
 python -m torch.distributed.run --standalone --nproc-per-node 2 -m megalm.cli generate runs/quickstart --tp 2 \
   --prompt "Lena lives in" --prompt "王芳今年" --prompt "What is four times ten? It is" --max-new-tokens 16
+
+# Evaluate it: zero-shot accuracy on the built-in world task against chance, calibrated and not.
+megalm eval runs/quickstart --task world

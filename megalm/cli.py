@@ -335,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_generate(sub)  # megalm generate CKPT --prompt TEXT ... [--tp N --pp N under torchrun]
 
+    from megalm.eval.run import register_cli as register_eval
+
+    register_eval(sub)  # megalm eval CKPT [--data PREFIX] [--task FILE|world] [--shots K] [--tp N --pp N]
+
     from megalm.plan.report import register_cli as register_plan
 
     register_plan(sub)  # megalm plan CONFIG --cluster NAME --gpus N [--search] ...

@@ -1,0 +1,191 @@
+"""megalm eval: calibration arithmetic, the task format's errors, loss equal to the trainer's,
+log-likelihoods equal at tp 2 x pp 2, and the built-in world task above chance after training."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from megalm.checkpoint import Checkpointer
+from megalm.cli import main
+from megalm.config import Config, ModelConfig, OptimConfig, TrainConfig, load_config
+from megalm.distributed import ParallelGroups, build_parallel_groups
+from megalm.eval.run import load_evaluator
+from megalm.eval.tasks import Example, Scores, TaskError, accuracies, calibrate, class_probabilities, load_task
+from megalm.eval.world import world_task
+from megalm.testing import run_distributed
+from megalm.topology import Topology
+from megalm.train import build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+log = math.log
+
+
+def test_calibration_changes_the_prediction_as_the_formula_says() -> None:
+    # The example: class 0 at 0.6, class 1 at 0.4. The content-free prompts ("N/A" 0.9/0.1 and
+    # "" 0.7/0.3: mean 0.8/0.2) show the prompt alone favours class 0, so calibration gives
+    # 0.6/0.8 = 0.75 and 0.4/0.2 = 2.0, renormalised 0.75/2.75 and 2/2.75: class 1 wins.
+    example = Example(choices=(("yes",), ("no",)), label=1, context="x")
+    score = Scores([[log(0.6)], [log(0.4)]], [[1], [1]])
+    free = [Scores([[log(0.9)], [log(0.1)]], [[1], [1]]), Scores([[log(0.7)], [log(0.3)]], [[1], [1]])]
+    assert class_probabilities(score, False) == pytest.approx([0.6, 0.4])
+    calibrated = calibrate(class_probabilities(score, False), [class_probabilities(s, False) for s in free])
+    assert calibrated == pytest.approx([0.75 / 2.75, 2.0 / 2.75])
+    assert accuracies([example], [score], [free]) == {"sum": 0.0, "sum_calibrated": 1.0, "mean": 0.0,
+                                                     "mean_calibrated": 1.0}
+
+
+def test_label_expansion_and_length_normalisation() -> None:
+    # Class 0 has two verbalisers at 0.3 each (0.6 together) against class 1's single 0.4: the
+    # class total wins though class 1's word is the likeliest word. Per-token means: class 1's word
+    # has 4 tokens, log(0.4)/4 > log(0.3): length normalisation turns the choice to class 1.
+    score = Scores([[log(0.3), log(0.3)], [log(0.4)]], [[1, 1], [4]])
+    assert class_probabilities(score, False) == pytest.approx([0.6, 0.4])
+    mean = class_probabilities(score, True)
+    expected = [2 * 0.3, 0.4 ** 0.25]
+    assert mean == pytest.approx([expected[0] / sum(expected), expected[1] / sum(expected)])
+    example = Example(choices=(("a", "b"), ("c",)), label=0, context="x")
+    result = accuracies([example], [score], [[Scores([[0.0, 0.0], [0.0]], [[1, 1], [1]])]])
+    assert result["sum"] == 1.0 and result["mean"] == 0.0
+
+
+def _errors(tmp_path: Path, lines: list[str], capsys) -> str:
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main(["eval", str(tmp_path), "--task", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    return err
+
+
+def test_task_file_mistakes_are_one_line_with_the_line_number(tmp_path, capsys) -> None:
+    good = json.dumps({"context": "a", "choices": ["b", "c"], "label": 0})
+    assert "task.jsonl:3: not valid JSON" in _errors(tmp_path, [good, "", "{oops"], capsys)
+    assert "task.jsonl:2: \"label\" must be an integer index" in _errors(
+        tmp_path, [good, json.dumps({"context": "a", "choices": ["b", "c"], "label": 2})], capsys)
+    assert "task.jsonl:1: unknown key 'choice'" in _errors(tmp_path, [json.dumps({"context": "a", "choice": []})], capsys)
+    assert main(["eval", str(tmp_path), "--task", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing.jsonl does not exist" in err
+    assert main(["eval", str(tmp_path / "no-run")]) == 2
+    assert "no-run does not exist" in capsys.readouterr().err
+    examples = load_task(_write(tmp_path, json.loads(good)))
+    assert examples[0].prompt() == "a" and examples[0].choices == (("b",), ("c",))
+    with pytest.raises(TaskError, match="either"):
+        load_task(_write(tmp_path, {"context": "a", "template": "{input}", "input": "b", "choices": ["c", "d"], "label": 0}))
+
+
+def _write(tmp_path: Path, record: dict) -> Path:
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    return path
+
+
+def _config(**model) -> Config:
+    fields = dict(num_layers=2, hidden_size=32, num_heads=4, vocab_size=200, seq_length=16)
+    fields.update(model)
+    return Config(
+        model=ModelConfig(**fields), optim=OptimConfig(lr=1e-2, warmup_steps=1),
+        train=TrainConfig(steps=6, micro_batch_size=2, global_batch_size=4, seed=5, eval_batches=2),
+    )
+
+
+def _train(run_dir: Path, config: Config) -> float:
+    """Train and save; the trainer's own evaluation loss at the end."""
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+    trainer.fit(checkpointer=Checkpointer(trainer, run_dir))
+    return trainer.evaluate()
+
+
+def test_loss_equals_the_trainers_evaluation(tmp_path, capsys) -> None:
+    expected = _train(tmp_path / "run", _config())
+    evaluator = load_evaluator(tmp_path / "run")
+    assert evaluator.loss()["loss"] == pytest.approx(expected, rel=1e-6)
+    fresh = build_trainer(_config(), ParallelGroups.single(), None).evaluate()
+    assert abs(fresh - expected) > 0.03  # the loaded weights matter (a fresh model: 0.07 higher)
+    assert main(["eval", str(tmp_path / "run"), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["loss"] == pytest.approx(expected, rel=1e-6)
+    assert line["perplexity"] == pytest.approx(math.exp(expected), rel=1e-6)
+
+
+REQUESTS = [([5, 6, 7], [8, 9]), ([1], [2]), (list(range(3, 30)), [30, 31, 32]), ([], [4, 4, 4, 4])]
+
+
+FAMILIES = ("lm", "prefixlm")
+FAKE_TOKENIZER = type("FakeTokenizer", (), {"eos_id": 1, "sep_id": 3})()  # ids only: no text here
+
+
+def _loglik_worker(rank: int, world_size: int, root: str) -> dict[str, list[float]]:
+    out = {}
+    for tp, pp, dp, family in ((2, 2, 1, "lm"), (2, 2, 1, "prefixlm"), (1, 2, 2, "prefixlm")):
+        groups = build_parallel_groups(Topology(tp, pp, dp), rank, torch.device("cpu"))
+        evaluator = load_evaluator(Path(root) / family, groups, tp=tp, pp=pp, batch_size=2)
+        evaluator.trainer.tokenizer = FAKE_TOKENIZER
+        out[f"{tp}x{pp}x{dp} {family}"] = evaluator.loglikelihoods(REQUESTS)
+    return out
+
+
+def test_loglikelihoods_match_a_plain_forward_and_other_layouts(tmp_path) -> None:
+    expected = {}
+    for family in FAMILIES:
+        _train(tmp_path / family, _config(family=family))
+        single = load_evaluator(tmp_path / family, batch_size=3)
+        single.trainer.tokenizer = FAKE_TOKENIZER
+        expected[family] = single.loglikelihoods(REQUESTS)
+        model = single.trainer.model  # the reference: a plain forward of each sequence on its own
+        with torch.no_grad():
+            for (context, continuation), value in zip(REQUESTS, expected[family]):
+                context = (context or [1])[-(16 + 1 - len(continuation)):]  # the end of a long context
+                full = torch.tensor([context + continuation])
+                prefix = torch.tensor([len(context)]) if family == "prefixlm" else None
+                losses = model(full[:, :-1], full[:, 1:], prefix_lengths=prefix)[0]
+                assert value == pytest.approx(-float(losses[len(context) - 1:].sum()), abs=1e-5)
+        if family == "prefixlm":  # a model fine-tuned on pairs sees each context followed by <sep> (id 3)
+            single.config.data.kind = "pairs"
+            with_sep = [(context + [3], continuation) for context, continuation in REQUESTS[:2]]
+            paired = single.loglikelihoods(REQUESTS[:2])
+            single.config.data.kind = "synthetic"
+            assert paired == pytest.approx(single.loglikelihoods(with_sep), abs=1e-6)
+            assert paired != pytest.approx(expected[family][:2], abs=1e-3)
+    for got in run_distributed(_loglik_worker, 4, str(tmp_path), timeout=120):
+        assert len(got) == 3
+        for layout, values in got.items():
+            assert values == pytest.approx(expected[layout.split()[1]], abs=1e-5), layout
+
+
+def test_world_task_is_well_formed() -> None:
+    examples = world_task(0)
+    assert len(examples) == 32 * 8
+    assert {len(e.choices) for e in examples} == {12, 16, 11, 15}
+    assert examples[0].prompt("N/A") == "N/A lives in" and examples[0].prompt().endswith(" lives in")
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory) -> Path:
+    """The quickstart's recipe, small: 0.5 MB of corpus, a 1024-piece tokenizer, 100 steps at tp 1."""
+    out = tmp_path_factory.mktemp("world")
+    corpus = out / "corpus.jsonl"
+    assert main(["data", "corpus", str(corpus), "--size-mb", "0.5", "--seed", "0"]) in (0, None)
+    assert main(["tokenizer", "train", "--input", str(corpus), "--output", str(out / "tok"),
+                 "--vocab-size", "1024"]) in (0, None)
+    assert main(["preprocess", "--input", str(corpus), "--output-prefix", str(out / "corpus"),
+                 "--tokenizer", str(out / "tok.model"), "--workers", "1"]) in (0, None)
+    assert main(["train", str(ROOT / "configs" / "tiny-corpus.yaml"), "--run-dir", str(out / "run"),
+                 "parallel.tp=1", "train.steps=100", f"data.paths=[{out / 'corpus'}]",
+                 f"data.tokenizer={out / 'tok.model'}", "model.vocab_size=1024", "log.sample_prompts=[]",
+                 "train.eval_interval=0"]) == 0
+    return out / "run"
+
+
+@pytest.mark.slow
+def test_world_task_above_chance_after_a_short_training(corpus_run, capsys) -> None:
+    assert main(["eval", str(corpus_run), "--task", "world", "--json", "--batch-size", "64"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["examples"] == 256
+    for key in ("sum", "mean", "sum_calibrated", "mean_calibrated"):
+        assert result[key] > result["chance"] + 0.01, (key, result)
