@@ -236,7 +236,7 @@ class MLP(nn.Module):
     """h -> ffn (column-parallel) -> GeLU -> h (row-parallel).
 
     fc1 keeps its bias inside the GEMM (addmm, faster eagerly) unless its skip_bias_add is set, as
-    megalm.model.compile does for bias_gelu; fc2 always hands its bias on (bias_dropout_add)."""
+    megalm.model.compile does for bias_gelu; fc2 hands its bias on (bias_dropout_add) where tp > 1."""
 
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, sequence_parallel: bool) -> None:
         super().__init__()
