@@ -3,8 +3,9 @@
 #   1. the tests marked `gpu` (tests/test_gpu.py on cuda): bf16 training steps, fused-AdamW resume bit
 #      for bit, peak memory against `megalm plan`, TF32 for fp32, FlexAttention PrefixLM against the
 #      dense mask (parity and peak memory);
-#   2. `megalm bench` of configs/gpt-125m.yaml and configs/gpt-1.3b.yaml in bf16 (MFU and the ratio to
-#      a plain PyTorch GPT of the same shape), each to a JSON file;
+#   2. `megalm bench` of configs/gpt-125m.yaml and configs/gpt-1.3b.yaml in bf16 (MFU and the ratios to
+#      a plain PyTorch GPT and, when installed, transformers' GPT-2 of the same shape), LM and PrefixLM,
+#      compiled layers, recompute selective / full, each to a JSON file (BENCH_SET=quick: LM only);
 #   3. gpu_check.json: the environment, the tests' verdicts and figures, the bench figures.
 #
 #   scripts/gpu_check.sh OUTPUT_DIR        (or OUT=OUTPUT_DIR scripts/gpu_check.sh)
@@ -73,6 +74,17 @@ else
   PY="$VENV/bin/python"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# transformers' GPT-2 in the bench needs the hf extra; an offline GPU image without it can be given
+# wheels (HF_WHEELS=DIR, e.g. from `pip download transformers safetensors --python-version 3.12
+# --only-binary=:all:`): installed beside the image's packages, which keep precedence.
+if [[ -n "${HF_WHEELS:-}" ]] && ! "$PY" -c 'import transformers' 2>/dev/null; then
+  if "$PY" -m pip install --quiet --no-index --no-deps --target "$ROOT/.hf-packages" "$HF_WHEELS"/*.whl >>"$LOG" 2>&1; then
+    export PYTHONPATH="$PYTHONPATH:$ROOT/.hf-packages"
+    say "transformers installed from $HF_WHEELS into $ROOT/.hf-packages"
+  else
+    say "note: installing transformers from $HF_WHEELS failed (see $LOG): the bench skips it"
+  fi
+fi
 
 set +e
 "$PY" - >"$OUT_DIR/environment.json" 2>>"$LOG" <<'EOF'
@@ -136,19 +148,33 @@ tail -n 5 "$OUT_DIR/gpu_tests.log" | tee -a "$LOG" >&2
 [[ $status -eq 0 ]] || failed+=("gpu tests (exit $status)")
 
 # ---- 3. megalm bench ----------------------------------------------------------------------------
-bench() {  # NAME CONFIG GLOBAL_BATCH
-  say "megalm bench $2 (bf16, global batch $3, ${BENCH_STEPS:-5} steps)"
+bench() {  # NAME CONFIG GLOBAL_BATCH [STEPS [BENCH ARGS AND OVERRIDES ...]]
+  local name=$1 config=$2 batch=$3 steps=${4:-${BENCH_STEPS:-5}}
+  shift $(( $# < 4 ? $# : 4 ))
+  say "megalm bench $config $* (bf16, global batch $batch, $steps steps)"
   set +e
-  timeout 240 "$PY" -m megalm.cli bench "$2" train.device=cuda train.precision=bf16 "train.global_batch_size=$3" \
-    --steps "${BENCH_STEPS:-5}" --warmup "${BENCH_WARMUP:-2}" --json "$OUT_DIR/bench_$1.json" \
-    >"$OUT_DIR/bench_$1.log" 2>&1
+  timeout 240 "$PY" -m megalm.cli bench "$config" train.device=cuda train.precision=bf16 "train.global_batch_size=$batch" \
+    "$@" --steps "$steps" --warmup "${BENCH_WARMUP:-2}" --json "$OUT_DIR/bench_$name.json" \
+    >"$OUT_DIR/bench_$name.log" 2>&1
   local code=$?
   set -e
-  tail -n 12 "$OUT_DIR/bench_$1.log" | tee -a "$LOG" >&2
-  [[ $code -eq 0 ]] || failed+=("bench $1 (exit $code)")
+  tail -n 14 "$OUT_DIR/bench_$name.log" | tee -a "$LOG" >&2
+  [[ $code -eq 0 ]] || failed+=("bench $name (exit $code)")
 }
-bench gpt-125m configs/gpt-125m.yaml "${BATCH_125M:-64}"
-bench gpt-1.3b configs/gpt-1.3b.yaml "${BATCH_1_3B:-16}"
+# Against plain PyTorch and transformers' GPT-2 (when installed): LM and PrefixLM at both sizes, and
+# compiled layers (the baselines' blocks compiled too). The recompute modes, compile and PrefixLM at
+# 1.3b are megalm alone (--no-baseline), fewer steps. BENCH_SET=quick: the two LM rows only.
+B125=${BATCH_125M:-64} B13=${BATCH_1_3B:-16} VSTEPS=${VARIANT_STEPS:-3}
+bench gpt-125m configs/gpt-125m.yaml "$B125"
+bench gpt-1.3b configs/gpt-1.3b.yaml "$B13"
+if [[ "${BENCH_SET:-full}" != quick ]]; then
+  bench gpt-125m-prefixlm configs/gpt-125m.yaml "$B125" "$VSTEPS" model.family=prefixlm
+  bench gpt-125m-compile configs/gpt-125m.yaml "$B125" "$VSTEPS" train.compile=true --no-transformers
+  bench gpt-1.3b-selective configs/gpt-1.3b.yaml "$B13" "$VSTEPS" parallel.recompute=selective --no-baseline
+  bench gpt-1.3b-full configs/gpt-1.3b.yaml "$B13" "$VSTEPS" parallel.recompute=full --no-baseline
+  bench gpt-1.3b-compile configs/gpt-1.3b.yaml "$B13" "$VSTEPS" train.compile=true --no-baseline
+  bench gpt-1.3b-prefixlm configs/gpt-1.3b.yaml "$B13" "$VSTEPS" model.family=prefixlm --no-baseline
+fi
 
 # ---- 4. the summary -----------------------------------------------------------------------------
 "$PY" scripts/gpu_check_summary.py "$OUT_DIR" "$(( $(date +%s) - START ))" "${failed[@]}" | tee -a "$LOG"
