@@ -32,11 +32,27 @@ def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time of each record (not the stream it was when the
+    logger was set up, which a caller such as a test's capture may have closed since)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(rank: int, all_ranks: bool = False) -> logging.Logger:
     """One logger for megalm: rank 0 prints INFO, other ranks only warnings unless all_ranks."""
     logger = get_logger()
     logger.handlers.clear()
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     prefix = f"[rank {rank}] " if all_ranks else ""
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", "%H:%M:%S"))
     logger.addHandler(handler)

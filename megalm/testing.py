@@ -20,7 +20,9 @@ at a store barrier with a long timeout before the process group exists.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import faulthandler
 import io
 import os
@@ -31,7 +33,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -236,6 +238,25 @@ def _collect(procs: list, results: Any, world_size: int, timeout: float, stack_d
 # The trainer reduces gradients through megalm.parallel.data.GradientSync (buckets, overlap, ZeRO-1),
 # and the TP/PP parity tests use it. Tests of other parts (communication counts, the optimizer)
 # that only need the sequence-parallel sum use this unbucketed version.
+
+
+@contextlib.contextmanager
+def log_messages() -> Iterator[list[str]]:
+    """The messages megalm's logger emits (at INFO and above) inside the block, in order."""
+    from megalm.metrics import get_logger
+
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = get_logger()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter], groups: ParallelGroups) -> None:

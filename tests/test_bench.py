@@ -89,6 +89,14 @@ def _models(family: str, position: str):
     return config, megalm, baseline
 
 
+def _perturb(model: torch.nn.Module) -> None:
+    """Biases and LayerNorms are trivial at init: add seeded noise so every weight matters."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+
+
 @pytest.mark.parametrize("family, position", VARIANTS)
 def test_same_parameter_count_less_padding(family: str, position: str) -> None:
     config, megalm, baseline = _models(family, position)
@@ -103,10 +111,7 @@ def test_same_parameter_count_less_padding(family: str, position: str) -> None:
 def test_baseline_computes_megalm_loss(family: str, position: str, perturb: bool) -> None:
     config, megalm, baseline = _models(family, position)
     if perturb:  # biases and LayerNorms are trivial at init; make every weight matter
-        generator = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for param in megalm.parameters():
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+        _perturb(megalm)
     load_from_megalm(baseline, megalm)
     batch = build_sampler(config, build_sources(config).train, 0, 1).micro_batches(0)[0]
     with torch.no_grad():
@@ -184,10 +189,7 @@ def test_transformers_gpt2_is_the_same_model(family: str) -> None:
     config, megalm, baseline = _models(family, "learned")
     hf = build_transformers_gpt2(config.model, config.train.seed, torch.device("cpu"))
     assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in baseline.parameters())
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for param in baseline.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    _perturb(baseline)
     _copy_baseline_into_transformers(hf, baseline)
     batch = build_sampler(config, build_sources(config).train, 0, 1).micro_batches(0)[0]
     tokens, labels, prefix = baseline_batches([batch])[0]

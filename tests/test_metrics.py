@@ -63,3 +63,22 @@ def test_trainer_peak_memory_is_per_step() -> None:
     for record in records:
         assert record["peak_memory_gb"] * 2**30 < before - 300 * 2**20, (record["peak_memory_gb"], before / 2**30)
         assert record["peak_reserved_gb"] is None
+
+
+def test_the_log_follows_sys_stdout_after_the_stream_it_started_on_closed(monkeypatch) -> None:
+    """setup_logging under one stdout (a test's capture, a redirected run) that is closed later: the
+    next record goes to the current stdout, with no "--- Logging error ---" on stderr."""
+    import io
+    import sys
+
+    from megalm.metrics import setup_logging
+
+    first, second, errors = io.StringIO(), io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", first)
+    logger = setup_logging(0)
+    logger.info("one")
+    first.close()
+    monkeypatch.setattr(sys, "stdout", second)
+    monkeypatch.setattr(sys, "stderr", errors)
+    logger.info("two")
+    assert "two" in second.getvalue() and errors.getvalue() == ""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,9 @@ from megalm.cli import check_before_start, main
 from megalm.config import Config, ConfigError, config_to_dict, ModelConfig, OptimConfig, ParallelConfig, TrainConfig, validate
 from megalm.data.pipeline import build_sampler, build_sources
 from megalm.distributed import ParallelGroups, build_parallel_groups
-from megalm.metrics import get_logger, read_metrics
+from megalm.metrics import read_metrics
 from megalm.optim import lr_at
-from megalm.testing import run_distributed
+from megalm.testing import log_messages, run_distributed
 from megalm.topology import Topology
 from megalm.train import build_trainer
 
@@ -73,18 +72,8 @@ def full_weights(checkpoint: Path, kind: str = "param") -> dict[str, torch.Tenso
 
 
 def logged(run) -> tuple[object, list[str]]:
-    messages: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logger = get_logger()
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
+    with log_messages() as messages:
         return run(), messages
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ torch's create_block_mask; the compiled kernel that reads them runs on CUDA (tes
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
@@ -19,13 +18,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megalm.config import Config, ConfigError, ModelConfig
 from megalm.data.pipeline import build_sampler, build_sources
 from megalm.distributed import ParallelGroups, build_parallel_groups
-from megalm.metrics import get_logger
 from megalm.model.attention import (
     describe_attention, prefix_attention_kernel, prefix_attention_mask, prefix_block_mask, prefix_mask_mod,
     uses_dense_prefix_mask,
 )
 from megalm.model.gpt import build_model_chunks
-from megalm.testing import run_distributed
+from megalm.testing import log_messages, run_distributed
 from megalm.topology import Topology
 from tests.model.test_recompute import SEQ, make_config, train
 
@@ -120,18 +118,8 @@ def test_flex_matches_the_dense_mask_through_the_trainer(flex_on_cpu) -> None:
     and without recompute; the start-up log names the kernel."""
     single = ParallelGroups.single()
     want = train(flex_config("dense"), single)
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger = get_logger()
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
+    with log_messages() as lines:
         got = train(flex_config("flex"), single)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert any(line.startswith("attention: PrefixLM, FlexAttention (eager") for line in lines), lines
     assert_close(got, want, "none")
     for mode in ("selective", "full"):
