@@ -318,13 +318,24 @@ def test_search_ends_with_overrides_that_run_the_best_layout(capsys, tmp_path, c
         assert plan["peak_memory_gib"] == best["peak_memory_gib"]
 
 
-def test_search_plans_only_layouts_megalm_validates(capsys):
-    """Generation after training does not run pipelined (config.validate): the search keeps pp = 1."""
-    prompts = ("log.sample_prompts=[hello]", "data.tokenizer=tok.model")
+def test_search_plans_only_layouts_megalm_validates(capsys, monkeypatch):
+    """The search asks megalm's own config.validate about every layout: a validation that refuses
+    pipelining (as one did for generation after training, issue 15) leaves only pp = 1 layouts."""
+    import megalm.plan.layout as plan_layout
+    from megalm.config import ConfigError, validate
+
     unrestricted = _search_json(capsys, "configs/yuan-lm-13b.yaml", gpus=64)
     assert any(p["layout"]["pp"] > 1 for p in unrestricted["best"])
-    restricted = _search_json(capsys, "configs/yuan-lm-13b.yaml", *prompts, gpus=64)
-    assert [p["layout"]["pp"] for p in restricted["best"]] == [1, 1, 1]
+
+    def no_pipeline(config, world_size=None):
+        if config.parallel.pp > 1:
+            raise ConfigError("pipelining refused (test)")
+        return validate(config, world_size)
+
+    monkeypatch.setattr(plan_layout, "validate", no_pipeline)
+    restricted = _search_json(capsys, "configs/yuan-lm-13b.yaml", gpus=64)
+    assert restricted["best"] and [p["layout"]["pp"] for p in restricted["best"]] == [1] * len(restricted["best"])
+    monkeypatch.undo()
     # a config megalm rejects at every layout: the search says so, with megalm's own message
     assert main(["plan", "configs/gpt-125m.yaml", "optim.warmup_steps=600000", "--gpus", "8", "--search"]) == 2
     err = capsys.readouterr().err
