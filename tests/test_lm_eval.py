@@ -107,6 +107,7 @@ def test_rolling_and_generation_requests_equal_megalms_functions(tiny) -> None:
     per_token = evaluator.loglikelihoods([(ids[max(0, i - 16):i], [ids[i]]) for i in range(1, len(ids))])
     windows = lm.rolling_windows(text)
     assert sum(len(c) for _, c in windows) == len(ids) - 1 and all(len(a) + len(c) <= 17 for a, c in windows)
+    assert len(windows) > 2 and all(len(a) + len(c) == 17 for a, c in windows[1:])  # as much context as fits
     assert rolling[0] == pytest.approx(sum(evaluator.loglikelihoods(windows)), abs=1e-9)
     first = windows[0][1]  # the first window predicts its tokens from all the text before: per-token equal
     assert sum(per_token[:len(first)]) == pytest.approx(sum(evaluator.loglikelihoods(windows[:1])), abs=1e-4)
@@ -121,7 +122,9 @@ def test_rolling_and_generation_requests_equal_megalms_functions(tiny) -> None:
     context, continuation = evaluator.encode_pair(prompt, tokenizer.decode(own[:2]))
     (loglik, greedy), = lm.loglikelihood([Instance("loglikelihood", {}, (prompt, tokenizer.decode(own[:2])), 0)])
     assert loglik == pytest.approx(evaluator.loglikelihoods([(context, continuation)])[0], abs=1e-9)
-    assert greedy == (continuation == own[:len(continuation)])
+    assert greedy == (continuation == own[:len(continuation)]) and greedy  # the greedy continuation is
+    (_, greedy), = lm.loglikelihood([Instance("loglikelihood", {}, (prompt, " Zzz"), 0)])
+    assert not greedy
     with pytest.raises(Exception, match="not supported"):
         lm.generate_until([Instance("generate_until", {}, (prompt, {"num_beams": 4}), 0)])
 
