@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,18 @@ def test_megalm_eval_lm_eval_tasks_command(tiny, capsys) -> None:
         [Example(tuple((c,) for c in d["choices"]), d["label"], context=d["question"]) for d in DOCS])
     assert line["eval"] == "lm_eval" and line["task"] == "megalm_towns"
     assert line["acc,none"] == pytest.approx(own["sum"], abs=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.nightly  # lm_eval's command line indexes all its built-in tasks (about 7 s)
+@pytest.mark.filterwarnings("ignore:'megalm.eval.harness' found in sys.modules")
+def test_lm_evals_own_command_line_with_the_model_registered(tiny, monkeypatch) -> None:
+    out = tiny["root"] / "harness-cli"
+    monkeypatch.setattr(sys, "argv", ["lm_eval", "--model", "megalm", "--model_args", f"path={tiny['run']}",
+                                      "--tasks", "megalm_towns", "--include_path", str(tiny["tasks"]),
+                                      "--output_path", str(out)])
+    runpy.run_module("megalm.eval.harness", run_name="__main__")
+    written = json.loads(next(out.rglob("results*.json")).read_text())
+    own = load_evaluator(tiny["run"]).score_task(
+        [Example(tuple((c,) for c in d["choices"]), d["label"], context=d["question"]) for d in DOCS])
+    assert written["results"]["megalm_towns"]["acc,none"] == pytest.approx(own["sum"], abs=1e-12)

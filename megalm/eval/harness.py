@@ -2,8 +2,9 @@
 
 Importing this module registers the model name `megalm` with lm_eval, so after `import
 megalm.eval.harness`, `lm_eval.simple_evaluate(model="megalm", model_args="path=RUN_DIR", tasks=[...])`
-runs the harness's tasks on a megalm checkpoint; `megalm eval CKPT --lm-eval-tasks T1,T2` does the same
-from the command line (one process). The three request kinds:
+runs the harness's tasks on a megalm checkpoint; from the command line, `megalm eval CKPT
+--lm-eval-tasks T1,T2`, or lm_eval's own command line with the model registered: `python -m
+megalm.eval.harness --model megalm --model_args path=RUN_DIR --tasks T1,T2` (one process). The three request kinds:
 
 - loglikelihood: (context, continuation) strings -> (log p, is_greedy). log p is
   Evaluator.loglikelihoods of the ids Evaluator.encode_pair gives (the same numbers `megalm eval
@@ -31,7 +32,6 @@ NAME = "megalm"
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p", "seed"}
 
 
-@register_model(NAME)
 class MegalmLM(LM):
     """A megalm checkpoint (`path`: a checkpoint or run directory) as an lm_eval model, in one process."""
 
@@ -144,3 +144,12 @@ class MegalmLM(LM):
                 results[i] = text[:min(cuts)] if cuts else text
                 self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
         return results  # type: ignore[return-value]
+
+
+if __name__ == "__main__":  # lm_eval's command line, the model "megalm" registered by the import below
+    import megalm.eval.harness  # noqa: F401
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+else:
+    register_model(NAME)(MegalmLM)
