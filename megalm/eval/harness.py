@@ -20,11 +20,13 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from megalm.config import ConfigError
 from megalm.data.dataset import pair_prefix
+from megalm.distributed import ParallelGroups, resolve_device
 from megalm.eval.run import Evaluator, load_evaluator
 from megalm.generate import Sampling, encode_prompt, generate
 
@@ -39,14 +41,18 @@ class MegalmLM(LM):
                  evaluator: Optional[Evaluator] = None, device: Optional[str] = None,
                  max_batch_size: Optional[int] = None) -> None:
         super().__init__()
-        if device not in (None, "cpu") and not str(device).startswith("cuda"):
-            raise ConfigError(f"lm_eval device {device!r}: megalm runs on cpu or cuda")
+        if device not in (None, "auto", "cpu") and not str(device).startswith("cuda"):
+            raise ConfigError(f"lm_eval device {device!r}: megalm runs on cpu or cuda (default: cuda if present)")
         if str(batch_size).startswith("auto"):
             raise ConfigError("lm_eval batch_size 'auto' is not supported by megalm: give a number")
         if evaluator is None:
             if path is None:
                 raise ConfigError("the megalm lm_eval model needs model_args path=CHECKPOINT_OR_RUN_DIR")
-            evaluator = load_evaluator(path, batch_size=int(batch_size))
+            name = str(device or "auto")
+            where = torch.device(name) if ":" in name else resolve_device(name)
+            evaluator = load_evaluator(path, ParallelGroups.single(where), batch_size=int(batch_size))
+        elif device is not None and torch.device(device) != evaluator.trainer.groups.device:
+            raise ConfigError(f"lm_eval device {device!r} is not the loaded model's {evaluator.trainer.groups.device}")
         if evaluator.tokenizer is None:
             raise ConfigError(f"the checkpoint {evaluator.checkpoint} has no tokenizer (data.tokenizer is unset): "
                               f"lm_eval tasks are text")
