@@ -35,5 +35,6 @@ PY
 python -m torch.distributed.run --standalone --nproc-per-node 2 -m megalm.cli generate runs/quickstart --tp 2 \
   --prompt "Lena lives in" --prompt "王芳今年" --prompt "What is four times ten? It is" --max-new-tokens 16
 
-# Evaluate it: zero-shot accuracy on the built-in world task against chance, calibrated and not.
-megalm eval runs/quickstart --task world
+# Evaluate it: zero-shot accuracy on the built-in world task against chance, calibrated and not: on the
+# facts the corpus holds out (world) and on those it states (world-seen).
+megalm eval runs/quickstart --task world --task world-seen

@@ -16,6 +16,7 @@ from megalm.config import Config, ModelConfig, OptimConfig, TrainConfig, load_co
 from megalm.distributed import ParallelGroups, build_parallel_groups
 from megalm.eval.run import load_evaluator
 from megalm.eval.tasks import Example, Scores, TaskError, accuracies, calibrate, class_probabilities, load_task
+from megalm.data.corpus import build_world
 from megalm.eval.world import world_task
 from megalm.testing import run_distributed
 from megalm.topology import Topology
@@ -159,10 +160,15 @@ def test_loglikelihoods_match_a_plain_forward_and_other_layouts(tmp_path) -> Non
 
 
 def test_world_task_is_well_formed() -> None:
-    examples = world_task(0)
-    assert len(examples) == 32 * 8
-    assert {len(e.choices) for e in examples} == {12, 16, 11, 15}
-    assert examples[0].prompt("N/A") == "N/A lives in" and examples[0].prompt().endswith(" lives in")
+    held, seen = world_task(0), world_task(0, held_out=False)
+    assert len(held) == 8 * 4 * 2 and len(seen) == 32 * 8 - len(held)  # 8 people per attribute, 2 languages
+    for examples in (held, seen):
+        assert {len(e.choices) for e in examples} == {12, 16, 11, 15}
+    assert not {e.prompt() for e in held} & {e.prompt() for e in seen}
+    world = build_world(0)
+    town_held = {p.en for p in world.people if "town" in p.held}
+    assert {e.input for e in held if e.template == "{input} lives in"} == town_held
+    assert held[0].prompt("N/A").startswith("N/A") and held[0].prompt() != held[0].prompt("N/A")
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +189,15 @@ def corpus_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_world_task_above_chance_after_a_short_training(corpus_run, capsys) -> None:
-    assert main(["eval", str(corpus_run), "--task", "world", "--json", "--batch-size", "64"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["examples"] == 256
+def test_world_task_after_a_short_training(corpus_run, capsys) -> None:
+    # The facts the corpus states are learned above chance in 100 steps; the held-out ones (only
+    # inferable) are scored, but this tiny run does not beat chance on them (README: the figures).
+    assert main(["eval", str(corpus_run), "--task", "world-seen", "--task", "world", "--json",
+                 "--batch-size", "64"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")]
+    seen, held = lines
+    assert (seen["task"], seen["examples"], held["task"], held["examples"]) == ("world-seen", 192, "world", 64)
     for key in ("sum", "mean", "sum_calibrated", "mean_calibrated"):
-        assert result[key] > result["chance"] + 0.01, (key, result)
+        assert seen[key] > seen["chance"] + 0.01, (key, seen)
+        assert 0.0 <= held[key] <= 1.0
+    assert held["chance"] == pytest.approx(sum(2 / n for n in (12, 16, 11, 15)) / 8)

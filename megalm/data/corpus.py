@@ -5,7 +5,15 @@ age, colour, food, hobby, belongings, pet, best friend) and a dozen towns, all d
 seed. Documents state these facts in English, in Chinese, or in both (an English sentence beside
 its translation), and mix in arithmetic, counting, days and months, dialogues and small
 cause-and-effect stories. A fact never contradicts itself inside one seed, so a small model can
-learn the text well below its unigram entropy in a few hundred steps. All word lists and templates
+learn the text well below its unigram entropy in a few hundred steps.
+
+Held-out facts: for a quarter of the people (8 of 32), drawn per attribute from the seed, the corpus
+never states their town, job, favourite colour or food directly (no "X lives in T", "X是一名...", "X's
+favourite colour is ...", "X likes to eat ...", by name or pronoun, in either language, nor as the
+answer to a question). The fact is left only to inference from other text: the town from the town's
+resident lists, the job from the person's daily routine ("Every morning, X bakes bread"; the job's name
+is never said), the colour from a dialogue's reply ("I like blue best"), the food from what the person
+eats or buys. The built-in eval task (megalm/eval/world.py) scores these held-out facts. All word lists and templates
 are written for this project. The Chinese character inventory stays at a few hundred characters so
 a 2k-piece sentencepiece vocabulary covers it.
 
@@ -16,6 +24,7 @@ tuples, so the same (num_bytes, seed) gives byte-identical output in any process
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -189,6 +198,7 @@ class Person:
     pet: int
     pet_name: int
     friend: int  # index into World.people
+    held: frozenset = frozenset()  # of HELD_ATTRIBUTES: facts never stated directly (module docstring)
 
 
 @dataclass(frozen=True)
@@ -205,6 +215,11 @@ class Town:
 class World:
     people: tuple[Person, ...]
     towns: tuple[Town, ...]
+
+
+# the attributes whose direct statements are held out for some people, and how many people each
+HELD_ATTRIBUTES = ("town", "job", "colour", "food")
+HELD_PER_ATTRIBUTE = 8
 
 
 def build_world(seed: int = 0) -> World:
@@ -229,6 +244,12 @@ def build_world(seed: int = 0) -> World:
             thing_colour=rng.randrange(len(_COLOURS)), pet=rng.randrange(len(_PETS)),
             pet_name=rng.randrange(len(_PET_NAMES)), friend=friend,
         ))
+    held_rng = random.Random(f"megalm-corpus-held-out:{seed}")  # its own stream: the facts stay those above
+    held: list[set] = [set() for _ in people]
+    for attribute in HELD_ATTRIBUTES:
+        for index in held_rng.sample(range(len(people)), HELD_PER_ATTRIBUTE):
+            held[index].add(attribute)
+    people = [dataclasses.replace(p, held=frozenset(h)) for p, h in zip(people, held)]
     return World(tuple(people), towns)
 
 
@@ -237,8 +258,14 @@ def build_world(seed: int = 0) -> World:
 Pair = tuple[str, str]
 
 
-def _fact(world: World, p: Person, kind: int, named: bool) -> Pair:
-    """One fact about person p, by name or (named=False) by pronoun."""
+def _fact(world: World, p: Person, kind: int, named: bool) -> Pair | None:
+    """One fact about person p, by name or (named=False) by pronoun; None for a held-out fact."""
+    if kind == 2 and "town" in p.held:
+        kind = 1  # "lives in T and works as ...": the part not held out, or nothing
+    if kind == 2 and "job" in p.held:
+        kind = 0
+    if kind in _HELD_KINDS and _HELD_KINDS[kind] in p.held:
+        return None
     n_en, n_zh = (p.en, p.zh) if named else (("She", "她") if p.female else ("He", "他"))
     pos_en = p.en + "'s" if named else ("Her" if p.female else "His")
     town_en, town_zh = world.towns[p.town].en, world.towns[p.town].zh
@@ -276,11 +303,14 @@ def _fact(world: World, p: Person, kind: int, named: bool) -> Pair:
 
 
 _NUM_FACTS = 12
+_HELD_KINDS = {0: "town", 1: "job", 5: "colour", 6: "food"}  # _fact kinds that state a held-out attribute
 
 
 def _question(rng: random.Random, world: World, p: Person) -> list[Pair]:
     """A question about p and its answer."""
     kind = rng.randrange(5)
+    if (kind == 0 and "town" in p.held) or (kind in (1, 2) and "job" in p.held):
+        kind = 3  # the answer would state a held-out fact: ask the age instead
     town = world.towns[p.town]
     if kind == 0:
         return [(f"Where does {p.en} live?", f"{p.zh}住在哪里？"), (f"{p.en} lives in {town.en}.", f"{p.zh}住在{town.zh}。")]
@@ -332,8 +362,9 @@ def _cause(rng: random.Random, world: World, p: Person) -> list[Pair]:
 def _profile(rng: random.Random, world: World, p: Person) -> list[Pair]:
     """A few facts about one person, by name first, then sometimes by pronoun."""
     kinds = rng.sample(range(_NUM_FACTS), rng.randint(2, 6))
-    out = [_fact(world, p, kinds[0], True)]
-    out.extend(_fact(world, p, k, rng.random() < 0.6 or k in (10, 11)) for k in kinds[1:])
+    named = [True] + [rng.random() < 0.6 or k in (10, 11) for k in kinds[1:]]
+    kept = [(k, n) for k, n in zip(kinds, named) if _fact(world, p, k, n) is not None] or [(3, True)]
+    out = [_fact(world, p, k, n or i == 0) for i, (k, n) in enumerate(kept)]  # by name first
     if rng.random() < 0.3:
         out.extend(_cause(rng, world, p))
     if rng.random() < 0.3:
@@ -351,7 +382,9 @@ def _town(rng: random.Random, world: World, _: Person) -> list[Pair]:
            (f"People in {t.en} like to eat {food[0]}.", f"{t.zh}的人喜欢吃{food[1]}。")]
     rng.shuffle(out)
     residents = [p for p in world.people if p.town == index]
-    if len(residents) == 1:
+    if len(residents) == 1 and "town" in residents[0].held:  # no "X lives in T": a held-out fact
+        out.append((f"In {t.en} there is only one person: {residents[0].en}.", f"{t.zh}只有一个人：{residents[0].zh}。"))
+    elif len(residents) == 1:
         out.append((f"{residents[0].en} lives in {t.en}.", f"{residents[0].zh}住在{t.zh}。"))
     elif residents:
         en = ", ".join(p.en for p in residents[:-1]) + " and " + residents[-1].en
@@ -456,12 +489,17 @@ def _dialogue(rng: random.Random, world: World, a: Person) -> list[Pair]:
         if topic == 0:
             lines.append((f"{a.en}: Where are you going?", f"{a.zh}：你要去哪里？"))
             lines.append((f"{b.en}: I am going to the market to buy {b_food[0]}.", f"{b.zh}：我要去市场买{b_food[1]}。"))
+        elif topic == 1 and "town" in b.held:
+            continue  # "Do you live in ...?" would state a held-out fact
         elif topic == 1:
             guess = world.towns[rng.randrange(len(world.towns))]
             lines.append((f"{a.en}: Do you live in {guess.en}?", f"{a.zh}：你住在{guess.zh}吗？"))
             lines.append((f"{b.en}: Yes, I live in {b_town.en}." if guess is b_town else
                           f"{b.en}: No, I live in {b_town.en}.",
                           f"{b.zh}：对，我住在{b_town.zh}。" if guess is b_town else f"{b.zh}：不，我住在{b_town.zh}。"))
+        elif topic == 2 and "job" in b.held:  # the routine only, not the job's name
+            lines.append((f"{a.en}: What do you do in the morning?", f"{a.zh}：你早上做什么？"))
+            lines.append((f"{b.en}: Every morning I {_first_person(b_job[2])}.", f"{b.zh}：每天早上我都{b_job[3]}。"))
         elif topic == 2:
             lines.append((f"{a.en}: What do you do?", f"{a.zh}：你做什么工作？"))
             lines.append((f"{b.en}: I am {_article(b_job[0])}. Every morning I {_first_person(b_job[2])}.",
@@ -483,7 +521,7 @@ def _story(rng: random.Random, world: World, p: Person) -> list[Pair]:
     """A week in p's life: each day the weather, and what p did because of it."""
     he_en, he_zh = ("she", "她") if p.female else ("he", "他")
     start = rng.randrange(7)
-    out = [_fact(world, p, 2, True)]
+    out = [_fact(world, p, 2, True) or _fact(world, p, 3, True)]
     for offset in range(rng.randint(2, 5)):
         day = _DAYS[(start + offset) % 7]
         weather = _WEATHER[rng.randrange(len(_WEATHER))]

@@ -203,12 +203,15 @@ def load_evaluator(
 def cmd_eval(args: argparse.Namespace) -> int:
     """Load, then report loss/perplexity (--data or --split) and each task's accuracy, one JSON line each."""
     from megalm.distributed import build_parallel_groups, init_distributed, resolve_device
-    from megalm.eval.world import NAME as WORLD, world_task
+    from megalm.eval.world import NAME as WORLD, SEEN as WORLD_SEEN, world_task
     from megalm.topology import Topology
 
-    tasks = [(name, None if name == WORLD else load_task(name)) for name in args.task]  # bad files: before loading
+    tasks = [(name, None if name in (WORLD, WORLD_SEEN) else load_task(name)) for name in args.task]  # bad files: before loading
+    harness = _harness_tasks(args) if args.lm_eval_tasks else []
     device = resolve_device(args.device)
     rank, world = init_distributed(device)
+    if harness and world > 1:
+        raise ConfigError("--lm-eval-tasks runs in one process: run it without torchrun (any saved layout loads)")
     groups = None
     if world > 1:
         if world % (args.tp * args.pp):
@@ -219,20 +222,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluator = load_evaluator(args.checkpoint, groups, args.tp, args.pp, args.batch_size, args.data, args.split,
                                args.tokenizer)
     lines = []
-    if args.data or args.split is not None or not tasks:
+    if args.data or args.split is not None or not (tasks or harness):
         lines.append({"eval": "loss", "checkpoint": str(evaluator.checkpoint), **evaluator.loss(
             args.split_name, args.batches)})
     for name, examples in tasks:
-        examples = world_task(args.world_seed) if examples is None else examples
+        examples = world_task(args.world_seed, name == WORLD) if examples is None else examples
         if args.limit:
             examples = examples[:args.limit]
         result = evaluator.score_task(examples, args.shots, args.content_free, args.seed)
         lines.append({"eval": "task", "task": name, "checkpoint": str(evaluator.checkpoint), **result})
+    if harness:
+        lines.extend(_run_harness(evaluator, harness, args))
     if rank == 0:
         for line in lines:
             if line["eval"] == "loss":
                 print(f"eval: {line['split']} loss {line['loss']:.4f}, perplexity {line['perplexity']:.2f} "
                       f"({line['batches']} batches, {line['tokens']:,} tokens)")
+            elif line["eval"] == "lm_eval":
+                print(f"eval: lm_eval task {line['task']}: " + ", ".join(
+                    f"{key} {value:.4f}" for key, value in line.items() if isinstance(value, float)))
             else:
                 print(f"eval: task {line['task']}: {line['examples']} examples, {line['shots']}-shot: accuracy "
                       f"{line['sum']:.3f} (sum), {line['mean']:.3f} (mean); calibrated {line['sum_calibrated']:.3f} "
@@ -247,6 +255,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _harness_tasks(args: argparse.Namespace) -> list[str]:
+    """The --lm-eval-tasks names; lm-evaluation-harness must be installed."""
+    try:
+        import megalm.eval.harness  # noqa: F401  (registers the lm_eval model "megalm")
+    except ImportError as error:
+        raise ConfigError(f"--lm-eval-tasks needs lm-evaluation-harness ({error}): pip install 'megalm[lmeval]'") from None
+    return [name.strip() for name in args.lm_eval_tasks.split(",") if name.strip()]
+
+
+def _run_harness(evaluator: Evaluator, names: list[str], args: argparse.Namespace) -> list[dict]:
+    """lm_eval.simple_evaluate of the harness tasks `names` on the loaded checkpoint: one line per task."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from megalm.eval.harness import MegalmLM
+
+    manager = TaskManager(include_path=args.lm_eval_include) if args.lm_eval_include else TaskManager()
+    results = lm_eval.simple_evaluate(
+        model=MegalmLM(evaluator=evaluator, batch_size=args.batch_size), tasks=names, task_manager=manager,
+        num_fewshot=args.shots or None, limit=args.limit, random_seed=args.seed, numpy_random_seed=args.seed,
+        torch_random_seed=args.seed, fewshot_random_seed=args.seed, log_samples=False,
+    )
+    return [{"eval": "lm_eval", "task": task, "checkpoint": str(evaluator.checkpoint),
+             **{key: value for key, value in metrics.items() if key != "alias"}}
+            for task, metrics in results["results"].items()]
+
+
 def register_cli(subparsers) -> None:
     """Add `megalm eval CKPT [--data PREFIX ...] [--task FILE|world ...] [--shots K] [--tp N --pp N]`."""
     parser = subparsers.add_parser(
@@ -259,7 +294,8 @@ def register_cli(subparsers) -> None:
                         help="which split the loss is measured on (default valid; with --split 100 use train)")
     parser.add_argument("--batches", type=int, help="global batches of loss (default train.eval_batches)")
     parser.add_argument("--task", action="append", default=[],
-                        help="a JSONL task file (README: megalm eval), or 'world': the built-in corpus-world task")
+                        help="a JSONL task file (README: megalm eval), or 'world': the built-in corpus-world task on the "
+                        "facts the corpus holds out ('world-seen': on the facts it states)")
     parser.add_argument("--shots", type=int, default=0, help="few-shot demonstrations before each example")
     parser.add_argument("--content-free", nargs="*", default=list(DEFAULT_CONTENT_FREE),
                         help="content-free inputs for contextual calibration (default: 'N/A' and '')")
@@ -272,4 +308,7 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages (under torchrun)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--json", action="store_true", help="also print each result as a JSON line")
+    parser.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks to run on the checkpoint "
+                        "(one process; needs the lmeval extra); --shots, --limit and --seed apply to them too")
+    parser.add_argument("--lm-eval-include", help="a folder of extra lm_eval task YAML files (TaskManager include_path)")
     parser.set_defaults(func=cmd_eval)

@@ -5,10 +5,11 @@ job, favourite colour, food), in English and in Chinese, each with every value o
 as a choice: chance is 1/12, 1/16, 1/11 and 1/15. Each example is a template over the person's name,
 so contextual calibration replaces the name by content-free inputs.
 
-What is held out: the task is scored on prompts the model never saw completed this way with the
-wrong choices, but the facts themselves are stated in the training corpus (every person's facts are
-drawn once per seed and the corpus repeats them); the task measures what a short training learned of
-the world, against chance, uncalibrated and calibrated.
+What is held out: the corpus generator (megalm/data/corpus.py) never states directly a quarter of
+the people's towns, jobs, colours and foods (8 people per attribute, drawn from the seed); those facts
+are left to inference from other text (resident lists, daily routines, dialogue replies, meals).
+`world` (NAME) scores only these held-out facts (64 examples); `world-seen` (SEEN) the facts the
+corpus states (192 examples), i.e. what a short training memorised.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from __future__ import annotations
 from megalm.data.corpus import _COLOURS, _FOODS, _JOBS, _article, build_world
 from megalm.eval.tasks import Example
 
-NAME = "world"
+NAME, SEEN = "world", "world-seen"
 
 
-def world_task(seed: int = 0) -> list[Example]:
-    """The built-in task's examples for the world of corpus seed `seed`."""
+def world_task(seed: int = 0, held_out: bool = True) -> list[Example]:
+    """The built-in task's examples for the world of corpus seed `seed`: the facts the corpus holds
+    out (held_out=True) or those it states."""
     world = build_world(seed)
     towns_en = tuple((town.en,) for town in world.towns)
     towns_zh = tuple((town.zh,) for town in world.towns)
@@ -32,15 +34,17 @@ def world_task(seed: int = 0) -> list[Example]:
     foods_zh = tuple((food[1],) for food in _FOODS)
     examples = []
     for person in world.people:
-        for template, choices, label, separator, name in (
-            ("{input} lives in", towns_en, person.town, " ", person.en),
-            ("{input}住在", towns_zh, person.town, "", person.zh),
-            ("{input} works as", jobs_en, person.job, " ", person.en),
-            ("{input}是一名", jobs_zh, person.job, "", person.zh),
-            ("{input}'s favourite colour is", colours_en, person.colour, " ", person.en),
-            ("{input}最喜欢的颜色是", colours_zh, person.colour, "", person.zh),
-            ("{input} likes to eat", foods_en, person.food, " ", person.en),
-            ("{input}喜欢吃", foods_zh, person.food, "", person.zh),
+        for attribute, template, choices, label, separator, name in (
+            ("town", "{input} lives in", towns_en, person.town, " ", person.en),
+            ("town", "{input}住在", towns_zh, person.town, "", person.zh),
+            ("job", "{input} works as", jobs_en, person.job, " ", person.en),
+            ("job", "{input}是一名", jobs_zh, person.job, "", person.zh),
+            ("colour", "{input}'s favourite colour is", colours_en, person.colour, " ", person.en),
+            ("colour", "{input}最喜欢的颜色是", colours_zh, person.colour, "", person.zh),
+            ("food", "{input} likes to eat", foods_en, person.food, " ", person.en),
+            ("food", "{input}喜欢吃", foods_zh, person.food, "", person.zh),
         ):
+            if (attribute in person.held) != held_out:
+                continue
             examples.append(Example(choices, label, template=template, input=name, separator=separator))
     return examples

@@ -1,0 +1,161 @@
+"""lm-evaluation-harness adapter (the optional `lmeval` extra): its `LM` API backed by megalm.
+
+Importing this module registers the model name `megalm` with lm_eval, so after `import
+megalm.eval.harness`, `lm_eval.simple_evaluate(model="megalm", model_args="path=RUN_DIR", tasks=[...])`
+runs the harness's tasks on a megalm checkpoint; from the command line, `megalm eval CKPT
+--lm-eval-tasks T1,T2`, or lm_eval's own command line with the model registered: `python -m
+megalm.eval.harness --model megalm --model_args path=RUN_DIR --tasks T1,T2` (one process). The three request kinds:
+
+- loglikelihood: (context, continuation) strings -> (log p, is_greedy). log p is
+  Evaluator.loglikelihoods of the ids Evaluator.encode_pair gives (the same numbers `megalm eval
+  --task` scores with); is_greedy is whether greedy decoding from the context (megalm.generate,
+  KV cache) yields exactly the continuation's ids.
+- loglikelihood_rolling: a whole text's log-likelihood after eos, each token predicted once, in
+  windows of seq_length tokens, each window with as much preceding text as fits.
+- generate_until: megalm.generate from the prompt encoded as training encoded prefixes (encode_prompt),
+  greedy unless do_sample, stopping at eos, max_gen_toks or the first `until` string (cut off).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from megalm.config import ConfigError
+from megalm.data.dataset import pair_prefix
+from megalm.distributed import ParallelGroups, resolve_device
+from megalm.eval.run import Evaluator, load_evaluator
+from megalm.generate import Sampling, encode_prompt, generate
+
+NAME = "megalm"
+_GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p", "seed"}
+
+
+class MegalmLM(LM):
+    """A megalm checkpoint (`path`: a checkpoint or run directory) as an lm_eval model, in one process."""
+
+    def __init__(self, path: Optional[str] = None, batch_size: int | str = 16, max_gen_toks: int = 32,
+                 evaluator: Optional[Evaluator] = None, device: Optional[str] = None,
+                 max_batch_size: Optional[int] = None) -> None:
+        super().__init__()
+        if device not in (None, "auto", "cpu") and not str(device).startswith("cuda"):
+            raise ConfigError(f"lm_eval device {device!r}: megalm runs on cpu or cuda (default: cuda if present)")
+        if str(batch_size).startswith("auto"):
+            raise ConfigError("lm_eval batch_size 'auto' is not supported by megalm: give a number")
+        if evaluator is None:
+            if path is None:
+                raise ConfigError("the megalm lm_eval model needs model_args path=CHECKPOINT_OR_RUN_DIR")
+            name = str(device or "auto")
+            where = torch.device(name) if ":" in name else resolve_device(name)
+            evaluator = load_evaluator(path, ParallelGroups.single(where), batch_size=int(batch_size))
+        elif device is not None and torch.device(device) != evaluator.trainer.groups.device:
+            raise ConfigError(f"lm_eval device {device!r} is not the loaded model's {evaluator.trainer.groups.device}")
+        if evaluator.tokenizer is None:
+            raise ConfigError(f"the checkpoint {evaluator.checkpoint} has no tokenizer (data.tokenizer is unset): "
+                              f"lm_eval tasks are text")
+        self.evaluator = evaluator
+        self.batch_size = int(batch_size)
+        self.max_gen_toks = int(max_gen_toks)
+        config = evaluator.config
+        self.seq_length = config.model.seq_length
+        self.pairs = config.model.family == "prefixlm" and config.data.kind == "pairs"
+        self._device = evaluator.trainer.groups.device
+
+    @property
+    def tokenizer(self):
+        return self.evaluator.tokenizer
+
+    def _generate(self, prompts: Sequence[list[int]], sampling: Sampling) -> list[list[int]]:
+        trainer = self.evaluator.trainer
+        for chunk in trainer.chunks:
+            chunk.train(False)
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            out.extend(generate(trainer.chunks, trainer.groups, prompts[start:start + self.batch_size], sampling))
+        return out
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [self.evaluator.encode_pair(*request.args) for request in requests]
+        logliks = self.evaluator.loglikelihoods(pairs)
+        greedy = [False] * len(pairs)
+        by_length: dict[int, list[int]] = {}
+        for index, (_, continuation) in enumerate(pairs):
+            by_length.setdefault(len(continuation), []).append(index)
+        for length, indices in by_length.items():
+            # the context generate sees: as loglikelihoods keeps it, and room for the continuation
+            prompts = []
+            for i in indices:
+                context = pairs[i][0] or [self.tokenizer.eos_id]
+                context = pair_prefix(context, self.tokenizer.sep_id) if self.pairs else context
+                prompts.append(context[-(self.seq_length - length):] if length < self.seq_length else context[-1:])
+            outputs = self._generate(prompts, Sampling(max_new_tokens=max(length, 1)))
+            for i, ids in zip(indices, outputs):
+                greedy[i] = ids[:length] == pairs[i][1]
+        results = list(zip(logliks, greedy))
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
+        return results
+
+    def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
+        """(context, continuation) windows that predict every token of text once, after eos."""
+        ids = [self.tokenizer.eos_id] + self.tokenizer.encode(text)
+        seq, windows = self.seq_length, []
+        for start in range(1, len(ids), seq):
+            end = min(start + seq, len(ids))
+            windows.append((ids[max(0, end - 1 - seq):start], ids[start:end]))
+        return windows
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows = [self.rolling_windows(request.args[0]) for request in requests]
+        flat = [window for group in windows for window in group]
+        logliks = iter(self.evaluator.loglikelihoods(flat))
+        results = [sum(next(logliks) for _ in group) for group in windows]
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, result)
+        return results
+
+    def _sampling(self, kwargs: dict[str, Any]) -> tuple[Sampling, list[str]]:
+        unknown = set(kwargs) - _GEN_KEYS
+        if unknown:
+            raise ConfigError(f"lm_eval generation arguments {sorted(unknown)} are not supported by megalm "
+                              f"(supported: {sorted(_GEN_KEYS)})")
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        sample = bool(kwargs.get("do_sample", False))
+        sampling = Sampling(
+            max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
+            temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
+            top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
+            seed=int(kwargs.get("seed", 0)), stop_id=self.tokenizer.eos_id,
+        )
+        return sampling, until
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        results: list[Optional[str]] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        settings = []
+        for index, request in enumerate(requests):
+            settings.append(self._sampling(dict(request.args[1] or {})))
+            sampling, until = settings[-1]
+            groups.setdefault((sampling, tuple(until)), []).append(index)
+        for (sampling, until), indices in groups.items():
+            prompts = [encode_prompt(self.tokenizer, requests[i].args[0], self.pairs) or [self.tokenizer.eos_id]
+                       for i in indices]
+            for i, ids in zip(indices, self._generate(prompts, sampling)):
+                text = self.tokenizer.decode(ids)
+                cuts = [text.find(stop) for stop in until if stop and stop in text]
+                results[i] = text[:min(cuts)] if cuts else text
+                self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
+        return results  # type: ignore[return-value]
+
+
+if __name__ == "__main__":  # lm_eval's command line, the model "megalm" registered by the import below
+    import megalm.eval.harness  # noqa: F401
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+else:
+    register_model(NAME)(MegalmLM)
