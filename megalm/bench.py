@@ -255,8 +255,10 @@ def transformers_missing() -> Optional[str]:
 
 
 def build_transformers_gpt2(cfg: ModelConfig, seed: int, device: torch.device) -> TransformersGPT2:
-    torch.manual_seed(seed)
-    return TransformersGPT2(cfg).to(device)
+    """transformers' own init, drawn from `seed` without disturbing the process's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TransformersGPT2(cfg).to(device)
 
 
 BaselineBatch = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # tokens, labels, prefix_lengths
