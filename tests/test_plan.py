@@ -324,7 +324,7 @@ def test_search_plans_only_layouts_megalm_validates(capsys, monkeypatch):
     import megalm.plan.layout as plan_layout
     from megalm.config import ConfigError, validate
 
-    unrestricted = _search_json(capsys, "configs/yuan-lm-13b.yaml", gpus=64)
+    unrestricted = _search_json(capsys, "configs/yuan-lm-13b.yaml", gpus=16)
     assert any(p["layout"]["pp"] > 1 for p in unrestricted["best"])
 
     def no_pipeline(config, world_size=None):
@@ -333,7 +333,7 @@ def test_search_plans_only_layouts_megalm_validates(capsys, monkeypatch):
         return validate(config, world_size)
 
     monkeypatch.setattr(plan_layout, "validate", no_pipeline)
-    restricted = _search_json(capsys, "configs/yuan-lm-13b.yaml", gpus=64)
+    restricted = _search_json(capsys, "configs/yuan-lm-13b.yaml", gpus=16)
     assert restricted["best"] and [p["layout"]["pp"] for p in restricted["best"]] == [1] * len(restricted["best"])
     monkeypatch.undo()
     # a config megalm rejects at every layout: the search says so, with megalm's own message
@@ -370,3 +370,26 @@ def test_plan_describes_cuda_kernels_unless_asked_for_cpu_ones(capsys):
         stored, _ = layer_activation_bytes(config.model, layout, 4, kernels=kernels)
         assert got == config.model.num_layers * stored
     assert cpu > cuda
+
+
+def test_zero1_time_is_a_reduce_scatter_and_a_gather_in_the_parameters_dtype():
+    """megalm's ZeRO-1 reduce-scatters the fp32 gradients (half a ring all-reduce) and all-gathers the updated
+    parameters in their own dtype during the next forward, block by block: with a forward longer than the
+    gather only the first bucket's gather shows. Without that overlap the whole gather (bf16 bytes) is added."""
+    model = load_config("configs/gpt-125m.yaml").model
+    layout = Layout(1, 1, 8, 8, 512, bucket_size_mb=25)  # 8 micro-batches per step
+    zero = dataclasses.replace(layout, zero_stage=1)
+    plain = make_plan(model, layout, A100, MEGALM, "bf16").time
+    sharded = make_plan(model, zero, A100, MEGALM, "bf16").time
+    bandwidth, latency = A100.link(8)
+    params = rank_param_count(model, zero, 0)
+    buckets = bucket_sizes(model, zero, 0)
+    reduce_scatter = max(_all_reduce_time(params * 4, 8, bandwidth, latency) / 2 - plain.compute / 8 * 2 / 3,
+                         _all_reduce_time(min(buckets) * 4, 8, bandwidth, latency) / 2)
+    first_gather = _all_reduce_time(buckets[-1] * 2, 8, bandwidth, latency) / 2
+    assert _all_reduce_time(params * 2, 8, bandwidth, latency) / 2 < plain.compute / 8 / 3  # the forward hides it
+    assert sharded.data_comm == pytest.approx(reduce_scatter + first_gather, rel=1e-9)
+    assert sharded.data_comm < plain.data_comm  # less on the wire than the all-reduce, nothing of it exposed
+    after_step = make_plan(model, zero, A100, MEGALM.replace(overlap_param_gather=False), "bf16").time
+    assert after_step.data_comm == pytest.approx(
+        reduce_scatter + _all_reduce_time(params * 2, 8, bandwidth, latency) / 2, rel=1e-9)

@@ -103,6 +103,9 @@ class Numerics:
     flash_attention: bool  # fused attention: no [s, s] scores stored or read from HBM
     overlap_grad_sync: bool  # data-parallel reduction overlapped with the last backward
     description: str
+    # ZeRO-1's parameter all-gather runs during the next step's forward (megalm: launched per bucket
+    # after the optimizer step, waited for by each block's forward pre-hook) rather than after the step
+    overlap_param_gather: bool = False
 
     def replace(self, **changes) -> "Numerics":
         return dataclasses.replace(self, **changes)
@@ -124,7 +127,8 @@ NUMERICS = {
     # buckets, fp32 Adam moments, fp32 masters under bf16/fp16 (`for_precision` sets param and master
     # bytes; the values here are fp32's). ZeRO-1 shards master and moments and gathers the parameters in place.
     "megalm": Numerics("megalm", 4, 4, 0, 8, False, True, True,
-                       "megalm's engine: fp32 params + fp32 main grads + fp32 Adam, SDPA attention"),
+                       "megalm's engine: fp32 params + fp32 main grads + fp32 Adam, SDPA attention",
+                       overlap_param_gather=True),
     # Megatron-LM (2021) / Yuan 1.0 mixed precision: fp16 params and grads, fp32 master + Adam moments,
     # materialised attention scores, gradient all-reduce after the backward pass.
     "megatron": Numerics("megatron", 2, 2, 4, 8, False, False, False,

@@ -16,8 +16,10 @@ Time (seconds per optimizer step) on the slowest stage, which sets the pipeline'
   megalm.parallel.schedules.analytic_bubble);
 - pipeline p2p: one activation send forward and one gradient send backward per micro-batch and
   virtual stage, not overlapped;
-- data-parallel gradient sync: ring all-reduce (ZeRO-1: reduce-scatter + all-gather), hidden
-  behind the last backward when overlapped except for the last bucket;
+- data-parallel gradient sync: ring all-reduce of the gradients (ZeRO-1: reduce-scatter), hidden
+  behind the last backward when overlapped except for the last bucket; ZeRO-1's all-gather of the
+  updated parameters in their dtype, hidden behind the next forward (megalm) except for the first
+  bucket, or after the optimizer step;
 - optimizer step: memory-bound AdamW over the local (or sharded) parameters.
 """
 
@@ -326,17 +328,31 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     params_max = max(rank_param_count(model, layout, r) for r in range(pp))
     if dp > 1:
         dp_bandwidth, dp_latency = cluster.link(t * dp)
-        grad_bytes = params_max * numerics.grad_bytes
-        full = _all_reduce_time(grad_bytes, dp, dp_bandwidth, dp_latency)
+        buckets = bucket_sizes(model, layout, pp - 1)
+        zero1 = layout.zero_stage == 1
+
+        def reduction(elements: float) -> float:  # ZeRO-1 reduce-scatters (half a ring all-reduce)
+            time = _all_reduce_time(elements * numerics.grad_bytes, dp, dp_bandwidth, dp_latency)
+            return time / 2 if zero1 else time
+
+        full = reduction(params_max)
         if numerics.overlap_grad_sync:
-            buckets = bucket_sizes(model, layout, pp - 1)
-            last_bucket = _all_reduce_time(min(buckets) * numerics.grad_bytes, dp, dp_bandwidth, dp_latency)
             window = compute_per_mb * 2 / 3  # the last micro-batch's backward
-            data_comm = max(full - window, last_bucket)
-            if layout.zero_stage == 1:
-                data_comm += full / 2  # the parameter all-gather follows the optimizer step
+            data_comm = max(full - window, reduction(min(buckets)))
         else:
             data_comm = full
+        if zero1:
+            # the updated parameters all-gathered in their own dtype (half a ring all-reduce of those bytes)
+            def gather(elements: float) -> float:
+                return _all_reduce_time(elements * numerics.param_bytes, dp, dp_bandwidth, dp_latency) / 2
+
+            if numerics.overlap_param_gather:
+                # launched bucket by bucket in forward order, each block's forward waits for its own: the
+                # first micro-batch's forward hides all but the first bucket (the tied embedding's, or the
+                # first layers')
+                data_comm += max(gather(params_max) - compute_per_mb / 3, gather(buckets[-1]))
+            else:
+                data_comm += gather(params_max)
     if pp > 1:  # tied embedding gradient summed between the first and last stage
         emb = model.padded_vocab_size(t) // t * h * numerics.grad_bytes
         bw, lat = cluster.link(t * dp * pp)
