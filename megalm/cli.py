@@ -51,6 +51,7 @@ def check_before_start(config: Config, run_dir: Path, resume: bool = True):
     from megalm.faults import check_fault_env
 
     check_fault_env()
+    config.log.check_packages()
     device = resolve_device(config.train.device)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one probe per node: its ranks share the filesystem
         check_run_dir(run_dir)
@@ -65,6 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.world_size is not None and not args.dry_run:
         raise ConfigError("--world-size only applies to --dry-run: torchrun sets the world size of a real run")
     config, topology = _load(args, args.dry_run)
+    config.log.check_packages()
     if args.dry_run:
         from megalm.train import dry_run_report
 

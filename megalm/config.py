@@ -448,6 +448,10 @@ class LogConfig(_Section):
 
     def _check_values(self) -> None:
         self._positive("interval", "peak_tflops", "sample_tokens")
+
+    def check_packages(self) -> None:
+        """The sinks' packages are installed: checked by `megalm train` / `check` and the launcher, not when
+        loading the config, so `megalm eval`, `generate`, `plan` of a run's config work where they are not."""
         if self.tensorboard and not _importable("tensorboard"):
             raise ConfigError(
                 "log.tensorboard=true needs the tensorboard package: pip install 'megalm[tensorboard]' "

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from megalm.cli import main
-from megalm.config import ConfigError, load_config
+from megalm.cli import check_before_start, main
+from megalm.config import ConfigError, load_config, validate
 from megalm.distributed import ParallelGroups
 from megalm.metrics import TENSORBOARD_TAGS, build_metrics_writer, format_duration, get_logger, read_metrics
 from megalm.train import build_trainer
@@ -128,12 +128,19 @@ def test_wandb_gets_each_step_and_a_resumed_run_continues_its_id(tmp_path: Path,
     ],
 )
 def test_a_missing_package_is_one_config_error_line(override, package, message, monkeypatch, capsys) -> None:
+    """`megalm check` / `train` (and the launcher, through check_before_start) refuse a sink whose package is
+    missing; loading the config does not, so eval, generate and plan of a run's config work without it."""
     monkeypatch.setitem(sys.modules, package, None)  # import fails
+    config = load_config(TINY, [override])
+    validate(config, 1)  # what megalm eval and megalm generate do with a run's config
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(TINY, [override])
+        config.log.check_packages()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_before_start(config, Path("unused-run-dir"))
     assert main(["check", str(TINY), override]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("megalm: config error: ") and message in err and "\n" not in err
+    assert main(["plan", str(TINY), override, "--gpus", "1"]) == 0
 
 
 class _Collect(logging.Handler):
