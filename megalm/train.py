@@ -60,7 +60,7 @@ class Trainer:
         config: Config,
         groups: ParallelGroups,
         chunks: list[GPTModel],
-        optimizer: MixedPrecisionOptimizer,
+        optimizer: Optional[MixedPrecisionOptimizer],  # None: built for evaluation only
         data: BatchSampler,
         metrics: MetricsWriter,
         valid: Optional[BatchSampler] = None,
@@ -133,6 +133,8 @@ class Trainer:
 
         ZeRO-1: the parameters' all-gathers may still be in flight when this returns (the next forward
         waits for them block by block); `wait_for_parameters()` before reading the weights directly."""
+        if self.optimizer is None:
+            raise RuntimeError("this Trainer was built for evaluation (build_trainer(training=False)): it has no optimizer")
         reset_peak_memory(self.groups.device)  # record()'s peak_memory_gb is this step's
         start = time.perf_counter()
         device = self.groups.device
@@ -353,8 +355,15 @@ class Trainer:
         return texts
 
 
-def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path], sources: Optional[DataSources] = None) -> Trainer:
-    """Model shard, optimizer, data and metrics file for this rank; run_dir=None writes nothing."""
+def build_trainer(
+    config: Config, groups: ParallelGroups, run_dir: Optional[Path], sources: Optional[DataSources] = None,
+    training: bool = True,
+) -> Trainer:
+    """Model shard, optimizer, data and metrics file for this rank; run_dir=None writes nothing.
+
+    training=False (megalm eval): the model, the data and evaluate() only. No gradient buckets and no
+    optimizer are built: their fp32 main gradients and masters would hold 4 to 8 bytes per parameter
+    beside the weights (5x a bf16 model), memory a forward-only job does not need."""
     logger = get_logger()
     sources = sources or build_sources(config)
     chunks = build_model_chunks(config, groups)
@@ -368,7 +377,9 @@ def build_trainer(config: Config, groups: ParallelGroups, run_dir: Optional[Path
                     f"step runs them; identical layers share the compiled code")
     parallel = config.parallel
     runner = None
-    if config.train.engine == "deepspeed":
+    if not training:
+        sync, optimizer = _NoSync(), None
+    elif config.train.engine == "deepspeed":
         from megalm.engines.deepspeed_engine import build_deepspeed_engine, check_supported
 
         check_supported(config, groups, parallel.zero_stage)

@@ -201,3 +201,36 @@ def test_world_task_after_a_short_training(corpus_run, capsys) -> None:
         assert seen[key] > seen["chance"] + 0.01, (key, seen)
         assert 0.0 <= held[key] <= 1.0
     assert held["chance"] == pytest.approx(sum(2 / n for n in (12, 16, 11, 15)) / 8)
+
+
+def _tensor_bytes() -> int:
+    """Bytes of the distinct CPU tensor storages that Python objects hold (every tensor object is gc-tracked)."""
+    import gc
+    import warnings
+
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():  # isinstance() on torch.distributed's deprecated aliases warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_eval_holds_the_weights_and_no_optimizer_state(tmp_path) -> None:
+    """megalm eval is forward-only: loading a bf16 checkpoint adds its weights' bytes, not the trainer's fp32
+    gradient buckets and masters beside them (10 bytes per parameter in all, 5x the weights)."""
+    config = _config(num_layers=2, hidden_size=128, vocab_size=512)
+    config.train.precision, config.train.steps = "bf16", 1
+    _train(tmp_path / "run", config)
+    before = _tensor_bytes()
+    evaluator = load_evaluator(tmp_path / "run")
+    held = _tensor_bytes() - before
+    weights = sum(p.numel() * p.element_size() for chunk in evaluator.trainer.chunks for p in chunk.parameters())
+    assert weights == 2 * sum(p.numel() for chunk in evaluator.trainer.chunks for p in chunk.parameters())
+    assert weights <= held < 1.25 * weights, (held, weights)
+    assert evaluator.loss()["loss"] > 0
+    with pytest.raises(RuntimeError, match="built for evaluation"):
+        evaluator.trainer.train_step(0)

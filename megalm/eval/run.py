@@ -195,7 +195,7 @@ def load_evaluator(
     config.train.micro_batch_size = math.gcd(config.train.micro_batch_size, config.train.global_batch_size // parallel.dp or 1)
     validate(config, world)
     groups = groups or ParallelGroups.single()
-    trainer = build_trainer(config, groups, None)  # its evaluate() is the loss; its optimizer stays unused
+    trainer = build_trainer(config, groups, None, training=False)  # its evaluate() is the loss
     path, metadata = load_model_weights(trainer.chunks, groups, path, "megalm eval")
     return Evaluator(trainer, path, metadata, batch_size)
 
