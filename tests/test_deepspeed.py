@@ -313,3 +313,20 @@ def test_bf16_prefixlm_zero2_matches_megalm() -> None:
     _assert_close(results[0], _reference(*overrides), tol=5e-4)
     fp32 = _reference("model.family=prefixlm")
     assert max(abs(a[0] - b[0]) for a, b in zip(results[0], fp32)) > 1e-5  # autocast really ran
+
+
+def _recompute_worker(rank: int, world_size: int) -> dict[str, list[tuple[float, float]]]:
+    dropout = ("model.hidden_dropout=0.1", "model.attention_dropout=0.1")
+    return {mode: _deepspeed_worker(rank, world_size, 2, 2, (f"parallel.recompute={mode}", *dropout))
+            for mode in ("none", "selective", "full")}
+
+
+@needs_deepspeed
+@pytest.mark.nightly  # three DeepSpeed engines on 4 ranks: about a minute on two cores
+def test_recompute_under_deepspeed_matches_the_run_without_it() -> None:
+    """Recompute lives in megalm's layers, so it runs under the DeepSpeed engine too: with dropout on, at
+    tp 2 (the tp-distinct dropout stream) x dp 2 with ZeRO-2, the recomputed forward redraws the stored
+    run's masks, so losses and clipped norms equal the run without recompute bit for bit."""
+    results = run_distributed(_recompute_worker, 4, timeout=600)[0]
+    assert results["selective"] == results["none"] and results["full"] == results["none"]
+    assert max(abs(a[0] - b[0]) for a, b in zip(results["none"], _reference())) > 1e-4  # dropout really ran
