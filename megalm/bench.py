@@ -585,6 +585,12 @@ def format_report(result: dict) -> str:
         measured = result["megalm"]["peak_memory_gib"]
         notes.append(f"megalm plan predicts {result['planned_peak_gib']:.3f} GiB for megalm's peak (measured/planned "
                      f"{measured / result['planned_peak_gib']:.2f})")
+    planned = result.get("planned")
+    if planned:
+        measured = result["megalm"]["tokens_per_s"]
+        notes.append(f"megalm plan predicts {planned['tokens_per_s']:,.0f} tokens/s, MFU {100 * planned['mfu']:.1f}% on "
+                     f"{planned['cluster']} (measured/planned {measured / planned['tokens_per_s']:.2f}; the plan "
+                     f"models no compilation)")
     for key, label in PHASES:
         entry = result.get(key)
         if entry is not None and entry["max_step_s"] > NOISY_SPREAD * entry["min_step_s"]:
@@ -614,6 +620,31 @@ def planned_peak_bytes(config: Config, topology: Topology) -> int:
     stages = [stage_memory(config.model, layout, cluster, numerics, config.train.precision, pp_rank)
               for pp_rank in range(topology.pp)]
     return max(stage.total - stage.reserved for stage in stages)
+
+
+def plan_cluster(device: str) -> Optional[str]:
+    """The shipped `megalm plan` cluster of a GPU by its name: A100 and H100 (an H200 is planned as an
+    H100, whose dense bf16 peak it shares; its HBM is 1.4x faster); None for a CPU or another GPU."""
+    name = device.upper()
+    if "A100" in name:
+        return "a100-80gb"
+    if "H100" in name or "H200" in name:
+        return "h100-80gb"
+    return None
+
+
+def planned_throughput(config: Config, topology: Topology, device: str) -> Optional[dict]:
+    """What `megalm plan` predicts for this run on the device's cluster (tokens/s of the whole job and
+    MFU), printed beside the measured figures so every GPU bench checks the planner's time model."""
+    from megalm.plan import get_numerics, load_cluster, make_plan
+    from megalm.plan.layout import layout_from_config
+
+    cluster = plan_cluster(device)
+    if cluster is None:
+        return None
+    layout = layout_from_config(config, gpus=topology.world_size)
+    plan = make_plan(config.model, layout, load_cluster(cluster), get_numerics("megalm"), config.train.precision)
+    return {"cluster": cluster, "tokens_per_s": plan.time.tokens_per_s, "mfu": plan.time.mfu}
 
 
 def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> int:
@@ -670,6 +701,7 @@ def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> i
         "megalm": summarize(megalm, config, peak_tflops),
         "baseline": summarize(baseline, config, peak_tflops) if baseline is not None else None,
         "planned_peak_gib": planned_peak_bytes(config, topology) / 2**30,
+        "planned": planned_throughput(config, topology, device_name(device)),
         "transformers": summarize(hf, config, peak_tflops) if hf is not None else None,
         "transformers_skipped": hf_skipped,
         "ratio_tokens_per_s": None,

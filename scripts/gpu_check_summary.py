@@ -37,7 +37,7 @@ def bench_figures(path: Path) -> Optional[dict[str, Any]]:
     out = {key: result.get(key) for key in ("config", "overrides", "device", "torch_version", "precision", "tf32",
                                             "global_batch_size", "micro_batch_size", "peak_tflops",
                                             "ratio_tokens_per_s", "baseline_skipped", "ratio_transformers_tokens_per_s",
-                                            "transformers_skipped", "planned_peak_gib", "compile_seconds")}
+                                            "transformers_skipped", "planned_peak_gib", "planned", "compile_seconds")}
     for phase, _ in PHASES:
         entry = result.get(phase)
         out[phase] = None if entry is None else {
@@ -90,6 +90,9 @@ def format_summary(summary: dict[str, Any]) -> str:
                 line += f"; {label} MFU {_mfu(bench[key])}, megalm/{label} {bench[ratio]:.2f}"
         if bench.get("planned_peak_gib") and megalm.get("peak_memory_gib"):
             line += f"; peak {megalm['peak_memory_gib']:.2f} GiB (plan {bench['planned_peak_gib']:.2f})"
+        planned = bench.get("planned")
+        if planned and megalm.get("tokens_per_s"):
+            line += f"; plan {planned['tokens_per_s']:,.0f} tokens/s (measured/planned {megalm['tokens_per_s'] / planned['tokens_per_s']:.2f})"
         if bench.get("compile_seconds") is not None:
             line += f"; compile {bench['compile_seconds']:.0f} s"
         lines.append(line)

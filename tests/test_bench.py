@@ -51,6 +51,19 @@ def test_bench_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     on_gpu["megalm"] = dict(megalm, peak_memory_gib=2 * result["planned_peak_gib"])
     assert f"megalm plan predicts {result['planned_peak_gib']:.3f} GiB for megalm's peak (measured/planned 2.00)" \
         in format_report(on_gpu)
+    # ... and its time model: the plan of this run on the GPU's cluster, beside the measured tokens/s.
+    from megalm.bench import planned_throughput
+    from megalm.plan import get_numerics, load_cluster, make_plan
+    from megalm.plan.layout import layout_from_config
+
+    assert result["planned"] is None and planned_throughput(config, Topology(1, 1, 1), "cpu (1 thread)") is None
+    planned = planned_throughput(config, Topology(1, 1, 1), "NVIDIA H200")
+    plan = make_plan(config.model, layout_from_config(config, gpus=1), load_cluster("h100-80gb"), get_numerics("megalm"),
+                     config.train.precision)
+    assert planned == {"cluster": "h100-80gb", "tokens_per_s": plan.time.tokens_per_s, "mfu": plan.time.mfu}
+    assert planned_throughput(config, Topology(1, 1, 1), "NVIDIA A100-SXM4-80GB")["cluster"] == "a100-80gb"
+    on_gpu["planned"] = dict(planned, tokens_per_s=megalm["tokens_per_s"] / 0.8)
+    assert f"MFU {100 * plan.time.mfu:.1f}% on h100-80gb (measured/planned 0.80" in format_report(on_gpu)
 
 
 def test_no_baseline_prints_no_ratio(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -464,6 +464,10 @@ def test_gpu_check_summary_reads_bench_json_and_test_figures(tmp_path: Path) -> 
 
     assert main(["bench", str(ROOT / "configs" / "tiny.yaml"), "--steps", "1", "--warmup", "0",
                  "--json", str(tmp_path / "bench_gpt-125m.json")]) == 0
+    written = json.loads((tmp_path / "bench_gpt-125m.json").read_text())
+    assert written["planned"] is None  # the planner's time on a CPU: no cluster; on a GPU, as if this:
+    written["planned"] = {"cluster": "h100-80gb", "tokens_per_s": 2 * written["megalm"]["tokens_per_s"], "mfu": 0.5}
+    (tmp_path / "bench_gpt-125m.json").write_text(json.dumps(written))
     (tmp_path / "gpu_tests.jsonl").write_text(json.dumps({"test": "tf32_matmul", "relative_error": 3e-4}) + "\n")
     (tmp_path / "gpu_tests.xml").write_text(
         '<testsuites><testsuite><testcase name="test_a[cuda]"/><testcase name="test_b[cuda]"><failure/></testcase>'
@@ -481,6 +485,7 @@ def test_gpu_check_summary_reads_bench_json_and_test_figures(tmp_path: Path) -> 
     assert summary["bench"]["gpt-1.3b"] is None and summary["failed"] == ["bench gpt-1.3b (exit 1)"]
     assert "bench gpt-125m:" in proc.stdout and "megalm/plain PyTorch" in proc.stdout
     assert "bench gpt-1.3b: no result" in proc.stdout
+    assert bench["planned"]["cluster"] == "h100-80gb" and "(measured/planned 0.50)" in proc.stdout
     if importlib.util.find_spec("transformers") is not None:  # the hf extra: a third phase and ratio
         assert bench["ratio_transformers_tokens_per_s"] > 0 and bench["transformers"]["tokens_per_s"] > 0
         assert "megalm/transformers" in proc.stdout
