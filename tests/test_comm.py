@@ -179,10 +179,13 @@ def test_tensor_parallel_traffic_matches_analytic_count(results: list[dict]) -> 
 
 
 def test_sequence_parallel_traffic_matches_analytic_count(results: list[dict]) -> None:
-    """tp=2 with sequence parallel: each all-reduce becomes a reduce-scatter plus an all-gather.
+    """tp=2 with sequence parallel: each all-reduce becomes a reduce-scatter plus an all-gather, and
+    the column-parallel GEMMs (qkv, fc1, logits) all-gather their input shard again in backward for
+    the weight gradient (they keep the shard, not the gathered input: bytes traded for memory).
 
     all_gather (bytes: the local [s/tp, b, h] piece): forward qkv, fc1 inputs 2L + logits input 1,
-        backward of the embedding, proj and fc2 reduce-scatters 1 + 2L                  = 4L + 2
+        backward of the embedding, proj and fc2 reduce-scatters 1 + 2L, backward re-gather of the
+        qkv, fc1 and logits inputs 2L + 1                                                = 6L + 3
     reduce_scatter (bytes: the full [s, b, h]): forward embedding 1 + proj, fc2 2L,
         backward of the qkv, fc1 and logits all-gathers 2L + 1                          = 4L + 2
     all_reduce: cross-entropy 2 ([s, b] and [2, s, b]) + one flat all-reduce of the replicated
@@ -192,7 +195,7 @@ def test_sequence_parallel_traffic_matches_analytic_count(results: list[dict]) -
     sp_grad_numel = LAYERS * 6 * HIDDEN + 2 * HIDDEN + SEQ * HIDDEN
     expected = {
         "tp": {
-            "all_gather": {"calls": 4 * LAYERS + 2, "bytes": (4 * LAYERS + 2) * ACT // 2},
+            "all_gather": {"calls": 6 * LAYERS + 3, "bytes": (6 * LAYERS + 3) * ACT // 2},
             "all_reduce": {"calls": 3, "bytes": 3 * TOKENS + 4 * sp_grad_numel},
             "reduce_scatter": {"calls": 4 * LAYERS + 2, "bytes": (4 * LAYERS + 2) * ACT},
         }

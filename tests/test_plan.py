@@ -75,6 +75,10 @@ def test_activation_bytes_by_hand():
     # selective keeps q, k, v and drops the logsumexp; full keeps the layer input and reruns the rest
     assert layer_activation_bytes(model, dataclasses.replace(layout, recompute="selective"), 2) == (1088, 32)
     assert layer_activation_bytes(model, dataclasses.replace(layout, recompute="full"), 2) == (64, 1120)
+    # tp 2 with sequence parallel: every [s, b, h] term, the QKV and fc1 inputs included (the column-parallel
+    # linears keep their input shard and all-gather it again in backward), is halved: LN1, LN2 in 64 + 32,
+    # QKV, fc1 in 64; proj, GeLU, fc2 in 288; q, k, v 96 + logsumexp (1 head) 16
+    assert layer_activation_bytes(model, Layout(2, 1, 1, 1, 1, sequence_parallel=True), 2) == (560, 0)
     # Megatron-LM's kernels (Korthikanti et al. 2022): LN1 in, QKV in, LN2 in, fc1 in: 4 x 2 x 32 = 256;
     # Q, K, V, proj in 4 x 2 x 32 = 256; GeLU in + fc2 in 2 x 2 x 128 = 512
     # materialised scores: 2 heads x 4 x 4 elements x 2 bytes = 64
@@ -340,6 +344,25 @@ def test_search_plans_only_layouts_megalm_validates(capsys, monkeypatch):
     assert main(["plan", "configs/gpt-125m.yaml", "optim.warmup_steps=600000", "--gpus", "8", "--search"]) == 2
     err = capsys.readouterr().err
     assert "megalm's config validation rejects every one of the" in err and "optim.warmup_steps=600000" in err
+
+
+def test_sequence_parallel_regather_counts_only_what_the_input_gradient_gemm_does_not_hide():
+    """Under sequence parallel backward all-gathers each column-parallel input (QKV, fc1, logits) again,
+    beside its input-gradient GEMM: exposed only where the all-gather (half an all-reduce) is longer."""
+    layout = Layout(2, 1, 1, 1, 4)
+    sp = dataclasses.replace(layout, sequence_parallel=True)
+    matmul_rate = A100.peak_tflops * 1e12 * A100.matmul_efficiency
+    bandwidth, latency = A100.link(2)
+    for model in (ModelConfig(num_layers=2, hidden_size=64, num_heads=2, seq_length=32, vocab_size=512),
+                  load_config("configs/gpt-1.3b.yaml").model):
+        s, h, f, v = model.seq_length, model.hidden_size, model.ffn_size(), model.padded_vocab_size(2)
+        collective = _all_reduce_time(2 * s * h, 2, bandwidth, latency)
+        exposed = [max(0.0, collective / 2 - 2 * s * h * out / 2 / matmul_rate) for out in (3 * h, f, v)]
+        plain, split = (make_plan(model, lay, A100, MEGALM, "bf16").time.tensor_comm for lay in (layout, sp))
+        # 4 micro-batches; sequence parallel adds the logits' all-gather + reduce-scatter and the exposed re-gathers
+        extra = 4 * (model.num_layers * (exposed[0] + exposed[1]) + collective + exposed[2])
+        assert split - plain == pytest.approx(extra, rel=1e-9)
+        assert (sum(exposed) > 0) == (h == 64)  # latency-bound at h 64; hidden at 1.3B
 
 
 def test_selective_recompute_costs_the_attention_core():

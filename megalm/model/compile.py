@@ -8,7 +8,8 @@ outside the layers is compiled (embedding, loss, pipeline and optimizer stay eag
 
 Inside a layer the element-wise work fuses: bias + GeLU (fc1 hands its bias on, MLP.skip_bias_add),
 bias + dropout + residual (megalm.model.layers.bias_dropout_add). Three things stay eager, each a
-graph break (EAGER_ONLY): the tensor-parallel collectives (counted by megalm.comm, in NCCL's order),
+graph break (EAGER_ONLY): the tensor-parallel collectives (counted by megalm.comm, in NCCL's order;
+under sequence parallel the column-parallel linears' all-gather + GEMM, one autograd function),
 dropout on split activations (it swaps in the tp-distinct generator state, which a graph cannot
 trace; it draws exactly eager's masks) and the selectively recomputed attention core (torch's
 checkpoint with megalm's RNG rewind). Dropout on replicated activations (the residual stream without
@@ -34,7 +35,8 @@ from megalm.parallel import tensor
 # Functions a compiled layer calls but must not trace (see the module docstring). They are wrapped
 # in torch.compiler.disable only once something compiles: importing torch._dynamo costs every
 # process about a second, and eagerly the wrapped and the plain function are the same.
-EAGER_ONLY = ((layers, "_distinct_dropout"), (layers, "_eager"), (tensor, "_run_conjugate"))
+EAGER_ONLY = ((layers, "_distinct_dropout"), (layers, "_eager"), (tensor, "_run_conjugate"),
+              (tensor, "_run_sequence_parallel_linear"))
 
 BACKENDS = ("inductor", "aot_eager", "eager")  # aot_eager / eager: tests and debugging (no code generation)
 DEFAULT_BACKEND = "inductor"  # what train.compile uses

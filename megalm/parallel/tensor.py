@@ -12,6 +12,10 @@ Communication pairs (forward / backward), each an autograd function:
     scatter_to_sequence        split s       / all-gather s    (enter the SP region)
     gather_from_tp             all-gather -1 / split -1        (full logits or outputs, tests)
 
+Under sequence parallel a column-parallel linear does not use gather_from_sequence: its all-gather
+and GEMM are one function (sequence_parallel_linear) that keeps only the local [s/tp, b, h] shard for
+the weight gradient and all-gathers it again in backward, as Megatron-LM does.
+
 Every parameter carries `tp_split_dim` (None when replicated over tp) and `sequence_parallel`
 (True when its gradient is a partial sum over sequence shards and must be all-reduced over tp).
 """
@@ -38,12 +42,16 @@ def mark_parameter(param: nn.Parameter, tp_split_dim: Optional[int], sequence_pa
 # ---- raw collectives (no autograd) ------------------------------------------------------------
 # torch 2.13 renamed the single-tensor collectives; keep working on the older names too. Looked up
 # at call time, not import time, so megalm.comm's counting wrappers on torch.distributed see them.
-def _all_gather_single(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup) -> None:
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, input, group=group)
+def _all_gather_single(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup, async_op: bool = False):
+    """Returns the Work when async_op (wait on it before reading `output`), else None."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, group=group, async_op=async_op)
 
 
-def _reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup) -> None:
-    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(output, input, group=group)
+def _reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup, async_op: bool = False):
+    """Returns the Work when async_op (wait on it before reading `output`), else None."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)
 
 
 def _group_size(group: ProcessGroup) -> int:
@@ -57,26 +65,28 @@ def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return x
 
 
-def _all_gather_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def _all_gather_dim0(x: torch.Tensor, group: ProcessGroup, async_op: bool = False):
+    """x gathered over the group along dim 0; with async_op, (output, Work): wait before reading it."""
     size = _group_size(group)
     if size == 1:
-        return x
+        return (x, None) if async_op else x
     x = x.contiguous()
     out = torch.empty((size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x, group=group)
-    return out
+    work = _all_gather_single(out, x, group=group, async_op=async_op)
+    return (out, work) if async_op else out
 
 
-def _reduce_scatter_dim0(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def _reduce_scatter_dim0(x: torch.Tensor, group: ProcessGroup, async_op: bool = False):
+    """This rank's dim-0 slice of x summed over the group; with async_op, (output, Work)."""
     size = _group_size(group)
     if size == 1:
-        return x
+        return (x, None) if async_op else x
     if x.shape[0] % size != 0:
         raise ValueError(f"sequence length {x.shape[0]} is not divisible by tensor-parallel size {size}")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // size,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, x, group=group)
-    return out
+    work = _reduce_scatter_single(out, x, group=group, async_op=async_op)
+    return (out, work) if async_op else out
 
 
 def _split_dim(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
@@ -145,6 +155,64 @@ scatter_to_sequence = _conjugate(_split_first, _all_gather_dim0)
 gather_from_tp = _conjugate(_all_gather_last, _split_last)
 
 
+class _SequenceParallelLinear(torch.autograd.Function):
+    """all-gather over s, then x W^T (+ b): the column-parallel linear under sequence parallel.
+
+    Saves only the local [s/tp, b, h] shard (and W), not the gathered [s, b, h] input the weight
+    gradient needs: backward all-gathers the shard again, launched before the input-gradient GEMM so
+    the two overlap, and reduce-scatters the input gradient while the weight-gradient GEMM runs.
+    One more all-gather of the shard per layer input in backward buys (tp - 1) / tp of an [s, b, h]
+    activation per layer input kept (Megatron-LM does the same). The GEMMs are those autograd runs for
+    F.linear (mm, weight gradient computed as grad^T x), so the gradients are the gather + F.linear
+    path's bit for bit. Under autocast (low-precision grad, fp32 weights) the backward GEMMs run in
+    the gradient's dtype, as autocast ran the forward's, and each gradient comes back in its input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, shard, weight, bias, group):
+        # shard: [s/tp, b, h] -> [s, b, out/tp]; the gathered input lives only for this GEMM
+        ctx.group, ctx.bias_dtype = group, None if bias is None else bias.dtype
+        ctx.save_for_backward(shard, weight)
+        return F.linear(_all_gather_dim0(shard, group), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shard, weight = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        full, gathering = _all_gather_dim0(shard, ctx.group, async_op=True) if need_weight else (None, None)
+        grad = grad.contiguous()
+        grad_2d = grad.view(-1, grad.shape[-1])  # [s b, out/tp]
+        grad_input = scattering = None
+        if need_input:
+            grad_full = grad_2d.mm(weight.to(grad.dtype)).view(grad.shape[:-1] + (weight.shape[1],))  # [s, b, h]
+            grad_full = grad_full.to(shard.dtype)  # autocast: summed over tp in the input's dtype, as before
+            grad_input, scattering = _reduce_scatter_dim0(grad_full, ctx.group, async_op=True)
+        grad_weight = grad_bias = None
+        if need_weight:
+            if gathering is not None:
+                gathering.wait()
+            grad_weight = grad_2d.t().mm(full.view(-1, full.shape[-1]).to(grad.dtype)).to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_2d.sum(0).to(ctx.bias_dtype)
+        if scattering is not None:
+            scattering.wait()
+        return grad_input, grad_weight, grad_bias, None
+
+
+def _run_sequence_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                  group: ProcessGroup) -> torch.Tensor:
+    """Eager even inside a compiled layer (megalm.model.compile.EAGER_ONLY), like _run_conjugate."""
+    return _SequenceParallelLinear.apply(x, weight, bias, group)
+
+
+def sequence_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             group: ProcessGroup) -> torch.Tensor:
+    """F.linear(all-gather over s of x, weight, bias), keeping only the [s/tp, b, h] shard x for backward."""
+    if group is None:
+        return F.linear(x, weight, bias)
+    return _run_sequence_parallel_linear(x, weight, bias, group)
+
+
 # ---- layers --------------------------------------------------------------------------------
 def _divide(total: int, parts: int, what: str) -> int:
     if total % parts != 0:
@@ -182,10 +250,13 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, Optional[torch.Tensor]]:
         # x: [s, b, h] replicated, or [s/tp, b, h] with sequence parallel
-        x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        bias = None if self.skip_bias_add else self.bias
+        if self.sequence_parallel:
+            y = sequence_parallel_linear(x, self.weight, bias, self.group)  # [s, b, out/tp]
+        else:
+            y = F.linear(copy_to_tp(x, self.group), self.weight, bias)  # [s, b, out/tp]
         if self.skip_bias_add:
-            return F.linear(x, self.weight), self.bias  # [s, b, out/tp], [out/tp]
-        y = F.linear(x, self.weight, self.bias)  # [s, b, out/tp]
+            return y, self.bias  # [s, b, out/tp], [out/tp]
         return gather_from_tp(y, self.group) if self.gather_output else y
 
 
@@ -264,9 +335,13 @@ class VocabParallelEmbedding(nn.Module):
 def parallel_logits(
     hidden: torch.Tensor, weight: torch.Tensor, group: ProcessGroup, sequence_parallel: bool
 ) -> torch.Tensor:
-    """Output-layer logits against a vocab-split weight: [s, b, h] -> [s, b, v/tp], never gathered."""
-    hidden = gather_from_sequence(hidden, group) if sequence_parallel else copy_to_tp(hidden, group)
-    return F.linear(hidden, weight)
+    """Output-layer logits against a vocab-split weight: [s, b, h] -> [s, b, v/tp], never gathered.
+
+    Under sequence parallel the [s/tp, b, h] hidden states are all-gathered for the GEMM and only the
+    shard is kept for backward (sequence_parallel_linear)."""
+    if sequence_parallel:
+        return sequence_parallel_linear(hidden, weight, None, group)
+    return F.linear(copy_to_tp(hidden, group), weight)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

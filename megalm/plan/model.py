@@ -11,7 +11,10 @@ Time (seconds per optimizer step) on the slowest stage, which sets the pipeline'
   bias/GeLU/dropout/residual, and the [s, s] attention scores unless attention is fused) at
   `memory_efficiency` x HBM bandwidth; backward = 2x forward; recompute adds forward work;
 - tensor-parallel collectives: 2 all-reduces (or all-gather + reduce-scatter under sequence
-  parallel, the same bytes) per layer in each forward, backward and recomputed forward;
+  parallel, the same bytes) per layer in each forward, backward and recomputed forward; under
+  sequence parallel backward also all-gathers the QKV, fc1 and logits input shards again for the
+  weight gradients, launched before the input-gradient GEMM it overlaps: only what outlasts that
+  GEMM counts;
 - bubble: (pp - 1) / (m * v) of the busy time (the schedules' common formula, see
   megalm.parallel.schedules.analytic_bubble);
 - pipeline p2p: one activation send forward and one gradient send backward per micro-batch and
@@ -112,9 +115,9 @@ def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kern
     norms = 2 * act_bytes * sbh // sp + 2 * 2 * 4 * s * b // sp  # LN1 and LN2 inputs, their fp32 mean and 1/std
     if cpu and act_bytes != 4:
         norms += 2 * 2 * 4 * h  # megalm's CPU LayerNorm hands low-precision weight and bias over as fp32 copies
-    # QKV and fc1 inputs: under sequence parallel megalm's column-parallel linear keeps the all-gathered
-    # [s, b, h] (no second all-gather in backward, unlike Megatron), so this term is not divided by tp
-    linear_inputs = 2 * act_bytes * sbh
+    # QKV and fc1 inputs: under sequence parallel the column-parallel linear keeps only its [s/tp, b, h]
+    # input shard and all-gathers it again in backward for the weight gradient (as Megatron does)
+    linear_inputs = 2 * act_bytes * sbh // sp
     split = act_bytes * (sbh + 2 * s * b * f) // t  # proj input, GeLU input, fc2 input
     # hidden dropout masks: torch's CUDA dropout keeps a bool mask, its CPU one the scaled mask in the activation dtype
     masks = 2 * (act_bytes if cpu else 1) * sbh // sp if model.hidden_dropout > 0 else 0
@@ -304,6 +307,15 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     recompute_comm = 2 * collective if layout.recompute == "full" else 0.0
     logits = 3 * 2 * s * b * h * model.padded_vocab_size(t) / t / matmul_rate
     logits_comm = collective if t > 1 and layout.sequence_parallel else 0.0
+    regather, logits_regather = 0.0, 0.0
+    if t > 1 and layout.sequence_parallel:
+        # backward's second all-gather of a column-parallel input shard (half an all-reduce's time) runs
+        # beside the input-gradient GEMM ([s b, out/t] x [out/t, h]); the rest of it is exposed
+        def exposed(out_features: int) -> float:
+            return max(0.0, collective / 2 - 2 * s * b * h * out_features / t / matmul_rate)
+
+        regather = exposed(3 * h) + exposed(model.ffn_size())
+        logits_regather = exposed(model.padded_vocab_size(t))
     # the slowest pipeline rank sets the pace
     compute_per_mb, comm_per_mb = 0.0, 0.0
     for pp_rank in range(pp):
@@ -312,7 +324,8 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
         rerun = sum(recomputed_layers(layout, len(c[0])) for c in chunks) if layout.recompute == "full" else layers
         last = any(c[2] for c in chunks)
         c = layers * 3 * forward + rerun * recompute + (logits if last else 0.0)
-        k = layers * 4 * collective + rerun * recompute_comm + (logits_comm if last else 0.0)
+        last_comm = logits_comm + logits_regather if last else 0.0
+        k = layers * (4 * collective + regather) + rerun * recompute_comm + last_comm
         if c + k > compute_per_mb + comm_per_mb:
             compute_per_mb, comm_per_mb = c, k
     compute, tensor_comm = m * compute_per_mb, m * comm_per_mb

@@ -8,6 +8,7 @@ model run in this process. Also checks layout-independent init and dropout-mask 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -285,9 +286,20 @@ def _primitives_worker(rank: int, world_size: int) -> dict:
     return out
 
 
+def _two_rank_worker(rank: int, world_size: int) -> dict:
+    """One 2-rank run for the tests below (a spawn costs seconds)."""
+    return {"primitives": _primitives_worker(rank, world_size),
+            "sequence_parallel_linear": _sequence_parallel_linear_worker(rank, world_size)}
+
+
+@functools.lru_cache(maxsize=None)
+def two_rank_results() -> list[dict]:
+    return run_distributed(_two_rank_worker, 2)
+
+
 def test_communication_primitives_and_their_conjugates() -> None:
     world = 2
-    ranks = run_distributed(_primitives_worker, world)
+    ranks = [result["primitives"] for result in two_rank_results()]
     total = sum(range(1, world + 1))  # gradients summed over ranks: 1 + 2
     for rank, out in enumerate(ranks):
         assert all(ok for ok, _ in out.values()), {k: ok for k, (ok, _) in out.items()}
@@ -300,3 +312,73 @@ def test_communication_primitives_and_their_conjugates() -> None:
         assert torch.equal(grads["reduce_scatter_to_sequence"], expected)
         assert torch.equal(grads["scatter_to_sequence"], expected)
         assert torch.all(grads["gather_from_tp"] == rank + 1)  # backward split of the last dim
+
+
+def _sequence_parallel_linear_worker(rank: int, world_size: int) -> dict:
+    """The sequence-parallel column-parallel linear against gather_from_sequence + F.linear (the path it
+    replaced), on rank-distinct shards: outputs and gradients, bytes kept for backward, collectives."""
+    import torch.nn.functional as F
+
+    from megalm.comm import CommCounter
+    from megalm.parallel import tensor as T
+    from megalm.parallel.tensor import ColumnParallelLinear
+    from megalm.plan.measure import SavedBytes
+
+    groups = build_parallel_groups(Topology(tp=world_size), rank, torch.device("cpu"))
+    s, b, h, out_features = 8, 3, 16, 24
+    generator = torch.Generator().manual_seed(100 + rank)
+    out = {}
+    for dtype, autocast, skip in [(torch.float32, False, False), (torch.float32, False, True),
+                                  (torch.bfloat16, False, False), (torch.float32, True, False)]:
+        layer = ColumnParallelLinear(h, out_features, groups, sequence_parallel=True, skip_bias_add=skip).to(dtype)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator))
+        shard = torch.randn(s // world_size, b, h, generator=generator).to(dtype)
+        grad_out = torch.randn(s, b, out_features // world_size, generator=generator).to(dtype)
+
+        def run(new: bool) -> tuple:
+            x = shard.clone().requires_grad_(True)
+            layer.zero_grad(set_to_none=True)
+            counter = CommCounter(groups)
+            with counter.counting(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                with SavedBytes(layer) as saved:
+                    if new:
+                        y = layer(x)
+                        y = y[0] + y[1] if skip else y
+                    else:
+                        y = F.linear(T.gather_from_sequence(x, groups.tp_group), layer.weight, layer.bias)
+                y.backward(grad_out.to(y.dtype))
+            return (y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone(), saved.total,
+                    counter.snapshot())
+
+        out[(str(dtype), autocast, skip)] = {"new": run(True), "old": run(False), "shard_bytes":
+                                             shard.numel() * shard.element_size()}
+    return out
+
+
+def test_sequence_parallel_linear_keeps_the_shard_and_matches_the_gather_path() -> None:
+    """Under sequence parallel a column-parallel linear keeps only its [s/tp, b, h] input shard for
+    backward (the gather + F.linear path kept the gathered [s, b, h]), all-gathers it again in backward,
+    and its output and input / weight / bias gradients are that path's bit for bit (the same GEMMs, the
+    same reductions), fp32, bf16 and under autocast. With skip_bias_add the caller adds the bias, so
+    only the output and bias gradient are compared to within rounding."""
+    for rank, out in enumerate(result["sequence_parallel_linear"] for result in two_rank_results()):
+        for key, result in out.items():
+            (*new, new_saved, new_comm), (*old, old_saved, old_comm) = result["new"], result["old"]
+            names = ("output", "input grad", "weight grad", "bias grad")
+            for name, a, c in zip(names, new, old):
+                if key[2] and name in ("output", "bias grad"):  # bias added outside the GEMM
+                    torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+                else:
+                    assert torch.equal(a, c), (rank, key, name, (a - c).abs().max())
+            # parameters are not counted; the shard (and nothing else) is what backward keeps
+            assert new_saved == result["shard_bytes"], (rank, key, new_saved)
+            if not key[1]:  # (under autocast the old path kept a bf16 copy of the gathered input and weight)
+                assert old_saved == 2 * result["shard_bytes"], (rank, key, old_saved)  # gathered: tp shards
+            shard_bytes = result["shard_bytes"]
+            assert old_comm == {"tp": {"all_gather": {"calls": 1, "bytes": shard_bytes},
+                                       "reduce_scatter": {"calls": 1, "bytes": 2 * shard_bytes}}}
+            # backward all-gathers the shard again: one more all-gather of the local piece
+            assert new_comm == {"tp": {"all_gather": {"calls": 2, "bytes": 2 * shard_bytes},
+                                       "reduce_scatter": {"calls": 1, "bytes": 2 * shard_bytes}}}, (key, new_comm)
