@@ -208,14 +208,22 @@ class Attention(nn.Module):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, nh, s, d]
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # [b, nh, cached + s, d]
-        if self.recompute_core and torch.is_grad_enabled():
+        if self.recompute_core and torch.is_grad_enabled() and self._draws_masks(attn_mask):
             out = _eager(recompute, self._core, self.rng, q, k, v, attn_mask)
+        elif self.recompute_core and torch.is_grad_enabled():  # nothing random: a compiled layer traces it
+            out = recompute(self._core, None, q, k, v, attn_mask)
         elif self.training and self.dropout > 0:
             out = _eager(self._core, q, k, v, attn_mask)  # tp-distinct dropout masks
         else:
             out = self._core(q, k, v, attn_mask)
         out = out.permute(2, 0, 1, 3).reshape(seq_len, batch, self.local_heads * self.head_dim)  # [s, b, h/tp]
         return self.proj(out)
+
+    def _draws_masks(self, attn_mask: AttentionMask) -> bool:
+        """Whether the selectively recomputed core must run eagerly (megalm.model.compile.EAGER_ONLY):
+        its dropout swaps in the tp-distinct stream, which recompute rewinds. FlexAttention (no dropout)
+        stays eager too: its block mask is not handed through a traced checkpoint."""
+        return (self.training and self.dropout > 0) or isinstance(attn_mask, BlockMask)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: AttentionMask) -> torch.Tensor:
         """softmax(q k^T / sqrt(d) + mask) with dropout, times v: [b, nh, s, d].

@@ -20,7 +20,7 @@ which lives here, is rewound to where the forward found it and put back afterwar
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -105,11 +105,15 @@ class _Rewind:
         self.rng._distinct_state = self.current
 
 
-def recompute(function: Callable[..., Any], rng: ParallelRNG, *args: Any) -> Any:
+def recompute(function: Callable[..., Any], rng: Optional[ParallelRNG], *args: Any) -> Any:
     """function(*args), keeping only its inputs for backward and rerunning it there (activation recompute).
 
     The rerun draws the forward's dropout masks from both streams, and leaves both streams as it found
-    them, so a recomputed model computes bit for bit what a stored one does."""
+    them, so a recomputed model computes bit for bit what a stored one does. rng None: `function`
+    draws no random numbers, so no generator state is kept or restored, and a compiled region traces
+    the call (torch's plain checkpoint) instead of breaking its graph there."""
+    if rng is None:
+        return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
     state = rng._distinct_state  # never mutated in place: tp_distinct() replaces it by a new tensor
     return checkpoint(
         function, *args, use_reentrant=False, preserve_rng_state=True,

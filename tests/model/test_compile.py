@@ -173,6 +173,58 @@ def test_fused_functions_are_the_unfused_ops_eagerly() -> None:
     assert torch.equal(bias_dropout_add(y, bias, residual, 0.3, False, rng, split=True), residual + (y + bias))
 
 
+# ---- graphs, graph breaks and recompiles at tp = 1 (aot_eager: Dynamo's graphs are inductor's) ---------
+def _graph_counts() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "frames": counters["frames"]["total"],
+            "breaks": sum(counters["graph_break"].values())}
+
+
+def _train_counting(config: Config) -> dict:
+    """train() plus Dynamo's counts after each step and the bytes saved for backward (each storage once)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # compile afresh: a graph cached by the previous run would count nothing
+    counters.clear()
+    validate(config, 1)
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+    losses, grads, counts, saved = [], [], [], {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    for step in range(STEPS):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            losses.append(trainer.train_step(step).loss)
+        grads.append([g.clone() for g in trainer.optimizer.grads()])
+        counts.append(_graph_counts())
+    return {"losses": losses, "grads": grads, "counts": counts, "saved_bytes": sum(saved.values())}
+
+
+def test_tp1_layers_compile_to_one_graph_without_breaks(aot_eager) -> None:
+    """The single-GPU / data-parallel case (tp = 1, no dropout, as configs/gpt-125m.yaml): every layer is
+    one graph with no graph break, the 4 layers reuse it (one frame compiled), and step 2 (4 micro-batches
+    per step) compiles nothing more; with each recompute mode. Selective recompute of the dropout-free
+    attention core is torch's checkpoint traced into the layer's graph (it used to run eagerly: 4 graphs
+    and 2 breaks per layer), bit for bit the stored run, and keeps fewer bytes for backward than it."""
+    runs = {mode: _train_counting(make_config(recompute=mode)) for mode in ("none", "selective", "full")}
+    for mode, got in runs.items():
+        assert got["counts"] == [{"graphs": 1, "frames": 1, "breaks": 0}] * STEPS, (mode, got["counts"])
+    assert_bitwise(runs["selective"], runs["none"], "traced selective recompute")
+    assert runs["selective"]["saved_bytes"] < runs["none"]["saved_bytes"]
+    assert_bitwise(runs["full"], runs["none"], "full recompute of compiled layers")
+
+
+def test_selective_recompute_without_dropout_is_bitwise_eagerly() -> None:
+    """The checkpoint without generator state (nothing random in the core) reruns the core exactly."""
+    single = ParallelGroups.single()
+    for family in ("lm", "prefixlm"):
+        stored = train(make_config(family, compile=False), single)
+        assert_bitwise(train(make_config(family, compile=False, recompute="selective"), single), stored, family)
+
+
 # ---- dropout and recompute under compile (aot_eager: the same graphs, eager's kernels) --------------
 @pytest.mark.parametrize("family", ["lm", pytest.param("prefixlm", marks=pytest.mark.nightly)])
 def test_recompute_around_compiled_layers_is_bitwise(family: str, aot_eager) -> None:
