@@ -11,8 +11,13 @@ bias + dropout + residual (megalm.model.layers.bias_dropout_add). Three things s
 graph break (EAGER_ONLY): the tensor-parallel collectives (counted by megalm.comm, in NCCL's order;
 under sequence parallel the column-parallel linears' all-gather + GEMM, one autograd function),
 dropout on split activations (it swaps in the tp-distinct generator state, which a graph cannot
-trace; it draws exactly eager's masks) and the selectively recomputed attention core (torch's
-checkpoint with megalm's RNG rewind). Dropout on replicated activations (the residual stream without
+trace; it draws exactly eager's masks) and the attention core when it draws dropout masks (they
+come from the tp-distinct stream, also at tp 1; selectively recomputed, it is torch's checkpoint with
+megalm's RNG rewind). Without attention dropout the selectively recomputed core is torch's plain
+checkpoint, which Dynamo traces into the layer's graph (the partitioner reruns it in backward). So at
+tp = 1 without attention dropout (configs/gpt-125m.yaml) a layer is one graph with no break, whatever
+the recompute mode; attention dropout adds 2 breaks (4 graphs); tp > 1 adds the collectives' breaks
+(tests/model/test_compile.py counts them). Dropout on replicated activations (the residual stream without
 sequence parallel) runs inside the graph from inductor's own random numbers: not eager's masks, but
 seeded from torch's default generator, which is identical on every tp rank and saved in checkpoints,
 so the masks agree across tp and a resumed run draws the same ones. Full recompute wraps the compiled

@@ -182,17 +182,17 @@ def _graph_counts() -> dict:
 
 
 def _train_counting(config: Config) -> dict:
-    """train() plus Dynamo's counts after each step and the bytes saved for backward (each storage once)."""
+    """train() plus Dynamo's counts after each step and the shapes of the tensors saved for backward."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # compile afresh: a graph cached by the previous run would count nothing
     counters.clear()
     validate(config, 1)
     trainer = build_trainer(config, ParallelGroups.single(), None)
-    losses, grads, counts, saved = [], [], [], {}
+    losses, grads, counts, saved = [], [], [], set()
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        saved.add((tuple(tensor.shape), tensor.dtype))
         return tensor
 
     for step in range(STEPS):
@@ -200,7 +200,7 @@ def _train_counting(config: Config) -> dict:
             losses.append(trainer.train_step(step).loss)
         grads.append([g.clone() for g in trainer.optimizer.grads()])
         counts.append(_graph_counts())
-    return {"losses": losses, "grads": grads, "counts": counts, "saved_bytes": sum(saved.values())}
+    return {"losses": losses, "grads": grads, "counts": counts, "saved": saved}
 
 
 def test_tp1_layers_compile_to_one_graph_without_breaks(aot_eager) -> None:
@@ -208,13 +208,15 @@ def test_tp1_layers_compile_to_one_graph_without_breaks(aot_eager) -> None:
     one graph with no graph break, the 4 layers reuse it (one frame compiled), and step 2 (4 micro-batches
     per step) compiles nothing more; with each recompute mode. Selective recompute of the dropout-free
     attention core is torch's checkpoint traced into the layer's graph (it used to run eagerly: 4 graphs
-    and 2 breaks per layer), bit for bit the stored run, and keeps fewer bytes for backward than it."""
-    runs = {mode: _train_counting(make_config(recompute=mode)) for mode in ("none", "selective", "full")}
+    and 2 breaks per layer), bit for bit the stored run, and really reruns the core: PrefixLM (the dense
+    mask on CPU, same graphs as LM) keeps SDPA's float [b, 1, s, s] additive mask only when stored."""
+    runs = {mode: _train_counting(make_config("prefixlm", recompute=mode)) for mode in ("none", "selective", "full")}
     for mode, got in runs.items():
         assert got["counts"] == [{"graphs": 1, "frames": 1, "breaks": 0}] * STEPS, (mode, got["counts"])
     assert_bitwise(runs["selective"], runs["none"], "traced selective recompute")
-    assert runs["selective"]["saved_bytes"] < runs["none"]["saved_bytes"]
     assert_bitwise(runs["full"], runs["none"], "full recompute of compiled layers")
+    additive_mask = ((MICRO, 1, SEQ, SEQ), torch.float32)
+    assert additive_mask in runs["none"]["saved"] and additive_mask not in runs["selective"]["saved"]
 
 
 def test_selective_recompute_without_dropout_is_bitwise_eagerly() -> None:
@@ -243,11 +245,13 @@ def test_recompute_around_compiled_layers_is_bitwise(family: str, aot_eager) -> 
 def test_recompute_around_inductor_layers_is_bitwise() -> None:
     """The same with inductor and its own replicated masks (tp = 1: the hidden dropout is in the
     graph): the rerun of a compiled layer draws the forward's masks, so selective and full recompute
-    equal the compiled stored run bit for bit."""
+    equal the compiled stored run bit for bit. Without dropout too, where the selectively recomputed
+    core is traced into the layer's graph and inductor generates its rerun."""
     single = ParallelGroups.single()
-    stored = train(make_config(dropout=0.1), single)
-    for mode in ("selective", "full"):
-        assert_bitwise(train(make_config(dropout=0.1, recompute=mode), single), stored, mode)
+    for dropout in (0.1, 0.0):
+        stored = train(make_config(dropout=dropout), single)
+        for mode in ("selective", "full"):
+            assert_bitwise(train(make_config(dropout=dropout, recompute=mode), single), stored, (dropout, mode))
 
 
 def _parallel_worker(rank: int, world_size: int, backend: str) -> dict:
