@@ -523,10 +523,13 @@ def test_compiled_layers_train_like_eager(device: str) -> None:
     tests/model/test_compile.py checks the gradients too): the same losses within rounding, and the
     compile time in the metrics of step 1 only. bf16 tolerance: inductor keeps fp32 inside a fused
     kernel where eager rounds every op to bf16 (2^-8 relative), and the step-1 difference grows with
-    the updates; a wrong layer (missing bias, residual or mask) moves the loss by tenths."""
+    the updates; a wrong layer (missing bias, residual or mask) moves the loss by tenths. Each layer
+    is one graph without a graph break on the device too (an apex LayerNorm or a CUDA-only path that
+    Dynamo cannot trace would split it; tests/model/test_compile.py checks this on CPU)."""
     import statistics
 
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     precision = "bf16" if device == "cuda" else "fp32"
 
@@ -536,13 +539,18 @@ def test_compiled_layers_train_like_eager(device: str) -> None:
                          f"train.precision={precision}", f"train.compile={str(compile).lower()}")
         return build_trainer(config, _groups(device), None).fit()
 
-    eager, compiled = run(False), run(True)
+    eager = run(False)
+    counters.clear()
+    compiled = run(True)
+    breaks = {" ".join(reason.split())[:240]: count for reason, count in counters["graph_break"].items()}
     eager_losses, compiled_losses = [r["loss"] for r in eager], [r["loss"] for r in compiled]
     eager_step = statistics.median(r["step_time_s"] for r in eager[1:])
     compiled_step = statistics.median(r["step_time_s"] for r in compiled[1:])
     _report("compile_parity", device, precision=precision, eager_losses=eager_losses, compiled_losses=compiled_losses,
             compile_s=compiled[0]["compile_s"], first_step_s=compiled[0]["step_time_s"],
-            eager_step_s=eager_step, compiled_step_s=compiled_step)
+            eager_step_s=eager_step, compiled_step_s=compiled_step, graphs=counters["stats"]["unique_graphs"],
+            graph_breaks=breaks)
+    assert not breaks, breaks
     assert compiled[0]["compile_s"] > 0 and compiled[-1]["compile_s"] == compiled[0]["compile_s"], compiled
     tolerance = 5e-3 if device == "cuda" else 1e-5  # H200, torch 2.11: 3e-5 seen
     for step, (got, want) in enumerate(zip(compiled_losses, eager_losses)):
