@@ -16,8 +16,11 @@ come from the tp-distinct stream, also at tp 1; selectively recomputed, it is to
 megalm's RNG rewind). Without attention dropout the selectively recomputed core is torch's plain
 checkpoint, which Dynamo traces into the layer's graph (the partitioner reruns it in backward). So at
 tp = 1 without attention dropout (configs/gpt-125m.yaml) a layer is one graph with no break, whatever
-the recompute mode; attention dropout adds 2 breaks (4 graphs); tp > 1 adds the collectives' breaks
-(tests/model/test_compile.py counts them). Dropout on replicated activations (the residual stream without
+the recompute mode; attention dropout adds a break (2 graphs); tp > 1 adds one per collective (at tp 2
+with sequence parallel: 5 graphs, 8 with dropout). A break inside a nested call resumes tracing in that
+frame (Dynamo's nested_graph_breaks, which compile_layers turns on): otherwise it would split every
+enclosing frame too (9 graphs in 15 frames per layer at tp 2; 4 graphs at tp 1 with attention
+dropout). tests/model/test_compile.py counts them. Dropout on replicated activations (the residual stream without
 sequence parallel) runs inside the graph from inductor's own random numbers: not eager's masks, but
 seeded from torch's default generator, which is identical on every tp rank and saved in checkpoints,
 so the masks agree across tp and a resumed run draws the same ones. Full recompute wraps the compiled
@@ -60,6 +63,10 @@ def compile_layers(chunks: list[GPTModel], backend: str | None = None) -> int:
     if backend not in BACKENDS:
         raise ValueError(f"compile backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     _keep_eager()
+    # A break inside a nested call (a collective in a linear layer in the attention) resumes tracing in
+    # that frame instead of splitting every frame around it: at tp 2 a layer is 5 graphs around its 4
+    # collectives instead of 9 graphs in 15 frames (tests/model/test_compile.py counts them).
+    torch._dynamo.config.nested_graph_breaks = True
     count = 0
     for chunk in chunks:
         for layer in chunk.layers.values():
