@@ -20,8 +20,10 @@ the recompute mode; attention dropout adds a break (2 graphs); tp > 1 adds one p
 with sequence parallel: 5 graphs, 8 with dropout). A break inside a nested call resumes tracing in that
 frame (Dynamo's nested_graph_breaks, which compile_layers turns on): otherwise it would split every
 enclosing frame too (9 graphs in 15 frames per layer at tp 2; 4 graphs at tp 1 with attention
-dropout). tests/model/test_compile.py counts them. Dropout on replicated activations (the residual stream without
-sequence parallel) runs inside the graph from inductor's own random numbers: not eager's masks, but
+dropout). tests/model/test_compile.py counts them.
+
+Dropout on replicated activations (the residual stream without sequence parallel) runs inside the
+graph from inductor's own random numbers: not eager's masks, but
 seeded from torch's default generator, which is identical on every tp rank and saved in checkpoints,
 so the masks agree across tp and a resumed run draws the same ones. Full recompute wraps the compiled
 layer in the same checkpoint as an eager one; the rerun restores the generators, so it redraws them.
