@@ -214,8 +214,11 @@ def _tensor_bytes() -> int:
         warnings.simplefilter("ignore")
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-                storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
+                try:
+                    storage = obj.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+                except (RuntimeError, NotImplementedError):  # fake tensors an earlier torch.compile left
+                    continue
     return sum(storages.values())
 
 
