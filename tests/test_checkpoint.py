@@ -136,7 +136,8 @@ def _bitwise_worker(rank: int, world_size: int, layout: tuple, root: str, implem
 
 @pytest.mark.parametrize("layout, implementations", [
     ((1, 1, 1, 0), IMPLEMENTATIONS),
-    ((2, 1, 2, 0), ("fused",)),
+    # tp 2 x dp 2 without ZeRO: nightly (11 s), as 2x2x2-zero1 below spans tp, pp and dp in the default run
+    pytest.param((2, 1, 2, 0), ("fused",), marks=pytest.mark.nightly),
     pytest.param((2, 2, 2, 1), IMPLEMENTATIONS, marks=pytest.mark.slow),
 ], ids=["1x1x1", "2x1x2", "2x2x2-zero1"])
 def test_resume_is_bitwise_identical(layout, implementations, tmp_path: Path) -> None:
