@@ -301,6 +301,20 @@ def all_reduce_(tensor: torch.Tensor, group: ProcessGroup, op: dist.ReduceOp = d
     return tensor
 
 
+# torch 2.13 renamed the single-tensor collectives; keep working on the older names too. Looked up at
+# call time, not import time, so megalm.comm's counting wrappers on torch.distributed see them.
+def all_gather_single(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup, async_op: bool = False):
+    """Gather every rank's `input` into `output` (group size times larger); the Work when async_op, else None."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
+def reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup, async_op: bool = False):
+    """This rank's slice of `input` summed over the group, into `output`; the Work when async_op, else None."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
 COLLECTIVE_NOTE = "megalm collective: "
 
 

@@ -41,17 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megalm.distributed import ParallelGroups, ProcessGroup, wait_for
-
-
-def _reduce_scatter_single(output: torch.Tensor, tensor: torch.Tensor, group: ProcessGroup, async_op: bool):
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return fn(output, tensor, group=group, async_op=async_op)
-
-
-def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group: ProcessGroup, async_op: bool = False):
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return fn(output, tensor, group=group, async_op=async_op)
+from megalm.distributed import ParallelGroups, ProcessGroup, all_gather_single, reduce_scatter_single, wait_for
 
 
 @dataclass
@@ -276,7 +266,7 @@ class GradientSync:
                     bucket.numel // self.dp, dtype=self.reduce_dtype, device=bucket.grad.device
                 )
         if self.shard:
-            bucket.handle = _reduce_scatter_single(target, source, group, async_op=True)
+            bucket.handle = reduce_scatter_single(target, source, group, async_op=True)
         else:
             bucket.handle = dist.all_reduce(source, group=group, async_op=True)
 
@@ -325,7 +315,7 @@ class GradientSync:
             return  # one dp rank: its shard is the whole buffer
         if self.events is not None:
             self.events.append(("gather", bucket.index))
-        bucket.gather = _all_gather_single(bucket.param_data, self.parameter_shard(bucket), self.groups.dp_group,
+        bucket.gather = all_gather_single(bucket.param_data, self.parameter_shard(bucket), self.groups.dp_group,
                                            async_op=True)
         self._gathering += 1
 

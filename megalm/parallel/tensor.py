@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megalm.distributed import ParallelGroups, ProcessGroup
+from megalm.distributed import ParallelGroups, ProcessGroup, all_gather_single, reduce_scatter_single, wait_for
 
 
 def mark_parameter(param: nn.Parameter, tp_split_dim: Optional[int], sequence_parallel: bool = False) -> nn.Parameter:
@@ -40,20 +40,6 @@ def mark_parameter(param: nn.Parameter, tp_split_dim: Optional[int], sequence_pa
 
 
 # ---- raw collectives (no autograd) ------------------------------------------------------------
-# torch 2.13 renamed the single-tensor collectives; keep working on the older names too. Looked up
-# at call time, not import time, so megalm.comm's counting wrappers on torch.distributed see them.
-def _all_gather_single(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup, async_op: bool = False):
-    """Returns the Work when async_op (wait on it before reading `output`), else None."""
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return fn(output, input, group=group, async_op=async_op)
-
-
-def _reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, group: ProcessGroup, async_op: bool = False):
-    """Returns the Work when async_op (wait on it before reading `output`), else None."""
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return fn(output, input, group=group, async_op=async_op)
-
-
 def _group_size(group: ProcessGroup) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
@@ -72,7 +58,7 @@ def _all_gather_dim0(x: torch.Tensor, group: ProcessGroup, async_op: bool = Fals
         return (x, None) if async_op else x
     x = x.contiguous()
     out = torch.empty((size * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    work = _all_gather_single(out, x, group=group, async_op=async_op)
+    work = all_gather_single(out, x, group=group, async_op=async_op)
     return (out, work) if async_op else out
 
 
@@ -85,7 +71,7 @@ def _reduce_scatter_dim0(x: torch.Tensor, group: ProcessGroup, async_op: bool = 
         raise ValueError(f"sequence length {x.shape[0]} is not divisible by tensor-parallel size {size}")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // size,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    work = _reduce_scatter_single(out, x, group=group, async_op=async_op)
+    work = reduce_scatter_single(out, x, group=group, async_op=async_op)
     return (out, work) if async_op else out
 
 
@@ -190,12 +176,12 @@ class _SequenceParallelLinear(torch.autograd.Function):
         grad_weight = grad_bias = None
         if need_weight:
             if gathering is not None:
-                gathering.wait()
+                wait_for(gathering, lambda: "all_gather of a sequence-parallel linear's input shard (backward)")
             grad_weight = grad_2d.t().mm(full.view(-1, full.shape[-1]).to(grad.dtype)).to(weight.dtype)
         if need_bias:
             grad_bias = grad_2d.sum(0).to(ctx.bias_dtype)
         if scattering is not None:
-            scattering.wait()
+            wait_for(scattering, lambda: "reduce_scatter of a sequence-parallel linear's input gradient")
         return grad_input, grad_weight, grad_bias, None
 
 
