@@ -270,6 +270,11 @@ def _all_reduce_time(nbytes: float, ranks: int, bandwidth: float, latency: float
     return 2 * (ranks - 1) / ranks * nbytes / bandwidth + 2 * (ranks - 1) * latency
 
 
+def _ring_half_time(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
+    """Ring reduce-scatter or all-gather of `nbytes` (the full buffer): half a ring all-reduce."""
+    return _all_reduce_time(nbytes, ranks, bandwidth, latency) / 2
+
+
 def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, act_bytes: int) -> tuple[float, float]:
     """(seconds of one layer's forward for one micro-batch on one GPU, of which the attention core's part)."""
     s, b, h, f, a, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), model.num_heads, layout.tp
@@ -344,9 +349,9 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
         buckets = bucket_sizes(model, layout, pp - 1)
         zero1 = layout.zero_stage == 1
 
-        def reduction(elements: float) -> float:  # ZeRO-1 reduce-scatters (half a ring all-reduce)
-            time = _all_reduce_time(elements * numerics.grad_bytes, dp, dp_bandwidth, dp_latency)
-            return time / 2 if zero1 else time
+        def reduction(elements: float) -> float:  # of the gradients: ZeRO-1 reduce-scatters them
+            collective = _ring_half_time if zero1 else _all_reduce_time
+            return collective(elements * numerics.grad_bytes, dp, dp_bandwidth, dp_latency)
 
         full = reduction(params_max)
         if numerics.overlap_grad_sync:
@@ -355,9 +360,8 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
         else:
             data_comm = full
         if zero1:
-            # the updated parameters all-gathered in their own dtype (half a ring all-reduce of those bytes)
-            def gather(elements: float) -> float:
-                return _all_reduce_time(elements * numerics.param_bytes, dp, dp_bandwidth, dp_latency) / 2
+            def gather(elements: float) -> float:  # the updated parameters, in their own dtype
+                return _ring_half_time(elements * numerics.param_bytes, dp, dp_bandwidth, dp_latency)
 
             if numerics.overlap_param_gather:
                 # launched bucket by bucket in forward order, each block's forward waits for its own: the
