@@ -154,10 +154,7 @@ class GPTModel(nn.Module):
             attn_mask = build_mask(prefix_lengths, seq_len)  # a BlockMask, or a [b, 1, s, s] bool tensor
         rotary = None
         if self.cfg.position_embedding == "rotary":
-            key = (seq_len, hidden.device)  # computed once per shape, not every forward
-            if key not in self._rotary:
-                self._rotary[key] = rotary_cos_sin(seq_len, self.cfg.head_dim(), self.cfg.rotary_base, hidden.device)
-            rotary = self._rotary[key]
+            rotary = self._rotary_table(seq_len, hidden.device)
         recomputing = torch.is_grad_enabled()  # nothing to save (generation, evaluation): run plainly
         for index, layer in enumerate(self.layers.values()):
             if recomputing and index < self.recomputed_layers:
@@ -172,6 +169,13 @@ class GPTModel(nn.Module):
             return logits
         losses = vocab_parallel_cross_entropy(logits, labels.t(), self.groups, self.cfg.vocab_size)  # [s, b]
         return losses.t()
+
+    def _rotary_table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of positions 0..length-1: computed once per length and device, not every forward."""
+        key = (length, device)
+        if key not in self._rotary:
+            self._rotary[key] = rotary_cos_sin(length, self.cfg.head_dim(), self.cfg.rotary_base, device)
+        return self._rotary[key]
 
     def decode(
         self,
@@ -193,10 +197,7 @@ class GPTModel(nn.Module):
         rotary = None
         if self.cfg.position_embedding == "rotary":
             longest = int(positions.max()) + 1
-            key = ("decode", max(longest, self.cfg.seq_length), hidden.device)
-            if key not in self._rotary:
-                self._rotary[key] = rotary_cos_sin(key[1], self.cfg.head_dim(), self.cfg.rotary_base, hidden.device)
-            cos, sin = self._rotary[key]  # [S, 1, 1, d]
+            cos, sin = self._rotary_table(max(longest, self.cfg.seq_length), hidden.device)  # [S, 1, 1, d]
             rotary = cos[positions.t()].squeeze(2), sin[positions.t()].squeeze(2)  # [s, b, 1, d]
         for index, layer in self.layers.items():
             # .forward: eager even under train.compile (a compiled layer would recompile for every

@@ -208,10 +208,11 @@ class Attention(nn.Module):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, nh, s, d]
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # [b, nh, cached + s, d]
-        if self.recompute_core and torch.is_grad_enabled() and self._draws_masks(attn_mask):
-            out = _eager(recompute, self._core, self.rng, q, k, v, attn_mask)
-        elif self.recompute_core and torch.is_grad_enabled():  # nothing random: a compiled layer traces it
-            out = recompute(self._core, None, q, k, v, attn_mask)
+        if self.recompute_core and torch.is_grad_enabled():
+            if self._draws_masks(attn_mask):
+                out = _eager(recompute, self._core, self.rng, q, k, v, attn_mask)
+            else:  # nothing random: a compiled layer traces it
+                out = recompute(self._core, None, q, k, v, attn_mask)
         elif self.training and self.dropout > 0:
             out = _eager(self._core, q, k, v, attn_mask)  # tp-distinct dropout masks
         else:
