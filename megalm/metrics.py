@@ -209,12 +209,11 @@ TENSORBOARD_TAGS = {
 
 def step_scalars(record: dict[str, Any]) -> dict[str, float]:
     """{tag: value} of a step record's numeric fields (None and the step number left out)."""
-    scalars = {}
-    for key, value in record.items():
-        if key == "step" or value is None or not isinstance(value, (int, float)):
-            continue
-        scalars[TENSORBOARD_TAGS.get(key, key)] = float(value)
-    return scalars
+    return {
+        TENSORBOARD_TAGS.get(key, key): float(value)
+        for key, value in record.items()
+        if key != "step" and isinstance(value, (int, float))  # None is neither
+    }
 
 
 class TensorBoardSink:

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import faulthandler
 import io
+import logging
 import os
 import queue
 import signal
@@ -234,20 +234,17 @@ def _collect(procs: list, results: Any, world_size: int, timeout: float, stack_d
     return [collected[rank] for rank in range(world_size)]
 
 
-# ---- a plain reference reduction ---------------------------------------------------------------
-# The trainer reduces gradients through megalm.parallel.data.GradientSync (buckets, overlap, ZeRO-1),
-# and the TP/PP parity tests use it. Tests of other parts (communication counts, the optimizer)
-# that only need the sequence-parallel sum use this unbucketed version.
-
-
 @contextlib.contextmanager
-def log_messages() -> Iterator[list[str]]:
-    """The messages megalm's logger emits (at INFO and above) inside the block, in order."""
+def log_messages(levels: bool = False) -> Iterator[list]:
+    """The messages megalm's logger emits (at INFO and above) inside the block, in order; with `levels`,
+    as (levelno, message) pairs."""
     from megalm.metrics import get_logger
 
-    messages: list[str] = []
+    messages: list = []
     handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
+    handler.emit = lambda record: messages.append(  # type: ignore[method-assign]
+        (record.levelno, record.getMessage()) if levels else record.getMessage()
+    )
     logger = get_logger()
     level = logger.level
     logger.setLevel(logging.INFO)
@@ -257,6 +254,12 @@ def log_messages() -> Iterator[list[str]]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+# ---- a plain reference reduction ---------------------------------------------------------------
+# The trainer reduces gradients through megalm.parallel.data.GradientSync (buckets, overlap, ZeRO-1),
+# and the TP/PP parity tests use it. Tests of other parts (communication counts, the optimizer)
+# that only need the sequence-parallel sum use this unbucketed version.
 
 
 def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter], groups: ParallelGroups) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 import sys
 import types
@@ -15,7 +14,8 @@ import pytest
 from megalm.cli import check_before_start, main
 from megalm.config import ConfigError, load_config, validate
 from megalm.distributed import ParallelGroups
-from megalm.metrics import TENSORBOARD_TAGS, build_metrics_writer, format_duration, get_logger, read_metrics
+from megalm.metrics import TENSORBOARD_TAGS, build_metrics_writer, format_duration, read_metrics
+from megalm.testing import log_messages
 from megalm.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,26 +143,10 @@ def test_a_missing_package_is_one_config_error_line(override, package, message, 
     assert main(["plan", str(TINY), override, "--gpus", "1"]) == 0
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def test_step_line_shows_an_eta(tmp_path: Path) -> None:
-    logger, collect = get_logger(), _Collect()
-    level = logger.level
-    logger.addHandler(collect)
-    logger.setLevel(logging.INFO)
-    try:
+    with log_messages() as messages:
         records = _train(tmp_path, "train.steps=4")
-    finally:
-        logger.removeHandler(collect)
-        logger.setLevel(level)
-    lines = [message for message in collect.messages if message.startswith("step ")]
+    lines = [message for message in messages if message.startswith("step ")]
     assert len(lines) == 4 and all(re.search(r"\| ETA \d+(s|m\d\ds)$", line) for line in lines)
     assert records[-1]["eta_s"] == 0.0
     assert records[0]["eta_s"] == pytest.approx(3 * records[0]["step_time_s"])

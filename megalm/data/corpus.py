@@ -363,8 +363,12 @@ def _profile(rng: random.Random, world: World, p: Person) -> list[Pair]:
     """A few facts about one person, by name first, then sometimes by pronoun."""
     kinds = rng.sample(range(_NUM_FACTS), rng.randint(2, 6))
     named = [True] + [rng.random() < 0.6 or k in (10, 11) for k in kinds[1:]]
-    kept = [(k, n) for k, n in zip(kinds, named) if _fact(world, p, k, n) is not None] or [(3, True)]
-    out = [_fact(world, p, k, n or i == 0) for i, (k, n) in enumerate(kept)]  # by name first
+    out = []
+    for kind, by_name in zip(kinds, named):
+        fact = _fact(world, p, kind, by_name or not out)  # the first fact kept is by name
+        if fact is not None:
+            out.append(fact)
+    out = out or [_fact(world, p, 3, True)]
     if rng.random() < 0.3:
         out.extend(_cause(rng, world, p))
     if rng.random() < 0.3:

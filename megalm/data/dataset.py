@@ -58,11 +58,11 @@ class DocumentSamples:
         self.seq_length = seq_length
         self.seed = list(seed)
         self.name = name or str(getattr(dataset, "prefix", "dataset"))
-        tokens = int(dataset.doc_lengths[self.docs].sum()) if len(self.docs) else 0
-        self.samples_per_epoch = max(tokens - 1, 0) // seq_length
+        self.tokens = int(dataset.doc_lengths[self.docs].sum()) if len(self.docs) else 0
+        self.samples_per_epoch = max(self.tokens - 1, 0) // seq_length
         if self.samples_per_epoch == 0:
             raise ValueError(
-                f"{self.name}: this split has {len(self.docs)} documents and {tokens} tokens, fewer than "
+                f"{self.name}: this split has {len(self.docs)} documents and {self.tokens} tokens, fewer than "
                 f"one sample of seq_length + 1 = {seq_length + 1} tokens; use more data, a larger share "
                 f"in data.split, or a shorter model.seq_length"
             )

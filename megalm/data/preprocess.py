@@ -260,8 +260,7 @@ class _Progress:
     ) -> None:
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
-        isatty = getattr(self.stream, "isatty", None)
-        self.tty = bool(isatty()) if callable(isatty) else False
+        self.tty = self.stream.isatty()
         self.interval = interval if interval is not None else (0.25 if self.tty else 30.0)
         self.total_bytes = total_bytes
         self.start = time.perf_counter()

@@ -35,8 +35,7 @@ def split_stats(source: Any) -> SplitStats:
             sum(p.documents for p in parts), sum(p.tokens for p in parts), sum(p.samples_per_epoch for p in parts)
         )
     if isinstance(source, DocumentSamples):
-        tokens = int(source.dataset.doc_lengths[source.docs].sum()) if len(source.docs) else 0
-        return SplitStats(len(source.docs), tokens, source.samples_per_epoch)
+        return SplitStats(len(source.docs), source.tokens, source.samples_per_epoch)
     if isinstance(source, PairSamples):
         # prefix <sep> target <eos>, before padding to seq_length + 1
         tokens = sum(len(prefix) + len(target) + 2 for prefix, target in source.records)

@@ -13,7 +13,7 @@ from megalm.data.dataset import BlendedSamples, DocumentSamples, PairSamples, Pr
 from megalm.data.pipeline import DataSources
 from megalm.data.stats import describe_data, epochs, split_stats
 from megalm.distributed import ParallelGroups
-from megalm.metrics import get_logger
+from megalm.testing import log_messages
 from megalm.train import build_trainer
 from tests.data.test_dataset import write_dataset
 
@@ -73,27 +73,10 @@ def test_start_up_lines_and_the_repeat_warning(sources: DataSources) -> None:
         load_config(TINY, ["data.max_epochs_warning=0"])
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def test_the_trainer_logs_them_at_start(sources: DataSources) -> None:
-    logger, collect = get_logger(), _Collect()
-    level = logger.level
-    logger.addHandler(collect)
-    logger.setLevel(logging.INFO)
-    try:
+    with log_messages(levels=True) as messages:
         build_trainer(load_config(TINY), ParallelGroups.single(), None, sources)
         build_trainer(load_config(TINY), ParallelGroups.single(), None)  # synthetic
-    finally:
-        logger.removeHandler(collect)
-        logger.setLevel(level)
-    messages = [(r.levelno, r.getMessage()) for r in collect.records]
     assert any(m.startswith("data train: 380 documents") for _, m in messages)
     assert any(level == logging.WARNING and m.startswith("the run will read its train split") for level, m in messages)
     assert (logging.INFO, "data train: synthetic stream (endless, never repeats)") in messages
