@@ -65,6 +65,17 @@ class Evaluator:
         return {"split": split, "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "batches":
                 self.config.train.eval_batches, "tokens": tokens}
 
+    @property
+    def pairs(self) -> bool:
+        """A PrefixLM fine-tuned on pairs: its contexts end in <sep>, as its training prefixes did."""
+        return self.config.model.family == "prefixlm" and self.config.data.kind == "pairs"
+
+    def context_ids(self, context: list[int]) -> list[int]:
+        """The ids a continuation is scored after (loglikelihoods) or generated from (the harness's
+        is_greedy): the context, then <sep> for a model fine-tuned on pairs; eos for an empty one."""
+        ids = pair_prefix(context, self.tokenizer.sep_id) if self.pairs else list(context)
+        return ids or [self.tokenizer.eos_id]  # an empty context: the first token is predicted after eos
+
     @torch.no_grad()
     def loglikelihoods(self, requests: Sequence[tuple[list[int], list[int]]]) -> list[float]:
         """log p(continuation | context) for each (context ids, continuation ids), summed over tokens.
@@ -82,7 +93,6 @@ class Evaluator:
             message_dtype=param_dtype(config),
         )
         prefixlm = config.model.family == "prefixlm"
-        pairs = prefixlm and config.data.kind == "pairs"
         for context, continuation in requests:  # checked on every rank before any of them starts
             if len(continuation) > seq:
                 raise TaskError(
@@ -101,11 +111,7 @@ class Evaluator:
             mask = torch.zeros(rows, seq)
             prefix = torch.ones(rows, dtype=torch.long)
             for row, (context, continuation) in enumerate(group):
-                if pairs:
-                    context = pair_prefix(context, self.tokenizer.sep_id)
-                if not context:
-                    context = [self.tokenizer.eos_id]  # an empty context: the first token is predicted after eos
-                context = context[-(seq + 1 - len(continuation)):]
+                context = self.context_ids(context)[-(seq + 1 - len(continuation)):]
                 full = context + continuation
                 tokens[row, :len(full) - 1] = torch.tensor(full[:-1])
                 labels[row, :len(full) - 1] = torch.tensor(full[1:])
