@@ -68,8 +68,6 @@ class MegalmLM(LM):
 
     def _generate(self, prompts: Sequence[list[int]], sampling: Sampling) -> list[list[int]]:
         trainer = self.evaluator.trainer
-        for chunk in trainer.chunks:
-            chunk.train(False)
         out: list[list[int]] = []
         for start in range(0, len(prompts), self.batch_size):
             out.extend(generate(trainer.chunks, trainer.groups, prompts[start:start + self.batch_size], sampling))
@@ -133,10 +131,8 @@ class MegalmLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         results: list[Optional[str]] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
-        settings = []
         for index, request in enumerate(requests):
-            settings.append(self._sampling(dict(request.args[1] or {})))
-            sampling, until = settings[-1]
+            sampling, until = self._sampling(dict(request.args[1] or {}))
             groups.setdefault((sampling, tuple(until)), []).append(index)
         for (sampling, until), indices in groups.items():
             prompts = [encode_prompt(self.tokenizer, requests[i].args[0], self.pairs) or [self.tokenizer.eos_id]
