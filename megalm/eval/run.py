@@ -25,6 +25,7 @@ from megalm.checkpoint.weights import find_checkpoint, load_model_weights, read_
 from megalm.config import ConfigError, config_from_dict, validate
 from megalm.data.batch import Batch
 from megalm.data.dataset import pair_prefix
+from megalm.data.pipeline import DataSources, build_sampler, build_sources
 from megalm.distributed import ParallelGroups, all_reduce_
 from megalm.eval.tasks import (
     DEFAULT_CONTENT_FREE, Example, Scores, TaskError, accuracies, chance, few_shot_prefix, load_task,
@@ -38,6 +39,7 @@ class Evaluator:
     checkpoint: Path
     metadata: dict
     batch_size: int
+    sources: DataSources  # the train/valid/test splits the trainer was built with
 
     @property
     def config(self):
@@ -50,10 +52,7 @@ class Evaluator:
     def loss(self, split: str = "valid", batches: Optional[int] = None) -> dict:
         """Mean token loss and perplexity over the first `batches` global batches of a split, as the
         trainer's evaluation computes them (train.eval_batches by default)."""
-        from megalm.data.pipeline import build_sampler, build_sources
-
-        sources = build_sources(self.config)
-        source = getattr(sources, split)
+        source = getattr(self.sources, split)
         if source is None:
             raise ConfigError(f"the {split} split is empty (data.split={self.config.data.split}); choose another --split")
         groups = self.trainer.groups
@@ -201,9 +200,10 @@ def load_evaluator(
     config.train.micro_batch_size = math.gcd(config.train.micro_batch_size, config.train.global_batch_size // parallel.dp or 1)
     validate(config, world)
     groups = groups or ParallelGroups.single()
-    trainer = build_trainer(config, groups, None, training=False)  # its evaluate() is the loss
+    sources = build_sources(config)  # once: the trainer's data and loss()'s splits
+    trainer = build_trainer(config, groups, None, sources, training=False)  # its evaluate() is the loss
     path, metadata = load_model_weights(trainer.chunks, groups, path, "megalm eval")
-    return Evaluator(trainer, path, metadata, batch_size)
+    return Evaluator(trainer, path, metadata, batch_size, sources)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
