@@ -273,3 +273,17 @@ def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter], groups: P
     dist.all_reduce(flat, group=groups.tp_group)
     for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         grad.copy_(synced)
+
+
+def corpus_token_files(out: Path, size_mb: float, vocab_size: int, name: str = "tok") -> tuple[Path, Path]:
+    """examples/quickstart.sh's data recipe through the command line, in `out`: the embedded corpus
+    (seed 0, `size_mb` MB), a `vocab_size` tokenizer `name`.model and its token files; (prefix, tokenizer)."""
+    from megalm.cli import main
+
+    corpus = out / "corpus.jsonl"
+    assert main(["data", "corpus", str(corpus), "--size-mb", str(size_mb), "--seed", "0"]) in (0, None)
+    assert main(["tokenizer", "train", "--input", str(corpus), "--output", str(out / name),
+                 "--vocab-size", str(vocab_size)]) in (0, None)
+    assert main(["preprocess", "--input", str(corpus), "--output-prefix", str(out / "corpus"),
+                 "--tokenizer", str(out / f"{name}.model"), "--workers", "1"]) in (0, None)
+    return out / "corpus", out / f"{name}.model"

@@ -75,7 +75,7 @@ class Trainer:
         self.comm = CommCounter(groups, enabled=comm_stats_enabled(config.log.comm_stats))
         self.groups = groups
         self.chunks = chunks
-        self.model = chunks[0]  # the whole model when pp = 1 (generation)
+        self.model = chunks[0]  # the whole model when pp = 1
         self.optimizer = optimizer
         self.executor = PipelineExecutor(
             chunks,

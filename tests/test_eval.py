@@ -18,7 +18,7 @@ from megalm.eval.run import load_evaluator
 from megalm.eval.tasks import Example, Scores, TaskError, accuracies, calibrate, class_probabilities, load_task
 from megalm.data.corpus import build_world
 from megalm.eval.world import world_task
-from megalm.testing import run_distributed
+from megalm.testing import corpus_token_files, run_distributed
 from megalm.topology import Topology
 from megalm.train import build_trainer
 
@@ -175,15 +175,10 @@ def test_world_task_is_well_formed() -> None:
 def corpus_run(tmp_path_factory) -> Path:
     """The quickstart's recipe, small: 0.5 MB of corpus, a 1024-piece tokenizer, 100 steps at tp 1."""
     out = tmp_path_factory.mktemp("world")
-    corpus = out / "corpus.jsonl"
-    assert main(["data", "corpus", str(corpus), "--size-mb", "0.5", "--seed", "0"]) in (0, None)
-    assert main(["tokenizer", "train", "--input", str(corpus), "--output", str(out / "tok"),
-                 "--vocab-size", "1024"]) in (0, None)
-    assert main(["preprocess", "--input", str(corpus), "--output-prefix", str(out / "corpus"),
-                 "--tokenizer", str(out / "tok.model"), "--workers", "1"]) in (0, None)
+    data, tokenizer = corpus_token_files(out, 0.5, 1024)
     assert main(["train", str(ROOT / "configs" / "tiny-corpus.yaml"), "--run-dir", str(out / "run"),
-                 "parallel.tp=1", "train.steps=100", f"data.paths=[{out / 'corpus'}]",
-                 f"data.tokenizer={out / 'tok.model'}", "model.vocab_size=1024", "log.sample_prompts=[]",
+                 "parallel.tp=1", "train.steps=100", f"data.paths=[{data}]",
+                 f"data.tokenizer={tokenizer}", "model.vocab_size=1024", "log.sample_prompts=[]",
                  "train.eval_interval=0"]) == 0
     return out / "run"
 

@@ -215,3 +215,25 @@ def test_a_directory_without_a_checkpoint_is_refused(tmp_path: Path, capsys) -> 
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert f"checkpoint={tmp_path} holds no complete checkpoint" in err, err
+
+
+def test_harness_is_greedy_generates_from_the_context_the_loglikelihood_scores(pairs_run: dict) -> None:
+    # A PrefixLM fine-tuned on pairs scores an empty context's continuation after <sep> alone; the
+    # harness's is_greedy must generate from those same ids (it once generated after eos <sep>).
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed")
+    from lm_eval.api.instance import Instance
+
+    from megalm.eval.harness import MegalmLM
+    from megalm.eval.run import load_evaluator
+
+    evaluator = load_evaluator(pairs_run["run"], batch_size=4)
+    tokenizer = evaluator.tokenizer
+    assert evaluator.context_ids([]) == [tokenizer.sep_id]
+    chunks, groups = evaluator.trainer.chunks, evaluator.trainer.groups
+    own = generate(chunks, groups, [[tokenizer.sep_id]], Sampling(max_new_tokens=4))[0]
+    other = generate(chunks, groups, [[tokenizer.eos_id, tokenizer.sep_id]], Sampling(max_new_tokens=4))[0]
+    text = tokenizer.decode(own[:2])
+    _, continuation = evaluator.encode_pair("", text)
+    assert continuation == own[:len(continuation)] != other[:len(continuation)]  # the two contexts disagree
+    (_, greedy), = MegalmLM(evaluator=evaluator, batch_size=4).loglikelihood([Instance("loglikelihood", {}, ("", text), 0)])
+    assert greedy

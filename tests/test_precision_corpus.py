@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from megalm.cli import main
 from megalm.config import load_config
 from megalm.distributed import ParallelGroups
+from megalm.testing import corpus_token_files
 from megalm.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,14 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.nightly]
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("quickstart")
-    corpus = out / "corpus.jsonl"
-    assert main(["data", "corpus", str(corpus), "--size-mb", "2", "--seed", "0"]) in (0, None)
-    assert main(["tokenizer", "train", "--input", str(corpus), "--output", str(out / "megalm-sample"),
-                 "--vocab-size", "2048"]) in (0, None)
-    assert main(["preprocess", "--input", str(corpus), "--output-prefix", str(out / "corpus"),
-                 "--tokenizer", str(out / "megalm-sample.model"), "--workers", "1"]) in (0, None)
-    return {"data": out / "corpus", "tokenizer": out / "megalm-sample.model"}
+    data, tokenizer = corpus_token_files(tmp_path_factory.mktemp("quickstart"), 2, 2048, "megalm-sample")
+    return {"data": data, "tokenizer": tokenizer}
 
 
 def final_loss(corpus: dict[str, Path], precision: str) -> float:

@@ -25,7 +25,6 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from megalm.config import ConfigError
-from megalm.data.dataset import pair_prefix
 from megalm.distributed import ParallelGroups, resolve_device
 from megalm.eval.run import Evaluator, load_evaluator
 from megalm.generate import Sampling, encode_prompt, generate
@@ -59,9 +58,8 @@ class MegalmLM(LM):
         self.evaluator = evaluator
         self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
-        config = evaluator.config
-        self.seq_length = config.model.seq_length
-        self.pairs = config.model.family == "prefixlm" and config.data.kind == "pairs"
+        self.seq_length = evaluator.config.model.seq_length
+        self.pairs = evaluator.pairs
         self._device = evaluator.trainer.groups.device
 
     @property
@@ -70,8 +68,6 @@ class MegalmLM(LM):
 
     def _generate(self, prompts: Sequence[list[int]], sampling: Sampling) -> list[list[int]]:
         trainer = self.evaluator.trainer
-        for chunk in trainer.chunks:
-            chunk.train(False)
         out: list[list[int]] = []
         for start in range(0, len(prompts), self.batch_size):
             out.extend(generate(trainer.chunks, trainer.groups, prompts[start:start + self.batch_size], sampling))
@@ -88,8 +84,7 @@ class MegalmLM(LM):
             # the context generate sees: as loglikelihoods keeps it, and room for the continuation
             prompts = []
             for i in indices:
-                context = pairs[i][0] or [self.tokenizer.eos_id]
-                context = pair_prefix(context, self.tokenizer.sep_id) if self.pairs else context
+                context = self.evaluator.context_ids(pairs[i][0])
                 prompts.append(context[-(self.seq_length - length):] if length < self.seq_length else context[-1:])
             outputs = self._generate(prompts, Sampling(max_new_tokens=max(length, 1)))
             for i, ids in zip(indices, outputs):
@@ -136,10 +131,8 @@ class MegalmLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         results: list[Optional[str]] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
-        settings = []
         for index, request in enumerate(requests):
-            settings.append(self._sampling(dict(request.args[1] or {})))
-            sampling, until = settings[-1]
+            sampling, until = self._sampling(dict(request.args[1] or {}))
             groups.setdefault((sampling, tuple(until)), []).append(index)
         for (sampling, until), indices in groups.items():
             prompts = [encode_prompt(self.tokenizer, requests[i].args[0], self.pairs) or [self.tokenizer.eos_id]

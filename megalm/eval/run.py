@@ -25,6 +25,7 @@ from megalm.checkpoint.weights import find_checkpoint, load_model_weights, read_
 from megalm.config import ConfigError, config_from_dict, validate
 from megalm.data.batch import Batch
 from megalm.data.dataset import pair_prefix
+from megalm.data.pipeline import DataSources, build_sampler, build_sources
 from megalm.distributed import ParallelGroups, all_reduce_
 from megalm.eval.tasks import (
     DEFAULT_CONTENT_FREE, Example, Scores, TaskError, accuracies, chance, few_shot_prefix, load_task,
@@ -38,6 +39,7 @@ class Evaluator:
     checkpoint: Path
     metadata: dict
     batch_size: int
+    sources: DataSources  # the train/valid/test splits the trainer was built with
 
     @property
     def config(self):
@@ -50,10 +52,7 @@ class Evaluator:
     def loss(self, split: str = "valid", batches: Optional[int] = None) -> dict:
         """Mean token loss and perplexity over the first `batches` global batches of a split, as the
         trainer's evaluation computes them (train.eval_batches by default)."""
-        from megalm.data.pipeline import build_sampler, build_sources
-
-        sources = build_sources(self.config)
-        source = getattr(sources, split)
+        source = getattr(self.sources, split)
         if source is None:
             raise ConfigError(f"the {split} split is empty (data.split={self.config.data.split}); choose another --split")
         groups = self.trainer.groups
@@ -64,6 +63,17 @@ class Evaluator:
         tokens = self.config.train.eval_batches * self.config.train.global_batch_size * self.config.model.seq_length
         return {"split": split, "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "batches":
                 self.config.train.eval_batches, "tokens": tokens}
+
+    @property
+    def pairs(self) -> bool:
+        """A PrefixLM fine-tuned on pairs: its contexts end in <sep>, as its training prefixes did."""
+        return self.config.model.family == "prefixlm" and self.config.data.kind == "pairs"
+
+    def context_ids(self, context: list[int]) -> list[int]:
+        """The ids a continuation is scored after (loglikelihoods) or generated from (the harness's
+        is_greedy): the context, then <sep> for a model fine-tuned on pairs; eos for an empty one."""
+        ids = pair_prefix(context, self.tokenizer.sep_id) if self.pairs else list(context)
+        return ids or [self.tokenizer.eos_id]  # an empty context: the first token is predicted after eos
 
     @torch.no_grad()
     def loglikelihoods(self, requests: Sequence[tuple[list[int], list[int]]]) -> list[float]:
@@ -82,7 +92,6 @@ class Evaluator:
             message_dtype=param_dtype(config),
         )
         prefixlm = config.model.family == "prefixlm"
-        pairs = prefixlm and config.data.kind == "pairs"
         for context, continuation in requests:  # checked on every rank before any of them starts
             if len(continuation) > seq:
                 raise TaskError(
@@ -101,11 +110,7 @@ class Evaluator:
             mask = torch.zeros(rows, seq)
             prefix = torch.ones(rows, dtype=torch.long)
             for row, (context, continuation) in enumerate(group):
-                if pairs:
-                    context = pair_prefix(context, self.tokenizer.sep_id)
-                if not context:
-                    context = [self.tokenizer.eos_id]  # an empty context: the first token is predicted after eos
-                context = context[-(seq + 1 - len(continuation)):]
+                context = self.context_ids(context)[-(seq + 1 - len(continuation)):]
                 full = context + continuation
                 tokens[row, :len(full) - 1] = torch.tensor(full[:-1])
                 labels[row, :len(full) - 1] = torch.tensor(full[1:])
@@ -195,9 +200,10 @@ def load_evaluator(
     config.train.micro_batch_size = math.gcd(config.train.micro_batch_size, config.train.global_batch_size // parallel.dp or 1)
     validate(config, world)
     groups = groups or ParallelGroups.single()
-    trainer = build_trainer(config, groups, None, training=False)  # its evaluate() is the loss
+    sources = build_sources(config)  # once: the trainer's data and loss()'s splits
+    trainer = build_trainer(config, groups, None, sources, training=False)  # its evaluate() is the loss
     path, metadata = load_model_weights(trainer.chunks, groups, path, "megalm eval")
-    return Evaluator(trainer, path, metadata, batch_size)
+    return Evaluator(trainer, path, metadata, batch_size, sources)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

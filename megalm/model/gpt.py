@@ -127,6 +127,13 @@ class GPTModel(nn.Module):
         """The dtype of the parameters (fp32, or bf16/fp16 under mixed precision)."""
         return next(self.parameters()).dtype
 
+    def _rotary_table(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary cos, sin [seq_len, 1, 1, d], computed once per (length, device), not every forward."""
+        key = (seq_len, device)
+        if key not in self._rotary:
+            self._rotary[key] = rotary_cos_sin(seq_len, self.cfg.head_dim(), self.cfg.rotary_base, device)
+        return self._rotary[key]
+
     def _output_weight(self) -> torch.Tensor:
         return self.embedding.word.weight if self.output_weight is None else self.output_weight
 
@@ -170,13 +177,6 @@ class GPTModel(nn.Module):
         losses = vocab_parallel_cross_entropy(logits, labels.t(), self.groups, self.cfg.vocab_size)  # [s, b]
         return losses.t()
 
-    def _rotary_table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of positions 0..length-1: computed once per length and device, not every forward."""
-        key = (length, device)
-        if key not in self._rotary:
-            self._rotary[key] = rotary_cos_sin(length, self.cfg.head_dim(), self.cfg.rotary_base, device)
-        return self._rotary[key]
-
     def decode(
         self,
         inputs: torch.Tensor,
@@ -186,7 +186,7 @@ class GPTModel(nn.Module):
     ) -> torch.Tensor:
         """Generation's forward (megalm.generate), without sequence parallel.
 
-        inputs: token ids [b, s] (first stage) or hidden states [s, b, h]; positions [b, s] of each
+        inputs: token ids [b, s] (first stage) or hidden states [s, b, h]; positions [b, s] (< seq_length) of each
         token (left-padded prompts start later); attn_mask [b, 1, s, keys] bool over the cached keys
         then these; caches: {global layer index: LayerCache} or None (the inputs are then the whole
         sequence). Returns vocab-split logits [s, b, v/tp] on the last stage, hidden states elsewhere.
@@ -196,8 +196,7 @@ class GPTModel(nn.Module):
         hidden = self.embedding(inputs, positions) if self.is_first else inputs.to(self.dtype)
         rotary = None
         if self.cfg.position_embedding == "rotary":
-            longest = int(positions.max()) + 1
-            cos, sin = self._rotary_table(max(longest, self.cfg.seq_length), hidden.device)  # [S, 1, 1, d]
+            cos, sin = self._rotary_table(self.cfg.seq_length, hidden.device)  # [seq_length, 1, 1, d]
             rotary = cos[positions.t()].squeeze(2), sin[positions.t()].squeeze(2)  # [s, b, 1, d]
         for index, layer in self.layers.items():
             # .forward: eager even under train.compile (a compiled layer would recompile for every
