@@ -31,6 +31,7 @@ under "megalm".
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -208,15 +209,8 @@ def export_gpt2(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = 
         files += write_hf_tokenizer(source_tokenizer, out, cfg.max_positions())
     (out / "config.json").write_text(json.dumps(gpt2_config(config, target, eos, pad), indent=2) + "\n")
     return {"checkpoint": path, "step": metadata["step"], "files": files, "tensors": len(plan),
-            "parameters": sum(_numel(shape) for *_, shape in plan), "bytes": (out / WEIGHTS_FILE).stat().st_size,
+            "parameters": sum(math.prod(shape) for *_, shape in plan), "bytes": (out / WEIGHTS_FILE).stat().st_size,
             "dtype": _HF_DTYPE_NAMES[target], "tokenizer": source_tokenizer is not None}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 # ---- import ---------------------------------------------------------------------------------------------
