@@ -45,8 +45,8 @@ from megalm.checkpoint.weights import find_checkpoint
 from megalm.config import Config, ModelConfig, config_from_dict, config_to_dict, config_to_yaml
 from megalm.interop.hf_tokenizer import MEGALM_TOKENIZER, write_hf_tokenizer
 from megalm.interop.safetensors_stream import StreamingSafetensorsWriter
+from megalm.model.gpt import PARAM_DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS_FILE = "model.safetensors"
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _LINEARS = {"attn.proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
@@ -175,7 +175,7 @@ def export_gpt2(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = 
     config = config_from_dict(metadata["config"], source=str(path))
     cfg = config.model
     check_exportable(cfg, str(path))
-    target = DTYPES[dtype or config.train.precision]
+    target = PARAM_DTYPES[dtype or config.train.precision]
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InteropError(f"export output {out} exists and is not an empty directory: name a new directory")
@@ -354,10 +354,12 @@ def import_model(source: str | Path, out: str | Path, family: Optional[str] = No
         tokenizer_hash = Tokenizer.load(out / "tokenizer.model").hash
     elif config.data.tokenizer is not None and Path(config.data.tokenizer).is_file():
         tokenizer_hash = Tokenizer.load(config.data.tokenizer).hash
-    dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in state.values()})
-    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtypes[0]) if len(dtypes) == 1 else None
+    dtypes = {tensor.dtype for tensor in state.values()}
+    precisions = {dtype: name for name, dtype in PARAM_DTYPES.items()}
+    precision = precisions.get(next(iter(dtypes))) if len(dtypes) == 1 else None
     if precision is None:
-        raise InteropError(f"{source}: tensors of dtype {', '.join(dtypes)}; megalm needs them all fp32, bf16 or fp16")
+        names = sorted(str(dtype).removeprefix("torch.") for dtype in dtypes)
+        raise InteropError(f"{source}: tensors of dtype {', '.join(names)}; megalm needs them all fp32, bf16 or fp16")
     config.train.precision = precision
     config.train.run_dir = str(out)
     config.train.init_from = None
