@@ -49,8 +49,6 @@ from megalm.model.gpt import PARAM_DTYPES
 
 WEIGHTS_FILE = "model.safetensors"
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_LINEARS = {"attn.proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-_NORMS = {"ln1": "ln_1", "ln2": "ln_2"}
 
 
 class InteropError(CheckpointError):
@@ -65,14 +63,15 @@ def tensor_plan(cfg: ModelConfig) -> list[tuple[str, str, str, tuple[int, ...]]]
             ("transformer.wpe.weight", "embedding.position", "copy", (cfg.max_positions(), h))]
     for i in range(cfg.num_layers):
         ours, theirs = f"layers.{i}.", f"transformer.h.{i}."
-        for norm, name in _NORMS.items():
-            if norm == "ln2":
-                plan += [(f"{theirs}attn.c_attn.weight", f"{ours}attn.qkv.weight", "qkv", (h, 3 * h)),
-                         (f"{theirs}attn.c_attn.bias", f"{ours}attn.qkv.bias", "qkv", (3 * h,)),
-                         (f"{theirs}attn.c_proj.weight", f"{ours}attn.proj.weight", "transpose", (h, h)),
-                         (f"{theirs}attn.c_proj.bias", f"{ours}attn.proj.bias", "copy", (h,))]
-            plan += [(f"{theirs}{name}.{kind}", f"{ours}{norm}.{kind}", "copy", (h,)) for kind in ("weight", "bias")]
-        plan += [(f"{theirs}mlp.c_fc.weight", f"{ours}mlp.fc1.weight", "transpose", (h, ffn)),
+        plan += [(f"{theirs}ln_1.weight", f"{ours}ln1.weight", "copy", (h,)),
+                 (f"{theirs}ln_1.bias", f"{ours}ln1.bias", "copy", (h,)),
+                 (f"{theirs}attn.c_attn.weight", f"{ours}attn.qkv.weight", "qkv", (h, 3 * h)),
+                 (f"{theirs}attn.c_attn.bias", f"{ours}attn.qkv.bias", "qkv", (3 * h,)),
+                 (f"{theirs}attn.c_proj.weight", f"{ours}attn.proj.weight", "transpose", (h, h)),
+                 (f"{theirs}attn.c_proj.bias", f"{ours}attn.proj.bias", "copy", (h,)),
+                 (f"{theirs}ln_2.weight", f"{ours}ln2.weight", "copy", (h,)),
+                 (f"{theirs}ln_2.bias", f"{ours}ln2.bias", "copy", (h,)),
+                 (f"{theirs}mlp.c_fc.weight", f"{ours}mlp.fc1.weight", "transpose", (h, ffn)),
                  (f"{theirs}mlp.c_fc.bias", f"{ours}mlp.fc1.bias", "copy", (ffn,)),
                  (f"{theirs}mlp.c_proj.weight", f"{ours}mlp.fc2.weight", "transpose", (ffn, h)),
                  (f"{theirs}mlp.c_proj.bias", f"{ours}mlp.fc2.bias", "copy", (h,))]
