@@ -187,8 +187,7 @@ def export_gpt2(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = 
     writer = StreamingSafetensorsWriter(out / WEIGHTS_FILE, [(name, shape, target) for name, _, _, shape in plan])
     try:
         for hf_name, name, conversion, shape in plan:
-            kind = "master" if (name, "master") in index.pieces else "param"
-            value = to_gpt2(conversion, index.full(name, kind), cfg)  # the full tensor lives as long as its view
+            value = to_gpt2(conversion, index.full(name, index.value_kind(name)), cfg)  # the full tensor lives as long as its view
             if tuple(value.shape) != shape:
                 raise InteropError(f"{path}: {name} is {tuple(value.shape)} as GPT-2's {hf_name}, the model config "
                                    f"says {shape}")
