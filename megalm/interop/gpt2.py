@@ -327,6 +327,7 @@ def _read_convert_file(file: Path) -> tuple[Config, dict[str, torch.Tensor]]:
 def import_model(source: str | Path, out: str | Path, family: Optional[str] = None) -> dict[str, Any]:
     """A megalm run directory `out` holding a step-0 checkpoint of `source`: a transformers GPT-2
     directory or a `megalm convert` file. `family` overrides the model family (lm / prefixlm)."""
+    from megalm.checkpoint import checkpoint_layout
     from megalm.data.tokenizer import Tokenizer
     from megalm.distributed import ParallelGroups
     from megalm.model.gpt import build_model
@@ -381,9 +382,7 @@ def import_model(source: str | Path, out: str | Path, family: Optional[str] = No
     rng.seed_replicated()
     rng_state = rng.state_dict()
     torch.set_rng_state(saved_rng)
-    layout = {"tp": 1, "pp": 1, "dp": 1, "zero_stage": config.parallel.zero_stage,
-              "virtual_stages": config.parallel.virtual_stages, "pipeline_layers": config.parallel.pipeline_layers,
-              "sequence_parallel": config.parallel.sequence_parallel}
+    layout = checkpoint_layout(groups.topology, config.parallel)
     metadata = {
         "megalm_version": megalm.__version__, "config": config_to_dict(config), "layout": layout, "world_size": 1,
         "consumed_samples": 0, "optimizer_steps": 0,
