@@ -187,11 +187,12 @@ def export_gpt2(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = 
     writer = StreamingSafetensorsWriter(out / WEIGHTS_FILE, [(name, shape, target) for name, _, _, shape in plan])
     try:
         for hf_name, name, conversion, shape in plan:
-            value = to_gpt2(conversion, index.full(name, index.value_kind(name)), cfg)  # the full tensor lives as long as its view
+            # the full tensor lives as long as its view; one contiguous copy is written (the cast's, else the writer's)
+            value = to_gpt2(conversion, index.full(name, index.value_kind(name)), cfg)
             if tuple(value.shape) != shape:
                 raise InteropError(f"{path}: {name} is {tuple(value.shape)} as GPT-2's {hf_name}, the model config "
                                    f"says {shape}")
-            writer.write(hf_name, value.to(target))
+            writer.write(hf_name, value.to(target, memory_format=torch.contiguous_format))
             del value
         writer.close()
     except BaseException:
