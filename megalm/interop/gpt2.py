@@ -45,7 +45,7 @@ from megalm.checkpoint.weights import find_checkpoint
 from megalm.config import Config, ModelConfig, config_from_dict, config_to_dict, config_to_yaml
 from megalm.interop.hf_tokenizer import MEGALM_TOKENIZER, write_hf_tokenizer
 from megalm.interop.safetensors_stream import StreamingSafetensorsWriter
-from megalm.model.gpt import PARAM_DTYPES
+from megalm.model.gpt import PARAM_DTYPES, build_model
 
 WEIGHTS_FILE = "model.safetensors"
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -331,7 +331,6 @@ def import_model(source: str | Path, out: str | Path, family: Optional[str] = No
     from megalm.checkpoint import checkpoint_layout
     from megalm.data.tokenizer import Tokenizer
     from megalm.distributed import ParallelGroups
-    from megalm.model.gpt import build_model
     from megalm.parallel.random import ParallelRNG
 
     source, out = Path(source), Path(out)
