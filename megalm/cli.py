@@ -66,10 +66,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.world_size is not None and not args.dry_run:
         raise ConfigError("--world-size only applies to --dry-run: torchrun sets the world size of a real run")
     config, topology = _load(args, args.dry_run)
-    config.log.check_packages()
     if args.dry_run:
         from megalm.train import dry_run_report
 
+        config.log.check_packages()  # a real run checks them in check_before_start
         print(config_to_yaml(config))
         print(dry_run_report(config, topology))
         warning = periodic_save_warning(config, topology.world_size)

@@ -43,14 +43,17 @@ from megalm.faults import maybe_inject
 __all__ = ["Checkpointer", "CheckpointError", "CheckpointStore"]
 
 
-def _layout(trainer) -> dict:
-    topology = trainer.groups.topology
-    parallel = trainer.config.parallel
+def checkpoint_layout(topology, parallel) -> dict:
+    """The layout a checkpoint records: the topology and the parallel settings its pieces were cut by."""
     return {
         "tp": topology.tp, "pp": topology.pp, "dp": topology.dp, "zero_stage": parallel.zero_stage,
         "virtual_stages": parallel.virtual_stages, "pipeline_layers": parallel.pipeline_layers,
         "sequence_parallel": parallel.sequence_parallel,
     }
+
+
+def _layout(trainer) -> dict:
+    return checkpoint_layout(trainer.groups.topology, trainer.config.parallel)
 
 
 def _lower_priority() -> None:

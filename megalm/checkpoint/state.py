@@ -352,6 +352,11 @@ class PieceIndex:
         for piece in payload["pieces"]:
             self.pieces.setdefault((piece["name"], piece["kind"]), []).append(piece)
 
+    def value_kind(self, name: str) -> str:
+        """The kind a parameter's value is read from: "master" where the checkpoint saved its fp32
+        master (a bf16 or fp16 run), else "param"."""
+        return "master" if (name, "master") in self.pieces else "param"
+
     def full(self, name: str, kind: str) -> torch.Tensor:
         """The full tensor of (name, kind) at its saved shape."""
         pieces = self.pieces.get((name, kind))
@@ -494,7 +499,7 @@ def restore_weights(chunks: list[nn.Module], optimizer: Any, groups, index: Piec
     values: dict[int, tuple[str, torch.Tensor]] = {}
     with torch.no_grad():
         for name, param in named_params(chunks):
-            value = index.shard(name, "master" if (name, "master") in index.pieces else "param", param, groups)
+            value = index.shard(name, index.value_kind(name), param, groups)
             param.copy_(value)
             values[id(param)] = (name, value)
         for master, segment in zip(view.masters, view.segments) if view is not None else ():

@@ -31,6 +31,7 @@ under "megalm".
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -44,12 +45,10 @@ from megalm.checkpoint.weights import find_checkpoint
 from megalm.config import Config, ModelConfig, config_from_dict, config_to_dict, config_to_yaml
 from megalm.interop.hf_tokenizer import MEGALM_TOKENIZER, write_hf_tokenizer
 from megalm.interop.safetensors_stream import StreamingSafetensorsWriter
+from megalm.model.gpt import PARAM_DTYPES, build_model
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS_FILE = "model.safetensors"
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_LINEARS = {"attn.proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-_NORMS = {"ln1": "ln_1", "ln2": "ln_2"}
 
 
 class InteropError(CheckpointError):
@@ -64,14 +63,15 @@ def tensor_plan(cfg: ModelConfig) -> list[tuple[str, str, str, tuple[int, ...]]]
             ("transformer.wpe.weight", "embedding.position", "copy", (cfg.max_positions(), h))]
     for i in range(cfg.num_layers):
         ours, theirs = f"layers.{i}.", f"transformer.h.{i}."
-        for norm, name in _NORMS.items():
-            if norm == "ln2":
-                plan += [(f"{theirs}attn.c_attn.weight", f"{ours}attn.qkv.weight", "qkv", (h, 3 * h)),
-                         (f"{theirs}attn.c_attn.bias", f"{ours}attn.qkv.bias", "qkv", (3 * h,)),
-                         (f"{theirs}attn.c_proj.weight", f"{ours}attn.proj.weight", "transpose", (h, h)),
-                         (f"{theirs}attn.c_proj.bias", f"{ours}attn.proj.bias", "copy", (h,))]
-            plan += [(f"{theirs}{name}.{kind}", f"{ours}{norm}.{kind}", "copy", (h,)) for kind in ("weight", "bias")]
-        plan += [(f"{theirs}mlp.c_fc.weight", f"{ours}mlp.fc1.weight", "transpose", (h, ffn)),
+        plan += [(f"{theirs}ln_1.weight", f"{ours}ln1.weight", "copy", (h,)),
+                 (f"{theirs}ln_1.bias", f"{ours}ln1.bias", "copy", (h,)),
+                 (f"{theirs}attn.c_attn.weight", f"{ours}attn.qkv.weight", "qkv", (h, 3 * h)),
+                 (f"{theirs}attn.c_attn.bias", f"{ours}attn.qkv.bias", "qkv", (3 * h,)),
+                 (f"{theirs}attn.c_proj.weight", f"{ours}attn.proj.weight", "transpose", (h, h)),
+                 (f"{theirs}attn.c_proj.bias", f"{ours}attn.proj.bias", "copy", (h,)),
+                 (f"{theirs}ln_2.weight", f"{ours}ln2.weight", "copy", (h,)),
+                 (f"{theirs}ln_2.bias", f"{ours}ln2.bias", "copy", (h,)),
+                 (f"{theirs}mlp.c_fc.weight", f"{ours}mlp.fc1.weight", "transpose", (h, ffn)),
                  (f"{theirs}mlp.c_fc.bias", f"{ours}mlp.fc1.bias", "copy", (ffn,)),
                  (f"{theirs}mlp.c_proj.weight", f"{ours}mlp.fc2.weight", "transpose", (ffn, h)),
                  (f"{theirs}mlp.c_proj.bias", f"{ours}mlp.fc2.bias", "copy", (h,))]
@@ -174,7 +174,7 @@ def export_gpt2(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = 
     config = config_from_dict(metadata["config"], source=str(path))
     cfg = config.model
     check_exportable(cfg, str(path))
-    target = DTYPES[dtype or config.train.precision]
+    target = PARAM_DTYPES[dtype or config.train.precision]
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InteropError(f"export output {out} exists and is not an empty directory: name a new directory")
@@ -187,12 +187,12 @@ def export_gpt2(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = 
     writer = StreamingSafetensorsWriter(out / WEIGHTS_FILE, [(name, shape, target) for name, _, _, shape in plan])
     try:
         for hf_name, name, conversion, shape in plan:
-            kind = "master" if (name, "master") in index.pieces else "param"
-            value = to_gpt2(conversion, index.full(name, kind), cfg)  # the full tensor lives as long as its view
+            # the full tensor lives as long as its view; one contiguous copy is written (the cast's, else the writer's)
+            value = to_gpt2(conversion, index.full(name, index.value_kind(name)), cfg)
             if tuple(value.shape) != shape:
                 raise InteropError(f"{path}: {name} is {tuple(value.shape)} as GPT-2's {hf_name}, the model config "
                                    f"says {shape}")
-            writer.write(hf_name, value.to(target))
+            writer.write(hf_name, value.to(target, memory_format=torch.contiguous_format))
             del value
         writer.close()
     except BaseException:
@@ -208,15 +208,8 @@ def export_gpt2(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = 
         files += write_hf_tokenizer(source_tokenizer, out, cfg.max_positions())
     (out / "config.json").write_text(json.dumps(gpt2_config(config, target, eos, pad), indent=2) + "\n")
     return {"checkpoint": path, "step": metadata["step"], "files": files, "tensors": len(plan),
-            "parameters": sum(_numel(shape) for *_, shape in plan), "bytes": (out / WEIGHTS_FILE).stat().st_size,
+            "parameters": sum(math.prod(shape) for *_, shape in plan), "bytes": (out / WEIGHTS_FILE).stat().st_size,
             "dtype": _HF_DTYPE_NAMES[target], "tokenizer": source_tokenizer is not None}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 # ---- import ---------------------------------------------------------------------------------------------
@@ -335,9 +328,9 @@ def _read_convert_file(file: Path) -> tuple[Config, dict[str, torch.Tensor]]:
 def import_model(source: str | Path, out: str | Path, family: Optional[str] = None) -> dict[str, Any]:
     """A megalm run directory `out` holding a step-0 checkpoint of `source`: a transformers GPT-2
     directory or a `megalm convert` file. `family` overrides the model family (lm / prefixlm)."""
+    from megalm.checkpoint import checkpoint_layout
     from megalm.data.tokenizer import Tokenizer
     from megalm.distributed import ParallelGroups
-    from megalm.model.gpt import build_model
     from megalm.parallel.random import ParallelRNG
 
     source, out = Path(source), Path(out)
@@ -360,10 +353,12 @@ def import_model(source: str | Path, out: str | Path, family: Optional[str] = No
         tokenizer_hash = Tokenizer.load(out / "tokenizer.model").hash
     elif config.data.tokenizer is not None and Path(config.data.tokenizer).is_file():
         tokenizer_hash = Tokenizer.load(config.data.tokenizer).hash
-    dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in state.values()})
-    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtypes[0]) if len(dtypes) == 1 else None
+    dtypes = {tensor.dtype for tensor in state.values()}
+    precisions = {dtype: name for name, dtype in PARAM_DTYPES.items()}
+    precision = precisions.get(next(iter(dtypes))) if len(dtypes) == 1 else None
     if precision is None:
-        raise InteropError(f"{source}: tensors of dtype {', '.join(dtypes)}; megalm needs them all fp32, bf16 or fp16")
+        names = sorted(str(dtype).removeprefix("torch.") for dtype in dtypes)
+        raise InteropError(f"{source}: tensors of dtype {', '.join(names)}; megalm needs them all fp32, bf16 or fp16")
     config.train.precision = precision
     config.train.run_dir = str(out)
     config.train.init_from = None
@@ -387,9 +382,7 @@ def import_model(source: str | Path, out: str | Path, family: Optional[str] = No
     rng.seed_replicated()
     rng_state = rng.state_dict()
     torch.set_rng_state(saved_rng)
-    layout = {"tp": 1, "pp": 1, "dp": 1, "zero_stage": config.parallel.zero_stage,
-              "virtual_stages": config.parallel.virtual_stages, "pipeline_layers": config.parallel.pipeline_layers,
-              "sequence_parallel": config.parallel.sequence_parallel}
+    layout = checkpoint_layout(groups.topology, config.parallel)
     metadata = {
         "megalm_version": megalm.__version__, "config": config_to_dict(config), "layout": layout, "world_size": 1,
         "consumed_samples": 0, "optimizer_steps": 0,

@@ -28,9 +28,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from megalm.data.tokenizer import Tokenizer
+from megalm.data.tokenizer import _META, Tokenizer
 
-_META = "\u2581"
+MEGALM_TOKENIZER = "megalm_tokenizer.model"  # the sentencepiece model itself, next to tokenizer.json
 SPECIAL_ROLES = {"pad_token": "pad_id", "eos_token": "eos_id", "unk_token": "unk_id", "sep_token": "sep_id"}
 CONTROL_SCORE = -1e9
 
@@ -94,6 +94,3 @@ def write_hf_tokenizer(tokenizer: Tokenizer, out: Path, max_length: int) -> list
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tokenizer, max_length), indent=2) + "\n")
     (out / MEGALM_TOKENIZER).write_bytes(Path(tokenizer.path).read_bytes())
     return ["tokenizer.json", "tokenizer_config.json", MEGALM_TOKENIZER]
-
-
-MEGALM_TOKENIZER = "megalm_tokenizer.model"

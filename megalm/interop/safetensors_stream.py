@@ -12,6 +12,7 @@ checks that what arrives is what was announced.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -35,7 +36,7 @@ class StreamingSafetensorsWriter:
         header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for name, shape, dtype in self.entries:
-            size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -74,10 +75,3 @@ class StreamingSafetensorsWriter:
     def abort(self) -> None:
         self.handle.close()
         self.part.unlink(missing_ok=True)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= int(size)
-    return count
