@@ -1,15 +1,19 @@
 """README.md and docs/*.md stay true to the code: every `megalm` command and flag they show exists in
 the real parser (megalm.cli.build_parser), every `section.key` they name is a real config key, and
-every relative link and repository path they give points at a file or folder that exists."""
+every relative link, repository path and `megalm.module.name` they give exists."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+
+from torch.distributed.run import get_args_parser
 
 from megalm.cli import build_parser
 from megalm.config import Config
@@ -81,6 +85,22 @@ def parser_problems(uses: list[tuple[list[str], list[str]]], parser: argparse.Ar
     return problems
 
 
+def all_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of the parser and of all its subcommands, at any depth."""
+    options = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                options |= all_options(subparser)
+    return options
+
+
+def loose_flags(text: str) -> list[str]:
+    """Flags shown on their own in inline code (`--no-cache`, `--top-k K`), outside any command."""
+    return [span.split()[0].split("=", 1)[0] for span in _INLINE.findall(_FENCE.sub("", text))
+            if re.match(r"--[a-z][a-z0-9-]*(?:[ =]|$)", span)]
+
+
 # `section.key` anywhere (prose, code, `key=value`), not inside a module path (`megalm.data.x`,
 # `torch.distributed`), a file path (`megalm/train.py`) or a file name (`train.py`, `data.bin`).
 _FILE_SUFFIXES = {"py", "yaml", "yml", "md", "sh", "json", "jsonl", "bin", "idx", "pt", "txt", "sbatch", "model", "safetensors"}
@@ -100,6 +120,46 @@ def config_keys() -> dict[str, set[str]]:
         cls = type(getattr(config, section.name))
         keys[section.name] = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "ALIASES", {}))
     return keys
+
+
+_DOTTED = re.compile(r"(?<![\w./-])megalm(?:\.[a-z_][a-z0-9_]*)+")
+
+
+def python_name_problems(text: str) -> list[str]:
+    """Dotted names in code spans (`megalm.data.dataset.pair_prefix`, `python -m megalm.plan.measure`)
+    that name no module, or no top-level definition (or class member) in the module's source."""
+    problems = []
+    for name in sorted({name for snippet in code_snippets(text) for name in _DOTTED.findall(snippet)}):
+        parts = name.split(".")
+        module = next(i for i in range(len(parts), 0, -1) if _module_exists(".".join(parts[:i])))
+        spec = importlib.util.find_spec(".".join(parts[:module]))
+        scope = ast.parse(Path(spec.origin).read_text(encoding="utf-8")).body if spec and spec.origin else []
+        for part in parts[module:]:
+            found = [node for node in scope if part in _defined_names(node)]
+            if not found:
+                problems.append(f"`{name}`: {'.'.join(parts[:module])} defines no {part!r}")
+                break
+            scope = found[0].body if isinstance(found[0], ast.ClassDef) else []
+    return problems
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _defined_names(node: ast.stmt) -> set[str]:
+    """The names one module- or class-level statement defines."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return {n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return set()
 
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -132,6 +192,10 @@ def page_problems(page: Path, parser: argparse.ArgumentParser, root: Path = ROOT
     text = page.read_text(encoding="utf-8")
     uses = [use for snippet in code_snippets(text) for use in command_uses(snippet)]
     problems = parser_problems(uses, parser)
+    known = all_options(parser) | all_options(get_args_parser())  # megalm's and torchrun's options
+    problems += [f"`{flag}`: no megalm command (or torchrun) has this option" for flag in loose_flags(text)
+                 if flag not in known]
+    problems += python_name_problems(text)
     keys = config_keys()
     for key in config_keys_named(text, set(keys)):
         section, name = key.split(".")
@@ -199,8 +263,11 @@ def test_planted_mistakes_in_a_copy_of_a_page_are_each_reported(tmp_path: Path) 
         "`megalm trian configs/tiny.yaml`": "`megalm trian`: no such command",
         "```bash\nmegalm data corpus x.jsonl --size 2\n```": "`megalm data corpus --size`: no such option",
         "`megalm generate runs/x --tp 2 --top_k 5`": "`megalm generate --top_k`: no such option",
+        "Pass `--no-kv-cache` to check.": "`--no-kv-cache`: no megalm command (or torchrun) has this option",
         "Set train.micro_batch to 2.": "`train.micro_batch` is not a config key",
         "`parallel.tensor_parallel=2`": "`parallel.tensor_parallel` is not a config key",
+        "`megalm.data.dataset.pair_prefx`": "`megalm.data.dataset.pair_prefx`: megalm.data.dataset defines no 'pair_prefx'",
+        "`python -m megalm.plan.measures`": "`megalm.plan.measures`: megalm.plan defines no 'measures'",
         "[the guide](docs/nowhere.md)": "link (docs/nowhere.md) points at no file",
         "`configs/tiny-typo.yaml`": "`configs/tiny-typo.yaml` does not exist",
     }

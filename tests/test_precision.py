@@ -2,8 +2,8 @@
 
 In bf16/fp16 the model's parameters are low precision and read directly by the matmuls; the
 weight gradients accumulate in fp32 main-grad buckets; the optimizer keeps fp32 masters and
-moments. The bytes a rank holds are summed from the real tensors and compared with the README's
-table and the planner (megalm.plan) exactly.
+moments. The bytes a rank holds are summed from the real tensors and compared with the table in
+docs/precision.md and the planner (megalm.plan) exactly.
 """
 
 from __future__ import annotations
@@ -105,9 +105,9 @@ def _config(dp: int, precision: str, zero: int) -> Config:
     )
 
 
-def readme_bytes_per_parameter() -> dict[tuple[str, bool], str]:
-    """The README's "Bytes per parameter" table: (precision, ZeRO-1) -> total as an expression in dp."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def documented_bytes_per_parameter() -> dict[tuple[str, bool], str]:
+    """docs/precision.md's "Bytes per parameter" table: (precision, ZeRO-1) -> total as an expression in dp."""
+    text = (ROOT / "docs" / "precision.md").read_text(encoding="utf-8")
     section = text[text.index("### Bytes per parameter"):]
     table: dict[tuple[str, bool], str] = {}
     for line in section.splitlines()[1:]:
@@ -123,7 +123,7 @@ def readme_bytes_per_parameter() -> dict[tuple[str, bool], str]:
 
 def _eval_bytes(expression: str, dp: int) -> float:
     if not set(expression) <= set("0123456789 +/*().dp"):
-        raise AssertionError(f"unexpected README entry {expression!r}")
+        raise AssertionError(f"unexpected docs/precision.md entry {expression!r}")
     return eval(expression, {"__builtins__": {}}, {"dp": dp})  # digits, + / * and dp only (checked above)
 
 
@@ -195,14 +195,14 @@ def test_fp32_without_zero_holds_no_master_copy(held_bytes) -> None:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("zero", [0, 1])
-def test_bytes_per_parameter_equal_readme_and_planner(held_bytes, precision, zero) -> None:
-    table = readme_bytes_per_parameter()
+def test_bytes_per_parameter_equal_docs_and_planner(held_bytes, precision, zero) -> None:
+    table = documented_bytes_per_parameter()
     cluster, numerics = load_cluster("a100-80gb"), get_numerics("megalm")
     param_bytes = 4 if precision == "fp32" else 2
     for dp, ranks in held_bytes.items():
         measured = [per_rank[(precision, zero)] for per_rank in ranks]
         params, padded = measured[0]["params"], measured[0]["padded"]
-        # README: per-rank bytes per parameter. Summed over the dp ranks the ZeRO-1 shards add up to the
+        # docs/precision.md: per-rank bytes per parameter. Summed over the dp ranks the ZeRO-1 shards add up to the
         # whole model, so the sum is exact: dp x table x params, plus the buckets' padding (< dp elements
         # per bucket) in the fp32 bucket, the parameter bucket and the fp32 shard of the last rank.
         pad = padded - params
