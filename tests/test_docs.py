@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from torch.distributed.run import get_args_parser
 
 from megalm.cli import build_parser
@@ -238,7 +237,7 @@ def test_extraction_finds_commands_flags_and_keys_in_code_and_prose() -> None:
         "python -m megalm.eval.harness --model megalm --tasks t\n"
         "```\n\n"
         "With parallel.tp set (and `optim.lr: 1e-3`) megalm.data.dataset, megalm/train.py, train.py "
-        "and checkpoint.async are fine.\n"
+        "configs/tiny.yaml, PREFIX.bin and checkpoint.async are fine.\n"
     )
     uses = [use for snippet in code_snippets(text) for use in command_uses(snippet)]
     assert uses == [
@@ -266,6 +265,7 @@ def test_planted_mistakes_in_a_copy_of_a_page_are_each_reported(tmp_path: Path) 
         "Pass `--no-kv-cache` to check.": "`--no-kv-cache`: no megalm command (or torchrun) has this option",
         "Set train.micro_batch to 2.": "`train.micro_batch` is not a config key",
         "`parallel.tensor_parallel=2`": "`parallel.tensor_parallel` is not a config key",
+        "```bash\nmegalm train configs/tiny.yaml optim.lrr=3e-4   # a comment\n```": "`optim.lrr` is not a config key",
         "`megalm.data.dataset.pair_prefx`": "`megalm.data.dataset.pair_prefx`: megalm.data.dataset defines no 'pair_prefx'",
         "`python -m megalm.plan.measures`": "`megalm.plan.measures`: megalm.plan defines no 'measures'",
         "[the guide](docs/nowhere.md)": "link (docs/nowhere.md) points at no file",
