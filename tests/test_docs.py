@@ -102,7 +102,8 @@ def loose_flags(text: str) -> list[str]:
 
 # `section.key` anywhere (prose, code, `key=value`), not inside a module path (`megalm.data.x`,
 # `torch.distributed`), a file path (`megalm/train.py`) or a file name (`train.py`, `data.bin`).
-_FILE_SUFFIXES = {"py", "yaml", "yml", "md", "sh", "json", "jsonl", "bin", "idx", "pt", "txt", "sbatch", "model", "safetensors"}
+_FILE_SUFFIXES = {"py", "yaml", "yml", "md", "sh", "json", "jsonl", "bin", "idx", "pt", "txt", "sbatch", "model",
+                  "safetensors"}
 
 
 def config_keys_named(text: str, sections: set[str]) -> list[str]:
