@@ -139,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         trainer.fit(start_step=start_step, checkpointer=checkpointer)
         if checkpointer is not None and checkpointer.stopped_on_signal:
-            from megalm.launch import write_clean_stop_marker
+            from megalm.stop_marker import write_clean_stop_marker
 
             write_clean_stop_marker()  # tells megalm.launch that this worker stopped cleanly
     except NonFiniteLossError as error:

@@ -1,9 +1,9 @@
-"""The config reference (docs/config.md), generated from megalm/config.py so that it cannot drift.
+"""The config reference (docs/config.md), generated from megalm/config/sections.py so that it cannot drift.
 
 Every field of every section is listed with its YAML key, type (allowed values where the section
-has a choice list), default and meaning. The meaning is the field's comment in megalm/config.py:
-the comment lines right above the field and the comment at the end of its line, so a new field is
-documented where it is declared, in the style the file already has:
+has a choice list), default and meaning. The meaning is the field's comment in
+megalm/config/sections.py: the comment lines right above the field and the comment at the end of its
+line, so a new field is documented where it is declared, in the style the file already has:
 
     seed: int = 1234  # seeds initialisation, dropout and the data order
 
@@ -25,20 +25,22 @@ import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from megalm import config as config_module
+from megalm.config import ConfigError
+from megalm.config import sections as config_sections
 
 DOC_PATH = "docs/config.md"
+SOURCE_PATH = "megalm/config/sections.py"  # where every section and field is declared, with its comment
 COMMAND = f"megalm config-doc --output {DOC_PATH}"
 
 
-class ConfigDocError(config_module.ConfigError):
+class ConfigDocError(ConfigError):
     """A config field that the reference cannot describe (no comment)."""
 
 
 @functools.lru_cache(maxsize=None)
 def _source() -> tuple[str, dict[int, str]]:
-    """megalm/config.py's text and its comments by line number."""
-    text = Path(config_module.__file__).read_text(encoding="utf-8")
+    """megalm/config/sections.py's text and its comments by line number."""
+    text = Path(config_sections.__file__).read_text(encoding="utf-8")
     comments = {}
     for token in tokenize.generate_tokens(io.StringIO(text).readline):
         if token.type == tokenize.COMMENT:
@@ -111,7 +113,7 @@ def section_rows(cls: type) -> list[tuple[str, str, str, str]]:
         meaning = comments.get(field.name, "")
         if not meaning:
             raise ConfigDocError(
-                f"{cls.SECTION}.{field.name} has no comment in megalm/config.py: describe it there "
+                f"{cls.SECTION}.{field.name} has no comment in {SOURCE_PATH}: describe it there "
                 f"(`{field.name}: ... = ...  # what it means`), then run `{COMMAND}`"
             )
         if field.name in aliases and f"{cls.SECTION}.{aliases[field.name]}" not in meaning:
@@ -124,11 +126,11 @@ def section_rows(cls: type) -> list[tuple[str, str, str, str]]:
 
 
 def render() -> str:
-    """docs/config.md: every section and field of megalm/config.py."""
+    """docs/config.md: every section and field of megalm/config/sections.py."""
     out = [
         "# Config reference",
         "",
-        f"<!-- Generated from megalm/config.py by `{COMMAND}`; do not edit by hand: "
+        f"<!-- Generated from {SOURCE_PATH} by `{COMMAND}`; do not edit by hand: "
         "tests/test_config_doc.py fails when this file and the generator disagree. -->",
         "",
         "A config is YAML with one mapping per section below; `base: other.yaml` inherits another file, and",
@@ -138,7 +140,7 @@ def render() -> str:
         "to `RUN_DIR/config.yaml` and into every checkpoint.",
         "",
     ]
-    for name, cls in config_module._SECTIONS.items():
+    for name, cls in config_sections._SECTIONS.items():
         doc = " ".join((cls.__doc__ or "").split())
         out += [f"## `{name}`", "", doc, "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
         out += [f"| {key} | {kind} | {default} | {meaning} |" for key, kind, default, meaning in section_rows(cls)]
@@ -153,7 +155,7 @@ def cmd_config_doc(args: argparse.Namespace) -> int:
         path = Path(args.check)
         current = path.read_text(encoding="utf-8") if path.exists() else ""
         if current != text:
-            print(f"megalm: {path} is out of date with megalm/config.py: run `{COMMAND}`", file=sys.stderr)
+            print(f"megalm: {path} is out of date with {SOURCE_PATH}: run `{COMMAND}`", file=sys.stderr)
             return 1
         print(f"{path} is up to date")
         return 0

@@ -4,7 +4,7 @@ On SIGTERM or SIGINT torchrun forwards the signal to its workers, waits for them
 shutdown timeout) and then re-raises the signal as an exception: it exits 1 even when every worker
 saved a checkpoint and exited 0, and a scheduler counts the stop as a failure. Here torchrun runs in
 this process; each worker that stops cleanly on a signal writes a marker into MEGALM_CLEAN_STOP_DIR
-(`megalm.cli`), and when every local worker did, this process exits 0.
+(`megalm.stop_marker`), and when every local worker did, this process exits 0.
 
 Before starting any worker it checks a `-m megalm.cli train ...` command as every worker would
 before its process group (config, layout, data, device, run directory, MEGALM_FAULT), so such a
@@ -23,18 +23,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-
-def write_clean_stop_marker() -> None:
-    """Called by a worker that saved and exited on a stop signal: record it for the launcher."""
-    folder = os.environ.get("MEGALM_CLEAN_STOP_DIR")
-    if folder and "RANK" in os.environ:
-        Path(folder, f"rank_{os.environ['RANK']}").write_text(os.environ.get("LOCAL_WORLD_SIZE", "1") + "\n")
-
-
-def all_stopped_cleanly(folder: Path) -> bool:
-    """True when every local worker left a marker (each names the local world size)."""
-    markers = list(folder.glob("rank_*"))
-    return bool(markers) and all(int(m.read_text()) == len(markers) for m in markers)
+from megalm.stop_marker import STOP_DIR_ENV, all_stopped_cleanly
 
 
 def _launch_world_size(args) -> Optional[int]:
@@ -87,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(refusal, file=sys.stderr, flush=True)
         return 2
     with tempfile.TemporaryDirectory(prefix="megalm-stop-") as folder:
-        os.environ["MEGALM_CLEAN_STOP_DIR"] = folder  # the workers inherit it
+        os.environ[STOP_DIR_ENV] = folder  # the workers inherit it
         try:
             torchrun_main(argv)
         except SignalException as error:

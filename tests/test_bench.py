@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megalm.bench import IGNORE_INDEX, BaselineGPT, baseline_batches, build_baseline, load_from_megalm
+from megalm.bench_baselines import IGNORE_INDEX, BaselineGPT, baseline_batches, build_baseline, load_from_megalm
 from megalm.cli import main
 from megalm.config import load_config
 from megalm.data.pipeline import build_sampler, build_sources
@@ -197,7 +197,7 @@ def test_transformers_gpt2_is_the_same_model(family: str) -> None:
     """Same parameter count as the plain baseline, and from its weights the same loss: "same shape"
     is a fact for the transformers phase too (PrefixLM through the [b, 1, s, s] mask it is given)."""
     pytest.importorskip("transformers", reason="Hugging Face transformers is not installed (pip install 'megalm[hf]')")
-    from megalm.bench import build_transformers_gpt2
+    from megalm.bench_baselines import build_transformers_gpt2
 
     config, megalm, baseline = _models(family, "learned")
     hf = build_transformers_gpt2(config.model, config.train.seed, torch.device("cpu"))

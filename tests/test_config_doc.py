@@ -1,4 +1,4 @@
-"""docs/config.md is generated from megalm/config.py and must not drift; `megalm --help` lists every command."""
+"""docs/config.md is generated from megalm/config/sections.py and must not drift; `megalm --help` lists every command."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from megalm import config_doc
 from megalm.cli import build_parser, main
-from megalm.config import _SECTIONS
+from megalm.config import _SECTIONS, sections
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_committed_reference_is_the_generators_output() -> None:
     committed = (ROOT / config_doc.DOC_PATH).read_text(encoding="utf-8")
     assert committed == config_doc.render(), f"docs/config.md is stale: run `{config_doc.COMMAND}` and commit it"
+
+
+def test_the_source_path_named_in_messages_is_the_file_read() -> None:
+    assert (ROOT / config_doc.SOURCE_PATH).resolve() == Path(sections.__file__).resolve()
 
 
 def test_every_field_has_a_row_with_type_default_and_meaning() -> None:
@@ -37,7 +41,7 @@ def test_a_field_without_a_comment_is_an_error_naming_it(monkeypatch) -> None:
     text, comments = config_doc._source()
     line = next(n for n, comment in comments.items() if comment == "transformer layers")
     monkeypatch.setattr(config_doc, "_source", lambda: (text, {n: c for n, c in comments.items() if n != line}))
-    with pytest.raises(config_doc.ConfigDocError, match=r"model\.num_layers has no comment in megalm/config\.py"):
+    with pytest.raises(config_doc.ConfigDocError, match=r"model\.num_layers has no comment in megalm/config/sections\.py"):
         config_doc.render()
 
 
@@ -55,7 +59,7 @@ def test_config_doc_command_writes_and_checks(tmp_path: Path, capsys) -> None:
     out.write_text(out.read_text(encoding="utf-8").replace("transformer layers", "layers"), encoding="utf-8")
     capsys.readouterr()
     assert main(["config-doc", "--check", str(out)]) == 1
-    assert "is out of date with megalm/config.py: run `megalm config-doc --output docs/config.md`" in capsys.readouterr().err
+    assert "is out of date with megalm/config/sections.py: run `megalm config-doc --output docs/config.md`" in capsys.readouterr().err
 
 
 def test_top_level_help_lists_every_command_on_one_line(capsys) -> None:

@@ -234,7 +234,7 @@ def test_a_signal_to_the_launcher_is_a_clean_stop_with_exit_zero(sig: signal.Sig
 
 
 def test_a_worker_that_fails_after_a_signal_is_still_a_failure(tmp_path: Path) -> None:
-    from megalm.launch import all_stopped_cleanly
+    from megalm.stop_marker import all_stopped_cleanly
 
     (tmp_path / "rank_0").write_text("2\n")
     assert not all_stopped_cleanly(tmp_path)  # rank 1 left no marker: not a clean stop

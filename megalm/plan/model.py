@@ -3,8 +3,8 @@
 Memory (bytes per GPU, for the worst rank of each stage): weights, gradients and optimizer state
 from the exact parameter geometry (`megalm.plan.layout`), activations per layer as megalm's layers
 keep them on CUDA or CPU kernels (measured: megalm.plan.measure; Megatron numerics: the Korthikanti
-et al. (2022) breakdown) times the micro-batches in flight on that stage for the chosen schedule, the embedding / logits working set on the first / last stage, and communication
-buffers.
+et al. (2022) breakdown) times the micro-batches in flight on that stage for the chosen schedule,
+the embedding / logits working set on the first / last stage, and communication buffers.
 
 Time (seconds per optimizer step) on the slowest stage, which sets the pipeline's pace:
 - compute: GEMMs at `matmul_efficiency` x peak plus memory-bound element-wise kernels (LayerNorm,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megalm.data import corpus
+from megalm.data import corpus, corpus_world
 from megalm.data.corpus import (
     MAX_DOC_CHARS,
     build_world,
@@ -150,11 +150,11 @@ def test_facts_are_stated_in_both_languages_and_never_contradicted(documents: li
 
 def _direct_statements(world, person, attribute: str) -> list[str]:
     """The sentences that state one of a person's facts directly, by name, in English and Chinese."""
-    town, job = world.towns[person.town], corpus._JOBS[person.job]
-    colour, food = corpus._COLOURS[person.colour], corpus._FOODS[person.food]
+    town, job = world.towns[person.town], corpus_world._JOBS[person.job]
+    colour, food = corpus_world._COLOURS[person.colour], corpus_world._FOODS[person.food]
     return {
         "town": [f"{person.en} lives in {town.en}", f"{person.zh}住在{town.zh}", f"I live in {town.en}"],
-        "job": [f"{person.en} works as {corpus._article(job[0])}", f"{person.en} is {corpus._article(job[0])}",
+        "job": [f"{person.en} works as {corpus_world._article(job[0])}", f"{person.en} is {corpus_world._article(job[0])}",
                 f"{person.zh}是一名{job[1]}", f"{person.zh}是{job[1]}", f"{person.en} is not"],
         "colour": [f"{person.en}'s favourite colour is {colour[0]}", f"{person.zh}最喜欢的颜色是{colour[1]}"],
         "food": [f"{person.en} likes to eat {food[0]}", f"{person.zh}喜欢吃{food[1]}"],
@@ -165,9 +165,9 @@ def test_held_out_facts_are_never_stated_but_left_to_inference(documents: list[s
     world = build_world(0)
     assert build_world(0).people[0].held == world.people[0].held and build_world(1) != world
     text = "\n".join(documents)
-    for attribute in corpus.HELD_ATTRIBUTES:
+    for attribute in corpus_world.HELD_ATTRIBUTES:
         held = [p for p in world.people if attribute in p.held]
-        assert len(held) == corpus.HELD_PER_ATTRIBUTE
+        assert len(held) == corpus_world.HELD_PER_ATTRIBUTE
         for person in held:
             direct = [s for s in _direct_statements(world, person, attribute)
                       if not s.startswith("I live") and s in text]
@@ -178,10 +178,10 @@ def test_held_out_facts_are_never_stated_but_left_to_inference(documents: list[s
         assert found >= 0.9 * len(stated), (attribute, found)
     # What is left to infer from: the routine (not the job's name), resident lists, meals.
     person = next(p for p in world.people if "job" in p.held)
-    assert f"Every morning, {person.en} {corpus._JOBS[person.job][2]}." in text
+    assert f"Every morning, {person.en} {corpus_world._JOBS[person.job][2]}." in text
     person = next(p for p in world.people if "food" in p.held)
     assert f"{person.en} was hungry, so {'she' if person.female else 'he'} ate some " \
-        f"{corpus._FOODS[person.food][0]}." in text
+        f"{corpus_world._FOODS[person.food][0]}." in text
 
 
 def test_arithmetic_is_correct(documents: list[str]) -> None:

@@ -1,0 +1,178 @@
+"""Cross-field validation: the checks that need several sections or the world size (`validate`).
+
+Each section checks its own fields when built; `validate(config, world_size)` adds the checks between
+them (heads divisible by tp, layers by pipeline stages, global batch = micro batch x dp x
+accumulation) and returns the `Topology` the run will use.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megalm.config.fields import ConfigError
+from megalm.config.sections import _SECTIONS, Config, ModelConfig, _heads_message
+from megalm.parallel.schedules import ScheduleError, check_schedule_args, partition_layers
+from megalm.topology import Topology, TopologyError
+
+
+_MAX_TENSOR_BYTES = 2**63 - 1  # torch's sizes and strides are int64: a larger tensor cannot even be described
+
+
+def _check_tensor_sizes(model: ModelConfig, tp: int) -> None:
+    """Every full weight must fit torch's 64-bit byte count in fp32; a hidden size of 2^62 would
+    otherwise end a dry run in a "storage size calculation overflowed" traceback."""
+    hidden = model.hidden_size
+    shapes = {
+        "the word embedding (padded model.vocab_size x model.hidden_size)": (model.padded_vocab_size(tp), hidden),
+        "the position table (model.max_position_embeddings x model.hidden_size)": (model.max_positions(), hidden),
+        "the attention QKV weight (3 x model.hidden_size x model.hidden_size)": (3 * hidden, hidden),
+        "the MLP weight (model.ffn_hidden_size x model.hidden_size)": (model.ffn_size(), hidden),
+    }
+    for name, (rows, cols) in shapes.items():
+        if rows * cols * 4 > _MAX_TENSOR_BYTES:
+            raise ConfigError(
+                f"model too large to describe: {name} would be {rows:,} x {cols:,} = {rows * cols:.3g} elements, "
+                f"{rows * cols * 4:.3g} bytes in fp32, beyond torch's 2^63-byte limit (model.hidden_size={hidden}, "
+                f"model.vocab_size={model.vocab_size}); use sizes of a real model (Yuan 245B: hidden 16384)"
+            )
+
+
+def _check_model(config: Config) -> None:
+    model, parallel = config.model, config.parallel
+    tp, pp = parallel.tp, parallel.pp
+    if model.hidden_size % model.num_heads != 0:
+        raise ConfigError(_heads_message(model))
+    _check_tensor_sizes(model, tp)
+    if model.num_heads % tp != 0:
+        raise ConfigError(
+            f"model.num_heads={model.num_heads} is not divisible by parallel.tp={tp}: each "
+            f"tensor-parallel rank needs whole heads; use a tp dividing {model.num_heads}"
+        )
+    if model.ffn_size() % tp != 0:
+        raise ConfigError(
+            f"the MLP hidden size {model.ffn_size()} (model.ffn_hidden_size) is not divisible by "
+            f"parallel.tp={tp}: set model.ffn_hidden_size to a multiple of {tp}"
+        )
+    stages = pp * parallel.virtual_stages
+    if model.num_layers < stages:
+        raise ConfigError(
+            f"parallel.pp={pp} x virtual_stages={parallel.virtual_stages} = {stages} pipeline stages but only "
+            f"model.num_layers={model.num_layers} layers: every stage needs a layer; lower pp or virtual_stages"
+        )
+    try:
+        per_stage = [len(layers) for layers in partition_layers(model.num_layers, stages, parallel.pipeline_layers)]
+    except ScheduleError as error:
+        raise ConfigError(str(error)) from None
+    if parallel.recompute_layers is not None and parallel.recompute_layers > max(per_stage):
+        raise ConfigError(
+            f"parallel.recompute_layers={parallel.recompute_layers} exceeds the {max(per_stage)} layers of the "
+            f"largest pipeline stage (model chunk): use at most {max(per_stage)}, or null to recompute every layer"
+        )
+    if model.seq_length > model.max_positions():
+        raise ConfigError(
+            f"model.seq_length={model.seq_length} exceeds model.max_position_embeddings="
+            f"{model.max_positions()}: raise max_position_embeddings or shorten seq_length"
+        )
+    if model.position_embedding == "rotary" and model.head_dim() % 2 != 0:
+        raise ConfigError(
+            f"rotary embeddings need an even head dimension, got hidden_size / num_heads = "
+            f"{model.hidden_size} / {model.num_heads} = {model.head_dim()}: change num_heads"
+        )
+    if parallel.sequence_parallel and model.seq_length % tp != 0:
+        raise ConfigError(
+            f"parallel.sequence_parallel splits the sequence over tp={tp} ranks, but "
+            f"model.seq_length={model.seq_length} is not divisible by {tp}: use a multiple of {tp} "
+            f"or turn sequence_parallel off"
+        )
+
+
+def _nearby_multiples(number: int, unit: int) -> str:
+    lower = (number // unit) * unit
+    return f"{lower} or {lower + unit}" if lower > 0 else f"{unit} or {2 * unit}"
+
+
+def grad_accum_steps(config: Config, dp: int) -> int:
+    """Micro-batches per optimizer step per data-parallel rank; errors if the batch sizes disagree."""
+    train = config.train
+    micro, total = train.micro_batch_size, train.global_batch_size
+    per_step = micro * dp
+    if train.grad_accum_steps is not None:
+        accum = train.grad_accum_steps
+        if per_step * accum != total:
+            if total % per_step == 0:
+                fix = f"set train.grad_accum_steps={total // per_step} (or null to derive it)"
+            else:
+                fix = f"set train.global_batch_size={per_step * accum}"
+            raise ConfigError(
+                f"train.global_batch_size={total} does not equal micro_batch_size x dp x "
+                f"grad_accum_steps = {micro} x {dp} x {accum} = {per_step * accum}; {fix}"
+            )
+        return accum
+    if total % per_step != 0:
+        raise ConfigError(
+            f"train.global_batch_size={total} is not divisible by micro_batch_size x dp = "
+            f"{micro} x {dp} = {per_step}; use a multiple of {per_step} such as "
+            f"{_nearby_multiples(total, per_step)}"
+        )
+    return total // per_step
+
+
+def resolved_decay_steps(config: Config) -> int:
+    """Steps of the LR schedule's warmup+decay span: optim.decay_steps, or train.steps when unset."""
+    return config.optim.decay_steps if config.optim.decay_steps is not None else config.train.steps
+
+
+def validate(config: Config, world_size: Optional[int] = None) -> Topology:
+    """Run every section's checks and the cross-field checks; return the run's Topology."""
+    for name in _SECTIONS:
+        getattr(config, name).validate()
+    parallel = config.parallel
+    tp, pp = parallel.tp, parallel.pp
+    if world_size is None:
+        if parallel.dp is None:
+            raise ConfigError(
+                "validate() needs a world size: parallel.dp is null, so pass world_size (the number "
+                "of processes launched) or set parallel.dp"
+            )
+        world_size = tp * pp * parallel.dp
+    _check_model(config)
+    try:
+        topology = Topology.from_world_size(world_size, tp=tp, pp=pp)
+    except TopologyError as error:
+        raise ConfigError(str(error)) from None
+    if parallel.dp is not None and parallel.dp != topology.dp:
+        raise ConfigError(
+            f"parallel.dp={parallel.dp} does not match the world size: {world_size} processes / "
+            f"(tp x pp = {tp} x {pp}) = dp {topology.dp}; set parallel.dp={topology.dp} (or null "
+            f"to derive it) or launch {tp * pp * parallel.dp} processes"
+        )
+    try:
+        check_schedule_args(parallel.schedule, pp, grad_accum_steps(config, topology.dp), parallel.virtual_stages)
+    except ScheduleError as error:
+        raise ConfigError(str(error)) from None
+    if config.train.compile and config.train.engine == "deepspeed":
+        raise ConfigError(
+            "train.compile=true runs with train.engine=megalm only (DeepSpeed wraps the model and compiles "
+            "with its own settings): set train.compile=false or train.engine=megalm"
+        )
+    if parallel.zero_stage == 2 and config.train.engine != "deepspeed":
+        raise ConfigError(
+            "parallel.zero_stage=2 needs train.engine=deepspeed; megalm's own engine offers 0 (replicated) and 1 "
+            "(sharded optimizer states)"
+        )
+    if config.train.init_from is not None and config.train.engine != "megalm":
+        raise ConfigError(
+            f"train.init_from needs train.engine=megalm (megalm's checkpoints load its weights), got "
+            f"train.engine={config.train.engine}: remove train.init_from or use the megalm engine"
+        )
+    if config.log.sample_prompts and config.data.tokenizer is None:
+        raise ConfigError(
+            "log.sample_prompts needs data.tokenizer (the prompts are text): remove the prompts or set data.tokenizer"
+        )
+    if config.optim.warmup_steps > resolved_decay_steps(config):
+        raise ConfigError(
+            f"optim.warmup_steps={config.optim.warmup_steps} exceeds the schedule length "
+            f"{resolved_decay_steps(config)} (optim.decay_steps, or train.steps when null): "
+            f"shorten the warmup or lengthen the decay"
+        )
+    return topology
