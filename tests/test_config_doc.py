@@ -47,7 +47,7 @@ def test_a_field_without_a_comment_is_an_error_naming_it(monkeypatch) -> None:
 
 def test_comments_above_a_field_and_at_its_end_both_count() -> None:
     comments = config_doc.field_comments(_SECTIONS["parallel"])
-    assert comments["recompute"].startswith("Activation recompute (README")
+    assert comments["recompute"].startswith("Activation recompute (docs/precision.md")
     assert comments["recompute_layers"].startswith("full only: recompute the first N layers")  # not the block above
 
 

@@ -186,7 +186,7 @@ def corpus_run(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_world_task_after_a_short_training(corpus_run, capsys) -> None:
     # The facts the corpus states are learned above chance in 100 steps; the held-out ones (only
-    # inferable) are scored, but this tiny run does not beat chance on them (README: the figures).
+    # inferable) are scored, but this tiny run does not beat chance on them (docs/generate-eval.md: the figures).
     assert main(["eval", str(corpus_run), "--task", "world-seen", "--task", "world", "--json",
                  "--batch-size", "64"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")]

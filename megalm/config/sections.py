@@ -107,7 +107,7 @@ class ParallelConfig(_Section):
     bucket_size_mb: float = 25.0  # gradient buckets reduced over dp as one collective each
     overlap_grad_sync: bool = True  # launch each bucket's reduction during the backward pass
     grad_reduce_dtype: str = "fp32"  # dtype on the wire of the gradient reduction: "fp32", or "bf16" (half the bytes); buckets accumulate in fp32
-    # Activation recompute (README "Activation recompute"): "none"; "selective" recomputes the attention
+    # Activation recompute (docs/precision.md "Activation recompute"): "none"; "selective" recomputes the attention
     # core (scores, softmax, dropout) in backward; "full" keeps only each layer's input and reruns the layer.
     recompute: str = "none"
     recompute_layers: Optional[int] = None  # full only: recompute the first N layers of each model chunk; null: all
@@ -177,14 +177,14 @@ class TrainConfig(_Section):
     global_batch_size: int = 1  # samples per optimizer step: micro_batch_size x dp x grad_accum_steps
     grad_accum_steps: Optional[int] = None  # micro-batches per step per dp rank; null: derived from the batch sizes
     seed: int = 1234  # seeds the initialisation, dropout and the data order
-    precision: str = "fp32"  # bf16 / fp16: low-precision params, fp32 main grads + masters + Adam (README "Precision")
+    precision: str = "fp32"  # bf16 / fp16: low-precision params, fp32 main grads + masters + Adam (docs/precision.md)
     engine: str = "megalm"  # "deepspeed": DeepSpeed's ZeRO for data parallelism (optional extra)
     device: str = "auto"  # "auto": CUDA when a GPU is visible, else CPU
     run_dir: str = "runs/default"  # where config.yaml, metrics.jsonl and checkpoints/ go (--run-dir overrides it)
     collective_timeout_s: float = 300.0  # a collective waiting longer ends the job (NCCL's default: 600)
     eval_interval: int = 0  # evaluate the valid split every N steps (0: never)
     eval_batches: int = 1  # global batches of the valid split per evaluation
-    compile: bool = False  # torch.compile each transformer layer (README "Compiled layers"); megalm engine only
+    compile: bool = False  # torch.compile each transformer layer (docs/model.md "Compiled layers"); megalm engine only
     # Fine-tune from weights: a checkpoint directory (RUN/checkpoints/step_NNNNNNNN) or a run directory (its
     # latest checkpoint). Loads the model weights only, at any layout, and starts at step 0 with a fresh
     # optimizer, LR schedule and data position; a run directory with a checkpoint of its own resumes instead.

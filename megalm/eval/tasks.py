@@ -99,7 +99,7 @@ def load_task(path: str | Path) -> list[Example]:
     """The examples of a JSONL task file (blank lines skipped); TaskError with file:line on a bad line."""
     path = Path(path)
     if not path.is_file():
-        raise TaskError(f"task file {path} does not exist; give a JSONL file of examples (see README: megalm eval)")
+        raise TaskError(f"task file {path} does not exist; give a JSONL file of examples (see docs/generate-eval.md, Task files)")
     examples = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):

@@ -18,7 +18,7 @@ next buckets are cast and while the next step's forward runs: each block of the 
 its buckets in a forward pre-hook (GradientSync), and `wait_parameters()` waits for all of them;
 call it before reading the parameters outside a forward (checkpoints and the trainer do).
 
-Bytes a rank holds per parameter (README, "Precision"): P = parameter bytes (4 fp32, 2 bf16/fp16),
+Bytes a rank holds per parameter (docs/precision.md, "Bytes per parameter"): P = parameter bytes (4 fp32, 2 bf16/fp16),
 main gradient 4, master 4 unless the parameter is its own (fp32), moments 8; with ZeRO-1 the master
 and moments are held for 1/dp of the parameters, plus an fp32 reduce-scatter output (4/dp).
 """
@@ -141,7 +141,7 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def bytes_per_parameter(precision: str, zero_stage: int, dp: int) -> float:
-    """Persistent bytes a rank holds per parameter of its model shard (bucket padding aside): the README's table.
+    """Persistent bytes a rank holds per parameter of its model shard (bucket padding aside): the table in docs/precision.md.
 
     parameter + fp32 main gradient + fp32 master (unless the parameter is its own: fp32) + two fp32
     moments; ZeRO-1 keeps master and moments for 1/dp of the parameters, plus the fp32 reduce-scatter
