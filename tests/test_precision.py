@@ -8,6 +8,7 @@ table and the planner (megalm.plan) exactly.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from torch import nn
 
 from megalm.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from megalm.distributed import ParallelGroups, build_parallel_groups
+from megalm.model import layers
+from megalm.model.gpt import build_model
 from megalm.model.layers import layer_norm
 from megalm.parallel.data import GradientSync
 from megalm.plan import Layout, get_numerics, load_cluster, stage_memory
@@ -244,6 +247,45 @@ def test_layer_norm_keeps_fp32_statistics_for_bf16() -> None:
     # ours: the bf16 rounding of inputs and output only (< 2^-8); bf16 statistics roughly double it
     assert (ours - exact).abs().max() / scale < 2**-8
     assert (torch_bf16 - exact).abs().max() / scale > (ours - exact).abs().max() / scale * 1.5
+
+
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_float64_model_runs_on_cpu_and_matches_fp32(position: str) -> None:
+    """A model cast with .double() (numerical checks against other implementations) stays fp64 end to
+    end on CPU: LayerNorm up-casts only bf16/fp16 weights, so no "mixed dtype" error; its loss and
+    gradients equal the fp32 model's to fp32 rounding."""
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, vocab_size=100, seq_length=8,
+                      position_embedding=position, hidden_dropout=0.0, attention_dropout=0.0, init_std=0.1)
+    model = build_model(cfg, ParallelGroups.single(), 5)
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 100, (2, 9), generator=generator)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    double = copy.deepcopy(model).double()
+    loss32, loss64 = model(inputs, labels=labels).mean(), double(inputs, labels=labels).mean()
+    assert loss64.dtype == torch.float64 and loss32.dtype == torch.float32
+    assert abs(loss64.item() - loss32.item()) <= 1e-5 * abs(loss64.item())
+    loss32.backward()
+    loss64.backward()
+    for (name, p32), (_, p64) in zip(model.named_parameters(), double.named_parameters()):
+        assert p64.grad.dtype == torch.float64, name
+        assert (p32.grad.double() - p64.grad).norm() <= 1e-4 * p64.grad.norm(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_layer_norm_passes_fp32_weights_only_for_low_precision(dtype: torch.dtype, monkeypatch) -> None:
+    """The CPU kernel sees fp32 weights for bf16/fp16 (fp32 statistics), the module's own otherwise."""
+    seen: list[torch.dtype] = []
+    original = layers.F.layer_norm
+
+    def spy(x, shape, weight=None, bias=None, eps=1e-5):
+        seen.append(weight.dtype)
+        return original(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(layers.F, "layer_norm", spy)
+    norm = layer_norm(16, 1e-5, False, "cpu").to(dtype)
+    out = norm(torch.randn(4, 16, dtype=dtype))
+    assert out.dtype == dtype
+    assert seen == [torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype]
 
 
 @pytest.mark.parametrize("masked", [False, True])
