@@ -346,6 +346,49 @@ def test_bf16_activations_and_tp_collectives_stay_bf16() -> None:
         assert set(result["outputs"]) == {"torch.bfloat16"}
 
 
+# ---- fp16: gradients are unscaled before the norm, clipping and the step --------------------------------
+def _first_update(precision: str, loss_scale: float = 1.0, weights_from=None) -> tuple:
+    """One production train_step with no clipping: (the reported grad norm, the main gradient the
+    optimizer step reads for each parameter name, the weights it started from by name)."""
+    config = _config(1, precision, 0)
+    config.optim.clip_grad, config.optim.loss_scale = 0.0, loss_scale
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+    named = {name: param for chunk in trainer.chunks for name, param in chunk.named_parameters()}
+    if weights_from is not None:  # the same (fp16-rounded) weights as the fp16 run
+        with torch.no_grad():
+            for name, param in named.items():
+                param.copy_(weights_from[name])
+    start = {name: param.detach().float().clone() for name, param in named.items()}
+    names = {id(param): name for name, param in named.items()}
+    optimizer, seen = trainer.optimizer, []
+    step = optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append({names[id(segment.param)]: master.grad.clone()
+                     for master, segment in zip(optimizer.masters, optimizer.segments)})
+        return step(*args, **kwargs)
+
+    optimizer.step = recording_step
+    result = trainer.train_step(0)
+    assert not result.skipped and len(seen) == 1 and len(seen[0]) == len(named)
+    return result.grad_norm, seen[0], start
+
+
+def test_fp16_gradients_are_unscaled_before_the_norm_and_the_step() -> None:
+    """fp16 with a static loss scale of 2^4 and 2^12: the grad norm it reports and the gradients its
+    optimizer step reads are the true (unscaled) ones: those of an fp32 run on the same weights and data."""
+    low_norm, low_grads, fp16_weights = _first_update("fp16", 2.0**4)
+    high_norm, high_grads, _ = _first_update("fp16", 2.0**12)
+    true_norm, true_grads, _ = _first_update("fp32", weights_from=fp16_weights)
+    assert 1e-3 < true_norm < 1e3
+    for norm, grads in ((low_norm, low_grads), (high_norm, high_grads)):
+        assert norm == pytest.approx(true_norm, rel=2e-3)
+        assert grads.keys() == true_grads.keys()
+        for name, true in true_grads.items():
+            assert (grads[name].view_as(true) - true).norm() <= 1e-2 * true.norm() + 1e-6, name
+    assert high_norm == pytest.approx(low_norm, rel=1e-3)  # the scale itself leaves no trace
+
+
 # ---- resume in bf16: the fp32 masters are saved, so resuming is bit for bit -------------------------
 @pytest.mark.parametrize("world_size,zero", [(1, 0), (2, 1)])
 def test_bf16_resume_is_bitwise_identical(world_size: int, zero: int, tmp_path: Path) -> None:
