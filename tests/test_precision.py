@@ -9,6 +9,7 @@ table and the planner (megalm.plan) exactly.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from pathlib import Path
 
@@ -18,13 +19,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megalm.comm import CommCounter
 from megalm.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from megalm.distributed import ParallelGroups, build_parallel_groups
 from megalm.model import layers
 from megalm.model.gpt import build_model
 from megalm.model.layers import layer_norm
 from megalm.parallel.data import GradientSync
-from megalm.plan import Layout, get_numerics, load_cluster, stage_memory
+from megalm.plan import Layout, get_numerics, layout_from_config, load_cluster, stage_memory
+from megalm.plan.model import p2p_message_bytes
 from megalm.testing import run_distributed
 from megalm.topology import Topology
 from megalm.train import build_trainer
@@ -338,12 +341,72 @@ def _activation_worker(rank: int, world_size: int) -> dict:
     return {"collectives": seen, "outputs": outputs}
 
 
+def _two_rank_worker(rank: int, world_size: int) -> dict:
+    """One 2-rank spawn for the two tests below (a spawn costs seconds)."""
+    return {"tp": _activation_worker(rank, world_size), "pp": _pipeline_message_worker(rank, world_size)}
+
+
+@functools.lru_cache(maxsize=None)
+def two_rank_results() -> list[dict]:
+    return run_distributed(_two_rank_worker, 2)
+
+
 def test_bf16_activations_and_tp_collectives_stay_bf16() -> None:
     """tp=2 with sequence parallel: every module output and every activation collective ([s, b, h]) is bf16."""
-    for result in run_distributed(_activation_worker, 2):
+    for result in (r["tp"] for r in two_rank_results()):
         activation = [dtype for _, dtype, shape in result["collectives"] if len(shape) == 3 and shape[-1] == 32]
         assert len(activation) >= 4 * 4 and set(activation) == {"torch.bfloat16"}
         assert set(result["outputs"]) == {"torch.bfloat16"}
+
+
+def _pipeline_message_worker(rank: int, world_size: int) -> dict:
+    """pp=2, one train_step per precision: every pipeline message the executor hands the transport
+    (kind, what, dtype, bytes) and the p2p calls and bytes the CommCounter saw on the pp group."""
+    groups = build_parallel_groups(Topology(pp=2), rank, torch.device("cpu"))
+    out = {}
+    for precision in ("bf16", "fp16", "fp32"):
+        trainer = build_trainer(_pipeline_config(precision), groups, None)
+        transport, messages = trainer.executor.transport, []
+        start = transport.start
+
+        def recording_start(transfers, _start=start, _messages=messages):
+            _messages.extend((t.kind, t.key[0], t.tensor.dtype, t.tensor.numel() * t.tensor.element_size())
+                             for t in transfers)
+            return _start(transfers)
+
+        transport.start = recording_start
+        counter = CommCounter(groups)
+        with counter.counting():
+            trainer.train_step(0)
+        p2p = {op: stats for op, stats in counter.snapshot().get("pp", {}).items() if op in ("isend", "irecv")}
+        out[precision] = {"messages": messages, "comm": p2p}
+    return out
+
+
+def _pipeline_config(precision: str) -> Config:
+    config = _config(1, precision, 0)
+    config.parallel.pp, config.train.global_batch_size = 2, 4  # 4 micro-batches of 1
+    return config
+
+
+def test_pipeline_messages_travel_in_the_activation_dtype_with_the_planned_bytes() -> None:
+    """bf16/fp16 runs send their activations and gradients between stages in bf16/fp16 (not fp32: twice
+    the bytes), and each message has the bytes `megalm plan` counts for it (p2p_message_bytes)."""
+    results = [r["pp"] for r in two_rank_results()]
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        config = _pipeline_config(precision)
+        planned = p2p_message_bytes(config.model, layout_from_config(config), precision)
+        assert planned == {"fp32": 4, "bf16": 2, "fp16": 2}[precision] * 16 * 1 * 32  # [s, b, h] = [16, 1, 32]
+        micro_batches = 4
+        for rank, result in enumerate(results):
+            messages = result[precision]["messages"]
+            sent = "act" if rank == 0 else "grad"  # the first stage sends activations, the last their gradients
+            assert sorted((kind, what) for kind, what, _, _ in messages) == sorted(
+                [("send", sent)] * micro_batches + [("recv", "grad" if sent == "act" else "act")] * micro_batches)
+            assert {(message_dtype, size) for _, _, message_dtype, size in messages} == {(dtype, planned)}, (
+                precision, rank)
+            assert result[precision]["comm"] == {op: {"calls": micro_batches, "bytes": micro_batches * planned}
+                                                 for op in ("irecv", "isend")}, (precision, rank)
 
 
 # ---- fp16: gradients are unscaled before the norm, clipping and the step --------------------------------
