@@ -232,3 +232,54 @@ def test_eval_holds_the_weights_and_no_optimizer_state(tmp_path) -> None:
     assert evaluator.loss()["loss"] > 0
     with pytest.raises(RuntimeError, match="built for evaluation"):
         evaluator.trainer.train_step(0)
+
+
+class _CharTokenizer:
+    """A text tokenizer for the few-shot test: one id per character (ids 5..199), eos 1, sep 3."""
+
+    eos_id, sep_id = 1, 3
+
+    def encode(self, text: str) -> list[int]:
+        return [5 + ord(char) % 195 for char in text]
+
+
+def test_few_shot_demonstrations_are_other_examples_seeded(tmp_path) -> None:
+    """--shots 3: every scored prompt (and its content-free prompts) starts with 3 distinct demonstrations
+    drawn from the task's other examples, never the scored one; the same seed draws the same ones, another
+    seed others, and different examples get different demonstrations."""
+    count, shots = 7, 3
+    records = [{"template": f"q{i} {{input}}?", "input": f"x{i}", "choices": [f"a{i}", f"b{i}"], "label": i % 2}
+               for i in range(count)]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    examples = load_task(path)
+    demo_of = {e.prompt() + e.separator + e.answer(): i for i, e in enumerate(examples)}
+    _train(tmp_path / "run", _config())
+    evaluator = load_evaluator(tmp_path / "run")
+    evaluator.trainer.tokenizer = _CharTokenizer()
+    contexts: list[str] = []
+    encode_pair = evaluator.encode_pair
+    evaluator.encode_pair = lambda context, continuation: contexts.append(context) or encode_pair(context, continuation)
+
+    def demonstrations(seed: int) -> list[tuple[int, ...]]:
+        """Per scored example, the indices of its demonstrations (checked equal in all its prompts)."""
+        contexts.clear()
+        result = evaluator.score_task(examples, shots, seed=seed)
+        assert result["shots"] == shots and result["examples"] == count
+        chosen: dict[int, set] = {}
+        for context in contexts:
+            *demos, question = context.split("\n")
+            scored = int(question[1:question.index(" ")])  # "q{i} ...": every prompt is example i's template
+            assert all(line in demo_of for line in demos), (context, "a demonstration that is not an example")
+            chosen.setdefault(scored, set()).add(tuple(demo_of[line] for line in demos))
+        assert sorted(chosen) == list(range(count))
+        assert all(len(drawn) == 1 for drawn in chosen.values()), chosen  # the same demos in every prompt
+        return [next(iter(chosen[i])) for i in range(count)]
+
+    first = demonstrations(seed=4)
+    for index, demos in enumerate(first):
+        assert len(demos) == shots and len(set(demos)) == shots, (index, demos)
+        assert index not in demos, f"example {index} is among its own demonstrations {demos}"
+    assert len(set(first)) > 1 and len({i for demos in first for i in demos}) > shots  # drawn per example
+    assert demonstrations(seed=4) == first
+    assert demonstrations(seed=5) != first

@@ -8,6 +8,8 @@ docs/precision.md and the planner (megalm.plan) exactly.
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from pathlib import Path
 
@@ -17,11 +19,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megalm.comm import CommCounter
 from megalm.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from megalm.distributed import ParallelGroups, build_parallel_groups
+from megalm.model import layers
+from megalm.model.gpt import build_model
 from megalm.model.layers import layer_norm
 from megalm.parallel.data import GradientSync
-from megalm.plan import Layout, get_numerics, load_cluster, stage_memory
+from megalm.plan import Layout, get_numerics, layout_from_config, load_cluster, stage_memory
+from megalm.plan.model import p2p_message_bytes
 from megalm.testing import run_distributed
 from megalm.topology import Topology
 from megalm.train import build_trainer
@@ -246,6 +252,45 @@ def test_layer_norm_keeps_fp32_statistics_for_bf16() -> None:
     assert (torch_bf16 - exact).abs().max() / scale > (ours - exact).abs().max() / scale * 1.5
 
 
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_float64_model_runs_on_cpu_and_matches_fp32(position: str) -> None:
+    """A model cast with .double() (numerical checks against other implementations) stays fp64 end to
+    end on CPU: LayerNorm up-casts only bf16/fp16 weights, so no "mixed dtype" error; its loss and
+    gradients equal the fp32 model's to fp32 rounding."""
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, vocab_size=100, seq_length=8,
+                      position_embedding=position, hidden_dropout=0.0, attention_dropout=0.0, init_std=0.1)
+    model = build_model(cfg, ParallelGroups.single(), 5)
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 100, (2, 9), generator=generator)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    double = copy.deepcopy(model).double()
+    loss32, loss64 = model(inputs, labels=labels).mean(), double(inputs, labels=labels).mean()
+    assert loss64.dtype == torch.float64 and loss32.dtype == torch.float32
+    assert abs(loss64.item() - loss32.item()) <= 1e-5 * abs(loss64.item())
+    loss32.backward()
+    loss64.backward()
+    for (name, p32), (_, p64) in zip(model.named_parameters(), double.named_parameters()):
+        assert p64.grad.dtype == torch.float64, name
+        assert (p32.grad.double() - p64.grad).norm() <= 1e-4 * p64.grad.norm(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_layer_norm_passes_fp32_weights_only_for_low_precision(dtype: torch.dtype, monkeypatch) -> None:
+    """The CPU kernel sees fp32 weights for bf16/fp16 (fp32 statistics), the module's own otherwise."""
+    seen: list[torch.dtype] = []
+    original = layers.F.layer_norm
+
+    def spy(x, shape, weight=None, bias=None, eps=1e-5):
+        seen.append(weight.dtype)
+        return original(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(layers.F, "layer_norm", spy)
+    norm = layer_norm(16, 1e-5, False, "cpu").to(dtype)
+    out = norm(torch.randn(4, 16, dtype=dtype))
+    assert out.dtype == dtype
+    assert seen == [torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype]
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_cpu_attention_softmax_runs_in_fp32_for_bf16(masked: bool) -> None:
     """SDPA on bf16 inputs: mean error about 1.4x the bf16 rounding of its output (softmax statistics
@@ -296,12 +341,115 @@ def _activation_worker(rank: int, world_size: int) -> dict:
     return {"collectives": seen, "outputs": outputs}
 
 
+def _two_rank_worker(rank: int, world_size: int) -> dict:
+    """One 2-rank spawn for the two tests below (a spawn costs seconds)."""
+    return {"tp": _activation_worker(rank, world_size), "pp": _pipeline_message_worker(rank, world_size)}
+
+
+@functools.lru_cache(maxsize=None)
+def two_rank_results() -> list[dict]:
+    return run_distributed(_two_rank_worker, 2)
+
+
 def test_bf16_activations_and_tp_collectives_stay_bf16() -> None:
     """tp=2 with sequence parallel: every module output and every activation collective ([s, b, h]) is bf16."""
-    for result in run_distributed(_activation_worker, 2):
+    for result in (r["tp"] for r in two_rank_results()):
         activation = [dtype for _, dtype, shape in result["collectives"] if len(shape) == 3 and shape[-1] == 32]
         assert len(activation) >= 4 * 4 and set(activation) == {"torch.bfloat16"}
         assert set(result["outputs"]) == {"torch.bfloat16"}
+
+
+def _pipeline_message_worker(rank: int, world_size: int) -> dict:
+    """pp=2, one train_step per precision: every pipeline message the executor hands the transport
+    (kind, what, dtype, bytes) and the p2p calls and bytes the CommCounter saw on the pp group."""
+    groups = build_parallel_groups(Topology(pp=2), rank, torch.device("cpu"))
+    out = {}
+    for precision in ("bf16", "fp16", "fp32"):
+        trainer = build_trainer(_pipeline_config(precision), groups, None)
+        transport, messages = trainer.executor.transport, []
+        start = transport.start
+
+        def recording_start(transfers, _start=start, _messages=messages):
+            _messages.extend((t.kind, t.key[0], t.tensor.dtype, t.tensor.numel() * t.tensor.element_size())
+                             for t in transfers)
+            return _start(transfers)
+
+        transport.start = recording_start
+        counter = CommCounter(groups)
+        with counter.counting():
+            trainer.train_step(0)
+        p2p = {op: stats for op, stats in counter.snapshot().get("pp", {}).items() if op in ("isend", "irecv")}
+        out[precision] = {"messages": messages, "comm": p2p}
+    return out
+
+
+def _pipeline_config(precision: str) -> Config:
+    config = _config(1, precision, 0)
+    config.parallel.pp, config.train.global_batch_size = 2, 4  # 4 micro-batches of 1
+    return config
+
+
+def test_pipeline_messages_travel_in_the_activation_dtype_with_the_planned_bytes() -> None:
+    """bf16/fp16 runs send their activations and gradients between stages in bf16/fp16 (not fp32: twice
+    the bytes), and each message has the bytes `megalm plan` counts for it (p2p_message_bytes)."""
+    results = [r["pp"] for r in two_rank_results()]
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        config = _pipeline_config(precision)
+        planned = p2p_message_bytes(config.model, layout_from_config(config), precision)
+        assert planned == {"fp32": 4, "bf16": 2, "fp16": 2}[precision] * 16 * 1 * 32  # [s, b, h] = [16, 1, 32]
+        micro_batches = 4
+        for rank, result in enumerate(results):
+            messages = result[precision]["messages"]
+            sent = "act" if rank == 0 else "grad"  # the first stage sends activations, the last their gradients
+            assert sorted((kind, what) for kind, what, _, _ in messages) == sorted(
+                [("send", sent)] * micro_batches + [("recv", "grad" if sent == "act" else "act")] * micro_batches)
+            assert {(message_dtype, size) for _, _, message_dtype, size in messages} == {(dtype, planned)}, (
+                precision, rank)
+            assert result[precision]["comm"] == {op: {"calls": micro_batches, "bytes": micro_batches * planned}
+                                                 for op in ("irecv", "isend")}, (precision, rank)
+
+
+# ---- fp16: gradients are unscaled before the norm, clipping and the step --------------------------------
+def _first_update(precision: str, loss_scale: float = 1.0, weights_from=None) -> tuple:
+    """One production train_step with no clipping: (the reported grad norm, the main gradient the
+    optimizer step reads for each parameter name, the weights it started from by name)."""
+    config = _config(1, precision, 0)
+    config.optim.clip_grad, config.optim.loss_scale = 0.0, loss_scale
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+    named = {name: param for chunk in trainer.chunks for name, param in chunk.named_parameters()}
+    if weights_from is not None:  # the same (fp16-rounded) weights as the fp16 run
+        with torch.no_grad():
+            for name, param in named.items():
+                param.copy_(weights_from[name])
+    start = {name: param.detach().float().clone() for name, param in named.items()}
+    names = {id(param): name for name, param in named.items()}
+    optimizer, seen = trainer.optimizer, []
+    step = optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append({names[id(segment.param)]: master.grad.clone()
+                     for master, segment in zip(optimizer.masters, optimizer.segments)})
+        return step(*args, **kwargs)
+
+    optimizer.step = recording_step
+    result = trainer.train_step(0)
+    assert not result.skipped and len(seen) == 1 and len(seen[0]) == len(named)
+    return result.grad_norm, seen[0], start
+
+
+def test_fp16_gradients_are_unscaled_before_the_norm_and_the_step() -> None:
+    """fp16 with a static loss scale of 2^4 and 2^12: the grad norm it reports and the gradients its
+    optimizer step reads are the true (unscaled) ones: those of an fp32 run on the same weights and data."""
+    low_norm, low_grads, fp16_weights = _first_update("fp16", 2.0**4)
+    high_norm, high_grads, _ = _first_update("fp16", 2.0**12)
+    true_norm, true_grads, _ = _first_update("fp32", weights_from=fp16_weights)
+    assert 1e-3 < true_norm < 1e3
+    for norm, grads in ((low_norm, low_grads), (high_norm, high_grads)):
+        assert norm == pytest.approx(true_norm, rel=2e-3)
+        assert grads.keys() == true_grads.keys()
+        for name, true in true_grads.items():
+            assert (grads[name].view_as(true) - true).norm() <= 1e-2 * true.norm() + 1e-6, name
+    assert high_norm == pytest.approx(low_norm, rel=1e-3)  # the scale itself leaves no trace
 
 
 # ---- resume in bf16: the fp32 masters are saved, so resuming is bit for bit -------------------------

@@ -28,43 +28,63 @@ without building the full tensor (resharding builds the full tensor and cuts it)
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from megalm.checkpoint.store import CheckpointError
+from megalm.config import ModelConfig
 from megalm.model.init import shard_geometry
 from megalm.parallel.data import counted_once
 from megalm.parallel.optimizer import MixedPrecisionOptimizer
 
-# Model fields a checkpoint must share with the run that resumes it: every one that decides a
-# parameter's shape or what the weights mean. Padded vocabulary rows (make_vocab_size_divisible_by x
-# tp) are the one shape that may differ; `model_differences` compares the derived sizes below too.
-MODEL_FIELDS = (
-    "family", "num_layers", "hidden_size", "num_heads", "vocab_size", "position_embedding", "layernorm_eps",
-)
+# ModelConfig fields that change no tensor (no parameter's shape, and not what its values mean): a
+# checkpoint whose value differs resumes, and initialises a fine-tune. Every other field is compared
+# (MODEL_FIELDS is derived from ModelConfig itself), so a field added later is checked until it is
+# listed here with the reason it changes no tensor.
+UNCHECKED_MODEL_FIELDS: dict[str, str] = {
+    "hidden_dropout": "dropout is a training choice; no parameter depends on it",
+    "attention_dropout": "dropout is a training choice; no parameter depends on it",
+    "init_std": "draws a fresh model's weights; the checkpoint's weights replace them",
+    "make_vocab_size_divisible_by": "pads the embedding with rows no token id reaches; loading re-pads them",
+    "prefix_attention": "picks the PrefixLM attention kernel (FlexAttention or SDPA): same weights, same math",
+}
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+MODEL_FIELDS = tuple(name for name in _MODEL_DEFAULTS if name not in UNCHECKED_MODEL_FIELDS)
 EMBEDDING_NAME = "embedding.word.weight"  # megalm.model.gpt's; the one parameter with padded rows
 
 
-def _derived_sizes(model: dict) -> dict[str, tuple[str, Any]]:
-    """Shape-bearing values a model config derives from optional fields: {key: (what it is, value)}."""
-    hidden = model.get("hidden_size")
-    ffn = model.get("ffn_hidden_size")
-    out = {"ffn": ("MLP hidden size (model.ffn_hidden_size, or 4 x hidden_size when unset)",
-                   ffn if ffn is not None else 4 * hidden)}
-    if model.get("position_embedding", "learned") == "learned":
-        positions = model.get("max_position_embeddings")
-        out["positions"] = (
-            "learned position table rows (model.max_position_embeddings, or model.seq_length when unset)",
-            positions if positions is not None else model.get("seq_length"),
-        )
-    else:
-        out["rotary_base"] = ("model.rotary_base (rotary position frequencies)", model.get("rotary_base", 10000.0))
-    return out
+def _field(model: dict, name: str) -> Any:
+    """A model config dict's value of `name`; the field's default for a checkpoint saved before it existed."""
+    return model.get(name, _MODEL_DEFAULTS.get(name))
+
+
+def _positions(model: dict) -> Any:
+    """Rows of the learned position table (None for rotary: no table)."""
+    if _field(model, "position_embedding") != "learned":
+        return None
+    positions = _field(model, "max_position_embeddings")
+    return positions if positions is not None else _field(model, "seq_length")
+
+
+_POSITIONS = "learned position table rows (model.max_position_embeddings, or model.seq_length when unset)"
+# Fields compared by the value they give the model, not as spelled (an explicit ffn size equal to
+# 4 x hidden_size is the same model; seq_length matters only as the position table's default size):
+# field -> (what it is, its value from a model config dict).
+_EFFECTIVE: dict[str, tuple[str, Callable[[dict], Any]]] = {
+    "ffn_hidden_size": ("MLP hidden size (model.ffn_hidden_size, or 4 x hidden_size when unset)",
+                        lambda m: _field(m, "ffn_hidden_size") or 4 * _field(m, "hidden_size")),
+    "max_position_embeddings": (_POSITIONS, _positions),
+    "seq_length": (_POSITIONS, _positions),
+    "rotary_base": ("model.rotary_base (rotary position frequencies)",
+                    lambda m: _field(m, "rotary_base") if _field(m, "position_embedding") == "rotary" else None),
+}
+_POSITION_FIELDS = ("max_position_embeddings", "seq_length", "rotary_base")
 
 
 def named_params(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
@@ -541,16 +561,19 @@ def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, 
 
 
 def model_differences(saved: dict, current: dict, fields: tuple[str, ...] = MODEL_FIELDS) -> list[str]:
-    """The shape-bearing model fields (and derived sizes) that differ between a checkpoint's config and this run's."""
-    out = [
-        f"model.{field}: checkpoint {saved.get(field)!r}, this run {current.get(field)!r}"
-        for field in fields
-        if saved.get(field) != current.get(field)
-    ]
-    if saved.get("position_embedding") != current.get("position_embedding"):
-        return out  # the position fields of the two kinds are not comparable
-    theirs, ours = _derived_sizes(saved), _derived_sizes(current)
-    for key, (what, value) in ours.items():
-        if theirs[key][1] != value:
-            out.append(f"{what}: checkpoint {theirs[key][1]!r}, this run {value!r}")
+    """The model fields (by the value they give the model) that differ between a checkpoint's config
+    and this run's: one line each, naming the field."""
+    same_kind = _field(saved, "position_embedding") == _field(current, "position_embedding")
+    out: list[str] = []
+    for name in fields:
+        if name in _EFFECTIVE:
+            if name in _POSITION_FIELDS and not same_kind:
+                continue  # the two kinds' position fields are not comparable; position_embedding is reported
+            what, value = _EFFECTIVE[name]
+            theirs, ours = value(saved), value(current)
+        else:
+            what, theirs, ours = f"model.{name}", _field(saved, name), _field(current, name)
+        line = f"{what}: checkpoint {theirs!r}, this run {ours!r}"
+        if theirs != ours and line not in out:
+            out.append(line)
     return out

@@ -15,8 +15,9 @@ dtype. A bf16 fine-tune of an fp32 checkpoint thus keeps the exact fp32 weights 
 an fp32 fine-tune of a bf16 run starts from that run's fp32 masters, not from its rounded weights.
 
 What may differ from the source: the model family (an LM's weights fine-tuned as a PrefixLM: the
-prefix is a mask, not weights), dropout, vocabulary padding, the data (`data.kind`), the layout and
-everything outside the model's shapes.
+prefix is a mask, not weights), the model fields that change no tensor (checkpoint.state.
+UNCHECKED_MODEL_FIELDS: dropout, init_std, vocabulary padding, the PrefixLM attention kernel), the data
+(`data.kind`), the layout and everything outside the model config.
 """
 
 from __future__ import annotations

@@ -67,12 +67,14 @@ class LayerNorm(nn.LayerNorm):
     for backward in bf16, unless the weight is fp32 ("mixed" inputs). So low-precision weights
     (held in the run's precision, like every parameter) are passed as fp32: the kernel then keeps
     fp32 statistics, and the output stays in the input's dtype. On CUDA torch's kernel keeps fp32
-    statistics either way; apex FusedLayerNorm does too (megalm.kernels).
+    statistics either way; apex FusedLayerNorm does too (megalm.kernels). Only bf16/fp16 weights are
+    up-cast: an fp64 model (numerical checks against other implementations) stays fp64 throughout.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is None or self.weight.dtype == torch.float32 or x.device.type != "cpu":
-            return super().forward(x)
+        low_precision = (torch.bfloat16, torch.float16)
+        if self.weight is None or self.weight.dtype not in low_precision or x.device.type != "cpu":
+            return super().forward(x)  # fp32 and fp64 (numerical checks) run torch's kernel as is
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x, self.normalized_shape, self.weight.float(), bias, self.eps)
 
@@ -86,10 +88,11 @@ def rotary_cos_sin(seq_len: int, head_dim: int, base: float, device: torch.devic
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate q or k [s, b, heads, d] by position."""
+    """Rotate q or k [s, b, heads, d] by position (in fp32, or fp64 for an fp64 model)."""
     first, second = x.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    work = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(work) * cos + rotated.to(work) * sin).to(x.dtype)
 
 
 class Embedding(nn.Module):

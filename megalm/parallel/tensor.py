@@ -335,12 +335,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, vocab_start, real_vocab_size, group):
-        # logits: [s, b, v/tp] (any float dtype; computed in fp32), target: [s, b]
+        # logits: [s, b, v/tp] (bf16/fp16 computed in fp32, fp32/fp64 in their own dtype), target: [s, b]
         # One fp32 working copy of the logits, transformed in place (shift, exp, normalise) into the
         # softmax that backward turns into the gradient: with the caller's logits, at most one fp32
         # and one low-precision [s, b, v/tp] tensor are alive (planner: act_bytes + 4 per element).
         ctx.logits_dtype = logits.dtype
-        work = logits.clone() if logits.dtype == torch.float32 else logits.float()
+        low_precision = logits.dtype in (torch.bfloat16, torch.float16)
+        work = logits.float() if low_precision else logits.clone()
         local_vocab = work.shape[-1]
         if real_vocab_size is not None and vocab_start + local_vocab > real_vocab_size:
             # Padded vocabulary entries never take part in the softmax.

@@ -45,6 +45,13 @@ GiB = 2**30
 ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
+def p2p_message_bytes(model: ModelConfig, layout: Layout, precision: str) -> int:
+    """Bytes of one pipeline message (an activation or its gradient: [s, b, h] in the activation dtype,
+    [s/tp, b, h] per tp rank under sequence parallel), as megalm.parallel.pipeline sends it."""
+    sp = layout.tp if layout.sequence_parallel else 1
+    return ACTIVATION_BYTES[precision] * model.seq_length * layout.micro_batch_size * model.hidden_size // sp
+
+
 # ---- micro-batches in flight ---------------------------------------------------------------------
 
 
@@ -230,7 +237,7 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
         embedding_logits += s * b * model.padded_vocab_size(layout.tp) // layout.tp * (act_bytes + 4)
         embedding_logits += act_bytes * s * b * h // sp  # final LayerNorm output
     if layout.pp > 1:
-        buffers += 2 * act_bytes * s * b * h // sp  # p2p send and receive
+        buffers += 2 * p2p_message_bytes(model, layout, precision)  # p2p send and receive
     return StageMemory(pp_rank, sum(len(c[0]) for c in chunks), params, weights, grads, optimizer, activations,
                        embedding_logits, buffers, int(cluster.reserved_gib * GiB), flight)
 
@@ -339,7 +346,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     pipeline_comm = 0.0
     if pp > 1:
         p2p_bandwidth, p2p_latency = cluster.link(t * dp + 1)  # neighbours are tp*dp ranks apart
-        send = act_bytes * s * b * h / sp / p2p_bandwidth + p2p_latency
+        send = p2p_message_bytes(model, layout, precision) / p2p_bandwidth + p2p_latency
         pipeline_comm = 2 * m * v * send
     # data parallel: the stage with the most gradient bytes
     data_comm = 0.0

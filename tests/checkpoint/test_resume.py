@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -11,7 +12,10 @@ import pytest
 import torch
 
 from megalm.checkpoint import Checkpointer, CheckpointError
-from megalm.checkpoint.state import PieceIndex, restore, saved_scalars
+from megalm.checkpoint.state import (
+    MODEL_FIELDS, UNCHECKED_MODEL_FIELDS, PieceIndex, model_differences, restore, saved_scalars,
+)
+from megalm.checkpoint.weights import check_init_from
 from megalm.config import Config, ModelConfig, OptimConfig, TrainConfig
 from megalm.data.pipeline import build_sampler, build_sources
 from megalm.distributed import ParallelGroups
@@ -87,6 +91,84 @@ def test_restore_refuses_a_shape_that_is_not_vocabulary_padding(learned_run: Pat
     scalars = saved_scalars(json.loads((path / "metadata.json").read_text()))
     with pytest.raises(CheckpointError, match=r"embedding\.position.* \(16, 32\) in the checkpoint but \(32, 32\)"):
         restore(trainer.chunks, trainer.optimizer, trainer.groups, index, scalars)
+
+
+# ---- every ModelConfig field, one by one, on resume and on train.init_from ---------------------------
+# The fields that change no tensor, which a checkpoint may differ in (reviewed here, not read from the code).
+EXEMPT = {"hidden_dropout", "attention_dropout", "init_std", "make_vocab_size_divisible_by", "prefix_attention"}
+# field -> (the saved run's model overrides, this run's other value of the field)
+CHANGES = {
+    "family": ({}, "prefixlm"),  # refused on resume; a fine-tune may change it (the same weights)
+    "num_layers": ({}, 3),
+    "hidden_size": ({}, 48),
+    "num_heads": ({}, 8),  # the same tensor shapes: only what the qkv rows mean changes
+    "ffn_hidden_size": ({}, 64),
+    "vocab_size": ({}, 256),  # padded to 256 either way: only the real rows change
+    "seq_length": ({}, 32),  # the learned position table's rows (max_position_embeddings unset)
+    "max_position_embeddings": ({}, 64),
+    "position_embedding": ({}, "rotary"),
+    "rotary_base": ({"position_embedding": "rotary"}, 500.0),
+    "layernorm_eps": ({}, 1e-6),
+    "hidden_dropout": ({}, 0.1),
+    "attention_dropout": ({}, 0.1),
+    "init_std": ({}, 0.05),
+    "make_vocab_size_divisible_by": ({}, 8),
+    "prefix_attention": ({"family": "prefixlm"}, "dense"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_runs(tmp_path_factory):
+    """A saved run per model base (trained once, on first use), by its overrides."""
+    runs: dict[str, Path] = {}
+
+    def get(base: dict) -> Path:
+        key = json.dumps(base, sort_keys=True)
+        if key not in runs:
+            runs[key] = tmp_path_factory.mktemp("base")
+            train_and_save(runs[key], make_config(**base))
+        return runs[key]
+
+    return get
+
+
+def test_the_exempt_model_fields_are_the_reviewed_ones() -> None:
+    assert set(UNCHECKED_MODEL_FIELDS) == EXEMPT and all(UNCHECKED_MODEL_FIELDS.values())
+    assert set(MODEL_FIELDS) == {f.name for f in dataclasses.fields(ModelConfig)} - EXEMPT
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ModelConfig)])
+def test_each_model_field_is_checked_on_resume_and_init_from(name: str, saved_runs, tmp_path: Path) -> None:
+    """A field that changes a tensor, changed: resume and train.init_from refuse, naming it; a field that
+    changes none (EXEMPT), changed: both load (a fine-tune may also change the family)."""
+    assert name in CHANGES, f"model.{name} is new: add a changed value for it to CHANGES (and EXEMPT if it changes no tensor)"
+    base, value = CHANGES[name]
+    run_dir = saved_runs(base)
+    changed = make_config(**{**base, name: value})
+    assert getattr(make_config(**base).model, name) != value
+    finetune = make_config(**{**base, name: value})
+    finetune.train.init_from = str(run_dir)
+    if name in EXEMPT:
+        assert resume(run_dir, changed)[1] == SAVED_STEPS
+    else:
+        with pytest.raises(CheckpointError, match=f"(?s)different model.*model\\.{name}"):
+            resume(run_dir, changed)
+    if name in EXEMPT or name == "family":
+        assert check_init_from(finetune) == run_dir / "checkpoints" / f"step_{SAVED_STEPS:08d}"
+        assert Checkpointer(build_trainer(finetune, ParallelGroups.single(), None), tmp_path).start() == 0
+    else:
+        for attempt in (lambda: check_init_from(finetune),  # the CLI's check before any process group
+                        lambda: Checkpointer(build_trainer(finetune, ParallelGroups.single(), None), tmp_path).start()):
+            with pytest.raises(CheckpointError, match=f"(?s)holds another model .*model\\.{name}"):
+                attempt()
+
+
+def test_a_field_missing_from_an_older_checkpoint_compares_as_its_default() -> None:
+    saved = dataclasses.asdict(ModelConfig())
+    del saved["layernorm_eps"]
+    assert model_differences(saved, dataclasses.asdict(ModelConfig())) == []
+    assert model_differences(saved, dataclasses.asdict(ModelConfig(layernorm_eps=1e-6))) == [
+        "model.layernorm_eps: checkpoint 1e-05, this run 1e-06"]
 
 
 # ---- 8: loading a checkpoint never runs code from it ------------------------------------------------

@@ -176,3 +176,81 @@ def test_pair_samples_mask_everything_but_the_target() -> None:
     assert long.tokens[-4:].tolist() == [sep, 20, 21, eos] and long.tokens[0] == 100 + 40 - (SEQ + 1 - 4)
     with pytest.raises(ValueError, match="does not fit"):
         PairSamples([([1], list(range(50)))], SEQ, (0,), pad, sep, eos).sample(0)
+
+
+# ---- every epoch in another seeded order --------------------------------------------------------------
+def _epoch_orders(samples: list[np.ndarray], per_epoch: int) -> list[tuple[list[int], list[int]]]:
+    """Per epoch, (document order, stream position of each visited sample), read from the samples alone.
+
+    Document d is SEQ tokens [4 + d] * (SEQ - 1) + [EOS], so a sample (SEQ + 1 tokens, starting at a
+    document boundary) is document a followed by the first token of the document after it: the pairs
+    (a, next) chain into the epoch's document order, and a sample's place in the chain is its position."""
+    out = []
+    for epoch in range(len(samples) // per_epoch):
+        visited = [(int(s[0]) - 4, int(s[-1]) - 4) for s in samples[epoch * per_epoch:(epoch + 1) * per_epoch]]
+        following = dict(visited)
+        first = (set(following) - set(following.values())).pop()
+        order = [first]
+        while order[-1] in following:
+            order.append(following[order[-1]])
+        position = {doc: index for index, doc in enumerate(order)}
+        out.append((order, [position[doc] for doc, _ in visited]))
+    return out
+
+
+def test_each_epoch_visits_documents_and_samples_in_another_seeded_order(tmp_path: Path) -> None:
+    """Epochs 0..2 of a DocumentSamples source through the data-parallel sampler: each epoch has its own
+    document order and its own sample order (not epoch 0's again), seeded, and the same samples come at
+    dp 1 and dp 2 and after a resume in the second epoch on a fresh source."""
+    num_docs, global_batch, micro = 33, 4, 2
+    with IndexedDatasetWriter(tmp_path / "docs", vocab_size=100) as writer:
+        for doc in range(num_docs):
+            writer.add_document([4 + doc] * (SEQ - 1) + [EOS])
+    dataset = IndexedDataset(tmp_path / "docs")
+    per_epoch = num_docs - 1  # the stream's last document only lends the last sample its final token
+    steps = 3 * per_epoch // global_batch
+
+    def run(dp: int, seed: int = 5, resume_step: int = steps) -> list[np.ndarray]:
+        source = DocumentSamples(dataset, range(num_docs), SEQ, (seed,))
+        assert source.samples_per_epoch == per_epoch
+        seen = []
+        for step in range(steps):
+            if step == resume_step:  # a restart: a new source object, the sampler at the saved position
+                source = DocumentSamples(dataset, range(num_docs), SEQ, (seed,))
+            for rank in range(dp):
+                sampler = BatchSampler(source, global_batch, micro, rank, dp, False)
+                sampler.resume_at(min(step, resume_step), min(step, resume_step) * global_batch)
+                for batch in sampler.micro_batches(step):  # each sample: its inputs' first token, then its labels
+                    seen += [np.concatenate([batch.tokens[r, :1].numpy(), batch.labels[r].numpy()])
+                             for r in range(len(batch.tokens))]
+        return seen
+
+    samples = run(dp=1)
+    assert len(samples) == 3 * per_epoch
+    orders = _epoch_orders(samples, per_epoch)
+    for order, positions in orders:
+        assert sorted(order) == list(range(num_docs)) and sorted(positions) == list(range(per_epoch))
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert orders[a][0] != orders[b][0], f"epochs {a} and {b} concatenate the documents in the same order"
+            assert orders[a][1] != orders[b][1], f"epochs {a} and {b} visit the stream's samples in the same order"
+    other_seed = _epoch_orders(run(dp=1, seed=6), per_epoch)
+    assert all(mine[0] != theirs[0] and mine[1] != theirs[1] for mine, theirs in zip(orders, other_seed))
+    tokens = [s.tolist() for s in samples]
+    assert [s.tolist() for s in run(dp=2)] == tokens
+    assert [s.tolist() for s in run(dp=2, resume_step=per_epoch // global_batch + 3)] == tokens
+
+
+def test_pair_samples_are_reshuffled_each_epoch() -> None:
+    """Each epoch of fine-tuning pairs visits every pair once, in its own seeded order."""
+    records = [([10 + i], [20]) for i in range(12)]
+
+    def epochs(seed: int) -> list[list[int]]:
+        pairs = PairSamples(records, SEQ, (seed,), 0, 3, EOS)
+        firsts = [int(pairs.sample(i).tokens[0]) - 10 for i in range(3 * len(records))]
+        return [firsts[e * len(records):(e + 1) * len(records)] for e in range(3)]
+
+    orders = epochs(1)
+    assert all(sorted(order) == list(range(len(records))) for order in orders)
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+    assert epochs(1) == orders and epochs(2) != orders

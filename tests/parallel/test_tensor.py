@@ -289,7 +289,9 @@ def _primitives_worker(rank: int, world_size: int) -> dict:
 def _two_rank_worker(rank: int, world_size: int) -> dict:
     """One 2-rank run for the tests below (a spawn costs seconds)."""
     return {"primitives": _primitives_worker(rank, world_size),
-            "sequence_parallel_linear": _sequence_parallel_linear_worker(rank, world_size)}
+            "sequence_parallel_linear": _sequence_parallel_linear_worker(rank, world_size),
+            "large_logits": _large_logits_cross_entropy(
+                build_parallel_groups(Topology(tp=world_size), rank, torch.device("cpu")))}
 
 
 @functools.lru_cache(maxsize=None)
@@ -382,3 +384,51 @@ def test_sequence_parallel_linear_keeps_the_shard_and_matches_the_gather_path() 
             # backward all-gathers the shard again: one more all-gather of the local piece
             assert new_comm == {"tp": {"all_gather": {"calls": 2, "bytes": 2 * shard_bytes},
                                        "reduce_scatter": {"calls": 1, "bytes": 2 * shard_bytes}}}, (key, new_comm)
+
+
+# ---- the vocab-parallel cross-entropy on large logits ----------------------------------------------
+LARGE_VOCAB, LARGE_REAL_VOCAB = 16, 13  # 3 padded entries: the last shard at tp=2 holds them
+
+
+def _large_logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [s, b, v] around +1e4, -1e4 and +3e4 per token (exp overflows or underflows fp32 and
+    fp64 there unless the max is subtracted first), targets and per-token loss weights."""
+    generator = torch.Generator().manual_seed(21)
+    s, b = 6, 2
+    offsets = torch.tensor([1e4, -1e4, 3e4])[torch.arange(s * b) % 3].view(s, b, 1)
+    logits = offsets + 4 * torch.randn(s, b, LARGE_VOCAB, generator=generator)
+    target = torch.randint(0, LARGE_REAL_VOCAB, (s, b), generator=generator)
+    weights = torch.rand(s, b, generator=generator)
+    return logits, target, weights
+
+
+def _large_logits_cross_entropy(groups: ParallelGroups) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss and this rank's logits gradient [s, b, v/tp] from the production cross-entropy."""
+    from megalm.parallel.tensor import vocab_parallel_cross_entropy
+
+    logits, target, weights = _large_logits()
+    shard = logits.chunk(groups.tp_size, dim=-1)[groups.tp_rank].clone().requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(shard, target, groups, LARGE_REAL_VOCAB)
+    (loss * weights).sum().backward()
+    return loss.detach(), shard.grad
+
+
+def test_cross_entropy_of_large_logits_matches_float64_at_tp1_and_tp2() -> None:
+    """Logits around 1e4 (in fp32): loss and gradient equal a float64 reference at tp=1 and tp=2,
+    padded entries get no gradient (the max of the logits is subtracted before exp)."""
+    logits, target, weights = _large_logits()
+    exact = logits.double()[..., :LARGE_REAL_VOCAB].requires_grad_(True)
+    exact_loss = torch.nn.functional.cross_entropy(exact.flatten(0, 1), target.flatten(), reduction="none")
+    (exact_loss * weights.double().flatten()).sum().backward()
+    exact_loss = exact_loss.view(target.shape)
+    exact_grad = torch.cat([exact.grad, torch.zeros(*target.shape, LARGE_VOCAB - LARGE_REAL_VOCAB,
+                                                    dtype=torch.float64)], dim=-1)
+    assert exact_loss.min() > 0.01  # not a trivial case: every token's loss is far from 0
+    single = [_large_logits_cross_entropy(ParallelGroups.single())]
+    two = [result["large_logits"] for result in two_rank_results()]
+    for tp, results in ((1, single), (2, two)):
+        for rank, (loss, grad) in enumerate(results):
+            assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), (tp, rank)
+            torch.testing.assert_close(loss.double(), exact_loss, rtol=1e-5, atol=1e-5, msg=f"tp={tp} loss")
+            torch.testing.assert_close(grad.double(), exact_grad.chunk(tp, dim=-1)[rank], rtol=1e-5, atol=1e-6,
+                                       msg=f"tp={tp} rank {rank} gradient")
