@@ -305,7 +305,7 @@ class Trainer:
             )
             if self.comm.enabled:
                 self.logger.info(self.comm.format())
-            if stragglers is not None and self.groups.topology.world_size > 1:
+            if stragglers is not None and self.groups.topology.world_size > 1 and self.groups.rank == 0:
                 (self.logger.warning if stragglers.is_straggler else self.logger.info)(stragglers.message())
         return record
 
