@@ -68,7 +68,9 @@ def parse_fault_spec(spec: str) -> FaultSpec:
         if not seconds >= 0:
             raise FaultSpecError(f"MEGALM_FAULT={spec!r}: SECONDS must be a number >= 0, got {parts[3]!r}: {fix}")
     if kind == "slow" and seconds is None:
-        raise FaultSpecError(f"MEGALM_FAULT={spec!r}: slow needs SECONDS, the delay added to every step, e.g. slow:1:1:0.2")
+        raise FaultSpecError(
+            f"MEGALM_FAULT={spec!r}: slow needs SECONDS, the delay added to every step, e.g. slow:1:1:0.2"
+        )
     return FaultSpec(kind, None if rank == "*" else int(rank), int(step), seconds)
 
 

@@ -105,9 +105,8 @@ class Trainer:
         self._eta_origin: Optional[tuple[float, int]] = None  # (time, step) after this process's first step
         self.clock = StepClock(groups.device)
         # Every rank builds one (its hostname goes to the others now); not for DeepSpeed or evaluation.
-        self.stragglers = (
-            StragglerMonitor(groups, config.train.straggler_factor) if optimizer is not None and runner is None else None
-        )
+        training = optimizer is not None and runner is None
+        self.stragglers = StragglerMonitor(groups, config.train.straggler_factor) if training else None
 
     def _global_loss_tokens(self, batches: list[Batch]) -> tuple[torch.Tensor, Callable[[], None]]:
         """The global count of loss tokens, reduced asynchronously, and the wait to call before reading it.
