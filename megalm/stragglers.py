@@ -91,7 +91,6 @@ class StragglerMonitor:
     the control group (gloo); ParallelGroups built by hand without one use the world group instead."""
 
     def __init__(self, groups: ParallelGroups, factor: float) -> None:
-        self.groups = groups
         self.factor = factor
         self.compute_s = 0.0
         self.steps = 0
