@@ -9,9 +9,13 @@ MEGALM_FAULT="KIND:RANK:STEP[:SECONDS]" makes global rank RANK, at optimizer ste
                 can kill this rank's node at a known step; its peers wait in their next collective);
   sleep-in-save sleep SECONDS inside the checkpoint save of STEP, after writing its own file (a slow
                 filesystem: its peers wait in the save's coordination, on the control group);
-  oom           raise torch.OutOfMemoryError before the step (what the CUDA allocator raises).
+  oom           raise torch.OutOfMemoryError before the step (what the CUDA allocator raises);
+  slow          from STEP on, sleep SECONDS (required) in every step, after reading the batch and
+                before any collective of the step: a straggler (a slow GPU or host), which the
+                trainer's straggler report names (megalm/stragglers.py).
 RANK may be "*" (every rank of the processes that see the variable, e.g. one node's agent).
-A fault fires once per run directory and rank (a marker file records it), so a restarted job goes on.
+A fault fires once per run directory and rank (a marker file records it), so a restarted job goes on;
+"slow" fires in every step from STEP on and leaves no marker.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-KINDS = ("kill", "kill-in-save", "hang", "sleep", "sleep-in-save", "oom")
+KINDS = ("kill", "kill-in-save", "hang", "sleep", "sleep-in-save", "oom", "slow")
 _IN_SAVE = ("kill-in-save", "sleep-in-save")  # fire inside the save of STEP; the others before the step
 
 
@@ -63,6 +67,10 @@ def parse_fault_spec(spec: str) -> FaultSpec:
             seconds = -1.0
         if not seconds >= 0:
             raise FaultSpecError(f"MEGALM_FAULT={spec!r}: SECONDS must be a number >= 0, got {parts[3]!r}: {fix}")
+    if kind == "slow" and seconds is None:
+        raise FaultSpecError(
+            f"MEGALM_FAULT={spec!r}: slow needs SECONDS, the delay added to every step, e.g. slow:1:1:0.2"
+        )
     return FaultSpec(kind, None if rank == "*" else int(rank), int(step), seconds)
 
 
@@ -80,6 +88,8 @@ def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
         return
     fault = parse_fault_spec(spec)
     kind, seconds = fault.kind, 3600.0 if fault.seconds is None else fault.seconds
+    if kind == "slow":  # maybe_slow_down's, inside the step
+        return
     if (fault.rank is not None and fault.rank != rank) or fault.step != step:
         return
     if (where == "save") != (kind in _IN_SAVE):
@@ -106,3 +116,13 @@ def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
         if dist.is_initialized():
             dist.all_reduce(torch.zeros(1))  # unmatched: only this rank calls it now
         time.sleep(seconds)
+
+
+def maybe_slow_down(step: int, rank: int) -> None:
+    """The "slow" fault: sleep its SECONDS when `rank` matches and `step` (1-based) is STEP or later."""
+    spec = os.environ.get("MEGALM_FAULT")
+    if not spec:
+        return
+    fault = parse_fault_spec(spec)
+    if fault.kind == "slow" and fault.rank in (None, rank) and step >= fault.step:
+        time.sleep(fault.seconds)

@@ -202,6 +202,9 @@ TENSORBOARD_TAGS = {
     "data_time_s": "perf/data_time_s",
     "eta_s": "perf/eta_s",
     "compile_s": "perf/compile_s",
+    "straggler_rank": "perf/straggler_rank",
+    "straggler_compute_s": "perf/straggler_compute_s",
+    "median_compute_s": "perf/median_compute_s",
     "peak_memory_gb": "memory/peak_gb",
     "peak_reserved_gb": "memory/peak_reserved_gb",
 }

@@ -20,6 +20,7 @@ from megalm.data.sampler import BatchSampler
 from megalm.data.stats import describe_data
 from megalm.data.tokenizer import Tokenizer
 from megalm.distributed import ParallelGroups, all_reduce_, wait_for
+from megalm.faults import maybe_slow_down
 from megalm.generate import Sampling, encode_prompt, generate
 from megalm.kernels import describe_kernels
 from megalm.metrics import (
@@ -33,6 +34,7 @@ from megalm.parallel.data import GradientSync
 from megalm.parallel.optimizer import MixedPrecisionOptimizer, build_optimizer_wrapper, bytes_per_parameter
 from megalm.parallel.pipeline import PipelineExecutor, activation_shape
 from megalm.parallel.schedules import analytic_bubble, build_schedule, simulate
+from megalm.stragglers import StepClock, StragglerMonitor, StragglerReport
 
 
 @dataclass
@@ -46,6 +48,7 @@ class StepResult:
     tokens: int
     skipped: bool = False  # fp16 overflow: the optimizer step was skipped
     loss_scale: float = 1.0
+    compute_seconds: Optional[float] = None  # this rank's own part of the step (Trainer.train_step); megalm engine
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,6 +103,10 @@ class Trainer:
         self.current_step = 0
         self.compile_s = 0.0  # train.compile: seconds spent compiling so far (megalm.model.compile)
         self._eta_origin: Optional[tuple[float, int]] = None  # (time, step) after this process's first step
+        self.clock = StepClock(groups.device)
+        # Every rank builds one (its hostname goes to the others now); not for DeepSpeed or evaluation.
+        training = optimizer is not None and runner is None
+        self.stragglers = StragglerMonitor(groups, config.train.straggler_factor) if training else None
 
     def _global_loss_tokens(self, batches: list[Batch]) -> tuple[torch.Tensor, Callable[[], None]]:
         """The global count of loss tokens, reduced asynchronously, and the wait to call before reading it.
@@ -132,14 +139,24 @@ class Trainer:
         """One optimizer step over the global batch of `step`.
 
         ZeRO-1: the parameters' all-gathers may still be in flight when this returns (the next forward
-        waits for them block by block); `wait_for_parameters()` before reading the weights directly."""
+        waits for them block by block); `wait_for_parameters()` before reading the weights directly.
+
+        The result's compute_seconds is this rank's own part of the step, for the straggler report: from
+        the step's start to the wait for the gradient reduction, less the wait for the loss-token count
+        (the two places where every dp rank waits for the slowest). It does include the waits inside
+        forward and backward for the rank's tp group and pipeline neighbours, so a slow rank makes those
+        peers look slow too: the report then names the slow group, not always the rank in it.
+        On a GPU it is timed on the device's stream (megalm.stragglers.StepClock)."""
         if self.optimizer is None:
             raise RuntimeError("this Trainer was built for evaluation (build_trainer(training=False)): it has no optimizer")
         reset_peak_memory(self.groups.device)  # record()'s peak_memory_gb is this step's
         start = time.perf_counter()
+        clock = self.clock
+        begin = clock.mark()
         device = self.groups.device
         batches = [batch.to(device) for batch in self.data.micro_batches(step)]
         data_seconds = time.perf_counter() - start
+        maybe_slow_down(step + 1, self.groups.rank)  # the "slow" fault of MEGALM_FAULT: a straggler
         if self.runner is not None:
             lr = lr_at(step, self.config.optim, self.decay_steps)
             out = self.runner.train_step(batches, lr)
@@ -151,7 +168,14 @@ class Trainer:
         self.comm.reset()
         with self.comm.counting():
             # Normalise by the global count of loss tokens so every layout computes the same mean.
-            global_tokens, wait_tokens = self._global_loss_tokens(batches)
+            global_tokens, wait_count = self._global_loss_tokens(batches)
+            token_wait: list = []  # (mark before, mark after) the wait for the count: not this rank's compute
+
+            def wait_tokens() -> None:
+                if not token_wait:
+                    before = clock.mark()
+                    wait_count()
+                    token_wait.append((before, clock.mark()))
 
             def scaled_loss(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
                 wait_tokens()
@@ -159,6 +183,7 @@ class Trainer:
 
             loss_sum = self.executor.run(batches, scaled_loss)
             wait_tokens()  # the stages without a loss
+            ready = clock.mark()  # this rank's gradients are computed: the wait for the others starts
             self.sync.finish()
             all_reduce_(loss_sum, self.groups.pp_group)  # only the last stage holds the loss
             all_reduce_(loss_sum, self.groups.dp_group)
@@ -175,8 +200,11 @@ class Trainer:
                 grad_norm, skipped = self._update(step, scale)
         seconds = time.perf_counter() - start
         lr = lr_at(step, self.config.optim, self.decay_steps)
+        # After loss_sum.item(): on a GPU the stream has passed every mark, so reading them waits for nothing.
+        compute_seconds = clock.seconds(begin, ready) - clock.seconds(*token_wait[0])
         return StepResult(
-            step, loss_value, lr, grad_norm, seconds, data_seconds, self.tokens_per_step, skipped, scale
+            step, loss_value, lr, grad_norm, seconds, data_seconds, self.tokens_per_step, skipped, scale,
+            compute_seconds,
         )
 
     def _update(self, step: int, scale: float) -> tuple[float, bool]:
@@ -249,6 +277,10 @@ class Trainer:
                 None if (reserved := peak_reserved_bytes(self.groups.device)) is None else reserved / 2**30
             ),
         }
+        logs = step % self.config.log.interval == 0 or step == 1 or step == self.config.train.steps
+        stragglers = self._stragglers(result, logs)
+        if stragglers is not None:
+            record.update(stragglers.fields())
         if self.comm.enabled:
             record.update(self.comm.metrics())
         interval = self.config.train.eval_interval
@@ -258,7 +290,7 @@ class Trainer:
             self._record_compile(record, result)  # after the evaluation, which compiles its own graph
         record["eta_s"] = self._eta_seconds(step, result.seconds)
         self.metrics.write(record)
-        if step % self.config.log.interval == 0 or step == 1 or step == self.config.train.steps:
+        if logs:
             mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
             valid = f" | valid {record['valid_loss']:.4f}" if "valid_loss" in record else ""
             self.logger.info(
@@ -272,7 +304,20 @@ class Trainer:
             )
             if self.comm.enabled:
                 self.logger.info(self.comm.format())
+            if stragglers is not None and self.groups.topology.world_size > 1 and self.groups.rank == 0:
+                (self.logger.warning if stragglers.is_straggler else self.logger.info)(stragglers.message())
         return record
+
+    def _stragglers(self, result: StepResult, logs: bool) -> Optional[StragglerReport]:
+        """Add this step's compute time; on a log step, the slowest rank since the last one (one all-gather
+        on every rank, counted in this step's comm stats)."""
+        if self.stragglers is None or result.compute_seconds is None:
+            return None
+        self.stragglers.add(result.compute_seconds)
+        if not logs:
+            return None
+        with self.comm.counting():
+            return self.stragglers.report()
 
     def _record_compile(self, record: dict, result: StepResult) -> None:
         """compile_s (seconds compiled so far) in every record; logged when a step compiled."""

@@ -580,3 +580,18 @@ def test_generation_with_the_kv_cache_on_the_device(device: str) -> None:
         start = time.perf_counter()
         assert all(len(row) == 12 for row in generate(low, groups, prompts, Sampling(12)))
         _report("generation_kv_cache", device, family=family, bf16_seconds=time.perf_counter() - start)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_straggler_compute_time_on_the_device_clock(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The straggler report's compute time (megalm/stragglers.py; CUDA events on a GPU, read after the
+    step's own synchronisation): a step slowed by 0.1 s (MEGALM_FAULT=slow) shows it, within the step's wall time."""
+    monkeypatch.setenv("MEGALM_FAULT", "slow:0:2:0.1")
+    trainer = build_trainer(_config(device, "train.steps=3", "log.interval=1", "optim.warmup_steps=1"), _groups(device), None)
+    assert trainer.clock.cuda == (device == "cuda")
+    records = trainer.fit()
+    compute = [r["straggler_compute_s"] for r in records]
+    _report("straggler_compute_time", device, compute_s=compute, step_time_s=[r["step_time_s"] for r in records])
+    assert all(r["straggler_rank"] == 0 and r["median_compute_s"] == r["straggler_compute_s"] for r in records)
+    assert all(0 < r["straggler_compute_s"] <= r["step_time_s"] for r in records), records
+    assert min(compute[1:]) >= 0.1, compute  # steps 2 and 3 sleep 0.1 s before their first kernel

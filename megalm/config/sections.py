@@ -185,6 +185,8 @@ class TrainConfig(_Section):
     eval_interval: int = 0  # evaluate the valid split every N steps (0: never)
     eval_batches: int = 1  # global batches of the valid split per evaluation
     compile: bool = False  # torch.compile each transformer layer (docs/model.md "Compiled layers"); megalm engine only
+    # warn when a rank's compute time per step exceeds this multiple of the median rank's (docs/metrics.md, Stragglers)
+    straggler_factor: float = 1.5
     # Fine-tune from weights: a checkpoint directory (RUN/checkpoints/step_NNNNNNNN) or a run directory (its
     # latest checkpoint). Loads the model weights only, at any layout, and starts at step 0 with a fresh
     # optimizer, LR schedule and data position; a run directory with a checkpoint of its own resumes instead.
@@ -197,6 +199,7 @@ class TrainConfig(_Section):
         self._non_negative("seed")
         self._require(self.run_dir.strip() != "", "run_dir", "a non-empty path")
         self._require(self.init_from is None or self.init_from.strip() != "", "init_from", "a path or null")
+        self._require(self.straggler_factor > 1.0, "straggler_factor", "> 1.0 (a multiple of the median, e.g. 1.5)")
 
 
 @dataclass
