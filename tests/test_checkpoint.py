@@ -136,8 +136,8 @@ def _bitwise_worker(rank: int, world_size: int, layout: tuple, root: str, implem
 
 @pytest.mark.parametrize("layout, implementations", [
     ((1, 1, 1, 0), IMPLEMENTATIONS),
-    # tp 2 x dp 2 without ZeRO: nightly (11 s), as 2x2x2-zero1 below spans tp, pp and dp in the default run
-    pytest.param((2, 1, 2, 0), ("fused",), marks=pytest.mark.nightly),
+    # tp 2 x dp 2 without ZeRO: slow (11 s); 2x2x2-zero1 below spans tp, pp and dp
+    pytest.param((2, 1, 2, 0), ("fused",), marks=pytest.mark.slow),
     pytest.param((2, 2, 2, 1), IMPLEMENTATIONS, marks=pytest.mark.slow),
 ], ids=["1x1x1", "2x1x2", "2x2x2-zero1"])
 def test_resume_is_bitwise_identical(layout, implementations, tmp_path: Path) -> None:
@@ -216,14 +216,14 @@ def resharding_source(tmp_path_factory) -> tuple[Path, list[dict]]:
     return root, run_distributed(_reshard_worker, 8, (2, 2, 2, 1), str(root), "save", timeout=400)
 
 
-# (tp, pp, dp, zero stage), world size. Three targets run nightly only: the default run keeps the
-# consolidation to one rank and the tp-changing ZeRO-1 target (the suite must stay under 15 minutes).
+# (tp, pp, dp, zero stage), world size. Three targets are marked slow; the consolidation to one rank
+# and the tp-changing ZeRO-1 target are the fast ones.
 RESHARD_TARGETS = [
     pytest.param((1, 1, 1, 0), 1, id="1x1x1"),
     pytest.param((4, 1, 2, 1), 8, id="4x1x2-zero1"),
-    pytest.param((1, 2, 4, 1), 8, id="1x2x4-zero1", marks=pytest.mark.nightly),
-    pytest.param((2, 2, 2, 0), 8, id="2x2x2", marks=pytest.mark.nightly),
-    pytest.param((1, 4, 1, 0), 4, id="1x4x1", marks=pytest.mark.nightly),
+    pytest.param((1, 2, 4, 1), 8, id="1x2x4-zero1", marks=pytest.mark.slow),
+    pytest.param((2, 2, 2, 0), 8, id="2x2x2", marks=pytest.mark.slow),
+    pytest.param((1, 4, 1, 0), 4, id="1x4x1", marks=pytest.mark.slow),
 ]
 
 
@@ -251,7 +251,7 @@ def test_the_metadata_lets_a_rank_open_only_the_files_it_needs(resharding_source
         assert dp0 <= opened <= stage, (name, opened)  # dp rank 0 of the stage holds every weight
 
 
-@pytest.mark.nightly  # 30 s; the group step's save/restore is in the default run (tests/checkpoint/test_state.py)
+@pytest.mark.slow  # 30 s; the group step's save/restore is in the default run (tests/checkpoint/test_state.py)
 def test_group_step_optimizer_reshards(tmp_path: Path) -> None:
     """The apex stand-in (step in the param group) saved at 2x2x2+ZeRO-1 loads at 1x1x1 and 1x2x2+ZeRO-1:
     every full tensor and moment equal, the group step carried over, the same continuation."""
@@ -410,8 +410,8 @@ def test_sigterm_saves_and_exits_zero(tmp_path: Path) -> None:
     assert records[-1]["step"] == step
 
 
-# nightly (19 s): the default run keeps resharding from 2x2x2 with ZeRO-1 to other layouts
-@pytest.mark.nightly
+# slow (19 s); resharding from 2x2x2 with ZeRO-1 to other layouts is the fast check
+@pytest.mark.slow
 def test_resharding_back_from_1x1x1_to_2x2x2_zero1(tmp_path: Path) -> None:
     saved = run_distributed(_reshard_worker, 1, (1, 1, 1, 0), str(tmp_path), "save", timeout=400)
     index = PieceIndex(tmp_path / "checkpoints" / "step_00000010", ["rank_00000.pt"])
@@ -423,8 +423,8 @@ def test_resharding_back_from_1x1x1_to_2x2x2_zero1(tmp_path: Path) -> None:
     assert_same_full_tensors(tmp_path / "checkpoints" / "step_00000010", resaved)
 
 
-# nightly (19 s): the default run keeps convert -> import -> exact weights (tests/interop/test_gpt2.py)
-@pytest.mark.nightly
+# slow (19 s); convert -> import -> exact weights is the fast check (tests/interop/test_gpt2.py)
+@pytest.mark.slow
 def test_convert_writes_one_file_of_full_tensors(tmp_path: Path) -> None:
     from megalm.cli import main
 

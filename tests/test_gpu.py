@@ -516,7 +516,7 @@ def test_layer_activation_bytes_match_the_planner(device: str) -> None:
     assert not wrong, wrong
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.nightly),
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow),
                                     pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_compiled_layers_train_like_eager(device: str) -> None:
     """train.compile=true against eager, 5 steps of the tiny model (bf16 on CUDA, fp32 on CPU, where

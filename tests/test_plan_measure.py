@@ -1,9 +1,9 @@
 """The planner's per-layer activation bytes equal what megalm's layers save for backward, measured on CPU.
 
 megalm.plan.measure counts the storages a 2-layer minus a 1-layer forward saves (saved-tensor hooks,
-each storage once, parameters left out); the planner is asked with CPU kernels. The default run
+each storage once, parameters left out); the planner is asked with CPU kernels. A fast test
 measures a subset (tp=1 in this process, tp=2 with sequence parallel on 2 gloo ranks); the whole
-docs/plan.md table runs nightly.
+docs/plan.md table is a slow one.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_cuda_kernels_keep_less_than_cpu_ones_under_dropout() -> None:
         layer_activation_bytes(case.model(), Layout(1, 1, 1, 1, 1), 4, kernels="tpu")
 
 
-@pytest.mark.nightly
+@pytest.mark.slow
 def test_whole_table_within_tolerance(capsys) -> None:
     assert main([]) == 0, capsys.readouterr().out
     assert len(default_cases()) > 100

@@ -2,7 +2,7 @@
 
 The data are made as examples/quickstart.sh makes them (2 MB corpus, 2048-token tokenizer, token
 files); the model and optimizer are configs/tiny-corpus.yaml's, in one process (tp=1). About 80 s
-of training on one CPU core, hence nightly. Measured: fp32 2.0356, bf16 2.0336 (0.1%).
+of training on one CPU core, hence marked slow. Measured: fp32 2.0356, bf16 2.0336 (0.1%).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from megalm.testing import corpus_token_files
 from megalm.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.nightly]
+pytestmark = [pytest.mark.slow, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,7 @@ def test_prefixlm_sequence_parallel_matches_single_process(tmp_path: Path) -> No
 # Nightly (25 s; the default run must stay under 15 minutes): the dropout masks themselves, per site and
 # across tp ranks, are checked in the default run (tests/parallel/test_tensor.py), and recompute's
 # bit-for-bit parity with dropout on at tp 2 + sequence parallel (tests/model/test_recompute.py).
-@pytest.mark.nightly
+@pytest.mark.slow
 def test_dropout_with_tensor_parallel_trains(tmp_path: Path, single_lm: list[dict]) -> None:
     """With dropout on, tp=2 (sequence parallel too) still learns about as well as without dropout."""
     dropout = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1", "train.steps=50"]

@@ -104,8 +104,8 @@ def _finetune_worker(rank: int, world_size: int, root: str, scenario: str) -> di
 
 @pytest.mark.parametrize("scenario", [
     "1x1x1->2x2x1",
-    # nightly: 15 s more; the dp and ZeRO-1 pieces' resharding itself is in the default run (tests/test_checkpoint.py)
-    pytest.param("2x1x2->1x2x2-zero1", marks=pytest.mark.nightly),
+    # slow: 15 s more; the dp and ZeRO-1 pieces' resharding itself is tested faster in tests/test_checkpoint.py
+    pytest.param("2x1x2->1x2x2-zero1", marks=pytest.mark.slow),
 ])
 def test_first_loss_equals_the_source_evaluation_at_another_layout(scenario: str, source_run: Path,
                                                                     tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ default generator (deterministic from the saved RNG state, identical across tp r
 
 Inductor compiles C++ with gcc on CPU: tens of seconds cold (the on-disk cache makes reruns a few
 seconds), so the default run compiles one tiny model with inductor; the rest uses the aot_eager
-backend (same graph capture, graph breaks and autograd, no code generation), or is nightly.
+backend (same graph capture, graph breaks and autograd, no code generation), or is marked slow.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def test_selective_recompute_without_dropout_is_bitwise_eagerly() -> None:
 
 
 # ---- dropout and recompute under compile (aot_eager: the same graphs, eager's kernels) --------------
-@pytest.mark.parametrize("family", ["lm", pytest.param("prefixlm", marks=pytest.mark.nightly)])
+@pytest.mark.parametrize("family", ["lm", pytest.param("prefixlm", marks=pytest.mark.slow)])
 def test_recompute_around_compiled_layers_is_bitwise(family: str, aot_eager) -> None:
     """Dropout on: selective and full recompute of compiled layers give the compiled stored run's
     losses and gradients bit for bit (checkpoint restores the default generator, megalm rewinds the
@@ -247,7 +247,7 @@ def test_recompute_around_compiled_layers_is_bitwise(family: str, aot_eager) -> 
         assert_bitwise(train(make_config(family, dropout=0.1, recompute=mode), single), stored, (family, mode))
 
 
-@pytest.mark.nightly
+@pytest.mark.slow
 def test_recompute_around_inductor_layers_is_bitwise() -> None:
     """The same with inductor and its own replicated masks (tp = 1: the hidden dropout is in the
     graph): the rerun of a compiled layer draws the forward's masks, so selective and full recompute
@@ -280,7 +280,7 @@ def parallel_results(backend: str) -> list[dict]:
     return run_distributed(_parallel_worker, 4, backend, timeout=600, collective_timeout=600)
 
 
-@pytest.mark.nightly
+@pytest.mark.slow
 def test_compiled_layers_at_tp2_sp_pp2_aot_eager() -> None:
     """tp=2 with sequence parallel x pp=2: the collectives stay eager between the compiled graphs, and
     with eager's kernels every rank's losses and gradients are eager's bit for bit, dropout included
@@ -295,7 +295,7 @@ def test_compiled_layers_at_tp2_sp_pp2_aot_eager() -> None:
             assert out[(dropout, True)]["graph_counts"] == expected[dropout], (rank, dropout)
 
 
-@pytest.mark.nightly
+@pytest.mark.slow
 def test_compiled_layers_at_tp2_sp_pp2_inductor() -> None:
     """The same layout with inductor: within float32 rounding of eager, dropout included (all masks
     are eager's under sequence parallel), on every rank."""
@@ -304,7 +304,7 @@ def test_compiled_layers_at_tp2_sp_pp2_inductor() -> None:
             assert_close(out[(dropout, True)], out[(dropout, False)], (rank, dropout), rtol=1e-5, atol=1e-6)
 
 
-# ---- inductor's own dropout masks (nightly: more inductor compiles) ----------------------------------
+# ---- inductor's own dropout masks (slow: more inductor compiles) -------------------------------------
 def _dropout_model(groups: ParallelGroups, sp: bool = False):
     cfg = make_config(dropout=0.2, tp=groups.tp_size).model
     model = build_model(cfg, groups, 7, sequence_parallel=sp)
@@ -325,7 +325,7 @@ def _forward_backward(model, seed: int, rng_state: dict) -> tuple[torch.Tensor, 
     return hidden.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
-@pytest.mark.nightly
+@pytest.mark.slow
 def test_inductor_dropout_is_deterministic_from_the_saved_rng_state() -> None:
     """Inductor draws the replicated masks itself: the same generator states (what a checkpoint
     saves) give the same outputs and gradients bit for bit, another seed gives other masks, and the
@@ -346,7 +346,7 @@ def test_inductor_dropout_is_deterministic_from_the_saved_rng_state() -> None:
     assert torch.allclose(out[out != 0], torch.tensor(1 / 0.8))  # and rescale the rest
 
 
-@pytest.mark.nightly
+@pytest.mark.slow
 def test_inductor_resume_is_exact(tmp_path) -> None:
     """Dropout 0.1 (hidden dropout inside the graph from inductor's seeds, attention dropout eager):
     save at step 2, resume in a new Trainer, train to 4: the losses of 4 uninterrupted steps, bit for
@@ -375,7 +375,7 @@ def _replicated_worker(rank: int, world_size: int) -> torch.Tensor:
     return _forward_backward(model, 5, model.rng.state_dict())[0]
 
 
-@pytest.mark.nightly
+@pytest.mark.slow
 def test_inductor_replicated_dropout_agrees_across_tp() -> None:
     """tp=2 without sequence parallel: the residual stream is replicated and its hidden dropout
     runs inside the compiled graph; any difference between the two ranks' masks would make their
@@ -384,7 +384,7 @@ def test_inductor_replicated_dropout_agrees_across_tp() -> None:
     assert torch.equal(ranks[0], ranks[1])
 
 
-@pytest.mark.nightly
+@pytest.mark.slow
 def test_inductor_fuses_the_element_wise_functions() -> None:
     """bias + GeLU and bias + dropout + residual (with and without dropout) each become one kernel."""
     import torch._inductor.metrics as metrics

@@ -133,8 +133,8 @@ def _parallel_worker(rank: int, world_size: int) -> dict:
     return {kernel: train(flex_config(kernel, "selective", **layout), groups) for kernel in ("dense", "flex")}
 
 
-# nightly (21 s): the default run keeps flex-vs-dense parity through the Trainer in one process
-@pytest.mark.nightly
+# slow (21 s); flex-vs-dense parity through the Trainer in one process is the fast check
+@pytest.mark.slow
 def test_flex_matches_the_dense_mask_at_tp2_sp_pp2() -> None:
     """tp=2 with sequence parallel x pp=2, interleaved (v=2), selective recompute: every rank's losses
     and gradients with flex equal the dense mask's, and the losses the single process's."""

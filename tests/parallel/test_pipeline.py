@@ -107,9 +107,9 @@ def results(world_size: int) -> list[dict]:
     return run_distributed(_worker, world_size, timeout=300)
 
 
-# 8 ranks (tp2 x pp2 x dp2, every schedule): nightly, 17 s; tests/test_train_e2e.py keeps an 8-rank
+# 8 ranks (tp2 x pp2 x dp2, every schedule): slow, 17 s; tests/test_train_e2e.py keeps an 8-rank
 # tp2 x pp2 x dp2 run through the trainer in the default run
-@pytest.mark.parametrize("world_size", [2, 4, pytest.param(8, marks=pytest.mark.nightly)])
+@pytest.mark.parametrize("world_size", [2, 4, pytest.param(8, marks=pytest.mark.slow)])
 def test_pipeline_matches_single_process(world_size: int, reference: dict) -> None:
     ranks = results(world_size)
     for (layout, family) in ranks[0]:

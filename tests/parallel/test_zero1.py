@@ -284,7 +284,7 @@ def _interleaved_worker(rank: int, world_size: int) -> dict:
     return out
 
 
-@pytest.mark.nightly  # 4 ranks, ~15 s: the interleaved schedule reads the buckets across two chunks
+@pytest.mark.slow  # 4 ranks, ~15 s: the interleaved schedule reads the buckets across two chunks
 def test_zero1_interleaved_pipeline_equals_replicated_optimizer_bit_for_bit() -> None:
     for per_rank in run_distributed(_interleaved_worker, 4, timeout=300):
         sharded, replicated = per_rank[1], per_rank[0]
