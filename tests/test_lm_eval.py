@@ -5,20 +5,25 @@ accuracy megalm's own Evaluator gives; the three request kinds equal megalm's ow
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import runpy
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'megalm[lmeval]')")
 for _name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # nothing may try the network
     os.environ[_name] = "1"
 
+from lm_eval.api.instance import Instance  # noqa: E402
+
 from megalm.checkpoint import Checkpointer  # noqa: E402
 from megalm.cli import main  # noqa: E402
-from megalm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from megalm.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from megalm.data.tokenizer import train_tokenizer  # noqa: E402
 from megalm.distributed import ParallelGroups  # noqa: E402
 from megalm.eval.run import load_evaluator  # noqa: E402
@@ -94,8 +99,6 @@ def test_a_harness_task_reports_megalms_own_accuracy(tiny) -> None:
 
 
 def test_rolling_and_generation_requests_equal_megalms_functions(tiny) -> None:
-    from lm_eval.api.instance import Instance
-
     from megalm.eval.harness import MegalmLM
 
     evaluator = load_evaluator(tiny["run"], batch_size=4)
@@ -139,6 +142,22 @@ def test_megalm_eval_lm_eval_tasks_command(tiny, capsys) -> None:
         [Example(tuple((c,) for c in d["choices"]), d["label"], context=d["question"]) for d in DOCS])
     assert line["eval"] == "lm_eval" and line["task"] == "megalm_towns"
     assert line["acc,none"] == pytest.approx(own["sum"], abs=1e-12)
+
+
+def test_lm_evals_default_cuda_device_runs_on_the_cpu_without_a_gpu(tiny, monkeypatch, caplog) -> None:
+    # lm_eval's command line passes device="cuda:0" unless told otherwise; without CUDA megalm's model
+    # once died inside torch.cuda. It runs on the CPU and says so; an unknown device is a clear error.
+    from megalm.eval.harness import MegalmLM
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="megalm"):
+        lm = MegalmLM(path=str(tiny["run"]), device="cuda:0", batch_size=4)
+    assert lm.device == torch.device("cpu") and lm.evaluator.trainer.groups.device == torch.device("cpu")
+    assert any("'cuda:0'" in r.message and "--device cpu" in r.message for r in caplog.records), caplog.text
+    (loglik, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("Lena lives in", " Redrock"), 0)])
+    assert math.isfinite(loglik) and loglik < 0
+    with pytest.raises(ConfigError, match="lm_eval device 'tpu'.*--device cpu"):
+        MegalmLM(path=str(tiny["run"]), device="tpu")
 
 
 @pytest.mark.slow
