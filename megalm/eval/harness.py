@@ -183,19 +183,35 @@ class MegalmLM(LM):
         return results  # type: ignore[return-value]
 
 
+def task_manager(names: Sequence[str], include: Optional[str] = None):
+    """lm_eval's TaskManager for `names`: the `include` folder's alone when it defines each of them as a
+    plain task (indexing lm_eval's thousands of built-in task files takes seconds in every process),
+    else the built-in tasks and the folder's."""
+    from lm_eval.tasks import TaskManager
+
+    if include:
+        local = TaskManager(include_path=include, include_defaults=False)
+        if all(name in local.all_subtasks for name in names):
+            return local
+        return TaskManager(include_path=include)
+    return TaskManager()
+
+
 def run_harness_tasks(evaluator: Evaluator, names: Sequence[str], include: Optional[str] = None, shots: int = 0,
                       limit: Optional[float] = None, seed: int = 0) -> list[dict]:
     """lm_eval.simple_evaluate of the harness tasks `names` (plus the task YAMLs under `include`) on the
-    loaded checkpoint, every rank together: one result line per task (`megalm eval --lm-eval-tasks`)."""
+    loaded checkpoint, every rank together: one result line per task (`megalm eval --lm-eval-tasks`) where
+    LOCAL_RANK is 0 (rank 0 prints them), none elsewhere."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include) if include else TaskManager()
     results = lm_eval.simple_evaluate(
-        model=MegalmLM(evaluator=evaluator, batch_size=evaluator.batch_size), tasks=list(names), task_manager=manager,
+        model=MegalmLM(evaluator=evaluator, batch_size=evaluator.batch_size), tasks=list(names),
+        task_manager=task_manager(names, include),
         num_fewshot=shots or None, limit=limit, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
         fewshot_random_seed=seed, log_samples=False,
     )
+    if results is None:  # lm_eval aggregates where LOCAL_RANK is 0 only (its rule for tp launchers)
+        return []
     return [{"eval": "lm_eval", "task": task, "checkpoint": str(evaluator.checkpoint),
              **{key: value for key, value in metrics.items() if key != "alias"}}
             for task, metrics in results["results"].items()]
