@@ -58,8 +58,8 @@ def harness_device(name: Optional[str]) -> torch.device:
                           f"pass --device cpu or --device cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         build = "this torch is a CPU build" if not torch.version.cuda else "no GPU is visible"
-        get_logger().warning(f"lm_eval device {name!r} (lm_eval's default) but {build}: running megalm on the cpu; "
-                             f"pass --device cpu to choose it")
+        get_logger().warning(f"lm_eval device {name!r} (its command line's default) but {build}: running megalm on "
+                             f"the cpu; pass --device cpu to choose it")
         return torch.device("cpu")
     return torch.device(name) if ":" in name else resolve_device(name)
 
