@@ -16,8 +16,9 @@ states, runs its layers and sends them on (a rank's virtual stages in turn); the
 and broadcasts the tokens over its pipeline group, so the first stage can feed them back. Data
 parallel replicas of `megalm generate` take turns at the batches.
 
-A model fine-tuned on pairs (data.kind pairs) saw each prefix followed by <sep>; its prompts are
-encoded the same way, by the same function (encode_prompt uses megalm.data.dataset.pair_prefix).
+A model fine-tuned on pairs (data.kind pairs, LM or PrefixLM) saw each prefix followed by <sep>; its
+prompts are encoded the same way, by the rule `megalm eval` and the lm_eval adapter use too
+(encode_prompt: megalm.data.dataset.prompt_ids).
 Generation ends at model.seq_length tokens (prompt included); a longer prompt keeps its last
 seq_length - 1 tokens, as pairs training keeps a long prefix's end.
 """
@@ -36,7 +37,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megalm.data.dataset import pair_prefix
+from megalm.data.dataset import prompt_ids, trained_on_pairs
 from megalm.distributed import ParallelGroups
 from megalm.model.gpt import GPTModel
 from megalm.parallel.tensor import gather_from_tp
@@ -88,9 +89,9 @@ class LayerCache:
 
 
 def encode_prompt(tokenizer, text: str, pairs: bool) -> list[int]:
-    """A prompt's ids as training showed such text: after fine-tuning on pairs, the prefix then <sep>."""
-    ids = tokenizer.encode(text)
-    return pair_prefix(ids, tokenizer.sep_id) if pairs else ids
+    """A prompt's ids as training showed such text (megalm.data.dataset.prompt_ids): after fine-tuning
+    on pairs, the prefix then <sep>; eos alone for an empty prompt."""
+    return prompt_ids(tokenizer.encode(text) if text else [], tokenizer.sep_id, tokenizer.eos_id, pairs)
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
@@ -274,7 +275,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = config_from_dict(metadata["config"], f"{path}/metadata.json")
     prompts = read_prompts(args.prompt, args.prompts_file, args.field)
     tokenizer = _load_tokenizer(config, metadata, args.tokenizer)
-    pairs = args.prompt_format == "pairs" or (args.prompt_format == "auto" and config.data.kind == "pairs")
+    pairs = args.prompt_format == "pairs" or (args.prompt_format == "auto" and trained_on_pairs(config))
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                             None if args.ignore_eos else tokenizer.eos_id)

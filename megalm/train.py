@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megalm.comm import CommCounter, comm_stats_enabled
 from megalm.config import Config, config_to_dict, config_to_yaml, grad_accum_steps, resolved_decay_steps
 from megalm.data.batch import Batch
+from megalm.data.dataset import trained_on_pairs
 from megalm.data.pipeline import DataSources, build_sampler, build_sources
 from megalm.data.sampler import BatchSampler
 from megalm.data.stats import describe_data
@@ -390,7 +391,7 @@ class Trainer:
         if not prompts:
             return []
         self.wait_for_parameters()  # ZeRO-1: the last step's all-gathers
-        pairs = self.config.data.kind == "pairs"
+        pairs = trained_on_pairs(self.config)
         sampling = Sampling(self.config.log.sample_tokens, temperature=0.7, top_k=20, seed=self.config.train.seed,
                             stop_id=self.tokenizer.eos_id)
         encoded = [encode_prompt(self.tokenizer, prompt, pairs) for prompt in prompts]
@@ -428,6 +429,12 @@ def build_trainer(
         from megalm.engines.deepspeed_engine import build_deepspeed_engine, check_supported
 
         check_supported(config, groups, parallel.zero_stage)
+        if config.train.init_from is not None:  # now: DeepSpeed copies the weights into its partitions
+            from megalm.checkpoint.weights import describe_source, load_initial_weights
+
+            start = time.perf_counter()
+            path, metadata = load_initial_weights(chunks, None, groups, config, sources.tokenizer, config.train.init_from)
+            logger.info(f"{describe_source(path, metadata, config)} ({time.perf_counter() - start:.2f} s)")
         runner = build_deepspeed_engine(config, groups, chunks, parallel.zero_stage)
         sync, optimizer = _NoSync(), runner.engine.optimizer  # DeepSpeed reduces gradients itself
     else:

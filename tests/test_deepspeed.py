@@ -322,7 +322,7 @@ def _recompute_worker(rank: int, world_size: int) -> dict[str, list[tuple[float,
 
 
 @needs_deepspeed
-@pytest.mark.nightly  # three DeepSpeed engines on 4 ranks: about a minute on two cores
+@pytest.mark.slow  # three DeepSpeed engines on 4 ranks: about a minute on two cores
 def test_recompute_under_deepspeed_matches_the_run_without_it() -> None:
     """Recompute lives in megalm's layers, so it runs under the DeepSpeed engine too: with dropout on, at
     tp 2 (the tp-distinct dropout stream) x dp 2 with ZeRO-2, the recomputed forward redraws the stored
@@ -330,3 +330,79 @@ def test_recompute_under_deepspeed_matches_the_run_without_it() -> None:
     results = run_distributed(_recompute_worker, 4, timeout=600)[0]
     assert results["selective"] == results["none"] and results["full"] == results["none"]
     assert max(abs(a[0] - b[0]) for a, b in zip(results["none"], _reference())) > 1e-4  # dropout really ran
+
+
+# ---- FlexAttention PrefixLM and train.init_from under DeepSpeed ----------------------------------------------
+
+FLEX = ("model.family=prefixlm", "model.prefix_attention=flex")
+
+
+def _counted_flex(calls: list) -> None:
+    """Lift torch's CPU check on FlexAttention's backward (tests/model/test_flex.py) and count the flex calls."""
+    from megalm.model import layers
+    from tests.model.test_flex import lift_cpu_flex_check
+
+    lift_cpu_flex_check()
+    real = layers.flex_prefix_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    layers.flex_prefix_attention = counted
+
+
+def _flex_worker(rank: int, world_size: int) -> tuple[list[tuple[float, float]], int]:
+    calls: list = []
+    _counted_flex(calls)
+    return _deepspeed_worker(rank, world_size, 1, 2, FLEX), len(calls)
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_flex_prefixlm_under_deepspeed_matches_megalm(monkeypatch) -> None:
+    """A PrefixLM on FlexAttention's block mask, ZeRO-2 at dp 2: the losses and clipped norms of megalm's
+    own engine on the same kernel, weights and data."""
+    from megalm.model import layers
+    from tests.model.test_flex import torch_flex
+
+    results = run_distributed(_flex_worker, 2, timeout=600)
+    (got, calls), _ = results
+    assert calls > 0  # the flex kernel ran under DeepSpeed
+    monkeypatch.setattr(torch_flex, "_validate_device", lambda *args, **kwargs: None)
+    reference_calls: list = []
+    real = layers.flex_prefix_attention
+    monkeypatch.setattr(layers, "flex_prefix_attention",
+                        lambda *args, **kwargs: reference_calls.append(1) or real(*args, **kwargs))
+    want = _reference(*FLEX)
+    assert reference_calls
+    _assert_close(got, want)
+
+
+def _init_from_worker(rank: int, world_size: int, source: str) -> list[tuple[float, float]]:
+    from megalm.train import build_trainer
+
+    config = _config(*PARITY_OVERRIDES, "train.engine=deepspeed", "parallel.zero_stage=2", f"train.init_from={source}")
+    groups = build_parallel_groups(Topology.from_world_size(world_size, tp=1), rank, torch.device("cpu"))
+    trainer = build_trainer(config, groups, None)
+    return [(result.loss, result.grad_norm) for result in (trainer.train_step(step) for step in range(STEPS))]
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_deepspeed_starts_from_train_init_from(tmp_path) -> None:
+    """train.init_from under DeepSpeed loads the checkpoint's weights before ZeRO copies them into its fp32
+    partitions: every step (not only the first) equals megalm's engine started from the same checkpoint."""
+    from megalm.checkpoint import Checkpointer
+    from megalm.train import build_trainer
+
+    source = build_trainer(_config("train.steps=3", "train.seed=7"), ParallelGroups.single(), None)
+    source.fit(checkpointer=Checkpointer(source, tmp_path / "source"))
+    config = _config(*PARITY_OVERRIDES, f"train.init_from={tmp_path / 'source'}")
+    reference = build_trainer(config, ParallelGroups.single(), None)
+    Checkpointer(reference, tmp_path / "reference").start()
+    want = [(result.loss, result.grad_norm) for result in (reference.train_step(step) for step in range(STEPS))]
+    assert abs(want[0][0] - _reference()[0][0]) > 1e-3  # the checkpoint's weights are not the fresh ones
+    results = run_distributed(_init_from_worker, 2, str(tmp_path / "source"), timeout=600)
+    assert results[0] == results[1]
+    _assert_close(results[0], want)

@@ -3,6 +3,7 @@ log-likelihoods equal at tp 2 x pp 2, and the built-in world task above chance a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -283,3 +284,66 @@ def test_few_shot_demonstrations_are_other_examples_seeded(tmp_path) -> None:
     assert len(set(first)) > 1 and len({i for demos in first for i in demos}) > shots  # drawn per example
     assert demonstrations(seed=4) == first
     assert demonstrations(seed=5) != first
+
+
+# ---- one prompt rule: generate, eval and the lm_eval adapter encode a pairs checkpoint's prompts alike --------
+PAIRS_PROMPT = "Where does Mara live?"
+
+
+def _pairs_checkpoint(root: Path, family: str) -> Path:
+    """A tiny LM or PrefixLM fine-tuned (one step) on JSONL pairs, with a real tokenizer."""
+    from megalm.config import DataConfig
+    from megalm.data.tokenizer import train_tokenizer
+
+    facts = [{"prefix": f"Where does {name} live?", "target": f" {town}"}
+             for name in ("Mara", "Tobin", "Lena", "Oskar") for town in ("Bluestone", "Redrock")]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts), encoding="utf-8")
+    (root / "text.txt").write_text("".join(f["prefix"] + f["target"] + "\n" for f in facts) * 4, encoding="utf-8")
+    tokenizer = train_tokenizer([root / "text.txt"], root / "tok", vocab_size=300)
+    config = Config(
+        model=ModelConfig(num_layers=1, hidden_size=16, num_heads=2, vocab_size=300, seq_length=16, family=family),
+        optim=OptimConfig(lr=1e-3, warmup_steps=0),
+        train=TrainConfig(steps=1, micro_batch_size=2, global_batch_size=2, seed=3, eval_batches=1),
+        data=DataConfig(kind="pairs", paths=[str(root / "pairs.jsonl")], tokenizer=str(tokenizer), split="100"),
+    )
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+    trainer.fit(checkpointer=Checkpointer(trainer, root / "run"))
+    return root / "run"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_and_eval_encode_a_pairs_checkpoints_prompts_alike(family, tmp_path, monkeypatch, capsys) -> None:
+    """LM and PrefixLM fine-tuned on pairs both saw `prefix <sep>`: `megalm generate`, the Evaluator's
+    scoring contexts and the lm_eval adapter's generation all hand the model those ids (eval once
+    left <sep> out for a pairs-trained LM)."""
+    import megalm.generate as generation
+    from megalm.data.dataset import PairSamples
+
+    run = _pairs_checkpoint(tmp_path, family)
+    given: list[list[int]] = []
+    real = generation.generate
+
+    def recording(chunks, groups, prompts, sampling, use_cache=True):
+        given.extend(list(p) for p in prompts)
+        return real(chunks, groups, prompts, sampling, use_cache)
+
+    monkeypatch.setattr(generation, "generate", recording)
+    assert main(["generate", str(run), "--prompt", PAIRS_PROMPT, "--prompt", "", "--max-new-tokens", "2"]) == 0
+    evaluator = load_evaluator(run)
+    tokenizer = evaluator.tokenizer
+    expected = tokenizer.encode(PAIRS_PROMPT) + [tokenizer.sep_id]
+    record = (tokenizer.encode(PAIRS_PROMPT), tokenizer.encode(" Redrock"))
+    sample = PairSamples([record], 16, (0,), tokenizer.pad_id, tokenizer.sep_id, tokenizer.eos_id).sample(0)
+    assert sample.tokens[:sample.prefix_length].tolist() == expected  # what training showed the model
+    assert given == [expected, [tokenizer.sep_id]]  # megalm generate
+    assert evaluator.context_ids(tokenizer.encode(PAIRS_PROMPT)) == expected  # megalm eval's scored context
+    assert evaluator.context_ids([]) == [tokenizer.sep_id]
+    if importlib.util.find_spec("lm_eval") is not None:  # the lm_eval adapter's generate_until
+        import megalm.eval.harness as harness
+        from lm_eval.api.instance import Instance
+
+        monkeypatch.setattr(harness, "generate", recording)
+        given.clear()
+        harness.MegalmLM(evaluator=evaluator, batch_size=2).generate_until(
+            [Instance("generate_until", {}, (text, {"max_gen_toks": 2}), 0) for text in (PAIRS_PROMPT, "")])
+        assert given == [expected, [tokenizer.sep_id]]

@@ -4,26 +4,34 @@ accuracy megalm's own Evaluator gives; the three request kinds equal megalm's ow
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import math
 import os
 import runpy
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'megalm[lmeval]')")
 for _name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # nothing may try the network
     os.environ[_name] = "1"
 
+from lm_eval.api.instance import Instance  # noqa: E402
+
 from megalm.checkpoint import Checkpointer  # noqa: E402
 from megalm.cli import main  # noqa: E402
-from megalm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from megalm.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from megalm.data.tokenizer import train_tokenizer  # noqa: E402
 from megalm.distributed import ParallelGroups  # noqa: E402
 from megalm.eval.run import load_evaluator  # noqa: E402
 from megalm.eval.tasks import Example  # noqa: E402
 from megalm.generate import Sampling, encode_prompt, generate  # noqa: E402
+from megalm.testing import run_distributed  # noqa: E402
 from megalm.train import build_trainer  # noqa: E402
 
 PEOPLE = ("Mara", "Tobin", "Lena", "Oskar", "Nina", "Hugo", "Ada", "Milo", "Iris", "Jonas")
@@ -48,6 +56,43 @@ metric_list:
 """
 
 
+ROLLING_TASK = """task: megalm_towns_text
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{question}}}} {{{{choices[label]}}}}. {{{{question}}}} {{{{choices[0]}}}}."
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+GENERATION_TASK = """task: megalm_towns_say
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: " {{{{choices[label]}}}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 4
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+ALL_KINDS = "megalm_towns,megalm_towns_text,megalm_towns_say"  # loglikelihood, rolling and generation requests
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     """A tiny LM with a real tokenizer, 6 steps on synthetic tokens; a harness task file beside it."""
@@ -65,7 +110,8 @@ def tiny(tmp_path_factory) -> dict:
     trainer.fit(checkpointer=Checkpointer(trainer, root / "run"))
     (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS), encoding="utf-8")
     (root / "tasks").mkdir()
-    (root / "tasks" / "towns.yaml").write_text(TASK.format(data=root / "docs.jsonl", cache=root / "hf"))
+    for name, text in (("towns", TASK), ("towns_text", ROLLING_TASK), ("towns_say", GENERATION_TASK)):
+        (root / "tasks" / f"{name}.yaml").write_text(text.format(data=root / "docs.jsonl", cache=root / "hf"))
     return {"root": root, "run": root / "run", "tasks": root / "tasks"}
 
 
@@ -94,8 +140,6 @@ def test_a_harness_task_reports_megalms_own_accuracy(tiny) -> None:
 
 
 def test_rolling_and_generation_requests_equal_megalms_functions(tiny) -> None:
-    from lm_eval.api.instance import Instance
-
     from megalm.eval.harness import MegalmLM
 
     evaluator = load_evaluator(tiny["run"], batch_size=4)
@@ -141,8 +185,66 @@ def test_megalm_eval_lm_eval_tasks_command(tiny, capsys) -> None:
     assert line["acc,none"] == pytest.approx(own["sum"], abs=1e-12)
 
 
+def _lm_eval_lines(text: str) -> dict[str, dict]:
+    """The `megalm eval --json` lm_eval result lines, by task."""
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return {line["task"]: line for line in lines if line["eval"] == "lm_eval"}
+
+
+def _lm_eval_worker(rank: int, world_size: int, run: str, tasks: str, tp: int, pp: int) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["eval", run, "--lm-eval-tasks", ALL_KINDS, "--lm-eval-include", tasks, "--tp", str(tp),
+                     "--pp", str(pp), "--batch-size", "4", "--limit", "5", "--json"]) == 0
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny) -> dict[str, dict]:
+    """`megalm eval --lm-eval-tasks` of the three request kinds in one process (it also fills the
+    tasks' dataset cache before several ranks read it)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["eval", str(tiny["run"]), "--lm-eval-tasks", ALL_KINDS, "--lm-eval-include", str(tiny["tasks"]),
+                     "--batch-size", "4", "--limit", "5", "--json"]) == 0
+    return _lm_eval_lines(out.getvalue())
+
+
 @pytest.mark.slow
-@pytest.mark.nightly  # lm_eval's command line indexes all its built-in tasks (about 7 s)
+@pytest.mark.parametrize("tp,pp", [(2, 2), (1, 2)])  # 4 ranks: tp 2 x pp 2, then pp 2 x dp 2
+def test_lm_eval_tasks_under_torchrun_score_as_one_process(tiny, one_process, tp: int, pp: int) -> None:
+    """Every rank runs the model in its tp and pp groups and the dp replicas share the sequences and the
+    generation batches; rank 0 alone reports, the scores of one process."""
+    one = one_process
+    outputs = run_distributed(_lm_eval_worker, 4, str(tiny["run"]), str(tiny["tasks"]), tp, pp, timeout=400)
+    assert all(not _lm_eval_lines(text) for text in outputs[1:])  # rank 0 reports, once
+    many = _lm_eval_lines(outputs[0])
+    assert sorted(many) == sorted(one) == sorted(ALL_KINDS.split(","))
+    for task, line in one.items():
+        numbers = {key: value for key, value in line.items() if isinstance(value, float)}
+        assert numbers and {k: v for k, v in many[task].items() if isinstance(v, float)} == pytest.approx(
+            numbers, rel=1e-6, abs=1e-9), task
+    assert 1.0 < one["megalm_towns_text"]["word_perplexity,none"] < math.inf  # a score that could differ
+
+
+def test_lm_evals_default_cuda_device_runs_on_the_cpu_without_a_gpu(tiny, monkeypatch, caplog) -> None:
+    # lm_eval's command line passes device="cuda:0" unless told otherwise; without CUDA megalm's model
+    # once died inside torch.cuda. It runs on the CPU and says so; an unknown device is a clear error.
+    from megalm.eval.harness import MegalmLM
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="megalm"):
+        lm = MegalmLM(path=str(tiny["run"]), device="cuda:0", batch_size=4)
+    assert lm.device == torch.device("cpu") and lm.evaluator.trainer.groups.device == torch.device("cpu")
+    assert any("'cuda:0'" in r.message and "--device cpu" in r.message for r in caplog.records), caplog.text
+    (loglik, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("Lena lives in", " Redrock"), 0)])
+    assert math.isfinite(loglik) and loglik < 0
+    with pytest.raises(ConfigError, match="lm_eval device 'tpu'.*--device cpu"):
+        MegalmLM(path=str(tiny["run"]), device="tpu")
+
+
+@pytest.mark.slow
+@pytest.mark.slow  # lm_eval's command line indexes all its built-in tasks (about 7 s)
 @pytest.mark.filterwarnings("ignore:'megalm.eval.harness' found in sys.modules")
 def test_lm_evals_own_command_line_with_the_model_registered(tiny, monkeypatch) -> None:
     out = tiny["root"] / "harness-cli"

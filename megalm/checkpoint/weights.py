@@ -115,12 +115,19 @@ def load_weights(trainer, source: str, share_group=None) -> tuple[Path, dict[str
 
     `share_group`: the dp group whose ranks share the file reads (checkpoint.shared_read), or None.
     """
-    groups = trainer.groups
+    return load_initial_weights(trainer.chunks, trainer.optimizer, trainer.groups, trainer.config, trainer.tokenizer,
+                                source, share_group)
+
+
+def load_initial_weights(chunks, optimizer, groups, config: Config, tokenizer, source: str,
+                         share_group=None) -> tuple[Path, dict[str, Any]]:
+    """load_weights before a trainer exists: the DeepSpeed engine takes the weights as they are when it
+    wraps the model (ZeRO copies them into its own fp32 partitions), so train.init_from loads them first."""
     path, metadata = _open_together(source, groups, "train.init_from")
-    differences = init_differences(metadata, trainer.config, trainer.tokenizer)
+    differences = init_differences(metadata, config, tokenizer)
     if differences:
         raise _refusal(path, differences)
-    _restore(trainer.chunks, trainer.optimizer, groups, path, metadata, share_group)
+    _restore(chunks, optimizer, groups, path, metadata, share_group)
     return path, metadata
 
 

@@ -160,11 +160,6 @@ def validate(config: Config, world_size: Optional[int] = None) -> Topology:
             "parallel.zero_stage=2 needs train.engine=deepspeed; megalm's own engine offers 0 (replicated) and 1 "
             "(sharded optimizer states)"
         )
-    if config.train.init_from is not None and config.train.engine != "megalm":
-        raise ConfigError(
-            f"train.init_from needs train.engine=megalm (megalm's checkpoints load its weights), got "
-            f"train.engine={config.train.engine}: remove train.init_from or use the megalm engine"
-        )
     if config.log.sample_prompts and config.data.tokenizer is None:
         raise ConfigError(
             "log.sample_prompts needs data.tokenizer (the prompts are text): remove the prompts or set data.tokenizer"

@@ -162,10 +162,27 @@ class PrefixLMSamples:
 
 def pair_prefix(prefix: Sequence[int], sep_id: int, room: Optional[int] = None) -> list[int]:
     """A pair's bidirectional prefix as fine-tuning encodes it: the prefix's ids (their last `room`
-    when given; none when room is 0), then <sep>. Generation encodes a prompt to a model trained on
-    pairs with this same function (megalm.generate.encode_prompt), so it sees what training showed it."""
+    when given; none when room is 0), then <sep>. Prompts to a model trained on pairs go through
+    this same function (prompt_ids), so it sees what training showed it."""
     kept = list(prefix) if room is None else (list(prefix[-room:]) if room > 0 else [])
     return kept + [sep_id]
+
+
+def trained_on_pairs(config) -> bool:
+    """Whether a checkpoint's config fine-tuned it on pairs (data.kind pairs): LM and PrefixLM alike
+    saw each prefix followed by <sep> (PairSamples), so their prompts end in <sep> too."""
+    return config.data.kind == "pairs"
+
+
+def prompt_ids(context: Sequence[int], sep_id: int, eos_id: int, pairs: bool) -> list[int]:
+    """The ids a model continues from, as training showed such a context; the one rule of `megalm
+    generate`, `megalm eval`, the lm_eval adapter and the end-of-training samples.
+
+    pairs (trained_on_pairs): the context then <sep>, as pair_prefix (for a PrefixLM all of it is the
+    bidirectional prefix, for an LM it is causal); else the context, or eos alone when it is empty
+    (a document's first token follows the previous document's eos)."""
+    ids = pair_prefix(context, sep_id) if pairs else list(context)
+    return ids or [eos_id]
 
 
 class PairSamples:
