@@ -38,58 +38,39 @@ PEOPLE = ("Mara", "Tobin", "Lena", "Oskar", "Nina", "Hugo", "Ada", "Milo", "Iris
 TOWNS = ("Bluestone", "Pinewood", "Redrock", "Goldhill")
 DOCS = [{"question": f"{name} lives in", "choices": list(TOWNS), "label": i % len(TOWNS)}
         for i, name in enumerate(PEOPLE)]
-TASK = """task: megalm_towns
+# Every task reads the same local JSONL (no hub download); only the request kind and its fields differ.
+TASK_HEADER = """task: megalm_towns{suffix}
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {data}
-  cache_dir: {cache}
+    test: {{data}}
+  cache_dir: {{cache}}
 test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
+output_type: {output_type}
+"""
+ACCURACY = """metric_list:
+  - metric: {metric}
     aggregation: mean
     higher_is_better: true
 """
-
-
-ROLLING_TASK = """task: megalm_towns_text
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
+TASK = TASK_HEADER.format(suffix="", output_type="multiple_choice") + """doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+""" + ACCURACY.format(metric="acc")
+ROLLING_TASK = TASK_HEADER.format(suffix="_text", output_type="loglikelihood_rolling") + """doc_to_text: ""
 doc_to_target: "{{{{question}}}} {{{{choices[label]}}}}. {{{{question}}}} {{{{choices[0]}}}}."
 metric_list:
   - metric: word_perplexity
   - metric: byte_perplexity
   - metric: bits_per_byte
 """
-GENERATION_TASK = """task: megalm_towns_say
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
+GENERATION_TASK = TASK_HEADER.format(suffix="_say", output_type="generate_until") + """doc_to_text: "{{{{question}}}}"
 doc_to_target: " {{{{choices[label]}}}}"
 generation_kwargs:
   until: ["."]
   max_gen_toks: 4
   do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
+""" + ACCURACY.format(metric="exact_match")
 ALL_KINDS = "megalm_towns,megalm_towns_text,megalm_towns_say"  # loglikelihood, rolling and generation requests
 
 
