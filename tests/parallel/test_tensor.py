@@ -17,7 +17,7 @@ from megalm.config import ModelConfig
 from megalm.data.batch import prefix_loss_mask
 from megalm.distributed import ParallelGroups, build_parallel_groups
 from megalm.model.gpt import build_model
-from megalm.parallel.tensor import gather_full_tensor
+from megalm.parallel.tensor import gather_full_tensor, vocab_parallel_cross_entropy
 from megalm.parallel.data import GradientSync
 from megalm.testing import run_distributed
 from megalm.topology import Topology
@@ -404,8 +404,6 @@ def _large_logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _large_logits_cross_entropy(groups: ParallelGroups) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss and this rank's logits gradient [s, b, v/tp] from the production cross-entropy."""
-    from megalm.parallel.tensor import vocab_parallel_cross_entropy
-
     logits, target, weights = _large_logits()
     shard = logits.chunk(groups.tp_size, dim=-1)[groups.tp_rank].clone().requires_grad_(True)
     loss = vocab_parallel_cross_entropy(shard, target, groups, LARGE_REAL_VOCAB)
