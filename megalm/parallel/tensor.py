@@ -340,8 +340,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # softmax that backward turns into the gradient: with the caller's logits, at most one fp32
         # and one low-precision [s, b, v/tp] tensor are alive (planner: act_bytes + 4 per element).
         ctx.logits_dtype = logits.dtype
-        low_precision = logits.dtype in (torch.bfloat16, torch.float16)
-        work = logits.float() if low_precision else logits.clone()
+        work = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
         local_vocab = work.shape[-1]
         if real_vocab_size is not None and vocab_start + local_vocab > real_vocab_size:
             # Padded vocabulary entries never take part in the softmax.
