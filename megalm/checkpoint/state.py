@@ -32,7 +32,7 @@ import dataclasses
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -59,32 +59,27 @@ MODEL_FIELDS = tuple(name for name in _MODEL_DEFAULTS if name not in UNCHECKED_M
 EMBEDDING_NAME = "embedding.word.weight"  # megalm.model.gpt's; the one parameter with padded rows
 
 
-def _field(model: dict, name: str) -> Any:
-    """A model config dict's value of `name`; the field's default for a checkpoint saved before it existed."""
-    return model.get(name, _MODEL_DEFAULTS.get(name))
-
-
-def _positions(model: dict) -> Any:
-    """Rows of the learned position table (None for rotary: no table)."""
-    if _field(model, "position_embedding") != "learned":
-        return None
-    positions = _field(model, "max_position_embeddings")
-    return positions if positions is not None else _field(model, "seq_length")
+def _as_used(model: dict) -> dict[str, Any]:
+    """A model config dict's fields by the value they give the model, not as spelled: a field a
+    checkpoint saved before it existed has its default; ffn_hidden_size is the MLP size (unset: 4 x
+    hidden_size); max_position_embeddings and seq_length are the learned position table's rows (seq_length
+    matters only as its default size); the other position kind's fields are None (they change no tensor)."""
+    values = {name: model.get(name, default) for name, default in _MODEL_DEFAULTS.items()}
+    values["ffn_hidden_size"] = values["ffn_hidden_size"] or 4 * values["hidden_size"]
+    learned = values["position_embedding"] == "learned"
+    rows = values["max_position_embeddings"] or values["seq_length"]
+    values["max_position_embeddings"] = values["seq_length"] = rows if learned else None
+    values["rotary_base"] = None if learned else values["rotary_base"]
+    return values
 
 
 _POSITIONS = "learned position table rows (model.max_position_embeddings, or model.seq_length when unset)"
-# Fields compared by the value they give the model, not as spelled (an explicit ffn size equal to
-# 4 x hidden_size is the same model; seq_length matters only as the position table's default size):
-# field -> (what it is, its value from a model config dict).
-_EFFECTIVE: dict[str, tuple[str, Callable[[dict], Any]]] = {
-    "ffn_hidden_size": ("MLP hidden size (model.ffn_hidden_size, or 4 x hidden_size when unset)",
-                        lambda m: _field(m, "ffn_hidden_size") or 4 * _field(m, "hidden_size")),
-    "max_position_embeddings": (_POSITIONS, _positions),
-    "seq_length": (_POSITIONS, _positions),
-    "rotary_base": ("model.rotary_base (rotary position frequencies)",
-                    lambda m: _field(m, "rotary_base") if _field(m, "position_embedding") == "rotary" else None),
+_WHAT = {  # how a difference in a field compared by its effect is named
+    "ffn_hidden_size": "MLP hidden size (model.ffn_hidden_size, or 4 x hidden_size when unset)",
+    "max_position_embeddings": _POSITIONS,
+    "seq_length": _POSITIONS,
+    "rotary_base": "model.rotary_base (rotary position frequencies)",
 }
-_POSITION_FIELDS = ("max_position_embeddings", "seq_length", "rotary_base")
 
 
 def named_params(chunks: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
@@ -563,17 +558,9 @@ def restore(chunks: list[nn.Module], optimizer: Any, groups, index: PieceIndex, 
 def model_differences(saved: dict, current: dict, fields: tuple[str, ...] = MODEL_FIELDS) -> list[str]:
     """The model fields (by the value they give the model) that differ between a checkpoint's config
     and this run's: one line each, naming the field."""
-    same_kind = _field(saved, "position_embedding") == _field(current, "position_embedding")
-    out: list[str] = []
-    for name in fields:
-        if name in _EFFECTIVE:
-            if name in _POSITION_FIELDS and not same_kind:
-                continue  # the two kinds' position fields are not comparable; position_embedding is reported
-            what, value = _EFFECTIVE[name]
-            theirs, ours = value(saved), value(current)
-        else:
-            what, theirs, ours = f"model.{name}", _field(saved, name), _field(current, name)
-        line = f"{what}: checkpoint {theirs!r}, this run {ours!r}"
-        if theirs != ours and line not in out:
-            out.append(line)
-    return out
+    theirs, ours = _as_used(saved), _as_used(current)
+    if theirs["position_embedding"] != ours["position_embedding"]:  # reported; the kinds' own fields do not compare
+        fields = tuple(name for name in fields if name not in ("max_position_embeddings", "seq_length", "rotary_base"))
+    lines = [f"{_WHAT.get(name, f'model.{name}')}: checkpoint {theirs[name]!r}, this run {ours[name]!r}"
+             for name in fields if theirs[name] != ours[name]]
+    return list(dict.fromkeys(lines))  # seq_length and max_position_embeddings name the same rows
