@@ -21,7 +21,7 @@ from megalm.data.sampler import BatchSampler
 from megalm.data.stats import describe_data
 from megalm.data.tokenizer import Tokenizer
 from megalm.distributed import ParallelGroups, all_reduce_, wait_for
-from megalm.faults import maybe_slow_down
+from megalm.faults import maybe_inject
 from megalm.generate import Sampling, encode_prompt, generate
 from megalm.kernels import describe_kernels
 from megalm.metrics import (
@@ -157,7 +157,7 @@ class Trainer:
         device = self.groups.device
         batches = [batch.to(device) for batch in self.data.micro_batches(step)]
         data_seconds = time.perf_counter() - start
-        maybe_slow_down(step + 1, self.groups.rank)  # the "slow" fault of MEGALM_FAULT: a straggler
+        maybe_inject("compute", step + 1, self.groups.rank)  # the "slow" fault of MEGALM_FAULT: a straggler
         if self.runner is not None:
             lr = lr_at(step, self.config.optim, self.decay_steps)
             out = self.runner.train_step(batches, lr)
