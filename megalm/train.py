@@ -308,7 +308,7 @@ class Trainer:
     def _stragglers(self, result: StepResult, logs: bool) -> Optional[StragglerReport]:
         """Add this step's compute time; on a log step, the slowest rank since the last one (one all-gather
         on every rank, counted in this step's comm stats)."""
-        if self.stragglers is None or result.compute_seconds is None:
+        if self.stragglers is None:  # DeepSpeed or evaluation: no compute_seconds
             return None
         self.stragglers.add(result.compute_seconds)
         if not logs:
