@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Optional
 
 KINDS = ("kill", "kill-in-save", "hang", "sleep", "sleep-in-save", "oom", "slow")
-_IN_SAVE = ("kill-in-save", "sleep-in-save")  # fire inside the save of STEP; the others before the step
+# Where a kind fires: "save" inside the save of STEP, "compute" inside train_step; the others "step", before it.
+_WHERE = {"kill-in-save": "save", "sleep-in-save": "save", "slow": "compute"}
 
 
 class FaultSpecError(ValueError):
@@ -81,18 +82,22 @@ def check_fault_env() -> None:
         parse_fault_spec(spec)
 
 
-def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
-    """Fire the configured fault if it matches (where in {"step", "save"}, step, rank)."""
+def maybe_inject(where: str, step: int, rank: int, run_dir: Optional[Path] = None) -> None:
+    """Fire the configured fault if it matches (where in {"step", "save", "compute"}, step, rank).
+
+    run_dir: where the once-only kinds leave their markers (not needed at "compute": "slow" leaves none)."""
     spec = os.environ.get("MEGALM_FAULT")
     if not spec:
         return
     fault = parse_fault_spec(spec)
     kind, seconds = fault.kind, 3600.0 if fault.seconds is None else fault.seconds
-    if kind == "slow":  # maybe_slow_down's, inside the step
+    if fault.rank not in (None, rank) or where != _WHERE.get(kind, "step"):
         return
-    if (fault.rank is not None and fault.rank != rank) or fault.step != step:
+    if kind == "slow":  # every step from STEP on, and no marker
+        if step >= fault.step:
+            time.sleep(seconds)
         return
-    if (where == "save") != (kind in _IN_SAVE):
+    if fault.step != step:
         return
     marker = Path(run_dir) / f".fault-{kind}-{rank}-{step}"
     if marker.exists():
@@ -116,13 +121,3 @@ def maybe_inject(where: str, step: int, rank: int, run_dir: Path) -> None:
         if dist.is_initialized():
             dist.all_reduce(torch.zeros(1))  # unmatched: only this rank calls it now
         time.sleep(seconds)
-
-
-def maybe_slow_down(step: int, rank: int) -> None:
-    """The "slow" fault: sleep its SECONDS when `rank` matches and `step` (1-based) is STEP or later."""
-    spec = os.environ.get("MEGALM_FAULT")
-    if not spec:
-        return
-    fault = parse_fault_spec(spec)
-    if fault.kind == "slow" and fault.rank in (None, rank) and step >= fault.step:
-        time.sleep(fault.seconds)

@@ -88,18 +88,16 @@ class StragglerMonitor:
     """Sums this rank's compute seconds per step; `report()` gathers every rank's sum in one all-gather.
 
     Every rank must call `report()` at the same steps (the trainer's log steps). The gather runs over
-    the control group (gloo); ParallelGroups built by hand without one use the world group instead."""
+    the control group (gloo, CPU tensors); without one (a single process) the report names this rank."""
 
     def __init__(self, groups: ParallelGroups, factor: float) -> None:
         self.factor = factor
         self.compute_s = 0.0
         self.steps = 0
-        self.world_size = groups.topology.world_size if dist.is_initialized() else 1
-        self.group = groups.control_group  # None: the world group
-        self.device = torch.device("cpu") if self.group is not None else groups.device
+        self.group = groups.control_group  # None: a single process
         self.hosts = [socket.gethostname()]
-        if self.world_size > 1:
-            self.hosts = [""] * self.world_size
+        if self.group is not None:
+            self.hosts = [""] * groups.topology.world_size
             dist.all_gather_object(self.hosts, socket.gethostname(), group=self.group)
 
     def add(self, compute_s: float) -> None:
@@ -109,13 +107,12 @@ class StragglerMonitor:
 
     def report(self) -> Optional[StragglerReport]:
         """The slowest rank since the last report, from one all-gather of (seconds, steps); None if no step."""
-        mine = torch.tensor([self.compute_s, float(self.steps)], dtype=torch.float64, device=self.device)
+        mine = torch.tensor([self.compute_s, float(self.steps)], dtype=torch.float64)
         self.compute_s, self.steps = 0.0, 0
-        if self.world_size > 1:
-            everyone = torch.empty(self.world_size * 2, dtype=torch.float64, device=self.device)
+        everyone = mine
+        if self.group is not None:
+            everyone = torch.empty(len(self.hosts) * 2, dtype=torch.float64)
             all_gather_single(everyone, mine, self.group)
-        else:
-            everyone = mine
         pairs = everyone.view(-1, 2).tolist()
         if any(steps == 0 for _, steps in pairs):
             return None

@@ -21,7 +21,7 @@ from megalm.data.sampler import BatchSampler
 from megalm.data.stats import describe_data
 from megalm.data.tokenizer import Tokenizer
 from megalm.distributed import ParallelGroups, all_reduce_, wait_for
-from megalm.faults import maybe_slow_down
+from megalm.faults import maybe_inject
 from megalm.generate import Sampling, encode_prompt, generate
 from megalm.kernels import describe_kernels
 from megalm.metrics import (
@@ -109,23 +109,26 @@ class Trainer:
         training = optimizer is not None and runner is None
         self.stragglers = StragglerMonitor(groups, config.train.straggler_factor) if training else None
 
-    def _global_loss_tokens(self, batches: list[Batch]) -> tuple[torch.Tensor, Callable[[], None]]:
-        """The global count of loss tokens, reduced asynchronously, and the wait to call before reading it.
+    def _global_loss_tokens(self, batches: list[Batch]) -> tuple[torch.Tensor, Callable[[], None], list]:
+        """The global count of loss tokens, reduced asynchronously; the wait to call before reading it;
+        and the list where that wait leaves its (before, after) clock marks (not this rank's compute).
 
         Asynchronous because on NCCL the dp group's collectives run in issue order: a blocking count
         would hold this step's forward until ZeRO-1's parameter gathers (issued before it) are done."""
         local = sum(batch.loss_mask.sum() for batch in batches).to(self.groups.device, torch.float32).clone()
         group = self.groups.dp_group
-        if group is None:
-            return local, lambda: None
-        pending = [dist.all_reduce(local, group=group, async_op=True)]
+        work = dist.all_reduce(local, group=group, async_op=True) if group is not None else None
+        marks: list = []
 
         def wait() -> None:
-            if pending:
-                wait_for(pending.pop(),
-                         lambda: f"all_reduce of the loss-token count over {self.groups.describe_group(group)}")
+            if not marks:
+                before = self.clock.mark()
+                if work is not None:
+                    wait_for(work,
+                             lambda: f"all_reduce of the loss-token count over {self.groups.describe_group(group)}")
+                marks.append((before, self.clock.mark()))
 
-        return local, wait
+        return local, wait, marks
 
     @staticmethod
     def _masked_sum(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -157,7 +160,7 @@ class Trainer:
         device = self.groups.device
         batches = [batch.to(device) for batch in self.data.micro_batches(step)]
         data_seconds = time.perf_counter() - start
-        maybe_slow_down(step + 1, self.groups.rank)  # the "slow" fault of MEGALM_FAULT: a straggler
+        maybe_inject("compute", step + 1, self.groups.rank)  # the "slow" fault of MEGALM_FAULT: a straggler
         if self.runner is not None:
             lr = lr_at(step, self.config.optim, self.decay_steps)
             out = self.runner.train_step(batches, lr)
@@ -169,14 +172,7 @@ class Trainer:
         self.comm.reset()
         with self.comm.counting():
             # Normalise by the global count of loss tokens so every layout computes the same mean.
-            global_tokens, wait_count = self._global_loss_tokens(batches)
-            token_wait: list = []  # (mark before, mark after) the wait for the count: not this rank's compute
-
-            def wait_tokens() -> None:
-                if not token_wait:
-                    before = clock.mark()
-                    wait_count()
-                    token_wait.append((before, clock.mark()))
+            global_tokens, wait_tokens, token_wait = self._global_loss_tokens(batches)
 
             def scaled_loss(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
                 wait_tokens()
@@ -312,7 +308,7 @@ class Trainer:
     def _stragglers(self, result: StepResult, logs: bool) -> Optional[StragglerReport]:
         """Add this step's compute time; on a log step, the slowest rank since the last one (one all-gather
         on every rank, counted in this step's comm stats)."""
-        if self.stragglers is None or result.compute_seconds is None:
+        if self.stragglers is None:  # DeepSpeed or evaluation: no compute_seconds
             return None
         self.stragglers.add(result.compute_seconds)
         if not logs:
