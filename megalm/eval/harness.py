@@ -35,14 +35,13 @@ import os
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from megalm.config import ConfigError
 from megalm.distributed import ParallelGroups, resolve_device
 from megalm.eval.evaluator import Evaluator, load_evaluator
-from megalm.generate import Sampling, encode_prompt, generate
+from megalm.generate import Sampling, encode_prompt, generate_batches
 from megalm.metrics import get_logger
 
 NAME = "megalm"
@@ -98,19 +97,8 @@ class MegalmLM(LM):
         return self.evaluator.tokenizer
 
     def _generate(self, prompts: Sequence[list[int]], sampling: Sampling) -> list[list[int]]:
-        """generate over batches of batch_size prompts: each data-parallel replica takes every dp-th
-        batch (its tp and pp ranks together), then all meet, so every rank returns every output."""
         trainer = self.evaluator.trainer
-        groups = trainer.groups
-        mine: dict[int, list[list[int]]] = {}
-        for number, start in enumerate(range(0, len(prompts), self.batch_size)):
-            if number % groups.dp_size == groups.dp_rank:
-                mine[number] = generate(trainer.chunks, groups, prompts[start:start + self.batch_size], sampling)
-        if groups.dp_size > 1:
-            everyone: list[Optional[dict[int, list[list[int]]]]] = [None] * groups.dp_size
-            dist.all_gather_object(everyone, mine, group=groups.control_dp_group)
-            mine = {number: out for part in everyone for number, out in part.items()}  # type: ignore[union-attr]
-        return [ids for number in sorted(mine) for ids in mine[number]]
+        return generate_batches(trainer.chunks, trainer.groups, prompts, sampling, self.batch_size)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self.evaluator.encode_pair(*request.args) for request in requests]
