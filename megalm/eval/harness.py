@@ -205,12 +205,10 @@ def run_harness_tasks(evaluator: Evaluator, names: Sequence[str], include: Optio
             for task, metrics in results["results"].items()]
 
 
-if __name__ == "__main__":  # lm_eval's command line, with the model "megalm" registered
+if __name__ == "__main__":  # lm_eval's command line, the model "megalm" registered by the import below
+    import megalm.eval.harness  # noqa: F401
     from lm_eval.__main__ import cli_evaluate
-    from lm_eval.api.registry import model_registry
 
-    if NAME not in model_registry:  # a placeholder lm_eval resolves by importing this module (not as __main__)
-        model_registry.register(NAME, target=f"megalm.eval.harness:{MegalmLM.__name__}")
     cli_evaluate()
 else:
     register_model(NAME)(MegalmLM)
