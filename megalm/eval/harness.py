@@ -60,7 +60,7 @@ def harness_device(name: Optional[str]) -> torch.device:
         get_logger().warning(f"lm_eval device {name!r} (its command line's default) but {build}: running megalm on "
                              f"the cpu; pass --device cpu to choose it")
         return torch.device("cpu")
-    return torch.device(name) if ":" in name else resolve_device(name)
+    return resolve_device(name)  # cuda:N as given
 
 
 class MegalmLM(LM):
