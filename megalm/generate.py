@@ -91,7 +91,7 @@ class LayerCache:
 def encode_prompt(tokenizer, text: str, pairs: bool) -> list[int]:
     """A prompt's ids as training showed such text (megalm.data.dataset.prompt_ids): after fine-tuning
     on pairs, the prefix then <sep>; eos alone for an empty prompt."""
-    return prompt_ids(tokenizer.encode(text) if text else [], tokenizer.sep_id, tokenizer.eos_id, pairs)
+    return prompt_ids(tokenizer.encode(text), tokenizer.sep_id, tokenizer.eos_id, pairs)
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
