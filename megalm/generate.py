@@ -91,7 +91,7 @@ class LayerCache:
 def encode_prompt(tokenizer, text: str, pairs: bool) -> list[int]:
     """A prompt's ids as training showed such text (megalm.data.dataset.prompt_ids): after fine-tuning
     on pairs, the prefix then <sep>; eos alone for an empty prompt."""
-    return prompt_ids(tokenizer.encode(text) if text else [], tokenizer.sep_id, tokenizer.eos_id, pairs)
+    return prompt_ids(tokenizer.encode(text), tokenizer.sep_id, tokenizer.eos_id, pairs)
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
@@ -263,6 +263,23 @@ def _load_tokenizer(config, metadata: dict[str, Any], override: Optional[str]):
     return tokenizer
 
 
+def generate_batches(
+    chunks: Sequence[GPTModel], groups: ParallelGroups, prompts: Sequence[Sequence[int]], sampling: Sampling,
+    batch_size: int, use_cache: bool = True,
+) -> list[list[int]]:
+    """generate over batches of batch_size prompts: each data-parallel replica takes every dp-th batch
+    (its tp and pp ranks together), then all meet, so every rank returns every prompt's ids, in order."""
+    mine: dict[int, list[list[int]]] = {}
+    for number, start in enumerate(range(0, len(prompts), batch_size)):
+        if number % groups.dp_size == groups.dp_rank:
+            mine[number] = generate(chunks, groups, prompts[start:start + batch_size], sampling, use_cache)
+    if groups.dp_size > 1:
+        everyone: list[Optional[dict[int, list[list[int]]]]] = [None] * groups.dp_size
+        dist.all_gather_object(everyone, mine, group=groups.control_dp_group)
+        mine = {number: out for part in everyone for number, out in part.items()}  # type: ignore[union-attr]
+    return [ids for number in sorted(mine) for ids in mine[number]]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Load a checkpoint at --tp x --pp (x the data-parallel rest of the world), generate, print JSONL."""
     from megalm.checkpoint.weights import find_checkpoint, load_model_weights, read_metadata
@@ -302,20 +319,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         chunks = build_model_chunks(config, groups)
         load_model_weights(chunks, groups, path, "checkpoint")
         encoded = [encode_prompt(tokenizer, text, pairs) for text in prompts]
-        batches = [range(start, min(start + args.batch_size, len(prompts)))
-                   for start in range(0, len(prompts), args.batch_size)]
-        mine: dict[int, list[int]] = {}
-        for number, rows in enumerate(batches):
-            if number % groups.dp_size == groups.dp_rank:
-                outputs = generate(chunks, groups, [encoded[i] for i in rows], sampling, use_cache=not args.no_cache)
-                mine.update(zip(rows, outputs))
-        if groups.dp_size > 1:
-            everyone: list[Optional[dict[int, list[int]]]] = [None] * groups.dp_size
-            dist.all_gather_object(everyone, mine, group=groups.control_dp_group)
-            mine = {row: ids for part in everyone for row, ids in part.items()}
+        outputs = generate_batches(chunks, groups, encoded, sampling, args.batch_size, use_cache=not args.no_cache)
         if rank == 0:
-            lines = [json.dumps({"prompt": text, "completion": tokenizer.decode(mine[i]), "ids": mine[i]},
-                                ensure_ascii=False) for i, text in enumerate(prompts)]
+            lines = [json.dumps({"prompt": text, "completion": tokenizer.decode(ids), "ids": ids},
+                                ensure_ascii=False) for text, ids in zip(prompts, outputs)]
             if args.output:
                 Path(args.output).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
             else:

@@ -426,11 +426,9 @@ def build_trainer(
 
         check_supported(config, groups, parallel.zero_stage)
         if config.train.init_from is not None:  # now: DeepSpeed copies the weights into its partitions
-            from megalm.checkpoint.weights import describe_source, load_initial_weights
+            from megalm.checkpoint.weights import load_initial_weights
 
-            start = time.perf_counter()
-            path, metadata = load_initial_weights(chunks, None, groups, config, sources.tokenizer, config.train.init_from)
-            logger.info(f"{describe_source(path, metadata, config)} ({time.perf_counter() - start:.2f} s)")
+            load_initial_weights(chunks, None, groups, config, sources.tokenizer, config.train.init_from)
         runner = build_deepspeed_engine(config, groups, chunks, parallel.zero_stage)
         sync, optimizer = _NoSync(), runner.engine.optimizer  # DeepSpeed reduces gradients itself
     else:

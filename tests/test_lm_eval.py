@@ -224,7 +224,6 @@ def test_lm_evals_default_cuda_device_runs_on_the_cpu_without_a_gpu(tiny, monkey
         MegalmLM(path=str(tiny["run"]), device="tpu")
 
 
-@pytest.mark.slow
 @pytest.mark.slow  # lm_eval's command line indexes all its built-in tasks (about 7 s)
 @pytest.mark.filterwarnings("ignore:'megalm.eval.harness' found in sys.modules")
 def test_lm_evals_own_command_line_with_the_model_registered(tiny, monkeypatch) -> None:

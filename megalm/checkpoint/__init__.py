@@ -36,7 +36,7 @@ from megalm.checkpoint.state import (
     shared_index, state_names, steps_of,
 )
 from megalm.checkpoint.store import CheckpointError, CheckpointStore, rank_file_name, step_dir_name
-from megalm.checkpoint.weights import describe_source, load_weights
+from megalm.checkpoint.weights import load_weights
 from megalm.config import config_to_dict
 from megalm.faults import maybe_inject
 
@@ -235,12 +235,8 @@ class Checkpointer:
     def initialize_from(self, source: str) -> Path:
         """Load the model weights alone from the checkpoint `source` names (train.init_from), at this
         run's layout and precision; optimizer, schedule, data and RNG stay fresh (checkpoint/weights.py)."""
-        start = time.perf_counter()
-        path, metadata = load_weights(self.trainer, source, self.trainer.groups.control_dp_group
-                                      if self._share_reads() else None)
-        self.trainer.logger.info(
-            f"{describe_source(path, metadata, self.trainer.config)} ({time.perf_counter() - start:.2f} s)"
-        )
+        path, _ = load_weights(self.trainer, source, self.trainer.groups.control_dp_group
+                               if self._share_reads() else None)
         return path
 
     def resume(self) -> Optional[int]:

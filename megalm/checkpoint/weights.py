@@ -23,6 +23,7 @@ UNCHECKED_MODEL_FIELDS: dropout, init_std, vocabulary padding, the PrefixLM atte
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from megalm.checkpoint.state import MODEL_FIELDS, model_differences, named_params, restore_weights, shared_index
 from megalm.checkpoint.store import LATEST, METADATA, STEP_NAME, CheckpointError, CheckpointStore
 from megalm.config import Config, config_to_dict
+from megalm.metrics import get_logger
 
 # The model fields a fine-tune must share with its source: the shape-bearing ones of a resume, but
 # not the family (LM and PrefixLM have the same weights; only the attention mask and loss differ).
@@ -122,12 +124,15 @@ def load_weights(trainer, source: str, share_group=None) -> tuple[Path, dict[str
 def load_initial_weights(chunks, optimizer, groups, config: Config, tokenizer, source: str,
                          share_group=None) -> tuple[Path, dict[str, Any]]:
     """load_weights before a trainer exists: the DeepSpeed engine takes the weights as they are when it
-    wraps the model (ZeRO copies them into its own fp32 partitions), so train.init_from loads them first."""
+    wraps the model (ZeRO copies them into its own fp32 partitions), so train.init_from loads them first.
+    Logs where they came from (describe_source) and how long the load took."""
+    start = time.perf_counter()
     path, metadata = _open_together(source, groups, "train.init_from")
     differences = init_differences(metadata, config, tokenizer)
     if differences:
         raise _refusal(path, differences)
     _restore(chunks, optimizer, groups, path, metadata, share_group)
+    get_logger().info(f"{describe_source(path, metadata, config)} ({time.perf_counter() - start:.2f} s)")
     return path, metadata
 
 

@@ -35,14 +35,13 @@ import os
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from megalm.config import ConfigError
 from megalm.distributed import ParallelGroups, resolve_device
 from megalm.eval.evaluator import Evaluator, load_evaluator
-from megalm.generate import Sampling, encode_prompt, generate
+from megalm.generate import Sampling, encode_prompt, generate_batches
 from megalm.metrics import get_logger
 
 NAME = "megalm"
@@ -61,7 +60,7 @@ def harness_device(name: Optional[str]) -> torch.device:
         get_logger().warning(f"lm_eval device {name!r} (its command line's default) but {build}: running megalm on "
                              f"the cpu; pass --device cpu to choose it")
         return torch.device("cpu")
-    return torch.device(name) if ":" in name else resolve_device(name)
+    return resolve_device(name)  # cuda:N as given
 
 
 class MegalmLM(LM):
@@ -98,19 +97,8 @@ class MegalmLM(LM):
         return self.evaluator.tokenizer
 
     def _generate(self, prompts: Sequence[list[int]], sampling: Sampling) -> list[list[int]]:
-        """generate over batches of batch_size prompts: each data-parallel replica takes every dp-th
-        batch (its tp and pp ranks together), then all meet, so every rank returns every output."""
         trainer = self.evaluator.trainer
-        groups = trainer.groups
-        mine: dict[int, list[list[int]]] = {}
-        for number, start in enumerate(range(0, len(prompts), self.batch_size)):
-            if number % groups.dp_size == groups.dp_rank:
-                mine[number] = generate(trainer.chunks, groups, prompts[start:start + self.batch_size], sampling)
-        if groups.dp_size > 1:
-            everyone: list[Optional[dict[int, list[list[int]]]]] = [None] * groups.dp_size
-            dist.all_gather_object(everyone, mine, group=groups.control_dp_group)
-            mine = {number: out for part in everyone for number, out in part.items()}  # type: ignore[union-attr]
-        return [ids for number in sorted(mine) for ids in mine[number]]
+        return generate_batches(trainer.chunks, trainer.groups, prompts, sampling, self.batch_size)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self.evaluator.encode_pair(*request.args) for request in requests]
@@ -217,12 +205,10 @@ def run_harness_tasks(evaluator: Evaluator, names: Sequence[str], include: Optio
             for task, metrics in results["results"].items()]
 
 
-if __name__ == "__main__":  # lm_eval's command line, with the model "megalm" registered
+if __name__ == "__main__":  # lm_eval's command line, the model "megalm" registered by the import below
+    import megalm.eval.harness  # noqa: F401
     from lm_eval.__main__ import cli_evaluate
-    from lm_eval.api.registry import model_registry
 
-    if NAME not in model_registry:  # a placeholder lm_eval resolves by importing this module (not as __main__)
-        model_registry.register(NAME, target=f"megalm.eval.harness:{MegalmLM.__name__}")
     cli_evaluate()
 else:
     register_model(NAME)(MegalmLM)
