@@ -17,7 +17,7 @@ from megalm.testing import corpus_token_files
 from megalm.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
