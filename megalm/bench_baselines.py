@@ -41,7 +41,7 @@ class BaselineAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.head_dim = cfg.head_dim()
+        self.head_dim = cfg.head_size()
         self.dropout = cfg.attention_dropout
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
@@ -73,9 +73,9 @@ class BaselineBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.attn = BaselineAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = BaselineMLP(cfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -96,7 +96,7 @@ class BaselineGPT(nn.Module):
         )
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.blocks = nn.ModuleList(BaselineBlock(cfg) for _ in range(cfg.num_layers))
-        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
     def forward(
         self, tokens: torch.Tensor, labels: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None
@@ -110,7 +110,7 @@ class BaselineGPT(nn.Module):
         mask = prefix_attention_mask(prefix_lengths, seq_len) if self.cfg.family == "prefixlm" else None
         rotary = None
         if self.cfg.position_embedding == "rotary":
-            rotary = _rotary_tables(seq_len, self.cfg.head_dim(), self.cfg.rotary_base, tokens.device)
+            rotary = _rotary_tables(seq_len, self.cfg.head_size(), self.cfg.rotary_base, tokens.device)
         for block in self.blocks:
             x = block(x, mask, rotary)
         logits = F.linear(self.final_norm(x), self.token_embedding.weight)  # [b, s, V]
@@ -146,7 +146,7 @@ def load_from_megalm(baseline: BaselineGPT, megalm_model: nn.Module) -> Baseline
     if groups is None or groups.tp_size != 1 or groups.pp_size != 1:
         raise ValueError("load_from_megalm needs a full megalm model (tp = pp = 1); gather the shards first")
     cfg = baseline.cfg
-    heads, head_dim, hidden = cfg.num_heads, cfg.head_dim(), cfg.hidden_size
+    heads, head_dim, hidden = cfg.num_heads, cfg.head_size(), cfg.hidden_size
     source = {name: t.detach() for name, t in megalm_model.state_dict().items()}
 
     def qkv(t: torch.Tensor) -> torch.Tensor:
@@ -197,7 +197,7 @@ class TransformersGPT2(nn.Module):
             vocab_size=cfg.vocab_size, n_positions=cfg.max_positions(), n_embd=cfg.hidden_size,
             n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_size(), activation_function="gelu_new",
             resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout, attn_pdrop=cfg.attention_dropout,
-            layer_norm_epsilon=cfg.layernorm_eps, tie_word_embeddings=True, use_cache=False,
+            layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True, use_cache=False,
             bos_token_id=None, eos_token_id=None,
         )
         self.model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")

@@ -541,11 +541,11 @@ def test_padded_vocab_rejects_bad_tp() -> None:
 
 def test_resolved_sizes() -> None:
     model = ModelConfig(hidden_size=96, num_heads=6, seq_length=32)
-    assert (model.ffn_size(), model.max_positions(), model.head_dim()) == (384, 32, 16)
+    assert (model.ffn_size(), model.max_positions(), model.head_size()) == (384, 32, 16)
     model = ModelConfig(ffn_hidden_size=100, max_position_embeddings=128)
     assert (model.ffn_size(), model.max_positions()) == (100, 128)
     with pytest.raises(ConfigError, match="not divisible by model.num_heads"):
-        ModelConfig(hidden_size=10, num_heads=4).head_dim()
+        ModelConfig(hidden_size=10, num_heads=4).head_size()
 
 
 # ---- serialisation -----------------------------------------------------------------------------

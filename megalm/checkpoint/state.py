@@ -64,8 +64,18 @@ def _as_used(model: dict) -> dict[str, Any]:
     checkpoint saved before it existed has its default; ffn_hidden_size is the MLP size (unset: 4 x
     hidden_size); max_position_embeddings and seq_length are the learned position table's rows (seq_length
     matters only as its default size); the other position kind's fields are None (they change no tensor)."""
+    model = {ModelConfig.ALIASES.get(name, name): value for name, value in model.items()}  # layernorm_eps: norm_eps
     values = {name: model.get(name, default) for name, default in _MODEL_DEFAULTS.items()}
     values["ffn_hidden_size"] = values["ffn_hidden_size"] or 4 * values["hidden_size"]
+    values["num_kv_heads"] = values["num_kv_heads"] or values["num_heads"]
+    values["head_dim"] = values["head_dim"] or values["hidden_size"] // values["num_heads"]
+    values["qkv_bias"] = values["bias"] if values["qkv_bias"] is None else values["qkv_bias"]
+    rope = {"none": (), "linear": ("rope_factor",), "yarn": ("rope_factor", "rope_original_max_positions",
+            "rope_attention_factor", "rope_beta_fast", "rope_beta_slow"),
+            "llama3": ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_positions")}
+    for name in (n for n in _MODEL_DEFAULTS if n.startswith("rope_") and n != "rope_scaling"):
+        if name not in rope.get(values["rope_scaling"], ()):
+            values[name] = None  # a field of another scaling kind changes no table
     learned = values["position_embedding"] == "learned"
     rows = values["max_position_embeddings"] or values["seq_length"]
     values["max_position_embeddings"] = values["seq_length"] = rows if learned else None

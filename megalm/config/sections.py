@@ -18,25 +18,46 @@ class ModelConfig(_Section):
     """The network: a GPT decoder, causal ("lm") or with a bidirectional prefix ("prefixlm")."""
 
     SECTION: ClassVar[str] = "model"
+    ALIASES: ClassVar[dict[str, str]] = {"norm_eps": "norm_eps"}  # configs and checkpoints before norm: rmsnorm
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "family": ("lm", "prefixlm"),
         "position_embedding": ("learned", "rotary"),
         "prefix_attention": ("auto", "flex", "dense"),
+        "norm": ("layernorm", "rmsnorm"),
+        "mlp": ("gelu", "swiglu"),
+        "rope_scaling": ("none", "linear", "llama3", "yarn"),
     }
 
     family: str = "lm"  # "lm": causal GPT; "prefixlm": bidirectional attention over each sample's prefix, loss after it
     num_layers: int = 2  # transformer layers
     hidden_size: int = 64  # width of the residual stream
-    num_heads: int = 4  # attention heads (must divide hidden_size, and be divisible by parallel.tp)
-    ffn_hidden_size: Optional[int] = None  # MLP hidden size; null: 4 x hidden_size
+    num_heads: int = 4  # attention (query) heads (must be divisible by parallel.tp)
+    # key/value heads: null = num_heads (multi-head); fewer = grouped-query (num_heads a multiple of it), 1 = multi-query
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None  # width of one attention head; null: hidden_size / num_heads
+    ffn_hidden_size: Optional[int] = None  # MLP hidden size (each of SwiGLU's gate and up); null: 4 x hidden_size
     vocab_size: int = 256  # token ids the model knows (the tokenizer's vocabulary size)
     seq_length: int = 64  # tokens per training sample
     max_position_embeddings: Optional[int] = None  # rows of the learned position table; null: seq_length
     position_embedding: str = "learned"  # "learned" absolute positions, or "rotary" (RoPE in attention)
-    rotary_base: float = 10000.0  # rotary only: the base of the rotary frequencies
+    rotary_base: float = 10000.0  # rotary only: the base of the rotary frequencies (Hugging Face's rope_theta)
+    # rotary only: "none", "linear" (positions / rope_factor), "llama3" (per-frequency, Llama 3.1) or "yarn"
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0  # rope_scaling: the context extension factor
+    rope_low_freq_factor: float = 1.0  # rope_scaling llama3: wavelengths above original / this are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # rope_scaling llama3: wavelengths below original / this are kept
+    rope_original_max_positions: Optional[int] = None  # rope_scaling llama3 / yarn: the pretraining context length
+    rope_attention_factor: Optional[float] = None  # rope_scaling yarn: scale of cos and sin; null: 0.1 ln(factor) + 1
+    rope_beta_fast: float = 32.0  # rope_scaling yarn: rotations below which a frequency is interpolated fully
+    rope_beta_slow: float = 1.0  # rope_scaling yarn: rotations above which a frequency is kept
+    norm: str = "layernorm"  # "layernorm" (weight and bias) or "rmsnorm" (weight only; statistics in fp32)
+    norm_eps: float = 1e-5  # epsilon of every norm (also read as norm_eps)
+    mlp: str = "gelu"  # "gelu": fc1 -> GeLU (tanh) -> fc2; "swiglu": down(silu(gate(x)) * up(x))
+    bias: bool = True  # biases on the linear layers (attention output, MLP)
+    qkv_bias: Optional[bool] = None  # biases on the query, key and value projections; null: as bias
+    tie_embeddings: bool = True  # the output layer is the token embedding; false: its own vocab-parallel weight
     hidden_dropout: float = 0.0  # dropout after attention and MLP and on the embeddings, in [0, 1)
     attention_dropout: float = 0.0  # dropout on the attention probabilities, in [0, 1)
-    layernorm_eps: float = 1e-5  # epsilon of every LayerNorm
     init_std: float = 0.02  # std of the normal initialisation (output projections: init_std / sqrt(2 x num_layers))
     make_vocab_size_divisible_by: int = 128  # the embedding's rows are vocab_size padded to a multiple of this x tp
     # PrefixLM attention: "flex" (FlexAttention, block mask), "dense" (SDPA, [b, 1, s, s] mask), "auto": flex on CUDA without attention dropout
@@ -44,9 +65,9 @@ class ModelConfig(_Section):
 
     def _check_values(self) -> None:
         self._positive(
-            "num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size", "seq_length",
-            "max_position_embeddings", "rotary_base", "layernorm_eps", "init_std",
-            "make_vocab_size_divisible_by",
+            "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size", "vocab_size",
+            "seq_length", "max_position_embeddings", "rotary_base", "norm_eps", "init_std",
+            "make_vocab_size_divisible_by", "rope_factor", "rope_original_max_positions", "rope_attention_factor",
         )
         for name in ("hidden_dropout", "attention_dropout"):
             self._require(0.0 <= getattr(self, name) < 1.0, name, "in [0, 1)")
@@ -56,6 +77,19 @@ class ModelConfig(_Section):
         if self.prefix_attention == "flex" and self.attention_dropout > 0:
             raise ConfigError(f"model.prefix_attention=flex has no attention dropout, but model.attention_dropout="
                               f"{self.attention_dropout}: set attention_dropout to 0 or prefix_attention to dense (or auto)")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads != 0:
+            raise ConfigError(f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads="
+                              f"{self.num_kv_heads}: each key/value head serves a whole group of query heads")
+        if self.rope_scaling != "none" and self.position_embedding != "rotary":
+            raise ConfigError(f"model.rope_scaling={self.rope_scaling} scales rotary positions, but "
+                              f"model.position_embedding={self.position_embedding}: set position_embedding: rotary "
+                              f"or rope_scaling: none")
+        if self.rope_scaling in ("llama3", "yarn") and self.rope_original_max_positions is None:
+            raise ConfigError(f"model.rope_scaling={self.rope_scaling} needs model.rope_original_max_positions "
+                              f"(the context length the model was pretrained with, e.g. 8192 for Llama 3)")
+        if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ConfigError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                              f"model.rope_low_freq_factor={self.rope_low_freq_factor} (rope_scaling llama3)")
 
     def ffn_size(self) -> int:
         """The MLP hidden size: ffn_hidden_size, or 4 * hidden_size when unset."""
@@ -67,11 +101,25 @@ class ModelConfig(_Section):
             return self.max_position_embeddings
         return self.seq_length
 
-    def head_dim(self) -> int:
-        """Width of one attention head; errors (never rounds) when heads do not divide hidden."""
+    def head_size(self) -> int:
+        """Width of one attention head: head_dim, or hidden / heads (errors, never rounds, when they do not divide)."""
+        if self.head_dim is not None:
+            return self.head_dim
         if self.hidden_size % self.num_heads != 0:
             raise ConfigError(_heads_message(self))
         return self.hidden_size // self.num_heads
+
+    def kv_heads(self) -> int:
+        """Key/value heads: num_kv_heads, or num_heads (multi-head attention) when unset."""
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    def grouped_attention(self) -> bool:
+        """Whether keys and values have fewer heads than queries (GQA / MQA: separate query and key/value weights)."""
+        return self.kv_heads() < self.num_heads
+
+    def has_qkv_bias(self) -> bool:
+        """Biases on the query, key and value projections: qkv_bias, or bias when unset."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     def padded_vocab_size(self, tp: int) -> int:
         """vocab_size rounded up to a multiple of make_vocab_size_divisible_by * tp.

@@ -73,10 +73,10 @@ def _check_model(config: Config) -> None:
             f"model.seq_length={model.seq_length} exceeds model.max_position_embeddings="
             f"{model.max_positions()}: raise max_position_embeddings or shorten seq_length"
         )
-    if model.position_embedding == "rotary" and model.head_dim() % 2 != 0:
+    if model.position_embedding == "rotary" and model.head_size() % 2 != 0:
         raise ConfigError(
             f"rotary embeddings need an even head dimension, got hidden_size / num_heads = "
-            f"{model.hidden_size} / {model.num_heads} = {model.head_dim()}: change num_heads"
+            f"{model.hidden_size} / {model.num_heads} = {model.head_size()}: change num_heads"
         )
     if parallel.sequence_parallel and model.seq_length % tp != 0:
         raise ConfigError(

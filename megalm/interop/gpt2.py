@@ -87,7 +87,7 @@ def to_gpt2(conversion: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Te
     if conversion == "transpose":
         return tensor.t()
     if conversion == "qkv":  # rows (head, q|k|v, d) -> (q|k|v, head, d); the weight then as [in, out]
-        heads, head_dim = cfg.num_heads, cfg.head_dim()
+        heads, head_dim = cfg.num_heads, cfg.head_size()
         grouped = tensor.view(heads, 3, head_dim, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
         return grouped.t() if tensor.dim() == 2 else grouped
     return tensor
@@ -102,7 +102,7 @@ def from_gpt2(conversion: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.
     if conversion == "transpose":
         return tensor.t().contiguous()
     if conversion == "qkv":
-        heads, head_dim = cfg.num_heads, cfg.head_dim()
+        heads, head_dim = cfg.num_heads, cfg.head_size()
         rows = tensor.t() if tensor.dim() == 2 else tensor  # [3h, h] or [3h], rows (q|k|v, head, d)
         return rows.reshape(3, heads, head_dim, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape).contiguous()
     return tensor.contiguous()
@@ -124,7 +124,7 @@ def gpt2_config(config: Config, dtype: torch.dtype, eos_id: Optional[int], pad_i
         "vocab_size": cfg.vocab_size, "n_positions": cfg.max_positions(), "n_embd": cfg.hidden_size,
         "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_inner": cfg.ffn_size(),
         "activation_function": "gelu_new",  # GeLU's tanh approximation, as megalm's MLP
-        "layer_norm_epsilon": cfg.layernorm_eps, "initializer_range": cfg.init_std,
+        "layer_norm_epsilon": cfg.norm_eps, "initializer_range": cfg.init_std,
         "resid_pdrop": cfg.hidden_dropout, "embd_pdrop": cfg.hidden_dropout, "attn_pdrop": cfg.attention_dropout,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True, "use_cache": True,
@@ -237,7 +237,7 @@ def _gpt2_model_config(hf: dict[str, Any], where: Path) -> dict[str, Any]:
         "num_layers": hf.get("n_layer", 12), "hidden_size": hidden, "num_heads": hf.get("n_head", 12),
         "ffn_hidden_size": hf.get("n_inner") or 4 * hidden, "vocab_size": hf["vocab_size"],
         "max_position_embeddings": hf.get("n_positions", 1024), "position_embedding": "learned",
-        "layernorm_eps": hf.get("layer_norm_epsilon", 1e-5), "init_std": hf.get("initializer_range", 0.02),
+        "norm_eps": hf.get("layer_norm_epsilon", 1e-5), "init_std": hf.get("initializer_range", 0.02),
         "hidden_dropout": hf.get("resid_pdrop", 0.1), "attention_dropout": hf.get("attn_pdrop", 0.1),
     }
 

@@ -109,7 +109,7 @@ class GPTModel(nn.Module):
             for i in self.layer_ids
         })
         self.final_norm = (
-            layer_norm(cfg.hidden_size, cfg.layernorm_eps, self.sequence_parallel, groups.device.type)
+            layer_norm(cfg.hidden_size, cfg.norm_eps, self.sequence_parallel, groups.device.type)
             if self.is_last
             else None
         )
@@ -131,7 +131,7 @@ class GPTModel(nn.Module):
         """Rotary cos, sin [seq_len, 1, 1, d], computed once per (length, device), not every forward."""
         key = (seq_len, device)
         if key not in self._rotary:
-            self._rotary[key] = rotary_cos_sin(seq_len, self.cfg.head_dim(), self.cfg.rotary_base, device)
+            self._rotary[key] = rotary_cos_sin(seq_len, self.cfg.head_size(), self.cfg.rotary_base, device)
         return self._rotary[key]
 
     def _output_weight(self) -> torch.Tensor:

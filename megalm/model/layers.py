@@ -183,7 +183,7 @@ class Attention(nn.Module):
         self.rng = rng
         self.recompute_core = recompute_core
         self.local_heads = cfg.num_heads // groups.tp_size
-        self.head_dim = cfg.head_dim()
+        self.head_dim = cfg.head_size()
         self.dropout = cfg.attention_dropout
         # Rows of the full QKV weight are ordered (head, q|k|v, head_dim), so a contiguous split
         # over tp hands each rank whole heads with their q, k and v.
@@ -274,9 +274,9 @@ class TransformerLayer(nn.Module):
         self.rng = rng
         self.sequence_parallel = sequence_parallel
         self.dropout = cfg.hidden_dropout
-        self.ln1 = layer_norm(cfg.hidden_size, cfg.layernorm_eps, sequence_parallel, groups.device.type)
+        self.ln1 = layer_norm(cfg.hidden_size, cfg.norm_eps, sequence_parallel, groups.device.type)
         self.attn = Attention(cfg, groups, rng, sequence_parallel, recompute_core)
-        self.ln2 = layer_norm(cfg.hidden_size, cfg.layernorm_eps, sequence_parallel, groups.device.type)
+        self.ln2 = layer_norm(cfg.hidden_size, cfg.norm_eps, sequence_parallel, groups.device.type)
         self.mlp = MLP(cfg, groups, sequence_parallel)
 
     def forward(

@@ -108,7 +108,7 @@ CHANGES = {
     "max_position_embeddings": ({}, 64),
     "position_embedding": ({}, "rotary"),
     "rotary_base": ({"position_embedding": "rotary"}, 500.0),
-    "layernorm_eps": ({}, 1e-6),
+    "norm_eps": ({}, 1e-6),
     "hidden_dropout": ({}, 0.1),
     "attention_dropout": ({}, 0.1),
     "init_std": ({}, 0.05),
@@ -165,10 +165,10 @@ def test_each_model_field_is_checked_on_resume_and_init_from(name: str, saved_ru
 
 def test_a_field_missing_from_an_older_checkpoint_compares_as_its_default() -> None:
     saved = dataclasses.asdict(ModelConfig())
-    del saved["layernorm_eps"]
+    del saved["norm_eps"]
     assert model_differences(saved, dataclasses.asdict(ModelConfig())) == []
-    assert model_differences(saved, dataclasses.asdict(ModelConfig(layernorm_eps=1e-6))) == [
-        "model.layernorm_eps: checkpoint 1e-05, this run 1e-06"]
+    assert model_differences(saved, dataclasses.asdict(ModelConfig(norm_eps=1e-6))) == [
+        "model.norm_eps: checkpoint 1e-05, this run 1e-06"]
 
 
 # ---- 8: loading a checkpoint never runs code from it ------------------------------------------------

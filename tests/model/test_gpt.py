@@ -92,7 +92,7 @@ def reference_losses(
     d = h // nh
 
     def norm(x: torch.Tensor, prefix: str) -> torch.Tensor:
-        return F.layer_norm(x, (h,), params[prefix + ".weight"], params[prefix + ".bias"], cfg.layernorm_eps)
+        return F.layer_norm(x, (h,), params[prefix + ".weight"], params[prefix + ".bias"], cfg.norm_eps)
 
     def linear(x: torch.Tensor, prefix: str) -> torch.Tensor:
         return x @ params[prefix + ".weight"].t() + params[prefix + ".bias"]
