@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megalm.config import ModelConfig
-from megalm.metrics import training_flops_per_token
 from megalm.model.attention import uses_dense_prefix_mask
 from megalm.parallel.schedules import analytic_bubble
 from megalm.plan.cluster import Cluster, Numerics, PlanError
+from megalm.plan.flops import layer_matmul_flops, training_flops_per_token
 from megalm.plan.layout import (
-    Layout, bucket_sizes, padded, rank_param_count, recomputed_layers, stage_chunks, zero1_shard_params,
+    Layout, bucket_sizes, padded, projection_widths, rank_param_count, recomputed_layers, stage_chunks,
+    zero1_shard_params,
 )
 
 GiB = 2**30
@@ -284,22 +285,28 @@ def _ring_half_time(nbytes: float, ranks: int, bandwidth: float, latency: float)
 
 def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, act_bytes: int) -> tuple[float, float]:
     """(seconds of one layer's forward for one micro-batch on one GPU, of which the attention core's part)."""
-    s, b, h, f, a, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), model.num_heads, layout.tp
+    s, b, h, f, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), layout.tp
+    a = model.num_heads
     sp = t if layout.sequence_parallel else 1
     matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
     memory_rate = cluster.hbm_bandwidth_gbs * 1e9 * cluster.memory_efficiency
-    gemm = 2 * s * b * (4 * h * h + 2 * h * f) / t + 4 * s * s * b * h / t
+    gemm_per_token, core_per_token = layer_matmul_flops(model, t)  # per rank: SwiGLU's 3 matrices, GQA's kv
+    gemm = s * b * (gemm_per_token + core_per_token)
+    query, kv = projection_widths(model, t)
     dropout = model.hidden_dropout > 0
-    # element-wise traffic on [s, b, h]: 2 LayerNorms (read + write), 2 bias-dropout-residual adds
-    # (read 2, write 1, mask), on the split parts: Q/K/V layout copies and bias + GeLU on [s, b, f]
-    elementwise = (10 * act_bytes + (2 if dropout else 0)) * s * b * h / sp + (6 * act_bytes * h + 2 * act_bytes * f) * s * b / t
+    # element-wise traffic on [s, b, h]: 2 norms (read + write), 2 bias-dropout-residual adds (read 2,
+    # write 1, mask); on the split parts: Q/K/V layout copies (2 per element), the MLP's activation on
+    # [s, b, f/t]: bias + GeLU (read, write) or SwiGLU's silu (read, write) and product (read 2, write 1)
+    activation = 5 if model.mlp == "swiglu" else 2
+    elementwise = ((10 * act_bytes + (2 if dropout else 0)) * s * b * h / sp
+                   + (2 * act_bytes * (query + kv) + activation * act_bytes * f / t) * s * b)
     scores = 0.0
     if not numerics.flash_attention:
         # QK^T writes the scores, fused scale-mask-softmax reads and writes them, AV reads them; dropout adds r/w + mask
         per_element = 4 * act_bytes + ((2 * act_bytes + 1) if model.attention_dropout > 0 else 0)
         scores = per_element * a * s * s * b / t / memory_rate
     # what selective recompute reruns: the attention core, its two matmuls (QK^T, PV) and the scores' traffic
-    core = 4 * s * s * b * h / t / matmul_rate + scores
+    core = s * b * core_per_token / matmul_rate + scores
     return gemm / matmul_rate + elementwise / memory_rate + scores, core
 
 
@@ -323,11 +330,13 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     if t > 1 and layout.sequence_parallel:
         # backward's second all-gather of a column-parallel input shard (half an all-reduce's time) runs
         # beside the input-gradient GEMM ([s b, out/t] x [out/t, h]); the rest of it is exposed
-        def exposed(out_features: int) -> float:
-            return max(0.0, collective / 2 - 2 * s * b * h * out_features / t / matmul_rate)
+        def exposed(local_out_features: float) -> float:
+            return max(0.0, collective / 2 - 2 * s * b * h * local_out_features / matmul_rate)
 
-        regather = exposed(3 * h) + exposed(model.ffn_size())
-        logits_regather = exposed(model.padded_vocab_size(t))
+        query, kv = projection_widths(model, t)  # the query and key_value (or fused QKV) linears share one gather
+        column_mlp = (2 if model.mlp == "swiglu" else 1) * model.ffn_size() / t  # gate and up share one too
+        regather = exposed(query + kv) + exposed(column_mlp)
+        logits_regather = exposed(model.padded_vocab_size(t) / t)
     # the slowest pipeline rank sets the pace
     compute_per_mb, comm_per_mb = 0.0, 0.0
     for pp_rank in range(pp):
@@ -377,7 +386,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
                 data_comm += max(gather(params_max) - compute_per_mb / 3, gather(buckets[-1]))
             else:
                 data_comm += gather(params_max)
-    if pp > 1:  # tied embedding gradient summed between the first and last stage
+    if pp > 1 and model.tie_embeddings:  # tied embedding gradient summed between the first and last stage
         emb = model.padded_vocab_size(t) // t * h * numerics.grad_bytes
         bw, lat = cluster.link(t * dp * pp)
         data_comm += _all_reduce_time(emb, 2, bw, lat)
@@ -392,7 +401,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     gpus = layout.gpus
     model_flops = training_flops_per_token(model)
     extra = {"none": 0.0, "full": model_flops / 3 - 2 * h * model.vocab_size,
-             "selective": 4 * s * h * model.num_layers}[layout.recompute]  # recomputed forward FLOPs per token
+             "selective": layer_matmul_flops(model)[1] * model.num_layers}[layout.recompute]  # recomputed forward FLOPs per token
     if layout.recompute == "full":  # only recompute_layers of each chunk
         chunks = [c for r in range(pp) for c in stage_chunks(model, layout, r)]
         extra *= sum(recomputed_layers(layout, len(c[0])) for c in chunks) / model.num_layers

@@ -8,7 +8,8 @@ from typing import Iterator, Optional, Sequence
 
 from megalm.config import Config, ConfigError, ModelConfig
 from megalm.plan.cluster import Cluster, Numerics, PlanError
-from megalm.plan.layout import Layout, config_for_layout
+from megalm.plan.flops import training_flops_per_token
+from megalm.plan.layout import Layout, config_for_layout, full_param_count
 from megalm.plan.model import GiB, StageMemory, StepTime, stage_memory, step_time
 
 
@@ -36,7 +37,9 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "cluster": self.cluster.name, "numerics": self.numerics.name, "precision": self.precision,
-            "kernels": self.kernels,
+            "kernels": self.kernels, "parameters": full_param_count(self.model),
+            "parameters_padded": full_param_count(self.model, padded_tp=self.layout.tp),
+            "training_flops_per_token": training_flops_per_token(self.model),
             "layout": dataclasses.asdict(self.layout), "gpus": self.layout.gpus,
             "fits": self.fits, "peak_memory_gib": self.peak_memory / GiB,
             "memory": [dict(dataclasses.asdict(s), total=s.total) for s in self.memory],
@@ -67,6 +70,8 @@ def candidate_layouts(model: ModelConfig, cluster: Cluster, gpus: int, global_ba
     """Every layout megalm could run: tp within a node, uniform pipeline stages, whole micro-batches."""
     for tp in _divisors(gpus):
         if tp > cluster.gpus_per_node or model.num_heads % tp or model.ffn_size() % tp:
+            continue
+        if model.kv_heads() % tp and tp % model.kv_heads():  # kv heads split, or each replicated, over tp
             continue
         for pp in _divisors(gpus // tp):
             if model.num_layers % pp:
