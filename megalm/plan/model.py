@@ -113,30 +113,56 @@ def _korthikanti_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int)
     return replicated + split, scores, 0
 
 
+def norm_saved_bytes(model: ModelConfig, tokens: int, act_bytes: int, kernels: str) -> int:
+    """What one norm over `tokens` rows keeps for backward (parameters aside).
+
+    layernorm: its input and fp32 mean and 1/std (on CPU, low-precision weight and bias as fp32 copies);
+    rmsnorm (statistics in fp32, as transformers computes them): the fp32 input (the input itself in fp32,
+    an fp32 copy otherwise), the fp32 1/rms per row, and the normalised rows cast back to the activation
+    dtype, which the weight's product keeps."""
+    h = model.hidden_size
+    if model.norm == "rmsnorm":
+        return (4 + act_bytes) * tokens * h + 4 * tokens
+    kept = act_bytes * tokens * h + 2 * 4 * tokens
+    if kernels == "cpu" and act_bytes != 4:
+        kept += 2 * 4 * h  # megalm's CPU LayerNorm hands low-precision weight and bias over as fp32 copies
+    return kept
+
+
+def mlp_saved_bytes(model: ModelConfig, tokens: int, act_bytes: int, tp: int) -> int:
+    """The MLP's split activations kept for backward, beyond its (shared) input: gelu: the GeLU input and
+    fc2's input; swiglu: gate and up outputs, silu(gate) and the product (down's input)."""
+    f = model.ffn_size()
+    return (4 if model.mlp == "swiglu" else 2) * act_bytes * tokens * f // tp
+
+
 def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kernels: str) -> tuple[int, int, int]:
     """(kept by every layer, the attention core's own saves, what selective recompute keeps of it) of
     megalm's TransformerLayer on `kernels`, as megalm.plan.measure measures it with saved-tensor hooks."""
-    s, b, h, f, a, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), model.num_heads, layout.tp
+    s, b, h, t = model.seq_length, layout.micro_batch_size, model.hidden_size, layout.tp
     sp = t if layout.sequence_parallel else 1
-    sbh, heads = s * b * h, a // t
+    sbh, heads = s * b * h, model.num_heads // t
+    query, kv = projection_widths(model, t)  # per rank: H d / t query, 2 K_local d key + value
     cpu = kernels == "cpu"
-    norms = 2 * act_bytes * sbh // sp + 2 * 2 * 4 * s * b // sp  # LN1 and LN2 inputs, their fp32 mean and 1/std
-    if cpu and act_bytes != 4:
-        norms += 2 * 2 * 4 * h  # megalm's CPU LayerNorm hands low-precision weight and bias over as fp32 copies
-    # QKV and fc1 inputs: under sequence parallel the column-parallel linear keeps only its [s/tp, b, h]
-    # input shard and all-gathers it again in backward for the weight gradient (as Megatron does)
+    norms = 2 * norm_saved_bytes(model, s * b // sp, act_bytes, kernels)  # the layer's two norms
+    # attention and MLP inputs (the query and key_value linears share one, so do gate and up): under
+    # sequence parallel a column-parallel linear keeps only its [s/tp, b, h] input shard and all-gathers it
+    # again in backward for the weight gradient (as Megatron does)
     linear_inputs = 2 * act_bytes * sbh // sp
-    split = act_bytes * (sbh + 2 * s * b * f) // t  # proj input, GeLU input, fc2 input
+    split = act_bytes * s * b * query + mlp_saved_bytes(model, s * b, act_bytes, t)  # proj input; the MLP's
     # hidden dropout masks: torch's CUDA dropout keeps a bool mask, its CPU one the scaled mask in the activation dtype
     masks = 2 * (act_bytes if cpu else 1) * sbh // sp if model.hidden_dropout > 0 else 0
-    # q, k, v as the core receives them: views of the QKV output; rotary makes q and k new tensors, and v
-    # still keeps the whole QKV output alive. Selective recompute keeps exactly these (and the shared mask).
-    qkv = act_bytes * (3 + (2 if model.position_embedding == "rotary" else 0)) * sbh // t
+    # q, k, v as the core receives them: views of the QKV (or query and key_value) outputs; rotary makes q
+    # and k new tensors, and v still keeps the whole (key_value) output alive. Selective recompute keeps
+    # exactly these (and the shared mask).
+    rotated = query + kv // 2 if model.position_embedding == "rotary" else 0
+    qkv = act_bytes * s * b * (query + kv + rotated)
     if cpu and model.attention_dropout > 0:
         # SDPA's math path (CPU, dropout): fp32 q*scale and k^T copies with v still a view of the QKV output
         # (fp32), or fp32 copies of all three (bf16/fp16); softmax output, dropout mask and dropped
         # probabilities [b, a/t, s, s] all in fp32
-        copies = (2 * 4 * sbh // t + act_bytes * 3 * sbh // t) if act_bytes == 4 else 3 * 4 * sbh // t
+        copies = (4 * s * b * (query + kv // 2) + act_bytes * s * b * (query + kv)) if act_bytes == 4 \
+            else 4 * s * b * (query + kv)
         core = copies + 3 * 4 * b * heads * s * s
     else:
         # fused SDPA kernels keep q, k, v, the output and the fp32 logsumexp (dropout: a few bytes of RNG
@@ -145,7 +171,7 @@ def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kern
         # in q's layout (empty_like keeps a strided tensor's dimension order), CUDA's memory-efficient
         # kernel (fp32, or any attention mask) writes [b, s, heads, d]; with b = 1 both orders coincide.
         efficient = not cpu and (act_bytes == 4 or uses_dense_prefix_mask(model, kernels))
-        output = act_bytes * sbh // t if efficient and b > 1 else 0
+        output = act_bytes * s * b * query if efficient and b > 1 else 0
         logsumexp = 4 * b * heads * (-(-s // 32) * 32 if efficient else s)
         core = qkv + output + logsumexp + prefix_additive_mask_bytes(model, layout, act_bytes, kernels)
     return norms + linear_inputs + split + masks, core, qkv
