@@ -163,3 +163,26 @@ def test_swiglu_and_gqa_change_step_time_as_their_flops() -> None:
     layout = Layout(1, 1, 1, 1, 1)
     compute = lambda model: make_plan(model, layout, H100, MEGALM, "bf16").time.compute  # noqa: E731
     assert compute(swiglu) > compute(gelu) > compute(gqa)
+
+
+def test_replicated_kv_heads_sum_their_gradients() -> None:
+    """tp 8 over 2 kv heads: each kv head on 4 ranks, whose key_value gradients are summed once per step."""
+    cfg = _llama(num_layers=4, hidden_size=1024, num_heads=8, num_kv_heads=2, ffn_hidden_size=2816,
+                 seq_length=256, vocab_size=1024)
+    split = dataclasses.replace(cfg, num_kv_heads=8)
+    layout = Layout(8, 1, 1, 1, 1)
+    comm = lambda model: make_plan(model, layout, H100, MEGALM, "bf16").time.data_comm  # noqa: E731
+    assert comm(split) == 0.0 and comm(cfg) > 0.0
+
+
+def test_proposed_shapes_keep_the_spec() -> None:
+    """--propose-params on a Llama config proposes Llama shapes: SwiGLU at its ffn ratio, 8 kv heads, untied."""
+    from megalm.plan.search import propose_shapes
+
+    base = load_config(CONFIGS / "llama-3-8b.yaml").model
+    shapes = propose_shapes(8e9, H100, 64, 512, MEGALM, "bf16", base, top=2)
+    assert shapes
+    for model, plan in shapes:
+        assert (model.mlp, model.norm, model.num_kv_heads, model.tie_embeddings) == ("swiglu", "rmsnorm", 8, False)
+        assert abs(full_param_count(model) / 8e9 - 1) <= 0.1 and plan.fits
+        assert model.ffn_size() % 256 == 0 and 3.4 < model.ffn_size() / model.hidden_size < 3.6

@@ -1,13 +1,18 @@
 """The analytic model: memory per pipeline stage and time per step of a layout on a cluster.
 
+Everything follows the model spec's fields (norm, mlp, num_kv_heads, head_dim, bias, qkv_bias,
+tie_embeddings): no test of a family name.
+
 Memory (bytes per GPU, for the worst rank of each stage): weights, gradients and optimizer state
-from the exact parameter geometry (`megalm.plan.layout`), activations per layer as megalm's layers
+from the exact parameter geometry (`megalm.plan.layout`: RMSNorm without bias, SwiGLU's three matrices,
+GQA's smaller key_value, replicated on tp / kv_heads ranks when tp > kv_heads, an untied output layer
+on the last stage), activations per layer as megalm's layers
 keep them on CUDA or CPU kernels (measured: megalm.plan.measure; Megatron numerics: the Korthikanti
 et al. (2022) breakdown) times the micro-batches in flight on that stage for the chosen schedule,
 the embedding / logits working set on the first / last stage, and communication buffers.
 
 Time (seconds per optimizer step) on the slowest stage, which sets the pipeline's pace:
-- compute: GEMMs at `matmul_efficiency` x peak plus memory-bound element-wise kernels (LayerNorm,
+- compute: GEMMs (megalm.plan.flops: the spec's matrices) at `matmul_efficiency` x peak plus memory-bound element-wise kernels (LayerNorm,
   bias/GeLU/dropout/residual, and the [s, s] attention scores unless attention is fused) at
   `memory_efficiency` x HBM bandwidth; backward = 2x forward; recompute adds forward work;
 - tensor-parallel collectives: 2 all-reduces (or all-gather + reduce-scatter under sequence
@@ -23,6 +28,9 @@ Time (seconds per optimizer step) on the slowest stage, which sets the pipeline'
   behind the last backward when overlapped except for the last bucket; ZeRO-1's all-gather of the
   updated parameters in their dtype, hidden behind the next forward (megalm) except for the first
   bucket, or after the optimizer step;
+- tied embeddings at pp > 1: the two copies' gradients summed between the first and last stage (an
+  untied output layer needs none); tp > kv_heads: the key_value gradients summed over each kv head's
+  tp / kv_heads replicas once per step;
 - optimizer step: memory-bound AdamW over the local (or sharded) parameters.
 """
 
@@ -416,6 +424,14 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
         emb = model.padded_vocab_size(t) // t * h * numerics.grad_bytes
         bw, lat = cluster.link(t * dp * pp)
         data_comm += _all_reduce_time(emb, 2, bw, lat)
+    replicas = t // model.kv_heads() if t > model.kv_heads() else 1
+    if replicas > 1:
+        # tp > kv heads: each kv head lives on tp / kv_heads consecutive ranks, whose key_value gradients are
+        # summed once per step so the copies stay equal (a ring all-reduce within the node)
+        layers = max(sum(len(c[0]) for c in stage_chunks(model, layout, r)) for r in range(pp))
+        _, kv = projection_widths(model, t)
+        kv_grads = layers * kv * (h + (1 if model.has_qkv_bias() else 0)) * numerics.grad_bytes
+        data_comm += _all_reduce_time(kv_grads, replicas, *cluster.link(replicas))
     # AdamW: read param, grad, 2 moments (+ master), write them back; memory-bound
     memory_rate = cluster.hbm_bandwidth_gbs * 1e9 * cluster.memory_efficiency
     kept = params_max / dp if layout.zero_stage == 1 else params_max
