@@ -237,10 +237,16 @@ def hf_rope_fields(hf_config: dict, where: str) -> dict[str, Any]:
                          f"(it reads {', '.join(kinds)})")
     kind = kinds[hf_kind]
 
-    theta, top_theta = rope.get("rope_theta"), hf_config.get("rope_theta")
-    if theta is not None and top_theta is not None and theta != top_theta:
-        raise ValueError(f"{where}: rope_theta={top_theta!r} but {name}.rope_theta={theta!r}: keep one")
-    theta = theta if theta is not None else top_theta if top_theta is not None else DEFAULT_ROPE_THETA
+    # transformers takes the rope dict's rope_theta, then the top-level one; two different values are refused.
+    candidates = ((f"{name}.rope_theta", rope.get("rope_theta")), ("rope_theta", hf_config.get("rope_theta")),
+                  ("rope_parameters.rope_theta", (hf_config.get("rope_parameters") or {}).get("rope_theta")))
+    thetas = {place: value for place, value in candidates if value is not None}
+    places = list(thetas.items())
+    differing = [(place, value) for place, value in places if value != places[0][1]]
+    if differing:
+        raise ValueError(f"{where}: {places[0][0]}={places[0][1]!r} but {differing[0][0]}={differing[0][1]!r}: "
+                         f"keep one rope_theta")
+    theta = next(iter(thetas.values()), DEFAULT_ROPE_THETA)
     fields: dict[str, Any] = {"rotary_base": _positive_number(theta, "rope_theta", where), "rope_scaling": kind}
 
     known = _HF_KEYS[kind]
@@ -260,7 +266,10 @@ def hf_rope_fields(hf_config: dict, where: str) -> dict[str, Any]:
             raise ValueError(f"{where}: {name} of rope_type {hf_kind!r} has no factor (the context extension factor)")
         factor = rope["factor"]
         if factor is None and kind == "yarn":  # transformers: the ratio of the two context lengths
-            factor = hf_config.get("max_position_embeddings", 0) / _original_context(hf_config, rope, name, where)
+            if hf_config.get("max_position_embeddings") is None:
+                raise ValueError(f"{where}: {name}.factor is null and there is no max_position_embeddings to "
+                                 f"derive it from (max_position_embeddings / original_max_position_embeddings)")
+            factor = hf_config["max_position_embeddings"] / _original_context(hf_config, rope, name, where)
         fields["rope_factor"] = _positive_number(factor, f"{name}.factor", where)
     if "original_max_position_embeddings" in known:
         fields["rope_original_max_positions"] = _original_context(hf_config, rope, name, where)
