@@ -107,14 +107,6 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight.float(), bias, self.eps)
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [s, 1, 1, d] for rotary position embeddings (rotate-half layout)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)[:, None, None, :]
-    return angles.cos(), angles.sin()
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate q or k [s, b, heads, d] by position (in fp32, or fp64 for an fp64 model)."""
     first, second = x.chunk(2, dim=-1)

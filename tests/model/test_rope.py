@@ -132,12 +132,6 @@ def test_unscaled_tables_are_bit_identical_to_todays(head_dim: int, base: float)
     cfg = model_config(head_dim=head_dim, rotary_base=base, rope_factor=4.0)  # rope_factor unused by none
     for cos, sin in (rotary_tables(cfg, 300, device), rotary_cos_sin(300, head_dim, base, device)):
         assert torch.equal(cos, expected[0]) and torch.equal(sin, expected[1])
-    try:
-        from megalm.model.layers import rotary_cos_sin as layers_rotary_cos_sin
-    except ImportError:
-        return  # layers.py now takes its tables from megalm.model.rope
-    layers_cos, layers_sin = layers_rotary_cos_sin(300, head_dim, base, device)
-    assert torch.equal(layers_cos, expected[0]) and torch.equal(layers_sin, expected[1])
 
 
 def test_linear_scaling_is_dividing_positions() -> None:
