@@ -27,6 +27,9 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "old_checkpoint_ce7
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
 NAMES = sorted(EXPECTED["runs"])
 SAVED = f"checkpoints/step_{EXPECTED['saved_step']:08d}"
+# Said with a bit-for-bit failure: another torch may change a CPU kernel's rounding without any megalm change.
+MADE_WITH = (f"(the fixture was made with {EXPECTED['made_by']}; this is torch {torch.__version__}: if only torch "
+             f"changed, regenerate it with ce7e5c9's code as tests/fixtures/make_old_checkpoint.py says)")
 
 
 def _metadata(name: str) -> dict:
@@ -88,10 +91,11 @@ def test_the_old_checkpoint_resumes_bit_for_bit(name: str, tmp_path: Path, one_t
         assert torch.equal(dict(named_params(trainer.chunks))[param].detach(), value), param
     got, want = old.train_on(trainer, step), EXPECTED["runs"][name]
     assert got["steps"] == want["steps"] == list(range(step + 1, EXPECTED["final_step"] + 1))
-    assert got["losses"] == want["losses"], [float.fromhex(x) for x in got["losses"] + want["losses"]]
-    assert got["grad_norms"] == want["grad_norms"]
+    losses = {"today": [float.fromhex(x) for x in got["losses"]], "ce7e5c9": [float.fromhex(x) for x in want["losses"]]}
+    assert got["losses"] == want["losses"], f"{losses} {MADE_WITH}"
+    assert got["grad_norms"] == want["grad_norms"], MADE_WITH
     differ = sorted(p for p in want["param_sha256"] if got["param_sha256"].get(p) != want["param_sha256"][p])
-    assert not differ and set(got["param_sha256"]) == set(want["param_sha256"]), differ
+    assert not differ and set(got["param_sha256"]) == set(want["param_sha256"]), f"weights differ: {differ} {MADE_WITH}"
     assert got["weights_sha256"] == want["weights_sha256"]
 
 
