@@ -40,6 +40,7 @@ from torch import nn
 from megalm.checkpoint.store import CheckpointError
 from megalm.config import ModelConfig
 from megalm.model.init import shard_geometry
+from megalm.parallel.tensor import tp_shard
 from megalm.parallel.data import counted_once
 from megalm.parallel.optimizer import MixedPrecisionOptimizer
 
@@ -56,7 +57,8 @@ UNCHECKED_MODEL_FIELDS: dict[str, str] = {
 }
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 MODEL_FIELDS = tuple(name for name in _MODEL_DEFAULTS if name not in UNCHECKED_MODEL_FIELDS)
-EMBEDDING_NAME = "embedding.word.weight"  # megalm.model.gpt's; the one parameter with padded rows
+EMBEDDING_NAME = "embedding.word.weight"  # megalm.model.gpt's
+VOCAB_ROW_NAMES = (EMBEDDING_NAME, "output.weight")  # the parameters with padded vocabulary rows (output: untied)
 
 
 def _as_used(model: dict) -> dict[str, Any]:
@@ -136,9 +138,10 @@ def _piece(name: str, param: nn.Parameter, kind: str, tensor: torch.Tensor, lo: 
            host: HostCopies) -> dict:
     """A piece of (name, kind): `tensor` holds the flat range [lo, hi) of the parameter's tp shard."""
     full_shape, _ = shard_geometry(param, groups.tp_rank, groups.tp_size)
+    shard, shards = tp_shard(param, groups.tp_rank, groups.tp_size)  # tp ranks, or key/value heads held by several
     return {
         "name": name, "kind": kind, "full_shape": list(full_shape), "split_dim": getattr(param, "tp_split_dim", None),
-        "tp_rank": groups.tp_rank, "tp_size": groups.tp_size, "lo": lo, "hi": hi,
+        "tp_rank": shard, "tp_size": shards, "lo": lo, "hi": hi,
         "tensor": host.copy((name, kind, str(lo)), tensor),
     }
 
@@ -496,7 +499,7 @@ def _my_shard(full: torch.Tensor, param: nn.Parameter, groups, name: str = "") -
     """This rank's shard of `full`, adapted when the padded vocabulary size differs (and only then)."""
     target_shape, offsets = shard_geometry(param, groups.tp_rank, groups.tp_size)
     if tuple(full.shape) != tuple(target_shape):
-        if name != EMBEDDING_NAME or tuple(full.shape[1:]) != tuple(target_shape[1:]):
+        if name not in VOCAB_ROW_NAMES or tuple(full.shape[1:]) != tuple(target_shape[1:]):
             raise CheckpointError(
                 f"parameter {name} has shape {tuple(full.shape)} in the checkpoint but {tuple(target_shape)} in "
                 f"this model: only the padded vocabulary rows may differ; resume with the checkpoint's model config"
