@@ -186,3 +186,59 @@ def test_proposed_shapes_keep_the_spec() -> None:
         assert (model.mlp, model.norm, model.num_kv_heads, model.tie_embeddings) == ("swiglu", "rmsnorm", 8, False)
         assert abs(full_param_count(model) / 8e9 - 1) <= 0.1 and plan.fits
         assert model.ffn_size() % 256 == 0 and 3.4 < model.ffn_size() / model.hidden_size < 3.6
+
+
+# ---- against megalm's own model --------------------------------------------------------------------
+
+
+def _spec_config(tp: int, pp: int, dp: int = 1, **fields):
+    from megalm.config import Config, ParallelConfig, TrainConfig
+
+    model = _llama(num_layers=4, **fields)
+    return Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, dp=dp, bucket_size_mb=0.01),
+                  train=TrainConfig(micro_batch_size=1, global_batch_size=4 * dp))
+
+
+SPEC_LAYOUTS = [
+    (1, 1, {}), (2, 1, {}), (4, 1, {}), (8, 1, {}), (2, 2, {}), (4, 2, dict(tie_embeddings=True)),
+    (2, 1, dict(num_kv_heads=1)), (2, 2, dict(num_kv_heads=None)), (2, 1, dict(qkv_bias=True)),
+    (2, 2, dict(bias=True, head_dim=12)), (2, 1, dict(norm="layernorm", mlp="gelu")),
+]
+
+
+@pytest.mark.parametrize("tp,pp,fields", SPEC_LAYOUTS, ids=[f"tp{t}-pp{p}-{f}" for t, p, f in SPEC_LAYOUTS])
+def test_rank_parameters_and_buckets_equal_megalm(tp: int, pp: int, fields: dict) -> None:
+    """Per-rank parameter counts equal megalm's meta-built shards, and the gradient buckets megalm's own
+    GradientSync forms, for Llama-style specs at every tp (kv heads split, or replicated at tp > 2)."""
+    from megalm.distributed import ParallelGroups
+    from megalm.model.gpt import build_model_chunks, count_parameters
+    from megalm.parallel.data import GradientSync
+    from megalm.topology import Topology
+
+    config = _spec_config(tp, pp, **fields)
+    topology = Topology(tp, pp, 1)
+    layout = Layout(tp, pp, 1, 1, 4, bucket_size_mb=0.01)
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            groups = ParallelGroups(topology=topology, rank=topology.rank(pp_rank, 0, tp_rank),
+                                    device=torch.device("cpu"))
+            chunks = build_model_chunks(config, groups, materialize=False)
+            assert rank_param_count(config.model, layout, pp_rank) == sum(count_parameters(c) for c in chunks)
+        chunks = build_model_chunks(config, groups)  # materialised (small): GradientSync needs real tensors
+        sync = GradientSync(chunks, groups, int(0.01 * 2**20), shard=False)
+        assert [bucket.numel for bucket in sync.buckets] == bucket_sizes(config.model, layout, pp_rank)
+
+
+@pytest.mark.parametrize("name,tp", [("llama-3-8b.yaml", 1), ("llama-3-8b.yaml", 2), ("llama-tiny.yaml", 1),
+                                     ("llama-3-70b.yaml", 1)])
+def test_megalm_check_prints_transformers_count(name: str, tp: int, capsys) -> None:
+    """`megalm check` counts the parameters of a meta-built model: the same number as transformers'
+    (Llama 3's vocabulary is a multiple of 128 x 2, so nothing is padded at tp 1 or 2)."""
+    from megalm.cli import main
+
+    config = load_config(CONFIGS / name)
+    overrides = [f"parallel.tp={tp}", "parallel.pp=1", "parallel.dp=1", "parallel.virtual_stages=1",
+                 "parallel.schedule=1f1b", "train.global_batch_size=4"]
+    assert main(["check", str(CONFIGS / name), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert f"parameters: {_hf_count(config.model):,} " in out
