@@ -224,6 +224,10 @@ def llama_cases(quick: bool = False) -> list[Case]:
     if not quick:
         cases.append(Case(**dict(llama, num_kv_heads=1, head_dim=48)))  # MQA with head_dim != hidden / heads
         cases.append(Case(**dict(llama, num_kv_heads=None, precision="bf16")))  # SwiGLU + RMSNorm, multi-head
+        for precision in ("fp32", "bf16"):  # dropout: CPU SDPA's math path repeats k and v to every head
+            for recompute in ("none", "selective"):
+                cases.append(Case(precision=precision, recompute=recompute, dropout=0.1, **llama))
+                cases.append(Case("prefixlm", precision, recompute, **llama))
     return cases
 
 

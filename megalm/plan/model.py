@@ -160,17 +160,26 @@ def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kern
     split = act_bytes * s * b * query + mlp_saved_bytes(model, s * b, act_bytes, t)  # proj input; the MLP's
     # hidden dropout masks: torch's CUDA dropout keeps a bool mask, its CPU one the scaled mask in the activation dtype
     masks = 2 * (act_bytes if cpu else 1) * sbh // sp if model.hidden_dropout > 0 else 0
-    # q, k, v as the core receives them: views of the QKV (or query and key_value) outputs; rotary makes q
-    # and k new tensors, and v still keeps the whole (key_value) output alive. Selective recompute keeps
-    # exactly these (and the shared mask).
-    rotated = query + kv // 2 if model.position_embedding == "rotary" else 0
+    # q, k, v as the core receives them: views of the fused QKV output (multi-head), or the query output
+    # and views of the key_value output (grouped). Rotary makes q and k new tensors (keeping none of its
+    # inputs: the tables need no gradient); v still keeps the whole QKV or key_value output alive, while a
+    # grouped layer's rotated-away query output is freed. Selective recompute keeps exactly these (and the
+    # shared mask).
+    rotated = 0
+    if model.position_embedding == "rotary":
+        rotated = kv // 2 + (0 if model.grouped_attention() else query)
     qkv = act_bytes * s * b * (query + kv + rotated)
     if cpu and model.attention_dropout > 0:
         # SDPA's math path (CPU, dropout): fp32 q*scale and k^T copies with v still a view of the QKV output
         # (fp32), or fp32 copies of all three (bf16/fp16); softmax output, dropout mask and dropped
-        # probabilities [b, a/t, s, s] all in fp32
-        copies = (4 * s * b * (query + kv // 2) + act_bytes * s * b * (query + kv)) if act_bytes == 4 \
-            else 4 * s * b * (query + kv)
+        # probabilities [b, a/t, s, s] all in fp32. Grouped: k and v repeated to every query head, so fp32
+        # q*scale, k and v copies all of the query width
+        if model.grouped_attention():
+            copies = 3 * 4 * s * b * query
+        elif act_bytes == 4:
+            copies = 4 * s * b * (query + kv // 2) + act_bytes * s * b * (query + kv)
+        else:
+            copies = 4 * s * b * (query + kv)
         core = copies + 3 * 4 * b * heads * s * s
     else:
         # fused SDPA kernels keep q, k, v, the output and the fp32 logsumexp (dropout: a few bytes of RNG
