@@ -306,6 +306,25 @@ def phase_label(result: dict, key: str) -> str:
     return dict(PHASES)[key]
 
 
+def spec_summary(model: dict) -> str:
+    """The model fields that differ from a GPT's, for the report's model line ("" for a GPT)."""
+    parts = []
+    if model.get("num_kv_heads") and model["num_kv_heads"] != model["num_heads"]:
+        parts.append(f"{model['num_kv_heads']} kv heads")
+    if model.get("head_dim"):
+        parts.append(f"head_dim {model['head_dim']}")
+    for name, default in (("norm", "layernorm"), ("mlp", "gelu")):
+        if model.get(name, default) != default:
+            parts.append(model[name])
+    if not model.get("bias", True):
+        parts.append("no biases" if not model.get("qkv_bias") else "q/k/v biases only")
+    if not model.get("tie_embeddings", True):
+        parts.append("untied")
+    if model.get("rope_scaling", "none") != "none":
+        parts.append(f"rope {model['rope_scaling']}")
+    return (" (" + ", ".join(parts) + ")") if parts else ""
+
+
 def format_report(result: dict) -> str:
     """The table printed by `megalm bench`."""
     multi = result["world_size"] > 1
@@ -332,7 +351,7 @@ def format_report(result: dict) -> str:
     lines = [
         f"megalm bench {result['config']} | device {result['device']} | {result['layout']}",
         f"model {model['family']}: {model['num_layers']} layers, hidden {model['hidden_size']}, "
-        f"{model['num_heads']} heads, seq {model['seq_length']}, vocab {model['vocab_size']} | "
+        f"{model['num_heads']} heads{spec_summary(model)}, seq {model['seq_length']}, vocab {model['vocab_size']} | "
         f"{result['precision']} | global batch {result['global_batch_size']} = micro {result['micro_batch_size']} "
         f"x dp {result['dp']} x accumulation {result['grad_accum_steps']} | median of {result['steps']} steps "
         f"after {result['warmup']} warm-up" + (" | compiled layers (train.compile)" if result.get("compile") else ""),
