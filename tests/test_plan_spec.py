@@ -242,3 +242,27 @@ def test_megalm_check_prints_transformers_count(name: str, tp: int, capsys) -> N
     assert main(["check", str(CONFIGS / name), *overrides]) == 0
     out = capsys.readouterr().out
     assert f"parameters: {_hf_count(config.model):,} " in out
+
+
+SPEC_CHANGES = {  # each model spec field, and a value that changes the architecture
+    "norm": "layernorm", "mlp": "gelu", "num_kv_heads": 4, "head_dim": 12, "bias": True, "qkv_bias": True,
+    "tie_embeddings": True, "ffn_hidden_size": 256,
+}
+
+
+@pytest.mark.parametrize("field", sorted(SPEC_CHANGES))
+def test_every_spec_field_reaches_the_planner(field: str) -> None:
+    """Changing any architecture field of the spec changes what the planner predicts (parameters, FLOPs or
+    activation bytes); the rope fields change only the rotary frequencies, nothing the planner counts."""
+    from megalm.plan.model import layer_activation_bytes
+
+    base = _llama()
+    changed = dataclasses.replace(base, **{field: SPEC_CHANGES[field]})
+    layout = Layout(2, 1, 1, 1, 1)
+
+    def predicted(model: ModelConfig) -> tuple:
+        return (full_param_count(model), training_flops_per_token(model), layer_activation_bytes(model, layout, 2))
+
+    assert predicted(changed) != predicted(base)
+    rope = dataclasses.replace(base, rope_scaling="llama3", rope_factor=8.0, rope_original_max_positions=16)
+    assert predicted(rope) == predicted(base)
