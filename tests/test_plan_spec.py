@@ -266,3 +266,20 @@ def test_every_spec_field_reaches_the_planner(field: str) -> None:
     assert predicted(changed) != predicted(base)
     rope = dataclasses.replace(base, rope_scaling="llama3", rope_factor=8.0, rope_original_max_positions=16)
     assert predicted(rope) == predicted(base)
+
+
+@pytest.mark.parametrize("name", ["llama-3-8b.yaml", "llama-3-70b.yaml"])
+def test_megalm_check_at_the_shipped_layout_counts_the_padded_vocabulary(name: str, capsys) -> None:
+    """At the config's own tp (8 for 70B) megalm pads the vocabulary: check prints the padded count, which
+    `megalm plan`'s model line gives beside transformers' count."""
+    from megalm.cli import main
+    from megalm.plan.report import model_line
+
+    config = load_config(CONFIGS / name)
+    tp = config.parallel.tp
+    assert main(["check", str(CONFIGS / name)]) == 0
+    padded = full_param_count(config.model, padded_tp=tp)
+    assert f"parameters: {padded:,} " in capsys.readouterr().out
+    line = model_line(config.model, tp)
+    assert f"{full_param_count(config.model):,} parameters" in line
+    assert (f"{padded:,} with the vocabulary padded" in line) == (padded != full_param_count(config.model))
