@@ -10,7 +10,6 @@ or Qwen2ForCausalLM when only q, k and v have biases.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, Optional
 
