@@ -29,7 +29,7 @@ from megalm.metrics import (
     peak_reserved_bytes, reset_peak_memory, throughput,
 )
 from megalm.model.attention import describe_attention
-from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters, param_dtype
+from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters, describe_architecture, param_dtype
 from megalm.optim import LossScaler, clip_grads_, found_inf, grad_norm, lr_at, set_lr
 from megalm.parallel.data import GradientSync
 from megalm.parallel.tensor import tp_shard
@@ -509,6 +509,7 @@ def dry_run_report(config: Config, topology) -> str:
         f"{config.model.num_heads} heads, seq {config.model.seq_length}, vocab {config.model.vocab_size} "
         f"(padded to {config.model.padded_vocab_size(topology.tp)})"
     )
+    lines.append(f"architecture: {describe_architecture(config.model)}")
     lines.append(f"parameters: {total:,} ({total / 1e9:.2f} B)")
     lines.append(
         f"batch: global {config.train.global_batch_size} = micro {config.train.micro_batch_size} x dp "
