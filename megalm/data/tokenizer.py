@@ -11,6 +11,9 @@ trained so that ``decode(encode(text)) == text`` for any Unicode text:
 
 SentencePiece writes a space as the meta symbol U+2581 and decodes that symbol back to a space. A literal
 U+2581 in the input would therefore come back as a space; ``encode`` sends it as its three byte pieces.
+
+``open_tokenizer(path)`` is what every command uses for ``data.tokenizer``: a .model file gives this class,
+a Hugging Face tokenizer directory (tokenizer.json) gives megalm.data.hf_tokenizer.HFTokenizer.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ SEP_ID = 3
 SEP_PIECE = "<sep>"
 
 PathLike = Union[str, Path]
+AnyTokenizer = Any  # a Tokenizer or a megalm.data.hf_tokenizer.HFTokenizer (open_tokenizer gives either)
 MODEL_TYPES = ("bpe", "unigram")
 MAX_SENTENCE_BYTES = 16384  # longer lines are cut into chunks below this (sentencepiece drops longer ones)
 _META = "\u2581"  # sentencepiece's whitespace symbol
@@ -419,7 +423,7 @@ class Tokenizer:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, hash={self.hash[:12]})"
 
 
-def open_tokenizer(path: PathLike) -> Any:
+def open_tokenizer(path: PathLike) -> AnyTokenizer:
     """The tokenizer at `path`, what `data.tokenizer` names: a sentencepiece .model (or its prefix) gives a
     `Tokenizer`; a directory holding tokenizer.json, or a .json file, gives a Hugging Face `HFTokenizer`
     (megalm.data.hf_tokenizer). Both have encode, encode_batch, decode, vocab_size, hash, eos_id, stop_ids,
