@@ -317,7 +317,7 @@ def _check_inputs(inputs: Sequence[Path], output_prefix: Path, tokenizer_path: P
         raise PreprocessError(f"input(s) are not regular files: {', '.join(not_files)}; pass the files inside")
     if not (tokenizer_path.is_file() or tokenizer_path.is_dir() or Path(f"{tokenizer_path}.model").is_file()):
         raise PreprocessError(
-            f"tokenizer {tokenizer_path} not found; train one with `megalm tokenizer train` or pass --tokenizer "
+            f"tokenizer model {tokenizer_path} not found; train one with `megalm tokenizer train` or pass --tokenizer "
             f"(a sentencepiece .model or a Hugging Face tokenizer directory)"
         )
     if output_prefix.is_dir() or str(output_prefix).endswith(("/", "\\")) or not output_prefix.name:
