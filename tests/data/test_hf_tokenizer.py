@@ -231,3 +231,37 @@ def test_train_samples_and_generate_with_a_hf_tokenizer(dirs: dict[str, Path], t
     assert main(["data", "inspect", str(tmp_path / "docs"), "--tokenizer", str(dirs["llama3"])]) == 0
     report = capsys.readouterr().out
     assert "warning" not in report and any(doc.split()[-1] in report for doc in DOCUMENTS), report
+
+
+VARIANTS = {  # name: (base family, tokenizer_config.json changes (None: delete the key), tokenizer.json changes)
+    "split_special_tokens": ("qwen2", {"split_special_tokens": True}, {}),
+    "add_bos_token_without_post_processor": ("qwen2", {"add_bos_token": True, "bos_token": "<|endoftext|>"},
+                                             {"post_processor": None}),
+    "llama_without_prefix_space": ("llama2", {"add_prefix_space": False}, {}),
+    "gpt2_class_defaults": ("llama3", {"tokenizer_class": "GPT2Tokenizer", "bos_token": None, "eos_token": None}, {}),
+    "no_tokenizer_class": ("llama3", {"tokenizer_class": None}, {}),
+    "qwen2_class_defaults": ("qwen2", {"eos_token": None, "pad_token": None, "unk_token": None}, {}),
+    "llama_class_defaults": ("llama2", {"bos_token": None, "eos_token": None, "unk_token": None,
+                                        "added_tokens_decoder": None}, {}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_config_variants_follow_autotokenizer(variant: str, dirs: dict[str, Path], tmp_path: Path) -> None:
+    family, config_changes, json_changes = VARIANTS[variant]
+    path = tmp_path / variant
+    shutil.copytree(dirs[family], path)
+    (path / "special_tokens_map.json").unlink(missing_ok=True)
+    for name, changes in (("tokenizer_config.json", config_changes), ("tokenizer.json", json_changes)):
+        data = json.loads((path / name).read_text(encoding="utf-8"))
+        data.update(changes)
+        if name == "tokenizer_config.json":
+            data = {key: value for key, value in data.items() if key not in changes or value is not None}
+        (path / name).write_text(json.dumps(data), encoding="utf-8")
+    reference, tokenizer = auto(path), open_tokenizer(path)
+    for text in TEXTS:
+        ids = reference(text)["input_ids"]
+        assert tokenizer.encode(text) == ids, text
+        assert tokenizer.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab_size) == (
+        reference.bos_token_id, reference.eos_token_id, len(reference))
