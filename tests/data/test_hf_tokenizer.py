@@ -265,3 +265,26 @@ def test_config_variants_follow_autotokenizer(variant: str, dirs: dict[str, Path
         assert tokenizer.decode(ids) == reference.decode(ids, skip_special_tokens=True)
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab_size) == (
         reference.bos_token_id, reference.eos_token_id, len(reference))
+
+
+def test_generation_stops_at_any_of_the_stop_ids() -> None:
+    """Sampling.stop_id as a tuple (a tokenizer's stop_ids, e.g. Llama 3 instruct's three eos): a row ends at
+    the first of them it draws; an int stops as before."""
+    from megalm.config import ModelConfig
+    from megalm.distributed import ParallelGroups
+    from megalm.generate import generate
+    from megalm.model.gpt import build_model
+
+    single = ParallelGroups.single()
+    model = build_model(ModelConfig(num_layers=2, hidden_size=32, num_heads=4, vocab_size=100, seq_length=24,
+                                    init_std=0.3), single, seed=3)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23]]
+    free = generate(model, single, prompts, Sampling(10))
+    stops = (free[0][3], free[1][2])
+    stopped = generate(model, single, prompts, Sampling(10, stop_id=stops))
+    for row, ids in zip(free, stopped):
+        cut = min([row.index(s) for s in stops if s in row], default=len(row))
+        assert ids == row[:cut]
+    assert stopped[0] != free[0] and stopped[1] != free[1]
+    assert generate(model, single, prompts, Sampling(10, stop_id=stops[0])) == [
+        row[:row.index(stops[0])] if stops[0] in row else row for row in free]
