@@ -21,8 +21,8 @@ eos token, or the first eos id of generation_config.json / config.json when it n
 `sep_id` fall back to `eos_id` when the tokenizer has no pad or sep token. `decode` drops special
 tokens (`skip_special_tokens=True`), as megalm's sentencepiece decode drops pad, eos and <sep>.
 
-`hash` is the sha256 of tokenizer.json's bytes and of the resolved settings above (class, BOS/EOS rule,
-special ids), so copies of the files give the same hash and a change that alters the ids does not.
+`hash` is the sha256 of tokenizer.json's bytes and of the resolved settings above (class, pre-tokenizer
+scheme, special ids): copies of the files give the same hash; a change to what decides the ids, another.
 """
 
 from __future__ import annotations
