@@ -19,7 +19,7 @@ from megalm.data.dataset import trained_on_pairs
 from megalm.data.pipeline import DataSources, build_sampler, build_sources
 from megalm.data.sampler import BatchSampler
 from megalm.data.stats import describe_data
-from megalm.data.tokenizer import Tokenizer
+from megalm.data.tokenizer import AnyTokenizer
 from megalm.distributed import ParallelGroups, all_reduce_, wait_for
 from megalm.faults import maybe_inject
 from megalm.generate import Sampling, encode_prompt, generate
@@ -69,7 +69,7 @@ class Trainer:
         data: BatchSampler,
         metrics: MetricsWriter,
         valid: Optional[BatchSampler] = None,
-        tokenizer: Optional[Tokenizer] = None,
+        tokenizer: Optional[AnyTokenizer] = None,
         sync: Optional[GradientSync] = None,
         runner=None,
     ) -> None:
@@ -390,7 +390,7 @@ class Trainer:
         self.wait_for_parameters()  # ZeRO-1: the last step's all-gathers
         pairs = trained_on_pairs(self.config)
         sampling = Sampling(self.config.log.sample_tokens, temperature=0.7, top_k=20, seed=self.config.train.seed,
-                            stop_id=self.tokenizer.eos_id)
+                            stop_id=tuple(self.tokenizer.stop_ids))
         encoded = [encode_prompt(self.tokenizer, prompt, pairs) for prompt in prompts]
         texts = [self.tokenizer.decode(ids) for ids in generate(self.chunks, self.groups, encoded, sampling)]
         for prompt, text in zip(prompts, texts):
