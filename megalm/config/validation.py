@@ -25,7 +25,8 @@ def _check_tensor_sizes(model: ModelConfig, tp: int) -> None:
     shapes = {
         "the word embedding (padded model.vocab_size x model.hidden_size)": (model.padded_vocab_size(tp), hidden),
         "the position table (model.max_position_embeddings x model.hidden_size)": (model.max_positions(), hidden),
-        "the attention QKV weight (3 x model.hidden_size x model.hidden_size)": (3 * hidden, hidden),
+        "the attention QKV weight ((num_heads + 2 x num_kv_heads) x head_dim x model.hidden_size)":
+            ((model.num_heads + 2 * model.kv_heads()) * (model.head_dim or hidden // model.num_heads), hidden),
         "the MLP weight (model.ffn_hidden_size x model.hidden_size)": (model.ffn_size(), hidden),
     }
     for name, (rows, cols) in shapes.items():

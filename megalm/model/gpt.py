@@ -259,6 +259,10 @@ def build_model(
 def build_model_chunks(config: Config, groups: ParallelGroups, materialize: bool = True) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), sharing one ParallelRNG."""
     parallel = config.parallel
+    if config.model.grouped_attention() and groups.tp_size > config.model.kv_heads():
+        # Creating process groups is collective: every rank makes the key/value replica groups here, also
+        # a rank whose pipeline stage holds no layer (parallel.pipeline_layers may give a stage none).
+        groups.tp_replica_group(groups.tp_size // config.model.kv_heads())
     rng = ParallelRNG(config.train.seed, groups)
     specs = stage_specs(config.model.num_layers, groups, parallel.virtual_stages, parallel.pipeline_layers)
     dtype = param_dtype(config)

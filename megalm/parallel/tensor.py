@@ -186,7 +186,7 @@ class _SequenceParallelLinear(torch.autograd.Function):
         shard, *weights = ctx.saved_tensors
         need_input = ctx.needs_input_grad[0]
         need_weights, need_biases = ctx.needs_input_grad[2::2], ctx.needs_input_grad[3::2]
-        used = [i for i, grad in enumerate(grads) if grad is not None]
+        used = [i for i, grad in enumerate(grads) if grad is not None]  # autograd hands zeros for an unused output
         full, gathering = _all_gather_dim0(shard, ctx.group, async_op=True) if any(need_weights) else (None, None)
         grads_2d = {i: grads[i].contiguous().view(-1, grads[i].shape[-1]) for i in used}  # [s b, out_i/tp]
         grad_input = scattering = None
