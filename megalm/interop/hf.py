@@ -200,7 +200,7 @@ def import_llama(directory: str | Path, out: str | Path, family: Optional[str] =
         "consumed_samples": 0, "optimizer_steps": 0,
         "optimizer_scalars": {"class": "torch.optim.adamw.AdamW", "param": {}, "group": {}},
         "loss_scaler": None, "tokenizer_hash": None, "imported_from": str(directory.resolve()),
-        "hf_model_type": hf["model_type"],
+        "hf_model_type": hf["model_type"], "hf_tokens": {key: hf.get(key) for key in TOKEN_KEYS},
     }
     payload = {"rank": 0, "layout": layout, "pieces": pieces, "rng": _rng_state(config, groups)}
     store = CheckpointStore(out / "checkpoints", rank=0, writer=StreamedRankFile(producers))
@@ -247,14 +247,30 @@ def _tokenizer_directory(config: Config, given: Optional[str]) -> Optional[Path]
     return path if path.is_dir() and (path / "tokenizer.json").is_file() else None
 
 
+def _import_record(config: Config, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The metadata of the import a checkpoint descends from: its own, else that of its train.init_from
+    chain (a fine-tune of an import), else {}."""
+    for _ in range(16):
+        if metadata.get("hf_model_type"):
+            return metadata
+        source = config.train.init_from
+        if source is None or not Path(source).exists():
+            return {}
+        try:
+            path = find_checkpoint(source)
+            metadata = json.loads((path / "metadata.json").read_text())
+            config = config_from_dict(metadata["config"], source=str(path))
+        except Exception:  # noqa: BLE001 - a source that moved or changed: no record, the defaults apply
+            return {}
+    return {}
+
+
 def _recorded_family(config: Config, metadata: dict[str, Any]) -> Optional[str]:
-    """The family a checkpoint was imported from: its own metadata, else megalm_hf.json beside its tokenizer."""
-    if metadata.get("hf_model_type"):
-        return metadata["hf_model_type"]
+    """The family a checkpoint was imported from: megalm_hf.json beside its tokenizer, else its import's metadata."""
     directory = _tokenizer_directory(config, None)
     if directory is not None and (directory / HF_INFO).is_file():
         return json.loads((directory / HF_INFO).read_text()).get("model_type")
-    return None
+    return _import_record(config, metadata).get("hf_model_type")
 
 
 def _shards(names: list[tuple[str, tuple[int, ...]]], element_size: int, limit: int) -> list[list[str]]:
@@ -286,10 +302,11 @@ def _write_tokenizer(config: Config, metadata: dict[str, Any], given: Optional[s
     from megalm.interop.gpt2 import _checkpoint_tokenizer
     from megalm.interop.hf_tokenizer import write_hf_tokenizer
 
-    tokenizer = _checkpoint_tokenizer(metadata, given, path)
+    candidate = given or config.data.tokenizer
+    tokenizer = _checkpoint_tokenizer(metadata, given, path) if candidate and Path(candidate).is_file() else None
     if tokenizer is None:
-        log("no tokenizer: the checkpoint was trained without one; the directory holds the model alone")
-        return [], {}
+        log("no tokenizer: the checkpoint has none; the directory holds the model alone")
+        return [], dict(_import_record(config, metadata).get("hf_tokens") or {})
     return (write_hf_tokenizer(tokenizer, out, config.model.max_positions()),
             {"bos_token_id": None, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id})
 
