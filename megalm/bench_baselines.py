@@ -18,7 +18,8 @@ from torch import nn
 from megalm.config import Config, ModelConfig
 from megalm.data.batch import Batch
 from megalm.model.gpt import prefix_attention_mask
-from megalm.model.layers import apply_rotary, rotary_cos_sin
+from megalm.model.layers import apply_rotary
+from megalm.model.rope import rotary_cos_sin
 
 IGNORE_INDEX = -100
 

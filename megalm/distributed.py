@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -52,6 +52,20 @@ class ParallelGroups:
     tp_ranks: tuple[int, ...] = (0,)
     dp_ranks: tuple[int, ...] = (0,)
     pp_ranks: tuple[int, ...] = (0,)
+    group_timeout: Optional[datetime.timedelta] = None  # the training groups' timeout (new groups get it too)
+    # tp_replica_group's groups, created on first use: {replicas: this rank's group}
+    _replica_groups: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def tp_replica_group(self, replicas: int) -> ProcessGroup:
+        """The group of the `replicas` consecutive tp ranks holding this rank's copy of a key/value head
+        (None without torch.distributed or tensor parallelism). Every rank creates all of them, the first
+        time a model asks (building a model is collective), in the Topology's order."""
+        if self.tp_group is None or not dist.is_initialized() or replicas <= 1:
+            return None
+        if replicas not in self._replica_groups:
+            groups = self.topology.tp_replica_groups(replicas)
+            self._replica_groups[replicas] = _new_groups(groups, self.rank, self.group_timeout)[0]
+        return self._replica_groups[replicas]
 
     @property
     def coords(self) -> RankCoords:
@@ -291,6 +305,7 @@ def build_parallel_groups(
         tp_ranks=tp_ranks,
         dp_ranks=dp_ranks,
         pp_ranks=pp_ranks,
+        group_timeout=timeout,
     )
 
 

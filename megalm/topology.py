@@ -95,6 +95,13 @@ class Topology:
             [self.rank(p, d, t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)
         ]
 
+    def tp_replica_groups(self, replicas: int) -> list[list[int]]:
+        """Blocks of `replicas` consecutive ranks inside every tensor-parallel group: the ranks that hold copies
+        of one key/value head when there are fewer key/value heads than tp ranks."""
+        if replicas < 1 or self.tp % replicas != 0:
+            raise TopologyError(f"{replicas} replicas do not divide tp={self.tp}")
+        return [group[start : start + replicas] for group in self.tp_groups() for start in range(0, self.tp, replicas)]
+
     def dp_groups(self) -> list[list[int]]:
         """Every data-parallel group (ranks holding the same shard of the same stage)."""
         return [

@@ -32,6 +32,7 @@ from megalm.model.attention import describe_attention
 from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters, param_dtype
 from megalm.optim import LossScaler, clip_grads_, found_inf, grad_norm, lr_at, set_lr
 from megalm.parallel.data import GradientSync
+from megalm.parallel.tensor import tp_shard
 from megalm.parallel.optimizer import MixedPrecisionOptimizer, build_optimizer_wrapper, bytes_per_parameter
 from megalm.parallel.pipeline import PipelineExecutor, activation_shape
 from megalm.parallel.schedules import analytic_bubble, build_schedule, simulate
@@ -501,7 +502,7 @@ def dry_run_report(config: Config, topology) -> str:
         for param in (p for chunk in chunks for p in chunk.parameters()):
             if getattr(param, "embedding_copy", False):
                 continue
-            total += param.numel() * (topology.tp if getattr(param, "tp_split_dim", None) is not None else 1)
+            total += param.numel() * (tp_shard(param, 0, topology.tp)[1] if getattr(param, "tp_split_dim", None) is not None else 1)
     accum = grad_accum_steps(config, topology.dp)
     lines.append(
         f"model: {config.model.family}, {config.model.num_layers} layers, hidden {config.model.hidden_size}, "

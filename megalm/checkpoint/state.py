@@ -40,6 +40,7 @@ from torch import nn
 from megalm.checkpoint.store import CheckpointError
 from megalm.config import ModelConfig
 from megalm.model.init import shard_geometry
+from megalm.parallel.tensor import tp_shard
 from megalm.parallel.data import counted_once
 from megalm.parallel.optimizer import MixedPrecisionOptimizer
 
@@ -136,9 +137,10 @@ def _piece(name: str, param: nn.Parameter, kind: str, tensor: torch.Tensor, lo: 
            host: HostCopies) -> dict:
     """A piece of (name, kind): `tensor` holds the flat range [lo, hi) of the parameter's tp shard."""
     full_shape, _ = shard_geometry(param, groups.tp_rank, groups.tp_size)
+    shard, shards = tp_shard(param, groups.tp_rank, groups.tp_size)  # tp ranks, or key/value heads held by several
     return {
         "name": name, "kind": kind, "full_shape": list(full_shape), "split_dim": getattr(param, "tp_split_dim", None),
-        "tp_rank": groups.tp_rank, "tp_size": groups.tp_size, "lo": lo, "hi": hi,
+        "tp_rank": shard, "tp_size": shards, "lo": lo, "hi": hi,
         "tensor": host.copy((name, kind, str(lo)), tensor),
     }
 

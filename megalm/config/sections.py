@@ -68,6 +68,7 @@ class ModelConfig(_Section):
             "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size", "vocab_size",
             "seq_length", "max_position_embeddings", "rotary_base", "norm_eps", "init_std",
             "make_vocab_size_divisible_by", "rope_factor", "rope_original_max_positions", "rope_attention_factor",
+            "rope_beta_fast", "rope_beta_slow",
         )
         for name in ("hidden_dropout", "attention_dropout"):
             self._require(0.0 <= getattr(self, name) < 1.0, name, "in [0, 1)")

@@ -40,13 +40,26 @@ def _check_tensor_sizes(model: ModelConfig, tp: int) -> None:
 def _check_model(config: Config) -> None:
     model, parallel = config.model, config.parallel
     tp, pp = parallel.tp, parallel.pp
-    if model.hidden_size % model.num_heads != 0:
+    if model.head_dim is None and model.hidden_size % model.num_heads != 0:
         raise ConfigError(_heads_message(model))
     _check_tensor_sizes(model, tp)
     if model.num_heads % tp != 0:
         raise ConfigError(
             f"model.num_heads={model.num_heads} is not divisible by parallel.tp={tp}: each "
             f"tensor-parallel rank needs whole heads; use a tp dividing {model.num_heads}"
+        )
+    kv_heads = model.kv_heads()
+    if model.grouped_attention() and kv_heads % tp != 0 and tp % kv_heads != 0:
+        raise ConfigError(
+            f"model.num_kv_heads={kv_heads} and parallel.tp={tp}: tensor-parallel ranks must split the key/value "
+            f"heads evenly (tp dividing num_kv_heads) or hold copies of them (num_kv_heads dividing tp); "
+            f"use a tp that divides or is a multiple of {kv_heads}"
+        )
+    if model.grouped_attention() and tp > kv_heads and config.train.engine == "deepspeed":
+        raise ConfigError(
+            f"parallel.tp={tp} > model.num_kv_heads={kv_heads} replicates key/value heads over tp ranks, which "
+            f"DeepSpeed's gradient norm does not know (it would count each copy): use train.engine=megalm, "
+            f"or tp <= {kv_heads}"
         )
     if model.ffn_size() % tp != 0:
         raise ConfigError(
@@ -75,8 +88,8 @@ def _check_model(config: Config) -> None:
         )
     if model.position_embedding == "rotary" and model.head_size() % 2 != 0:
         raise ConfigError(
-            f"rotary embeddings need an even head dimension, got hidden_size / num_heads = "
-            f"{model.hidden_size} / {model.num_heads} = {model.head_size()}: change num_heads"
+            f"rotary embeddings need an even head dimension, got {model.head_size()} (model.head_dim, or "
+            f"hidden_size / num_heads = {model.hidden_size} / {model.num_heads}): change head_dim or num_heads"
         )
     if parallel.sequence_parallel and model.seq_length % tp != 0:
         raise ConfigError(

@@ -122,10 +122,11 @@ def _flex_kernel(device_type: str) -> Callable[..., Tensor]:
     return _compiled_flex_attention
 
 
-def flex_prefix_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v over the block mask's visible pairs: [b, nh, s, d], no dropout."""
+def flex_prefix_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, grouped: bool = False) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over the block mask's visible pairs: [b, nh, s, d], no dropout.
+    grouped: k and v have fewer heads than q (each serves a group of query heads)."""
     try:
-        return _flex_kernel(q.device.type)(q, k, v, block_mask=block_mask)
+        return _flex_kernel(q.device.type)(q, k, v, block_mask=block_mask, enable_gqa=grouped)
     except NotImplementedError as error:  # torch has no FlexAttention backward on this device
         if q.device.type == "cuda":
             raise

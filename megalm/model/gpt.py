@@ -31,7 +31,8 @@ from megalm.config import Config, ModelConfig
 from megalm.distributed import ParallelGroups
 from megalm.model.attention import prefix_attention_kernel, prefix_attention_mask, prefix_block_mask
 from megalm.model.init import initialize_parameters_
-from megalm.model.layers import Embedding, TransformerLayer, layer_norm, rotary_cos_sin
+from megalm.model.layers import Embedding, TransformerLayer, make_norm
+from megalm.model.rope import rotary_tables
 from megalm.parallel.random import ParallelRNG, recompute
 from megalm.parallel.schedules import partition_layers
 from megalm.parallel.tensor import mark_parameter, parallel_logits, vocab_parallel_cross_entropy
@@ -71,6 +72,16 @@ def stage_specs(
     return [StageSpec(ranges[stage], stage == 0, stage == total - 1) for stage in stages]
 
 
+class OutputLayer(nn.Module):
+    """The untied output layer (model.tie_embeddings false): [padded vocab / tp, h] on the last stage,
+    split over tp by vocabulary rows like the embedding (the logits stay vocab-parallel)."""
+
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups) -> None:
+        super().__init__()
+        local_vocab = cfg.padded_vocab_size(groups.tp_size) // groups.tp_size
+        self.weight = mark_parameter(nn.Parameter(torch.empty(local_vocab, cfg.hidden_size)), 0)
+
+
 class GPTModel(nn.Module):
     """One pipeline stage (model chunk) of a tensor-parallel GPT (LM or PrefixLM)."""
 
@@ -108,13 +119,12 @@ class GPTModel(nn.Module):
             str(i): TransformerLayer(cfg, groups, rng, self.sequence_parallel, recompute_core=recompute == "selective")
             for i in self.layer_ids
         })
-        self.final_norm = (
-            layer_norm(cfg.hidden_size, cfg.norm_eps, self.sequence_parallel, groups.device.type)
-            if self.is_last
-            else None
-        )
+        self.final_norm = make_norm(cfg, self.sequence_parallel, groups.device.type) if self.is_last else None
         self.output_weight: Optional[nn.Parameter] = None
-        if self.is_last and not self.is_first:
+        self.output: Optional[OutputLayer] = None
+        if self.is_last and not cfg.tie_embeddings:  # an output layer of its own, vocab-parallel like the embedding
+            self.output = OutputLayer(cfg, groups)
+        elif self.is_last and not self.is_first:
             # The last stage's copy of the tied embedding: same name-derived init, kept in sync by
             # all-reducing its gradient with the first stage's over the embedding group.
             local_vocab = cfg.padded_vocab_size(groups.tp_size) // groups.tp_size
@@ -131,10 +141,12 @@ class GPTModel(nn.Module):
         """Rotary cos, sin [seq_len, 1, 1, d], computed once per (length, device), not every forward."""
         key = (seq_len, device)
         if key not in self._rotary:
-            self._rotary[key] = rotary_cos_sin(seq_len, self.cfg.head_size(), self.cfg.rotary_base, device)
+            self._rotary[key] = rotary_tables(self.cfg, seq_len, device)
         return self._rotary[key]
 
     def _output_weight(self) -> torch.Tensor:
+        if self.output is not None:
+            return self.output.weight
         return self.embedding.word.weight if self.output_weight is None else self.output_weight
 
     def forward(

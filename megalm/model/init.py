@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from megalm.parallel.tensor import tp_shard
+
 TILE_2D = (512, 512)
 BLOCK_1D = 1 << 16
 
@@ -71,7 +73,7 @@ def init_kind(name: str) -> str:
         return "ones" if leaf == "weight" else "zeros"
     if leaf == "bias":
         return "zeros"
-    if owner in ("proj", "fc2"):
+    if owner in ("proj", "fc2", "down"):  # the residual branch's output projections
         return "scaled_normal"
     return "normal"
 
@@ -82,8 +84,9 @@ def shard_geometry(param: nn.Parameter, tp_rank: int, tp_size: int) -> tuple[tup
     full = list(param.shape)
     offsets = [0] * param.dim()
     if split_dim is not None:
-        full[split_dim] *= tp_size
-        offsets[split_dim] = tp_rank * param.shape[split_dim]
+        shard, shards = tp_shard(param, tp_rank, tp_size)
+        full[split_dim] *= shards
+        offsets[split_dim] = shard * param.shape[split_dim]
     return tuple(full), tuple(offsets)
 
 

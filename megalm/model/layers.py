@@ -37,6 +37,7 @@ from megalm.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    column_parallel_linears,
     mark_parameter,
 )
 
@@ -60,6 +61,33 @@ def layer_norm(
     return norm
 
 
+def make_norm(cfg: ModelConfig, sequence_parallel: bool, device_type: Optional[str] = None) -> nn.Module:
+    """The model's norm (model.norm): LayerNorm (weight and bias) or RMSNorm (weight), replicated over tp."""
+    if cfg.norm == "rmsnorm":
+        norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        for param in norm.parameters():
+            mark_parameter(param, None, sequence_parallel)
+        return norm
+    return layer_norm(cfg.hidden_size, cfg.norm_eps, sequence_parallel, device_type)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, the statistics and the scaling in fp32 (fp64 for an fp64 model).
+
+    As transformers' Llama computes it: the normalised x is cast back to the input's dtype before the
+    weight multiplies it, so a bf16 model matches transformers' bf16 model."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        work = x.to(torch.promote_types(x.dtype, torch.float32))
+        work = work * torch.rsqrt(work.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * work.to(x.dtype)
+
+
 class LayerNorm(nn.LayerNorm):
     """torch's LayerNorm with fp32 statistics for bf16/fp16 inputs on every device.
 
@@ -77,14 +105,6 @@ class LayerNorm(nn.LayerNorm):
             return super().forward(x)  # fp32 and fp64 (numerical checks) run torch's kernel as is
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x, self.normalized_shape, self.weight.float(), bias, self.eps)
-
-
-def rotary_cos_sin(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [s, 1, 1, d] for rotary position embeddings (rotate-half layout)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)[:, None, None, :]
-    return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -171,7 +191,9 @@ def bias_dropout_add(
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with heads split over tp (fused QKV laid out per head).
+    """Self-attention with heads split over tp: multi-head (one fused QKV weight laid out per head) or
+    grouped-query (query and key/value weights apart; with fewer key/value heads than tp ranks each is
+    replicated on tp / num_kv_heads ranks, megalm.parallel.tensor.ColumnParallelLinear's replicas).
 
     recompute_core: selective recompute, the core (QK^T, softmax, dropout, PV) reruns in backward."""
 
@@ -182,15 +204,43 @@ class Attention(nn.Module):
         super().__init__()
         self.rng = rng
         self.recompute_core = recompute_core
-        self.local_heads = cfg.num_heads // groups.tp_size
+        tp = groups.tp_size
+        self.local_heads = cfg.num_heads // tp
         self.head_dim = cfg.head_size()
         self.dropout = cfg.attention_dropout
-        # Rows of the full QKV weight are ordered (head, q|k|v, head_dim), so a contiguous split
-        # over tp hands each rank whole heads with their q, k and v.
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, groups, sequence_parallel=sequence_parallel)
+        kv_heads, width = cfg.kv_heads(), cfg.num_heads * self.head_dim
+        self.grouped = cfg.grouped_attention()
+        if self.grouped:
+            self.local_kv_heads = max(1, kv_heads // tp)
+            # query rows (head, d); key/value rows (kv head, k|v, d): a contiguous split over tp hands each
+            # rank whole heads, and the key/value heads of its query heads
+            self.query = ColumnParallelLinear(cfg.hidden_size, width, groups, bias=cfg.has_qkv_bias(),
+                                              sequence_parallel=sequence_parallel)
+            self.key_value = ColumnParallelLinear(
+                cfg.hidden_size, 2 * kv_heads * self.head_dim, groups, bias=cfg.has_qkv_bias(),
+                sequence_parallel=sequence_parallel, replicas=max(1, tp // kv_heads),
+            )
+        else:
+            self.local_kv_heads = self.local_heads
+            # Rows of the full QKV weight are ordered (head, q|k|v, head_dim), so a contiguous split
+            # over tp hands each rank whole heads with their q, k and v.
+            self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * width, groups, bias=cfg.has_qkv_bias(),
+                                            sequence_parallel=sequence_parallel)
         self.proj = RowParallelLinear(
-            cfg.hidden_size, cfg.hidden_size, groups, sequence_parallel=sequence_parallel, skip_bias_add=True
+            width, cfg.hidden_size, groups, bias=cfg.bias, sequence_parallel=sequence_parallel, skip_bias_add=True
         )
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [s, b, heads/tp, d] and k, v [s, b, kv heads on this rank, d] of x."""
+        if not self.grouped:
+            qkv = self.qkv(x)  # [s, b, 3 * local_heads * d]
+            seq_len, batch = qkv.shape[:2]
+            q, k, v = qkv.view(seq_len, batch, self.local_heads, 3, self.head_dim).unbind(dim=3)
+            return q, k, v
+        q, kv = column_parallel_linears(x, [self.query, self.key_value])  # [s, b, heads/tp * d], [s, b, 2 kv d]
+        seq_len, batch = q.shape[:2]
+        k, v = kv.view(seq_len, batch, self.local_kv_heads, 2, self.head_dim).unbind(dim=3)
+        return q.view(seq_len, batch, self.local_heads, self.head_dim), k, v
 
     def forward(
         self,
@@ -203,9 +253,8 @@ class Attention(nn.Module):
 
         kv_cache (generation, megalm.generate.LayerCache): keys and values of earlier positions,
         to which this call's are appended; attention then spans all of them (attn_mask covers them)."""
-        qkv = self.qkv(x)  # [s, b, 3 * local_heads * d]
-        seq_len, batch = qkv.shape[:2]
-        q, k, v = qkv.view(seq_len, batch, self.local_heads, 3, self.head_dim).unbind(dim=3)  # [s, b, nh, d]
+        q, k, v = self._project(x)  # [s, b, nh, d], [s, b, nkv, d]
+        seq_len, batch = q.shape[:2]
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, nh, s, d]
@@ -234,13 +283,14 @@ class Attention(nn.Module):
 
         None: causal (SDPA is_causal); a bool tensor: SDPA with that mask; a BlockMask: FlexAttention
         (PrefixLM, no dropout: ModelConfig allows flex only with attention_dropout 0)."""
+        grouped = k.shape[1] != q.shape[1]  # each key/value head serves heads / kv_heads query heads
         if isinstance(attn_mask, BlockMask):
-            return flex_prefix_attention(q, k, v, attn_mask)
+            return flex_prefix_attention(q, k, v, attn_mask, grouped)
         dropout = self.dropout if self.training else 0.0
         # Local heads are split activations: their dropout masks must differ across tp ranks.
         with self.rng.tp_distinct() if dropout > 0 else contextlib.nullcontext():
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=attn_mask is None
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=attn_mask is None, enable_gqa=grouped
             )
 
 
@@ -252,9 +302,11 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, sequence_parallel: bool) -> None:
         super().__init__()
-        self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size(), groups, sequence_parallel=sequence_parallel)
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size(), groups, bias=cfg.bias,
+                                        sequence_parallel=sequence_parallel)
         self.fc2 = RowParallelLinear(
-            cfg.ffn_size(), cfg.hidden_size, groups, sequence_parallel=sequence_parallel, skip_bias_add=True
+            cfg.ffn_size(), cfg.hidden_size, groups, bias=cfg.bias, sequence_parallel=sequence_parallel,
+            skip_bias_add=True,
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -263,8 +315,29 @@ class MLP(nn.Module):
         return self.fc2(hidden)
 
 
+class SwiGLU(nn.Module):
+    """h -> down(silu(gate(x)) * up(x)) -> h: gate and up column-parallel (two weights, so each rank holds
+    its own halves of both and any tp reshards them as plain row splits), down row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, sequence_parallel: bool) -> None:
+        super().__init__()
+        ffn = cfg.ffn_size()
+        self.gate = ColumnParallelLinear(cfg.hidden_size, ffn, groups, bias=cfg.bias, sequence_parallel=sequence_parallel)
+        self.up = ColumnParallelLinear(cfg.hidden_size, ffn, groups, bias=cfg.bias, sequence_parallel=sequence_parallel)
+        self.down = RowParallelLinear(ffn, cfg.hidden_size, groups, bias=cfg.bias, sequence_parallel=sequence_parallel,
+                                      skip_bias_add=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(output without its bias, down's bias): see bias_dropout_add."""
+        gate, up = column_parallel_linears(x, [self.gate, self.up])  # [s, b, ffn/tp] each
+        return self.down(F.silu(gate) * up)
+
+
+MLP_CLASSES = {"gelu": MLP, "swiglu": SwiGLU}
+
+
 class TransformerLayer(nn.Module):
-    """Pre-LayerNorm block: x + drop(attn(ln1(x))), then x + drop(mlp(ln2(x)))."""
+    """Pre-norm block: x + drop(attn(ln1(x))), then x + drop(mlp(ln2(x))) (LayerNorm or RMSNorm, GeLU or SwiGLU)."""
 
     def __init__(
         self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool,
@@ -274,10 +347,10 @@ class TransformerLayer(nn.Module):
         self.rng = rng
         self.sequence_parallel = sequence_parallel
         self.dropout = cfg.hidden_dropout
-        self.ln1 = layer_norm(cfg.hidden_size, cfg.norm_eps, sequence_parallel, groups.device.type)
+        self.ln1 = make_norm(cfg, sequence_parallel, groups.device.type)
         self.attn = Attention(cfg, groups, rng, sequence_parallel, recompute_core)
-        self.ln2 = layer_norm(cfg.hidden_size, cfg.norm_eps, sequence_parallel, groups.device.type)
-        self.mlp = MLP(cfg, groups, sequence_parallel)
+        self.ln2 = make_norm(cfg, sequence_parallel, groups.device.type)
+        self.mlp = MLP_CLASSES[cfg.mlp](cfg, groups, sequence_parallel)
 
     def forward(
         self,

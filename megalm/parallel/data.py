@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megalm.distributed import ParallelGroups, ProcessGroup, all_gather_single, reduce_scatter_single, wait_for
+from megalm.parallel.tensor import first_replica
 
 
 @dataclass
@@ -129,7 +130,7 @@ class GradientSync:
             self._register_gather_waits(chunks)
 
     def _is_cross_stage_tie(self, chunks: list[nn.Module], param: nn.Parameter) -> bool:
-        if self.groups.pp_size == 1:
+        if self.groups.pp_size == 1 or not chunks[0].cfg.tie_embeddings:
             return False
         first, last = chunks[0], chunks[-1]
         embedding = first.embedding.word.weight if getattr(first, "embedding", None) is not None else None
@@ -377,7 +378,10 @@ class GradientSync:
 
 def counted_once(param: nn.Parameter, groups: ParallelGroups) -> bool:
     """Count each full parameter once in a global norm: split params on every tp rank, replicated
-    ones on tp rank 0, and the last stage's copy of the tied embedding not at all."""
+    ones on tp rank 0, a replicated key/value shard on the first of its copies, and the last stage's copy
+    of the tied embedding not at all."""
     if getattr(param, "embedding_copy", False):
         return False
-    return getattr(param, "tp_split_dim", None) is not None or groups.tp_rank == 0
+    if getattr(param, "tp_split_dim", None) is not None:
+        return first_replica(param, groups.tp_rank)  # key/value heads held by several tp ranks: once
+    return groups.tp_rank == 0

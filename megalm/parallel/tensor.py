@@ -17,7 +17,9 @@ and GEMM are one function (sequence_parallel_linear) that keeps only the local [
 the weight gradient and all-gathers it again in backward, as Megatron-LM does.
 
 Every parameter carries `tp_split_dim` (None when replicated over tp) and `sequence_parallel`
-(True when its gradient is a partial sum over sequence shards and must be all-reduced over tp).
+(True when its gradient is a partial sum over sequence shards and must be all-reduced over tp); a
+split parameter held by several consecutive tp ranks alike (key/value heads fewer than tp ranks)
+carries `tp_replicas`, the number of its copies (`tp_shard`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ def mark_parameter(param: nn.Parameter, tp_split_dim: Optional[int], sequence_pa
     param.tp_split_dim = tp_split_dim
     param.sequence_parallel = sequence_parallel
     return param
+
+
+def tp_shard(param: nn.Parameter, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """(index of the shard this tp rank holds, number of distinct shards): (tp_rank, tp_size), except for a
+    parameter replicated on `tp_replicas` consecutive ranks (key/value heads fewer than tp ranks)."""
+    replicas = getattr(param, "tp_replicas", 1)
+    return tp_rank // replicas, tp_size // replicas
+
+
+def first_replica(param: nn.Parameter, tp_rank: int) -> bool:
+    """Whether this tp rank holds the first copy of its shard (the one saved and counted in norms)."""
+    return tp_rank % getattr(param, "tp_replicas", 1) == 0
 
 
 # ---- raw collectives (no autograd) ------------------------------------------------------------
@@ -142,53 +156,71 @@ gather_from_tp = _conjugate(_all_gather_last, _split_last)
 
 
 class _SequenceParallelLinear(torch.autograd.Function):
-    """all-gather over s, then x W^T (+ b): the column-parallel linear under sequence parallel.
+    """all-gather over s, then x W_i^T (+ b_i) for each weight: column-parallel linears under sequence parallel.
 
-    Saves only the local [s/tp, b, h] shard (and W), not the gathered [s, b, h] input the weight
-    gradient needs: backward all-gathers the shard again, launched before the input-gradient GEMM so
-    the two overlap, and reduce-scatters the input gradient while the weight-gradient GEMM runs.
+    Saves only the local [s/tp, b, h] shard (and the weights), not the gathered [s, b, h] input the weight
+    gradients need: backward all-gathers the shard again, launched before the input-gradient GEMMs so
+    the two overlap, and reduce-scatters the input gradient while the weight-gradient GEMMs run.
     One more all-gather of the shard per layer input in backward buys (tp - 1) / tp of an [s, b, h]
-    activation per layer input kept (Megatron-LM does the same). The GEMMs are those autograd runs for
-    F.linear (mm, weight gradient computed as grad^T x), so the gradients are the gather + F.linear
-    path's bit for bit. Under autocast (low-precision grad, fp32 weights) the backward GEMMs run in
-    the gradient's dtype, as autocast ran the forward's, and each gradient comes back in its input's dtype.
+    activation per layer input kept (Megatron-LM does the same). Several weights reading one input
+    (query and key/value, SwiGLU's gate and up) share the gathers and the reduce-scatter. The GEMMs are
+    those autograd runs for F.linear (mm, weight gradient computed as grad^T x), so the gradients are the
+    gather + F.linear path's bit for bit. Under autocast (low-precision grad, fp32 weights) the backward
+    GEMMs run in the gradient's dtype, as autocast ran the forward's, and each gradient comes back in its
+    input's dtype.
     """
 
     @staticmethod
-    def forward(ctx, shard, weight, bias, group):
-        # shard: [s/tp, b, h] -> [s, b, out/tp]; the gathered input lives only for this GEMM
-        ctx.group, ctx.bias_dtype = group, None if bias is None else bias.dtype
-        ctx.save_for_backward(shard, weight)
-        return F.linear(_all_gather_dim0(shard, group), weight, bias)
+    def forward(ctx, shard, group, *params):
+        # shard: [s/tp, b, h] -> one [s, b, out_i/tp] per (weight, bias) in params; the gathered input lives
+        # only for these GEMMs
+        weights, biases = params[0::2], params[1::2]
+        ctx.group, ctx.bias_dtypes = group, [None if bias is None else bias.dtype for bias in biases]
+        ctx.save_for_backward(shard, *weights)
+        full = _all_gather_dim0(shard, group)
+        outputs = tuple(F.linear(full, weight, bias) for weight, bias in zip(weights, biases))
+        return outputs if len(outputs) > 1 else outputs[0]
 
     @staticmethod
-    def backward(ctx, grad):
-        shard, weight = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        full, gathering = _all_gather_dim0(shard, ctx.group, async_op=True) if need_weight else (None, None)
-        grad = grad.contiguous()
-        grad_2d = grad.view(-1, grad.shape[-1])  # [s b, out/tp]
+    def backward(ctx, *grads):
+        shard, *weights = ctx.saved_tensors
+        need_input = ctx.needs_input_grad[0]
+        need_weights, need_biases = ctx.needs_input_grad[2::2], ctx.needs_input_grad[3::2]
+        used = [i for i, grad in enumerate(grads) if grad is not None]
+        full, gathering = _all_gather_dim0(shard, ctx.group, async_op=True) if any(need_weights) else (None, None)
+        grads_2d = {i: grads[i].contiguous().view(-1, grads[i].shape[-1]) for i in used}  # [s b, out_i/tp]
         grad_input = scattering = None
-        if need_input:
-            grad_full = grad_2d.mm(weight.to(grad.dtype)).view(grad.shape[:-1] + (weight.shape[1],))  # [s, b, h]
+        if need_input and used:
+            dtype = grads[used[0]].dtype
+            grad_full = None
+            for i in used:
+                part = grads_2d[i].mm(weights[i].to(dtype))
+                grad_full = part if grad_full is None else grad_full + part
+            grad_full = grad_full.view(grads[used[0]].shape[:-1] + (weights[0].shape[1],))  # [s, b, h]
             grad_full = grad_full.to(shard.dtype)  # autocast: summed over tp in the input's dtype, as before
             grad_input, scattering = _reduce_scatter_dim0(grad_full, ctx.group, async_op=True)
-        grad_weight = grad_bias = None
-        if need_weight:
-            if gathering is not None:
-                wait_for(gathering, lambda: "all_gather of a sequence-parallel linear's input shard (backward)")
-            grad_weight = grad_2d.t().mm(full.view(-1, full.shape[-1]).to(grad.dtype)).to(weight.dtype)
-        if need_bias:
-            grad_bias = grad_2d.sum(0).to(ctx.bias_dtype)
+        out: list[Optional[torch.Tensor]] = []
+        for i, weight in enumerate(weights):
+            grad_weight = grad_bias = None
+            if need_weights[i] and i in grads_2d:
+                if gathering is not None:
+                    wait_for(gathering, lambda: "all_gather of a sequence-parallel linear's input shard (backward)")
+                    gathering = None
+                grad_2d = grads_2d[i]
+                grad_weight = grad_2d.t().mm(full.view(-1, full.shape[-1]).to(grad_2d.dtype)).to(weight.dtype)
+            if need_biases[i] and i in grads_2d:
+                grad_bias = grads_2d[i].sum(0).to(ctx.bias_dtypes[i])
+            out += [grad_weight, grad_bias]
+        if gathering is not None:
+            wait_for(gathering, lambda: "all_gather of a sequence-parallel linear's input shard (backward)")
         if scattering is not None:
             wait_for(scattering, lambda: "reduce_scatter of a sequence-parallel linear's input gradient")
-        return grad_input, grad_weight, grad_bias, None
+        return (grad_input, None, *out)
 
 
-def _run_sequence_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                  group: ProcessGroup) -> torch.Tensor:
+def _run_sequence_parallel_linear(x: torch.Tensor, group: ProcessGroup, *params: Optional[torch.Tensor]):
     """Eager even inside a compiled layer (megalm.model.compile.EAGER_ONLY), like _run_conjugate."""
-    return _SequenceParallelLinear.apply(x, weight, bias, group)
+    return _SequenceParallelLinear.apply(x, group, *params)
 
 
 def sequence_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -196,7 +228,20 @@ def sequence_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Option
     """F.linear(all-gather over s of x, weight, bias), keeping only the [s/tp, b, h] shard x for backward."""
     if group is None:
         return F.linear(x, weight, bias)
-    return _run_sequence_parallel_linear(x, weight, bias, group)
+    return _run_sequence_parallel_linear(x, group, weight, bias)
+
+
+def column_parallel_linears(x: torch.Tensor, layers: list["ColumnParallelLinear"]) -> list[torch.Tensor]:
+    """Each column-parallel layer of `layers` applied to one input x ([s, b, h], or [s/tp, b, h] under sequence
+    parallel), sharing its all-gather (or its backward all-reduce): the query and key/value projections, SwiGLU's
+    gate and up. Biases are added (none is skipped). Returns [s, b, out_i/tp] per layer."""
+    first = layers[0]
+    params = [t for layer in layers for t in (layer.compute_weight(), layer.compute_bias())]
+    if first.sequence_parallel and first.group is not None:
+        outputs = _run_sequence_parallel_linear(x, first.group, *params)
+        return list(outputs) if len(layers) > 1 else [outputs]
+    shared = copy_to_tp(x, first.group)
+    return [F.linear(shared, weight, bias) for weight, bias in zip(params[0::2], params[1::2])]
 
 
 # ---- layers --------------------------------------------------------------------------------
@@ -222,6 +267,7 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = False,
         device: torch.device | str | None = None,
         skip_bias_add: bool = False,
+        replicas: int = 1,
     ) -> None:
         super().__init__()
         self.group = groups.tp_group
@@ -230,19 +276,35 @@ class ColumnParallelLinear(nn.Module):
         self.skip_bias_add = skip_bias_add
         if skip_bias_add and gather_output:
             raise ValueError("skip_bias_add returns the local output slice's bias: it cannot gather the output")
-        local_out = _divide(out_features, groups.tp_size, "output features")
+        # replicas > 1: the output features are split over tp / replicas shards, each held by `replicas`
+        # consecutive tp ranks (key/value heads fewer than tp); the copies' gradients are summed over
+        # exactly those ranks (compute_weight), so the copies stay equal.
+        self.replica_group = groups.tp_replica_group(replicas) if replicas > 1 else None
+        local_out = _divide(out_features, _divide(groups.tp_size, replicas, "tp / replicas"), "output features")
         self.weight = mark_parameter(nn.Parameter(torch.empty(local_out, in_features, device=device)), 0)
         self.bias = mark_parameter(nn.Parameter(torch.empty(local_out, device=device)), 0) if bias else None
+        if replicas > 1:
+            for param in self.parameters():
+                param.tp_replicas = replicas
+
+    def compute_weight(self) -> torch.Tensor:
+        """The weight as the GEMM reads it: with replicas, its gradient is summed over the copies' ranks."""
+        return copy_to_tp(self.weight, self.replica_group)
+
+    def compute_bias(self) -> Optional[torch.Tensor]:
+        """The bias as the layer adds it (None when it has none), summed over copies like compute_weight."""
+        return None if self.bias is None else copy_to_tp(self.bias, self.replica_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, Optional[torch.Tensor]]:
         # x: [s, b, h] replicated, or [s/tp, b, h] with sequence parallel
-        bias = None if self.skip_bias_add else self.bias
+        weight = self.compute_weight()
+        bias = None if self.skip_bias_add else self.compute_bias()
         if self.sequence_parallel:
-            y = sequence_parallel_linear(x, self.weight, bias, self.group)  # [s, b, out/tp]
+            y = sequence_parallel_linear(x, weight, bias, self.group)  # [s, b, out/tp]
         else:
-            y = F.linear(copy_to_tp(x, self.group), self.weight, bias)  # [s, b, out/tp]
+            y = F.linear(copy_to_tp(x, self.group), weight, bias)  # [s, b, out/tp]
         if self.skip_bias_add:
-            return y, self.bias  # [s, b, out/tp], [out/tp]
+            return y, self.compute_bias()  # [s, b, out/tp], [out/tp]
         return gather_from_tp(y, self.group) if self.gather_output else y
 
 
@@ -396,9 +458,13 @@ def vocab_parallel_cross_entropy(
 # ---- gradients and full tensors --------------------------------------------------------------
 
 
-def gather_full_tensor(local: torch.Tensor, tp_split_dim: Optional[int], groups: ParallelGroups) -> torch.Tensor:
-    """The full tensor of a (possibly) tp-split parameter or gradient, on every tp rank."""
+def gather_full_tensor(local: torch.Tensor, tp_split_dim: Optional[int], groups: ParallelGroups,
+                       replicas: int = 1) -> torch.Tensor:
+    """The full tensor of a (possibly) tp-split parameter or gradient, on every tp rank; `replicas`: the
+    parameter's tp_replicas (consecutive ranks holding one shard: the first copy of each is kept)."""
     if tp_split_dim is None or groups.tp_group is None:
         return local.detach().clone()
     gathered = _all_gather_dim0(local.detach().movedim(tp_split_dim, 0), groups.tp_group)
+    if replicas > 1:
+        gathered = torch.cat(gathered.chunk(groups.tp_size)[::replicas])
     return gathered.movedim(0, tp_split_dim).contiguous()

@@ -114,6 +114,22 @@ CHANGES = {
     "init_std": ({}, 0.05),
     "make_vocab_size_divisible_by": ({}, 8),
     "prefix_attention": ({"family": "prefixlm"}, "dense"),
+    "norm": ({}, "rmsnorm"),
+    "mlp": ({}, "swiglu"),
+    "num_kv_heads": ({}, 2),
+    "head_dim": ({}, 8),
+    "bias": ({}, False),
+    "qkv_bias": ({}, False),
+    "tie_embeddings": ({}, False),
+    "rope_scaling": ({"position_embedding": "rotary"}, "linear"),
+    "rope_factor": ({"position_embedding": "rotary", "rope_scaling": "linear", "rope_factor": 2.0}, 4.0),
+    **{name: ({"position_embedding": "rotary", "rope_scaling": "llama3", "rope_factor": 2.0,
+               "rope_original_max_positions": 32}, value)
+       for name, value in (("rope_low_freq_factor", 2.0), ("rope_high_freq_factor", 8.0),
+                           ("rope_original_max_positions", 16))},
+    **{name: ({"position_embedding": "rotary", "rope_scaling": "yarn", "rope_factor": 2.0,
+               "rope_original_max_positions": 32}, value)
+       for name, value in (("rope_attention_factor", 1.5), ("rope_beta_fast", 16.0), ("rope_beta_slow", 2.0))},
 }
 
 

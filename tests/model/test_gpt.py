@@ -170,14 +170,14 @@ def test_rotary_tables_are_computed_once_per_shape(monkeypatch: pytest.MonkeyPat
     import megalm.model.gpt as gpt
 
     calls = []
-    original = gpt.rotary_cos_sin
-    monkeypatch.setattr(gpt, "rotary_cos_sin", lambda *args: calls.append(args) or original(*args))
+    original = gpt.rotary_tables
+    monkeypatch.setattr(gpt, "rotary_tables", lambda *args: calls.append(args) or original(*args))
     model = build_model(small_config(position="rotary"), ParallelGroups.single(), SEED)
     tokens, labels, _ = make_batch()
     first = model(tokens, labels=labels)
     second = model(tokens, labels=labels)
     model(tokens[:, : SEQ // 2], labels=labels[:, : SEQ // 2])  # another length: its own tables
-    assert [args[0] for args in calls] == [SEQ, SEQ // 2]
+    assert [args[1] for args in calls] == [SEQ, SEQ // 2]
     assert torch.equal(first, second)
 
 

@@ -1,0 +1,214 @@
+"""The Llama-family choices (RMSNorm, SwiGLU, grouped and multi-query attention, explicit head_dim, q/k/v
+biases, untied output layer) at tp, pp, dp x ZeRO-1, recompute, fp32 and bf16, LM and PrefixLM, against one process.
+
+Two levels, as for GPT: one forward/backward of the model (full gradients gathered over tp, through the
+trainer's GradientSync) against tp=1; and the trainer's production path (its pipeline schedule, gradient
+sync, ZeRO-1 optimizer, recompute and precision) for several steps: the losses and the full weights after
+the steps equal the single-process run's. With fewer key/value heads than tp ranks (tp=4 with 2 kv heads,
+MQA at tp=2) each kv head is replicated; its copies' gradients are summed over exactly their ranks, so
+after 20 steps the copies are bitwise equal.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from megalm.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from megalm.data.batch import prefix_loss_mask
+from megalm.distributed import ParallelGroups, build_parallel_groups
+from megalm.model.gpt import build_model
+from megalm.parallel.data import GradientSync
+from megalm.parallel.tensor import gather_full_tensor
+from megalm.testing import run_distributed
+from megalm.topology import Topology
+from megalm.train import build_trainer
+
+SEED, VOCAB, SEQ = 11, 200, 16
+
+SPECS = {  # name -> ModelConfig fields beyond the common ones
+    "gqa": dict(num_heads=8, num_kv_heads=2),  # Llama: GQA, untied, no biases
+    "mqa": dict(num_heads=4, num_kv_heads=1),
+    "qwen": dict(num_heads=4, num_kv_heads=2, qkv_bias=True),  # biases on q, k, v only
+    "head_dim": dict(num_heads=4, num_kv_heads=2, head_dim=24),  # head_dim != hidden / heads
+    "mha_tied": dict(num_heads=4, tie_embeddings=True),  # fused QKV with RMSNorm and SwiGLU, tied
+}
+
+
+def llama_config(spec: str, family: str = "lm") -> ModelConfig:
+    fields = dict(norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, position_embedding="rotary",
+                  num_layers=2, hidden_size=64, ffn_hidden_size=96, vocab_size=VOCAB, seq_length=SEQ,
+                  norm_eps=1e-6, family=family)
+    return ModelConfig(**{**fields, **SPECS[spec]})
+
+
+def _batch(family: str, batch: int = 3):
+    generator = torch.Generator().manual_seed(123)
+    tokens = torch.randint(0, VOCAB, (batch, SEQ + 1), generator=generator)
+    prefix = torch.tensor([1, 5, 11])[:batch] if family == "prefixlm" else None
+    mask = prefix_loss_mask(prefix, SEQ) if prefix is not None else torch.ones(batch, SEQ)
+    return tokens[:, :-1], tokens[:, 1:], mask, prefix
+
+
+def _full(tensor: torch.Tensor, param, groups: ParallelGroups) -> torch.Tensor:
+    return gather_full_tensor(tensor, param.tp_split_dim, groups, getattr(param, "tp_replicas", 1))
+
+
+def one_step(groups: ParallelGroups, spec: str, family: str, sp: bool) -> dict:
+    """Loss, full parameters and full gradients of one forward/backward."""
+    model = build_model(llama_config(spec, family), groups, SEED, sequence_parallel=sp)
+    sync = GradientSync([model], groups)
+    sync.start_step(1)
+    tokens, labels, mask, prefix = _batch(family)
+    loss = (model(tokens, labels=labels, prefix_lengths=prefix) * mask).sum() / mask.sum()
+    loss.backward()
+    sync.finish()
+    named = list(model.named_parameters())
+    return {"loss": loss.item(), "params": {n: _full(p.data, p, groups) for n, p in named},
+            "grads": {n: _full(p.grad, p, groups) for n, p in named}}
+
+
+MODEL_CASES = [  # (spec, family, sequence_parallel, tp)
+    ("gqa", "lm", False, 2), ("gqa", "lm", True, 2), ("gqa", "prefixlm", True, 2),
+    ("gqa", "lm", False, 4), ("gqa", "lm", True, 4),  # 2 kv heads on 4 ranks: replicated
+    ("mqa", "lm", False, 2), ("mqa", "prefixlm", True, 2),
+    ("qwen", "lm", True, 2), ("head_dim", "lm", False, 2), ("mha_tied", "lm", True, 2),
+]
+
+
+def _model_worker(rank: int, world_size: int) -> dict:
+    groups = build_parallel_groups(Topology(tp=world_size), rank, torch.device("cpu"))
+    return {case: one_step(groups, *case[:3]) for case in MODEL_CASES if case[3] == world_size}
+
+
+@functools.lru_cache(maxsize=None)
+def model_reference(spec: str, family: str) -> dict:
+    return one_step(ParallelGroups.single(), spec, family, False)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[:VOCAB] if name in ("embedding.word.weight", "output.weight") else tensor
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_one_step_gradients_match_tp1(tp: int) -> None:
+    results = run_distributed(_model_worker, tp, timeout=300)
+    for case in (c for c in MODEL_CASES if c[3] == tp):
+        ref = model_reference(*case[:2])
+        for rank, per_rank in enumerate(results):
+            got = per_rank[case]
+            assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6), (case, rank)
+            assert got["grads"].keys() == ref["grads"].keys()
+            for name in ref["grads"]:
+                assert torch.equal(_rows(name, got["params"][name]), _rows(name, ref["params"][name])), (case, name)
+                rel = _rel(_rows(name, got["grads"][name]), _rows(name, ref["grads"][name]))
+                assert rel <= 1e-5, (case, rank, name, rel)
+
+
+# ---- the trainer: several steps at each layout ------------------------------------------------------------
+STEPS, MICRO = 4, 2
+
+
+def train_config(spec: str, family: str, tp=1, pp=1, dp=1, zero=0, sp=False, recompute="none", precision="fp32",
+                 accum=2, steps=STEPS) -> Config:
+    model = llama_config(spec, family)
+    model.num_layers = 4
+    return Config(
+        model=model,
+        parallel=ParallelConfig(tp=tp, pp=pp, dp=dp, zero_stage=zero, sequence_parallel=sp, recompute=recompute,
+                                bucket_size_mb=0.02),
+        optim=OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1, eps=1e-5),
+        train=TrainConfig(steps=steps, micro_batch_size=MICRO, global_batch_size=MICRO * dp * accum, seed=5,
+                          precision=precision),
+    )
+
+
+def train(config: Config, groups: ParallelGroups) -> dict:
+    trainer = build_trainer(config, groups, None)
+    losses = [trainer.train_step(step).loss for step in range(config.train.steps)]
+    trainer.wait_for_parameters()
+    weights = {}
+    for chunk in trainer.chunks:
+        for name, param in chunk.named_parameters():
+            weights[name] = _full(param.data, param, groups).float()
+    return {"losses": losses, "weights": weights}
+
+
+TRAIN_CASES = {  # world size -> [(spec, family, tp, pp, dp, zero, sp, recompute, precision)]
+    2: [("gqa", "lm", 2, 1, 1, 0, False, "none", "fp32"), ("gqa", "lm", 2, 1, 1, 0, True, "selective", "fp32"),
+        ("gqa", "prefixlm", 1, 2, 1, 0, False, "full", "fp32"), ("gqa", "lm", 1, 1, 2, 1, False, "none", "fp32"),
+        ("mqa", "lm", 2, 1, 1, 0, True, "full", "fp32"), ("gqa", "lm", 2, 1, 1, 0, True, "none", "bf16"),
+        ("qwen", "prefixlm", 2, 1, 1, 0, False, "selective", "bf16")],
+    4: [("gqa", "lm", 4, 1, 1, 0, True, "none", "fp32"), ("gqa", "lm", 2, 2, 1, 0, True, "selective", "fp32"),
+        ("mha_tied", "lm", 1, 2, 2, 1, False, "none", "fp32")],
+}
+
+
+def _train_worker(rank: int, world_size: int) -> dict:
+    out = {}
+    for case in TRAIN_CASES[world_size]:
+        spec, family, tp, pp, dp, zero, sp, recompute, precision = case
+        groups = build_parallel_groups(Topology(tp=tp, pp=pp, dp=dp), rank, torch.device("cpu"))
+        out[case] = train(train_config(spec, family, tp, pp, dp, zero, sp, recompute, precision), groups)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def train_reference(spec: str, family: str, dp: int, precision: str) -> dict:
+    return train(train_config(spec, family, precision=precision, accum=2 * dp), ParallelGroups.single())
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_training_matches_single_process(world_size: int) -> None:
+    results = run_distributed(_train_worker, world_size, timeout=400)
+    for case in TRAIN_CASES[world_size]:
+        spec, family, tp, pp, dp, zero, sp, recompute, precision = case
+        ref = train_reference(spec, family, dp, precision)
+        # bf16: the same rounded model at every layout, summed in other orders; fp32: summation order only
+        loss_tol, weight_tol = (2e-2, 2e-2) if precision == "bf16" else (1e-5, 1e-5)
+        merged: dict[str, torch.Tensor] = {}
+        for per_rank in results:
+            got = per_rank[case]
+            merged.update(got["weights"])
+            assert got["losses"] == pytest.approx(ref["losses"], rel=loss_tol), case
+        merged.pop("output_weight", None)  # the last stage's copy of a tied embedding
+        assert merged.keys() == ref["weights"].keys(), case
+        for name, weight in merged.items():
+            rel = _rel(_rows(name, weight), _rows(name, ref["weights"][name]))
+            assert rel <= weight_tol, (case, name, rel)
+
+
+# ---- replicated key/value heads stay equal ------------------------------------------------------------------
+def _replica_worker(rank: int, world_size: int, spec: str) -> dict:
+    groups = build_parallel_groups(Topology(tp=world_size), rank, torch.device("cpu"))
+    config = train_config(spec, "lm", tp=world_size, sp=True, steps=20, accum=1)
+    trainer = build_trainer(config, groups, None)
+    for step in range(20):
+        trainer.train_step(step)
+    copies = {}
+    for name, param in trainer.chunks[0].named_parameters():
+        if getattr(param, "tp_replicas", 1) > 1:
+            copies[name] = gather_full_tensor(param.data, param.tp_split_dim, groups)  # every rank's copy
+            copies[name + ".replicas"] = param.tp_replicas
+    return copies
+
+
+@pytest.mark.parametrize("spec, tp", [("gqa", 4), ("mqa", 2)])
+def test_replicated_kv_heads_stay_bitwise_equal_after_20_steps(spec: str, tp: int) -> None:
+    copies = run_distributed(_replica_worker, tp, spec, timeout=300)[0]
+    names = [name for name in copies if not name.endswith(".replicas")]
+    assert names and all("key_value" in name for name in names)
+    for name in names:
+        replicas = copies[name + ".replicas"]
+        assert replicas == tp // llama_config(spec).kv_heads()
+        shards = copies[name].chunk(tp)  # rank r's copy
+        for rank in range(tp):
+            first = shards[rank - rank % replicas]
+            assert torch.equal(shards[rank], first), (name, rank)
+        assert not torch.equal(shards[0], shards[-1]) or replicas == tp  # distinct heads differ
