@@ -22,6 +22,7 @@ import torch
 
 from megalm.config import ModelConfig
 from megalm.interop import InteropError
+from megalm.model.rope import hf_rope_fields, hf_rope_parameters
 
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -32,7 +33,7 @@ _UNDERSTOOD = {
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "initializer_range",
     "tie_word_embeddings", "attention_bias", "mlp_bias", "rope_theta", "rope_scaling", "rope_parameters",
     "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "attention_dropout",
-    "partial_rotary_factor", "pretraining_tp", "megalm",
+    "partial_rotary_factor", "original_max_position_embeddings", "pretraining_tp", "megalm",
 }
 # keys that change nothing a forward pass computes: bookkeeping, token ids, generation defaults, output flags
 HARMLESS_KEYS = {
@@ -51,48 +52,13 @@ HARMLESS_KEYS = {
 _SILU = ("silu", "swish")
 
 
-# ---- rope: both config schemas (megalm.model.rope owns them; the fallback reads the common cases) ----------
+# ---- rope: both config schemas (megalm.model.rope reads and writes them) ---------------------------------
 def _rope_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """megalm's rotary fields from config.json (transformers 5 `rope_parameters`, or `rope_theta` + `rope_scaling`)."""
     try:
-        from megalm.model.rope import hf_rope_fields  # type: ignore[attr-defined]
-    except ImportError:
-        hf_rope_fields = None
-    if hf_rope_fields is not None:
         return dict(hf_rope_fields(hf, where))
-    params = dict(hf.get("rope_scaling") or {}) | dict(hf.get("rope_parameters") or {})
-    kind = params.get("rope_type") or params.get("type") or "default"
-    fields: dict[str, Any] = {"rotary_base": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
-    if kind == "default":
-        return fields | {"rope_scaling": "none"}
-    if kind == "linear":
-        return fields | {"rope_scaling": "linear", "rope_factor": float(params["factor"])}
-    if kind == "llama3":
-        return fields | {"rope_scaling": "llama3", "rope_factor": float(params["factor"]),
-                         "rope_low_freq_factor": float(params["low_freq_factor"]),
-                         "rope_high_freq_factor": float(params["high_freq_factor"]),
-                         "rope_original_max_positions": int(params["original_max_position_embeddings"])}
-    raise InteropError(f"{where}: rope type {kind!r} is not one megalm implements (default, linear, llama3)")
-
-
-def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
-    """transformers 5's `rope_parameters` for megalm's rotary fields."""
-    try:
-        from megalm.model.rope import hf_rope_parameters  # type: ignore[attr-defined]
-    except ImportError:
-        hf_rope_parameters = None
-    if hf_rope_parameters is not None:
-        return dict(hf_rope_parameters(cfg))
-    params: dict[str, Any] = {"rope_theta": cfg.rotary_base,
-                              "rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling}
-    if cfg.rope_scaling != "none":
-        params["factor"] = cfg.rope_factor
-    if cfg.rope_scaling == "llama3":
-        params.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
-                      original_max_position_embeddings=cfg.rope_original_max_positions)
-    if cfg.rope_scaling == "yarn":
-        raise InteropError("model.rope_scaling=yarn cannot be exported without megalm.model.rope.hf_rope_parameters")
-    return params
+    except ValueError as error:
+        raise InteropError(str(error)) from None
 
 
 # ---- config.json -> megalm -------------------------------------------------------------------------------
@@ -128,8 +94,6 @@ def model_fields(hf: dict[str, Any], where: str, seq_length: Optional[int] = Non
                            f"changes the model cannot be dropped (remove it only if it changes nothing)")
     if hf.get("hidden_act", "silu") not in _SILU:
         raise InteropError(f"{where}: hidden_act {hf['hidden_act']!r}; megalm's SwiGLU MLP uses silu")
-    if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise InteropError(f"{where}: partial_rotary_factor={hf['partial_rotary_factor']}; megalm rotates whole heads (1.0)")
     if hf.get("add_cross_attention"):
         raise InteropError(f"{where}: add_cross_attention is true; megalm's decoder has no cross-attention")
     hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
@@ -209,7 +173,7 @@ def hf_config(cfg: ModelConfig, family: str, dtype_name: str, tokens: dict[str, 
         "num_key_value_heads": cfg.kv_heads(), "head_dim": cfg.head_size(), "hidden_act": "silu",
         "max_position_embeddings": cfg.max_positions(), "rms_norm_eps": cfg.norm_eps,
         "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_parameters": _rope_parameters(cfg), "attention_dropout": cfg.attention_dropout,
+        **hf_rope_parameters(cfg), "attention_dropout": cfg.attention_dropout,
         "use_cache": True, "dtype": dtype_name,
         "bos_token_id": tokens.get("bos_token_id"), "eos_token_id": tokens.get("eos_token_id"),
         "pad_token_id": tokens.get("pad_token_id"),

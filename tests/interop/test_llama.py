@@ -198,19 +198,16 @@ def test_a_sliding_window_is_refused_only_past_it(tmp_path: Path) -> None:
 
 # ---- the import's memory: about the largest tensor, not the model ----------------------------------------
 _MEMORY_SCRIPT = r"""
-import json, resource, sys, torch
-from safetensors.torch import save_file
+import json, sys
 from megalm.interop.hf import import_model
-src, out = sys.argv[1], sys.argv[2]
-def rss():
+import megalm.interop.stream_checkpoint, megalm.model.gpt, torch._subclasses.fake_tensor  # imported before measuring
+def status(key):  # this process's own figures (ru_maxrss would carry the forking parent's peak across exec)
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
-import megalm.interop.stream_checkpoint, torch._subclasses.fake_tensor, megalm.model.gpt  # imported before measuring
-base = rss()
-import_model(src, out)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"base": base, "peak": peak}))
+base = status("VmRSS")
+import_model(sys.argv[1], sys.argv[2])
+print(json.dumps({"base": base, "peak": status("VmHWM")}))
 """
 
 
