@@ -57,7 +57,8 @@ UNCHECKED_MODEL_FIELDS: dict[str, str] = {
 }
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 MODEL_FIELDS = tuple(name for name in _MODEL_DEFAULTS if name not in UNCHECKED_MODEL_FIELDS)
-EMBEDDING_NAME = "embedding.word.weight"  # megalm.model.gpt's; the one parameter with padded rows
+EMBEDDING_NAME = "embedding.word.weight"  # megalm.model.gpt's; with the untied output layer, the parameters with padded rows
+VOCAB_ROW_NAMES = (EMBEDDING_NAME, "output.weight")
 
 
 def _as_used(model: dict) -> dict[str, Any]:
@@ -498,7 +499,7 @@ def _my_shard(full: torch.Tensor, param: nn.Parameter, groups, name: str = "") -
     """This rank's shard of `full`, adapted when the padded vocabulary size differs (and only then)."""
     target_shape, offsets = shard_geometry(param, groups.tp_rank, groups.tp_size)
     if tuple(full.shape) != tuple(target_shape):
-        if name != EMBEDDING_NAME or tuple(full.shape[1:]) != tuple(target_shape[1:]):
+        if name not in VOCAB_ROW_NAMES or tuple(full.shape[1:]) != tuple(target_shape[1:]):
             raise CheckpointError(
                 f"parameter {name} has shape {tuple(full.shape)} in the checkpoint but {tuple(target_shape)} in "
                 f"this model: only the padded vocabulary rows may differ; resume with the checkpoint's model config"

@@ -249,7 +249,9 @@ def test_import_memory_is_about_the_largest_tensor(tmp_path: Path) -> None:
 
 # ---- megalm's numbers equal transformers' ------------------------------------------------------------------
 def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return float((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max())
+    """max |ours - theirs| / max |theirs| (a shard of padded vocabulary rows: both zero, 0)."""
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    return float((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max().clamp_min(1e-30))
 
 
 def load_megalm(run: Path, groups, tp: int = 1, pp: int = 1):
@@ -385,4 +387,6 @@ def test_tp2_tp4_tp1_reshard_is_bit_for_bit(imported: dict, tmp_path: Path) -> N
         weights = full_weights(tmp_path / stage)
         assert sorted(weights) == sorted(original), stage
         for name, value in original.items():
-            assert torch.equal(weights[name], value), (stage, name)
+            rows = min(value.shape[0], weights[name].shape[0])  # the vocabulary padding differs with tp
+            assert torch.equal(weights[name][:rows], value[:rows]), (stage, name)
+            assert not weights[name][rows:].any() and not value[rows:].any(), (stage, name)
