@@ -511,8 +511,10 @@ def test_seq_length_within_positions() -> None:
 
 def test_rotary_needs_even_head_dim() -> None:
     config = tiny("model.position_embedding=rotary", "model.hidden_size=60", "model.num_heads=4")
-    with pytest.raises(ConfigError, match=r"even head dimension.*60 / 4 = 15"):
+    with pytest.raises(ConfigError, match=r"even head dimension, got 15 .*60 / 4"):
         validate(config, 1)
+    with pytest.raises(ConfigError, match=r"even head dimension, got 9 \(model\.head_dim"):
+        validate(tiny("model.position_embedding=rotary", "model.head_dim=9"), 1)
     validate(tiny("model.position_embedding=rotary"), 1)
 
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import megalm
 from megalm.checkpoint.state import (
     HostCopies, PieceIndex, collect_pieces, model_differences, named_params, optimizer_scalars, restore, saved_scalars,
-    shared_index, state_names, steps_of,
+    VOCAB_ROW_NAMES, shared_index, state_names, steps_of,
 )
 from megalm.checkpoint.store import CheckpointError, CheckpointStore, rank_file_name, step_dir_name
 from megalm.checkpoint.weights import load_weights
@@ -403,7 +403,7 @@ def export_consolidated(checkpoint_dir: Path, output: Path) -> dict[str, Any]:
     for name, kind in sorted(index.pieces):
         if kind == "param":
             full = index.full(name, kind)
-            state[name] = full[:vocab].clone() if name == "embedding.word.weight" else full
+            state[name] = full[:vocab].clone() if name in VOCAB_ROW_NAMES else full
     output = Path(output)
     tmp = output.with_name(output.name + ".part")
     with open(tmp, "wb") as handle:

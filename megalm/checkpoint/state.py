@@ -57,8 +57,8 @@ UNCHECKED_MODEL_FIELDS: dict[str, str] = {
 }
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 MODEL_FIELDS = tuple(name for name in _MODEL_DEFAULTS if name not in UNCHECKED_MODEL_FIELDS)
-EMBEDDING_NAME = "embedding.word.weight"  # megalm.model.gpt's; with the untied output layer, the parameters with padded rows
-VOCAB_ROW_NAMES = (EMBEDDING_NAME, "output.weight")
+EMBEDDING_NAME = "embedding.word.weight"  # megalm.model.gpt's
+VOCAB_ROW_NAMES = (EMBEDDING_NAME, "output.weight")  # the parameters with padded vocabulary rows (output: untied)
 
 
 def _as_used(model: dict) -> dict[str, Any]:

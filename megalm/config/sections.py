@@ -18,7 +18,7 @@ class ModelConfig(_Section):
     """The network: a GPT decoder, causal ("lm") or with a bidirectional prefix ("prefixlm")."""
 
     SECTION: ClassVar[str] = "model"
-    ALIASES: ClassVar[dict[str, str]] = {"norm_eps": "norm_eps"}  # configs and checkpoints before norm: rmsnorm
+    ALIASES: ClassVar[dict[str, str]] = {"layernorm_eps": "norm_eps"}  # configs and checkpoints before norm: rmsnorm
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "family": ("lm", "prefixlm"),
         "position_embedding": ("learned", "rotary"),
@@ -51,7 +51,7 @@ class ModelConfig(_Section):
     rope_beta_fast: float = 32.0  # rope_scaling yarn: rotations below which a frequency is interpolated fully
     rope_beta_slow: float = 1.0  # rope_scaling yarn: rotations above which a frequency is kept
     norm: str = "layernorm"  # "layernorm" (weight and bias) or "rmsnorm" (weight only; statistics in fp32)
-    norm_eps: float = 1e-5  # epsilon of every norm (also read as norm_eps)
+    norm_eps: float = 1e-5  # epsilon of every norm (also read as layernorm_eps)
     mlp: str = "gelu"  # "gelu": fc1 -> GeLU (tanh) -> fc2; "swiglu": down(silu(gate(x)) * up(x))
     bias: bool = True  # biases on the linear layers (attention output, MLP)
     qkv_bias: Optional[bool] = None  # biases on the query, key and value projections; null: as bias

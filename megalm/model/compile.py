@@ -74,7 +74,8 @@ def compile_layers(chunks: list[GPTModel], backend: str | None = None) -> int:
     count = 0
     for chunk in chunks:
         for layer in chunk.layers.values():
-            layer.mlp.fc1.skip_bias_add = True  # bias + GeLU in one kernel (same parameters)
+            if hasattr(layer.mlp, "fc1"):  # the GeLU MLP: bias + GeLU in one kernel (same parameters)
+                layer.mlp.fc1.skip_bias_add = True
             layer.compile(backend=backend)
             count += 1
     return count

@@ -117,7 +117,7 @@ CHANGES = {
     "norm": ({}, "rmsnorm"),
     "mlp": ({}, "swiglu"),
     "num_kv_heads": ({}, 2),
-    "head_dim": ({}, 8),
+    "head_dim": ({}, 16),  # 8 by default (32 / 4)
     "bias": ({}, False),
     "qkv_bias": ({}, False),
     "tie_embeddings": ({}, False),

@@ -147,8 +147,8 @@ def test_odd_head_size_is_refused() -> None:
 
 def test_yarn_non_positive_beta_is_refused() -> None:
     fields, _ = CASES["yarn-qwen"]
-    with pytest.raises(ValueError, match=r"model\.rope_beta_slow=0\.0 must be positive"):
-        rotary_inv_freq(model_config(**{**fields, "rope_beta_slow": 0.0}))
+    with pytest.raises(ValueError, match=r"model\.rope_beta_slow must be positive, got 0\.0"):
+        rotary_inv_freq(model_config(**{**fields, "rope_beta_slow": 0.0}))  # ConfigError is a ValueError
 
 
 # --- Hugging Face config.json fields ---------------------------------------------------------------------

@@ -142,7 +142,13 @@ class TeeTransport:
 REAL_CASES = [("1f1b", 4, 1), ("interleaved", 4, 2), ("gpipe", 3, 1)]
 
 
-def _real_worker(rank: int, world_size: int) -> list:
+# The Llama-family layers (RMSNorm, SwiGLU, grouped-query attention, head_dim, untied output) send the same
+# [s, b, h] messages: the executor's operations with them are checked too.
+LLAMA_FIELDS = dict(norm="rmsnorm", mlp="swiglu", num_heads=4, num_kv_heads=2, head_dim=8, bias=False,
+                    tie_embeddings=False, position_embedding="rotary")
+
+
+def _real_worker(rank: int, world_size: int, spec: str = "gpt") -> list:
     from megalm.config import Config, ModelConfig, ParallelConfig, TrainConfig
     from megalm.data.pipeline import build_sampler, build_sources
     from megalm.distributed import build_parallel_groups
@@ -156,7 +162,8 @@ def _real_worker(rank: int, world_size: int) -> list:
     traces = []
     for schedule, m, v in REAL_CASES:
         config = Config(
-            model=ModelConfig(num_layers=4, hidden_size=16, num_heads=2, vocab_size=100, seq_length=8),
+            model=ModelConfig(**{**dict(num_layers=4, hidden_size=16, num_heads=2, vocab_size=100, seq_length=8),
+                                 **(LLAMA_FIELDS if spec == "llama" else {})}),
             parallel=ParallelConfig(pp=2, schedule=schedule, virtual_stages=v),
             train=TrainConfig(micro_batch_size=1, global_batch_size=m, seed=5),
         )
@@ -181,10 +188,11 @@ def without_compute_and_sizes(events: list) -> list:
     return out
 
 
-def test_stub_recording_matches_the_real_executor_over_gloo() -> None:
+@pytest.mark.parametrize("spec", ["gpt", "llama"])
+def test_stub_recording_matches_the_real_executor_over_gloo(spec: str) -> None:
     from megalm.testing import run_distributed
 
-    ranks = run_distributed(_real_worker, 2)
+    ranks = run_distributed(_real_worker, 2, spec)
     for index, (schedule, m, v) in enumerate(REAL_CASES):
         real = {rank: ranks[rank][index] for rank in range(2)}
         assert check_trace(real, one_stream_per_rank=True).ok
