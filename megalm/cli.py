@@ -251,7 +251,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                            max_shard_size=parse_size(args.max_shard_size),
                            log=lambda message: print(f"megalm: {message}"))
     tokenizer = "with its tokenizer" if summary["tokenizer"] else "without a tokenizer (the checkpoint has none)"
-    print(f"wrote {args.output}: {summary['family']} of step {summary['step']} of {summary['checkpoint']}, "
+    label = {"gpt2": "GPT-2", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[summary["family"]]
+    print(f"wrote {args.output}: {label} of step {summary['step']} of {summary['checkpoint']}, "
           f"{summary['tensors']} tensors, {summary['parameters']:,} parameters in {summary['dtype']}, {tokenizer}; "
           f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(args.output)!r})")
     return 0
