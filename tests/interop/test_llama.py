@@ -472,3 +472,29 @@ def test_generate_under_torchrun_gives_transformers_greedy_tokens(tmp_path: Path
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(two.read_text())["ids"] == expected
+
+
+def test_a_run_trained_in_megalm_exports_to_the_family_its_biases_need(tmp_path: Path) -> None:
+    """A run that was never imported (q/k/v biases alone, GQA, untied, bf16) exports as Qwen2 with megalm's logits."""
+    from megalm.checkpoint import Checkpointer
+    from megalm.config import Config, ModelConfig, TrainConfig
+    from megalm.train import build_trainer
+
+    model = ModelConfig(num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=2, ffn_hidden_size=96, vocab_size=100,
+                        seq_length=16, position_embedding="rotary", norm="rmsnorm", mlp="swiglu", bias=False,
+                        qkv_bias=True, tie_embeddings=False, init_std=0.2)
+    config = Config(model=model, train=TrainConfig(steps=2, micro_batch_size=2, global_batch_size=2, precision="bf16"))
+    trainer = build_trainer(config, ParallelGroups.single(), None)
+    trainer.fit(checkpointer=Checkpointer(trainer, tmp_path / "run"))
+    summary = export_model(tmp_path / "run", tmp_path / "out", dtype="fp32")
+    assert summary["family"] == "qwen2" and summary["dtype"] == "float32"
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert type(hf).__name__ == "Qwen2ForCausalLM" and not info["missing_keys"] and not info["unexpected_keys"]
+    path = find_checkpoint(tmp_path / "run")
+    fp32 = config_from_dict(read_metadata(path)["config"])
+    fp32.train.precision = "fp32"  # the fp32 masters, as the export wrote them
+    chunks = build_model_chunks(fp32, ParallelGroups.single())
+    load_model_weights(chunks, ParallelGroups.single(), path)
+    with torch.no_grad():
+        ours = chunks[0](torch.tensor([PROMPT]))[..., :100].transpose(0, 1).float()
+    assert relative(ours, hf_logits(hf.eval())) < TOLERANCE
