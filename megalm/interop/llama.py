@@ -15,7 +15,6 @@ walk, one tensor at a time, and give every tensor back bit for bit.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -65,9 +64,7 @@ def _rope_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
 def _sliding_window(hf: dict[str, Any], family: str) -> Optional[tuple[int, str]]:
     """(window, the config field that turns it on) where some layer attends through a sliding window."""
     window = hf.get("sliding_window")
-    if family == "mistral":
-        return (int(window), "sliding_window") if window else None
-    if family == "qwen2":
+    if family == "qwen2":  # the window applies only where use_sliding_window (or layer_types) says so
         types = hf.get("layer_types")
         if types is not None:
             sliding = any(kind != "full_attention" for kind in types)
@@ -76,9 +73,7 @@ def _sliding_window(hf: dict[str, Any], family: str) -> Optional[tuple[int, str]
         if hf.get("use_sliding_window") and window and hf.get("max_window_layers", layers) < layers:
             return int(window), "use_sliding_window with sliding_window"
         return None
-    if hf.get("use_sliding_window") or (window and family != "llama"):
-        return int(window or 0), "sliding_window"
-    return None
+    return (int(window), "sliding_window") if window else None  # Mistral; Llama has none, so one is refused alike
 
 
 def model_fields(hf: dict[str, Any], where: str, seq_length: Optional[int] = None) -> dict[str, Any]:
@@ -271,7 +266,3 @@ def to_hf(entry: Entry, tensor: torch.Tensor, cfg: ModelConfig) -> list[torch.Te
         grouped = tensor.reshape(g, n, tensor.shape[0] // (g * n), *tensor.shape[1:])
         return [part.reshape(-1, *tensor.shape[1:]) for part in grouped.unbind(1)]
     return [tensor]
-
-
-def table_bytes(table: list[Entry], element_size: int) -> int:
-    return sum(math.prod(shape) for entry in table for shape in entry.shapes) * element_size
