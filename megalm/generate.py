@@ -32,7 +32,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -52,7 +52,8 @@ class Sampling:
     top_k: int = 0  # keep the k most likely tokens (0: all)
     top_p: float = 1.0  # keep the smallest set of most likely tokens whose probability reaches p (1: all)
     seed: int = 0  # the draws' generator, the same on every rank
-    stop_id: Optional[int] = None  # a row ends when it draws this id (eos), which is not returned
+    # a row ends when it draws this id, or any id of this tuple (eos; a tokenizer's stop_ids), not returned
+    stop_id: Union[int, tuple[int, ...], None] = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -90,8 +91,12 @@ class LayerCache:
 
 def encode_prompt(tokenizer, text: str, pairs: bool) -> list[int]:
     """A prompt's ids as training showed such text (megalm.data.dataset.prompt_ids): after fine-tuning
-    on pairs, the prefix then <sep>; eos alone for an empty prompt."""
-    return prompt_ids(tokenizer.encode(text), tokenizer.sep_id, tokenizer.eos_id, pairs)
+    on pairs, the prefix then <sep>; eos alone for an empty prompt. A Hugging Face tokenizer's BOS stays
+    (documents were encoded with it); an eos its encode appends is cut, so the model continues the text."""
+    ids = tokenizer.encode(text)
+    if getattr(tokenizer, "add_eos", False) and ids and ids[-1] == tokenizer.eos_id:
+        ids = ids[:-1]
+    return prompt_ids(ids, tokenizer.sep_id, tokenizer.eos_id, pairs)
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
@@ -191,6 +196,9 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     last_stage = chunks[-1].is_last
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    stop = sampling.stop_id
+    stop_ids = None if stop is None else torch.tensor(
+        [stop] if isinstance(stop, int) else list(stop), dtype=torch.long, device=device)
     new: list[list[int]] = [[] for _ in range(batch)]
     with _decoding(chunks):
         for end in range(width, total):
@@ -204,7 +212,7 @@ def generate(
                 next_ids = torch.empty(batch, dtype=torch.long, device=device)
             if groups.pp_size > 1:
                 dist.broadcast(next_ids, src=groups.pp_ranks[-1], group=groups.pp_group)
-            stopped = next_ids == sampling.stop_id if sampling.stop_id is not None else torch.zeros_like(done)
+            stopped = torch.isin(next_ids, stop_ids) if stop_ids is not None else torch.zeros_like(done)
             for row in (~done & ~stopped).nonzero().flatten().tolist():
                 new[row].append(int(next_ids[row]))
             done |= stopped
@@ -247,14 +255,16 @@ def read_prompts(texts: Sequence[str], path: Optional[str], field: str) -> list[
 
 def _load_tokenizer(config, metadata: dict[str, Any], override: Optional[str]):
     from megalm.data.pipeline import DataError
-    from megalm.data.tokenizer import Tokenizer
+    from megalm.data.tokenizer import check_model_vocab, open_tokenizer
 
     path = override or config.data.tokenizer
     if path is None:
-        raise DataError("the checkpoint was trained without a tokenizer (data.tokenizer is null): give --tokenizer FILE.model")
-    tokenizer = Tokenizer.load(path)
-    if tokenizer.vocab_size != config.model.vocab_size:
-        raise DataError(f"the tokenizer {path} has {tokenizer.vocab_size} tokens but the model {config.model.vocab_size}: "
+        raise DataError("the checkpoint was trained without a tokenizer (data.tokenizer is null): give --tokenizer "
+                        "FILE.model or a Hugging Face tokenizer directory")
+    tokenizer = open_tokenizer(path)
+    problem = check_model_vocab(tokenizer, config.model.vocab_size)
+    if problem:
+        raise DataError(f"the tokenizer {path} does not fit the model ({problem}): "
                         f"give the tokenizer the checkpoint was trained with (--tokenizer)")
     saved = metadata.get("tokenizer_hash")
     if saved and saved != tokenizer.hash:
@@ -295,7 +305,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pairs = args.prompt_format == "pairs" or (args.prompt_format == "auto" and trained_on_pairs(config))
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                            None if args.ignore_eos else tokenizer.eos_id)
+                            None if args.ignore_eos else tokenizer.stop_ids)
     except ValueError as error:
         raise ConfigError(f"megalm generate: {error}") from None
     if args.batch_size < 1:

@@ -19,7 +19,7 @@ from megalm.data.dataset import trained_on_pairs
 from megalm.data.pipeline import DataSources, build_sampler, build_sources
 from megalm.data.sampler import BatchSampler
 from megalm.data.stats import describe_data
-from megalm.data.tokenizer import Tokenizer
+from megalm.data.tokenizer import AnyTokenizer
 from megalm.distributed import ParallelGroups, all_reduce_, wait_for
 from megalm.faults import maybe_inject
 from megalm.generate import Sampling, encode_prompt, generate
@@ -29,7 +29,7 @@ from megalm.metrics import (
     peak_reserved_bytes, reset_peak_memory, throughput,
 )
 from megalm.model.attention import describe_attention
-from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters, param_dtype
+from megalm.model.gpt import GPTModel, build_model_chunks, count_parameters, describe_architecture, param_dtype
 from megalm.optim import LossScaler, clip_grads_, found_inf, grad_norm, lr_at, set_lr
 from megalm.parallel.data import GradientSync
 from megalm.parallel.tensor import tp_shard
@@ -69,7 +69,7 @@ class Trainer:
         data: BatchSampler,
         metrics: MetricsWriter,
         valid: Optional[BatchSampler] = None,
-        tokenizer: Optional[Tokenizer] = None,
+        tokenizer: Optional[AnyTokenizer] = None,
         sync: Optional[GradientSync] = None,
         runner=None,
     ) -> None:
@@ -390,7 +390,7 @@ class Trainer:
         self.wait_for_parameters()  # ZeRO-1: the last step's all-gathers
         pairs = trained_on_pairs(self.config)
         sampling = Sampling(self.config.log.sample_tokens, temperature=0.7, top_k=20, seed=self.config.train.seed,
-                            stop_id=self.tokenizer.eos_id)
+                            stop_id=tuple(self.tokenizer.stop_ids))
         encoded = [encode_prompt(self.tokenizer, prompt, pairs) for prompt in prompts]
         texts = [self.tokenizer.decode(ids) for ids in generate(self.chunks, self.groups, encoded, sampling)]
         for prompt, text in zip(prompts, texts):
@@ -509,6 +509,7 @@ def dry_run_report(config: Config, topology) -> str:
         f"{config.model.num_heads} heads, seq {config.model.seq_length}, vocab {config.model.vocab_size} "
         f"(padded to {config.model.padded_vocab_size(topology.tp)})"
     )
+    lines.append(f"architecture: {describe_architecture(config.model)}")
     lines.append(f"parameters: {total:,} ({total / 1e9:.2f} B)")
     lines.append(
         f"batch: global {config.train.global_batch_size} = micro {config.train.micro_batch_size} x dp "

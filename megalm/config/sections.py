@@ -263,7 +263,7 @@ class DataConfig(_Section):
     paths: list[str] = field(default_factory=list)
     weights: Optional[list[float]] = None  # blend weights, one per path (null: proportional to size)
     split: str = "98,1,1"  # train,valid,test shares of each dataset's documents
-    tokenizer: Optional[str] = None  # the sentencepiece .model the data was tokenized with
+    tokenizer: Optional[str] = None  # the tokenizer the data was made with: a sentencepiece .model, or a Hugging Face tokenizer directory (tokenizer.json)
     prefix_fraction_min: float = 0.1  # PrefixLM pretraining: each sample's prefix is drawn uniform in [min, max] x seq_length
     prefix_fraction_max: float = 0.5  # PrefixLM pretraining: the longest prefix, as a fraction of seq_length
     prefix_field: str = "prefix"  # pairs: the JSONL key of the bidirectional prefix
@@ -283,7 +283,7 @@ class DataConfig(_Section):
             if not self.paths:
                 raise ConfigError(f"data.kind={self.kind} needs data.paths: the files to read")
             if self.tokenizer is None:
-                raise ConfigError(f"data.kind={self.kind} needs data.tokenizer: the sentencepiece .model file")
+                raise ConfigError(f"data.kind={self.kind} needs data.tokenizer: the sentencepiece .model file or Hugging Face tokenizer directory")
         if self.weights is not None:
             if len(self.weights) != len(self.paths):
                 raise ConfigError(

@@ -178,9 +178,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         dataset = IndexedDataset(args.prefix)
         tokenizer: Optional[Any] = None
         if args.tokenizer:
-            from megalm.data.tokenizer import Tokenizer
+            from megalm.data.tokenizer import open_tokenizer
 
-            tokenizer = Tokenizer.load(args.tokenizer)
+            tokenizer = open_tokenizer(args.tokenizer)
         print(format_report(dataset, tokenizer, samples=args.samples, seed=args.seed, bins=args.bins))
         if args.read_speed:
             rate = read_speed(dataset, args.seq_length, args.read_speed)
@@ -195,7 +195,8 @@ def register_cli(data_subparsers: Any) -> argparse.ArgumentParser:
     """Add `inspect` to the `megalm data` group."""
     parser = data_subparsers.add_parser("inspect", help="summarize a PREFIX.bin/.idx dataset", description=__doc__)
     parser.add_argument("prefix", metavar="PREFIX", help="dataset prefix (PREFIX.idx and PREFIX.bin)")
-    parser.add_argument("--tokenizer", metavar="MODEL", help="decode a few sample documents with this model")
+    parser.add_argument("--tokenizer", metavar="TOKENIZER",
+                        help="decode a few sample documents with this .model or Hugging Face tokenizer directory")
     parser.add_argument("--samples", type=int, default=3, help="documents to decode with --tokenizer (default: 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed for choosing the sample documents")
     parser.add_argument("--bins", type=int, default=12, help="histogram bins (default: 12)")

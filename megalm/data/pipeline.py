@@ -24,7 +24,7 @@ from megalm.data.dataset import (
 from megalm.data.indexed import IndexedDataset, check_compatible
 from megalm.data.sampler import BatchSampler
 from megalm.data.synthetic import SyntheticTokenStream
-from megalm.data.tokenizer import Tokenizer
+from megalm.data.tokenizer import AnyTokenizer, check_model_vocab, open_tokenizer
 
 SPLITS = ("train", "valid", "test")
 
@@ -40,19 +40,19 @@ class DataSources:
     train: SampleSource
     valid: Optional[SampleSource]
     test: Optional[SampleSource]
-    tokenizer: Optional[Tokenizer]
+    tokenizer: Optional[AnyTokenizer]
 
 
-def load_tokenizer(config: Config) -> Optional[Tokenizer]:
-    """The configured tokenizer, checked against model.vocab_size (None for synthetic data)."""
+def load_tokenizer(config: Config) -> Optional[AnyTokenizer]:
+    """The configured tokenizer (sentencepiece or Hugging Face), checked against model.vocab_size (None for
+    synthetic data)."""
     if config.data.tokenizer is None:
         return None
-    tokenizer = Tokenizer.load(config.data.tokenizer)
-    if tokenizer.vocab_size != config.model.vocab_size:
-        raise DataError(
-            f"model.vocab_size={config.model.vocab_size} but the tokenizer {config.data.tokenizer} has "
-            f"{tokenizer.vocab_size} tokens: set model.vocab_size={tokenizer.vocab_size}"
-        )
+    tokenizer = open_tokenizer(config.data.tokenizer)
+    problem = check_model_vocab(tokenizer, config.model.vocab_size)
+    if problem:
+        raise DataError(f"model.vocab_size={config.model.vocab_size} does not fit data.tokenizer "
+                        f"{config.data.tokenizer}: {problem}")
     return tokenizer
 
 
@@ -64,7 +64,7 @@ def _blend(sources: list[SampleSource], weights: Optional[list[float]]) -> Sampl
     return BlendedSamples(sources, weights)
 
 
-def _indexed_sources(config: Config, tokenizer: Tokenizer) -> list[Optional[SampleSource]]:
+def _indexed_sources(config: Config, tokenizer: AnyTokenizer) -> list[Optional[SampleSource]]:
     data, seq = config.data, config.model.seq_length
     per_split: list[list[SampleSource]] = [[], [], []]
     for index, prefix in enumerate(data.paths):
@@ -88,13 +88,14 @@ def _indexed_sources(config: Config, tokenizer: Tokenizer) -> list[Optional[Samp
     return [_blend(sources, data.weights) if sources else None for sources in per_split]
 
 
-def _pair_sources(config: Config, tokenizer: Tokenizer) -> list[Optional[SampleSource]]:
+def _pair_sources(config: Config, tokenizer: AnyTokenizer) -> list[Optional[SampleSource]]:
     data = config.data
     records = []
     for path in data.paths:
         try:
             for prefix, target in read_pairs(Path(path), data.prefix_field, data.target_field):
-                records.append((tokenizer.encode(prefix), tokenizer.encode(target)))
+                # the prefix as the tokenizer encodes a text (a Hugging Face BOS included), the target bare
+                records.append((tokenizer.encode(prefix), tokenizer.encode(target, add_special_tokens=False)))
         except (OSError, ValueError) as error:
             raise DataError(str(error)) from None
     sources: list[Optional[SampleSource]] = []

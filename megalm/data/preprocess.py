@@ -16,7 +16,11 @@ Tokenizing runs in `workers` processes (a ProcessPoolExecutor with the forkserve
 method, the tokenizer loaded once per worker; workers=1 tokenizes in-process). The main process
 reads lines into chunks of `chunk_docs` and collects the results in input order with at most
 4 x workers chunks in flight, so memory stays flat and the output is byte-identical for any worker
-count. Each document gets the tokenizer's eos id appended unless `append_eos=False`. Output goes
+count. The tokenizer is `data.tokenizer`'s kind (megalm.data.tokenizer.open_tokenizer): a sentencepiece
+.model, or a Hugging Face tokenizer directory, whose encode adds what AutoTokenizer adds by default (the
+BOS of Llama-style tokenizers at each document's start, nothing for Qwen2). Each document gets the
+tokenizer's eos id appended unless `append_eos=False` (or the tokenizer's encode already ends it with
+eos: none is added twice). Output goes
 through `IndexedDatasetWriter`: nothing at PREFIX.* changes until the new dataset is complete, and
 a failed or interrupted run leaves an older dataset at that prefix intact.
 """
@@ -142,9 +146,9 @@ class _Reader:
 # Tokenizing: runs in each worker (or in-process for workers=1)
 
 def _load_tokenizer(path: Path) -> Any:
-    from megalm.data.tokenizer import Tokenizer
+    from megalm.data.tokenizer import open_tokenizer
 
-    return Tokenizer.load(path)
+    return open_tokenizer(path)
 
 
 class _ChunkTokenizer:
@@ -206,7 +210,8 @@ class _ChunkTokenizer:
             encoded = self.tokenizer.encode_batch(texts) if texts else []
         else:
             encoded = [self.tokenizer.encode(text) for text in texts]
-        eos = [self.tokenizer.eos_id] if self.append_eos else []
+        # a tokenizer whose encode ends with eos (a Hugging Face post-processor) needs no second one
+        eos = [self.tokenizer.eos_id] if self.append_eos and not getattr(self.tokenizer, "add_eos", False) else []
         flat: list = []
         lengths = np.empty(len(encoded), dtype=np.int64)
         for doc, ids in enumerate(encoded):
@@ -310,9 +315,10 @@ def _check_inputs(inputs: Sequence[Path], output_prefix: Path, tokenizer_path: P
     not_files = [str(path) for path in inputs if not path.is_file()]
     if not_files:
         raise PreprocessError(f"input(s) are not regular files: {', '.join(not_files)}; pass the files inside")
-    if not (tokenizer_path.is_file() or Path(f"{tokenizer_path}.model").is_file()):
+    if not (tokenizer_path.is_file() or tokenizer_path.is_dir() or Path(f"{tokenizer_path}.model").is_file()):
         raise PreprocessError(
-            f"tokenizer model {tokenizer_path} not found; train one with `megalm tokenizer train` or pass --tokenizer"
+            f"tokenizer model {tokenizer_path} not found; train one with `megalm tokenizer train` or pass --tokenizer "
+            f"(a sentencepiece .model or a Hugging Face tokenizer directory)"
         )
     if output_prefix.is_dir() or str(output_prefix).endswith(("/", "\\")) or not output_prefix.name:
         raise PreprocessError(
@@ -341,7 +347,7 @@ def preprocess(
 ) -> PreprocessSummary:
     """Tokenize `inputs` into OUTPUT_PREFIX.bin/.idx; returns counts and throughput.
 
-    `tokenizer_loader(path)` replaces `Tokenizer.load` (tests, custom tokenizers); with workers > 1
+    `tokenizer_loader(path)` replaces `open_tokenizer` (tests, custom tokenizers); with workers > 1
     it must be picklable, i.e. a module-level function. `progress_interval`: seconds between progress
     updates (default 0.25 on a terminal, 30 otherwise: see _Progress).
     """
@@ -453,7 +459,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
                         help=".jsonl/.json (one JSON object per line) or plain text (one document per line)")
     parser.add_argument("--output-prefix", required=True, type=Path, metavar="PREFIX",
                         help="writes PREFIX.bin and PREFIX.idx")
-    parser.add_argument("--tokenizer", required=True, type=Path, metavar="MODEL", help="sentencepiece .model file")
+    parser.add_argument("--tokenizer", required=True, type=Path, metavar="TOKENIZER",
+                        help="sentencepiece .model file, or Hugging Face tokenizer directory (tokenizer.json)")
     parser.add_argument("--text-field", default="text", help="JSON field holding the document text (default: text)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
     parser.add_argument("--no-eos", action="store_true", help="do not append the eos id to each document")

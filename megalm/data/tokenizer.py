@@ -11,6 +11,9 @@ trained so that ``decode(encode(text)) == text`` for any Unicode text:
 
 SentencePiece writes a space as the meta symbol U+2581 and decodes that symbol back to a space. A literal
 U+2581 in the input would therefore come back as a space; ``encode`` sends it as its three byte pieces.
+
+``open_tokenizer(path)`` is what every command uses for ``data.tokenizer``: a .model file gives this class,
+a Hugging Face tokenizer directory (tokenizer.json) gives megalm.data.hf_tokenizer.HFTokenizer.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ SEP_ID = 3
 SEP_PIECE = "<sep>"
 
 PathLike = Union[str, Path]
+AnyTokenizer = Any  # a Tokenizer or a megalm.data.hf_tokenizer.HFTokenizer (open_tokenizer gives either)
 MODEL_TYPES = ("bpe", "unigram")
 MAX_SENTENCE_BYTES = 16384  # longer lines are cut into chunks below this (sentencepiece drops longer ones)
 _META = "\u2581"  # sentencepiece's whitespace symbol
@@ -277,6 +281,11 @@ def _model_specs(data: bytes) -> dict[str, Any]:
 class Tokenizer:
     """A loaded megalm sentencepiece model: fixed special ids, exact round trip, a content hash."""
 
+    kind = "sentencepiece"
+    bos_id: Optional[int] = None  # megalm's sentencepiece models have no BOS
+    add_bos = False
+    add_eos = False
+
     def __init__(self, processor: Any, path: Path, model_bytes: bytes) -> None:
         self._sp = processor
         self.path = path
@@ -286,6 +295,7 @@ class Tokenizer:
         self.eos_id = int(processor.eos_id())
         self.unk_id = int(processor.unk_id())
         self.sep_id = int(processor.piece_to_id(SEP_PIECE))
+        self.stop_ids = (self.eos_id,)
         self._specs = _model_specs(model_bytes)
         self._check()
         self._dropped = frozenset((self.pad_id, self.eos_id, self.sep_id))
@@ -345,8 +355,8 @@ class Tokenizer:
                 f"decode(encode(text)) would differ from text; retrain it with `megalm tokenizer train`"
             )
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, no eos added."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, no eos added (nor anything else: add_special_tokens is for HFTokenizer's interface)."""
         if _META not in text:
             return self._sp.encode(text)
         ids: list[int] = []
@@ -357,15 +367,15 @@ class Tokenizer:
                 ids.extend(self._sp.encode(part))
         return ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Token ids of each text (sentencepiece encodes a batch on several threads)."""
         texts = list(texts)
         if any(_META in text for text in texts):
             return [self.encode(text) for text in texts]
         return self._sp.encode(texts) if texts else []
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; pad, eos and sep are dropped."""
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; pad, eos and sep are dropped (always: skip_special_tokens is for HFTokenizer's interface)."""
         kept = []
         for token in ids:
             token = int(token)
@@ -377,6 +387,10 @@ class Tokenizer:
 
     def id_to_piece(self, token: int) -> str:
         return self._sp.id_to_piece(int(token))
+
+    def files(self) -> list[Path]:
+        """The file a copy of this tokenizer needs: the .model."""
+        return [Path(self.path)]
 
     def metadata(self) -> dict[str, Any]:
         """What identifies this tokenizer: sizes, special ids, hash and the settings it was trained with."""
@@ -407,6 +421,36 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, hash={self.hash[:12]})"
+
+
+def open_tokenizer(path: PathLike) -> AnyTokenizer:
+    """The tokenizer at `path`, what `data.tokenizer` names: a sentencepiece .model (or its prefix) gives a
+    `Tokenizer`; a directory holding tokenizer.json, or a .json file, gives a Hugging Face `HFTokenizer`
+    (megalm.data.hf_tokenizer). Both have encode, encode_batch, decode, vocab_size, hash, eos_id, stop_ids,
+    pad_id, sep_id, bos_id, add_bos, id_to_piece, files and metadata."""
+    from megalm.data.hf_tokenizer import HFTokenizer, is_hf_tokenizer_path
+
+    if is_hf_tokenizer_path(path):
+        return HFTokenizer.load(path)
+    if Path(path).is_dir():
+        raise TokenizerError(
+            f"{path} is a directory without tokenizer.json; give a Hugging Face tokenizer directory (tokenizer.json, "
+            f"tokenizer_config.json...) or a sentencepiece .model file"
+        )
+    return Tokenizer.load(path)
+
+
+def check_model_vocab(tokenizer: Any, model_vocab_size: int) -> Optional[str]:
+    """Why `tokenizer` cannot feed a model of model_vocab_size ids, or None. A sentencepiece model must match
+    exactly; a Hugging Face tokenizer may have fewer ids than the model's embedding (Qwen2: 151,665 of 151,936)."""
+    size = int(tokenizer.vocab_size)
+    if getattr(tokenizer, "kind", "sentencepiece") == "huggingface":
+        if size > model_vocab_size:
+            return f"the tokenizer has {size} ids but model.vocab_size is {model_vocab_size}: set model.vocab_size >= {size}"
+        return None
+    if size != model_vocab_size:
+        return f"the tokenizer has {size} tokens but model.vocab_size is {model_vocab_size}: set model.vocab_size={size}"
+    return None
 
 
 # -------------------------------------------------------------------------------------------------- CLI

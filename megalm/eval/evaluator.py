@@ -125,8 +125,9 @@ class Evaluator:
         return out.tolist()
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids, continuation ids) so that together they are the tokens of context + continuation."""
-        context_ids = self.tokenizer.encode(context) if context else []
+        """(context ids, continuation ids) so that together they are the tokens of context + continuation
+        (a BOS the tokenizer adds belongs to the context, even an empty one)."""
+        context_ids = self.tokenizer.encode(context)
         full = self.tokenizer.encode(context + continuation)
         common = 0
         while common < min(len(context_ids), len(full) - 1) and context_ids[common] == full[common]:

@@ -122,8 +122,11 @@ class MegalmLM(LM):
         return results
 
     def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
-        """(context, continuation) windows that predict every token of text once, after eos."""
-        ids = [self.tokenizer.eos_id] + self.tokenizer.encode(text)
+        """(context, continuation) windows that predict every token of text once, after eos (after the BOS
+        instead where the tokenizer starts every text with one, as in its training documents)."""
+        ids = self.tokenizer.encode(text)
+        if not (getattr(self.tokenizer, "add_bos", False) and ids and ids[0] == self.tokenizer.bos_id):
+            ids = [self.tokenizer.eos_id] + ids
         seq, windows = self.seq_length, []
         for start in range(1, len(ids), seq):
             end = min(start + seq, len(ids))
@@ -151,7 +154,7 @@ class MegalmLM(LM):
             max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
             temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
             top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
-            seed=int(kwargs.get("seed", 0)), stop_id=self.tokenizer.eos_id,
+            seed=int(kwargs.get("seed", 0)), stop_id=tuple(self.tokenizer.stop_ids),
         )
         return sampling, until
 

@@ -52,6 +52,18 @@ def param_dtype(config: Config) -> torch.dtype:
     return PARAM_DTYPES[config.train.precision]
 
 
+def describe_architecture(cfg: ModelConfig) -> str:
+    """One line naming the modules the spec picks, e.g. 'rmsnorm, swiglu MLP, 32 heads / 8 kv heads x 128, ...'."""
+    heads = f"{cfg.num_heads} heads" + (f" / {cfg.kv_heads()} kv heads" if cfg.grouped_attention() else "")
+    biases = "biases" if cfg.bias and cfg.has_qkv_bias() else "q/k/v biases only" if cfg.has_qkv_bias() else (
+        "biases except q/k/v" if cfg.bias else "no biases")
+    positions = "learned positions" if cfg.position_embedding == "learned" else (
+        f"rotary (base {cfg.rotary_base:g}" + ("" if cfg.rope_scaling == "none" else
+                                              f", {cfg.rope_scaling} x{cfg.rope_factor:g}") + ")")
+    return (f"{cfg.norm} (eps {cfg.norm_eps:g}), {cfg.mlp} MLP {cfg.ffn_size()}, {heads} x {cfg.head_size()}, {biases}, "
+            f"{positions}, {'tied' if cfg.tie_embeddings else 'untied'} output layer")
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """What one (virtual) pipeline stage holds: its layers, and the embedding / output layer."""

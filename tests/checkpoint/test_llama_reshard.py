@@ -41,6 +41,7 @@ def make_config(tp=1, pp=1, init_from=None) -> Config:
                           init_from=None if init_from is None else str(init_from)),
     )
     config.checkpoint.interval_steps = SAVE
+    config.checkpoint.save_at_end = False  # the run continues past its checkpoint: the un-resharded continuation
     return config
 
 

@@ -129,15 +129,17 @@ def train_config(spec: str, family: str, tp=1, pp=1, dp=1, zero=0, sp=False, rec
     )
 
 
+def _weights(trainer) -> dict[str, torch.Tensor]:
+    trainer.wait_for_parameters()
+    return {name: _full(param.data, param, trainer.groups).float()
+            for chunk in trainer.chunks for name, param in chunk.named_parameters()}
+
+
 def train(config: Config, groups: ParallelGroups) -> dict:
     trainer = build_trainer(config, groups, None)
+    init = _weights(trainer)
     losses = [trainer.train_step(step).loss for step in range(config.train.steps)]
-    trainer.wait_for_parameters()
-    weights = {}
-    for chunk in trainer.chunks:
-        for name, param in chunk.named_parameters():
-            weights[name] = _full(param.data, param, groups).float()
-    return {"losses": losses, "weights": weights}
+    return {"losses": losses, "weights": _weights(trainer), "init": init}
 
 
 TRAIN_CASES = {  # world size -> [(spec, family, tp, pp, dp, zero, sp, recompute, precision)]
@@ -164,24 +166,38 @@ def train_reference(spec: str, family: str, dp: int, precision: str) -> dict:
     return train(train_config(spec, family, precision=precision, accum=2 * dp), ParallelGroups.single())
 
 
+def _gap(weights: dict, ref: dict) -> float:
+    """|w - w_ref| / |w_ref - w_init| over all weights: the difference relative to how far training moved them
+    (bf16 rounds each rank's partial sums before their reduction, one process the full sum once: a few
+    percent of the update, as tests/test_precision_parity.py measures for GPT; a layout bug moves weights by
+    a sizeable fraction of it)."""
+    diff = sum((_rows(n, w) - _rows(n, ref["weights"][n])).square().sum().item() for n, w in weights.items())
+    moved = sum((_rows(n, ref["weights"][n]) - _rows(n, ref["init"][n])).square().sum().item() for n in weights)
+    return (diff / moved) ** 0.5
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_training_matches_single_process(world_size: int) -> None:
     results = run_distributed(_train_worker, world_size, timeout=400)
     for case in TRAIN_CASES[world_size]:
         spec, family, tp, pp, dp, zero, sp, recompute, precision = case
         ref = train_reference(spec, family, dp, precision)
-        # bf16: the same rounded model at every layout, summed in other orders; fp32: summation order only
-        loss_tol, weight_tol = (2e-2, 2e-2) if precision == "bf16" else (1e-5, 1e-5)
         merged: dict[str, torch.Tensor] = {}
         for per_rank in results:
             got = per_rank[case]
             merged.update(got["weights"])
-            assert got["losses"] == pytest.approx(ref["losses"], rel=loss_tol), case
+            if precision == "fp32":  # summation order only
+                assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), case
+            else:
+                assert max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) <= 5e-3, case
         merged.pop("output_weight", None)  # the last stage's copy of a tied embedding
         assert merged.keys() == ref["weights"].keys(), case
-        for name, weight in merged.items():
-            rel = _rel(_rows(name, weight), _rows(name, ref["weights"][name]))
-            assert rel <= weight_tol, (case, name, rel)
+        if precision == "fp32":
+            for name, weight in merged.items():
+                rel = _rel(_rows(name, weight), _rows(name, ref["weights"][name]))
+                assert rel <= 1e-5, (case, name, rel)
+        else:
+            assert _gap(merged, ref) <= 0.05, (case, _gap(merged, ref))
 
 
 # ---- replicated key/value heads stay equal ------------------------------------------------------------------
