@@ -33,6 +33,7 @@ from megalm.checkpoint.state import PieceIndex
 from megalm.checkpoint.store import CheckpointStore
 from megalm.checkpoint.weights import find_checkpoint
 from megalm.config import Config, config_from_dict, config_to_dict, config_to_yaml
+from megalm.data.hf_tokenizer import HF_TOKENIZER_FILES, HFTokenizer
 from megalm.interop import InteropError
 from megalm.interop.llama import ARCHITECTURES, Entry, export_family, from_hf, hf_config, megalm_shape, model_fields, \
     tensor_table, to_hf
@@ -40,8 +41,7 @@ from megalm.interop.safetensors_stream import StreamingSafetensorsWriter
 from megalm.interop.stream_checkpoint import StreamedRankFile, placeholder
 from megalm.model.gpt import PARAM_DTYPES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = HF_TOKENIZER_FILES + ("vocab.json", "merges.txt")  # and what slow tokenizers read
 HF_INFO = "megalm_hf.json"  # in the run's tokenizer/ directory: the family and token ids of the source config.json
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -199,7 +199,8 @@ def import_llama(directory: str | Path, out: str | Path, family: Optional[str] =
         "megalm_version": megalm.__version__, "config": config_to_dict(config), "layout": layout, "world_size": 1,
         "consumed_samples": 0, "optimizer_steps": 0,
         "optimizer_scalars": {"class": "torch.optim.adamw.AdamW", "param": {}, "group": {}},
-        "loss_scaler": None, "tokenizer_hash": None, "imported_from": str(directory.resolve()),
+        "loss_scaler": None, "tokenizer_hash": HFTokenizer.load(tokenizer).hash if tokenizer else None,
+        "imported_from": str(directory.resolve()),
         "hf_model_type": hf["model_type"], "hf_tokens": {key: hf.get(key) for key in TOKEN_KEYS},
     }
     payload = {"rank": 0, "layout": layout, "pieces": pieces, "rng": _rng_state(config, groups)}

@@ -460,10 +460,12 @@ def test_generate_under_torchrun_gives_transformers_greedy_tokens(tmp_path: Path
         pytest.skip(f"megalm generate cannot read a Hugging Face tokenizer directory yet: {problem.strip()[:200]}")
     assert code == 0, problem
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    encoded = tokenizer(text, return_tensors="pt")  # "w2" is not a word: <unk> (id 0), attended (the mask says so)
     model = build_hf(*CASES["llama-gqa"][:2])
     model.generation_config.eos_token_id = None
-    expected = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    ids = encoded["input_ids"]
+    expected = model.generate(**encoded, max_new_tokens=32, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert 0 in ids[0].tolist() and len(expected) == 32
     assert json.loads(one.read_text())["ids"] == expected
     two = tmp_path / "two.jsonl"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
