@@ -5,7 +5,8 @@ linear rope scaling in both config schemas, Qwen2's q/k/v biases with an explici
 then export gives every tensor back bit for bit (fp32 and bf16) and transformers loads the export
 with no missing or unexpected key; megalm's logits at tp 1, tp 2 and pp 2 equal transformers' within
 1e-5 relative (fp32), one step's gradients at tp 2 too; greedy generation gives transformers' 32
-tokens; a tp 2 -> tp 4 -> tp 1 reshard through checkpoints gives every weight back bit for bit.
+tokens (`megalm generate --tp 2` under torchrun too); a tp 2 -> tp 4 -> tp 1 reshard through checkpoints gives
+every weight back bit for bit, and the logits at tp 4 (kv heads replicated) equal transformers'.
 """
 
 from __future__ import annotations
@@ -354,8 +355,8 @@ def test_logits_gradients_and_greedy_tokens_equal_transformers(imported: dict) -
 
 
 # ---- resharding through checkpoints -------------------------------------------------------------------------
-def _reshard_worker(rank: int, world_size: int, source: str, out: str) -> None:
-    """Load `source` at tp = world size, save it again through the trainer's checkpointer."""
+def _reshard_worker(rank: int, world_size: int, source: str, out: str) -> torch.Tensor | None:
+    """Load `source` at tp = world size, save it again through the trainer's checkpointer; the logits at that tp."""
     from megalm.checkpoint import Checkpointer
     from megalm.train import build_trainer
 
@@ -369,6 +370,7 @@ def _reshard_worker(rank: int, world_size: int, source: str, out: str) -> None:
     checkpointer = Checkpointer(trainer, Path(out))
     checkpointer.start()
     checkpointer.save(0)
+    return megalm_logits(Path(out), groups, tp=world_size)
 
 
 def full_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -380,7 +382,11 @@ def full_weights(run: Path) -> dict[str, torch.Tensor]:
 def test_tp2_tp4_tp1_reshard_is_bit_for_bit(imported: dict, tmp_path: Path) -> None:
     run = imported["llama-gqa"]["run"]  # 8 heads, 2 kv heads: at tp 4 each kv head lives on two ranks
     run_distributed(_reshard_worker, 2, str(run), str(tmp_path / "tp2"), timeout=300)
-    run_distributed(_reshard_worker, 4, str(tmp_path / "tp2"), str(tmp_path / "tp4"), timeout=300)
+    logits = run_distributed(_reshard_worker, 4, str(tmp_path / "tp2"), str(tmp_path / "tp4"), timeout=300)
+    reference = hf_logits(imported["llama-gqa"]["model"])
+    error = max(relative(rank_logits, reference) for rank_logits in logits)  # kv heads replicated on 2 ranks each
+    print(f"llama-gqa tp4 logits: {error:.2e}")
+    assert error < TOLERANCE
     _reshard_worker(0, 1, str(tmp_path / "tp4"), str(tmp_path / "tp1"))
     original = full_weights(run)
     for stage in ("tp2", "tp4", "tp1"):
