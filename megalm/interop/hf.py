@@ -334,12 +334,15 @@ def export_llama(checkpoint: str | Path, out: str | Path, family: Optional[str] 
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     shapes = dict(names)
     weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
-    index = PieceIndex(path, metadata["files"])  # memory-mapped: pieces are read when a tensor is built
     writer: Optional[StreamingSafetensorsWriter] = None
     shard = -1
     try:
         for entry in table:
+            # The rank files holding this tensor, memory-mapped for it alone: once it is written their
+            # pages are unmapped, so the process does not keep the whole checkpoint resident.
+            index = PieceIndex(path, metadata["files"], names={entry.name})
             full = index.full(entry.name, index.value_kind(entry.name))
+            del index
             for name, value in zip(entry.theirs, to_hf(entry, full, cfg)):
                 if writer is None or writer.position == len(writer.entries):
                     if writer is not None:
@@ -354,7 +357,6 @@ def export_llama(checkpoint: str | Path, out: str | Path, family: Optional[str] 
         if writer is not None:
             writer.abort()
         raise
-    del index
     total = sum(math.prod(shape) for _, shape in names) * element
     if len(files) > 1:
         (out / "model.safetensors.index.json").write_text(
