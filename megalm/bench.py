@@ -6,9 +6,12 @@ micro-batches per optimizer step, the same `train.precision`, optimizer, clippin
 counts. In bf16 the baseline trains the way a plain PyTorch (nanoGPT-style) loop does, under
 torch.autocast over fp32 weights, while megalm holds bf16 weights with fp32 main gradients and
 masters (Megatron-style): the ratio therefore includes the gain of megalm's precision scheme.
-When Hugging Face `transformers` is installed (the optional `hf` extra), its GPT2LMHeadModel of the
-same shape is timed too, trained exactly as the plain baseline is (`TransformersGPT2`), and a
-second ratio megalm / transformers is reported; without it the report says it was skipped (both
+When Hugging Face `transformers` is installed (the optional `hf` extra), its model of the same shape
+is timed too, trained exactly as the plain baseline is, and a second ratio megalm / transformers is
+reported; without it the report says it was skipped. The model follows the spec's fields
+(`transformers_baseline`): GPT2LMHeadModel for a GPT, LlamaForCausalLM (Qwen2ForCausalLM for biases
+on q, k, v only) for RMSNorm + SwiGLU + rotary, with the same kv heads, head_dim, tied or untied
+output and rope scaling. The plain baseline is a GPT: a Llama-style spec skips it and says why (the
 baseline models are in megalm/bench_baselines.py; the timing, phases and report are here). The
 baselines run first so that on CPU their peak memory is measured before megalm's model
 exists. Results are the median step time and what follows from it (tokens/s, model TFLOP/s per
@@ -46,15 +49,17 @@ from megalm.bench_baselines import (
     baseline_batches,
     build_baseline,
     build_baseline_optimizer,
-    build_transformers_gpt2,
     make_baseline_step,
+    plain_baseline_mismatch,
+    transformers_baseline,
     transformers_missing,
 )
 from megalm.config import Config, ModelConfig, grad_accum_steps
 from megalm.data.batch import Batch
 from megalm.data.pipeline import build_sampler, build_sources
 from megalm.distributed import ParallelGroups
-from megalm.metrics import guess_peak_tflops, throughput, training_flops_per_token
+from megalm.metrics import guess_peak_tflops, throughput
+from megalm.plan.flops import training_flops_per_token
 from megalm.topology import Topology
 
 NOISY_SPREAD = 1.5  # a phase whose slowest timed step exceeds its fastest by this factor is flagged
@@ -217,7 +222,12 @@ def _compile_blocks(model: nn.Module) -> None:
     each of its layers (megalm.model.compile), so the ratios compare compiled with compiled."""
     from megalm.model import compile as compile_module
 
-    blocks = model.blocks if isinstance(model, BaselineGPT) else model.model.transformer.h
+    if isinstance(model, BaselineGPT):
+        blocks = model.blocks
+    elif hasattr(model, "blocks"):  # TransformersLlama
+        blocks = model.blocks()
+    else:  # TransformersGPT2
+        blocks = model.model.transformer.h
     for block in blocks:
         block.compile(backend=compile_module.DEFAULT_BACKEND)
 
@@ -289,6 +299,32 @@ def device_name(device: torch.device) -> str:
 PHASES = (("megalm", "megalm"), ("baseline", "plain PyTorch"), ("transformers", "transformers GPT-2"))
 
 
+def phase_label(result: dict, key: str) -> str:
+    """A phase's name in the report: the transformers phase names its model (GPT-2, Llama, Qwen2)."""
+    if key == "transformers" and result.get("transformers_model"):
+        return result["transformers_model"]
+    return dict(PHASES)[key]
+
+
+def spec_summary(model: dict) -> str:
+    """The model fields that differ from a GPT's, for the report's model line ("" for a GPT)."""
+    parts = []
+    if model.get("num_kv_heads") and model["num_kv_heads"] != model["num_heads"]:
+        parts.append(f"{model['num_kv_heads']} kv heads")
+    if model.get("head_dim"):
+        parts.append(f"head_dim {model['head_dim']}")
+    for name, default in (("norm", "layernorm"), ("mlp", "gelu")):
+        if model.get(name, default) != default:
+            parts.append(model[name])
+    if not model.get("bias", True):
+        parts.append("no biases" if not model.get("qkv_bias") else "q/k/v biases only")
+    if not model.get("tie_embeddings", True):
+        parts.append("untied")
+    if model.get("rope_scaling", "none") != "none":
+        parts.append(f"rope {model['rope_scaling']}")
+    return (" (" + ", ".join(parts) + ")") if parts else ""
+
+
 def format_report(result: dict) -> str:
     """The table printed by `megalm bench`."""
     multi = result["world_size"] > 1
@@ -296,8 +332,8 @@ def format_report(result: dict) -> str:
         "TFLOP/s/device", "MFU", "peak mem GiB"
     ]
     rows = [header]
-    for key, label in PHASES:
-        entry = result.get(key)
+    for key, _ in PHASES:
+        entry, label = result.get(key), phase_label(result, key)
         if entry is None:
             continue
         mfu = f"{100 * entry['mfu']:.1f}%" if entry["mfu"] is not None else "n/a"
@@ -315,7 +351,7 @@ def format_report(result: dict) -> str:
     lines = [
         f"megalm bench {result['config']} | device {result['device']} | {result['layout']}",
         f"model {model['family']}: {model['num_layers']} layers, hidden {model['hidden_size']}, "
-        f"{model['num_heads']} heads, seq {model['seq_length']}, vocab {model['vocab_size']} | "
+        f"{model['num_heads']} heads{spec_summary(model)}, seq {model['seq_length']}, vocab {model['vocab_size']} | "
         f"{result['precision']} | global batch {result['global_batch_size']} = micro {result['micro_batch_size']} "
         f"x dp {result['dp']} x accumulation {result['grad_accum_steps']} | median of {result['steps']} steps "
         f"after {result['warmup']} warm-up" + (" | compiled layers (train.compile)" if result.get("compile") else ""),
@@ -326,12 +362,13 @@ def format_report(result: dict) -> str:
     elif result.get("baseline_skipped"):
         lines.append(f"baseline: {result['baseline_skipped']}")
     if result.get("ratio_transformers_tokens_per_s") is not None:
-        lines.append(f"ratio megalm/transformers tokens/s: {result['ratio_transformers_tokens_per_s']:.2f}")
+        lines.append(f"ratio megalm/transformers tokens/s: {result['ratio_transformers_tokens_per_s']:.2f} "
+                     f"({phase_label(result, 'transformers')})")
     elif result.get("transformers_skipped"):
-        lines.append(f"transformers GPT-2: skipped, {result['transformers_skipped']}")
+        lines.append(f"{phase_label(result, 'transformers')}: skipped, {result['transformers_skipped']}")
     notes = [f"peak memory: {result['peak_memory_kind']}"]
-    for key, label in PHASES:
-        entry = result.get(key)
+    for key, _ in PHASES:
+        entry, label = result.get(key), phase_label(result, key)
         if entry is None or entry.get("compile_s") is None:
             continue
         notes.append(f"{label} compiled for {entry['compile_s']:.1f} s during warm-up")
@@ -348,8 +385,8 @@ def format_report(result: dict) -> str:
         notes.append(f"megalm plan predicts {planned['tokens_per_s']:,.0f} tokens/s, MFU {100 * planned['mfu']:.1f}% on "
                      f"{planned['cluster']} (measured/planned {measured / planned['tokens_per_s']:.2f}; the plan "
                      f"models no compilation)")
-    for key, label in PHASES:
-        entry = result.get(key)
+    for key, _ in PHASES:
+        entry, label = result.get(key), phase_label(result, key)
         if entry is not None and entry["max_step_s"] > NOISY_SPREAD * entry["min_step_s"]:
             notes.append(
                 f"noisy timings: {label} steps took {1e3 * entry['min_step_s']:.1f} to "
@@ -420,15 +457,25 @@ def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> i
     groups = build_parallel_groups(topology, rank, device)
     try:
         batches = prepare_batches(config, groups, warmup + steps)
-        baseline = None if args.no_baseline else run_baseline(config, groups, batches, warmup, steps)
+        plain_skipped = "--no-baseline" if args.no_baseline else plain_baseline_mismatch(config.model)
+        baseline = None
+        if plain_skipped is None:
+            baseline = run_baseline(config, groups, batches, warmup, steps)
+            if baseline is None:
+                plain_skipped = "the plain model did not fit on one device (out of memory)"
         hf_skipped = "--no-baseline" if args.no_baseline else (
             "--no-transformers" if getattr(args, "no_transformers", False) else transformers_missing()
         )
+        try:
+            hf_label, hf_builder = transformers_baseline(config.model)
+        except ValueError as error:
+            hf_label, hf_builder = "transformers", None
+            hf_skipped = hf_skipped or str(error)
         hf = None
         if hf_skipped is None:
-            hf = run_baseline(config, groups, batches, warmup, steps, build_transformers_gpt2, "transformers GPT-2")
+            hf = run_baseline(config, groups, batches, warmup, steps, hf_builder, hf_label)
             if hf is None:
-                hf_skipped = "transformers' GPT-2 did not fit on one device (out of memory)"
+                hf_skipped = f"{hf_label} did not fit on one device (out of memory)"
         megalm = run_megalm(config, groups, batches, warmup, steps)
     finally:
         if dist.is_initialized():
@@ -461,11 +508,10 @@ def run_bench(config: Config, topology: Topology, args: argparse.Namespace) -> i
         "planned": planned_throughput(config, topology, device_name(device)),
         "transformers": summarize(hf, config, peak_tflops) if hf is not None else None,
         "transformers_skipped": hf_skipped,
+        "transformers_model": hf_label,
         "ratio_tokens_per_s": None,
         "ratio_transformers_tokens_per_s": None,
-        "baseline_skipped": "--no-baseline" if args.no_baseline else (
-            None if baseline is not None else "the plain model did not fit on one device (out of memory)"
-        ),
+        "baseline_skipped": plain_skipped,
     }
     if result["baseline"] is not None:
         result["ratio_tokens_per_s"] = (

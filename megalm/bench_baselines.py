@@ -3,7 +3,9 @@
 The plain baseline is a nanoGPT-style single-device GPT in [b, s, h] layout that `load_from_megalm`
 gives megalm's exact weights (so the test can check it is the same model); `make_baseline_step`
 trains it the way a plain PyTorch loop does. `TransformersGPT2` wraps Hugging Face's GPT2LMHeadModel
-(the optional `hf` extra) and is trained by the same step.
+(the optional `hf` extra) and is trained by the same step; for a Llama-style spec (RMSNorm, SwiGLU,
+rotary: `transformers_baseline` decides from the fields) `TransformersLlama` wraps LlamaForCausalLM,
+or Qwen2ForCausalLM when only q, k and v have biases.
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def build_baseline_optimizer(model: nn.Module, config: Config, device: torch.dev
 class TransformersGPT2(nn.Module):
     """Hugging Face `transformers`' GPT2LMHeadModel of megalm's shape (the optional third phase).
 
-    Same layers, hidden size, heads, FFN, vocabulary (unpadded), tied output layer, LayerNorm eps,
+    Same layers, hidden size, heads, FFN, vocabulary (unpadded), tied (or untied) output layer, LayerNorm eps,
     dropouts and tanh GeLU ("gelu_new"), attention through SDPA. GPT-2 has learned absolute
     positions only: a rotary megalm config is timed against learned positions (the difference is
     an [s, h] add against megalm's rotations of q and k). GPT-2 is causal; a PrefixLM run passes
@@ -198,7 +200,7 @@ class TransformersGPT2(nn.Module):
             vocab_size=cfg.vocab_size, n_positions=cfg.max_positions(), n_embd=cfg.hidden_size,
             n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_size(), activation_function="gelu_new",
             resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout, attn_pdrop=cfg.attention_dropout,
-            layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True, use_cache=False,
+            layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, use_cache=False,
             bos_token_id=None, eos_token_id=None,
         )
         self.model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
@@ -212,6 +214,110 @@ class TransformersGPT2(nn.Module):
         return F.cross_entropy(
             logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
         )
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    """transformers 5's `rope_parameters` for megalm's rotary fields."""
+    rope: dict = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling, "rope_theta": cfg.rotary_base}
+    if cfg.rope_scaling != "none":
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_positions)
+    if cfg.rope_scaling == "yarn":
+        rope.update(original_max_position_embeddings=cfg.rope_original_max_positions, beta_fast=cfg.rope_beta_fast,
+                    beta_slow=cfg.rope_beta_slow)
+        if cfg.rope_attention_factor is not None:
+            rope["attention_factor"] = cfg.rope_attention_factor
+    return rope
+
+
+class TransformersLlama(nn.Module):
+    """transformers' LlamaForCausalLM of megalm's shape (Qwen2ForCausalLM when q, k, v alone have biases).
+
+    Same layers, hidden size, heads and kv heads, head_dim, SwiGLU width, vocabulary (unpadded), tied or
+    untied output, RMSNorm eps, rotary base and scaling, biases, attention dropout; attention through
+    SDPA. Llama has no hidden dropout (megalm's model.hidden_dropout is then left out of the comparison).
+    Its own weight init; the loss is computed here, as the plain baseline computes it."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        import transformers
+
+        self.cfg = cfg
+        qwen2 = cfg.has_qkv_bias() and not cfg.bias
+        shape = dict(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size(),
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads(),
+            max_position_embeddings=max(cfg.max_positions(), cfg.seq_length), rms_norm_eps=cfg.norm_eps,
+            tie_word_embeddings=cfg.tie_embeddings, rope_parameters=_rope_parameters(cfg),
+            attention_dropout=cfg.attention_dropout, initializer_range=cfg.init_std, use_cache=False,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        )
+        if qwen2:  # Qwen2: biases on q, k, v only, head_dim = hidden / heads
+            config = transformers.Qwen2Config(**shape)
+            model_class = transformers.Qwen2ForCausalLM
+        else:
+            config = transformers.LlamaConfig(**shape, head_dim=cfg.head_size(), attention_bias=cfg.bias,
+                                              mlp_bias=cfg.bias)
+            model_class = transformers.LlamaForCausalLM
+        self.model = model_class._from_config(config, attn_implementation="sdpa")
+
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Summed cross-entropy over the labels that are not IGNORE_INDEX; tokens, labels [b, s]."""
+        mask = prefix_attention_mask(prefix_lengths, tokens.shape[1]) if self.cfg.family == "prefixlm" else None
+        logits = self.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits  # [b, s, V]
+        return F.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+    def blocks(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+
+def _gpt_mismatch(cfg: ModelConfig, tied: bool) -> list[str]:
+    """The fields in which `cfg` is not a GPT (LayerNorm, GeLU, multi-head of width h / heads, biases,
+    unscaled positions; tied output when `tied`)."""
+    gpt = dict(norm="layernorm", mlp="gelu", bias=True, rope_scaling="none", **({"tie_embeddings": True} if tied else {}))
+    differ = [f"{name}={getattr(cfg, name)}" for name, value in gpt.items() if getattr(cfg, name) != value]
+    if cfg.grouped_attention():
+        differ.append(f"num_kv_heads={cfg.kv_heads()}")
+    if cfg.has_qkv_bias() != cfg.bias:
+        differ.append(f"qkv_bias={cfg.has_qkv_bias()}")
+    if cfg.head_size() * cfg.num_heads != cfg.hidden_size:
+        differ.append(f"head_dim={cfg.head_size()}")
+    return differ
+
+
+def plain_baseline_mismatch(cfg: ModelConfig) -> Optional[str]:
+    """Why the plain baseline (a GPT) does not have this spec's shape, or None when it does."""
+    differ = _gpt_mismatch(cfg, tied=True)
+    if not differ:
+        return None
+    return (f"the plain baseline is a GPT (LayerNorm, GeLU, multi-head, biases, tied output); this model has "
+            f"{', '.join(differ)}")
+
+
+def transformers_baseline(cfg: ModelConfig) -> tuple[str, Callable[[ModelConfig, int, torch.device], nn.Module]]:
+    """(label, builder) of the transformers model of this spec's shape: Llama (Qwen2 when q, k, v alone have
+    biases) for RMSNorm + SwiGLU + rotary, GPT-2 for a GPT; ValueError naming the fields for neither."""
+    if cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.position_embedding == "rotary":
+        qwen2 = cfg.has_qkv_bias() and not cfg.bias
+        if qwen2 and cfg.head_size() * cfg.num_heads != cfg.hidden_size:
+            raise ValueError(f"Qwen2 (biases on q, k, v only) has head_dim = hidden / heads, but model.head_dim="
+                             f"{cfg.head_size()}")
+        if cfg.bias and not cfg.has_qkv_bias():
+            raise ValueError("Llama's attention_bias covers q, k, v and o together: model.bias=true with "
+                             "model.qkv_bias=false has no transformers counterpart")
+        return ("transformers Qwen2" if qwen2 else "transformers Llama"), build_transformers_llama
+    differ = _gpt_mismatch(cfg, tied=False)
+    if not differ:
+        return "transformers GPT-2", build_transformers_gpt2
+    raise ValueError(f"no transformers model of this shape: Llama needs norm=rmsnorm, mlp=swiglu and rotary "
+                     f"positions, GPT-2 a GPT, but this model has norm={cfg.norm}, mlp={cfg.mlp}, "
+                     f"position_embedding={cfg.position_embedding} ({', '.join(differ)})")
 
 
 def transformers_missing() -> Optional[str]:
@@ -228,6 +334,13 @@ def build_transformers_gpt2(cfg: ModelConfig, seed: int, device: torch.device) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TransformersGPT2(cfg).to(device)
+
+
+def build_transformers_llama(cfg: ModelConfig, seed: int, device: torch.device) -> TransformersLlama:
+    """transformers' own init, drawn from `seed` without disturbing the process's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TransformersLlama(cfg).to(device)
 
 
 BaselineBatch = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # tokens, labels, prefix_lengths

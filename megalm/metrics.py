@@ -64,13 +64,14 @@ def setup_logging(rank: int, all_ranks: bool = False) -> logging.Logger:
 def training_flops_per_token(cfg: ModelConfig) -> float:
     """Model FLOPs per token of one training step (forward + backward = 3 x forward), no recompute.
 
-    Per layer and token, forward: QKV 6h^2, attention output 2h^2, MLP 4*h*ffn, scores and
-    weighted sum 4*s*h; plus the logits 2*h*V. With ffn = 4h this is Megatron's
-    72*l*h^2*(1 + s/(6h) + V/(12*l*h)) per token.
+    From the model spec (megalm.plan.flops): per layer and token, forward 2 x the attention projections
+    (fused QKV, or query plus the smaller key_value of grouped-query attention, head_dim wide heads), 2 x
+    the MLP's matrices (GELU's two, SwiGLU's three), scores and weighted sum 4 s H d; plus the logits
+    2 h V. With ffn = 4h and multi-head GELU this is Megatron's 72 l h^2 (1 + s/(6h) + V/(12 l h)).
     """
-    h, s, layers = cfg.hidden_size, cfg.seq_length, cfg.num_layers
-    forward = layers * (8 * h * h + 4 * h * cfg.ffn_size() + 4 * s * h) + 2 * h * cfg.vocab_size
-    return 3.0 * forward
+    from megalm.plan.flops import training_flops_per_token as from_spec
+
+    return from_spec(cfg)
 
 
 def peak_bf16_tflops(name: str, sm_count: int, memory_gib: float) -> Optional[float]:

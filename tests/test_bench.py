@@ -242,3 +242,112 @@ def test_bench_without_transformers_says_so(tmp_path: Path, capsys: pytest.Captu
     assert "transformers GPT-2: skipped, Hugging Face transformers is not installed" in capsys.readouterr().out
     assert main(["bench", TINY, "--steps", "1", "--warmup", "0", "--no-transformers", "--json", str(path)]) == 0
     assert json.loads(path.read_text())["transformers_skipped"] == "--no-transformers"
+
+
+# ---- transformers' Llama (and Qwen2) for a Llama-style spec ------------------------------------------
+LLAMA_TINY = str(Path(__file__).resolve().parents[1] / "configs" / "llama-tiny.yaml")
+
+
+def _megalm_into_transformers_llama(hf, megalm) -> None:
+    """megalm's full (tp = pp = 1) weights into transformers' Llama / Qwen2, by the spec's layouts: query rows
+    (head, d), key_value rows (kv head, k|v, d), fused qkv rows (head, q|k|v, d); padded vocabulary rows dropped."""
+    cfg = megalm.cfg
+    heads, kv_heads, d, vocab = cfg.num_heads, cfg.kv_heads(), cfg.head_size(), cfg.vocab_size
+    source = {name: t.detach() for name, t in megalm.state_dict().items()}
+    target = {"model.embed_tokens.weight": source["embedding.word.weight"][:vocab],
+              "model.norm.weight": source["final_norm.weight"]}
+    # tied: transformers' state_dict lists lm_head.weight as the embedding itself
+    target["lm_head.weight"] = target["model.embed_tokens.weight"] if cfg.tie_embeddings else source["output.weight"][:vocab]
+    for i in range(cfg.num_layers):
+        mine, theirs = f"layers.{i}.", f"model.layers.{i}."
+        target[theirs + "input_layernorm.weight"] = source[mine + "ln1.weight"]
+        target[theirs + "post_attention_layernorm.weight"] = source[mine + "ln2.weight"]
+        for kind in ("weight", "bias"):
+            if cfg.grouped_attention() and mine + f"attn.query.{kind}" in source:
+                q = source[mine + f"attn.query.{kind}"]
+                kv = source[mine + f"attn.key_value.{kind}"]
+                k, v = kv.view(kv_heads, 2, d, *kv.shape[1:]).unbind(1)
+            elif mine + f"attn.qkv.{kind}" in source:
+                qkv = source[mine + f"attn.qkv.{kind}"]
+                q, k, v = qkv.view(heads, 3, d, *qkv.shape[1:]).unbind(1)
+            else:
+                continue
+            for name, t in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                target[theirs + f"self_attn.{name}.{kind}"] = t.reshape(-1, cfg.hidden_size) if kind == "weight" else t.reshape(-1)
+        for part, name in (("attn.proj", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"),
+                           ("mlp.down", "mlp.down_proj")):
+            for kind in ("weight", "bias"):
+                if mine + f"{part}.{kind}" in source:
+                    target[theirs + f"{name}.{kind}"] = source[mine + f"{part}.{kind}"]
+    hf.model.load_state_dict(target, strict=True)
+
+
+LLAMA_VARIANTS = {
+    "gqa untied": [],
+    "mqa head_dim 24 tied": ["model.num_kv_heads=1", "model.head_dim=24", "model.tie_embeddings=true"],
+    "llama3 rope scaling": ["model.rope_scaling=llama3", "model.rope_factor=8", "model.rotary_base=500000",
+                            "model.rope_original_max_positions=32"],
+    "qwen2 qkv bias": ["model.qkv_bias=true"],
+    "multi-head biases": ["model.num_kv_heads=null", "model.bias=true"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(LLAMA_VARIANTS))
+def test_transformers_llama_is_the_same_model(variant: str) -> None:
+    """The transformers phase of a Llama-style config has megalm's parameter count (less its padded vocabulary
+    rows) and, given megalm's weights, computes megalm's loss: "same shape" is a fact for Llama and Qwen2 too."""
+    pytest.importorskip("transformers", reason="Hugging Face transformers is not installed (pip install 'megalm[hf]')")
+    from megalm.bench_baselines import transformers_baseline
+
+    config = load_config(LLAMA_TINY, ["model.vocab_size=200", *LLAMA_VARIANTS[variant]])
+    cfg = config.model
+    label, builder = transformers_baseline(cfg)
+    assert label == ("transformers Qwen2" if variant.startswith("qwen2") else "transformers Llama")
+    megalm = build_model(cfg, ParallelGroups.single(), config.train.seed)
+    _perturb(megalm)
+    hf = builder(cfg, config.train.seed, torch.device("cpu"))
+    padding = (cfg.padded_vocab_size(1) - cfg.vocab_size) * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
+    assert sum(p.numel() for p in hf.parameters()) == count_parameters(megalm) - padding
+    _megalm_into_transformers_llama(hf, megalm)
+    batch = build_sampler(config, build_sources(config).train, 0, 1).micro_batches(0)[0]
+    tokens, labels, _ = baseline_batches([batch])[0]
+    with torch.no_grad():
+        losses = megalm(batch.tokens, labels=batch.labels)
+        expected = (losses * batch.loss_mask).sum().item()
+        got = hf(tokens, labels).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_transformers_model_follows_the_spec() -> None:
+    from megalm.bench_baselines import plain_baseline_mismatch, transformers_baseline
+
+    gpt, llama = load_config(TINY).model, load_config(LLAMA_TINY).model
+    assert transformers_baseline(gpt)[0] == "transformers GPT-2" and plain_baseline_mismatch(gpt) is None
+    assert transformers_baseline(llama)[0] == "transformers Llama"
+    assert "norm=rmsnorm, mlp=swiglu" in plain_baseline_mismatch(llama)
+    with pytest.raises(ValueError, match="norm=layernorm, mlp=swiglu"):
+        transformers_baseline(load_config(LLAMA_TINY, ["model.norm=layernorm"]).model)
+
+
+def test_bench_llama_tiny_against_transformers_llama(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`megalm bench configs/llama-tiny.yaml`: megalm and transformers' LlamaForCausalLM of the same shape,
+    timed in one run, and their ratio; the plain (GPT) baseline is skipped and says why."""
+    pytest.importorskip("transformers", reason="Hugging Face transformers is not installed (pip install 'megalm[hf]')")
+    path = tmp_path / "bench.json"
+    assert main(["bench", LLAMA_TINY, "--steps", "2", "--warmup", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(path.read_text())
+    hf = result["transformers"]
+    assert result["transformers_model"] == "transformers Llama" and result["transformers_skipped"] is None
+    assert len(hf["step_times_s"]) == 2 and hf["tokens_per_s"] > 0
+    assert hf["num_parameters_on_rank0"] == result["megalm"]["num_parameters_on_rank0"]  # 256 rows: no padding
+    assert result["ratio_transformers_tokens_per_s"] == pytest.approx(
+        result["megalm"]["tokens_per_s"] / hf["tokens_per_s"], rel=1e-12)
+    assert f"ratio megalm/transformers tokens/s: {result['ratio_transformers_tokens_per_s']:.2f} (transformers Llama)" in out
+    assert result["baseline"] is None and result["ratio_tokens_per_s"] is None
+    assert "baseline: the plain baseline is a GPT" in out and "plain PyTorch" not in out
+    assert "(2 kv heads, rmsnorm, swiglu, no biases, untied)" in out
+    # the FLOPs behind TFLOP/s count SwiGLU's three matrices and the smaller key/value projection
+    from megalm.plan.flops import training_flops_per_token
+
+    assert result["flops_per_token"] == training_flops_per_token(load_config(LLAMA_TINY).model)

@@ -26,12 +26,22 @@ SEQUENCE_PARALLEL = [Case(family, precision, recompute, tp=2, sequence_parallel=
                      for recompute in ("none", "selective", "full")]
 
 
+# Llama-style layers (RMSNorm, SwiGLU, grouped-query attention with rotary, no biases): tp 1 and 2, with and
+# without sequence parallel, no and selective recompute, fp32 and bf16; tp 4 (each kv head on 2 ranks) slow
+LLAMA = dict(norm="rmsnorm", mlp="swiglu", num_kv_heads=2, position_embedding="rotary", bias=False, **SHAPE)
+LLAMA_CASES = [Case(precision=precision, recompute=recompute, **layout, **LLAMA)
+               for layout in (dict(tp=1), dict(tp=2), dict(tp=2, sequence_parallel=True))
+               for precision in ("fp32", "bf16") for recompute in ("none", "selective")]
+LLAMA_CASES += [Case(precision=precision, recompute="none", dropout=0.1, **LLAMA) for precision in ("fp32", "bf16")]
+LLAMA_CASES += [Case(**dict(LLAMA, num_kv_heads=1, head_dim=48)), Case(**dict(LLAMA, num_kv_heads=None))]
+
+
 @functools.lru_cache(maxsize=None)
 def measured() -> dict[Case, int]:
-    return measure(SINGLE + SEQUENCE_PARALLEL)
+    return measure(SINGLE + SEQUENCE_PARALLEL + LLAMA_CASES)
 
 
-@pytest.mark.parametrize("case", SINGLE + SEQUENCE_PARALLEL, ids=lambda case: " ".join(case.label().split()))
+@pytest.mark.parametrize("case", SINGLE + SEQUENCE_PARALLEL + LLAMA_CASES, ids=lambda case: " ".join(case.label().split()))
 def test_layer_bytes_equal_the_planner_with_cpu_kernels(case: Case) -> None:
     got, want = measured()[case], predict_layer(case, "cpu")
     assert abs(want / got - 1) <= TOLERANCE, (case, got, want)
@@ -63,6 +73,20 @@ def test_cuda_kernels_keep_less_than_cpu_ones_under_dropout() -> None:
     assert cpu - cuda >= scores
     with pytest.raises(ValueError, match="kernels must be one of"):
         layer_activation_bytes(case.model(), Layout(1, 1, 1, 1, 1), 4, kernels="tpu")
+
+
+@pytest.mark.slow
+def test_replicated_kv_heads_at_tp4_equal_the_planner() -> None:
+    """tp 4 over 2 kv heads: each rank computes one replicated kv head (4 gloo ranks)."""
+    cases = [Case(precision=precision, recompute=recompute, tp=4, **LLAMA)
+             for precision in ("fp32", "bf16") for recompute in ("none", "selective")]
+    for case, got in measure(cases).items():
+        assert abs(predict_layer(case, "cpu") / got - 1) <= TOLERANCE, (case, got)
+
+
+def test_llama_layers_are_exact() -> None:
+    """RMSNorm, SwiGLU and GQA terms are not approximations: every Llama case is byte for byte."""
+    assert {case: predict_layer(case, "cpu") for case in LLAMA_CASES} == {case: measured()[case] for case in LLAMA_CASES}
 
 
 @pytest.mark.slow

@@ -64,6 +64,7 @@ class Layout:
             raise PlanError(f"recompute_layers={self.recompute_layers} needs full recompute and a positive count")
         if model.num_heads % self.tp or model.ffn_size() % self.tp:
             raise PlanError(f"tp={self.tp} does not divide num_heads={model.num_heads} / ffn {model.ffn_size()}")
+        local_kv_heads(model, self.tp)  # kv heads split over tp, or each replicated on tp / kv_heads ranks
         if self.sequence_parallel and model.seq_length % self.tp:
             raise PlanError(f"sequence parallel needs seq_length {model.seq_length} divisible by tp={self.tp}")
         if self.global_batch_size % (self.micro_batch_size * self.dp):
@@ -179,11 +180,56 @@ def recomputed_layers(layout: Layout, chunk_layers: int) -> int:
 # ---- exact parameter geometry --------------------------------------------------------------------
 
 
+def local_kv_heads(model: ModelConfig, tp: int) -> int:
+    """Key/value heads on one tp rank: kv_heads / tp, or 1 when tp > kv_heads (each kv head is then
+    replicated on tp / kv_heads consecutive ranks)."""
+    kv = model.kv_heads()
+    if tp > kv:
+        if tp % kv:
+            raise PlanError(f"tp={tp} is not a multiple of num_kv_heads={kv}: each kv head must be replicated "
+                            f"on a whole number of tp ranks")
+        return 1
+    if kv % tp:
+        raise PlanError(f"tp={tp} does not divide num_kv_heads={kv}")
+    return kv // tp
+
+
+def projection_widths(model: ModelConfig, tp: int) -> tuple[int, int]:
+    """(query width, key + value width) of one tp rank's attention projections: H d / tp, 2 K_local d."""
+    d = model.head_size()
+    return model.num_heads * d // tp, 2 * local_kv_heads(model, tp) * d
+
+
 def layer_param_sizes(model: ModelConfig, tp: int) -> list[int]:
-    """Per-rank sizes of one transformer layer's parameters, in registration order."""
+    """Per-rank sizes of one transformer layer's parameters, in registration order, from the spec:
+    norms (weight, + bias for layernorm), attention (fused qkv when every head has its own kv, else query
+    and key_value; biases when has_qkv_bias), proj (bias when bias), MLP (gelu: fc1, fc2; swiglu: gate,
+    up, down; biases when bias)."""
     h, f = model.hidden_size, model.ffn_size()
-    return [h, h, 3 * h * h // tp, 3 * h // tp, h * h // tp, h,  # ln1, qkv, proj
-            h, h, f * h // tp, f // tp, h * f // tp, h]  # ln2, fc1, fc2
+    query, kv = projection_widths(model, tp)
+    qkv_bias, bias = model.has_qkv_bias(), model.bias
+    norm = [h, h] if model.norm == "layernorm" else [h]
+    if model.grouped_attention():
+        attention = [query * h] + ([query] if qkv_bias else []) + [kv * h] + ([kv] if qkv_bias else [])
+    else:
+        attention = [(query + kv) * h] + ([query + kv] if qkv_bias else [])
+    attention += [h * query] + ([h] if bias else [])
+    column = [f * h // tp] + ([f // tp] if bias else [])
+    mlp = column * (2 if model.mlp == "swiglu" else 1) + [h * f // tp] + ([h] if bias else [])
+    return norm + attention + norm + mlp
+
+
+def full_param_count(model: ModelConfig, padded_tp: Optional[int] = None) -> int:
+    """Parameters of the whole model, each counted once (a replicated kv head once): with padded_tp None
+    the vocabulary as given (what transformers' num_parameters() counts), else padded as megalm builds it
+    at that tp."""
+    h = model.hidden_size
+    vocab = model.vocab_size if padded_tp is None else model.padded_vocab_size(padded_tp)
+    embeddings = vocab * h * (1 if model.tie_embeddings else 2)
+    if model.position_embedding == "learned":
+        embeddings += model.max_positions() * h
+    final_norm = h * (2 if model.norm == "layernorm" else 1)
+    return embeddings + model.num_layers * sum(layer_param_sizes(model, 1)) + final_norm
 
 
 def stage_chunks(model: ModelConfig, layout: Layout, pp_rank: int) -> list[tuple[range, bool, bool]]:
@@ -199,18 +245,20 @@ def chunk_param_sizes(model: ModelConfig, layout: Layout, layers: range, first: 
     tp = layout.tp
     local_vocab = model.padded_vocab_size(tp) // tp
     sizes: list[tuple[int, bool]] = []
-    tied = layout.pp > 1
+    tied = layout.pp > 1 and model.tie_embeddings  # the last stage's copy of the tied embedding
     if first:
         if model.position_embedding == "learned":
             sizes.append((model.max_positions() * model.hidden_size, False))
         sizes.append((local_vocab * model.hidden_size, tied))
-    if last and layout.pp > 1:
+    if last and tied:
         sizes.append((local_vocab * model.hidden_size, True))
     per_layer = [(n, False) for n in layer_param_sizes(model, tp)]
     for _ in layers:
         sizes.extend(per_layer)
     if last:
-        sizes.extend([(model.hidden_size, False), (model.hidden_size, False)])
+        sizes.extend([(model.hidden_size, False)] * (2 if model.norm == "layernorm" else 1))
+        if not model.tie_embeddings:  # untied output layer: vocab-parallel, the last stage's own
+            sizes.append((local_vocab * model.hidden_size, False))
     return sizes
 
 

@@ -47,12 +47,18 @@ class Case:
     num_heads: int = 4
     micro_batch_size: int = 2
     position_embedding: str = "learned"
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    bias: bool = True
 
     def model(self, num_layers: int = 2) -> ModelConfig:
         return ModelConfig(
             family=self.family, num_layers=num_layers, hidden_size=self.hidden_size, num_heads=self.num_heads,
             vocab_size=256, seq_length=self.seq_length, hidden_dropout=self.dropout,
-            attention_dropout=self.dropout, position_embedding=self.position_embedding,
+            attention_dropout=self.dropout, position_embedding=self.position_embedding, norm=self.norm,
+            mlp=self.mlp, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, bias=self.bias,
         )
 
     def config(self, num_layers: int) -> Config:
@@ -70,8 +76,11 @@ class Case:
     def label(self) -> str:
         sp = " sp" if self.sequence_parallel else ""
         rope = " rope" if self.position_embedding == "rotary" else ""
+        spec = "".join([" rmsnorm" if self.norm == "rmsnorm" else "", " swiglu" if self.mlp == "swiglu" else "",
+                        f" kv{self.num_kv_heads}" if self.num_kv_heads else "", f" d{self.head_dim}" if self.head_dim else "",
+                        "" if self.bias else " nobias"])
         return (f"{self.family:8s} {self.precision} tp{self.tp}{sp:3s} drop {self.dropout:g} {self.recompute:9s} "
-                f"s{self.seq_length} b{self.micro_batch_size} h{self.hidden_size} a{self.num_heads}{rope}")
+                f"s{self.seq_length} b{self.micro_batch_size} h{self.hidden_size} a{self.num_heads}{rope}{spec}")
 
 
 class SavedBytes:
@@ -198,6 +207,27 @@ def default_cases(quick: bool = False) -> list[Case]:
     if not quick:
         cases.append(Case(position_embedding="rotary", dropout=0.1))
         cases.append(Case(position_embedding="rotary", precision="bf16"))
+    return cases + llama_cases(quick)
+
+
+def llama_cases(quick: bool = False) -> list[Case]:
+    """Llama-style layers (RMSNorm, SwiGLU, grouped-query attention with rotary, no biases) at tp 1 and 2,
+    with and without sequence parallel, no and selective recompute; tp 4 replicates the 2 kv heads."""
+    llama = dict(norm="rmsnorm", mlp="swiglu", num_kv_heads=2, position_embedding="rotary", bias=False,
+                 seq_length=64, hidden_size=128, num_heads=4, micro_batch_size=2)
+    layouts = [dict(tp=1), dict(tp=2), dict(tp=2, sequence_parallel=True)] + ([] if quick else [dict(tp=4)])
+    cases = []
+    for layout in layouts:
+        for precision in ("fp32", "bf16"):
+            for recompute in ("none", "selective") + (() if quick else ("full",)):
+                cases.append(Case(precision=precision, recompute=recompute, **layout, **llama))
+    if not quick:
+        cases.append(Case(**dict(llama, num_kv_heads=1, head_dim=48)))  # MQA with head_dim != hidden / heads
+        cases.append(Case(**dict(llama, num_kv_heads=None, precision="bf16")))  # SwiGLU + RMSNorm, multi-head
+        for precision in ("fp32", "bf16"):  # dropout: CPU SDPA's math path repeats k and v to every head
+            for recompute in ("none", "selective"):
+                cases.append(Case(precision=precision, recompute=recompute, dropout=0.1, **llama))
+                cases.append(Case("prefixlm", precision, recompute, **llama))
     return cases
 
 

@@ -1,13 +1,18 @@
 """The analytic model: memory per pipeline stage and time per step of a layout on a cluster.
 
+Everything follows the model spec's fields (norm, mlp, num_kv_heads, head_dim, bias, qkv_bias,
+tie_embeddings): no test of a family name.
+
 Memory (bytes per GPU, for the worst rank of each stage): weights, gradients and optimizer state
-from the exact parameter geometry (`megalm.plan.layout`), activations per layer as megalm's layers
+from the exact parameter geometry (`megalm.plan.layout`: RMSNorm without bias, SwiGLU's three matrices,
+GQA's smaller key_value, replicated on tp / kv_heads ranks when tp > kv_heads, an untied output layer
+on the last stage), activations per layer as megalm's layers
 keep them on CUDA or CPU kernels (measured: megalm.plan.measure; Megatron numerics: the Korthikanti
 et al. (2022) breakdown) times the micro-batches in flight on that stage for the chosen schedule,
 the embedding / logits working set on the first / last stage, and communication buffers.
 
 Time (seconds per optimizer step) on the slowest stage, which sets the pipeline's pace:
-- compute: GEMMs at `matmul_efficiency` x peak plus memory-bound element-wise kernels (LayerNorm,
+- compute: GEMMs (megalm.plan.flops: the spec's matrices) at `matmul_efficiency` x peak plus memory-bound element-wise kernels (LayerNorm,
   bias/GeLU/dropout/residual, and the [s, s] attention scores unless attention is fused) at
   `memory_efficiency` x HBM bandwidth; backward = 2x forward; recompute adds forward work;
 - tensor-parallel collectives: 2 all-reduces (or all-gather + reduce-scatter under sequence
@@ -23,6 +28,9 @@ Time (seconds per optimizer step) on the slowest stage, which sets the pipeline'
   behind the last backward when overlapped except for the last bucket; ZeRO-1's all-gather of the
   updated parameters in their dtype, hidden behind the next forward (megalm) except for the first
   bucket, or after the optimizer step;
+- tied embeddings at pp > 1: the two copies' gradients summed between the first and last stage (an
+  untied output layer needs none); tp > kv_heads: the key_value gradients summed over each kv head's
+  tp / kv_heads replicas once per step;
 - optimizer step: memory-bound AdamW over the local (or sharded) parameters.
 """
 
@@ -33,12 +41,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megalm.config import ModelConfig
-from megalm.metrics import training_flops_per_token
 from megalm.model.attention import uses_dense_prefix_mask
 from megalm.parallel.schedules import analytic_bubble
 from megalm.plan.cluster import Cluster, Numerics, PlanError
+from megalm.plan.flops import layer_matmul_flops, training_flops_per_token
 from megalm.plan.layout import (
-    Layout, bucket_sizes, padded, rank_param_count, recomputed_layers, stage_chunks, zero1_shard_params,
+    Layout, bucket_sizes, padded, projection_widths, rank_param_count, recomputed_layers, stage_chunks,
+    zero1_shard_params,
 )
 
 GiB = 2**30
@@ -112,30 +121,65 @@ def _korthikanti_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int)
     return replicated + split, scores, 0
 
 
+def norm_saved_bytes(model: ModelConfig, tokens: int, act_bytes: int, kernels: str) -> int:
+    """What one norm over `tokens` rows keeps for backward (parameters aside).
+
+    layernorm: its input and fp32 mean and 1/std (on CPU, low-precision weight and bias as fp32 copies);
+    rmsnorm (statistics in fp32, as transformers computes them): the fp32 input (the input itself in fp32,
+    an fp32 copy otherwise), the fp32 1/rms per row, and the normalised rows cast back to the activation
+    dtype, which the weight's product keeps."""
+    h = model.hidden_size
+    if model.norm == "rmsnorm":
+        return (4 + act_bytes) * tokens * h + 4 * tokens
+    kept = act_bytes * tokens * h + 2 * 4 * tokens
+    if kernels == "cpu" and act_bytes != 4:
+        kept += 2 * 4 * h  # megalm's CPU LayerNorm hands low-precision weight and bias over as fp32 copies
+    return kept
+
+
+def mlp_saved_bytes(model: ModelConfig, tokens: int, act_bytes: int, tp: int) -> int:
+    """The MLP's split activations kept for backward, beyond its (shared) input: gelu: the GeLU input and
+    fc2's input; swiglu: gate and up outputs, silu(gate) and the product (down's input)."""
+    f = model.ffn_size()
+    return (4 if model.mlp == "swiglu" else 2) * act_bytes * tokens * f // tp
+
+
 def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kernels: str) -> tuple[int, int, int]:
     """(kept by every layer, the attention core's own saves, what selective recompute keeps of it) of
     megalm's TransformerLayer on `kernels`, as megalm.plan.measure measures it with saved-tensor hooks."""
-    s, b, h, f, a, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), model.num_heads, layout.tp
+    s, b, h, t = model.seq_length, layout.micro_batch_size, model.hidden_size, layout.tp
     sp = t if layout.sequence_parallel else 1
-    sbh, heads = s * b * h, a // t
+    sbh, heads = s * b * h, model.num_heads // t
+    query, kv = projection_widths(model, t)  # per rank: H d / t query, 2 K_local d key + value
     cpu = kernels == "cpu"
-    norms = 2 * act_bytes * sbh // sp + 2 * 2 * 4 * s * b // sp  # LN1 and LN2 inputs, their fp32 mean and 1/std
-    if cpu and act_bytes != 4:
-        norms += 2 * 2 * 4 * h  # megalm's CPU LayerNorm hands low-precision weight and bias over as fp32 copies
-    # QKV and fc1 inputs: under sequence parallel the column-parallel linear keeps only its [s/tp, b, h]
-    # input shard and all-gathers it again in backward for the weight gradient (as Megatron does)
+    norms = 2 * norm_saved_bytes(model, s * b // sp, act_bytes, kernels)  # the layer's two norms
+    # attention and MLP inputs (the query and key_value linears share one, so do gate and up): under
+    # sequence parallel a column-parallel linear keeps only its [s/tp, b, h] input shard and all-gathers it
+    # again in backward for the weight gradient (as Megatron does)
     linear_inputs = 2 * act_bytes * sbh // sp
-    split = act_bytes * (sbh + 2 * s * b * f) // t  # proj input, GeLU input, fc2 input
+    split = act_bytes * s * b * query + mlp_saved_bytes(model, s * b, act_bytes, t)  # proj input; the MLP's
     # hidden dropout masks: torch's CUDA dropout keeps a bool mask, its CPU one the scaled mask in the activation dtype
     masks = 2 * (act_bytes if cpu else 1) * sbh // sp if model.hidden_dropout > 0 else 0
-    # q, k, v as the core receives them: views of the QKV output; rotary makes q and k new tensors, and v
-    # still keeps the whole QKV output alive. Selective recompute keeps exactly these (and the shared mask).
-    qkv = act_bytes * (3 + (2 if model.position_embedding == "rotary" else 0)) * sbh // t
+    # q, k, v as the core receives them: views of the fused QKV output (multi-head), or the query output
+    # and views of the key_value output (grouped). Rotary makes q and k new tensors (keeping none of its
+    # inputs: the tables need no gradient); v still keeps the whole QKV or key_value output alive, while a
+    # grouped layer's rotated-away query output is freed. Selective recompute keeps exactly these (and the
+    # shared mask).
+    rotated = 0
+    if model.position_embedding == "rotary":
+        rotated = kv // 2 + (0 if model.grouped_attention() else query)
+    qkv = act_bytes * s * b * (query + kv + rotated)
     if cpu and model.attention_dropout > 0:
         # SDPA's math path (CPU, dropout): fp32 q*scale and k^T copies with v still a view of the QKV output
         # (fp32), or fp32 copies of all three (bf16/fp16); softmax output, dropout mask and dropped
-        # probabilities [b, a/t, s, s] all in fp32
-        copies = (2 * 4 * sbh // t + act_bytes * 3 * sbh // t) if act_bytes == 4 else 3 * 4 * sbh // t
+        # probabilities [b, a/t, s, s] all in fp32. Grouped: k and v repeated to every query head, so fp32
+        # q*scale, k and v copies all of the query width
+        if model.grouped_attention():
+            copies = 3 * 4 * s * b * query
+        elif act_bytes == 4:
+            copies = 4 * s * b * (query + kv // 2) + act_bytes * s * b * (query + kv)
+        else:
+            copies = 4 * s * b * (query + kv)
         core = copies + 3 * 4 * b * heads * s * s
     else:
         # fused SDPA kernels keep q, k, v, the output and the fp32 logsumexp (dropout: a few bytes of RNG
@@ -144,7 +188,7 @@ def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kern
         # in q's layout (empty_like keeps a strided tensor's dimension order), CUDA's memory-efficient
         # kernel (fp32, or any attention mask) writes [b, s, heads, d]; with b = 1 both orders coincide.
         efficient = not cpu and (act_bytes == 4 or uses_dense_prefix_mask(model, kernels))
-        output = act_bytes * sbh // t if efficient and b > 1 else 0
+        output = act_bytes * s * b * query if efficient and b > 1 else 0
         logsumexp = 4 * b * heads * (-(-s // 32) * 32 if efficient else s)
         core = qkv + output + logsumexp + prefix_additive_mask_bytes(model, layout, act_bytes, kernels)
     return norms + linear_inputs + split + masks, core, qkv
@@ -284,22 +328,28 @@ def _ring_half_time(nbytes: float, ranks: int, bandwidth: float, latency: float)
 
 def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, act_bytes: int) -> tuple[float, float]:
     """(seconds of one layer's forward for one micro-batch on one GPU, of which the attention core's part)."""
-    s, b, h, f, a, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), model.num_heads, layout.tp
+    s, b, h, f, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), layout.tp
+    a = model.num_heads
     sp = t if layout.sequence_parallel else 1
     matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
     memory_rate = cluster.hbm_bandwidth_gbs * 1e9 * cluster.memory_efficiency
-    gemm = 2 * s * b * (4 * h * h + 2 * h * f) / t + 4 * s * s * b * h / t
+    gemm_per_token, core_per_token = layer_matmul_flops(model, t)  # per rank: SwiGLU's 3 matrices, GQA's kv
+    gemm = s * b * (gemm_per_token + core_per_token)
+    query, kv = projection_widths(model, t)
     dropout = model.hidden_dropout > 0
-    # element-wise traffic on [s, b, h]: 2 LayerNorms (read + write), 2 bias-dropout-residual adds
-    # (read 2, write 1, mask), on the split parts: Q/K/V layout copies and bias + GeLU on [s, b, f]
-    elementwise = (10 * act_bytes + (2 if dropout else 0)) * s * b * h / sp + (6 * act_bytes * h + 2 * act_bytes * f) * s * b / t
+    # element-wise traffic on [s, b, h]: 2 norms (read + write), 2 bias-dropout-residual adds (read 2,
+    # write 1, mask); on the split parts: Q/K/V layout copies (2 per element), the MLP's activation on
+    # [s, b, f/t]: bias + GeLU (read, write) or SwiGLU's silu (read, write) and product (read 2, write 1)
+    activation = 5 if model.mlp == "swiglu" else 2
+    elementwise = ((10 * act_bytes + (2 if dropout else 0)) * s * b * h / sp
+                   + (2 * act_bytes * (query + kv) + activation * act_bytes * f / t) * s * b)
     scores = 0.0
     if not numerics.flash_attention:
         # QK^T writes the scores, fused scale-mask-softmax reads and writes them, AV reads them; dropout adds r/w + mask
         per_element = 4 * act_bytes + ((2 * act_bytes + 1) if model.attention_dropout > 0 else 0)
         scores = per_element * a * s * s * b / t / memory_rate
     # what selective recompute reruns: the attention core, its two matmuls (QK^T, PV) and the scores' traffic
-    core = 4 * s * s * b * h / t / matmul_rate + scores
+    core = s * b * core_per_token / matmul_rate + scores
     return gemm / matmul_rate + elementwise / memory_rate + scores, core
 
 
@@ -323,11 +373,13 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     if t > 1 and layout.sequence_parallel:
         # backward's second all-gather of a column-parallel input shard (half an all-reduce's time) runs
         # beside the input-gradient GEMM ([s b, out/t] x [out/t, h]); the rest of it is exposed
-        def exposed(out_features: int) -> float:
-            return max(0.0, collective / 2 - 2 * s * b * h * out_features / t / matmul_rate)
+        def exposed(local_out_features: float) -> float:
+            return max(0.0, collective / 2 - 2 * s * b * h * local_out_features / matmul_rate)
 
-        regather = exposed(3 * h) + exposed(model.ffn_size())
-        logits_regather = exposed(model.padded_vocab_size(t))
+        query, kv = projection_widths(model, t)  # the query and key_value (or fused QKV) linears share one gather
+        column_mlp = (2 if model.mlp == "swiglu" else 1) * model.ffn_size() / t  # gate and up share one too
+        regather = exposed(query + kv) + exposed(column_mlp)
+        logits_regather = exposed(model.padded_vocab_size(t) / t)
     # the slowest pipeline rank sets the pace
     compute_per_mb, comm_per_mb = 0.0, 0.0
     for pp_rank in range(pp):
@@ -377,10 +429,18 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
                 data_comm += max(gather(params_max) - compute_per_mb / 3, gather(buckets[-1]))
             else:
                 data_comm += gather(params_max)
-    if pp > 1:  # tied embedding gradient summed between the first and last stage
+    if pp > 1 and model.tie_embeddings:  # tied embedding gradient summed between the first and last stage
         emb = model.padded_vocab_size(t) // t * h * numerics.grad_bytes
         bw, lat = cluster.link(t * dp * pp)
         data_comm += _all_reduce_time(emb, 2, bw, lat)
+    replicas = t // model.kv_heads() if t > model.kv_heads() else 1
+    if replicas > 1:
+        # tp > kv heads: each kv head lives on tp / kv_heads consecutive ranks, whose key_value gradients are
+        # summed once per step so the copies stay equal (a ring all-reduce within the node)
+        layers = max(sum(len(c[0]) for c in stage_chunks(model, layout, r)) for r in range(pp))
+        _, kv = projection_widths(model, t)
+        kv_grads = layers * kv * (h + (1 if model.has_qkv_bias() else 0)) * numerics.grad_bytes
+        data_comm += _all_reduce_time(kv_grads, replicas, *cluster.link(replicas))
     # AdamW: read param, grad, 2 moments (+ master), write them back; memory-bound
     memory_rate = cluster.hbm_bandwidth_gbs * 1e9 * cluster.memory_efficiency
     kept = params_max / dp if layout.zero_stage == 1 else params_max
@@ -392,7 +452,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     gpus = layout.gpus
     model_flops = training_flops_per_token(model)
     extra = {"none": 0.0, "full": model_flops / 3 - 2 * h * model.vocab_size,
-             "selective": 4 * s * h * model.num_layers}[layout.recompute]  # recomputed forward FLOPs per token
+             "selective": layer_matmul_flops(model)[1] * model.num_layers}[layout.recompute]  # recomputed forward FLOPs per token
     if layout.recompute == "full":  # only recompute_layers of each chunk
         chunks = [c for r in range(pp) for c in stage_chunks(model, layout, r)]
         extra *= sum(recomputed_layers(layout, len(c[0])) for c in chunks) / model.num_layers

@@ -8,7 +8,8 @@ from typing import Optional
 
 from megalm.config import load_config
 from megalm.plan.cluster import PlanError, get_numerics, load_cluster
-from megalm.plan.layout import layout_from_config, layout_overrides, overrides_yaml
+from megalm.plan.flops import training_flops_per_token
+from megalm.plan.layout import full_param_count, layout_from_config, layout_overrides, overrides_yaml
 from megalm.plan.model import KERNELS, GiB, days_to_train
 from megalm.plan.search import Plan, make_plan, propose_shapes, search
 
@@ -21,6 +22,7 @@ def format_plan(plan: Plan, tokens: Optional[float] = None) -> str:
     lines = [
         f"plan: {layout.short()} = {layout.gpus} GPUs on {plan.cluster.name} ({plan.cluster.gpu}); "
         f"{plan.precision}, {plan.numerics.description}" + ("; activations of CPU kernels" if plan.kernels == "cpu" else ""),
+        model_line(plan.model, layout.tp),
         f"memory per GPU (GiB, limit {plan.cluster.hbm_gib:g}):",
         "  stage layers  weights    grads optimizer activations emb/logits  buffers reserved    total  in-flight",
     ]
@@ -45,6 +47,15 @@ def format_plan(plan: Plan, tokens: Optional[float] = None) -> str:
     if tokens:
         lines.append(f"days to train {tokens:.3g} tokens: {days_to_train(t, tokens):.1f}")
     return "\n".join(lines)
+
+
+def model_line(model, tp: int) -> str:
+    """Parameters (as transformers counts them, and as megalm builds them with the vocabulary padded at tp)
+    and training FLOPs per token, from the spec."""
+    exact, built = full_param_count(model), full_param_count(model, padded_tp=tp)
+    padding = f"; {built:,} with the vocabulary padded to {model.padded_vocab_size(tp):,}" if built != exact else ""
+    return (f"model: {exact:,} parameters ({exact / 1e9:.2f} B{padding}); "
+            f"{training_flops_per_token(model) / 1e9:.2f} GFLOP per token per training step (model FLOPs)")
 
 
 def format_search(plans: list[Plan], reference: Optional[Plan] = None) -> str:

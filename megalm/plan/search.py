@@ -8,7 +8,8 @@ from typing import Iterator, Optional, Sequence
 
 from megalm.config import Config, ConfigError, ModelConfig
 from megalm.plan.cluster import Cluster, Numerics, PlanError
-from megalm.plan.layout import Layout, config_for_layout
+from megalm.plan.flops import training_flops_per_token
+from megalm.plan.layout import Layout, config_for_layout, full_param_count
 from megalm.plan.model import GiB, StageMemory, StepTime, stage_memory, step_time
 
 
@@ -36,7 +37,9 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "cluster": self.cluster.name, "numerics": self.numerics.name, "precision": self.precision,
-            "kernels": self.kernels,
+            "kernels": self.kernels, "parameters": full_param_count(self.model),
+            "parameters_padded": full_param_count(self.model, padded_tp=self.layout.tp),
+            "training_flops_per_token": training_flops_per_token(self.model),
             "layout": dataclasses.asdict(self.layout), "gpus": self.layout.gpus,
             "fits": self.fits, "peak_memory_gib": self.peak_memory / GiB,
             "memory": [dict(dataclasses.asdict(s), total=s.total) for s in self.memory],
@@ -67,6 +70,8 @@ def candidate_layouts(model: ModelConfig, cluster: Cluster, gpus: int, global_ba
     """Every layout megalm could run: tp within a node, uniform pipeline stages, whole micro-batches."""
     for tp in _divisors(gpus):
         if tp > cluster.gpus_per_node or model.num_heads % tp or model.ffn_size() % tp:
+            continue
+        if model.kv_heads() % tp and tp % model.kv_heads():  # kv heads split, or each replicated, over tp
             continue
         for pp in _divisors(gpus // tp):
             if model.num_layers % pp:
@@ -156,28 +161,34 @@ def smallest_fitting_gpus(model: ModelConfig, cluster: Cluster, gpus: int, globa
 # ---- Yuan-style shape proposals -----------------------------------------------------------------
 
 
-def transformer_params(num_layers: int, hidden: int, vocab: int, seq: int) -> int:
-    """Parameters of a GPT with ffn 4h, biases, learned positions and a tied output layer."""
-    return num_layers * (12 * hidden * hidden + 13 * hidden) + (vocab + seq) * hidden + 2 * hidden
+def scaled_shape(base: ModelConfig, num_layers: int, hidden: int, head_dim: int) -> ModelConfig:
+    """`base`'s spec at another depth and width: heads of head_dim, the MLP at base's ffn / hidden ratio
+    (rounded to 256 when base sets ffn_hidden_size), kv heads kept where they divide the heads."""
+    heads = hidden // head_dim
+    ffn = None
+    if base.ffn_hidden_size is not None:
+        ffn = max(256, round(base.ffn_size() / base.hidden_size * hidden / 256) * 256)
+    kv = base.num_kv_heads if base.num_kv_heads is not None and heads % base.num_kv_heads == 0 else None
+    return dataclasses.replace(base, num_layers=num_layers, hidden_size=hidden, num_heads=heads, ffn_hidden_size=ffn,
+                               num_kv_heads=kv, head_dim=None)
 
 
 def propose_shapes(target_params: float, cluster: Cluster, gpus: int, global_batch_size: int, numerics: Numerics,
                    precision: str, base: ModelConfig, top: int = 5, tolerance: float = 0.1,
                    head_dim: int = 128) -> list[tuple[ModelConfig, Plan]]:
-    """Shapes within `tolerance` of the target parameter count, each with its fastest layout, fastest first."""
+    """Shapes of `base`'s spec (norm, MLP, kv heads, biases, tied or not) within `tolerance` of the target
+    parameter count, each with its fastest layout, fastest first."""
     results = []
     for hidden in range(8 * head_dim, 65 * 1024, 1024):
-        per_layer = 12 * hidden * hidden + 13 * hidden
-        fixed = (base.vocab_size + base.seq_length) * hidden
+        one, two = (full_param_count(scaled_shape(base, n, hidden, head_dim)) for n in (1, 2))
+        per_layer, fixed = two - one, 2 * one - two
         layers = round((target_params - fixed) / per_layer)
         for num_layers in {layers - 1, layers, layers + 1}:
             if num_layers < 2:
                 continue
-            count = transformer_params(num_layers, hidden, base.vocab_size, base.seq_length)
-            if abs(count / target_params - 1) > tolerance:
+            shape = scaled_shape(base, num_layers, hidden, head_dim)
+            if abs(full_param_count(shape) / target_params - 1) > tolerance:
                 continue
-            shape = dataclasses.replace(base, num_layers=num_layers, hidden_size=hidden, num_heads=hidden // head_dim,
-                                        ffn_hidden_size=None)
             # under fused attention selective recompute keeps nearly what none keeps: proposals plan full only
             recompute = ("full",) if numerics.flash_attention else ("selective", "full")
             try:
