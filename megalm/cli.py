@@ -243,25 +243,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """A transformers GPT-2 directory from a checkpoint of any layout, streamed tensor by tensor."""
-    from megalm.interop.gpt2 import export_gpt2
+    """A transformers directory (GPT-2, or Llama / Qwen2 / Mistral) from a checkpoint of any layout, streamed tensor by tensor."""
+    from megalm.interop.hf import export_model, parse_size
 
-    summary = export_gpt2(args.checkpoint, args.output, dtype=args.dtype, tokenizer=args.tokenizer,
-                          with_tokenizer=not args.no_tokenizer, log=lambda message: print(f"megalm: {message}"))
+    summary = export_model(args.checkpoint, args.output, format=args.format, family=args.family, dtype=args.dtype,
+                           tokenizer=args.tokenizer, with_tokenizer=not args.no_tokenizer,
+                           max_shard_size=parse_size(args.max_shard_size),
+                           log=lambda message: print(f"megalm: {message}"))
     tokenizer = "with its tokenizer" if summary["tokenizer"] else "without a tokenizer (the checkpoint has none)"
-    print(f"wrote {args.output}: GPT-2 of step {summary['step']} of {summary['checkpoint']}, {summary['tensors']} "
-          f"tensors, {summary['parameters']:,} parameters in {summary['dtype']}, {tokenizer}; load it with "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(args.output)!r})")
+    label = {"gpt2": "GPT-2", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[summary["family"]]
+    print(f"wrote {args.output}: {label} of step {summary['step']} of {summary['checkpoint']}, "
+          f"{summary['tensors']} tensors, {summary['parameters']:,} parameters in {summary['dtype']}, {tokenizer}; "
+          f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(args.output)!r})")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    """A megalm run directory (checkpoint at step 0) from a transformers GPT-2 directory or a convert file."""
-    from megalm.interop.gpt2 import import_model
+    """A megalm run directory (checkpoint at step 0) from a transformers directory or a convert file."""
+    from megalm.interop.hf import import_model
 
-    summary = import_model(args.source, args.output, family=args.family)
+    summary = import_model(args.source, args.output, family=args.family, seq_length=args.seq_length)
     print(f"wrote {summary['checkpoint']}: {summary['family']} of {summary['parameters']:,} parameters"
-          f"{', tokenizer ' + summary['tokenizer'] if summary['tokenizer'] else ''}; fine-tune it with "
+          f"{', tokenizer ' + str(summary['tokenizer']) if summary['tokenizer'] else ''}; fine-tune it with "
           f"train.init_from={args.output}, or resume it with `megalm train {summary['config']} --run-dir {args.output}`")
     return 0
 
@@ -307,19 +310,30 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="the .pt file to write")
     convert.set_defaults(func=cmd_convert)
 
-    export = sub.add_parser("export", help="write a checkpoint as a Hugging Face transformers GPT-2 directory")
+    export = sub.add_parser("export", help="write a checkpoint as a Hugging Face transformers directory")
     export.add_argument("checkpoint", help="a checkpoint or run directory, saved at any layout")
     export.add_argument("output", help="the directory to write (new or empty)")
-    export.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers GPT-2 (safetensors)")
+    export.add_argument("--format", choices=["hf", "gpt2"], default="hf",
+                        help="hf: the transformers family of the model (GPT-2 for a GPT-2-shaped model, else the "
+                             "Llama family it was imported from); gpt2: transformers GPT-2")
+    export.add_argument("--family", choices=["llama", "qwen2", "mistral"],
+                        help="Llama-family models: default the family it was imported from, else qwen2 for q/k/v "
+                             "biases alone, else llama")
     export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the run's train.precision")
-    export.add_argument("--tokenizer", help="the run's sentencepiece .model, when its data.tokenizer path moved")
+    export.add_argument("--max-shard-size", default="5GB", help="safetensors shards of at most this size (default 5GB)")
+    export.add_argument("--tokenizer", help="the run's tokenizer (.model, or a directory with tokenizer.json) when "
+                                            "its data.tokenizer path moved")
     export.add_argument("--no-tokenizer", action="store_true", help="write the model alone")
     export.set_defaults(func=cmd_export)
 
-    importer = sub.add_parser("import", help="make a megalm checkpoint from a transformers GPT-2 or a convert file")
-    importer.add_argument("source", help="a transformers GPT-2 directory, or the .pt file `megalm convert` wrote")
+    importer = sub.add_parser("import", help="make a megalm checkpoint from a transformers directory or a convert file")
+    importer.add_argument("source", help="a transformers GPT-2, Llama, Qwen2 or Mistral directory (safetensors), "
+                                         "or the .pt file `megalm convert` wrote")
     importer.add_argument("output", help="the run directory to write (new or empty)")
-    importer.add_argument("--family", choices=["lm", "prefixlm"], help="default: the source's (GPT-2: lm)")
+    importer.add_argument("--family", choices=["lm", "prefixlm"], help="default: the source's (lm)")
+    importer.add_argument("--seq-length", type=int,
+                          help="Llama family: model.seq_length (default: max_position_embeddings, or the sliding "
+                               "window when smaller)")
     importer.set_defaults(func=cmd_import)
 
     bench = sub.add_parser("bench", help="time training steps against a plain PyTorch GPT of the same shape")

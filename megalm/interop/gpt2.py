@@ -40,19 +40,16 @@ import torch
 
 import megalm
 from megalm.checkpoint.state import PieceIndex
-from megalm.checkpoint.store import CheckpointError, CheckpointStore
+from megalm.checkpoint.store import CheckpointStore
 from megalm.checkpoint.weights import find_checkpoint
 from megalm.config import Config, ModelConfig, config_from_dict, config_to_dict, config_to_yaml
+from megalm.interop import InteropError
 from megalm.interop.hf_tokenizer import MEGALM_TOKENIZER, write_hf_tokenizer
 from megalm.interop.safetensors_stream import StreamingSafetensorsWriter
 from megalm.model.gpt import PARAM_DTYPES, build_model
 
 WEIGHTS_FILE = "model.safetensors"
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-class InteropError(CheckpointError):
-    """A model or directory that cannot be exported or imported; the message says why and what to do."""
 
 
 # ---- the name and layout mapping ------------------------------------------------------------------------
