@@ -105,12 +105,30 @@ def from_gpt2(conversion: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.
     return tensor.contiguous()
 
 
+def gpt2_differences(cfg: ModelConfig) -> list[str]:
+    """What of this model transformers' GPT-2 cannot hold, one phrase each (empty: GPT-2's architecture)."""
+    checks = [
+        (cfg.position_embedding == "learned", f"model.position_embedding={cfg.position_embedding}: a rotary model "
+         f"cannot be exported to transformers' GPT-2 (learned absolute positions only)"),
+        (cfg.norm == "layernorm", f"model.norm={cfg.norm} (GPT-2 has LayerNorm)"),
+        (cfg.mlp == "gelu", f"model.mlp={cfg.mlp} (GPT-2's MLP is GeLU)"),
+        (not cfg.grouped_attention(), f"model.num_kv_heads={cfg.kv_heads()} (GPT-2 has as many key/value heads as "
+         f"query heads)"),
+        (cfg.head_size() * cfg.num_heads == cfg.hidden_size, f"model.head_dim={cfg.head_dim} (GPT-2's is "
+         f"hidden_size / num_heads)"),
+        (cfg.bias and cfg.has_qkv_bias(), f"model.bias={cfg.bias}, qkv_bias={cfg.qkv_bias} (GPT-2 has biases on "
+         f"every linear layer)"),
+        (cfg.tie_embeddings, "model.tie_embeddings=false (GPT-2's output layer is its token embedding)"),
+    ]
+    return [why for holds, why in checks if not holds]
+
+
 def check_exportable(cfg: ModelConfig, where: str) -> None:
-    if cfg.position_embedding != "learned":
-        raise InteropError(
-            f"{where} uses model.position_embedding={cfg.position_embedding}, and GPT-2 has learned absolute positions "
-            f"only: a rotary model cannot be exported to transformers' GPT-2 (train with position_embedding: learned)"
-        )
+    """InteropError naming every field GPT-2 cannot hold (see gpt2_differences)."""
+    differences = gpt2_differences(cfg)
+    if differences:
+        raise InteropError(f"{where} is not GPT-2's architecture: {'; '.join(differences)}. A rotary RMSNorm/SwiGLU "
+                           f"model exports with --format hf as Llama, Qwen2 or Mistral")
 
 
 def gpt2_config(config: Config, dtype: torch.dtype, eos_id: Optional[int], pad_id: Optional[int]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from megalm.checkpoint.weights import find_checkpoint
 from megalm.config import Config, config_from_dict, config_to_dict, config_to_yaml
 from megalm.data.hf_tokenizer import HF_TOKENIZER_FILES, HFTokenizer
 from megalm.interop import InteropError
+from megalm.interop.gpt2 import gpt2_differences
 from megalm.interop.llama import ARCHITECTURES, Entry, export_family, from_hf, hf_config, megalm_shape, model_fields, \
     tensor_table, to_hf
 from megalm.interop.safetensors_stream import StreamingSafetensorsWriter
@@ -378,7 +379,7 @@ def export_llama(checkpoint: str | Path, out: str | Path, family: Optional[str] 
 
 def gpt2_shaped(cfg) -> bool:
     """Whether a model is GPT-2's architecture (what --format hf exports as GPT-2)."""
-    return cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.position_embedding == "learned"
+    return not gpt2_differences(cfg)
 
 
 def export_model(checkpoint: str | Path, out: str | Path, format: str = "hf", family: Optional[str] = None,

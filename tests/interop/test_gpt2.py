@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import subprocess
 import sys
@@ -250,6 +252,22 @@ def test_what_cannot_be_exported_or_imported_is_one_line(runs, tokenizer: Path, 
         export_gpt2(tmp_path / "moved", tmp_path / "o2")
     export_gpt2(tmp_path / "moved", tmp_path / "o2", tokenizer=str(tokenizer))
     assert (tmp_path / "o2" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("tie_embeddings", False, "model.tie_embeddings=false"), ("norm", "rmsnorm", "model.norm=rmsnorm"),
+    ("mlp", "swiglu", "model.mlp=swiglu"), ("num_kv_heads", 2, "model.num_kv_heads=2"),
+    ("bias", False, "model.bias=False"), ("head_dim", 16, "model.head_dim=16"),
+])
+def test_a_model_gpt2_cannot_hold_is_refused_before_anything_is_written(field, value, named, tokenizer: Path,
+                                                                         tmp_path: Path) -> None:
+    """Not only rotary positions: an untied output layer (which GPT-2's config would silently tie), RMSNorm,
+    SwiGLU, fewer key/value heads, no biases or another head width each name the field, and no directory is left."""
+    config = make_config(tokenizer, **{field: value})
+    Checkpointer(build_trainer(config, ParallelGroups.single(), None), tmp_path / "run").save(0)
+    with pytest.raises(InteropError, match=f"not GPT-2's architecture: {re.escape(named)}"):
+        export_gpt2(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_without_the_hf_extra_export_says_what_to_install(runs, tmp_path: Path, monkeypatch) -> None:
