@@ -90,8 +90,14 @@ class OutputLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups) -> None:
         super().__init__()
+        self.tp_group = groups.tp_group
         local_vocab = cfg.padded_vocab_size(groups.tp_size) // groups.tp_size
         self.weight = mark_parameter(nn.Parameter(torch.empty(local_vocab, cfg.hidden_size)), 0)
+
+    def forward(self, hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+        """Vocab-split logits [s, b, v/tp] of hidden [s(/tp), b, h]. Called as a module, so that what runs
+        before a block's forward (ZeRO-1's wait for the weight's all-gather) runs before it."""
+        return parallel_logits(hidden, self.weight, self.tp_group, sequence_parallel)
 
 
 class GPTModel(nn.Module):
@@ -156,10 +162,12 @@ class GPTModel(nn.Module):
             self._rotary[key] = rotary_tables(self.cfg, seq_len, device)
         return self._rotary[key]
 
-    def _output_weight(self) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+        """Vocab-split logits [s, b, v/tp]: the untied output layer, or the (copy of the) tied embedding."""
         if self.output is not None:
-            return self.output.weight
-        return self.embedding.word.weight if self.output_weight is None else self.output_weight
+            return self.output(hidden, sequence_parallel)
+        weight = self.embedding.word.weight if self.output_weight is None else self.output_weight
+        return parallel_logits(hidden, weight, self.groups.tp_group, sequence_parallel)
 
     def forward(
         self,
@@ -195,7 +203,7 @@ class GPTModel(nn.Module):
         if not self.is_last:
             return hidden
         hidden = self.final_norm(hidden)
-        logits = parallel_logits(hidden, self._output_weight(), self.groups.tp_group, self.sequence_parallel)
+        logits = self._logits(hidden, self.sequence_parallel)
         if labels is None:
             return logits
         losses = vocab_parallel_cross_entropy(logits, labels.t(), self.groups, self.cfg.vocab_size)  # [s, b]
@@ -228,7 +236,7 @@ class GPTModel(nn.Module):
             hidden = layer.forward(hidden, attn_mask, rotary, None if caches is None else caches[int(index)])
         if not self.is_last:
             return hidden
-        return parallel_logits(self.final_norm(hidden), self._output_weight(), self.groups.tp_group, False)
+        return self._logits(self.final_norm(hidden), False)
 
 
 def build_model(

@@ -255,3 +255,24 @@ def test_replica_groups_are_made_on_every_rank_even_one_without_layers() -> None
     """Making a process group is collective: a rank that builds no attention (an empty pipeline stage) must
     still make the key/value replica groups, or the next group anyone makes waits forever."""
     assert run_distributed(_empty_stage_worker, 4, timeout=120, collective_timeout=20) == [4.0] * 4
+
+
+def test_zero1_waits_for_every_gathered_bucket_before_its_forward(monkeypatch) -> None:
+    """ZeRO-1 overlaps the parameter all-gathers with the next forward and waits before each block runs; a
+    weight read outside a module call (the untied output layer's, before the fix) was used before its
+    gather arrived under load (parity failed only on a busy machine). Every bucket must be waited for."""
+    from megalm.parallel.data import GradientSync
+
+    waited: set[int] = set()
+    original = GradientSync._wait_before_forward
+
+    def recording(self, buckets, module, args):
+        waited.update(buckets)
+        return original(self, buckets, module, args)
+
+    monkeypatch.setattr(GradientSync, "_wait_before_forward", recording)
+    for spec in ("gqa", "mha_tied"):
+        waited.clear()
+        trainer = build_trainer(train_config(spec, "lm", zero=1, accum=1, steps=1), ParallelGroups.single(), None)
+        trainer.train_step(0)
+        assert waited == {bucket.index for bucket in trainer.sync.buckets}, spec
