@@ -32,7 +32,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from megalm.data.tokenizer import TokenizerError
+from megalm.data import TokenizerError
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"

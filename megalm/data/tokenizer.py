@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
+from megalm.data import TokenizerError  # noqa: F401 - raised here, and imported from here by callers
+
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
@@ -44,10 +46,6 @@ _META = "\u2581"  # sentencepiece's whitespace symbol
 _PROTO_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 
 logger = logging.getLogger("megalm")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer cannot be trained or loaded; the message names the file and the fix."""
 
 
 # --------------------------------------------------------------------------------------------- training
