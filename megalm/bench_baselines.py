@@ -21,7 +21,7 @@ from megalm.config import Config, ModelConfig
 from megalm.data.batch import Batch
 from megalm.model.gpt import prefix_attention_mask
 from megalm.model.layers import apply_rotary
-from megalm.model.rope import rotary_cos_sin
+from megalm.model.rope import hf_rope_parameters, rotary_cos_sin
 
 IGNORE_INDEX = -100
 
@@ -180,7 +180,21 @@ def build_baseline_optimizer(model: nn.Module, config: Config, device: torch.dev
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, **extra)
 
 
-class TransformersGPT2(nn.Module):
+class _TransformersBaseline(nn.Module):
+    """A transformers causal LM (`self.model`) of megalm's shape (`self.cfg`), with the plain baseline's loss."""
+
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Summed cross-entropy over the labels that are not IGNORE_INDEX; tokens, labels [b, s]."""
+        mask = prefix_attention_mask(prefix_lengths, tokens.shape[1]) if self.cfg.family == "prefixlm" else None
+        logits = self.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits  # [b, s, V]
+        return F.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+
+class TransformersGPT2(_TransformersBaseline):
     """Hugging Face `transformers`' GPT2LMHeadModel of megalm's shape (the optional third phase).
 
     Same layers, hidden size, heads, FFN, vocabulary (unpadded), tied (or untied) output layer, LayerNorm eps,
@@ -205,34 +219,9 @@ class TransformersGPT2(nn.Module):
         )
         self.model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
 
-    def forward(
-        self, tokens: torch.Tensor, labels: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """Summed cross-entropy over the labels that are not IGNORE_INDEX; tokens, labels [b, s]."""
-        mask = prefix_attention_mask(prefix_lengths, tokens.shape[1]) if self.cfg.family == "prefixlm" else None
-        logits = self.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits  # [b, s, V]
-        return F.cross_entropy(
-            logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
 
 
-def _rope_parameters(cfg: ModelConfig) -> dict:
-    """transformers 5's `rope_parameters` for megalm's rotary fields."""
-    rope: dict = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling, "rope_theta": cfg.rotary_base}
-    if cfg.rope_scaling != "none":
-        rope["factor"] = cfg.rope_factor
-    if cfg.rope_scaling == "llama3":
-        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
-                    original_max_position_embeddings=cfg.rope_original_max_positions)
-    if cfg.rope_scaling == "yarn":
-        rope.update(original_max_position_embeddings=cfg.rope_original_max_positions, beta_fast=cfg.rope_beta_fast,
-                    beta_slow=cfg.rope_beta_slow)
-        if cfg.rope_attention_factor is not None:
-            rope["attention_factor"] = cfg.rope_attention_factor
-    return rope
-
-
-class TransformersLlama(nn.Module):
+class TransformersLlama(_TransformersBaseline):
     """transformers' LlamaForCausalLM of megalm's shape (Qwen2ForCausalLM when q, k, v alone have biases).
 
     Same layers, hidden size, heads and kv heads, head_dim, SwiGLU width, vocabulary (unpadded), tied or
@@ -250,7 +239,7 @@ class TransformersLlama(nn.Module):
             vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size(),
             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads(),
             max_position_embeddings=max(cfg.max_positions(), cfg.seq_length), rms_norm_eps=cfg.norm_eps,
-            tie_word_embeddings=cfg.tie_embeddings, rope_parameters=_rope_parameters(cfg),
+            tie_word_embeddings=cfg.tie_embeddings, rope_parameters=hf_rope_parameters(cfg)["rope_parameters"],
             attention_dropout=cfg.attention_dropout, initializer_range=cfg.init_std, use_cache=False,
             bos_token_id=None, eos_token_id=None, pad_token_id=None,
         )
@@ -263,15 +252,6 @@ class TransformersLlama(nn.Module):
             model_class = transformers.LlamaForCausalLM
         self.model = model_class._from_config(config, attn_implementation="sdpa")
 
-    def forward(
-        self, tokens: torch.Tensor, labels: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """Summed cross-entropy over the labels that are not IGNORE_INDEX; tokens, labels [b, s]."""
-        mask = prefix_attention_mask(prefix_lengths, tokens.shape[1]) if self.cfg.family == "prefixlm" else None
-        logits = self.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits  # [b, s, V]
-        return F.cross_entropy(
-            logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
 
     def blocks(self) -> nn.ModuleList:
         return self.model.model.layers

@@ -11,3 +11,12 @@ token stream) and `corpus` with `corpus_world` (a built-in Chinese/English text 
 
 class TokenizerError(ValueError):
     """A tokenizer cannot be trained or loaded; the message names the file and the fix."""
+
+
+def checked_ids(ids, vocab_size: int, path: object) -> list[int]:
+    """`ids` as ints, each in [0, vocab_size): TokenizerError naming the tokenizer for one outside."""
+    out = [int(token) for token in ids]
+    for token in out:
+        if not 0 <= token < vocab_size:
+            raise TokenizerError(f"token id {token} is out of range for {path} (vocab_size {vocab_size})")
+    return out

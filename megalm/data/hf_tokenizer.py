@@ -32,7 +32,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from megalm.data import TokenizerError
+from megalm.data import TokenizerError, checked_ids
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -253,13 +253,7 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens (bos, eos, pad, chat markers) are dropped unless skip_special_tokens=False."""
-        kept = []
-        for token in ids:
-            token = int(token)
-            if not 0 <= token < self.vocab_size:
-                raise TokenizerError(f"token id {token} is out of range for {self.path} (vocab_size {self.vocab_size})")
-            kept.append(token)
-        text = self._backend.decode(kept, skip_special_tokens=skip_special_tokens)
+        text = self._backend.decode(checked_ids(ids, self.vocab_size, self.path), skip_special_tokens=skip_special_tokens)
         if self._clean_up_spaces:
             for before, after in _CLEANUPS:
                 text = text.replace(before, after)

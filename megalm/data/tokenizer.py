@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from megalm.data import TokenizerError  # noqa: F401 - raised here, and imported from here by callers
+from megalm.data import TokenizerError, checked_ids  # TokenizerError: callers import it from here too
 
 PAD_ID = 0
 EOS_ID = 1
@@ -374,14 +374,8 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; pad, eos and sep are dropped (always: skip_special_tokens is for HFTokenizer's interface)."""
-        kept = []
-        for token in ids:
-            token = int(token)
-            if not 0 <= token < self.vocab_size:
-                raise TokenizerError(f"token id {token} is out of range for {self.path} (vocab_size {self.vocab_size})")
-            if token not in self._dropped:
-                kept.append(token)
-        return self._sp.decode(kept)
+        return self._sp.decode([token for token in checked_ids(ids, self.vocab_size, self.path)
+                                if token not in self._dropped])
 
     def id_to_piece(self, token: int) -> str:
         return self._sp.id_to_piece(int(token))
