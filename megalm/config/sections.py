@@ -60,8 +60,10 @@ class ModelConfig(_Section):
     attention_dropout: float = 0.0  # dropout on the attention probabilities, in [0, 1)
     init_std: float = 0.02  # std of the normal initialisation (output projections: init_std / sqrt(2 x num_layers))
     make_vocab_size_divisible_by: int = 128  # the embedding's rows are vocab_size padded to a multiple of this x tp
-    # PrefixLM attention: "flex" (FlexAttention, block mask), "dense" (SDPA, [b, 1, s, s] mask), "auto": flex on CUDA without attention dropout
+    # PrefixLM (and document mask) attention: "flex" (FlexAttention, block mask), "dense" (SDPA, [b, 1, s, s] mask), "auto": flex on CUDA without attention dropout
     prefix_attention: str = "auto"
+    # LM only: attention stops at each eos inside a packed sample (the eos ends its document) and positions restart at 0
+    document_mask: bool = False
 
     def _check_values(self) -> None:
         self._positive(
@@ -72,9 +74,12 @@ class ModelConfig(_Section):
         )
         for name in ("hidden_dropout", "attention_dropout"):
             self._require(0.0 <= getattr(self, name) < 1.0, name, "in [0, 1)")
-        if self.prefix_attention != "auto" and self.family != "prefixlm":
-            raise ConfigError(f"model.prefix_attention={self.prefix_attention} applies to model.family=prefixlm only "
-                              f"(LM attention is SDPA is_causal): remove it or set it to auto")
+        if self.document_mask and self.family != "lm":
+            raise ConfigError(f"model.document_mask applies to model.family=lm only (a PrefixLM sample has one prefix, "
+                              f"not one per document): set model.family=lm or model.document_mask=false")
+        if self.prefix_attention != "auto" and self.family != "prefixlm" and not self.document_mask:
+            raise ConfigError(f"model.prefix_attention={self.prefix_attention} applies to model.family=prefixlm and "
+                              f"model.document_mask only (LM attention is SDPA is_causal): remove it or set it to auto")
         if self.prefix_attention == "flex" and self.attention_dropout > 0:
             raise ConfigError(f"model.prefix_attention=flex has no attention dropout, but model.attention_dropout="
                               f"{self.attention_dropout}: set attention_dropout to 0 or prefix_attention to dense (or auto)")

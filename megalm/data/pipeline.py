@@ -24,7 +24,7 @@ from megalm.data.dataset import (
 from megalm.data.indexed import IndexedDataset, check_compatible
 from megalm.data.sampler import BatchSampler
 from megalm.data.synthetic import SyntheticTokenStream
-from megalm.data.tokenizer import AnyTokenizer, check_model_vocab, open_tokenizer
+from megalm.data.tokenizer import EOS_ID, AnyTokenizer, check_model_vocab, open_tokenizer
 
 SPLITS = ("train", "valid", "test")
 
@@ -144,8 +144,17 @@ def build_sources(config: Config) -> DataSources:
     return DataSources(sources[0], sources[1], sources[2], tokenizer)
 
 
+def document_eos_id(config: Config) -> Optional[int]:
+    """The id that ends each document under model.document_mask (None without it): data.tokenizer's eos, or
+    megalm's fixed eos id (1) for synthetic data, which then ends a document wherever the chain emits it."""
+    if not config.model.document_mask:
+        return None
+    return EOS_ID if config.data.tokenizer is None else open_tokenizer(config.data.tokenizer).eos_id
+
+
 def build_sampler(config: Config, source: SampleSource, dp_rank: int, dp_size: int) -> BatchSampler:
-    """This data-parallel rank's view of a source, in global batches of train.global_batch_size."""
+    """This data-parallel rank's view of a source, in global batches of train.global_batch_size (with each
+    micro-batch's document ids under model.document_mask)."""
     return BatchSampler(
         source,
         config.train.global_batch_size,
@@ -153,4 +162,5 @@ def build_sampler(config: Config, source: SampleSource, dp_rank: int, dp_size: i
         dp_rank,
         dp_size,
         prefixlm=config.model.family == "prefixlm",
+        eos_id=document_eos_id(config),
     )

@@ -10,10 +10,12 @@ uninterrupted run would have seen. A resume (`resume_at`) continues at the check
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
-from megalm.data.batch import Batch, prefix_loss_mask
+from megalm.data.batch import Batch, document_ids, prefix_loss_mask
 from megalm.data.dataset import Sample, SampleSource
 
 
@@ -28,6 +30,7 @@ class BatchSampler:
         dp_rank: int,
         dp_size: int,
         prefixlm: bool,
+        eos_id: Optional[int] = None,
     ) -> None:
         if global_batch_size % (micro_batch_size * dp_size) != 0:
             raise ValueError(
@@ -39,6 +42,7 @@ class BatchSampler:
         self.per_rank = global_batch_size // dp_size
         self.dp_rank = dp_rank
         self.prefixlm = prefixlm
+        self.eos_id = eos_id  # model.document_mask: each batch carries its document ids, split at this id
         self.start_step = 0  # step `start_step` begins at sample `start_samples` (a resume may move both)
         self.start_samples = 0
 
@@ -77,4 +81,6 @@ class BatchSampler:
             loss_mask = prefix_loss_mask(prefix, seq_length)
         else:
             loss_mask = torch.ones(len(samples), seq_length)
-        return Batch(tokens[:, :-1], tokens[:, 1:], loss_mask, prefix)
+        inputs = tokens[:, :-1]
+        documents = None if self.eos_id is None else document_ids(inputs, self.eos_id)
+        return Batch(inputs, tokens[:, 1:], loss_mask, prefix, documents)

@@ -345,7 +345,8 @@ class DeepSpeedRunner:
         loss_sum = torch.zeros((), device=device)
         norm: Optional[float] = None
         for index, batch in enumerate(batches):
-            losses = self.engine(batch.tokens, labels=batch.labels, prefix_lengths=batch.prefix_lengths)  # [b, s]
+            losses = self.engine(batch.tokens, labels=batch.labels, prefix_lengths=batch.prefix_lengths,
+                                 document_ids=batch.document_ids)  # [b, s]
             loss = (losses.float() * batch.loss_mask).sum() / global_tokens
             self.engine.backward(loss * scale)
             if self.zero_stage == 0 and index == len(batches) - 1:

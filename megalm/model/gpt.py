@@ -12,7 +12,8 @@ loss are computed in fp32 (megalm.model.layers, megalm.parallel.tensor).
 
 PrefixLM attention is FlexAttention with a block mask, or SDPA with a dense [b, 1, s, s] mask
 (`model.prefix_attention`, megalm.model.attention); either is built once per micro-batch and chunk and
-shared by the chunk's layers.
+shared by the chunk's layers. Per-document attention (`model.document_mask`) is the same choice over
+the micro-batch's document ids, whose per-document positions index the learned or rotary tables.
 
 Activation recompute (`parallel.recompute`): "full" keeps only the input of each of a chunk's first
 `recompute_layers` layers (all by default) and reruns the layer in backward; "selective" reruns the
@@ -29,7 +30,10 @@ from torch import nn
 
 from megalm.config import Config, ModelConfig
 from megalm.distributed import ParallelGroups
-from megalm.model.attention import prefix_attention_kernel, prefix_attention_mask, prefix_block_mask
+from megalm.model.attention import (
+    document_attention_mask, document_block_mask, document_positions, masked_attention, prefix_attention_kernel,
+    prefix_attention_mask, prefix_block_mask,
+)
 from megalm.model.init import initialize_parameters_
 from megalm.model.layers import Embedding, TransformerLayer, make_norm
 from megalm.model.rope import rotary_tables
@@ -125,7 +129,7 @@ class GPTModel(nn.Module):
         self.is_last = spec.last
         self.layer_ids = spec.layers
         self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (seq_len, device) -> cos, sin
-        self.prefix_kernel = prefix_attention_kernel(cfg, groups.device.type)[0] if cfg.family == "prefixlm" else None
+        self.prefix_kernel = prefix_attention_kernel(cfg, groups.device.type)[0] if masked_attention(cfg) else None
         # full: this chunk's first recomputed_layers layers keep only their input (a chunk with fewer
         # layers than recompute_layers recomputes all of them)
         self.recomputed_layers = 0
@@ -174,18 +178,27 @@ class GPTModel(nn.Module):
         inputs: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
         prefix_lengths: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """First stage takes token ids [b, s]; later stages hidden states [s, b, h].
+
+        document_ids [b, s] (model.document_mask; every stage): each token's document in its packed sample
+        (Batch.document_ids); None: each sample is one document (evaluation rows), plain causal attention.
 
         Returns per-token losses [b, s] on the last stage when labels are given, vocab-split
         logits [s, b, v/tp] when not, and hidden states [s, b, h] on the other stages.
         """
+        positions = None  # [b, s] per-document positions, else 0..s-1 for every sample
+        if self.cfg.document_mask and document_ids is not None:
+            positions = document_positions(document_ids)
         # A later stage computes in the parameters' dtype whatever dtype its input message arrived in.
-        hidden = self.embedding(inputs) if self.is_first else inputs.to(self.dtype)
+        hidden = self.embedding(inputs, positions) if self.is_first else inputs.to(self.dtype)
         seq_len = inputs.shape[1] if self.is_first else hidden.shape[0] * (
             self.groups.tp_size if self.sequence_parallel else 1
         )
         attn_mask = None  # causal via SDPA's is_causal
+        if positions is not None:  # built once per micro-batch and chunk, shared by its layers
+            attn_mask = (document_block_mask if self.prefix_kernel == "flex" else document_attention_mask)(document_ids)
         if self.cfg.family == "prefixlm":
             if prefix_lengths is None:
                 raise ValueError("a PrefixLM model needs prefix_lengths for every sample")
@@ -194,6 +207,8 @@ class GPTModel(nn.Module):
         rotary = None
         if self.cfg.position_embedding == "rotary":
             rotary = self._rotary_table(seq_len, hidden.device)
+            if positions is not None:  # each token's row of the table: [s, b, 1, d]
+                rotary = tuple(table[positions.t()].squeeze(2) for table in rotary)
         recomputing = torch.is_grad_enabled()  # nothing to save (generation, evaluation): run plainly
         for index, layer in enumerate(self.layers.values()):
             if recomputing and index < self.recomputed_layers:

@@ -136,8 +136,12 @@ class Embedding(nn.Module):
     def forward(self, token_ids: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         # token_ids: [b, s] -> [s, b, h] ([s/tp, b, h] with sequence parallel)
         hidden = self.word(token_ids.t())
-        if self.position is not None and positions is not None:  # generation: [b, s] positions of its own
-            hidden = hidden + self.position[positions.t()]
+        if self.position is not None and positions is not None:  # generation, documents: [b, s] positions of their own
+            rows = positions.t()  # [s, b]
+            if self.sequence_parallel:
+                shard = hidden.shape[0]
+                rows = rows[self.groups.tp_rank * shard : (self.groups.tp_rank + 1) * shard]
+            hidden = hidden + self.position[rows]
         elif self.position is not None:
             seq_len = token_ids.shape[1]
             positions = self.position[:seq_len]

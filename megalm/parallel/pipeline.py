@@ -260,9 +260,10 @@ class PipelineExecutor:
         if stage > 0:
             inputs.requires_grad_(not forward_only)
         if stage == self.last_stage:
-            output = loss_fn(chunk(inputs, labels=batch.labels, prefix_lengths=batch.prefix_lengths), batch)
+            output = loss_fn(chunk(inputs, labels=batch.labels, prefix_lengths=batch.prefix_lengths,
+                                   document_ids=batch.document_ids), batch)
         else:
-            output = chunk(inputs, prefix_lengths=batch.prefix_lengths)
+            output = chunk(inputs, prefix_lengths=batch.prefix_lengths, document_ids=batch.document_ids)
         if stage == self.last_stage:
             if not forward_only:
                 self._keep(action, inputs if stage > 0 else None, output)

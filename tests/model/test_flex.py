@@ -98,7 +98,7 @@ def test_kernel_choice_and_config_errors() -> None:
     assert describe_attention(ModelConfig(), "cuda") == "attention: LM, SDPA is_causal"
     with pytest.raises(ConfigError, match="prefix_attention=flex has no attention dropout"):
         ModelConfig(**prefix, prefix_attention="flex", attention_dropout=0.1)
-    with pytest.raises(ConfigError, match="applies to model.family=prefixlm only"):
+    with pytest.raises(ConfigError, match="applies to model.family=prefixlm and model.document_mask only"):
         ModelConfig(prefix_attention="flex")
     with pytest.raises(ConfigError, match="must be one of"):
         ModelConfig(**prefix, prefix_attention="flash")
