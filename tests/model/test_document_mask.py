@@ -183,10 +183,13 @@ def test_flex_equals_each_document_alone(positions: str, monkeypatch) -> None:
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
 def test_negative_control_the_causal_mask_fails(positions: str, monkeypatch) -> None:
-    """Without the document mask, or with it but positions running on across documents, the packed run is
-    far from each document alone: the comparison above can fail."""
+    """Without the document mask, or (learned positions) with it but positions running on across documents,
+    the packed run is far from each document alone: the comparison above can fail. Rotary attention inside a
+    document depends only on the distance between tokens, so there positions running on change nothing."""
     plain = packed_run(model_config(positions, document_mask=False), *packed_batch())
     assert worst(plain, reference(positions)) > 1e-2
+    if positions == "rotary":
+        return
     monkeypatch.setattr(gpt, "document_positions", lambda ids: torch.arange(ids.shape[1]).expand_as(ids))
     running_on = packed_run(model_config(positions), *packed_batch())
     assert worst(running_on, reference(positions)) > 1e-2
