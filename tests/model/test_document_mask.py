@@ -34,7 +34,7 @@ from megalm.testing import run_distributed
 from megalm.topology import Topology
 from megalm.train import build_trainer
 from tests.model.test_flex import lift_cpu_flex_check
-from tests.parallel.test_llama_parity import _full, _rel, _rows
+from tests.parallel.test_llama_parity import _full, _rel
 
 EOS, VOCAB, SEQ, TOLERANCE = 1, 64, 384, 1e-5
 # Eos positions of each sample's inputs (3 tiles of 128): 127 ends a document on a tile edge and 128 is a
@@ -224,6 +224,11 @@ def train_config(positions: str, tp=1, pp=1, sp=False, recompute="none", kernel=
     )
 
 
+def _rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The rows token ids reach (the vocabulary's padding depends on tp)."""
+    return tensor[:VOCAB] if name in ("embedding.word.weight", "output.weight") else tensor
+
+
 def _weights(trainer) -> dict[str, torch.Tensor]:
     trainer.wait_for_parameters()
     return {name: _full(param.data, param, trainer.groups).float()
@@ -270,9 +275,13 @@ def test_trainer_at_tp2_sp_and_pp2_equals_one_process() -> None:
         for per_rank in results:
             merged.update(per_rank[case]["weights"])
             assert per_rank[case]["losses"] == pytest.approx(ref["losses"], rel=TOLERANCE), case
+        merged.pop("output_weight", None)  # the last stage's copy of the tied embedding
         assert merged.keys() == ref["weights"].keys(), case
         gap = max(_rel(_rows(name, w), _rows(name, ref["weights"][name])) for name, w in merged.items())
         assert gap <= TOLERANCE, (case, gap)
+        print(f"document mask {case}: worst weight rel {gap:.1e}")
     for positions in ("learned", "rotary"):
-        plain = train_reference(positions, document_mask=False)
-        assert plain["losses"][0] != pytest.approx(train_reference(positions)["losses"][0], rel=1e-3)
+        plain, ref = train_reference(positions, document_mask=False), train_reference(positions)
+        gap = max(_rel(w, ref["weights"][name]) for name, w in plain["weights"].items())
+        print(f"negative control {positions}: losses {plain['losses']} vs {ref['losses']}, worst weight rel {gap:.1e}")
+        assert gap > 1e-3
