@@ -64,9 +64,11 @@ def configs(field: str) -> tuple[ModelConfig, ModelConfig]:
 
 def test_the_spec_fields_are_the_architecture_fields() -> None:
     """Every field a checkpoint's model is compared by, except the model's size and positions table, which
-    tests/test_plan*.py and the GPT-2 interop tests cover, is one of the spec's here."""
+    tests/test_plan*.py and the GPT-2 interop tests cover, and the attention-mask choices (family, document_mask:
+    no weight, FLOP or Hugging Face field; tests/model/test_flex.py and test_document_mask.py check what the
+    planner counts of their masks), is one of the spec's here."""
     sizes = {"family", "num_layers", "hidden_size", "num_heads", "vocab_size", "seq_length",
-             "max_position_embeddings", "position_embedding"}
+             "max_position_embeddings", "position_embedding", "document_mask"}
     assert set(MODEL_FIELDS) - sizes == set(SPEC_FIELDS)
 
 

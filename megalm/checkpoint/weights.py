@@ -35,8 +35,10 @@ from megalm.config import Config, config_to_dict
 from megalm.metrics import get_logger
 
 # The model fields a fine-tune must share with its source: the shape-bearing ones of a resume, but
-# not the family (LM and PrefixLM have the same weights; only the attention mask and loss differ).
-INIT_FIELDS = tuple(field for field in MODEL_FIELDS if field != "family")
+# not the attention masks (LM and PrefixLM, with or without per-document attention, have the same
+# weights; only the attention mask, positions and loss differ).
+MASK_FIELDS = ("family", "document_mask")
+INIT_FIELDS = tuple(field for field in MODEL_FIELDS if field not in MASK_FIELDS)
 
 _WHAT_TO_GIVE = "give a checkpoint directory (RUN/checkpoints/step_NNNNNNNN) or a run directory that has saved one"
 
@@ -176,8 +178,10 @@ def describe_source(path: Path, metadata: dict[str, Any], config: Config) -> str
         f"saved at tp {layout.get('tp')} x pp {layout.get('pp')} x dp {layout.get('dp')}",
         f"{saved['train']['precision']} -> {config.train.precision}",
     ]
-    if saved["model"]["family"] != config.model.family:
-        notes.append(f"model.family {saved['model']['family']} -> {config.model.family}")
+    for name in MASK_FIELDS:
+        before = saved["model"].get(name, False)  # document_mask: absent from checkpoints older than it
+        if before != getattr(config.model, name):
+            notes.append(f"model.{name} {before} -> {getattr(config.model, name)}")
     if saved["data"]["kind"] != config.data.kind:
         notes.append(f"data.kind {saved['data']['kind']} -> {config.data.kind}")
     return (

@@ -25,6 +25,8 @@ from typing import Iterable, Optional
 import torch
 
 from megalm.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from megalm.data.batch import document_ids
+from megalm.data.tokenizer import EOS_ID
 from megalm.distributed import ParallelGroups
 from megalm.plan.layout import Layout
 from megalm.plan.model import ACTIVATION_BYTES, layer_activation_bytes
@@ -52,6 +54,7 @@ class Case:
     num_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
     bias: bool = True
+    document_mask: bool = False  # eos (id 1) at a few fixed positions of every sample
 
     def model(self, num_layers: int = 2) -> ModelConfig:
         return ModelConfig(
@@ -59,6 +62,7 @@ class Case:
             vocab_size=256, seq_length=self.seq_length, hidden_dropout=self.dropout,
             attention_dropout=self.dropout, position_embedding=self.position_embedding, norm=self.norm,
             mlp=self.mlp, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, bias=self.bias,
+            document_mask=self.document_mask,
         )
 
     def config(self, num_layers: int) -> Config:
@@ -120,8 +124,12 @@ def _forward(case: Case, num_layers: int, groups: ParallelGroups) -> tuple[torch
     tokens = torch.randint(0, 256, (b, s), generator=generator).to(groups.device)
     labels = torch.randint(0, 256, (b, s), generator=generator).to(groups.device)
     prefix = torch.randint(1, s, (b,), generator=generator).to(groups.device) if case.family == "prefixlm" else None
+    documents = None
+    if case.document_mask:
+        tokens[:, [s // 4, s // 4 + 1, s // 2]] = EOS_ID
+        documents = document_ids(tokens, EOS_ID)
     with SavedBytes(chunk) as saved:
-        losses = chunk(tokens, labels=labels, prefix_lengths=prefix)
+        losses = chunk(tokens, labels=labels, prefix_lengths=prefix, document_ids=documents)
     return losses, saved.total
 
 

@@ -217,7 +217,7 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, act_bytes: int, f
 
 
 def prefix_additive_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kernels: str) -> int:
-    """PrefixLM's dense mask as the fused SDPA kernels keep it, in every layer: the bool [b, 1, s, s] mask
+    """PrefixLM's (or per-document attention's) dense mask as the fused SDPA kernels keep it, in every layer: the bool [b, 1, s, s] mask
     becomes an additive mask in the activation dtype (CUDA's memory-efficient kernel pads rows to 16).
     FlexAttention keeps no mask (its block mask is [b, 1, s/128, s/128] ints)."""
     if not uses_dense_prefix_mask(model, kernels):
@@ -227,11 +227,24 @@ def prefix_additive_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: in
 
 
 def prefix_mask_bytes(model: ModelConfig, layout: Layout, kernels: str = "cuda") -> int:
-    """PrefixLM's dense [b, 1, s, s] bool mask, kept once per micro-batch and model chunk by recompute's
+    """PrefixLM's (or per-document attention's) dense [b, 1, s, s] bool mask, kept once per micro-batch and model chunk by recompute's
     checkpoints (without recompute the layers keep only their additive copies, `_megalm_layer_bytes`)."""
     if not uses_dense_prefix_mask(model, kernels) or layout.recompute == "none":
         return 0
     return layout.micro_batch_size * model.seq_length ** 2
+
+
+def document_bytes(model: ModelConfig, layout: Layout, first: bool) -> int:
+    """What per-document attention (model.document_mask) keeps per micro-batch and model chunk besides its mask
+    (counted as PrefixLM's): rotary, the cos and sin rows of each token [s, b, 1, d] fp32 in place of the
+    model's shared [s, 1, 1, d] tables (under full recompute the checkpoints hold them without saving them);
+    learned, on the first stage, the [s, b] int64 positions the table gather keeps."""
+    if not model.document_mask:
+        return 0
+    s, b = model.seq_length, layout.micro_batch_size
+    if model.position_embedding == "rotary":
+        return 2 * 4 * s * b * model.head_size()
+    return 8 * s * b if first else 0
 
 
 def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics,
@@ -268,7 +281,9 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
     for layers, _, _ in chunks:
         rerun = recomputed_layers(layout, len(layers)) if layout.recompute == "full" else len(layers)
         per_chunk = max(per_chunk, rerun * stored + (len(layers) - rerun) * stored_plain)
-    activations = flight * (per_chunk + prefix_mask_bytes(model, layout, kernels)) + working
+    first_stage = any(first for _, first, _ in chunks)
+    masks = prefix_mask_bytes(model, layout, kernels) + document_bytes(model, layout, first_stage)
+    activations = flight * (per_chunk + masks) + working
     s, b, h = model.seq_length, layout.micro_batch_size, model.hidden_size
     sp = layout.tp if layout.sequence_parallel else 1
     embedding_logits = 0

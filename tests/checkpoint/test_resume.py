@@ -114,6 +114,7 @@ CHANGES = {
     "init_std": ({}, 0.05),
     "make_vocab_size_divisible_by": ({}, 8),
     "prefix_attention": ({"family": "prefixlm"}, "dense"),
+    "document_mask": ({}, True),  # refused on resume (other masks and positions); a fine-tune may change it
     "norm": ({}, "rmsnorm"),
     "mlp": ({}, "swiglu"),
     "num_kv_heads": ({}, 2),
@@ -156,7 +157,7 @@ def test_the_exempt_model_fields_are_the_reviewed_ones() -> None:
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ModelConfig)])
 def test_each_model_field_is_checked_on_resume_and_init_from(name: str, saved_runs, tmp_path: Path) -> None:
     """A field that changes a tensor, changed: resume and train.init_from refuse, naming it; a field that
-    changes none (EXEMPT), changed: both load (a fine-tune may also change the family)."""
+    changes none (EXEMPT), changed: both load (a fine-tune may also change the family and document_mask)."""
     assert name in CHANGES, f"model.{name} is new: add a changed value for it to CHANGES (and EXEMPT if it changes no tensor)"
     base, value = CHANGES[name]
     run_dir = saved_runs(base)
@@ -169,7 +170,7 @@ def test_each_model_field_is_checked_on_resume_and_init_from(name: str, saved_ru
     else:
         with pytest.raises(CheckpointError, match=f"(?s)different model.*model\\.{name}"):
             resume(run_dir, changed)
-    if name in EXEMPT or name == "family":
+    if name in EXEMPT or name in ("family", "document_mask"):
         assert check_init_from(finetune) == run_dir / "checkpoints" / f"step_{SAVED_STEPS:08d}"
         assert Checkpointer(build_trainer(finetune, ParallelGroups.single(), None), tmp_path).start() == 0
     else:

@@ -11,6 +11,7 @@ equal the single process.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -285,3 +286,32 @@ def test_trainer_at_tp2_sp_and_pp2_equals_one_process() -> None:
         gap = max(_rel(w, ref["weights"][name]) for name, w in plain["weights"].items())
         print(f"negative control {positions}: losses {plain['losses']} vs {ref['losses']}, worst weight rel {gap:.1e}")
         assert gap > 1e-3
+
+
+# ---- the planner -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_the_planner_counts_what_the_document_mask_keeps(positions: str, recompute: str) -> None:
+    """Measured with saved-tensor hooks (megalm.plan.measure, on CPU: the dense mask): a layer keeps what
+    layer_activation_bytes says (PrefixLM's dense-mask terms), and the model outside its layers keeps, beyond
+    the causal LM's, prefix_mask_bytes + document_bytes. Rotary: the causal LM's layers save the model's
+    cached tables (which persist anyway, so the planner counts none), and under full recompute the checkpoints
+    hold the per-token rows without saving them: the hooks see neither."""
+    from megalm.plan.measure import Case, saved_by_forward
+    from megalm.plan.model import document_bytes, layer_activation_bytes, prefix_mask_bytes
+
+    groups = ParallelGroups.single()
+    case = Case("lm", recompute=recompute, position_embedding=positions, document_mask=True, seq_length=64,
+                hidden_size=128, num_heads=4, micro_batch_size=2)
+    plain = dataclasses.replace(case, document_mask=False)
+    one, two = saved_by_forward(case, 1, groups), saved_by_forward(case, 2, groups)
+    assert two - one == layer_activation_bytes(case.model(), case.layout(), 4, kernels="cpu")[0]
+    extra = (2 * one - two) - (2 * saved_by_forward(plain, 1, groups) - saved_by_forward(plain, 2, groups))
+    mask = prefix_mask_bytes(case.model(), case.layout(), "cpu")
+    tables = document_bytes(case.model(), case.layout(), first=True)
+    assert tables > 0 and (mask > 0) == (recompute != "none")
+    if positions == "rotary":  # the hooks see the causal LM's layers save the model's cached [s, 1, 1, d] tables
+        tables = 0 if recompute == "full" else tables - 2 * 4 * case.seq_length * case.model().head_size()
+    assert extra == mask + tables
