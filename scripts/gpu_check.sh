@@ -2,7 +2,7 @@
 # What only a GPU can show, on a machine with one CUDA GPU, in under 10 minutes:
 #   1. the tests marked `gpu` (tests/test_gpu.py on cuda): bf16 training steps, fused-AdamW resume bit
 #      for bit, peak memory against `megalm plan`, TF32 for fp32, FlexAttention PrefixLM against the
-#      dense mask (parity and peak memory);
+#      dense mask (parity and peak memory), per-document FlexAttention against its dense mask;
 #   2. `megalm bench` of configs/gpt-125m.yaml and configs/gpt-1.3b.yaml in bf16 (MFU and the ratios to
 #      a plain PyTorch GPT and, when installed, transformers' GPT-2 of the same shape), LM and PrefixLM,
 #      compiled layers, recompute selective / full, each to a JSON file (BENCH_SET=quick: LM only);

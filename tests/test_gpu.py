@@ -400,6 +400,79 @@ def test_flex_prefixlm_allocates_no_seq_by_seq_tensor() -> None:
     assert peaks["flex"] < peaks["dense"] - square, peaks  # H200: 129 MiB against 277
 
 
+# ---- per-document attention through FlexAttention (model.document_mask) ----------------------------------
+# The shape of the PrefixLM flex checks (one compile per dtype). Eos positions at 4096 tokens (scaled on CPU):
+# on a tile edge and a one-token document after it, inside a tile, ending the sample; a document longer than
+# two tiles; shifted by whole tiles for the no-recompile check.
+DOCUMENT_ENDS = ((127, 128, 1000, 2559, 4095), (40,))
+
+
+def _document_model(device: str, precision: str, kernel: str, document_mask: bool = True):
+    from megalm.model.gpt import build_model_chunks
+
+    seq = 4096 if device == "cuda" else 256
+    config = _config(device, "model.num_layers=2", "model.hidden_size=256", "model.num_heads=4",
+                     "model.ffn_hidden_size=512", "model.vocab_size=256", f"model.seq_length={seq}",
+                     f"train.precision={precision}", "model.family=lm", f"model.document_mask={document_mask}",
+                     *([f"model.prefix_attention={kernel}"] if document_mask else []), base="tiny-prefixlm.yaml")
+    (chunk,) = build_model_chunks(config, _groups(device))
+    return chunk
+
+
+def _document_step(chunk, seq: int, shift: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Mean loss of a packed batch (eos = 1 at DOCUMENT_ENDS, scaled to seq, shifted by `shift` tiles) and
+    the parameters' gradients."""
+    from megalm.data.batch import document_ids
+
+    device = next(chunk.parameters()).device
+    generator = torch.Generator().manual_seed(13 + shift)
+    tokens = torch.randint(2, 256, (2, seq), generator=generator)
+    labels = torch.randint(2, 256, (2, seq), generator=generator)
+    for row, ends in enumerate(DOCUMENT_ENDS):
+        tokens[row, [min(seq - 1, (e * seq) // 4096 + 128 * shift) for e in ends]] = 1
+    documents = document_ids(tokens, 1) if chunk.cfg.document_mask else None
+    chunk.zero_grad(set_to_none=True)
+    losses = chunk(tokens.to(device), labels=labels.to(device),
+                   document_ids=None if documents is None else documents.to(device))
+    loss = losses.float().mean()
+    loss.backward()
+    return loss.detach(), [p.grad.float().clone() for p in chunk.parameters()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_flex_document_mask_matches_the_dense_mask(device: str, precision: str, monkeypatch) -> None:
+    """Per-document FlexAttention (on CUDA the compiled kernel, which reads the BlockMask's partial and full
+    tiles) against SDPA with the dense document mask on the same weights and batch: loss and every gradient,
+    within the PrefixLM check's tolerances; other documents at the same shape reuse the compiled kernel. The
+    control, the causal LM on the same weights (positions running on), differs by more than 5x the tolerance."""
+    import torch.nn.attention.flex_attention as torch_flex
+
+    if device == "cpu":
+        monkeypatch.setattr(torch_flex, "_validate_device", lambda *args, **kwargs: None)
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        dense = _document_model(device, precision, "dense")
+        flex = _document_model(device, precision, "flex")
+        seq = flex.cfg.seq_length
+        want = _document_step(dense, seq)
+        error = _relative(_document_step(flex, seq), want)
+        control = _relative(_document_step(_document_model(device, precision, "auto", document_mask=False), seq), want)
+        for shift in (1, 2):
+            with torch._dynamo.config.patch(error_on_recompile=device == "cuda"):
+                again = _relative(_document_step(flex, seq, shift), _document_step(dense, seq, shift))
+            error = tuple(max(a, b) for a, b in zip(error, again))
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+    loss_tol, grad_tol = FLEX_TOLERANCE[precision]
+    _report("flex_document_mask_parity", device, precision=precision, seq=seq, loss_error=error[0],
+            grad_error=error[1], control_loss_error=control[0], control_grad_error=control[1],
+            tolerance=[loss_tol, grad_tol])
+    assert error[0] <= loss_tol and error[1] <= grad_tol, (error, control)
+    assert control[1] > 5 * grad_tol, control
+
+
 # ---- scripts/gpu_check.sh: what can be exercised without a GPU ------------------------------------------
 def _gpu_check(*args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHON", "VENV")}
