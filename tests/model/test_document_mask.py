@@ -158,10 +158,19 @@ def test_config_errors_and_kernel_choice() -> None:
     assert not uses_dense_prefix_mask(ModelConfig(), "cpu")
 
 
-def test_the_eos_id_comes_from_the_tokenizer_or_megalms_fixed_one() -> None:
-    config = Config(model=ModelConfig(document_mask=True))
-    assert document_eos_id(config) == EOS  # synthetic data: megalm's eos id
-    assert document_eos_id(Config()) is None
+def test_the_sampler_gives_each_micro_batch_its_document_ids() -> None:
+    """build_sampler splits at the eos id (synthetic data: megalm's fixed id 1, which the chain emits)
+    under model.document_mask, and gives no ids without it; Batch.to moves them."""
+    from megalm.data.pipeline import build_sampler, build_sources
+
+    config = Config(model=ModelConfig(vocab_size=16, seq_length=128, document_mask=True),
+                    train=TrainConfig(micro_batch_size=2, global_batch_size=4))
+    assert document_eos_id(config) == EOS and document_eos_id(Config()) is None
+    batches = build_sampler(config, build_sources(config).train, 0, 1).micro_batches(0)
+    assert all(torch.equal(b.to(torch.device("cpu")).document_ids, document_ids(b.tokens, EOS)) for b in batches)
+    assert any(int(b.document_ids.max()) > 0 for b in batches)  # the samples hold several documents
+    config.model.document_mask = False
+    assert build_sampler(config, build_sources(config).train, 0, 1).micro_batches(0)[0].document_ids is None
 
 
 # ---- exactness against each document alone ---------------------------------------------------------------
