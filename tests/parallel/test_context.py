@@ -147,18 +147,29 @@ def cp_run(request: pytest.FixtureRequest) -> tuple[int, list[dict]]:
     return cp, run_distributed(_attention_worker, cp, CASES, timeout=300.0)
 
 
+def _owners(cp: int, lo: int, hi: int) -> set[int]:
+    """The cp ranks holding any of the global positions lo..hi-1."""
+    return {rank for rank in range(cp) if any(lo <= p < hi for p in cp_positions(SEQ, cp, rank).tolist())}
+
+
 def test_cases_cover_the_brief() -> None:
     names = {case["name"] for case in CASES}
     assert {"causal", "prefix_zero_and_whole", "prefix_whole_sequence", "document_one_token_documents"} <= names
     assert sum(case["name"].startswith("control_") for case in CASES) == 3
     assert any(case["kv_heads"] < case["heads"] for case in CASES)
-    # A document longer than two chunks at cp = 2 and cp = 4; documents starting on and off chunk edges.
-    starts = [e + 1 for e in DOCUMENTS["on_chunk_edges"][0] + DOCUMENTS["on_chunk_edges"][1]]
-    assert all(start % 6 == 0 or start % 3 == 0 for start in starts)
-    assert all((e + 1) % 3 for e in DOCUMENTS["off_chunk_edges"][0] + DOCUMENTS["off_chunk_edges"][1])
-    assert 20 - 1 > 2 * (SEQ // 4)
-    # The PrefixLM cases include a prefix inside one chunk and one spanning chunks on different ranks.
-    assert cp_positions(SEQ, 2, 0)[:6].tolist() == list(range(6)) and 9 > 6 and 9 < 12
+    lengths = [n for lengths in PREFIXES.values() for n in lengths]
+    assert 0 in lengths and SEQ in lengths
+    for cp in (2, 4):
+        chunk = SEQ // (2 * cp)
+        # PrefixLM: a prefix ending inside one chunk, and one whose tokens lie on several chunks and ranks.
+        assert any(0 < n < chunk for n in lengths)
+        assert any(n > chunk and n % chunk and len(_owners(cp, 0, n)) > 1 for n in lengths)
+        # Documents: starts on and off chunk edges, a one-token document, a document longer than two chunks.
+        spans = [(a + 1, b + 1) for ends in DOCUMENTS.values() for sample in ends for a, b in zip([-1, *sample], sample)]
+        assert any(start > 0 and start % chunk == 0 for start, _ in spans)
+        assert any(start % chunk for start, _ in spans)
+        assert any(end - start == 1 for start, end in spans)
+        assert any(end - start > 2 * chunk for start, end in spans)
 
 
 def test_cp_attention_equals_full_attention(cp_run: tuple[int, list[dict]]) -> None:
@@ -229,7 +240,7 @@ def test_concrete_split() -> None:
     assert cp_split(torch.arange(8), 2, 1, 0).tolist() == [2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("seq, cp", [(10, 2), (12, 4), (7, 1 + 1), (30, 4)])
+@pytest.mark.parametrize("seq, cp", [(10, 2), (12, 4), (14, 2), (30, 4)])
 def test_indivisible_length_names_both_numbers(seq: int, cp: int) -> None:
     with pytest.raises(ValueError, match=rf"sequence length {seq} is not divisible by 2 x cp = {2 * cp} \(cp = {cp}\)"):
         cp_split(torch.zeros(seq), cp, 0, 0)
