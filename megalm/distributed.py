@@ -135,7 +135,8 @@ class ParallelGroups:
         """e.g. 'the dp group (global ranks [0, 2])', for error messages."""
         name = self.group_name(group)
         ranks = {
-            "tp": self.tp_ranks, "dp": self.dp_ranks, "pp": self.pp_ranks, "cp": self.cp_ranks, "dp_cp": self.dp_cp_ranks
+            "tp": self.tp_ranks, "dp": self.dp_ranks, "pp": self.pp_ranks,
+            "cp": self.cp_ranks, "dp_cp": self.dp_cp_ranks,
         }.get(name)  # fmt: skip
         if ranks is None and name in ("embedding", "control") and dist.is_initialized():
             ranks = tuple(dist.get_process_group_ranks(group))

@@ -102,7 +102,8 @@ def cp_unsplit(parts: Sequence[Tensor], dim: int) -> Tensor:
         return parts[0]
     local = parts[0].shape[dim]
     if local % 2 != 0 or any(part.shape[dim] != local for part in parts):
-        raise ValueError(f"cp parts must all hold the same even length along dim {dim}: {[p.shape[dim] for p in parts]}")
+        lengths = [part.shape[dim] for part in parts]
+        raise ValueError(f"cp parts must all hold the same even length along dim {dim}, got {lengths}")
     chunk = local // 2
     ordered: list[Optional[Tensor]] = [None] * (2 * cp)
     for rank, part in enumerate(parts):

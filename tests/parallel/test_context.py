@@ -144,7 +144,7 @@ def _attention_worker(rank: int, world_size: int, cases: list[dict]) -> dict:
 @pytest.fixture(scope="module", params=[2, 4], ids=["cp2", "cp4"])
 def cp_run(request: pytest.FixtureRequest) -> tuple[int, list[dict]]:
     cp = request.param
-    return cp, run_distributed(_attention_worker, cp, CASES, timeout=300.0)
+    return cp, run_distributed(_attention_worker, cp, CASES, timeout=300.0, collective_timeout=120.0)
 
 
 def _owners(cp: int, lo: int, hi: int) -> set[int]:
@@ -165,7 +165,8 @@ def test_cases_cover_the_brief() -> None:
         assert any(0 < n < chunk for n in lengths)
         assert any(n > chunk and n % chunk and len(_owners(cp, 0, n)) > 1 for n in lengths)
         # Documents: starts on and off chunk edges, a one-token document, a document longer than two chunks.
-        spans = [(a + 1, b + 1) for ends in DOCUMENTS.values() for sample in ends for a, b in zip([-1, *sample], sample)]
+        ends = [sample for samples in DOCUMENTS.values() for sample in samples]
+        spans = [(a + 1, b + 1) for sample in ends for a, b in zip([-1, *sample], sample)]
         assert any(start > 0 and start % chunk == 0 for start, _ in spans)
         assert any(start % chunk for start, _ in spans)
         assert any(end - start == 1 for start, end in spans)
@@ -309,7 +310,7 @@ def _loss_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("cp", [2, 4])
 def test_cp_loss_is_the_whole_sequence_mean(cp: int) -> None:
-    per_rank = run_distributed(_loss_worker, cp, LOSS_CASES, timeout=120.0)
+    per_rank = run_distributed(_loss_worker, cp, LOSS_CASES, timeout=120.0, collective_timeout=120.0)
     for index, case in enumerate(LOSS_CASES):
         losses = case["losses"].clone().requires_grad_(True)
         mask = case["mask"]
