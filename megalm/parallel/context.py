@@ -34,7 +34,6 @@ gradients then sum over the dp x cp group) and the loss itself; a rank with no l
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -207,24 +206,24 @@ def context_parallel_attention(
     """Attention of this cp rank's queries over the whole sequence; [b, heads, s_local, d] in and out.
 
     q: [b, heads, s_local, d]; k, v: [b, kv_heads, s_local, d] (kv_heads dividing heads: grouped-query),
-    each this rank's cp_split part. prefix_lengths [b] for kind='prefix'; document_ids [b, S] over global
-    positions for kind='document'. With group None (cp = 1) it is plain attention under the same mask."""
+    each this rank's cp_split part, its cp rank being its rank in `group`. prefix_lengths [b] for kind='prefix'; document_ids [b, S] over global
+    positions for kind='document'; scale defaults to 1 / sqrt(d). With group None (cp = 1) it is plain
+    attention under the same mask."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [b, heads, s, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     cp = _group_size(group)
-    cp_rank = dist.get_rank(group) if cp > 1 else 0
+    cp_rank = dist.get_rank(group) if cp > 1 else 0  # the cp groups list their ranks in cp order
     seq_length = q.shape[2] * cp
+    if document_ids is not None and document_ids.shape[-1] != seq_length:
+        raise ValueError(f"document_ids cover {document_ids.shape[-1]} positions, the sequence has {seq_length}")
     keys, values = gather_keys_values(k, v, group)
     query_pos = cp_positions(seq_length, cp, cp_rank, q.device)
     key_pos = gathered_key_positions(seq_length, cp, q.device)
-    if document_ids is not None and document_ids.shape[-1] != seq_length:
-        raise ValueError(f"document_ids cover {document_ids.shape[-1]} positions, the sequence has {seq_length}")
     mask = attention_mask(query_pos, key_pos, kind, prefix_lengths, document_ids)
     return F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]),
-        enable_gqa=q.shape[1] != k.shape[1],
+        q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
 
 
