@@ -53,6 +53,12 @@ class ParallelGroups:
     dp_ranks: tuple[int, ...] = (0,)
     pp_ranks: tuple[int, ...] = (0,)
     group_timeout: Optional[datetime.timedelta] = None  # the training groups' timeout (new groups get it too)
+    # Context parallelism (built only when cp > 1, else None and (rank,)): the ranks that split the same
+    # samples' sequences, and the dp x cp group (same tp and pp coordinates) that reduces gradients.
+    cp_group: ProcessGroup = None
+    dp_cp_group: ProcessGroup = None
+    cp_ranks: tuple[int, ...] = (0,)
+    dp_cp_ranks: tuple[int, ...] = (0,)
     # tp_replica_group's groups, created on first use: {replicas: this rank's group}
     _replica_groups: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -84,6 +90,14 @@ class ParallelGroups:
         return self.coords.pp
 
     @property
+    def cp_rank(self) -> int:
+        return self.coords.cp
+
+    @property
+    def cp_size(self) -> int:
+        return self.topology.cp
+
+    @property
     def tp_size(self) -> int:
         return self.topology.tp
 
@@ -104,10 +118,10 @@ class ParallelGroups:
         return self.topology.is_last_stage(self.rank)
 
     def group_name(self, group: ProcessGroup) -> str:
-        """'tp' | 'dp' | 'pp' | 'embedding' | 'world' | 'ranks[...]' for a process group argument."""
+        """'tp' | 'dp' | 'pp' | 'cp' | 'dp_cp' | 'embedding' | 'world' | 'ranks[...]' for a process group argument."""
         if group is None:
             return "world"
-        for name in ("tp", "dp", "pp", "embedding", "control"):
+        for name in ("tp", "dp", "pp", "cp", "dp_cp", "embedding", "control"):
             if group is getattr(self, f"{name}_group"):
                 return name
         if dist.is_initialized() and group is dist.group.WORLD:
@@ -120,7 +134,10 @@ class ParallelGroups:
     def describe_group(self, group: ProcessGroup) -> str:
         """e.g. 'the dp group (global ranks [0, 2])', for error messages."""
         name = self.group_name(group)
-        ranks = {"tp": self.tp_ranks, "dp": self.dp_ranks, "pp": self.pp_ranks}.get(name)
+        ranks = {
+            "tp": self.tp_ranks, "dp": self.dp_ranks, "pp": self.pp_ranks,
+            "cp": self.cp_ranks, "dp_cp": self.dp_cp_ranks,
+        }.get(name)  # fmt: skip
         if ranks is None and name in ("embedding", "control") and dist.is_initialized():
             ranks = tuple(dist.get_process_group_ranks(group))
         if name == "world":
@@ -292,6 +309,11 @@ def build_parallel_groups(
     control_dp_group, _ = _new_groups(
         topology.dp_groups(), rank, datetime.timedelta(seconds=control_timeout_s), backend="gloo"
     )
+    # Created after every 3D group, and only when cp > 1, so a cp = 1 run creates exactly the groups it always did.
+    cp_group, cp_ranks, dp_cp_group, dp_cp_ranks = None, (rank,), None, (rank,)
+    if topology.cp > 1:
+        cp_group, cp_ranks = _new_groups(topology.cp_groups(), rank, timeout)
+        dp_cp_group, dp_cp_ranks = _new_groups(topology.dp_cp_groups(), rank, timeout)
     return ParallelGroups(
         topology=topology,
         rank=rank,
@@ -306,6 +328,10 @@ def build_parallel_groups(
         dp_ranks=dp_ranks,
         pp_ranks=pp_ranks,
         group_timeout=timeout,
+        cp_group=cp_group,
+        dp_cp_group=dp_cp_group,
+        cp_ranks=cp_ranks,
+        dp_cp_ranks=dp_cp_ranks,
     )
 
 

@@ -228,3 +228,56 @@ def test_tf32_is_allowed_for_fp32_runs_on_cuda_only() -> None:
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
     finally:
         matmul.fp32_precision, conv.fp32_precision = saved
+
+
+# (tp, pp, dp, cp) over 4 ranks; the last is cp = 1, which must build no cp groups.
+CP_LAYOUTS_4 = [(1, 1, 1, 4), (2, 1, 1, 2), (1, 1, 2, 2), (1, 2, 1, 2), (2, 1, 2, 1)]
+
+
+def _cp_groups_worker(rank: int, world_size: int, layouts: list[tuple[int, int, int, int]]) -> list[dict]:
+    results = []
+    real_new_group = dist.new_group
+    for tp, pp, dp, cp in layouts:
+        created = []
+
+        def counting_new_group(ranks, *args, **kwargs):  # noqa: ANN001, ANN202
+            created.append(list(ranks))
+            return real_new_group(ranks, *args, **kwargs)
+
+        dist.new_group = counting_new_group
+        try:
+            groups = build_parallel_groups(Topology(tp=tp, pp=pp, dp=dp, cp=cp), rank, torch.device("cpu"))
+        finally:
+            dist.new_group = real_new_group
+        results.append({
+            "cp_rank": groups.cp_rank, "cp_size": groups.cp_size,
+            "ranks": {"cp": groups.cp_ranks, "dp_cp": groups.dp_cp_ranks},
+            "is_none": {name: getattr(groups, f"{name}_group") is None for name in ("cp", "dp_cp")},
+            "sum": {name: _sum_over(getattr(groups, f"{name}_group"), rank) for name in ("cp", "dp_cp", "dp")},
+            "names": [groups.group_name(getattr(groups, f"{n}_group")) for n in ("cp", "dp_cp") if cp > 1],
+            "created": created,
+        })  # fmt: skip
+    return results
+
+
+def test_cp_groups_reduce_over_the_topology_ranks() -> None:
+    per_rank = run_distributed(_cp_groups_worker, 4, CP_LAYOUTS_4)
+    for index, (tp, pp, dp, cp) in enumerate(CP_LAYOUTS_4):
+        topology = Topology(tp=tp, pp=pp, dp=dp, cp=cp)
+        for rank in range(4):
+            got, where = per_rank[rank][index], (tp, pp, dp, cp, rank)
+            assert (got["cp_rank"], got["cp_size"]) == (topology.coords(rank).cp, cp), where
+            assert got["sum"]["dp"] == sum(topology.dp_group_ranks(rank)), where
+            if cp == 1:  # nothing new: no cp groups, and exactly the process groups a 3D run creates
+                assert got["is_none"] == {"cp": True, "dp_cp": True}, where
+                assert got["ranks"] == {"cp": (rank,), "dp_cp": (rank,)}, where
+                lists = [topology.tp_groups(), topology.dp_groups(), topology.pp_groups(), topology.embedding_groups()]
+                expected = [g for groups in lists for g in groups if len(g) > 1]
+                expected += [list(range(4))] + [g for g in topology.dp_groups() if len(g) > 1]  # control groups
+                assert got["created"] == expected, where
+                continue
+            assert got["names"] == ["cp", "dp_cp"], where
+            for name, ranks in (("cp", topology.cp_group_ranks(rank)), ("dp_cp", topology.dp_cp_group_ranks(rank))):
+                assert got["ranks"][name] == tuple(ranks), (where, name)
+                assert got["is_none"][name] == (len(ranks) == 1), (where, name)
+                assert got["sum"][name] == sum(ranks), (where, name)

@@ -308,3 +308,147 @@ def test_topology_is_hashable_and_equal_by_value() -> None:
 def test_describe_names_the_layout() -> None:
     text = Topology(tp=2, pp=4, dp=3).describe()
     assert "world 24" in text and "tp 2" in text and "pp 4" in text and "dp 3" in text
+
+
+# ---- context parallelism ---------------------------------------------------------------------
+# Documented order with cp: tp fastest, then cp, then dp, then pp (Megatron-Core's tp-cp-dp-pp):
+# rank = ((pp * dp + dp_rank) * cp + cp_rank) * tp + tp_rank.
+
+
+def cp_layouts(max_world: int = 16) -> list[tuple[int, int, int, int]]:
+    """Every (tp, cp, pp, dp) with cp > 1 and tp * cp * pp * dp <= max_world."""
+    return [
+        (tp, cp, pp, dp)
+        for tp, pp, dp in all_layouts(max_world // 2)
+        for cp in range(2, max_world // (tp * pp * dp) + 1)
+    ]
+
+
+CP_LAYOUTS = cp_layouts()
+
+
+@pytest.fixture(params=CP_LAYOUTS, ids=[f"tp{t}-cp{c}-pp{p}-dp{d}" for t, c, p, d in CP_LAYOUTS])
+def cp_topology(request: pytest.FixtureRequest) -> Topology:
+    tp, cp, pp, dp = request.param
+    return Topology(tp=tp, pp=pp, dp=dp, cp=cp)
+
+
+def test_cp_layouts_cover_every_dimension() -> None:
+    assert len(CP_LAYOUTS) > 40
+    assert {c for _, c, _, _ in CP_LAYOUTS} == set(range(2, 17))
+    assert (2, 2, 2, 2) in CP_LAYOUTS and (1, 16, 1, 1) in CP_LAYOUTS
+
+
+def test_cp_rank_order_formula_and_round_trip(cp_topology: Topology) -> None:
+    t = cp_topology
+    assert t.world_size == t.tp * t.cp * t.pp * t.dp
+    seen, walked = set(), []
+    for pp in range(t.pp):
+        for dp in range(t.dp):
+            for cp in range(t.cp):
+                for tp in range(t.tp):
+                    rank = t.rank(pp, dp, tp, cp=cp)
+                    assert rank == ((pp * t.dp + dp) * t.cp + cp) * t.tp + tp  # the documented formula
+                    coords = t.coords(rank)
+                    assert coords == RankCoords(pp=pp, dp=dp, tp=tp, cp=cp)
+                    assert (coords.pp, coords.dp, coords.tp, coords.cp) == (pp, dp, tp, cp)
+                    assert t.rank(*coords, cp=coords.cp) == rank
+                    seen.add(coords)
+                    walked.append(rank)
+    # Nesting pp, dp, cp, tp walks the ranks in order: tp fastest, then cp, then dp, then pp.
+    assert walked == list(range(t.world_size))
+    assert len(seen) == t.world_size  # cp takes part in equality and hashing
+
+
+def test_cp_groups_partition_the_world_and_match_coords(cp_topology: Topology) -> None:
+    t = cp_topology
+    world = t.world_size
+    for groups, size in (
+        (t.tp_groups(), t.tp), (t.cp_groups(), t.cp), (t.dp_groups(), t.dp),
+        (t.pp_groups(), t.pp), (t.dp_cp_groups(), t.dp * t.cp),
+    ):  # fmt: skip
+        _assert_partition(groups, world, size)
+    for rank in range(world):
+        me = t.coords(rank)
+        others = {
+            "tp": t.tp_group_ranks(rank), "cp": t.cp_group_ranks(rank), "dp": t.dp_group_ranks(rank),
+            "pp": t.pp_group_ranks(rank), "dp_cp": t.dp_cp_group_ranks(rank),
+        }  # fmt: skip
+        for name, group in others.items():
+            assert rank in group
+            # Members differ from this rank only in the group's own coordinates.
+            fixed = {"tp", "cp", "dp", "pp"} - set(name.split("_"))
+            for other in group:
+                c = t.coords(other)
+                assert all(getattr(c, dim) == getattr(me, dim) for dim in fixed), (name, rank, other)
+        assert [t.coords(r).cp for r in others["cp"]] == list(range(t.cp))
+        assert [t.coords(r).pp for r in others["pp"]] == list(range(t.pp))
+        assert others["dp_cp"] == sorted(others["dp_cp"])
+        assert set(others["dp_cp"]) == {r for d in t.dp_group_ranks(rank) for r in t.cp_group_ranks(d)}
+    for group in t.tp_groups():
+        assert group == list(range(group[0], group[0] + t.tp))
+
+
+def test_cp_concrete_example() -> None:
+    topo = Topology(tp=2, pp=2, dp=2, cp=2)
+    assert topo.world_size == 16
+    assert topo.coords(6) == RankCoords(pp=0, dp=1, tp=0, cp=1)
+    assert topo.rank(pp=1, dp=1, tp=1, cp=1) == 15
+    assert topo.tp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]]
+    assert topo.cp_groups() == [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11], [12, 14], [13, 15]]
+    assert topo.dp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]]
+    assert topo.dp_cp_groups() == [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]]
+    assert topo.pp_groups() == [[0, 8], [1, 9], [2, 10], [3, 11], [4, 12], [5, 13], [6, 14], [7, 15]]
+    assert topo.embedding_group_ranks(14) == [6, 14]
+    assert Topology(cp=4).cp_groups() == [[0, 1, 2, 3]] == Topology(cp=4).dp_cp_groups()
+    assert Topology(cp=4).dp_groups() == [[0], [1], [2], [3]]
+
+
+def test_cp_one_is_the_3d_layout(topology: Topology) -> None:
+    # cp=1 (the default) changes no rank, coordinate or group; cp and dp_cp groups are singletons / dp groups.
+    explicit = Topology(tp=topology.tp, pp=topology.pp, dp=topology.dp, cp=1)
+    assert explicit == topology and hash(explicit) == hash(topology) and topology.cp == 1
+    assert topology.cp_groups() == [[r] for r in range(topology.world_size)]
+    assert topology.dp_cp_groups() == topology.dp_groups()
+    for rank in range(topology.world_size):
+        coords = topology.coords(rank)
+        assert coords.cp == 0 and len(coords) == 3 and coords == tuple(coords)
+        assert topology.rank(*coords) == topology.rank(*coords, cp=0) == rank
+    assert "cp" not in topology.describe()
+
+
+def test_cp_value_semantics() -> None:
+    a = Topology(tp=2, pp=1, dp=2, cp=2)
+    assert a != Topology(tp=2, pp=1, dp=4) and a == Topology.from_world_size(8, tp=2, cp=2)
+    assert len({a, Topology(tp=2, pp=1, dp=4)}) == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.cp = 1  # type: ignore[misc]
+    coords = a.coords(3)
+    assert coords == RankCoords(0, 0, 1, cp=1) != RankCoords(0, 0, 1) and coords != (0, 0, 1)
+    assert coords._replace(tp=0) == RankCoords(0, 0, 0, cp=1) and coords._asdict()["cp"] == 1
+    assert repr(coords) == "RankCoords(pp=0, dp=0, tp=1, cp=1)"
+    with pytest.raises(AttributeError, match="immutable"):
+        coords.cp = 0  # type: ignore[misc]
+    text = Topology(tp=2, pp=2, dp=3, cp=4).describe()
+    assert "world 48" in text and "cp 4" in text and "((pp*3 + dp)*4 + cp)*2 + tp" in text
+
+
+def test_cp_validation() -> None:
+    for bad in (0, -2, 2.0, "2", None, True):
+        with pytest.raises(TopologyError, match=rf"cp must be a positive integer, got {bad!r}"):
+            Topology(cp=bad)  # type: ignore[arg-type]
+        with pytest.raises(TopologyError, match="cp must be a positive integer"):
+            Topology.from_world_size(8, cp=bad)  # type: ignore[arg-type]
+    with pytest.raises(TopologyError, match=r"tp x cp x pp x dp = 2 x 2 x 1 x 2 = 8 does not equal the world size 4"):
+        Topology(tp=2, pp=1, dp=2, world_size=4, cp=2)
+    with pytest.raises(TopologyError, match=r"world size 12 is not divisible by tp x pp x cp = 1 x 1 x 8 = 8"):
+        Topology.from_world_size(12, cp=8)
+    topo = Topology(tp=2, pp=1, dp=1, cp=2)
+    with pytest.raises(TopologyError, match=r"cp coordinate is needed with cp=2"):
+        topo.rank(0, 0, 1)
+    with pytest.raises(TopologyError, match=r"cp coordinate 2 is outside 0\.\.1"):
+        topo.rank(0, 0, 1, cp=2)
+    with pytest.raises(TopologyError, match=r"rank 4 is outside the world of 4 ranks"):
+        topo.cp_group_ranks(4)
+    with pytest.raises(TypeError):
+        Topology(1, 1, 1, 1, 2)  # type: ignore[misc]  # cp is keyword-only

@@ -1,0 +1,243 @@
+"""Context parallelism's core: the load-balanced sequence split, attention across it, and the loss rule.
+
+The split. Each sample's sequence of length S is cut into 2 x cp chunks of S / (2 cp) tokens; cp rank r
+holds chunks r and 2cp-1-r, in that order. Under a causal mask the work of a query grows with its
+position, so pairing an early chunk with a late one gives every rank the same attention cost.
+`cp_positions` gives the global positions of a rank's tokens: positions (learned tables, rotary
+angles, per-document positions) and masks are indexed by them, so they follow the tokens.
+
+Attention across the split: all-gather of keys and values over the cp group, not a ring. Each rank's
+local queries then attend, in one SDPA call, to every key of the sequence under a mask built from
+GLOBAL positions. Why:
+- exact for every mask with no extra machinery: a document or PrefixLM mask is one dense mask over
+  global positions; a ring needs per-step masks, a log-sum-exp merge of partial results that must stay
+  stable when a query sees no key in a step, and a backward that replays each step's own keys and
+  values (the bugs peers shipped). Here each query row always sees at least itself, as at cp = 1;
+- with grouped-query attention the keys and values are small (kv_heads / heads of the queries' size),
+  so the gathered tensor is cheap next to the activations cp divides; Llama 3 trained with document
+  masks this way for the same reasons;
+- the cost: the gather is not overlapped with compute, and each rank keeps the whole sequence's keys
+  and values of a layer for backward (cp times its own). The gather's autograd conjugate is a
+  reduce-scatter: every rank's key/value gradients are summed onto the rank that owns those tokens.
+
+The attention here runs SDPA with a dense boolean mask [b, 1, s_local, S] (the math or memory-efficient
+kernel). FlexAttention on CUDA, with a block mask built once per micro-batch from the same global
+positions, is the later fast path; the mask functions here are what it must equal. No dropout inside
+attention yet: it would need a dropout stream keyed by global positions so cp ranks never share a mask.
+
+The loss rule: the loss of a cp-split sequence is the sum of the per-token losses over all cp ranks
+divided by the count of loss tokens over all cp ranks (both all-reduced): never a mean per rank
+(ranks hold different counts) and never multiplied by cp. `cp_loss` returns this rank's share (its
+masked sum over the global count: backward gives every token its exact gradient, and the parameter
+gradients then sum over the dp x cp group) and the loss itself; a rank with no loss token adds 0.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from megalm.distributed import ProcessGroup
+from megalm.parallel.tensor import gather_from_sequence
+
+MaskKind = Literal["causal", "prefix", "document"]
+MASK_KINDS = ("causal", "prefix", "document")
+
+
+# ---- the load-balanced split ------------------------------------------------------------------
+def _chunk_length(seq_length: int, cp: int) -> int:
+    """Tokens per chunk; a length not divisible by 2 x cp is an error naming both numbers."""
+    if not isinstance(cp, int) or cp < 1:
+        raise ValueError(f"cp must be a positive integer, got {cp!r}")
+    if seq_length % (2 * cp) != 0:
+        raise ValueError(
+            f"sequence length {seq_length} is not divisible by 2 x cp = {2 * cp} (cp = {cp}): context parallelism "
+            f"splits each sequence into 2 x cp equal chunks; choose a sequence length that is a multiple of {2 * cp}"
+        )
+    return seq_length // (2 * cp)
+
+
+def _check_cp_rank(cp: int, cp_rank: int) -> None:
+    if not 0 <= cp_rank < cp:
+        raise ValueError(f"cp rank {cp_rank} is outside 0..{cp - 1}")
+
+
+def cp_chunks(cp: int, cp_rank: int) -> tuple[int, int]:
+    """The two chunk indices (of 2 x cp) that `cp_rank` holds: r and 2cp-1-r."""
+    _check_cp_rank(cp, cp_rank)
+    return cp_rank, 2 * cp - 1 - cp_rank
+
+
+def cp_split(x: Tensor, cp: int, cp_rank: int, dim: int) -> Tensor:
+    """`cp_rank`'s part of `x` along the sequence dimension `dim`: chunks r and 2cp-1-r of 2 x cp, concatenated."""
+    if cp == 1:
+        return x
+    chunk = _chunk_length(x.shape[dim], cp)
+    first, second = cp_chunks(cp, cp_rank)
+    return torch.cat([x.narrow(dim, first * chunk, chunk), x.narrow(dim, second * chunk, chunk)], dim=dim)
+
+
+def cp_positions(seq_length: int, cp: int, cp_rank: int, device: Optional[torch.device] = None) -> Tensor:
+    """Global positions (int64, [seq_length / cp]) of `cp_rank`'s tokens, in local order."""
+    if cp == 1:
+        _check_cp_rank(cp, cp_rank)
+        return torch.arange(seq_length, device=device)
+    chunk = _chunk_length(seq_length, cp)
+    first, second = cp_chunks(cp, cp_rank)
+    local = torch.arange(chunk, device=device)
+    return torch.cat([local + first * chunk, local + second * chunk])
+
+
+def cp_unsplit(parts: Sequence[Tensor], dim: int) -> Tensor:
+    """The inverse of cp_split: every cp rank's part (in cp-rank order) put back into sequence order."""
+    cp = len(parts)
+    if cp == 0:
+        raise ValueError("cp_unsplit needs the part of every cp rank, got none")
+    if cp == 1:
+        return parts[0]
+    local = parts[0].shape[dim]
+    if local % 2 != 0 or any(part.shape[dim] != local for part in parts):
+        lengths = [part.shape[dim] for part in parts]
+        raise ValueError(f"cp parts must all hold the same even length along dim {dim}, got {lengths}")
+    chunk = local // 2
+    ordered: list[Optional[Tensor]] = [None] * (2 * cp)
+    for rank, part in enumerate(parts):
+        first, second = cp_chunks(cp, rank)
+        ordered[first], ordered[second] = part.narrow(dim, 0, chunk), part.narrow(dim, chunk, chunk)
+    return torch.cat(ordered, dim=dim)  # type: ignore[arg-type]
+
+
+def _group_size(group: ProcessGroup) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def cp_gather(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
+    """Every cp rank's part of `x` (split along `dim`) gathered into the whole sequence, in sequence order.
+
+    Its backward is the conjugate reduce-scatter: right when each rank's objective is its own term of a sum
+    (as cp_loss's shares are); where every rank computes the same objective from the gathered tensor that
+    sums cp equal gradients, so gather under torch.no_grad() for outputs (tests, generation)."""
+    cp = _group_size(group)
+    if cp == 1:
+        return x
+    gathered = gather_from_sequence(x.movedim(dim, 0), group)  # [cp * local, ...] in cp-rank order
+    return cp_unsplit(list(gathered.chunk(cp, dim=0)), 0).movedim(0, dim)
+
+
+# ---- masks over global positions ----------------------------------------------------------------
+def document_ids_from_eos(tokens: Tensor, eos_id: int) -> Tensor:
+    """[b, s] document index of every token of a packed sample: each eos ends (and belongs to) its document."""
+    is_eos = (tokens == eos_id).to(torch.int64)
+    return torch.cumsum(is_eos, dim=-1) - is_eos
+
+
+def document_positions(document_ids: Tensor) -> Tensor:
+    """[b, s] position of every token inside its own document (0 at each document's first token)."""
+    seq = document_ids.shape[-1]
+    index = torch.arange(seq, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index))
+    return index - torch.cummax(start_index, dim=-1).values
+
+
+def attention_mask(
+    query_positions: Tensor,
+    key_positions: Tensor,
+    kind: MaskKind = "causal",
+    prefix_lengths: Optional[Tensor] = None,
+    document_ids: Optional[Tensor] = None,
+) -> Tensor:
+    """Boolean mask (True = attend) [b or 1, 1, len(query_positions), len(key_positions)] from global positions.
+
+    causal: key <= query; prefix: key <= query or key < prefix_lengths[b]; document: same document id
+    (document_ids [b, S] over global positions) and key <= query."""
+    q = query_positions.view(-1, 1)
+    k = key_positions.view(1, -1)
+    causal = (k <= q).unsqueeze(0)  # [1, sq, sk]
+    if kind == "causal":
+        mask = causal
+    elif kind == "prefix":
+        if prefix_lengths is None:
+            raise ValueError("a prefix mask needs prefix_lengths ([b] tokens of each sample's prefix)")
+        mask = causal | (k.unsqueeze(0) < prefix_lengths.view(-1, 1, 1).to(k.device))
+    elif kind == "document":
+        if document_ids is None:
+            raise ValueError("a document mask needs document_ids ([b, S] document index of every global position)")
+        ids = document_ids.to(k.device)
+        same = ids[:, query_positions].unsqueeze(-1) == ids[:, key_positions].unsqueeze(-2)  # [b, sq, sk]
+        mask = causal & same
+    else:
+        raise ValueError(f"mask kind {kind!r} is not one of {', '.join(MASK_KINDS)}")
+    return mask.unsqueeze(1)
+
+
+# ---- attention across the split -------------------------------------------------------------------
+def gather_keys_values(k: Tensor, v: Tensor, group: ProcessGroup) -> tuple[Tensor, Tensor]:
+    """[b, kv_heads, s_local, d] keys and values of every cp rank, concatenated along s in cp-rank order
+    (not sequence order: masks index them by `gathered_key_positions`). Backward: reduce-scatter."""
+    if _group_size(group) == 1:
+        return k, v
+    # One collective for both: they are gathered over the same group and their gradients come back together.
+    kv = torch.stack([k, v]).movedim(3, 0)  # [s_local, 2, b, h, d]: dim 0 is what the gather concatenates
+    gathered = gather_from_sequence(kv, group).movedim(0, 3)  # [2, b, h, cp * s_local, d]
+    return gathered[0], gathered[1]
+
+
+def gathered_key_positions(seq_length: int, cp: int, device: Optional[torch.device] = None) -> Tensor:
+    """Global positions of the keys as `gather_keys_values` lays them out (cp rank 0's tokens, then rank 1's, ...)."""
+    return torch.cat([cp_positions(seq_length, cp, rank, device) for rank in range(cp)])
+
+
+def context_parallel_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: ProcessGroup,
+    kind: MaskKind = "causal",
+    prefix_lengths: Optional[Tensor] = None,
+    document_ids: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Attention of this cp rank's queries over the whole sequence; [b, heads, s_local, d] in and out.
+
+    q: [b, heads, s_local, d]; k, v: [b, kv_heads, s_local, d] (kv_heads dividing heads: grouped-query),
+    each this rank's cp_split part, its cp rank being its rank in `group`. prefix_lengths [b] for kind='prefix'; document_ids [b, S] over global
+    positions for kind='document'; scale defaults to 1 / sqrt(d). With group None (cp = 1) it is plain
+    attention under the same mask."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [b, heads, s, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    cp = _group_size(group)
+    cp_rank = dist.get_rank(group) if cp > 1 else 0  # the cp groups list their ranks in cp order
+    seq_length = q.shape[2] * cp
+    if document_ids is not None and document_ids.shape[-1] != seq_length:
+        raise ValueError(f"document_ids cover {document_ids.shape[-1]} positions, the sequence has {seq_length}")
+    keys, values = gather_keys_values(k, v, group)
+    query_pos = cp_positions(seq_length, cp, cp_rank, q.device)
+    key_pos = gathered_key_positions(seq_length, cp, q.device)
+    mask = attention_mask(query_pos, key_pos, kind, prefix_lengths, document_ids)
+    return F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+# ---- the loss rule ----------------------------------------------------------------------------------
+def cp_loss(token_losses: Tensor, loss_mask: Tensor, group: ProcessGroup) -> tuple[Tensor, Tensor]:
+    """(this rank's share, the loss): share = masked sum / global loss-token count (call backward on it;
+    the shares of the cp ranks sum to the loss), loss = global masked sum / global count, the same on every
+    rank and detached. `group` spans every rank holding tokens of the averaged samples (cp, or dp x cp).
+    A rank with no loss token has share 0; a batch with no loss token anywhere has loss 0, not NaN."""
+    mask = loss_mask.to(torch.bool)
+    local_sum = torch.where(mask, token_losses, torch.zeros_like(token_losses)).sum()  # masked NaN/inf stay out
+    totals = torch.stack([local_sum.detach().to(torch.float64), mask.sum().to(torch.float64)])
+    if group is not None:
+        dist.all_reduce(totals, group=group)
+    count = totals[1].clamp(min=1.0)
+    share = local_sum / count.to(local_sum.dtype)
+    return share, (totals[0] / count).to(token_losses.dtype)
