@@ -268,6 +268,8 @@ def _gpt_mismatch(cfg: ModelConfig, tied: bool) -> list[str]:
         differ.append(f"qkv_bias={cfg.has_qkv_bias()}")
     if cfg.head_size() * cfg.num_heads != cfg.hidden_size:
         differ.append(f"head_dim={cfg.head_size()}")
+    if cfg.document_mask:  # the baselines attend across the documents of a packed sample
+        differ.append("document_mask=True")
     return differ
 
 
@@ -283,6 +285,9 @@ def plain_baseline_mismatch(cfg: ModelConfig) -> Optional[str]:
 def transformers_baseline(cfg: ModelConfig) -> tuple[str, Callable[[ModelConfig, int, torch.device], nn.Module]]:
     """(label, builder) of the transformers model of this spec's shape: Llama (Qwen2 when q, k, v alone have
     biases) for RMSNorm + SwiGLU + rotary, GPT-2 for a GPT; ValueError naming the fields for neither."""
+    if cfg.document_mask:
+        raise ValueError("model.document_mask=True: the transformers baselines attend across the documents of a "
+                         "packed sample, which is other work")
     if cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.position_embedding == "rotary":
         qwen2 = cfg.has_qkv_bias() and not cfg.bias
         if qwen2 and cfg.head_size() * cfg.num_heads != cfg.hidden_size:

@@ -287,3 +287,19 @@ def corpus_token_files(out: Path, size_mb: float, vocab_size: int, name: str = "
     assert main(["preprocess", "--input", str(corpus), "--output-prefix", str(out / "corpus"),
                  "--tokenizer", str(out / f"{name}.model"), "--workers", "1"]) in (0, None)
     return out / "corpus", out / f"{name}.model"
+
+
+def full_tensor(tensor: torch.Tensor, param: nn.Parameter, groups: ParallelGroups) -> torch.Tensor:
+    """The full tensor of `param`'s shard `tensor` (its data or its gradient), gathered over tp; a key/value
+    shard held by several tp ranks counts once (megalm.parallel.tensor.gather_full_tensor)."""
+    from megalm.parallel.tensor import gather_full_tensor
+
+    return gather_full_tensor(tensor, param.tp_split_dim, groups, getattr(param, "tp_replicas", 1))
+
+
+def full_weights(trainer) -> dict[str, torch.Tensor]:
+    """Every parameter of the trainer's chunks as a full fp32 tensor, by name, after ZeRO-1's gathers landed."""
+    trainer.wait_for_parameters()
+    return {name: full_tensor(param.data, param, trainer.groups).float()
+            for chunk in trainer.chunks for name, param in chunk.named_parameters()}
+

@@ -14,7 +14,7 @@ import torch
 
 from megalm.bench_baselines import IGNORE_INDEX, BaselineGPT, baseline_batches, build_baseline, load_from_megalm
 from megalm.cli import main
-from megalm.config import load_config
+from megalm.config import ModelConfig, load_config
 from megalm.data.pipeline import build_sampler, build_sources
 from megalm.distributed import ParallelGroups
 from megalm.model.gpt import build_model, count_parameters
@@ -351,3 +351,14 @@ def test_bench_llama_tiny_against_transformers_llama(tmp_path: Path, capsys: pyt
     from megalm.plan.flops import training_flops_per_token
 
     assert result["flops_per_token"] == training_flops_per_token(load_config(LLAMA_TINY).model)
+
+
+def test_a_document_mask_skips_both_baselines_and_says_why() -> None:
+    """The baselines attend across a packed sample's documents: with model.document_mask they would time other
+    work, so neither runs and the report says why."""
+    from megalm.bench_baselines import plain_baseline_mismatch, transformers_baseline
+
+    cfg = ModelConfig(document_mask=True)
+    assert "document_mask=True" in plain_baseline_mismatch(cfg)
+    with pytest.raises(ValueError, match="document_mask=True"):
+        transformers_baseline(cfg)

@@ -129,22 +129,6 @@ def cp_gather(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
 
 
 # ---- masks over global positions ----------------------------------------------------------------
-def document_ids_from_eos(tokens: Tensor, eos_id: int) -> Tensor:
-    """[b, s] document index of every token of a packed sample: each eos ends (and belongs to) its document."""
-    is_eos = (tokens == eos_id).to(torch.int64)
-    return torch.cumsum(is_eos, dim=-1) - is_eos
-
-
-def document_positions(document_ids: Tensor) -> Tensor:
-    """[b, s] position of every token inside its own document (0 at each document's first token)."""
-    seq = document_ids.shape[-1]
-    index = torch.arange(seq, device=document_ids.device).expand_as(document_ids)
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
-    start_index = torch.where(starts, index, torch.zeros_like(index))
-    return index - torch.cummax(start_index, dim=-1).values
-
-
 def attention_mask(
     query_positions: Tensor,
     key_positions: Tensor,

@@ -31,11 +31,11 @@ from megalm.model.attention import (
 )
 from megalm.model import gpt
 from megalm.model.gpt import build_model
-from megalm.testing import run_distributed
+from megalm.testing import full_weights, run_distributed
 from megalm.topology import Topology
 from megalm.train import build_trainer
 from tests.model.test_flex import lift_cpu_flex_check
-from tests.parallel.test_llama_parity import _full, _rel
+from tests.parallel.test_llama_parity import _rel
 
 EOS, VOCAB, SEQ, TOLERANCE = 1, 64, 384, 1e-5
 # Eos positions of each sample's inputs (3 tiles of 128): 127 ends a document on a tile edge and 128 is a
@@ -239,18 +239,13 @@ def _rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor[:VOCAB] if name in ("embedding.word.weight", "output.weight") else tensor
 
 
-def _weights(trainer) -> dict[str, torch.Tensor]:
-    trainer.wait_for_parameters()
-    return {name: _full(param.data, param, trainer.groups).float()
-            for chunk in trainer.chunks for name, param in chunk.named_parameters()}
-
 
 def train(config: Config, groups: ParallelGroups) -> dict:
     trainer = build_trainer(config, groups, None)
     trainer.data = BatchSampler(PackedSamples(), config.train.global_batch_size, MICRO, groups.dp_rank,
                                 groups.dp_size, prefixlm=False, eos_id=document_eos_id(config))
     losses = [trainer.train_step(step).loss for step in range(STEPS)]
-    return {"losses": losses, "weights": _weights(trainer)}
+    return {"losses": losses, "weights": full_weights(trainer)}
 
 
 TRAIN_CASES = [  # (positions, tp, pp, sequence parallel, recompute, kernel)

@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megalm.model.attention import prefix_attention_mask
+from megalm.data.batch import document_ids as document_ids_from_eos
+from megalm.model.attention import document_positions
 from megalm.parallel.context import (
     attention_mask,
     context_parallel_attention,
@@ -27,8 +29,6 @@ from megalm.parallel.context import (
     cp_positions,
     cp_split,
     cp_unsplit,
-    document_ids_from_eos,
-    document_positions,
 )
 from megalm.testing import run_distributed
 

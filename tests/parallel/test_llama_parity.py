@@ -22,7 +22,7 @@ from megalm.distributed import ParallelGroups, build_parallel_groups
 from megalm.model.gpt import build_model
 from megalm.parallel.data import GradientSync
 from megalm.parallel.tensor import gather_full_tensor
-from megalm.testing import run_distributed
+from megalm.testing import full_tensor, full_weights, run_distributed
 from megalm.topology import Topology
 from megalm.train import build_trainer
 
@@ -52,9 +52,6 @@ def _batch(family: str, batch: int = 3):
     return tokens[:, :-1], tokens[:, 1:], mask, prefix
 
 
-def _full(tensor: torch.Tensor, param, groups: ParallelGroups) -> torch.Tensor:
-    return gather_full_tensor(tensor, param.tp_split_dim, groups, getattr(param, "tp_replicas", 1))
-
 
 def one_step(groups: ParallelGroups, spec: str, family: str, sp: bool) -> dict:
     """Loss, full parameters and full gradients of one forward/backward."""
@@ -66,8 +63,8 @@ def one_step(groups: ParallelGroups, spec: str, family: str, sp: bool) -> dict:
     loss.backward()
     sync.finish()
     named = list(model.named_parameters())
-    return {"loss": loss.item(), "params": {n: _full(p.data, p, groups) for n, p in named},
-            "grads": {n: _full(p.grad, p, groups) for n, p in named}}
+    return {"loss": loss.item(), "params": {n: full_tensor(p.data, p, groups) for n, p in named},
+            "grads": {n: full_tensor(p.grad, p, groups) for n, p in named}}
 
 
 MODEL_CASES = [  # (spec, family, sequence_parallel, tp)
@@ -133,17 +130,12 @@ def train_config(spec: str, family: str, tp=1, pp=1, dp=1, zero=0, sp=False, rec
     )
 
 
-def _weights(trainer) -> dict[str, torch.Tensor]:
-    trainer.wait_for_parameters()
-    return {name: _full(param.data, param, trainer.groups).float()
-            for chunk in trainer.chunks for name, param in chunk.named_parameters()}
-
 
 def train(config: Config, groups: ParallelGroups) -> dict:
     trainer = build_trainer(config, groups, None)
-    init = _weights(trainer)
+    init = full_weights(trainer)
     losses = [trainer.train_step(step).loss for step in range(config.train.steps)]
-    return {"losses": losses, "weights": _weights(trainer), "init": init}
+    return {"losses": losses, "weights": full_weights(trainer), "init": init}
 
 
 TRAIN_CASES = {  # world size -> [(spec, family, tp, pp, dp, zero, sp, recompute, precision)]
