@@ -266,7 +266,8 @@ class StubChunk(nn.Module):
         self.shape, self.events, self.is_first, self.is_last, self.name = shape, events, is_first, is_last, name
 
     def forward(self, inputs: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                prefix_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+                prefix_lengths: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.events.append({"compute": f"F {self.name}"})
         hidden = self.weight.expand(self.shape) * 1.0 if self.is_first else inputs * self.weight
         if hidden.requires_grad:
