@@ -7,6 +7,8 @@ any process group is created or any GPU time is spent.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -149,7 +151,13 @@ def document_eos_id(config: Config) -> Optional[int]:
     megalm's fixed eos id (1) for synthetic data, which then ends a document wherever the chain emits it."""
     if not config.model.document_mask:
         return None
-    return EOS_ID if config.data.tokenizer is None else open_tokenizer(config.data.tokenizer).eos_id
+    return EOS_ID if config.data.tokenizer is None else _eos_id_of(str(config.data.tokenizer))
+
+
+@functools.lru_cache(maxsize=8)
+def _eos_id_of(tokenizer: str) -> int:
+    """The eos id of the tokenizer at this path, opened once (every split's sampler asks for it)."""
+    return open_tokenizer(tokenizer).eos_id
 
 
 def build_sampler(config: Config, source: SampleSource, dp_rank: int, dp_size: int) -> BatchSampler:

@@ -49,7 +49,7 @@ from megalm.interop.safetensors_stream import StreamingSafetensorsWriter
 from megalm.model.gpt import PARAM_DTYPES, build_model
 
 WEIGHTS_FILE = "model.safetensors"
-_HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 # ---- the name and layout mapping ------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def gpt2_config(config: Config, dtype: torch.dtype, eos_id: Optional[int], pad_i
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True, "use_cache": True,
         "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": pad_id,
-        "dtype": _HF_DTYPE_NAMES[dtype],
+        "dtype": HF_DTYPE_NAMES[dtype],
         "megalm": {
             "family": cfg.family,
             "attention": ("causal" if cfg.family == "lm" else
@@ -224,7 +224,7 @@ def export_gpt2(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = 
     (out / "config.json").write_text(json.dumps(gpt2_config(config, target, eos, pad), indent=2) + "\n")
     return {"checkpoint": path, "step": metadata["step"], "files": files, "tensors": len(plan),
             "parameters": sum(math.prod(shape) for *_, shape in plan), "bytes": (out / WEIGHTS_FILE).stat().st_size,
-            "dtype": _HF_DTYPE_NAMES[target], "tokenizer": source_tokenizer is not None}
+            "dtype": HF_DTYPE_NAMES[target], "tokenizer": source_tokenizer is not None}
 
 
 # ---- import ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from megalm.checkpoint.weights import find_checkpoint
 from megalm.config import Config, config_from_dict, config_to_dict, config_to_yaml
 from megalm.data.hf_tokenizer import HF_TOKENIZER_FILES, HFTokenizer
 from megalm.interop import InteropError
-from megalm.interop.gpt2 import gpt2_differences
+from megalm.interop.gpt2 import HF_DTYPE_NAMES, gpt2_differences
 from megalm.interop.llama import ARCHITECTURES, Entry, export_family, from_hf, hf_config, megalm_shape, model_fields, \
     tensor_table, to_hf
 from megalm.interop.safetensors_stream import StreamingSafetensorsWriter
@@ -46,7 +46,6 @@ TOKENIZER_FILES = HF_TOKENIZER_FILES + ("vocab.json", "merges.txt")  # and what 
 HF_INFO = "megalm_hf.json"  # in the run's tokenizer/ directory: the family and token ids of the source config.json
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _IGNORED_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq$")  # a buffer some older files hold, not a weight
 
 
@@ -370,11 +369,11 @@ def export_llama(checkpoint: str | Path, out: str | Path, family: Optional[str] 
         (out / "generation_config.json").write_text(json.dumps(tokens, indent=2) + "\n")
         tokenizer_files.append("generation_config.json")
     megalm_model = config_to_dict(config)["model"]
-    (out / "config.json").write_text(json.dumps(hf_config(cfg, family, _HF_DTYPE_NAMES[target], tokens, megalm_model),
+    (out / "config.json").write_text(json.dumps(hf_config(cfg, family, HF_DTYPE_NAMES[target], tokens, megalm_model),
                                                 indent=2) + "\n")
     return {"checkpoint": path, "step": metadata["step"], "family": family, "files": files + tokenizer_files + ["config.json"],
             "tensors": len(names), "parameters": sum(math.prod(shape) for _, shape in names), "bytes": total,
-            "dtype": _HF_DTYPE_NAMES[target], "shards": len(shards), "tokenizer": has_tokenizer}
+            "dtype": HF_DTYPE_NAMES[target], "shards": len(shards), "tokenizer": has_tokenizer}
 
 
 def gpt2_shaped(cfg) -> bool:

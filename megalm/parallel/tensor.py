@@ -186,29 +186,28 @@ class _SequenceParallelLinear(torch.autograd.Function):
         shard, *weights = ctx.saved_tensors
         need_input = ctx.needs_input_grad[0]
         need_weights, need_biases = ctx.needs_input_grad[2::2], ctx.needs_input_grad[3::2]
-        used = [i for i, grad in enumerate(grads) if grad is not None]  # autograd hands zeros for an unused output
+        # autograd hands every output a gradient (zeros for an unused one)
         full, gathering = _all_gather_dim0(shard, ctx.group, async_op=True) if any(need_weights) else (None, None)
-        grads_2d = {i: grads[i].contiguous().view(-1, grads[i].shape[-1]) for i in used}  # [s b, out_i/tp]
+        grads_2d = [grad.contiguous().view(-1, grad.shape[-1]) for grad in grads]  # [s b, out_i/tp]
         grad_input = scattering = None
-        if need_input and used:
-            dtype = grads[used[0]].dtype
-            grad_full = None
-            for i in used:
-                part = grads_2d[i].mm(weights[i].to(dtype))
-                grad_full = part if grad_full is None else grad_full + part
-            grad_full = grad_full.view(grads[used[0]].shape[:-1] + (weights[0].shape[1],))  # [s, b, h]
+        if need_input:
+            dtype = grads[0].dtype
+            grad_full = grads_2d[0].mm(weights[0].to(dtype))
+            for grad_2d, weight in zip(grads_2d[1:], weights[1:]):
+                grad_full = grad_full.addmm_(grad_2d, weight.to(dtype))  # the other weights' share, in place
+            grad_full = grad_full.view(grads[0].shape[:-1] + (weights[0].shape[1],))  # [s, b, h]
             grad_full = grad_full.to(shard.dtype)  # autocast: summed over tp in the input's dtype, as before
             grad_input, scattering = _reduce_scatter_dim0(grad_full, ctx.group, async_op=True)
         out: list[Optional[torch.Tensor]] = []
         for i, weight in enumerate(weights):
             grad_weight = grad_bias = None
-            if need_weights[i] and i in grads_2d:
+            if need_weights[i]:
                 if gathering is not None:
                     wait_for(gathering, lambda: "all_gather of a sequence-parallel linear's input shard (backward)")
                     gathering = None
                 grad_2d = grads_2d[i]
                 grad_weight = grad_2d.t().mm(full.view(-1, full.shape[-1]).to(grad_2d.dtype)).to(weight.dtype)
-            if need_biases[i] and i in grads_2d:
+            if need_biases[i]:
                 grad_bias = grads_2d[i].sum(0).to(ctx.bias_dtypes[i])
             out += [grad_weight, grad_bias]
         if gathering is not None:
