@@ -116,7 +116,7 @@ class Topology:
             if cp == 1:
                 layout, knobs = f"tp x pp = {tp} x {pp}", "parallel.tp / parallel.pp"
             else:
-                layout, knobs = f"tp x pp x cp = {tp} x {pp} x {cp}", "parallel.tp / parallel.pp / the cp size"
+                layout, knobs = f"tp x pp x cp = {tp} x {pp} x {cp}", "parallel.tp / parallel.pp / parallel.cp"
             raise TopologyError(
                 f"world size {world_size} is not divisible by {layout} = {tp * pp * cp}: "
                 f"launch a multiple of {tp * pp * cp} processes or change {knobs}"

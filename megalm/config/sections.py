@@ -152,7 +152,9 @@ class ParallelConfig(_Section):
 
     tp: int = 1  # tensor-parallel ranks: each layer's weights split over them
     pp: int = 1  # pipeline stages: the layers split over them
-    dp: Optional[int] = None  # data-parallel replicas; null: world size / (tp x pp), else it must equal that
+    dp: Optional[int] = None  # data-parallel replicas; null: world size / (tp x cp x pp), else it must equal that
+    # context-parallel ranks: each sample's sequence split over them (2 x cp load-balanced chunks, docs/parallelism.md)
+    cp: int = 1
     sequence_parallel: bool = False  # with tp > 1: LayerNorm and dropout regions split over tp along the sequence
     schedule: str = "1f1b"  # pipeline schedule: "1f1b" | "gpipe" | "interleaved"
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
@@ -167,7 +169,7 @@ class ParallelConfig(_Section):
     recompute_layers: Optional[int] = None  # full only: recompute the first N layers of each model chunk; null: all
 
     def _check_values(self) -> None:
-        self._positive("tp", "pp", "dp", "virtual_stages", "bucket_size_mb", "recompute_layers")
+        self._positive("tp", "pp", "dp", "cp", "virtual_stages", "bucket_size_mb", "recompute_layers")
         self._require(self.zero_stage in (0, 1, 2), "zero_stage", "0, 1 or 2")
         if self.recompute_layers is not None and self.recompute != "full":
             raise ConfigError(

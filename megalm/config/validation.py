@@ -100,6 +100,26 @@ def _check_model(config: Config) -> None:
         )
 
 
+def _check_context_parallel(config: Config) -> None:
+    """parallel.cp > 1: the sequence splits into 2 x cp equal chunks, on megalm's own engine."""
+    cp, seq_length = config.parallel.cp, config.model.seq_length
+    if cp == 1:
+        return
+    if seq_length % (2 * cp) != 0:
+        raise ConfigError(
+            f"model.seq_length={seq_length} is not divisible by 2 x parallel.cp = {2 * cp}: context parallelism "
+            f"splits each sequence into 2 x cp equal chunks (rank r holds chunks r and 2cp-1-r); set "
+            f"model.seq_length to a multiple of {2 * cp} such as {_nearby_multiples(seq_length, 2 * cp)}, or change "
+            f"parallel.cp"
+        )
+    if config.train.engine == "deepspeed":
+        raise ConfigError(
+            f"parallel.cp={cp} runs on train.engine=megalm only: the DeepSpeed engine reduces gradients over its own "
+            f"data-parallel group, which does not include the context-parallel ranks; set train.engine=megalm or "
+            f"parallel.cp=1"
+        )
+
+
 def _nearby_multiples(number: int, unit: int) -> str:
     lower = (number // unit) * unit
     return f"{lower} or {lower + unit}" if lower > 0 else f"{unit} or {2 * unit}"
@@ -141,24 +161,26 @@ def validate(config: Config, world_size: Optional[int] = None) -> Topology:
     for name in _SECTIONS:
         getattr(config, name).validate()
     parallel = config.parallel
-    tp, pp = parallel.tp, parallel.pp
+    tp, pp, cp = parallel.tp, parallel.pp, parallel.cp
     if world_size is None:
         if parallel.dp is None:
             raise ConfigError(
                 "validate() needs a world size: parallel.dp is null, so pass world_size (the number "
                 "of processes launched) or set parallel.dp"
             )
-        world_size = tp * pp * parallel.dp
+        world_size = tp * pp * cp * parallel.dp
     _check_model(config)
+    _check_context_parallel(config)
     try:
-        topology = Topology.from_world_size(world_size, tp=tp, pp=pp)
+        topology = Topology.from_world_size(world_size, tp=tp, pp=pp, cp=cp)
     except TopologyError as error:
         raise ConfigError(str(error)) from None
     if parallel.dp is not None and parallel.dp != topology.dp:
+        layout = f"tp x pp = {tp} x {pp}" if cp == 1 else f"tp x cp x pp = {tp} x {cp} x {pp}"
         raise ConfigError(
             f"parallel.dp={parallel.dp} does not match the world size: {world_size} processes / "
-            f"(tp x pp = {tp} x {pp}) = dp {topology.dp}; set parallel.dp={topology.dp} (or null "
-            f"to derive it) or launch {tp * pp * parallel.dp} processes"
+            f"({layout}) = dp {topology.dp}; set parallel.dp={topology.dp} (or null "
+            f"to derive it) or launch {tp * pp * cp * parallel.dp} processes"
         )
     try:
         check_schedule_args(parallel.schedule, pp, grad_accum_steps(config, topology.dp), parallel.virtual_stages)
