@@ -334,3 +334,54 @@ def test_cp_loss_is_the_whole_sequence_mean(cp: int) -> None:
     means = [torch.where(m, l, 0.0).sum() / m.sum() for l, m in
              ((cp_split(case["losses"], cp, r, 1), cp_split(case["mask"], cp, r, 1)) for r in range(cp))]  # fmt: skip
     assert abs(sum(means).item() / cp - per_rank[0][0]["loss"].item()) > 1e-6
+
+
+# ---- config errors and dropout streams ----------------------------------------------------------------------
+
+
+def test_config_refuses_what_cp_cannot_run() -> None:
+    """A length not divisible by 2 x cp names both numbers; the DeepSpeed engine and train.compile are refused
+    with cp > 1; dp derives from tp x cp x pp."""
+    from megalm.config import Config, ConfigError, ModelConfig, ParallelConfig, TrainConfig, validate
+
+    def config(seq=32, cp=2, **train) -> Config:
+        return Config(model=ModelConfig(seq_length=seq), parallel=ParallelConfig(cp=cp),
+                      train=TrainConfig(micro_batch_size=1, global_batch_size=4, **train))
+
+    with pytest.raises(ConfigError, match=r"model.seq_length=30 .*2 x parallel.cp = 8"):
+        validate(config(seq=30, cp=4), 4)
+    with pytest.raises(ConfigError, match="train.engine=megalm only"):
+        validate(config(engine="deepspeed"), 2)
+    with pytest.raises(ConfigError, match="train.compile=true is not supported with parallel.cp=2"):
+        validate(config(compile=True), 2)
+    topology = validate(config(cp=2), 8)
+    assert (topology.cp, topology.dp) == (2, 4)
+    with pytest.raises(ConfigError, match="tp x pp x cp"):
+        validate(config(cp=4), 6)
+
+
+def _dropout_worker(rank: int, world_size: int) -> dict:
+    from megalm.config import ModelConfig
+    from megalm.distributed import build_parallel_groups
+    from megalm.model.gpt import build_model
+    from megalm.topology import Topology
+
+    groups = build_parallel_groups(Topology(cp=world_size), rank, torch.device("cpu"))
+    model = build_model(ModelConfig(num_layers=1, hidden_size=16, num_heads=2, vocab_size=32, seq_length=64,
+                                    hidden_dropout=0.5, attention_dropout=0.5), groups, 3)
+    model.train()
+    model.rng.seed_replicated()
+    tokens = cp_split(torch.arange(64).remainder(30).add(1).unsqueeze(0), world_size, rank, 1)
+    hidden = model.embedding(tokens)  # [s / cp, 1, h] after dropout
+    with model.rng.tp_distinct():  # the attention's dropout stream
+        attention = torch.rand(8)
+    return {"dropped": hidden == 0, "attention": attention}
+
+
+def test_cp_ranks_draw_their_own_dropout_masks() -> None:
+    """The replicated stream (hidden dropout) and the tp-distinct one (attention dropout) are seeded per cp rank:
+    the two ranks' masks over their (different) tokens differ, where one shared seed would make them equal."""
+    results = run_distributed(_dropout_worker, 2, timeout=120)
+    assert results[0]["dropped"].any() and results[1]["dropped"].any()
+    assert not torch.equal(results[0]["dropped"], results[1]["dropped"])
+    assert not torch.equal(results[0]["attention"], results[1]["attention"])
