@@ -68,6 +68,13 @@ def test_tp2_dp2_torchrun_matches_single_process(tmp_path: Path, single_lm: list
     assert parallel[-1]["loss"] < parallel[0]["loss"] - 1.0
 
 
+def test_cp2_dp2_torchrun_matches_single_process(tmp_path: Path, single_lm: list[dict]) -> None:
+    """Context parallelism through the CLI: each sequence split over 2 ranks, 2 data-parallel replicas."""
+    parallel = train_torchrun(tmp_path, 4, "configs/tiny.yaml", "parallel.cp=2", "train.steps=50")
+    assert len(parallel) == 50
+    assert_same_curve(parallel, single_lm)
+
+
 def test_prefixlm_sequence_parallel_matches_single_process(tmp_path: Path) -> None:
     single = train_single(tmp_path / "single", "configs/tiny-prefixlm.yaml", "train.steps=30")
     parallel = train_torchrun(
