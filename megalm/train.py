@@ -524,6 +524,12 @@ def dry_run_report(config: Config, topology) -> str:
         f"tokens per step"
     )
     parallel = config.parallel
+    if topology.cp > 1:
+        lines.append(
+            f"context parallel: cp {topology.cp}, {config.model.seq_length // topology.cp:,} tokens of each sequence per "
+            f"rank (chunks r and {2 * topology.cp - 1}-r of {2 * topology.cp}); keys/values all-gathered per layer; "
+            f"gradients and ZeRO-1 over dp x cp = {topology.dp * topology.cp} ranks"
+        )
     schedule = build_schedule(parallel.schedule, topology.pp, accum, parallel.virtual_stages)
     simulation = simulate(schedule, parallel.virtual_stages)
     lines.append(

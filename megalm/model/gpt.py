@@ -42,7 +42,7 @@ from megalm.model.attention import (
 from megalm.model.init import initialize_parameters_
 from megalm.model.layers import Embedding, TransformerLayer, make_norm
 from megalm.model.rope import rotary_tables
-from megalm.parallel.context import context_parallel_mask, cp_positions
+from megalm.parallel.context import context_parallel_mask, cp_positions, dense_causal_mask
 from megalm.parallel.random import ParallelRNG, recompute
 from megalm.parallel.schedules import partition_layers
 from megalm.parallel.tensor import mark_parameter, parallel_logits, vocab_parallel_cross_entropy
@@ -218,7 +218,8 @@ class GPTModel(nn.Module):
         if cp > 1:  # one dense mask over global positions, built once per micro-batch and chunk
             kind = "prefix" if self.cfg.family == "prefixlm" else "document" if documents else "causal"
             attn_mask = context_parallel_mask(seq_len, groups.cp_group, groups.cp_rank, kind, prefix_lengths,
-                                              document_ids if documents else None, hidden.device, hidden.dtype)
+                                              document_ids if documents else None, hidden.device, hidden.dtype,
+                                              dense_causal_mask(hidden.device.type))
         elif documents:  # built once per micro-batch and chunk, shared by its layers
             attn_mask = (document_block_mask if self.prefix_kernel == "flex" else document_attention_mask)(document_ids)
         elif self.cfg.family == "prefixlm":

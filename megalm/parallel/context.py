@@ -20,9 +20,11 @@ GLOBAL positions. Why:
   and values of a layer for backward (cp times its own). The gather's autograd conjugate is a
   reduce-scatter: every rank's key/value gradients are summed onto the rank that owns those tokens.
 
-The attention here runs SDPA with a dense boolean mask [b, 1, s_local, S] (the math or memory-efficient
-kernel), also for plain causal attention (a rank's tokens are two chunks far apart, so SDPA's is_causal
-does not apply). FlexAttention on CUDA, with a block mask built once per micro-batch from the same global
+Plain causal attention on CUDA needs no mask: with the gathered keys in sequence order, each of the rank's
+two chunks attends to the keys up to its own end under a lower-right causal bias (two SDPA calls, a fused
+kernel). PrefixLM and document masks, and causal attention elsewhere (`dense_causal_mask`), run SDPA with a
+dense mask [b, 1, s_local, S] over global positions, made additive in the activations' dtype once per
+micro-batch and shared by the layers. FlexAttention on CUDA, with a block mask built once per micro-batch from the same global
 positions, is the later fast path; the mask functions here are what it must equal. Attention dropout
 draws from the tp-distinct stream, whose seed includes the cp rank (megalm.parallel.random), so cp ranks
 never share a dropout mask.
@@ -47,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 from megalm.distributed import ProcessGroup
 from megalm.parallel.tensor import gather_from_sequence
@@ -209,24 +212,28 @@ def context_parallel_attention(
     seq_length = q.shape[2] * cp
     if document_ids is not None and document_ids.shape[-1] != seq_length:
         raise ValueError(f"document_ids cover {document_ids.shape[-1]} positions, the sequence has {seq_length}")
-    keys, values = gather_keys_values(k, v, group)
-    query_pos = cp_positions(seq_length, cp, cp_rank, q.device)
-    key_pos = gathered_key_positions(seq_length, cp, q.device)
-    mask = attention_mask(query_pos, key_pos, kind, prefix_lengths, document_ids)
-    return F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    mask = context_parallel_mask(seq_length, group, cp_rank, kind, prefix_lengths, document_ids, q.device)
+    return gathered_attention(q, k, v, mask, scale=scale)
+
+
+def dense_causal_mask(device_type: str) -> bool:
+    """Whether plain causal attention at cp > 1 uses the shared dense mask on this device: on CUDA each chunk's
+    lower-right causal bias runs a fused kernel (flash or memory-efficient) with no mask in memory; elsewhere
+    torch materialises that bias in every call (an fp32 [s/2cp, keys] mask per chunk and layer, kept for
+    backward), so one additive mask per micro-batch, shared by the layers, costs less."""
+    return device_type != "cuda"
 
 
 class ContextParallelMask:
-    """What a layer is handed to attend across the cp split: the dense mask [b or 1, 1, s_local, S] (boolean, or
-    additive in the activations' dtype) of this
-    rank's queries over the keys as `gather_keys_values` lays them out, and the cp group. Built once per
-    micro-batch and model chunk (`context_parallel_mask`), shared by the chunk's layers."""
+    """What a layer is handed to attend across the cp split, built once per micro-batch and model chunk
+    (`context_parallel_mask`) and shared by the chunk's layers: the cp group, this rank's place in it, and
+    either a dense mask [b or 1, 1, s_local, S] of this rank's queries over the keys as `gather_keys_values`
+    lays them out (boolean, or additive in the activations' dtype), or None for plain causal attention."""
 
-    def __init__(self, mask: Tensor, group: ProcessGroup) -> None:
+    def __init__(self, mask: Optional[Tensor], group: ProcessGroup, cp_rank: int = 0) -> None:
         self.mask = mask
         self.group = group
+        self.cp_rank = cp_rank
 
 
 def context_parallel_mask(
@@ -238,30 +245,53 @@ def context_parallel_mask(
     document_ids: Optional[Tensor] = None,
     device: Optional[torch.device] = None,
     dtype: Optional[torch.dtype] = None,
+    dense_causal: bool = False,
 ) -> ContextParallelMask:
     """The ContextParallelMask of `cp_rank`'s queries over the whole sequence of `seq_length` tokens.
 
-    dtype (the activations'): the mask is made additive (0 where a query attends, -inf elsewhere) in that dtype
-    once here, so every layer's SDPA reads the same tensor; handed a boolean mask, SDPA would convert it in
-    every layer and keep each copy for backward. None: the boolean mask."""
+    Plain causal attention needs no mask (`gathered_attention` runs each of the rank's two chunks over the
+    keys up to its end, lower-right causal) unless dense_causal. dtype (the activations'): the dense mask is
+    made additive (0 where a query attends, -inf elsewhere) once here, so every layer's SDPA reads the same
+    tensor; handed a boolean mask, SDPA would convert it in every layer and keep each copy for backward."""
     cp = _group_size(group)
+    if kind == "causal" and not dense_causal:
+        return ContextParallelMask(None, group, cp_rank)
     query_pos = cp_positions(seq_length, cp, cp_rank, device)
     key_pos = gathered_key_positions(seq_length, cp, device)
     mask = attention_mask(query_pos, key_pos, kind, prefix_lengths, document_ids)
     if dtype is not None:  # every query row sees at least itself: no row is all -inf
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    return ContextParallelMask(mask, group)
+    return ContextParallelMask(mask, group, cp_rank)
 
 
 def gathered_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: ContextParallelMask, dropout_p: float = 0.0
+    q: Tensor, k: Tensor, v: Tensor, mask: ContextParallelMask, dropout_p: float = 0.0, scale: Optional[float] = None
 ) -> Tensor:
-    """A layer's attention core across the cp split: gather every rank's keys and values, then one SDPA call
-    under the mask over global positions; q [b, heads, s_local, d], k and v [b, kv_heads, s_local, d]."""
+    """A layer's attention core across the cp split: gather every rank's keys and values, then attend; q
+    [b, heads, s_local, d], k and v [b, kv_heads, s_local, d]; [b, heads, s_local, d] out.
+
+    With a dense mask: one SDPA call under it. Plain causal (mask None): the gathered keys and values are put
+    in sequence order, and each of the rank's two chunks (global chunks r and 2cp-1-r) attends to the keys up
+    to its own end under a lower-right causal bias: no mask in memory, and on CUDA the flash kernel runs."""
     keys, values = gather_keys_values(k, v, mask.group)
-    return F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask.mask, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    grouped = q.shape[1] != k.shape[1]
+    if mask.mask is not None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.mask, dropout_p=dropout_p,
+                                              scale=scale, enable_gqa=grouped)
+    cp = _group_size(mask.group)
+    if cp == 1:
+        return F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout_p, is_causal=True, scale=scale,
+                                              enable_gqa=grouped)
+    keys, values = (cp_unsplit(list(t.chunk(cp, dim=2)), 2) for t in (keys, values))  # sequence order
+    chunk = q.shape[2] // 2
+    outputs = []
+    for half, index in enumerate(cp_chunks(cp, mask.cp_rank)):
+        end = (index + 1) * chunk  # the chunk's queries see keys 0 .. end-1, the last chunk of them causally
+        outputs.append(F.scaled_dot_product_attention(
+            q.narrow(2, half * chunk, chunk), keys.narrow(2, 0, end), values.narrow(2, 0, end),
+            attn_mask=causal_lower_right(chunk, end), dropout_p=dropout_p, scale=scale, enable_gqa=grouped,
+        ))
+    return torch.cat(outputs, dim=2)
 
 
 # ---- the loss rule ----------------------------------------------------------------------------------

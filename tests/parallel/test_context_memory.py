@@ -3,9 +3,10 @@
 One training forward of a 2-layer GQA model over a 2048-token sequence, bytes saved for backward counted with
 saved-tensor hooks (megalm.plan.measure.SavedBytes: each storage once, parameters left out), at cp=1 on one
 process and at cp=2 on each of two ranks. Everything that scales with the rank's tokens halves; what cp adds
-on top is known exactly: the additive mask of the rank's queries over the whole sequence ([1, 1, S/2, S] in
-the activations' dtype, once per micro-batch, shared by the layers) and, per layer, the gathered keys and
-values of the whole sequence where cp=1 kept its own (the same bytes: cp=2 keeps S/2 tokens' worth more).
+on top is known exactly: per layer, the gathered keys and values of the whole sequence where cp=1 kept its
+own (cp=2 keeps S/2 tokens' worth more), and one additive mask of the rank's queries over the whole sequence
+([1, 1, S/2, S] in the activations' dtype, once per micro-batch, shared by the layers). On CUDA causal
+attention keeps no mask (megalm.parallel.context.dense_causal_mask); the planner counts both.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def test_activation_bytes_per_rank_at_cp2_are_half_of_cp1_plus_the_exchange() ->
     one = saved_bytes(ParallelGroups.single())
     two = run_distributed(_worker, 2, timeout=300)
     assert two[0] == two[1]  # the load-balanced split: both ranks keep the same bytes
-    mask = (SEQ // 2) * SEQ * 4  # fp32 additive mask of 1024 queries over 2048 keys, once
+    mask = (SEQ // 2) * SEQ * 4  # fp32 additive mask of 1024 queries over 2048 keys, once (on CPU)
     head_dim = HIDDEN // HEADS
     gathered_extra = LAYERS * 2 * KV_HEADS * head_dim * (SEQ // 2) * 4  # per layer: K and V of the other rank's tokens
     expected = one / 2 + mask + gathered_extra

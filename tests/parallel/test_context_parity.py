@@ -14,7 +14,7 @@ tests/parallel/test_context.py checks they differ). Masks:
 
 each at cp=2 and cp=4, alone and with tp=2 + sequence parallel, pp=2 and dp=2 (+ ZeRO-1). dp4/cp1, dp2/cp2 and
 dp1/cp4 give the same gradient norm. Negative control: the plain causal mask forced under PrefixLM or document
-masks at cp=2 fails the comparison.
+masks at cp=2 fails the comparison. CUDA's causal path (no mask, a lower-right causal bias per chunk) runs too.
 """
 
 from __future__ import annotations
@@ -118,17 +118,26 @@ def _force_causal() -> None:
     from megalm.model import gpt
     from megalm.parallel import context
 
-    def causal(seq_length, group, cp_rank, kind="causal", prefix_lengths=None, document_ids=None, device=None):
-        return context.context_parallel_mask(seq_length, group, cp_rank, "causal", None, None, device)
+    def causal(seq_length, group, cp_rank, kind="causal", prefix_lengths=None, document_ids=None, *args, **kwargs):
+        return context.context_parallel_mask(seq_length, group, cp_rank, "causal", None, None, *args, **kwargs)
 
     gpt.context_parallel_mask = causal
 
 
-def _worker(rank: int, world_size: int, negative: bool = False) -> dict:
+# CUDA's causal path (each chunk under a lower-right causal bias, no mask), run on CPU through the trainer
+LOWER_RIGHT = [("causal-rotary", 2, 1, 1, 1, 0, "none"), ("causal-learned", 2, 1, 1, 1, 0, "selective")]
+
+
+def _worker(rank: int, world_size: int, mode: str = "cases") -> dict:
     out = {}
-    if negative:
+    if mode == "negative":
         _force_causal()
-    for case in (NEGATIVE if negative else CASES[world_size]):
+    if mode == "lower_right":
+        from megalm.model import gpt
+
+        gpt.dense_causal_mask = lambda device_type: False
+    cases = {"negative": NEGATIVE, "lower_right": LOWER_RIGHT}.get(mode, CASES[world_size])
+    for case in cases:
         mask, cp, tp, pp, dp, zero, recompute = case
         groups = build_parallel_groups(Topology(tp=tp, pp=pp, dp=dp, cp=cp), rank, torch.device("cpu"))
         out[case] = train(train_config(mask, cp, tp, pp, dp, zero, recompute), groups)
@@ -172,11 +181,11 @@ def _compare(case: tuple, results: list[dict]) -> tuple[float, float, float]:
     return loss_gap, grad_gap, weight_gap
 
 
-def _table(world_size: int, results: list[dict]) -> None:
-    for case in CASES[world_size]:
+def _table(cases: list[tuple], results: list[dict], label: str = "") -> None:
+    for case in cases:
         loss_gap, grad_gap, weight_gap = _compare(case, results)
         mask, cp, tp, pp, dp, zero, recompute = case
-        print(f"parity | {mask} | cp{cp} tp{tp}{'+sp' if tp > 1 else ''} pp{pp} dp{dp}{' zero1' if zero else ''}"
+        print(f"parity | {mask}{label} | cp{cp} tp{tp}{'+sp' if tp > 1 else ''} pp{pp} dp{dp}{' zero1' if zero else ''}"
               f"{' ' + recompute if recompute != 'none' else ''} | loss {loss_gap:.1e} | grads "
               f"{grad_gap:.1e}{' (zero1: weights)' if zero else ''} | weights {weight_gap:.1e}")
         assert loss_gap <= TOLERANCE, (case, loss_gap)
@@ -187,7 +196,7 @@ def _table(world_size: int, results: list[dict]) -> None:
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_context_parallel_training_matches_one_process(world_size: int) -> None:
     results = run_distributed(_worker, world_size, timeout=900)
-    _table(world_size, results)
+    _table(CASES[world_size], results)
     if world_size == 4:  # dp4/cp1, dp2/cp2 and dp1/cp4: one gradient norm (and the single process's)
         ref = reference("causal-rotary")["norms"]
         for case in GRAD_NORM_CASES + [("causal-rotary", 4, 1, 1, 1, 0, "full")]:
@@ -199,8 +208,15 @@ def test_context_parallel_training_matches_one_process(world_size: int) -> None:
 def test_negative_control_plain_causal_mask_fails() -> None:
     """Forcing the causal mask under PrefixLM or document masks at cp=2 moves the gradients and weights far off
     (the first steps' losses of a fresh model hardly depend on the mask: they stay near log(vocab))."""
-    results = run_distributed(_worker, 2, True, timeout=300)
+    results = run_distributed(_worker, 2, "negative", timeout=300)
     for case in NEGATIVE:
         loss_gap, grad_gap, weight_gap = _compare(case, results)
         print(f"negative control {case[0]} cp2 causal forced: loss {loss_gap:.1e} grads {grad_gap:.1e}")
         assert grad_gap > 1e-2 and weight_gap > 1e-3, (case, grad_gap, weight_gap)
+
+
+def test_cudas_lower_right_causal_path_matches_one_process() -> None:
+    """The causal path CUDA takes at cp > 1 (no mask: each of a rank's chunks attends to the keys up to its end
+    under a lower-right causal bias), forced on CPU, through the trainer."""
+    results = run_distributed(_worker, 2, "lower_right", timeout=300)
+    _table(LOWER_RIGHT, results, " (lower-right, no mask)")
