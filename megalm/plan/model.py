@@ -32,6 +32,15 @@ Time (seconds per optimizer step) on the slowest stage, which sets the pipeline'
   untied output layer needs none); tp > kv_heads: the key_value gradients summed over each kv head's
   tp / kv_heads replicas once per step;
 - optimizer step: memory-bound AdamW over the local (or sharded) parameters.
+
+Context parallelism (cp > 1, megalm.parallel.context): each rank holds seq_length / cp tokens of every sample,
+so every per-token activation, GEMM, element-wise and tensor-parallel term is divided by cp and the attention
+core costs 1/cp of the whole (local queries against every key, the load-balanced split); each layer also
+keeps the all-gathered keys and values of the whole sequence and SDPA's additive copy of the dense
+[b or 1, 1, S/cp, S] mask over global positions (the bool mask itself once per micro-batch: recompute's
+checkpoints keep it). Time adds the key/value all-gather per layer in forward and its reduce-scatter in
+backward (again in a recomputed forward), over the cp group's link and not overlapped (`context_comm`).
+Gradients are reduced, and ZeRO-1 sharded, over the dp x cp group.
 """
 
 from __future__ import annotations
