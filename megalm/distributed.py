@@ -98,6 +98,27 @@ class ParallelGroups:
         return self.topology.cp
 
     @property
+    def grad_group(self) -> ProcessGroup:
+        """The ranks holding the same weights (same tp and pp coordinates): dp, or dp x cp with context
+        parallelism. Gradients are summed over it, ZeRO-1 shards over it and checkpoints split writes over it."""
+        return self.dp_cp_group if self.topology.cp > 1 else self.dp_group
+
+    @property
+    def grad_ranks(self) -> tuple[int, ...]:
+        """Global ranks of grad_group (dp-major, cp-minor)."""
+        return self.dp_cp_ranks if self.topology.cp > 1 else self.dp_ranks
+
+    @property
+    def grad_rank(self) -> int:
+        """This rank's index in grad_group: dp_rank x cp + cp_rank."""
+        return self.dp_rank * self.topology.cp + self.cp_rank
+
+    @property
+    def grad_size(self) -> int:
+        """Size of grad_group: dp x cp."""
+        return self.topology.dp * self.topology.cp
+
+    @property
     def tp_size(self) -> int:
         return self.topology.tp
 

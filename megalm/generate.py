@@ -314,7 +314,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if world_size % (args.tp * args.pp) != 0:
         raise ConfigError(f"--tp {args.tp} x --pp {args.pp} does not divide the {world_size} processes: launch a multiple")
     parallel, train = config.parallel, config.train
-    parallel.tp, parallel.pp, parallel.dp = args.tp, args.pp, world_size // (args.tp * args.pp)
+    parallel.tp, parallel.pp, parallel.dp, parallel.cp = args.tp, args.pp, world_size // (args.tp * args.pp), 1  # whole sequences
     parallel.virtual_stages, parallel.pipeline_layers, parallel.sequence_parallel = 1, None, False
     parallel.recompute, parallel.zero_stage, parallel.schedule = "none", 0, "1f1b"
     train.engine, train.init_from = "megalm", None

@@ -88,7 +88,7 @@ class Trainer:
             config.parallel.schedule,
             grad_accum_steps(config, groups.dp_size),
             activation_shape(
-                config.model.seq_length, config.train.micro_batch_size, config.model.hidden_size, groups,
+                config.model.seq_length // groups.cp_size, config.train.micro_batch_size, config.model.hidden_size, groups,
                 config.parallel.sequence_parallel,
             ),
             message_dtype=param_dtype(config),  # activations cross stages in the parameters' dtype
@@ -117,7 +117,7 @@ class Trainer:
         Asynchronous because on NCCL the dp group's collectives run in issue order: a blocking count
         would hold this step's forward until ZeRO-1's parameter gathers (issued before it) are done."""
         local = sum(batch.loss_mask.sum() for batch in batches).to(self.groups.device, torch.float32).clone()
-        group = self.groups.dp_group
+        group = self.groups.grad_group  # dp x cp: with context parallelism each rank counts its own tokens
         work = dist.all_reduce(local, group=group, async_op=True) if group is not None else None
         marks: list = []
 
@@ -131,10 +131,17 @@ class Trainer:
 
         return local, wait, marks
 
+    def _micro_batches(self, sampler: BatchSampler, index: int) -> list[Batch]:
+        """The micro-batches of global batch `index` on this rank's device, each cut once to this rank's part of
+        the sequence when parallel.cp > 1 (Batch.cp_split: where the data enters the model)."""
+        groups = self.groups
+        return [batch.to(groups.device).cp_split(groups.cp_size, groups.cp_rank) for batch in sampler.micro_batches(index)]
+
     @staticmethod
     def _masked_sum(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Sum of the masked token losses of one micro-batch."""
-        return (losses.float() * batch.loss_mask).sum()
+        """Sum of the masked token losses of one micro-batch (a masked token's loss never enters, even if not finite)."""
+        mask = batch.loss_mask.to(torch.bool)
+        return torch.where(mask, losses.float(), torch.zeros((), device=losses.device)).sum()
 
     def _set_training(self, training: bool) -> None:
         for chunk in self.chunks:
@@ -159,7 +166,7 @@ class Trainer:
         clock = self.clock
         begin = clock.mark()
         device = self.groups.device
-        batches = [batch.to(device) for batch in self.data.micro_batches(step)]
+        batches = self._micro_batches(self.data, step)
         data_seconds = time.perf_counter() - start
         maybe_inject("compute", step + 1, self.groups.rank)  # the "slow" fault of MEGALM_FAULT: a straggler
         if self.runner is not None:
@@ -184,7 +191,7 @@ class Trainer:
             ready = clock.mark()  # this rank's gradients are computed: the wait for the others starts
             self.sync.finish()
             all_reduce_(loss_sum, self.groups.pp_group)  # only the last stage holds the loss
-            all_reduce_(loss_sum, self.groups.dp_group)
+            all_reduce_(loss_sum, self.groups.grad_group)  # over dp (x cp: each cp rank holds its tokens' part)
             loss_value = loss_sum.item() / scale  # the same on every rank
             if self.scaler is None and not math.isfinite(loss_value):
                 if self.config.checkpoint.on_nan == "stop":
@@ -212,11 +219,11 @@ class Trainer:
         groups = self.groups
         grads, counted = self.optimizer.grads(), self.optimizer.counted_grads()
         # ZeRO-1: each dp rank holds a different shard, so norms span dp too.
-        reduce_over = [groups.dp_group, groups.tp_group, groups.pp_group] if self.optimizer.sharded else [
+        reduce_over = [groups.grad_group, groups.tp_group, groups.pp_group] if self.optimizer.sharded else [
             groups.tp_group, groups.pp_group
         ]
         if self.scaler is not None:
-            if found_inf(grads, [groups.dp_group, groups.tp_group, groups.pp_group], groups.device):
+            if found_inf(grads, [groups.grad_group, groups.tp_group, groups.pp_group], groups.device):
                 self.scaler.update(found_inf=True)
                 return float("nan"), True
             torch._foreach_mul_(grads, 1.0 / scale)
@@ -242,11 +249,11 @@ class Trainer:
         self.wait_for_parameters()
         total = torch.zeros(2, device=self.groups.device)  # [loss sum, loss tokens]
         for index in range(self.config.train.eval_batches):
-            batches = [batch.to(self.groups.device) for batch in self.valid.micro_batches(index)]
+            batches = self._micro_batches(self.valid, index)
             loss_sum = self.executor.run(batches, self._masked_sum, forward_only=True)
             total[0] += all_reduce_(loss_sum, self.groups.pp_group)
             total[1] += sum(batch.loss_mask.sum() for batch in batches)
-        all_reduce_(total, self.groups.dp_group)
+        all_reduce_(total, self.groups.grad_group)
         return (total[0] / total[1]).item()
 
     def record(self, result: StepResult) -> dict:
@@ -444,7 +451,7 @@ def build_trainer(
     metrics = build_metrics_writer(config.log, run_dir, groups.rank, config_to_dict(config))
     metrics.write({"event": "start", "time": time.time(), "world_size": groups.topology.world_size})
     logger.info(describe_kernels(groups.device))
-    logger.info(describe_attention(config.model, groups.device))
+    logger.info(describe_attention(config.model, groups.device, groups.cp_size))
     logger.info(
         f"{groups.topology.describe()} | {sum(count_parameters(c) for c in chunks):,} parameters on rank "
         f"{groups.rank} | schedule {config.parallel.schedule} | "
@@ -483,7 +490,7 @@ def write_resolved_config(config: Config, run_dir: Path) -> Path:
 
 def _stage_groups(topology, pp_rank: int) -> ParallelGroups:
     """Groups of the (pp_rank, dp 0, tp 0) rank, for building a stage on the meta device."""
-    return ParallelGroups(topology=topology, rank=topology.rank(pp_rank, 0, 0), device=torch.device("cpu"))
+    return ParallelGroups(topology=topology, rank=topology.rank(pp_rank, 0, 0, cp=0), device=torch.device("cpu"))
 
 
 def dry_run_report(config: Config, topology) -> str:
@@ -525,7 +532,7 @@ def dry_run_report(config: Config, topology) -> str:
         f"{100 * analytic_bubble(topology.pp, accum, parallel.virtual_stages):.1f}% = (pp-1)/(m*v+pp-1)"
     )
     shown = per_rank if len(per_rank) <= 6 else per_rank[:3] + [None] + per_rank[-2:]
-    per_param = bytes_per_parameter(config.train.precision, parallel.zero_stage, topology.dp)
+    per_param = bytes_per_parameter(config.train.precision, parallel.zero_stage, topology.dp * topology.cp)
     for entry in shown:
         if entry is None:
             lines.append("  ...")

@@ -45,11 +45,14 @@ __all__ = ["Checkpointer", "CheckpointError", "CheckpointStore"]
 
 def checkpoint_layout(topology, parallel) -> dict:
     """The layout a checkpoint records: the topology and the parallel settings its pieces were cut by."""
-    return {
+    layout = {
         "tp": topology.tp, "pp": topology.pp, "dp": topology.dp, "zero_stage": parallel.zero_stage,
         "virtual_stages": parallel.virtual_stages, "pipeline_layers": parallel.pipeline_layers,
         "sequence_parallel": parallel.sequence_parallel,
     }
+    if topology.cp > 1:  # recorded only when used, so a cp = 1 layout is what checkpoints always recorded
+        layout["cp"] = topology.cp
+    return layout
 
 
 def _layout(trainer) -> dict:

@@ -304,7 +304,7 @@ def collect_pieces(chunks: list[nn.Module], optimizer: Any, groups, host: HostCo
 
     def add(name, param, kind, tensor, lo, hi, replicated):
         if replicated:  # keep this dp rank's part of [lo, hi) only
-            part_lo, part_hi = dp_share(lo, hi, groups.dp_rank, groups.dp_size)
+            part_lo, part_hi = dp_share(lo, hi, groups.grad_rank, groups.grad_size)  # dp (x cp) ranks alike
             tensor, lo, hi = tensor.detach().reshape(-1)[part_lo - lo : part_hi - lo], part_lo, part_hi
         if hi > lo:
             pieces.append(_piece(name, param, kind, tensor, lo, hi, groups, host))

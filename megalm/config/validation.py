@@ -112,6 +112,11 @@ def _check_context_parallel(config: Config) -> None:
             f"model.seq_length to a multiple of {2 * cp} such as {_nearby_multiples(seq_length, 2 * cp)}, or change "
             f"parallel.cp"
         )
+    if config.train.compile:
+        raise ConfigError(
+            f"train.compile=true is not supported with parallel.cp={cp} yet (the layers' key/value all-gather over "
+            f"the cp group runs eagerly): set train.compile=false or parallel.cp=1"
+        )
     if config.train.engine == "deepspeed":
         raise ConfigError(
             f"parallel.cp={cp} runs on train.engine=megalm only: the DeepSpeed engine reduces gradients over its own "

@@ -24,6 +24,18 @@ class Batch:
         return Batch(move(self.tokens), move(self.labels), move(self.loss_mask), move(self.prefix_lengths),
                      move(self.document_ids))
 
+    def cp_split(self, cp: int, cp_rank: int) -> "Batch":
+        """This context-parallel rank's part of the micro-batch (megalm.parallel.context.cp_split): tokens,
+        labels and loss mask are cut to chunks r and 2cp-1-r of the sequence; prefix lengths and document ids
+        stay whole (the masks and per-document positions are built from global positions). cp = 1: itself."""
+        if cp == 1:
+            return self
+        from megalm.parallel.context import cp_split  # data must not import the parallel package at load time
+
+        part = lambda t: cp_split(t, cp, cp_rank, dim=1)  # noqa: E731
+        return Batch(part(self.tokens), part(self.labels), part(self.loss_mask), self.prefix_lengths,
+                     self.document_ids)
+
     @property
     def num_loss_tokens(self) -> int:
         return int(self.loss_mask.sum().item())

@@ -182,7 +182,7 @@ def load_evaluator(
     if world % (tp * pp):
         raise ConfigError(f"--tp {tp} x --pp {pp} does not divide the world size {world}")
     parallel = config.parallel
-    parallel.tp, parallel.pp, parallel.dp = tp, pp, world // (tp * pp)
+    parallel.tp, parallel.pp, parallel.dp, parallel.cp = tp, pp, world // (tp * pp), 1  # evaluation holds whole sequences
     parallel.virtual_stages, parallel.pipeline_layers, parallel.zero_stage = 1, None, 0
     parallel.recompute, parallel.recompute_layers, parallel.schedule = "none", None, "1f1b"
     config.train.init_from, config.train.engine = None, "megalm"

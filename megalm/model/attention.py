@@ -61,8 +61,12 @@ def uses_dense_prefix_mask(cfg: ModelConfig, device_type: str) -> bool:
     return masked_attention(cfg) and prefix_attention_kernel(cfg, device_type)[0] == "dense"
 
 
-def describe_attention(cfg: ModelConfig, device: torch.device | str) -> str:
+def describe_attention(cfg: ModelConfig, device: torch.device | str, cp: int = 1) -> str:
     """One start-up log line naming the attention kernel of the run and why."""
+    if cp > 1:
+        what = "PrefixLM" if cfg.family == "prefixlm" else "LM with per-document masks" if cfg.document_mask else "LM"
+        return (f"attention: {what}, context parallel over {cp} ranks: keys and values all-gathered, SDPA with a dense "
+                f"[b, 1, s/{cp}, s] mask over global positions (megalm.parallel.context)")
     if not masked_attention(cfg):
         return "attention: LM, SDPA is_causal"
     what = "PrefixLM" if cfg.family == "prefixlm" else "LM with per-document masks"

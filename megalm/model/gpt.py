@@ -15,6 +15,11 @@ PrefixLM attention is FlexAttention with a block mask, or SDPA with a dense [b, 
 shared by the chunk's layers. Per-document attention (`model.document_mask`) is the same choice over
 the micro-batch's document ids, whose per-document positions index the learned or rotary tables.
 
+Context parallelism (`parallel.cp` > 1, megalm.parallel.context): each rank holds chunks r and 2cp-1-r
+of every sample's sequence (the trainer cuts the micro-batch once, Batch.cp_split); every stage indexes
+the learned or rotary tables by its tokens' global positions, and its layers attend over keys and values
+gathered from the cp group under one dense mask over global positions (causal, PrefixLM or per-document).
+
 Activation recompute (`parallel.recompute`): "full" keeps only the input of each of a chunk's first
 `recompute_layers` layers (all by default) and reruns the layer in backward; "selective" reruns the
 attention core only. Both redraw the forward's dropout masks (megalm.parallel.random.recompute).
@@ -37,6 +42,7 @@ from megalm.model.attention import (
 from megalm.model.init import initialize_parameters_
 from megalm.model.layers import Embedding, TransformerLayer, make_norm
 from megalm.model.rope import rotary_tables
+from megalm.parallel.context import context_parallel_mask, cp_positions
 from megalm.parallel.random import ParallelRNG, recompute
 from megalm.parallel.schedules import partition_layers
 from megalm.parallel.tensor import mark_parameter, parallel_logits, vocab_parallel_cross_entropy
@@ -188,27 +194,43 @@ class GPTModel(nn.Module):
         Returns per-token losses [b, s] on the last stage when labels are given, vocab-split
         logits [s, b, v/tp] when not, and hidden states [s, b, h] on the other stages.
         """
-        positions = None  # [b, s] per-document positions, else 0..s-1 for every sample
-        if self.cfg.document_mask and document_ids is not None:
-            positions = document_positions(document_ids)
+        groups, cp = self.groups, self.groups.cp_size
+        local_len = inputs.shape[1] if self.is_first else inputs.shape[0] * (
+            groups.tp_size if self.sequence_parallel else 1
+        )  # this rank's tokens of each sample (the whole sequence at cp = 1)
+        seq_len = local_len * cp
+        global_positions = None  # cp > 1: [s / cp] global positions of this rank's tokens (chunks r, 2cp-1-r)
+        if cp > 1:
+            global_positions = cp_positions(seq_len, cp, groups.cp_rank, inputs.device)
+        positions = None  # [b, s(/cp)] positions of their own: per document, or global ones under cp
+        documents = self.cfg.document_mask and document_ids is not None
+        if documents:
+            positions = document_positions(document_ids)  # over the whole sequence (document ids stay whole)
+            if global_positions is not None:
+                positions = positions[:, global_positions]
+        elif global_positions is not None and self.is_first:
+            positions = global_positions.expand(inputs.shape[0], -1)
         # A later stage computes in the parameters' dtype whatever dtype its input message arrived in.
         hidden = self.embedding(inputs, positions) if self.is_first else inputs.to(self.dtype)
-        seq_len = inputs.shape[1] if self.is_first else hidden.shape[0] * (
-            self.groups.tp_size if self.sequence_parallel else 1
-        )
         attn_mask = None  # causal via SDPA's is_causal
-        if positions is not None:  # built once per micro-batch and chunk, shared by its layers
+        if self.cfg.family == "prefixlm" and prefix_lengths is None:
+            raise ValueError("a PrefixLM model needs prefix_lengths for every sample")
+        if cp > 1:  # one dense mask over global positions, built once per micro-batch and chunk
+            kind = "prefix" if self.cfg.family == "prefixlm" else "document" if documents else "causal"
+            attn_mask = context_parallel_mask(seq_len, groups.cp_group, groups.cp_rank, kind, prefix_lengths,
+                                              document_ids if documents else None, hidden.device, hidden.dtype)
+        elif documents:  # built once per micro-batch and chunk, shared by its layers
             attn_mask = (document_block_mask if self.prefix_kernel == "flex" else document_attention_mask)(document_ids)
-        if self.cfg.family == "prefixlm":
-            if prefix_lengths is None:
-                raise ValueError("a PrefixLM model needs prefix_lengths for every sample")
+        elif self.cfg.family == "prefixlm":
             build_mask = prefix_block_mask if self.prefix_kernel == "flex" else prefix_attention_mask
             attn_mask = build_mask(prefix_lengths, seq_len)  # a BlockMask, or a [b, 1, s, s] bool tensor
         rotary = None
         if self.cfg.position_embedding == "rotary":
             rotary = self._rotary_table(seq_len, hidden.device)
-            if positions is not None:  # each token's row of the table: [s, b, 1, d]
+            if documents:  # each token's row of the table: [s, b, 1, d]
                 rotary = tuple(table[positions.t()].squeeze(2) for table in rotary)
+            elif global_positions is not None:  # this rank's rows: [s / cp, 1, 1, d]
+                rotary = tuple(table[global_positions] for table in rotary)
         recomputing = torch.is_grad_enabled()  # nothing to save (generation, evaluation): run plainly
         for index, layer in enumerate(self.layers.values()):
             if recomputing and index < self.recomputed_layers:

@@ -32,6 +32,7 @@ from megalm.config import ModelConfig
 from megalm.distributed import ParallelGroups
 from megalm.kernels import layer_norm_class
 from megalm.model.attention import BlockMask, flex_prefix_attention
+from megalm.parallel.context import ContextParallelMask, gathered_attention
 from megalm.parallel.random import ParallelRNG, recompute
 from megalm.parallel.tensor import (
     ColumnParallelLinear,
@@ -161,8 +162,9 @@ def _dropout(x: torch.Tensor, p: float, training: bool, rng: ParallelRNG, split:
     return F.dropout(x, p, training=True)
 
 
-# What a layer is handed to mask attention: None (causal), a dense bool mask, or a FlexAttention BlockMask.
-AttentionMask = Union[None, torch.Tensor, BlockMask]
+# What a layer is handed to mask attention: None (causal), a dense bool mask, a FlexAttention BlockMask, or
+# (context parallelism) a ContextParallelMask: gather the cp group's keys and values, then the dense mask.
+AttentionMask = Union[None, torch.Tensor, BlockMask, ContextParallelMask]
 
 
 def _distinct_dropout(x: torch.Tensor, p: float, rng: ParallelRNG) -> torch.Tensor:
@@ -291,7 +293,10 @@ class Attention(nn.Module):
         if isinstance(attn_mask, BlockMask):
             return flex_prefix_attention(q, k, v, attn_mask, grouped)
         dropout = self.dropout if self.training else 0.0
-        # Local heads are split activations: their dropout masks must differ across tp ranks.
+        # Local heads are split activations: their dropout masks must differ across tp ranks (and cp ranks).
+        if isinstance(attn_mask, ContextParallelMask):  # keys and values of the whole sequence, from the cp group
+            with self.rng.tp_distinct() if dropout > 0 else contextlib.nullcontext():
+                return gathered_attention(q, k, v, attn_mask, dropout)
         with self.rng.tp_distinct() if dropout > 0 else contextlib.nullcontext():
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=attn_mask is None, enable_gqa=grouped

@@ -21,9 +21,16 @@ GLOBAL positions. Why:
   reduce-scatter: every rank's key/value gradients are summed onto the rank that owns those tokens.
 
 The attention here runs SDPA with a dense boolean mask [b, 1, s_local, S] (the math or memory-efficient
-kernel). FlexAttention on CUDA, with a block mask built once per micro-batch from the same global
-positions, is the later fast path; the mask functions here are what it must equal. No dropout inside
-attention yet: it would need a dropout stream keyed by global positions so cp ranks never share a mask.
+kernel), also for plain causal attention (a rank's tokens are two chunks far apart, so SDPA's is_causal
+does not apply). FlexAttention on CUDA, with a block mask built once per micro-batch from the same global
+positions, is the later fast path; the mask functions here are what it must equal. Attention dropout
+draws from the tp-distinct stream, whose seed includes the cp rank (megalm.parallel.random), so cp ranks
+never share a dropout mask.
+
+In the model (megalm.model.gpt): the trainer cuts each micro-batch once (Batch.cp_split: tokens, labels,
+loss mask; prefix lengths and document ids stay whole); every stage computes its tokens' global
+positions (`cp_positions`, or per-document positions indexed by them) for the learned or rotary tables,
+and one `ContextParallelMask` per micro-batch and chunk that its layers hand to `gathered_attention`.
 
 The loss rule: the loss of a cp-split sequence is the sum of the per-token losses over all cp ranks
 divided by the count of loss tokens over all cp ranks (both all-reduced): never a mean per rank
@@ -208,6 +215,52 @@ def context_parallel_attention(
     mask = attention_mask(query_pos, key_pos, kind, prefix_lengths, document_ids)
     return F.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+class ContextParallelMask:
+    """What a layer is handed to attend across the cp split: the dense mask [b or 1, 1, s_local, S] (boolean, or
+    additive in the activations' dtype) of this
+    rank's queries over the keys as `gather_keys_values` lays them out, and the cp group. Built once per
+    micro-batch and model chunk (`context_parallel_mask`), shared by the chunk's layers."""
+
+    def __init__(self, mask: Tensor, group: ProcessGroup) -> None:
+        self.mask = mask
+        self.group = group
+
+
+def context_parallel_mask(
+    seq_length: int,
+    group: ProcessGroup,
+    cp_rank: int,
+    kind: MaskKind = "causal",
+    prefix_lengths: Optional[Tensor] = None,
+    document_ids: Optional[Tensor] = None,
+    device: Optional[torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> ContextParallelMask:
+    """The ContextParallelMask of `cp_rank`'s queries over the whole sequence of `seq_length` tokens.
+
+    dtype (the activations'): the mask is made additive (0 where a query attends, -inf elsewhere) in that dtype
+    once here, so every layer's SDPA reads the same tensor; handed a boolean mask, SDPA would convert it in
+    every layer and keep each copy for backward. None: the boolean mask."""
+    cp = _group_size(group)
+    query_pos = cp_positions(seq_length, cp, cp_rank, device)
+    key_pos = gathered_key_positions(seq_length, cp, device)
+    mask = attention_mask(query_pos, key_pos, kind, prefix_lengths, document_ids)
+    if dtype is not None:  # every query row sees at least itself: no row is all -inf
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return ContextParallelMask(mask, group)
+
+
+def gathered_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: ContextParallelMask, dropout_p: float = 0.0
+) -> Tensor:
+    """A layer's attention core across the cp split: gather every rank's keys and values, then one SDPA call
+    under the mask over global positions; q [b, heads, s_local, d], k and v [b, kv_heads, s_local, d]."""
+    keys, values = gather_keys_values(k, v, mask.group)
+    return F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask.mask, dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1]
     )
 
 

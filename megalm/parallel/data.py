@@ -24,6 +24,10 @@ backward pass; `finish()` waits before the optimizer step.
 - `reduce_dtype=torch.bfloat16` changes only the wire: a bf16 copy of the bucket is reduced
   (half the bytes) and the result is written back into the fp32 buffers. Accumulation stays fp32.
 
+With context parallelism (parallel.cp > 1) the ranks that reduce and shard together are dp x cp
+(`ParallelGroups.grad_group`): cp ranks hold the same weights and each computed the gradient of its own
+tokens' share of the loss, so their gradients are summed like those of dp ranks.
+
 Two reductions are folded in: sequence-parallel gradients (replicated params that saw only this
 rank's sequence shard) are summed over tp in the hook, as tp ranks run their backward in
 lockstep; the tied embedding's two copies (first and last pipeline stage) sit in a bucket of
@@ -105,7 +109,7 @@ class GradientSync:
         self.shard = shard
         self.events = events  # when a list: ("hook", name, count), ("launch", bucket), ("gather", bucket) and
         # ("gather_wait", bucket) in order
-        self.dp = groups.dp_size
+        self.dp = groups.grad_size  # dp x cp: every rank holding these weights
         self.buckets: list[Bucket] = []
         self._views: dict[nn.Parameter, torch.Tensor] = {}
         self._bucket_of: dict[nn.Parameter, Bucket] = {}
@@ -254,7 +258,7 @@ class GradientSync:
         if self.events is not None:
             self.events.append(("launch", bucket.index))
         bucket.launched = True
-        group = self.groups.dp_group
+        group = self.groups.grad_group
         if group is None:
             if self.shard:
                 bucket.shard_main.copy_(bucket.grad)
@@ -282,7 +286,7 @@ class GradientSync:
         for bucket in self.buckets:
             if bucket.handle is not None:
                 wait_for(bucket.handle, lambda: f"{'reduce_scatter' if self.shard else 'all_reduce'} of gradient "
-                         f"bucket {bucket.index} over {self.groups.describe_group(self.groups.dp_group)}")
+                         f"bucket {bucket.index} over {self.groups.describe_group(self.groups.grad_group)}")
                 bucket.handle = None
             if bucket.wire is not None:  # back into fp32, then free the wire copies
                 if self.shard:
@@ -299,7 +303,7 @@ class GradientSync:
     def parameter_shard(self, bucket: Bucket) -> torch.Tensor:
         """This dp rank's slice of a bucket's parameter buffer: the optimizer writes it, the gather sends it."""
         size = bucket.numel // self.dp
-        return bucket.param_data[self.groups.dp_rank * size : (self.groups.dp_rank + 1) * size]
+        return bucket.param_data[self.groups.grad_rank * size : (self.groups.grad_rank + 1) * size]
 
     def forward_order(self) -> list[Bucket]:
         """Buckets in the order the forward pass reads them (buckets are made in backward order)."""
@@ -312,11 +316,11 @@ class GradientSync:
         in the same (forward) order, so the collectives match on NCCL."""
         self.wait_parameters([bucket])  # never two gathers of one buffer in flight
         self._check_storage(bucket)
-        if self.groups.dp_group is None:
+        if self.groups.grad_group is None:
             return  # one dp rank: its shard is the whole buffer
         if self.events is not None:
             self.events.append(("gather", bucket.index))
-        bucket.gather = all_gather_single(bucket.param_data, self.parameter_shard(bucket), self.groups.dp_group,
+        bucket.gather = all_gather_single(bucket.param_data, self.parameter_shard(bucket), self.groups.grad_group,
                                            async_op=True)
         self._gathering += 1
 
@@ -341,7 +345,7 @@ class GradientSync:
         if self.events is not None:
             self.events.append(("gather_wait", bucket.index))
         wait_for(bucket.gather, lambda: f"all_gather of parameter bucket {bucket.index} over "
-                 f"{self.groups.describe_group(self.groups.dp_group)}")
+                 f"{self.groups.describe_group(self.groups.grad_group)}")
         bucket.gather = None
         self._gathering -= 1
 
@@ -357,7 +361,7 @@ class GradientSync:
     def segments(self) -> list[Segment]:
         """This dp rank's pieces of every parameter (ZeRO-1; whole parameters without), in bucket order."""
         out = []
-        rank = self.groups.dp_rank
+        rank = self.groups.grad_rank
         for bucket in self.buckets:
             if not self.shard:
                 out.extend(Segment(p, 0, p.numel(), offset, bucket) for p, offset in zip(bucket.params, bucket.offsets))

@@ -9,6 +9,10 @@ Two streams live on every rank:
   on split activations (attention probabilities of local heads, sequence-parallel shards), so
   each shard gets its own mask, as one full-size mask would.
 
+Both seeds include the context-parallel rank (parallel.cp > 1): cp ranks hold different tokens of the
+same samples, so each draws masks of its own, as one rank holding the whole sequence would draw
+different masks for different tokens. A cp = 1 run keeps the seeds it always had.
+
 The object is owned by the model and passed explicitly; nothing here is global state of megalm
 (it does swap torch's own generator state in and out, as dropout offers no generator argument).
 
@@ -28,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from megalm.distributed import ParallelGroups
 
 _TP_DISTINCT_OFFSET = 2718
+_CP_OFFSET = 7919  # a prime > 100 x any pipeline depth, so (stage, cp rank) pairs never share a seed
 
 
 class ParallelRNG:
@@ -35,7 +40,10 @@ class ParallelRNG:
 
     def __init__(self, seed: int, groups: ParallelGroups) -> None:
         self.device = groups.device
-        self.replicated_seed = seed + 100 * groups.pp_rank
+        # Keyed by pipeline stage and, with context parallelism, by cp rank: cp ranks hold different tokens of the
+        # same samples, so no two of them may draw one dropout mask (cp rank 0, and every rank at cp = 1, keeps
+        # the seed it always had).
+        self.replicated_seed = seed + 100 * groups.pp_rank + _CP_OFFSET * groups.cp_rank
         self.distinct_seed = self.replicated_seed + _TP_DISTINCT_OFFSET + groups.tp_rank
         self._distinct_state = self._fresh_state(self.distinct_seed)
 
