@@ -15,7 +15,9 @@ from megalm.cli import main
 from megalm.config import ModelConfig, load_config, validate
 from megalm.plan import Layout, PlanError, get_numerics, layout_from_config, load_cluster, make_plan, search
 from megalm.plan.layout import layout_overrides
-from megalm.plan.model import _ring_half_time, context_exchange_time, layer_activation_bytes, prefix_mask_bytes
+from megalm.plan.model import (
+    _ring_half_time, context_exchange_time, context_mask_bytes, layer_activation_bytes, prefix_mask_bytes,
+)
 from megalm.plan.search import context_parallel_sizes
 
 H100 = load_cluster("h100-80gb")
@@ -27,11 +29,12 @@ MODEL = ModelConfig(num_layers=4, hidden_size=512, num_heads=8, vocab_size=1024,
 
 
 def _cp_terms(model: ModelConfig, layout: Layout, act: int, kernels: str) -> int:
-    """By hand: what megalm's cp attention keeps per layer beyond the per-token terms (bf16, tp 1, b = 1, causal):
-    the gathered keys and values [2, b, heads, S, d], the additive [1, 1, S/cp, S] mask, and (CUDA) padding."""
+    """By hand: what megalm's cp attention keeps per layer beyond the per-token terms (tp 1, b = 1, causal): the
+    gathered keys and values [2, b, heads, S, d]; the layers share one additive mask, copied per layer only
+    where CUDA pads its rows to 16 keys."""
     s, d, heads = model.seq_length, model.head_size(), model.num_heads
-    keys = s if kernels == "cpu" else -(-s // 16) * 16
-    return act * 2 * heads * s * d + act * (s // layout.cp) * keys
+    padded = 0 if kernels == "cpu" or s % 16 == 0 else act * (s // layout.cp) * -(-s // 16) * 16
+    return act * 2 * heads * s * d + padded
 
 
 @pytest.mark.parametrize("kernels", ["cpu", "cuda"])
@@ -57,13 +60,21 @@ def test_cp2_halves_the_per_token_activations_and_adds_the_key_value_and_mask_bu
 
 
 def test_cp_mask_is_dense_over_global_positions_even_for_causal():
-    """cp > 1 always builds the [b or 1, 1, S/cp, S] bool mask (a rank's tokens are two chunks apart): the
-    recompute checkpoints keep it once per micro-batch; PrefixLM's has one row block per sample."""
+    """cp > 1 always builds a [b or 1, 1, S/cp, S] additive mask (a rank's tokens are two chunks apart), once per
+    micro-batch, in the activation dtype; PrefixLM's has one row block per sample. Its layers share it: a
+    stage keeps one per micro-batch in flight, whatever the layer count."""
     layout = Layout(1, 1, 1, 2, 2, recompute="selective", cp=4)
     s = MODEL.seq_length
-    assert prefix_mask_bytes(MODEL, layout) == 1 * (s // 4) * s
-    assert prefix_mask_bytes(dataclasses.replace(MODEL, family="prefixlm"), layout) == 2 * (s // 4) * s
-    assert prefix_mask_bytes(MODEL, dataclasses.replace(layout, cp=1)) == 0  # cp 1: SDPA is_causal, no mask
+    assert context_mask_bytes(MODEL, layout, 2) == 2 * 1 * (s // 4) * s
+    assert context_mask_bytes(dataclasses.replace(MODEL, family="prefixlm"), layout, 2) == 2 * 2 * (s // 4) * s
+    assert context_mask_bytes(MODEL, dataclasses.replace(layout, cp=1), 2) == 0  # cp 1: SDPA is_causal, no mask
+    assert prefix_mask_bytes(MODEL, layout) == 0  # the bool mask only leads to the additive one
+    deep = dataclasses.replace(MODEL, num_layers=8)
+    for layers in (MODEL, deep):
+        plan = make_plan(layers, Layout(1, 1, 1, 1, 1, cp=2), H100, MEGALM, "bf16")
+        per_layer, _ = layer_activation_bytes(layers, Layout(1, 1, 1, 1, 1, cp=2), 2)
+        positions = 8 * s // 2  # learned: the int64 global positions of the rank's tokens
+        assert plan.memory[0].activations == layers.num_layers * per_layer + 2 * (s // 2) * s + positions
 
 
 def test_stage_memory_at_cp2_model_states_sharded_over_dp_x_cp():

@@ -36,9 +36,8 @@ Time (seconds per optimizer step) on the slowest stage, which sets the pipeline'
 Context parallelism (cp > 1, megalm.parallel.context): each rank holds seq_length / cp tokens of every sample,
 so every per-token activation, GEMM, element-wise and tensor-parallel term is divided by cp and the attention
 core costs 1/cp of the whole (local queries against every key, the load-balanced split); each layer also
-keeps the all-gathered keys and values of the whole sequence and SDPA's additive copy of the dense
-[b or 1, 1, S/cp, S] mask over global positions (the bool mask itself once per micro-batch: recompute's
-checkpoints keep it). Time adds the key/value all-gather per layer in forward and its reduce-scatter in
+keeps the all-gathered keys and values of the whole sequence, and the layers share one additive
+[b or 1, 1, S/cp, S] mask over global positions per micro-batch (megalm.parallel.context). Time adds the key/value all-gather per layer in forward and its reduce-scatter in
 backward (again in a recomputed forward), over the cp group's link and not overlapped (`context_comm`).
 Gradients are reduced, and ZeRO-1 sharded, over the dp x cp group.
 """
@@ -217,10 +216,11 @@ def _context_parallel_core(model: ModelConfig, layout: Layout, act_bytes: int, k
     buffer that SDPA keeps for backward (cp times the local ones); q as the core receives it (a view of
     the fused QKV output, which stays alive, without rotary; the rotated q, or the query output, otherwise:
     the local k and v only feed the gather, which keeps nothing); SDPA with a dense mask over global
-    positions (also for plain causal: a rank's tokens are two non-contiguous chunks), which it keeps as an
-    additive [b or 1, 1, S/cp, S] mask in the activation dtype (`prefix_additive_mask_bytes`), the output
-    where the kernel writes it apart (CUDA's memory-efficient kernel, b > 1) and the fp32 logsumexp of the
-    local queries. Attention dropout is not modelled here: megalm's cp attention has none."""
+    positions (also for plain causal: a rank's tokens are two non-contiguous chunks), additive and shared by
+    the layers (`context_mask_bytes`, per micro-batch; a per-layer copy only where CUDA pads it,
+    `prefix_additive_mask_bytes`), the output where the kernel writes it apart (CUDA's memory-efficient
+    kernel, b > 1) and the fp32 logsumexp of the local queries. Attention dropout (on CPU, SDPA's math path)
+    is not modelled at cp > 1."""
     s, b = layout.local_tokens(model.seq_length), layout.micro_batch_size
     heads = model.num_heads // layout.tp
     query, kv = projection_widths(model, layout.tp)
@@ -271,22 +271,34 @@ def dense_mask_shape(model: ModelConfig, layout: Layout, kernels: str) -> Option
 def prefix_additive_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kernels: str) -> int:
     """The dense mask (`dense_mask_shape`) as the fused SDPA kernels keep it, in every layer: the bool mask
     becomes an additive mask in the activation dtype (CUDA's memory-efficient kernel pads rows to 16).
-    FlexAttention keeps no mask (its block mask is [b, 1, s/128, s/128] ints)."""
+    FlexAttention keeps no mask (its block mask is [b, 1, s/128, s/128] ints). At cp > 1 the layers share one
+    additive mask (`context_mask_bytes`): only CUDA's padding of rows not a multiple of 16 copies it per layer."""
     shape = dense_mask_shape(model, layout, kernels)
     if shape is None:
         return 0
     b, rows, keys = shape
+    if layout.cp > 1 and (kernels == "cpu" or keys % 16 == 0):
+        return 0
     return act_bytes * b * rows * (keys if kernels == "cpu" else -(-keys // 16) * 16)
 
 
-def prefix_mask_bytes(model: ModelConfig, layout: Layout, kernels: str = "cuda") -> int:
-    """The dense bool mask (`dense_mask_shape`), kept once per micro-batch and model chunk by recompute's
-    checkpoints (without recompute the layers keep only their additive copies, `_megalm_layer_bytes`)."""
-    shape = dense_mask_shape(model, layout, kernels)
-    if shape is None or layout.recompute == "none":
+def context_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: int) -> int:
+    """cp > 1: the additive mask of a rank's queries over the whole sequence ([b or 1, 1, S/cp, S] in the activation
+    dtype, megalm.parallel.context.context_parallel_mask), built once per micro-batch and model chunk and shared
+    by its layers, which keep it for backward (or, recomputing, hold it for the rerun). 0 at cp = 1."""
+    if layout.cp == 1:
         return 0
-    b, rows, keys = shape
-    return b * rows * keys
+    b, rows, keys = dense_mask_shape(model, layout, "cuda")
+    return act_bytes * b * rows * keys
+
+
+def prefix_mask_bytes(model: ModelConfig, layout: Layout, kernels: str = "cuda") -> int:
+    """PrefixLM's (or per-document attention's) dense [b, 1, s, s] bool mask, kept once per micro-batch and model
+    chunk by recompute's checkpoints (without recompute the layers keep only their additive copies,
+    `_megalm_layer_bytes`)."""
+    if layout.cp > 1 or not uses_dense_prefix_mask(model, kernels) or layout.recompute == "none":
+        return 0  # at cp > 1 the bool mask only leads to the additive one (context_mask_bytes)
+    return layout.micro_batch_size * model.seq_length ** 2
 
 
 def document_bytes(model: ModelConfig, layout: Layout, first: bool) -> int:
@@ -300,6 +312,18 @@ def document_bytes(model: ModelConfig, layout: Layout, first: bool) -> int:
     if model.position_embedding == "rotary":
         return 2 * 4 * s * b * model.head_size()
     return 8 * s * b if first else 0
+
+
+def context_position_bytes(model: ModelConfig, layout: Layout, first: bool) -> int:
+    """cp > 1 without per-document positions (`document_bytes` counts those): rotary, the rows of this rank's
+    global positions cut from the cos and sin tables ([s/cp, 1, 1, d] fp32 each) per micro-batch and chunk;
+    learned, on the first stage, the [s/cp] int64 global positions the table gather keeps."""
+    if layout.cp == 1 or model.document_mask:
+        return 0
+    s = layout.local_tokens(model.seq_length)
+    if model.position_embedding == "rotary":
+        return 2 * 4 * s * model.head_size()
+    return 8 * s if first else 0
 
 
 def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics,
@@ -337,12 +361,8 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
         rerun = recomputed_layers(layout, len(layers)) if layout.recompute == "full" else len(layers)
         per_chunk = max(per_chunk, rerun * stored + (len(layers) - rerun) * stored_plain)
     first_stage = any(first for _, first, _ in chunks)
-    masks = prefix_mask_bytes(model, layout, kernels) + document_bytes(model, layout, first_stage)
-    if layout.cp > 1 and layout.recompute == "none":
-        # cp > 1: the bool mask over global positions lives while a micro-batch's forward runs (the layers keep
-        # additive copies of it); under recompute the checkpoints keep it (prefix_mask_bytes, in `masks`)
-        batch, rows, keys = dense_mask_shape(model, layout, kernels)
-        working += batch * rows * keys
+    masks = (prefix_mask_bytes(model, layout, kernels) + document_bytes(model, layout, first_stage)
+             + context_mask_bytes(model, layout, act_bytes) + context_position_bytes(model, layout, first_stage))
     activations = flight * (per_chunk + masks) + working
     s, b, h = layout.local_tokens(model.seq_length), layout.micro_batch_size, model.hidden_size
     sp = layout.tp if layout.sequence_parallel else 1
