@@ -37,8 +37,9 @@ Context parallelism (cp > 1, megalm.parallel.context): each rank holds seq_lengt
 so every per-token activation, GEMM, element-wise and tensor-parallel term is divided by cp and the attention
 core costs 1/cp of the whole (local queries against every key, the load-balanced split); each layer also
 keeps the all-gathered keys and values of the whole sequence, and the layers share one additive
-[b or 1, 1, S/cp, S] mask over global positions per micro-batch (megalm.parallel.context). Time adds the key/value all-gather per layer in forward and its reduce-scatter in
-backward (again in a recomputed forward), over the cp group's link and not overlapped (`context_comm`).
+[b or 1, 1, S/cp, S] mask over global positions per micro-batch. Time adds the key/value all-gather per
+layer in forward and its reduce-scatter in backward (again in a recomputed forward), over the cp group's
+link and not overlapped (`context_comm`).
 Gradients are reduced, and ZeRO-1 sharded, over the dp x cp group.
 """
 
@@ -408,8 +409,8 @@ class StepTime:
 
     def shares(self) -> dict[str, float]:
         """Each part's share of the step (context_comm only where cp > 1 gives it time)."""
-        names = ("compute", "bubble", "pipeline_comm", "tensor_comm") + (("context_comm",) if self.context_comm else ()) \
-            + ("data_comm", "optimizer")
+        context = ("context_comm",) if self.context_comm else ()
+        names = ("compute", "bubble", "pipeline_comm", "tensor_comm", *context, "data_comm", "optimizer")
         return {name: getattr(self, name) / self.total for name in names}
 
 
