@@ -37,6 +37,7 @@ SHIPPED = {
     "gpt-125m.yaml": 8,
     "gpt-1.3b.yaml": 8,
     "yuan-lm-13b.yaml": None,
+    "yuan-lm-13b-32k.yaml": None,
     "yuan-plm-13b.yaml": None,
     "yuan-245b.yaml": None,
     "llama-tiny.yaml": 1,

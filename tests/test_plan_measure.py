@@ -13,7 +13,9 @@ import functools
 
 import pytest
 
-from megalm.plan.measure import TOLERANCE, Case, default_cases, main, measure, predict_layer
+from megalm.plan.measure import (
+    TOLERANCE, Case, context_parallel_cases, default_cases, main, measure, measure_outside_layers, predict_layer,
+)
 from megalm.plan.model import ACTIVATION_BYTES, layer_activation_bytes
 from megalm.plan.layout import Layout
 
@@ -36,12 +38,17 @@ LLAMA_CASES += [Case(precision=precision, recompute="none", dropout=0.1, **LLAMA
 LLAMA_CASES += [Case(**dict(LLAMA, num_kv_heads=1, head_dim=48)), Case(**dict(LLAMA, num_kv_heads=None))]
 
 
+# context parallelism, cp = 2 on 2 gloo ranks: LM (every recompute mode), PrefixLM, documents, Llama-style GQA
+CONTEXT_PARALLEL = context_parallel_cases(quick=True)
+
+
 @functools.lru_cache(maxsize=None)
 def measured() -> dict[Case, int]:
-    return measure(SINGLE + SEQUENCE_PARALLEL + LLAMA_CASES)
+    return measure(SINGLE + SEQUENCE_PARALLEL + LLAMA_CASES + CONTEXT_PARALLEL)
 
 
-@pytest.mark.parametrize("case", SINGLE + SEQUENCE_PARALLEL + LLAMA_CASES, ids=lambda case: " ".join(case.label().split()))
+@pytest.mark.parametrize("case", SINGLE + SEQUENCE_PARALLEL + LLAMA_CASES + CONTEXT_PARALLEL,
+                         ids=lambda case: " ".join(case.label().split()))
 def test_layer_bytes_equal_the_planner_with_cpu_kernels(case: Case) -> None:
     got, want = measured()[case], predict_layer(case, "cpu")
     assert abs(want / got - 1) <= TOLERANCE, (case, got, want)
@@ -111,3 +118,35 @@ def test_prefix_mask_is_kept_once_per_microbatch(recompute: str) -> None:
     extra = outside(prefix) - outside(dataclasses.replace(prefix, family="lm"))
     assert extra == prefix_mask_bytes(prefix.model(), prefix.layout(), "cpu")
     assert (extra > 0) == (recompute != "none")
+
+
+def test_context_parallel_layers_are_exact_and_half_of_cp1_plus_the_gathered_keys_and_values() -> None:
+    """At cp = 2 each rank's layer keeps what the planner says, byte for byte (issue 24: within 5%): cp = 1's
+    bytes halved (every term is per token or per query), plus the whole sequence's keys and values gathered
+    from the cp group."""
+    for case in CONTEXT_PARALLEL:
+        assert predict_layer(case, "cpu") == measured()[case], case
+    lm = CONTEXT_PARALLEL[0]
+    assert (lm.cp, lm.recompute, lm.precision, lm.family) == (2, "none", "fp32", "lm")
+    one = measure([dataclasses.replace(lm, cp=1)])[dataclasses.replace(lm, cp=1)]
+    s, b, h = lm.seq_length, lm.micro_batch_size, lm.hidden_size
+    # the whole sequence's keys and values, gathered ([2, b, heads, S, d]); q, a view of the rank's own QKV
+    # output, keeps that output (its own k and v included) alive as at cp = 1
+    gathered = 4 * 2 * b * s * h
+    assert measured()[lm] == one // 2 + gathered
+    assert measured()[lm] < 0.65 * one
+
+
+@pytest.mark.parametrize("family", ["lm", "prefixlm"])
+def test_context_parallel_mask_is_kept_once_per_microbatch(family: str) -> None:
+    """Outside its layers a cp = 2 forward keeps half of cp = 1's (embedding, logits, loss) plus the one additive
+    [b or 1, 1, S/2, S] mask its layers share and the global positions of its tokens: context_mask_bytes +
+    context_position_bytes (fp32, learned positions: no constant terms)."""
+    from megalm.plan.model import context_mask_bytes, context_position_bytes
+
+    case = Case(family, cp=2, **SHAPE)
+    outside = measure([case, dataclasses.replace(case, cp=1)], function=measure_outside_layers)
+    extra = outside[case] - outside[dataclasses.replace(case, cp=1)] // 2
+    assert extra == context_mask_bytes(case.model(), case.layout(), 4) + context_position_bytes(
+        case.model(), case.layout(), first=True)
+    assert extra >= 4 * (1 if family == "lm" else case.micro_batch_size) * (case.seq_length // 2) * case.seq_length

@@ -35,17 +35,23 @@ class Layout:
     pipeline_layers: Optional[tuple[int, ...]] = None
     bucket_size_mb: float = 25.0
     recompute_layers: Optional[int] = None  # full recompute: the first N layers of each chunk; None: all
+    cp: int = 1  # context parallel: each sample's sequence split over cp ranks (megalm.parallel.context)
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
+
+    def local_tokens(self, seq_length: int) -> int:
+        """Tokens of each sample one rank holds: seq_length / cp (its two load-balanced chunks)."""
+        return seq_length // self.cp
 
     @property
     def num_microbatches(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.dp)
 
     def short(self) -> str:
-        parts = [f"tp{self.tp} pp{self.pp} dp{self.dp} mb{self.micro_batch_size}"]
+        cp = f" cp{self.cp}" if self.cp > 1 else ""
+        parts = [f"tp{self.tp}{cp} pp{self.pp} dp{self.dp} mb{self.micro_batch_size}"]
         if self.pp > 1:
             parts.append(self.schedule + (f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
         parts.append(f"recompute {self.recompute}" + (
@@ -65,8 +71,12 @@ class Layout:
         if model.num_heads % self.tp or model.ffn_size() % self.tp:
             raise PlanError(f"tp={self.tp} does not divide num_heads={model.num_heads} / ffn {model.ffn_size()}")
         local_kv_heads(model, self.tp)  # kv heads split over tp, or each replicated on tp / kv_heads ranks
-        if self.sequence_parallel and model.seq_length % self.tp:
-            raise PlanError(f"sequence parallel needs seq_length {model.seq_length} divisible by tp={self.tp}")
+        if self.cp < 1 or model.seq_length % (2 * self.cp):
+            raise PlanError(f"cp={self.cp} needs seq_length {model.seq_length} divisible by 2 x cp = {2 * self.cp} "
+                            f"(each sequence splits into 2 x cp equal chunks)")
+        if self.sequence_parallel and self.local_tokens(model.seq_length) % self.tp:
+            raise PlanError(f"sequence parallel needs the {self.local_tokens(model.seq_length)} tokens per rank "
+                            f"(seq_length {model.seq_length} / cp {self.cp}) divisible by tp={self.tp}")
         if self.global_batch_size % (self.micro_batch_size * self.dp):
             raise PlanError(
                 f"global batch {self.global_batch_size} is not divisible by micro batch x dp = "
@@ -93,13 +103,16 @@ def layout_from_config(config: Config, gpus: Optional[int] = None, recompute: Op
     if gpus is None:
         if parallel.dp is None:
             raise PlanError("the config has parallel.dp null: give --gpus N")
-        gpus = parallel.tp * parallel.pp * parallel.dp
-    if gpus % (parallel.tp * parallel.pp):
+        gpus = parallel.tp * parallel.cp * parallel.pp * parallel.dp
+    model_parallel = parallel.tp * parallel.cp * parallel.pp
+    if gpus % model_parallel:
+        sizes = (f"tp x pp = {parallel.tp} x {parallel.pp}" if parallel.cp == 1
+                 else f"tp x cp x pp = {parallel.tp} x {parallel.cp} x {parallel.pp}")
         raise PlanError(
-            f"{gpus} GPUs are not divisible by tp x pp = {parallel.tp} x {parallel.pp}: use a multiple of "
-            f"{parallel.tp * parallel.pp} or --search for a layout that fits {gpus} GPUs"
+            f"{gpus} GPUs are not divisible by {sizes}: use a multiple of "
+            f"{model_parallel} or --search for a layout that fits {gpus} GPUs"
         )
-    dp = gpus // (parallel.tp * parallel.pp)
+    dp = gpus // model_parallel
     try:
         grad_accum_steps(config, dp)
     except Exception as error:  # ConfigError: name the GPU count that caused it
@@ -108,7 +121,7 @@ def layout_from_config(config: Config, gpus: Optional[int] = None, recompute: Op
         parallel.tp, parallel.pp, dp, train.micro_batch_size, train.global_batch_size, parallel.schedule,
         parallel.virtual_stages, recompute, parallel.zero_stage, parallel.sequence_parallel,
         tuple(parallel.pipeline_layers) if parallel.pipeline_layers else None, parallel.bucket_size_mb,
-        recompute_layers,
+        recompute_layers, parallel.cp,
     )
 
 
@@ -122,7 +135,8 @@ def layout_overrides(layout: Layout, config: Config) -> list[str]:
 
     parallel, train = config.parallel, config.train
     values = {
-        "parallel.tp": layout.tp, "parallel.pp": layout.pp, "parallel.dp": layout.dp,
+        "parallel.tp": layout.tp, **({"parallel.cp": layout.cp} if layout.cp > 1 or parallel.cp > 1 else {}),
+        "parallel.pp": layout.pp, "parallel.dp": layout.dp,
         "parallel.sequence_parallel": layout.sequence_parallel, "parallel.schedule": layout.schedule,
         "parallel.virtual_stages": layout.virtual_stages, "parallel.zero_stage": layout.zero_stage,
         "parallel.recompute": layout.recompute,
@@ -155,7 +169,7 @@ def overrides_yaml(overrides: list[str]) -> str:
 def config_for_layout(config: Config, layout: Layout) -> Config:
     """`config` running `layout`, checked by megalm's own `config.validate` (ConfigError if megalm cannot run it)."""
     parallel = dataclasses.replace(
-        config.parallel, tp=layout.tp, pp=layout.pp, dp=layout.dp, sequence_parallel=layout.sequence_parallel,
+        config.parallel, tp=layout.tp, cp=layout.cp, pp=layout.pp, dp=layout.dp, sequence_parallel=layout.sequence_parallel,
         schedule=layout.schedule, virtual_stages=layout.virtual_stages, zero_stage=layout.zero_stage,
         recompute=layout.recompute, recompute_layers=layout.recompute_layers,
         pipeline_layers=list(layout.pipeline_layers) if layout.pipeline_layers else None,

@@ -4,8 +4,9 @@ A layer's bytes are measured as the difference between the bytes a forward of a 
 model saves for backward (saved-tensor hooks, each storage counted once): what the embedding, the
 final norm, the logits and the loss save cancels, and so does what every layer shares (the PrefixLM
 mask, the rotary tables), which the planner counts once per micro-batch (`prefix_mask_bytes`).
-Tensor-parallel cases (tp = 2, with and without sequence parallel) run on 2 gloo ranks; rank 0's
-bytes are reported (every tp rank holds the same).
+Tensor-parallel cases (tp = 2, with and without sequence parallel) and context-parallel ones (cp = 2: each
+rank forwards its two chunks of every sample) run on 2 gloo ranks; rank 0's bytes are reported (every tp
+rank holds the same, and so does every cp rank: the load-balanced split).
 
 The planner is asked with the kernels of the device measured (`layer_activation_bytes(...,
 kernels=...)`): CPU kernels (the math attention path under dropout, dropout masks in the activation
@@ -55,6 +56,7 @@ class Case:
     head_dim: Optional[int] = None
     bias: bool = True
     document_mask: bool = False  # eos (id 1) at a few fixed positions of every sample
+    cp: int = 1  # context parallel: the sequence split over cp ranks (gloo), rank 0's bytes reported
 
     def model(self, num_layers: int = 2) -> ModelConfig:
         return ModelConfig(
@@ -68,21 +70,22 @@ class Case:
     def config(self, num_layers: int) -> Config:
         return Config(
             model=self.model(num_layers),
-            parallel=ParallelConfig(tp=self.tp, sequence_parallel=self.sequence_parallel, recompute=self.recompute),
+            parallel=ParallelConfig(tp=self.tp, cp=self.cp, sequence_parallel=self.sequence_parallel,
+                                    recompute=self.recompute),
             train=TrainConfig(micro_batch_size=self.micro_batch_size, global_batch_size=self.micro_batch_size,
                               precision=self.precision, seed=5),
         )
 
     def layout(self) -> Layout:
         return Layout(self.tp, 1, 1, self.micro_batch_size, self.micro_batch_size, recompute=self.recompute,
-                      sequence_parallel=self.sequence_parallel)
+                      sequence_parallel=self.sequence_parallel, cp=self.cp)
 
     def label(self) -> str:
-        sp = " sp" if self.sequence_parallel else ""
+        sp = (f" cp{self.cp}" if self.cp > 1 else "") + (" sp" if self.sequence_parallel else "")
         rope = " rope" if self.position_embedding == "rotary" else ""
         spec = "".join([" rmsnorm" if self.norm == "rmsnorm" else "", " swiglu" if self.mlp == "swiglu" else "",
                         f" kv{self.num_kv_heads}" if self.num_kv_heads else "", f" d{self.head_dim}" if self.head_dim else "",
-                        "" if self.bias else " nobias"])
+                        "" if self.bias else " nobias", " docs" if self.document_mask else ""])
         return (f"{self.family:8s} {self.precision} tp{self.tp}{sp:3s} drop {self.dropout:g} {self.recompute:9s} "
                 f"s{self.seq_length} b{self.micro_batch_size} h{self.hidden_size} a{self.num_heads}{rope}{spec}")
 
@@ -128,6 +131,10 @@ def _forward(case: Case, num_layers: int, groups: ParallelGroups) -> tuple[torch
     if case.document_mask:
         tokens[:, [s // 4, s // 4 + 1, s // 2]] = EOS_ID
         documents = document_ids(tokens, EOS_ID)
+    if groups.cp_size > 1:  # this rank's chunks of every sample, as the trainer cuts them (Batch.cp_split)
+        from megalm.parallel.context import cp_split
+
+        tokens, labels = (cp_split(t, groups.cp_size, groups.cp_rank, dim=1) for t in (tokens, labels))
     with SavedBytes(chunk) as saved:
         losses = chunk(tokens, labels=labels, prefix_lengths=prefix, document_ids=documents)
     return losses, saved.total
@@ -161,6 +168,13 @@ def measure_layer(case: Case, groups: Optional[ParallelGroups] = None) -> int:
     return saved_by_forward(case, 2, groups) - saved_by_forward(case, 1, groups)
 
 
+def measure_outside_layers(case: Case, groups: Optional[ParallelGroups] = None) -> int:
+    """Bytes a forward saves outside its transformer layers, once per micro-batch (embedding, positions, the
+    shared masks, final norm, logits, loss): 2 x (1 layer) - (2 layers)."""
+    groups = groups or ParallelGroups.single()
+    return 2 * saved_by_forward(case, 1, groups) - saved_by_forward(case, 2, groups)
+
+
 def predict_layer(case: Case, kernels: str = "cpu") -> int:
     """The planner's stored bytes per layer and micro-batch for the case, with the given device's kernels."""
     stored, _ = layer_activation_bytes(case.model(), case.layout(), ACTIVATION_BYTES[case.precision],
@@ -168,30 +182,33 @@ def predict_layer(case: Case, kernels: str = "cpu") -> int:
     return stored
 
 
-def _tp_worker(rank: int, world_size: int, cases: list[Case]) -> list[int]:
+def _parallel_worker(rank: int, world_size: int, cases: list[Case], function=None) -> list[int]:
+    """`function` (default measure_layer) of every case on this rank of a tp x cp grid of gloo ranks."""
     from megalm.distributed import build_parallel_groups
     from megalm.topology import Topology
 
-    groups = build_parallel_groups(Topology(tp=world_size, pp=1, dp=1), rank, torch.device("cpu"))
-    return [measure_layer(case, groups) for case in cases]
+    tp, cp = cases[0].tp, cases[0].cp
+    groups = build_parallel_groups(Topology(tp=tp, pp=1, dp=1, cp=cp), rank, torch.device("cpu"))
+    return [(function or measure_layer)(case, groups) for case in cases]
 
 
-def measure(cases: Iterable[Case], device: str = "cpu") -> dict[Case, int]:
-    """Measured bytes per layer of every case: tp = 1 in this process, tp = 2 cases on 2 gloo ranks."""
+def measure(cases: Iterable[Case], device: str = "cpu", function=None) -> dict[Case, int]:
+    """Measured bytes per layer (or `function(case, groups)`) of every case: tp = cp = 1 in this process, the
+    others on tp x cp gloo ranks (rank 0's bytes)."""
     cases = list(cases)
     out = {}
     single = ParallelGroups.single(torch.device("cuda", 0) if device == "cuda" else device)
     for case in cases:
-        if case.tp == 1:
-            out[case] = measure_layer(case, single)
-    parallel = [case for case in cases if case.tp > 1]
-    for tp in sorted({case.tp for case in parallel}):
+        if case.tp == case.cp == 1:
+            out[case] = (function or measure_layer)(case, single)
+    parallel = [case for case in cases if case.tp * case.cp > 1]
+    for tp, cp in sorted({(case.tp, case.cp) for case in parallel}):
         if device != "cpu":
-            raise ValueError(f"tp={tp} cases are measured on CPU gloo ranks only; use --device cpu")
+            raise ValueError(f"tp={tp}, cp={cp} cases are measured on CPU gloo ranks only; use --device cpu")
         from megalm.testing import run_distributed
 
-        group = [case for case in parallel if case.tp == tp]
-        measured = run_distributed(_tp_worker, tp, group, timeout=300)[0]
+        group = [case for case in parallel if (case.tp, case.cp) == (tp, cp)]
+        measured = run_distributed(_parallel_worker, tp * cp, group, function, timeout=300)[0]
         out.update(zip(group, measured))
     return {case: out[case] for case in cases}
 
@@ -215,7 +232,23 @@ def default_cases(quick: bool = False) -> list[Case]:
     if not quick:
         cases.append(Case(position_embedding="rotary", dropout=0.1))
         cases.append(Case(position_embedding="rotary", precision="bf16"))
-    return cases + llama_cases(quick)
+    return cases + llama_cases(quick) + context_parallel_cases(quick)
+
+
+def context_parallel_cases(quick: bool = False) -> list[Case]:
+    """cp = 2 on 2 gloo ranks (megalm.parallel.context: gathered keys and values, one shared additive mask): LM
+    in every recompute mode, PrefixLM, per-document attention, rotary, and Llama-style GQA layers."""
+    shape = dict(seq_length=64, hidden_size=128, num_heads=4, micro_batch_size=2, cp=2)
+    llama = dict(shape, norm="rmsnorm", mlp="swiglu", num_kv_heads=2, position_embedding="rotary", bias=False)
+    cases = []
+    for precision in ("fp32",) if quick else ("fp32", "bf16"):
+        cases += [Case(precision=precision, recompute=recompute, **shape) for recompute in ("none", "selective", "full")]
+        cases += [Case("prefixlm", precision, **shape), Case(precision=precision, document_mask=True, **shape),
+                  Case(precision=precision, **llama), Case(precision=precision, recompute="selective", **llama)]
+        if not quick:
+            cases += [Case(precision=precision, position_embedding="rotary", **shape),
+                      Case(precision=precision, **dict(llama, num_kv_heads=None))]
+    return cases
 
 
 def llama_cases(quick: bool = False) -> list[Case]:

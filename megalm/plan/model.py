@@ -32,6 +32,15 @@ Time (seconds per optimizer step) on the slowest stage, which sets the pipeline'
   untied output layer needs none); tp > kv_heads: the key_value gradients summed over each kv head's
   tp / kv_heads replicas once per step;
 - optimizer step: memory-bound AdamW over the local (or sharded) parameters.
+
+Context parallelism (cp > 1, megalm.parallel.context): each rank holds seq_length / cp tokens of every sample,
+so every per-token activation, GEMM, element-wise and tensor-parallel term is divided by cp and the attention
+core costs 1/cp of the whole (local queries against every key, the load-balanced split); each layer also
+keeps the all-gathered keys and values of the whole sequence, and the layers share one additive
+[b or 1, 1, S/cp, S] mask over global positions per micro-batch. Time adds the key/value all-gather per
+layer in forward and its reduce-scatter in backward (again in a recomputed forward), over the cp group's
+link and not overlapped (`context_comm`).
+Gradients are reduced, and ZeRO-1 sharded, over the dp x cp group.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megalm.config import ModelConfig
-from megalm.model.attention import uses_dense_prefix_mask
+from megalm.model.attention import masked_attention, uses_dense_prefix_mask
 from megalm.parallel.schedules import analytic_bubble
 from megalm.plan.cluster import Cluster, Numerics, PlanError
 from megalm.plan.flops import layer_matmul_flops, training_flops_per_token
@@ -55,10 +64,11 @@ ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def p2p_message_bytes(model: ModelConfig, layout: Layout, precision: str) -> int:
-    """Bytes of one pipeline message (an activation or its gradient: [s, b, h] in the activation dtype,
-    [s/tp, b, h] per tp rank under sequence parallel), as megalm.parallel.pipeline sends it."""
+    """Bytes of one pipeline message (an activation or its gradient: [s/cp, b, h] in the activation dtype,
+    [s/cp/tp, b, h] per tp rank under sequence parallel), as megalm.parallel.pipeline sends it."""
     sp = layout.tp if layout.sequence_parallel else 1
-    return ACTIVATION_BYTES[precision] * model.seq_length * layout.micro_batch_size * model.hidden_size // sp
+    tokens = layout.local_tokens(model.seq_length) * layout.micro_batch_size
+    return ACTIVATION_BYTES[precision] * tokens * model.hidden_size // sp
 
 
 # ---- micro-batches in flight ---------------------------------------------------------------------
@@ -110,13 +120,14 @@ KERNELS = ("cuda", "cpu")  # whose kernels megalm's activation model describes (
 def _korthikanti_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int) -> tuple[int, int, int]:
     """(kept by every layer, the attention core's own saves, what selective recompute keeps of it) under
     Megatron-LM's CUDA kernels: Korthikanti et al. (2022), materialised scores, 1-byte dropout masks."""
-    s, b, h, f, a, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), model.num_heads, layout.tp
+    s, b, h, f, a, t = (layout.local_tokens(model.seq_length), layout.micro_batch_size, model.hidden_size,
+                        model.ffn_size(), model.num_heads, layout.tp)
     sp = t if layout.sequence_parallel else 1
     sbh = s * b * h
     hidden_mask = sbh // sp if model.hidden_dropout > 0 else 0
     replicated = 4 * act_bytes * sbh // sp + 2 * hidden_mask  # LN1 in, QKV in, LN2 in, fc1 in; dropout masks
     split = (4 * act_bytes * sbh + 2 * act_bytes * s * b * f) // t  # Q, K, V, proj in; GeLU in, fc2 in
-    elements = a * s * s * b // t
+    elements = a * s * model.seq_length * b // t  # local queries x every key
     scores = act_bytes * elements + ((act_bytes + 1) * elements if model.attention_dropout > 0 else 0)
     return replicated + split, scores, 0
 
@@ -146,8 +157,11 @@ def mlp_saved_bytes(model: ModelConfig, tokens: int, act_bytes: int, tp: int) ->
 
 def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kernels: str) -> tuple[int, int, int]:
     """(kept by every layer, the attention core's own saves, what selective recompute keeps of it) of
-    megalm's TransformerLayer on `kernels`, as megalm.plan.measure measures it with saved-tensor hooks."""
-    s, b, h, t = model.seq_length, layout.micro_batch_size, model.hidden_size, layout.tp
+    megalm's TransformerLayer on `kernels`, as megalm.plan.measure measures it with saved-tensor hooks.
+
+    Under context parallelism (cp > 1) a rank holds seq_length / cp tokens of each sample: every per-token
+    term is divided by cp; the attention core is `_context_parallel_core`'s."""
+    s, b, h, t = layout.local_tokens(model.seq_length), layout.micro_batch_size, model.hidden_size, layout.tp
     sp = t if layout.sequence_parallel else 1
     sbh, heads = s * b * h, model.num_heads // t
     query, kv = projection_widths(model, t)  # per rank: H d / t query, 2 K_local d key + value
@@ -169,6 +183,8 @@ def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kern
     if model.position_embedding == "rotary":
         rotated = kv // 2 + (0 if model.grouped_attention() else query)
     qkv = act_bytes * s * b * (query + kv + rotated)
+    if layout.cp > 1:
+        return norms + linear_inputs + split + masks, _context_parallel_core(model, layout, act_bytes, kernels), qkv
     if cpu and model.attention_dropout > 0:
         # SDPA's math path (CPU, dropout): fp32 q*scale and k^T copies with v still a view of the QKV output
         # (fp32), or fp32 copies of all three (bf16/fp16); softmax output, dropout mask and dropped
@@ -194,6 +210,30 @@ def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kern
     return norms + linear_inputs + split + masks, core, qkv
 
 
+def _context_parallel_core(model: ModelConfig, layout: Layout, act_bytes: int, kernels: str) -> int:
+    """What megalm's context-parallel attention core (megalm.parallel.context) keeps per layer at cp > 1.
+
+    The keys and values of the whole sequence, all-gathered over the cp group into one [2, b, K/t, S, d]
+    buffer that SDPA keeps for backward (cp times the local ones); q as the core receives it (a view of
+    the fused QKV output, which stays alive, without rotary; the rotated q, or the query output, otherwise:
+    the local k and v only feed the gather, which keeps nothing); SDPA with a dense mask over global
+    positions (also for plain causal: a rank's tokens are two non-contiguous chunks), additive and shared by
+    the layers (`context_mask_bytes`, per micro-batch; a per-layer copy only where CUDA pads it,
+    `prefix_additive_mask_bytes`), the output where the kernel writes it apart (CUDA's memory-efficient
+    kernel, b > 1) and the fp32 logsumexp of the local queries. Attention dropout (on CPU, SDPA's math path)
+    is not modelled at cp > 1."""
+    s, b = layout.local_tokens(model.seq_length), layout.micro_batch_size
+    heads = model.num_heads // layout.tp
+    query, kv = projection_widths(model, layout.tp)
+    cpu = kernels == "cpu"
+    local = query + (kv if not model.grouped_attention() and model.position_embedding != "rotary" else 0)
+    gathered = act_bytes * b * model.seq_length * kv  # [2, b, K/t, S, d]
+    output = act_bytes * s * b * query if not cpu and b > 1 else 0
+    logsumexp = 4 * b * heads * (s if cpu else -(-s // 32) * 32)
+    return act_bytes * s * b * local + gathered + output + logsumexp + prefix_additive_mask_bytes(
+        model, layout, act_bytes, kernels)
+
+
 def layer_activation_bytes(model: ModelConfig, layout: Layout, act_bytes: int, flash: bool = True,
                            kernels: str = "cuda") -> tuple[int, int]:
     """(stored per layer and micro-batch, working set of one layer being recomputed/backwarded).
@@ -210,27 +250,55 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, act_bytes: int, f
         raise PlanError("materialised attention (megatron numerics) describes Megatron's CUDA kernels: use kernels='cuda'")
     sp = layout.tp if layout.sequence_parallel else 1
     if layout.recompute == "full":
-        return act_bytes * model.seq_length * layout.micro_batch_size * model.hidden_size // sp, kept + core
+        tokens = layout.local_tokens(model.seq_length) * layout.micro_batch_size
+        return act_bytes * tokens * model.hidden_size // sp, kept + core
     if layout.recompute == "selective":  # the rerun core materialises what it saves beyond its kept inputs
         return kept + core_inputs, core - core_inputs
     return kept + core, 0
 
 
-def prefix_additive_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kernels: str) -> int:
-    """PrefixLM's (or per-document attention's) dense mask as the fused SDPA kernels keep it, in every layer: the bool [b, 1, s, s] mask
-    becomes an additive mask in the activation dtype (CUDA's memory-efficient kernel pads rows to 16).
-    FlexAttention keeps no mask (its block mask is [b, 1, s/128, s/128] ints)."""
-    if not uses_dense_prefix_mask(model, kernels):
-        return 0
+def dense_mask_shape(model: ModelConfig, layout: Layout, kernels: str) -> Optional[tuple[int, int, int]]:
+    """(batch, query rows, key columns) of the dense attention mask megalm builds once per micro-batch, or None
+    where it builds none: PrefixLM's (or per-document attention's) [b, 1, s, s] under SDPA; at cp > 1 always
+    one over global positions, [b, 1, s/cp, s] (causal: [1, 1, s/cp, s], every sample alike)."""
     s, b = model.seq_length, layout.micro_batch_size
-    return act_bytes * b * s * (s if kernels == "cpu" else -(-s // 16) * 16)
+    if layout.cp > 1:
+        return (b if masked_attention(model) else 1), layout.local_tokens(s), s
+    if not uses_dense_prefix_mask(model, kernels):
+        return None
+    return b, s, s
+
+
+def prefix_additive_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kernels: str) -> int:
+    """The dense mask (`dense_mask_shape`) as the fused SDPA kernels keep it, in every layer: the bool mask
+    becomes an additive mask in the activation dtype (CUDA's memory-efficient kernel pads rows to 16).
+    FlexAttention keeps no mask (its block mask is [b, 1, s/128, s/128] ints). At cp > 1 the layers share one
+    additive mask (`context_mask_bytes`): only CUDA's padding of rows not a multiple of 16 copies it per layer."""
+    shape = dense_mask_shape(model, layout, kernels)
+    if shape is None:
+        return 0
+    b, rows, keys = shape
+    if layout.cp > 1 and (kernels == "cpu" or keys % 16 == 0):
+        return 0
+    return act_bytes * b * rows * (keys if kernels == "cpu" else -(-keys // 16) * 16)
+
+
+def context_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: int) -> int:
+    """cp > 1: the additive mask of a rank's queries over the whole sequence ([b or 1, 1, S/cp, S] in the activation
+    dtype, megalm.parallel.context.context_parallel_mask), built once per micro-batch and model chunk and shared
+    by its layers, which keep it for backward (or, recomputing, hold it for the rerun). 0 at cp = 1."""
+    if layout.cp == 1:
+        return 0
+    b, rows, keys = dense_mask_shape(model, layout, "cuda")
+    return act_bytes * b * rows * keys
 
 
 def prefix_mask_bytes(model: ModelConfig, layout: Layout, kernels: str = "cuda") -> int:
-    """PrefixLM's (or per-document attention's) dense [b, 1, s, s] bool mask, kept once per micro-batch and model chunk by recompute's
-    checkpoints (without recompute the layers keep only their additive copies, `_megalm_layer_bytes`)."""
-    if not uses_dense_prefix_mask(model, kernels) or layout.recompute == "none":
-        return 0
+    """PrefixLM's (or per-document attention's) dense [b, 1, s, s] bool mask, kept once per micro-batch and model
+    chunk by recompute's checkpoints (without recompute the layers keep only their additive copies,
+    `_megalm_layer_bytes`)."""
+    if layout.cp > 1 or not uses_dense_prefix_mask(model, kernels) or layout.recompute == "none":
+        return 0  # at cp > 1 the bool mask only leads to the additive one (context_mask_bytes)
     return layout.micro_batch_size * model.seq_length ** 2
 
 
@@ -241,10 +309,22 @@ def document_bytes(model: ModelConfig, layout: Layout, first: bool) -> int:
     learned, on the first stage, the [s, b] int64 positions the table gather keeps."""
     if not model.document_mask:
         return 0
-    s, b = model.seq_length, layout.micro_batch_size
+    s, b = layout.local_tokens(model.seq_length), layout.micro_batch_size
     if model.position_embedding == "rotary":
         return 2 * 4 * s * b * model.head_size()
     return 8 * s * b if first else 0
+
+
+def context_position_bytes(model: ModelConfig, layout: Layout, first: bool) -> int:
+    """cp > 1 without per-document positions (`document_bytes` counts those): rotary, the rows of this rank's
+    global positions cut from the cos and sin tables ([s/cp, 1, 1, d] fp32 each) per micro-batch and chunk;
+    learned, on the first stage, the [s/cp] int64 global positions the table gather keeps."""
+    if layout.cp == 1 or model.document_mask:
+        return 0
+    s = layout.local_tokens(model.seq_length)
+    if model.position_embedding == "rotary":
+        return 2 * 4 * s * model.head_size()
+    return 8 * s if first else 0
 
 
 def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics,
@@ -255,7 +335,7 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
     chunks = stage_chunks(model, layout, pp_rank)
     params = rank_param_count(model, layout, pp_rank)
     buckets = bucket_sizes(model, layout, pp_rank)
-    dp = layout.dp
+    dp = layout.dp * layout.cp  # the dp x cp group reduces the gradients and shards ZeRO-1
     weights = params * numerics.param_bytes
     buffers = 0
     if numerics.name == "megalm":  # exact: GradientSync (megalm.parallel.data), MixedPrecisionOptimizer
@@ -282,9 +362,10 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
         rerun = recomputed_layers(layout, len(layers)) if layout.recompute == "full" else len(layers)
         per_chunk = max(per_chunk, rerun * stored + (len(layers) - rerun) * stored_plain)
     first_stage = any(first for _, first, _ in chunks)
-    masks = prefix_mask_bytes(model, layout, kernels) + document_bytes(model, layout, first_stage)
+    masks = (prefix_mask_bytes(model, layout, kernels) + document_bytes(model, layout, first_stage)
+             + context_mask_bytes(model, layout, act_bytes) + context_position_bytes(model, layout, first_stage))
     activations = flight * (per_chunk + masks) + working
-    s, b, h = model.seq_length, layout.micro_batch_size, model.hidden_size
+    s, b, h = layout.local_tokens(model.seq_length), layout.micro_batch_size, model.hidden_size
     sp = layout.tp if layout.sequence_parallel else 1
     embedding_logits = 0
     if any(first for _, first, _ in chunks):
@@ -319,13 +400,17 @@ class StepTime:
     hardware_tflops: float = 0.0  # per GPU, recompute included (Megatron-LM 2021 counts this)
     mfu: float = 0.0
     parts: dict = field(default_factory=dict)
+    context_comm: float = 0.0  # cp > 1: the key/value all-gathers and their reduce-scatters, not overlapped
 
     @property
     def total(self) -> float:
-        return self.compute + self.bubble + self.pipeline_comm + self.tensor_comm + self.data_comm + self.optimizer
+        return (self.compute + self.bubble + self.pipeline_comm + self.tensor_comm + self.context_comm
+                + self.data_comm + self.optimizer)
 
     def shares(self) -> dict[str, float]:
-        names = ("compute", "bubble", "pipeline_comm", "tensor_comm", "data_comm", "optimizer")
+        """Each part's share of the step (context_comm only where cp > 1 gives it time)."""
+        context = ("context_comm",) if self.context_comm else ()
+        names = ("compute", "bubble", "pipeline_comm", "tensor_comm", *context, "data_comm", "optimizer")
         return {name: getattr(self, name) / self.total for name in names}
 
 
@@ -341,9 +426,24 @@ def _ring_half_time(nbytes: float, ranks: int, bandwidth: float, latency: float)
     return _all_reduce_time(nbytes, ranks, bandwidth, latency) / 2
 
 
+def context_exchange_time(model: ModelConfig, layout: Layout, cluster: Cluster, precision: str) -> float:
+    """Seconds of one layer's key/value all-gather over the cp group for one micro-batch (its backward
+    reduce-scatter costs the same): each rank receives the other (cp - 1) / cp of the [2, b, K/t, S, d]
+    keys and values, over NVLink when the group's tp x cp consecutive ranks fit in a node, else the
+    network. megalm does not overlap it with compute (megalm.parallel.context: one gather, then SDPA)."""
+    if layout.cp == 1:
+        return 0.0
+    _, kv = projection_widths(model, layout.tp)  # 2 K_local d per token
+    gathered = ACTIVATION_BYTES[precision] * model.seq_length * layout.micro_batch_size * kv
+    return _ring_half_time(gathered, layout.cp, *cluster.link(layout.tp * layout.cp))
+
+
 def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, act_bytes: int) -> tuple[float, float]:
-    """(seconds of one layer's forward for one micro-batch on one GPU, of which the attention core's part)."""
-    s, b, h, f, t = model.seq_length, layout.micro_batch_size, model.hidden_size, model.ffn_size(), layout.tp
+    """(seconds of one layer's forward for one micro-batch on one GPU, of which the attention core's part).
+
+    At cp > 1 a rank computes its seq_length / cp tokens, whose queries attend to every key: 1/cp of the
+    attention (the load-balanced split gives every rank the same share)."""
+    s, b, h, f, t = layout.local_tokens(model.seq_length), layout.micro_batch_size, model.hidden_size, model.ffn_size(), layout.tp
     a = model.num_heads
     sp = t if layout.sequence_parallel else 1
     matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
@@ -362,7 +462,7 @@ def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, num
     if not numerics.flash_attention:
         # QK^T writes the scores, fused scale-mask-softmax reads and writes them, AV reads them; dropout adds r/w + mask
         per_element = 4 * act_bytes + ((2 * act_bytes + 1) if model.attention_dropout > 0 else 0)
-        scores = per_element * a * s * s * b / t / memory_rate
+        scores = per_element * a * s * model.seq_length * b / t / memory_rate
     # what selective recompute reruns: the attention core, its two matmuls (QK^T, PV) and the scores' traffic
     core = s * b * core_per_token / matmul_rate + scores
     return gemm / matmul_rate + elementwise / memory_rate + scores, core
@@ -372,8 +472,8 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     """Predicted time of one optimizer step and the throughput it implies."""
     act_bytes = ACTIVATION_BYTES[precision]
     numerics = numerics.for_precision(precision)
-    s, b, h, t = model.seq_length, layout.micro_batch_size, model.hidden_size, layout.tp
-    m, pp, v, dp = layout.num_microbatches, layout.pp, layout.virtual_stages, layout.dp
+    s, b, h, t = layout.local_tokens(model.seq_length), layout.micro_batch_size, model.hidden_size, layout.tp
+    m, pp, v, dp, cp = layout.num_microbatches, layout.pp, layout.virtual_stages, layout.dp, layout.cp
     sp = t if layout.sequence_parallel else 1
     matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
     forward, core = layer_forward_time(model, layout, cluster, numerics, act_bytes)
@@ -395,8 +495,9 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
         column_mlp = (2 if model.mlp == "swiglu" else 1) * model.ffn_size() / t  # gate and up share one too
         regather = exposed(query + kv) + exposed(column_mlp)
         logits_regather = exposed(model.padded_vocab_size(t) / t)
+    exchange = context_exchange_time(model, layout, cluster, precision)
     # the slowest pipeline rank sets the pace
-    compute_per_mb, comm_per_mb = 0.0, 0.0
+    compute_per_mb, comm_per_mb, context_per_mb = 0.0, 0.0, 0.0
     for pp_rank in range(pp):
         chunks = stage_chunks(model, layout, pp_rank)
         layers = sum(len(c[0]) for c in chunks)
@@ -405,27 +506,32 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
         c = layers * 3 * forward + rerun * recompute + (logits if last else 0.0)
         last_comm = logits_comm + logits_regather if last else 0.0
         k = layers * (4 * collective + regather) + rerun * recompute_comm + last_comm
-        if c + k > compute_per_mb + comm_per_mb:
-            compute_per_mb, comm_per_mb = c, k
-    compute, tensor_comm = m * compute_per_mb, m * comm_per_mb
-    bubble = (compute + tensor_comm) * (pp - 1) / (m * v)  # = busy x bubble / (1 - bubble)
-    assert abs(bubble - (compute + tensor_comm) * analytic_bubble(pp, m, v) / (1 - analytic_bubble(pp, m, v))) < 1e-6 * (1 + bubble)
+        # cp: the all-gather of keys and values in forward, its reduce-scatter in backward, and the gather
+        # again in each recomputed forward (full, or selective: the core it reruns starts with the gather)
+        x = (2 * layers + (rerun if layout.recompute != "none" else 0)) * exchange
+        if c + k + x > compute_per_mb + comm_per_mb + context_per_mb:
+            compute_per_mb, comm_per_mb, context_per_mb = c, k, x
+    compute, tensor_comm, context_comm = m * compute_per_mb, m * comm_per_mb, m * context_per_mb
+    busy = compute + tensor_comm + context_comm
+    bubble = busy * (pp - 1) / (m * v)  # = busy x bubble / (1 - bubble)
+    assert abs(bubble - busy * analytic_bubble(pp, m, v) / (1 - analytic_bubble(pp, m, v))) < 1e-6 * (1 + bubble)
     pipeline_comm = 0.0
     if pp > 1:
-        p2p_bandwidth, p2p_latency = cluster.link(t * dp + 1)  # neighbours are tp*dp ranks apart
+        p2p_bandwidth, p2p_latency = cluster.link(t * cp * dp + 1)  # neighbours are tp*cp*dp ranks apart
         send = p2p_message_bytes(model, layout, precision) / p2p_bandwidth + p2p_latency
         pipeline_comm = 2 * m * v * send
-    # data parallel: the stage with the most gradient bytes
+    # data parallel: the stage with the most gradient bytes, reduced (and ZeRO-1 sharded) over the dp x cp group
     data_comm = 0.0
     params_max = max(rank_param_count(model, layout, r) for r in range(pp))
-    if dp > 1:
-        dp_bandwidth, dp_latency = cluster.link(t * dp)
+    reducers = dp * cp  # the dp x cp group: tp x cp x dp consecutive ranks (rank order tp, cp, dp, pp)
+    if reducers > 1:
+        dp_bandwidth, dp_latency = cluster.link(t * reducers)
         buckets = bucket_sizes(model, layout, pp - 1)
         zero1 = layout.zero_stage == 1
 
         def reduction(elements: float) -> float:  # of the gradients: ZeRO-1 reduce-scatters them
             collective = _ring_half_time if zero1 else _all_reduce_time
-            return collective(elements * numerics.grad_bytes, dp, dp_bandwidth, dp_latency)
+            return collective(elements * numerics.grad_bytes, reducers, dp_bandwidth, dp_latency)
 
         full = reduction(params_max)
         if numerics.overlap_grad_sync:
@@ -435,7 +541,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
             data_comm = full
         if zero1:
             def gather(elements: float) -> float:  # the updated parameters, in their own dtype
-                return _ring_half_time(elements * numerics.param_bytes, dp, dp_bandwidth, dp_latency)
+                return _ring_half_time(elements * numerics.param_bytes, reducers, dp_bandwidth, dp_latency)
 
             if numerics.overlap_param_gather:
                 # launched bucket by bucket in forward order, each block's forward waits for its own: the
@@ -446,7 +552,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
                 data_comm += gather(params_max)
     if pp > 1 and model.tie_embeddings:  # tied embedding gradient summed between the first and last stage
         emb = model.padded_vocab_size(t) // t * h * numerics.grad_bytes
-        bw, lat = cluster.link(t * dp * pp)
+        bw, lat = cluster.link(t * reducers * pp)
         data_comm += _all_reduce_time(emb, 2, bw, lat)
     replicas = t // model.kv_heads() if t > model.kv_heads() else 1
     if replicas > 1:
@@ -458,11 +564,11 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
         data_comm += _all_reduce_time(kv_grads, replicas, *cluster.link(replicas))
     # AdamW: read param, grad, 2 moments (+ master), write them back; memory-bound
     memory_rate = cluster.hbm_bandwidth_gbs * 1e9 * cluster.memory_efficiency
-    kept = params_max / dp if layout.zero_stage == 1 else params_max
+    kept = params_max / reducers if layout.zero_stage == 1 else params_max
     per_param = 2 * (numerics.param_bytes + numerics.master_bytes + numerics.moment_bytes) + numerics.grad_bytes
     optimizer = kept * per_param / memory_rate
-    result = StepTime(compute, bubble, pipeline_comm, tensor_comm, data_comm, optimizer)
-    tokens = layout.global_batch_size * s
+    result = StepTime(compute, bubble, pipeline_comm, tensor_comm, data_comm, optimizer, context_comm=context_comm)
+    tokens = layout.global_batch_size * model.seq_length
     result.tokens_per_s = tokens / result.total
     gpus = layout.gpus
     model_flops = training_flops_per_token(model)
@@ -476,6 +582,8 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     result.mfu = result.model_tflops / cluster.peak_tflops
     result.parts = {"per_layer_forward_s": forward, "attention_core_s": core, "tp_collective_s": collective,
                     "microbatches": m}
+    if cp > 1:
+        result.parts["cp_exchange_s"] = exchange
     return result
 
 

@@ -13,7 +13,7 @@ from megalm.plan.layout import full_param_count, layout_from_config, layout_over
 from megalm.plan.model import KERNELS, GiB, days_to_train
 from megalm.plan.search import Plan, make_plan, propose_shapes, search
 
-PARTS = ("compute", "bubble", "pipeline_comm", "tensor_comm", "data_comm", "optimizer")
+PARTS = ("compute", "bubble", "pipeline_comm", "tensor_comm", "context_comm", "data_comm", "optimizer")
 
 
 def format_plan(plan: Plan, tokens: Optional[float] = None) -> str:
@@ -40,6 +40,10 @@ def format_plan(plan: Plan, tokens: Optional[float] = None) -> str:
     for name, share in t.shares().items():
         lines.append(f"  {name:<14} {getattr(t, name):>10.3f} s  {100 * share:5.1f}%")
     lines.append(f"  {'step':<14} {t.total:>10.3f} s")
+    if layout.cp > 1:
+        lines.append(f"  (context_comm: each layer's key/value all-gather over the {layout.cp} cp ranks in forward and "
+                     f"its reduce-scatter in backward, {t.parts['cp_exchange_s'] * 1e3:.2f} ms each, not overlapped "
+                     f"with compute)")
     lines.append(
         f"throughput: {t.tokens_per_s:,.0f} tokens/s, {t.model_tflops:.1f} model TFLOP/s per GPU "
         f"({t.hardware_tflops:.1f} with recompute), MFU {100 * t.mfu:.1f}%"

@@ -64,19 +64,35 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+LONG_SEQUENCE = 16384  # --search considers context parallelism from this sequence length on
+CP_SIZES = (1, 2, 4, 8, 16)
+
+
+def context_parallel_sizes(model: ModelConfig, gpus: int) -> list[int]:
+    """The cp sizes the search considers: 1, and from LONG_SEQUENCE tokens on every size of CP_SIZES that
+    divides the GPUs and splits the sequence into 2 x cp equal chunks (config.validate's rule)."""
+    if model.seq_length < LONG_SEQUENCE:
+        return [1]
+    return [cp for cp in CP_SIZES if gpus % cp == 0 and model.seq_length % (2 * cp) == 0]
+
+
 def candidate_layouts(model: ModelConfig, cluster: Cluster, gpus: int, global_batch_size: int,
                       micro_batches: Sequence[int] = (1, 2, 4, 8),
-                      recompute: Sequence[str] = ("none", "selective", "full")) -> Iterator[Layout]:
-    """Every layout megalm could run: tp within a node, uniform pipeline stages, whole micro-batches."""
-    for tp in _divisors(gpus):
-        if tp > cluster.gpus_per_node or model.num_heads % tp or model.ffn_size() % tp:
+                      recompute: Sequence[str] = ("none", "selective", "full"),
+                      cp_sizes: Optional[Sequence[int]] = None) -> Iterator[Layout]:
+    """Every layout megalm could run: tp within a node, context parallelism for long sequences (cp_sizes None:
+    `context_parallel_sizes`), uniform pipeline stages, whole micro-batches."""
+    for tp, cp in ((tp, cp) for cp in (cp_sizes or context_parallel_sizes(model, gpus)) for tp in _divisors(gpus)):
+        if tp > cluster.gpus_per_node or model.num_heads % tp or model.ffn_size() % tp or gpus % (tp * cp):
             continue
         if model.kv_heads() % tp and tp % model.kv_heads():  # kv heads split, or each replicated, over tp
             continue
-        for pp in _divisors(gpus // tp):
+        if model.seq_length % (2 * cp):
+            continue
+        for pp in _divisors(gpus // (tp * cp)):
             if model.num_layers % pp:
                 continue
-            dp = gpus // (tp * pp)
+            dp = gpus // (tp * cp * pp)
             for mb in micro_batches:
                 if global_batch_size % (mb * dp):
                     continue
@@ -86,9 +102,13 @@ def candidate_layouts(model: ModelConfig, cluster: Cluster, gpus: int, global_ba
                     schedules += [("interleaved", v) for v in (2, 4) if model.num_layers % (pp * v) == 0]
                 for schedule, v in schedules:
                     for rc in recompute:
-                        for zero in ((0, 1) if dp > 1 else (0,)):
-                            for sp in ((False, True) if tp > 1 and model.seq_length % tp == 0 else (False,)):
-                                yield Layout(tp, pp, dp, mb, global_batch_size, schedule, v, rc, zero, sp)
+                        for zero in (0, 1):
+                            zeros = (0, 1) if dp * cp > 1 else (0,)
+                            if zero not in zeros:
+                                continue
+                            local = model.seq_length // cp
+                            for sp in ((False, True) if tp > 1 and local % tp == 0 else (False,)):
+                                yield Layout(tp, pp, dp, mb, global_batch_size, schedule, v, rc, zero, sp, cp=cp)
 
 
 def search(model: ModelConfig, cluster: Cluster, gpus: int, global_batch_size: int, numerics: Numerics,
@@ -138,8 +158,15 @@ def _working_counts(model: ModelConfig, cluster: Cluster, gpus: int, global_batc
     for tp in (d for d in _divisors(cluster.gpus_per_node) if model.num_heads % d == 0):
         for pp in _divisors(model.num_layers):
             for dp in _divisors(global_batch_size):
-                counts.add(tp * pp * dp)
+                counts.update(tp * pp * dp * cp for cp in _cp_factors(model))
     return sorted(sorted(counts, key=lambda n: abs(n - gpus))[:4])
+
+
+def _cp_factors(model: ModelConfig) -> list[int]:
+    """cp sizes a GPU count may include for this model (`context_parallel_sizes` without the GPU count)."""
+    if model.seq_length < LONG_SEQUENCE:
+        return [1]
+    return [cp for cp in CP_SIZES if model.seq_length % (2 * cp) == 0]
 
 
 def smallest_fitting_gpus(model: ModelConfig, cluster: Cluster, gpus: int, global_batch_size: int,
@@ -149,8 +176,7 @@ def smallest_fitting_gpus(model: ModelConfig, cluster: Cluster, gpus: int, globa
     for tp in (d for d in _divisors(cluster.gpus_per_node) if model.num_heads % d == 0):
         for pp in _divisors(model.num_layers):
             for dp in _divisors(global_batch_size):
-                if gpus < tp * pp * dp <= limit:
-                    counts.add(tp * pp * dp)
+                counts.update(n for n in (tp * pp * dp * cp for cp in _cp_factors(model)) if gpus < n <= limit)
     for n in sorted(counts):
         for layout in candidate_layouts(model, cluster, n, global_batch_size, micro_batches=(1,), recompute=("full",)):
             if make_plan(model, layout, cluster, numerics, precision, stages=(0, layout.pp - 1)).fits:
