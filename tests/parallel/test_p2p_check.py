@@ -219,4 +219,6 @@ def test_a_collective_over_ranks_outside_the_trace_is_refused() -> None:
         "rank 0 calls all_gather F:0:0:0 (32 B) over cp [0, 5]: a group must list distinct ranks of the trace [0, 1]"
     ]
     trace = {0: [call("F:0:0:0", [0, 1])], 1: [call("F:0:0:0", [0, 1])], 2: [call("F:0:0:0", [0, 1])]}
-    assert check_trace(trace).problems == ["rank 2 calls all_gather F:0:0:0 (32 B) over cp [0, 1]: the group must hold the caller"]
+    assert check_trace(trace).problems == [
+        "rank 2 calls all_gather F:0:0:0 (32 B) over cp [0, 1]: the group must hold the caller"
+    ]

@@ -145,7 +145,7 @@ def test_messages_use_the_message_dtype() -> None:
 
 
 def calls(trace: dict, rank: int) -> list[str]:
-    return [f"{event['collective']['op']} {event['collective']['key']}" for event in trace[rank] if "collective" in event]
+    return [f"{call['op']} {call['key']}" for call in (event.get("collective") for event in trace[rank]) if call]
 
 
 def test_cp_ranks_call_every_layers_collectives_over_their_cp_group() -> None:
@@ -189,7 +189,8 @@ def test_a_cp_rank_skipping_a_collective_is_a_mismatch_or_a_deadlock() -> None:
     trace = record_pipeline("1f1b", 2, 2, 1, SHAPE, cp=2)
     del trace[3][collective_index(trace[3], "loss:0")]  # the last stage's cp rank 1 skips the loss all-reduce
     assert check_trace(trace).problems == [
-        "collective mismatch over cp [2, 3]: rank 2 calls all_reduce loss:0 (16 B), rank 3 calls reduce_scatter B:0:0:1 (64 B)"
+        "collective mismatch over cp [2, 3]: rank 2 calls all_reduce loss:0 (16 B), "
+        "rank 3 calls reduce_scatter B:0:0:1 (64 B)"
     ]
     trace = record_pipeline("1f1b", 2, 2, 1, SHAPE, cp=2)
     del trace[1][collective_index(trace[1], "B:1:0:0")]  # stage 0's cp rank 1 skips its very last one
@@ -218,6 +219,46 @@ def test_a_collective_called_late_deadlocks_through_both_pipelines() -> None:
         assert ("  rank 3 waits in [all_gather F:1:0:0 (64 B) over cp [2, 3]]\n"
                 "    rank 2 has not called it: it waits for p2p: its group still needs "
                 "['recv act:1:1 (32 B) rank 2 <- rank 0']") in message
+
+
+def _cp_collectives_worker(rank: int, world_size: int) -> list[str]:
+    """The collectives context.py's attention and loss call over the cp group, in order."""
+    from unittest import mock
+
+    import megalm.parallel.tensor as tensor
+    from megalm.distributed import build_parallel_groups
+    from megalm.parallel.context import context_parallel_attention, cp_loss
+    from megalm.topology import Topology
+
+    groups = build_parallel_groups(Topology(tp=1, pp=1, dp=1, cp=2), rank, torch.device("cpu"))
+    log: list[str] = []
+
+    def recording(name: str, real):
+        def call(*args, group=None, **kwargs):
+            log.append(f"{name} {groups.group_name(group)}")
+            return real(*args, group=group, **kwargs)
+        return call
+
+    patches = [mock.patch.object(tensor, "all_gather_single", recording("all_gather", tensor.all_gather_single)),
+               mock.patch.object(tensor, "reduce_scatter_single",
+                                 recording("reduce_scatter", tensor.reduce_scatter_single)),
+               mock.patch.object(torch.distributed, "all_reduce", recording("all_reduce", torch.distributed.all_reduce))]
+    with patches[0], patches[1], patches[2]:
+        q, k, v = (torch.randn(1, 4, 4, 8, requires_grad=True) for _ in range(3))
+        out = context_parallel_attention(q, k[:, :2], v[:, :2], groups.cp_group)  # grouped-query: 2 kv heads
+        log.append("forward done")
+        share, _ = cp_loss(out.sum(-1).sum(1), torch.ones(1, 4), groups.cp_group)
+        share.backward()
+    return log
+
+
+def test_the_stub_calls_what_context_parallel_attention_calls() -> None:
+    """Per layer, one all-gather of keys and values together (forward) and its reduce-scatter (backward), both
+    over the cp group, and one all-reduce for the loss: what StubChunk and record_pipeline log."""
+    from megalm.testing import run_distributed
+
+    for log in run_distributed(_cp_collectives_worker, 2):
+        assert log == ["all_gather cp", "forward done", "all_reduce cp", "reduce_scatter cp"]
 
 
 def test_wrong_activation_shape_is_named() -> None:
