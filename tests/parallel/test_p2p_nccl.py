@@ -12,6 +12,8 @@ last stage), which tie the pipelines of a stage's cp ranks together.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -221,46 +223,6 @@ def test_a_collective_called_late_deadlocks_through_both_pipelines() -> None:
                 "['recv act:1:1 (32 B) rank 2 <- rank 0']") in message
 
 
-def _cp_collectives_worker(rank: int, world_size: int) -> list[str]:
-    """The collectives context.py's attention and loss call over the cp group, in order."""
-    from unittest import mock
-
-    import megalm.parallel.tensor as tensor
-    from megalm.distributed import build_parallel_groups
-    from megalm.parallel.context import context_parallel_attention, cp_loss
-    from megalm.topology import Topology
-
-    groups = build_parallel_groups(Topology(tp=1, pp=1, dp=1, cp=2), rank, torch.device("cpu"))
-    log: list[str] = []
-
-    def recording(name: str, real):
-        def call(*args, group=None, **kwargs):
-            log.append(f"{name} {groups.group_name(group)}")
-            return real(*args, group=group, **kwargs)
-        return call
-
-    patches = [mock.patch.object(tensor, "all_gather_single", recording("all_gather", tensor.all_gather_single)),
-               mock.patch.object(tensor, "reduce_scatter_single",
-                                 recording("reduce_scatter", tensor.reduce_scatter_single)),
-               mock.patch.object(torch.distributed, "all_reduce", recording("all_reduce", torch.distributed.all_reduce))]
-    with patches[0], patches[1], patches[2]:
-        q, k, v = (torch.randn(1, 4, 4, 8, requires_grad=True) for _ in range(3))
-        out = context_parallel_attention(q, k[:, :2], v[:, :2], groups.cp_group)  # grouped-query: 2 kv heads
-        log.append("forward done")
-        share, _ = cp_loss(out.sum(-1).sum(1), torch.ones(1, 4), groups.cp_group)
-        share.backward()
-    return log
-
-
-def test_the_stub_calls_what_context_parallel_attention_calls() -> None:
-    """Per layer, one all-gather of keys and values together (forward) and its reduce-scatter (backward), both
-    over the cp group, and one all-reduce for the loss: what StubChunk and record_pipeline log."""
-    from megalm.testing import run_distributed
-
-    for log in run_distributed(_cp_collectives_worker, 2):
-        assert log == ["all_gather cp", "forward done", "all_reduce cp", "reduce_scatter cp"]
-
-
 def test_wrong_activation_shape_is_named() -> None:
     with pytest.raises(RuntimeError, match=r"shape \(4, 1, 2\), expected \(2, 1, 2\)"):
         record_pipeline_with_shapes(model_shape=SHAPE, executor_shape=SP_SHAPE)
@@ -308,7 +270,8 @@ LLAMA_FIELDS = dict(norm="rmsnorm", mlp="swiglu", num_heads=4, num_kv_heads=2, h
                     tie_embeddings=False, position_embedding="rotary")
 
 
-def _real_worker(rank: int, world_size: int, spec: str = "gpt") -> list:
+def _real_worker(rank: int, world_size: int, spec: str = "gpt") -> dict:
+    """The executor's operations over real p2p for each REAL_CASES case; with "gpt", also _cp_collectives."""
     from megalm.config import Config, ModelConfig, ParallelConfig, TrainConfig
     from megalm.data.pipeline import build_sampler, build_sources
     from megalm.distributed import build_parallel_groups
@@ -335,7 +298,15 @@ def _real_worker(rank: int, world_size: int, spec: str = "gpt") -> list:
                                     transport=transport)
         executor.run(batches, lambda losses, batch: losses.sum())
         traces.append(events)
-    return traces
+    return {"traces": traces, "cp_calls": _cp_collectives(rank) if spec == "gpt" else None}
+
+
+@functools.lru_cache(maxsize=None)
+def gloo_run(spec: str) -> list[dict]:
+    """_real_worker's results on 2 gloo ranks, once per spec for the tests that read them."""
+    from megalm.testing import run_distributed
+
+    return run_distributed(_real_worker, 2, spec)
 
 
 def without_compute_and_sizes(events: list) -> list:
@@ -350,9 +321,7 @@ def without_compute_and_sizes(events: list) -> list:
 
 @pytest.mark.parametrize("spec", ["gpt", "llama"])
 def test_stub_recording_matches_the_real_executor_over_gloo(spec: str) -> None:
-    from megalm.testing import run_distributed
-
-    ranks = run_distributed(_real_worker, 2, spec)
+    ranks = [result["traces"] for result in gloo_run(spec)]
     for index, (schedule, m, v) in enumerate(REAL_CASES):
         real = {rank: ranks[rank][index] for rank in range(2)}
         assert check_trace(real, one_stream_per_rank=True).ok
@@ -360,3 +329,44 @@ def test_stub_recording_matches_the_real_executor_over_gloo(spec: str) -> None:
         for rank in range(2):
             assert without_compute_and_sizes(real[rank]) == without_compute_and_sizes(stub[rank]), (schedule, rank)
             assert [e for e in real[rank] if "issue" in e] == [e for e in stub[rank] if "issue" in e]  # sizes too
+
+
+def _cp_collectives(rank: int) -> list[str]:
+    """The collectives context.py's attention and loss call over a cp group of the 2 ranks, in order."""
+    from unittest import mock
+
+    import megalm.parallel.tensor as tensor
+    from megalm.distributed import build_parallel_groups
+    from megalm.parallel.context import context_parallel_attention, cp_loss
+    from megalm.topology import Topology
+
+    groups = build_parallel_groups(Topology(tp=1, pp=1, dp=1, cp=2), rank, torch.device("cpu"))
+    log: list[str] = []
+
+    def recording(name: str, real):
+        def call(*args, group=None, **kwargs):
+            log.append(f"{name} {groups.group_name(group)}")
+            return real(*args, group=group, **kwargs)
+        return call
+
+    gather = recording("all_gather", tensor.all_gather_single)
+    scatter = recording("reduce_scatter", tensor.reduce_scatter_single)
+    reduce = recording("all_reduce", torch.distributed.all_reduce)
+    with mock.patch.object(tensor, "all_gather_single", gather), \
+            mock.patch.object(tensor, "reduce_scatter_single", scatter), \
+            mock.patch.object(torch.distributed, "all_reduce", reduce):
+        q, k, v = (torch.randn(1, 4, 4, 8, requires_grad=True) for _ in range(3))
+        out = context_parallel_attention(q, k[:, :2], v[:, :2], groups.cp_group)  # grouped-query: 2 kv heads
+        log.append("forward done")
+        share, _ = cp_loss(out.sum(-1).sum(1), torch.ones(1, 4), groups.cp_group)
+        share.backward()
+    return log
+
+
+def test_the_stub_calls_what_context_parallel_attention_calls() -> None:
+    """Per layer, one all-gather of keys and values together (forward) and its reduce-scatter (backward), both
+    over the cp group, and one all-reduce for the loss: what StubChunk and record_pipeline log."""
+    for rank in range(2):
+        assert gloo_run("gpt")[rank]["cp_calls"] == [
+            "all_gather cp", "forward done", "all_reduce cp", "reduce_scatter cp"
+        ]
