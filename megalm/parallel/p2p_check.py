@@ -46,7 +46,9 @@ from megalm.distributed import ParallelGroups
 from megalm.parallel.p2p import Transfer
 from megalm.topology import Topology
 
-Trace = dict[int, list[dict]]  # rank -> events: {"issue": [op, ...]}, {"wait": op id}, {"compute": "F3.1"}
+# rank -> events: {"issue": [op, ...]}, {"wait": op id}, {"compute": "F chunk 0"},
+# {"collective": {"group": "cp", "ranks": [...], "op": "all_gather", "key": "F:3:0:1", "bytes": n}}
+Trace = dict[int, list[dict]]
 
 
 def key_text(key: Sequence) -> str:
