@@ -1,4 +1,5 @@
-"""The NCCL-semantics checker on hand-made traces and on the p2p today's executor issued before issue 12."""
+"""The NCCL-semantics checker on hand-made traces (p2p, and collectives beside it) and on the p2p the executor
+issued before issue 12."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def issue(*ops: dict) -> dict:
 
 def wait(*ids: int) -> list[dict]:
     return [{"wait": i} for i in ids]
+
+
+def call(key: str, ranks: list[int], op_name: str = "all_gather", nbytes: int = 32) -> dict:
+    return {"collective": {"group": "cp", "ranks": ranks, "op": op_name, "key": key, "bytes": nbytes}}
 
 
 def both_models(trace: dict) -> list:
@@ -140,4 +145,80 @@ def test_held_sends_are_found_in_the_executor_before_issue_12() -> None:
         "rank 0: send act:0:1 waited 3 computations later",
         "rank 0: send act:1:1 waited 2 computations later",
         "rank 1: send grad:0:0 waited 2 computations later",
+    ]
+
+
+# ---- collectives beside p2p ----------------------------------------------------------------------
+
+
+def test_collectives_in_the_same_order_complete() -> None:
+    trace = {rank: [call("F:0:0:0", [0, 1]), call("F:0:0:1", [0, 1]), call("B:0:0:1", [0, 1], "reduce_scatter")]
+             for rank in (0, 1)}
+    for result in both_models(trace):
+        assert result.ok, result.problems
+        assert result.num_collectives == 6
+
+
+def test_collectives_in_another_order_are_a_mismatch() -> None:
+    trace = {0: [call("F:0:0:0", [0, 1]), call("F:0:0:1", [0, 1])],
+             1: [call("F:0:0:1", [0, 1]), call("F:0:0:0", [0, 1])]}
+    for result in both_models(trace):
+        assert result.problems == [
+            "collective mismatch over cp [0, 1]: rank 0 calls all_gather F:0:0:0 (32 B), "
+            "rank 1 calls all_gather F:0:0:1 (32 B)"
+        ]
+
+
+def test_a_collective_one_member_never_calls_deadlocks() -> None:
+    trace = {0: [call("F:0:0:0", [0, 1]), call("loss:0", [0, 1], "all_reduce")], 1: [call("F:0:0:0", [0, 1])]}
+    for result in both_models(trace):
+        assert result.problems == [
+            "deadlock: ranks [0] wait forever\n"
+            "  rank 0 waits in [all_reduce loss:0 (32 B) over cp [0, 1]]\n"
+            "    rank 1 has not called it: it finished its program"
+        ]
+
+
+def test_a_collective_blocks_its_rank_until_every_member_called_it() -> None:
+    # Rank 1 receives from rank 0 before its all-gather; rank 0 sends only after the all-gather: a cycle.
+    trace = {
+        0: [call("F:0:0:0", [0, 1]), issue(op(0, "send", 1, "x")), *wait(0)],
+        1: [issue(op(0, "recv", 0, "x")), *wait(0), call("F:0:0:0", [0, 1])],
+    }
+    for result in both_models(trace):
+        assert result.problems == [
+            "deadlock: ranks [0, 1] wait forever\n"
+            "  rank 0 waits in [all_gather F:0:0:0 (32 B) over cp [0, 1]]\n"
+            "    rank 1 has not called it: it waits for p2p: its group still needs ['recv x (64 B) rank 1 <- rank 0']\n"
+            "  rank 1 waits for [recv x (64 B) rank 1 <- rank 0]; its group still needs: "
+            "['recv x (64 B) rank 1 <- rank 0']\n"
+            "    channel 1<->0: rank 1 head [recv x], rank 0 head (nothing issued)"
+        ]
+    trace[1] = [call("F:0:0:0", [0, 1]), issue(op(0, "recv", 0, "x")), *wait(0)]
+    assert all(result.ok for result in both_models(trace))
+
+
+def test_one_stream_per_rank_puts_a_collective_behind_a_group_in_flight() -> None:
+    # Rank 0's all-gather with rank 1 follows its unwaited send to rank 2; rank 2 receives it only after a
+    # message rank 1 sends once the all-gather is done. Separate streams: fine; one stream: the all-gather
+    # waits for the send, which waits for rank 2, which waits for rank 1, which waits in the all-gather.
+    trace = {
+        0: [issue(op(0, "send", 2, "x")), call("F:0:0:0", [0, 1]), *wait(0)],
+        1: [call("F:0:0:0", [0, 1]), issue(op(0, "send", 2, "y")), *wait(0)],
+        2: [issue(op(0, "recv", 1, "y")), *wait(0), issue(op(1, "recv", 0, "x")), *wait(1)],
+    }
+    assert check_trace(trace).ok
+    result = check_trace(trace, one_stream_per_rank=True)
+    assert result.problems[0].startswith("deadlock: ranks [0, 1, 2] wait forever")
+    assert "    rank 0's call is queued on its stream behind [group [send x]]" in result.problems[0]
+
+
+def test_a_collective_over_ranks_outside_the_trace_is_refused() -> None:
+    trace = {0: [call("F:0:0:0", [0, 5])], 1: []}
+    assert check_trace(trace).problems == [
+        "rank 0 calls all_gather F:0:0:0 (32 B) over cp [0, 5]: a group must list distinct ranks of the trace [0, 1]"
+    ]
+    trace = {0: [call("F:0:0:0", [0, 1])], 1: [call("F:0:0:0", [0, 1])], 2: [call("F:0:0:0", [0, 1])]}
+    assert check_trace(trace).problems == [
+        "rank 2 calls all_gather F:0:0:0 (32 B) over cp [0, 1]: the group must hold the caller"
     ]

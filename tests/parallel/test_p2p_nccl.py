@@ -1,17 +1,23 @@
-"""The executor's p2p replayed under NCCL's rules: no deadlock over the whole schedule grid.
+"""The executor's p2p, with context parallelism's collectives beside it, replayed under NCCL's rules:
+no deadlock over the whole schedule grid.
 
-Each case runs every pp rank's real PipelineExecutor in this process with stub chunks and a
-recording transport (megalm.parallel.p2p_check), then replays the recorded programs with
-independent pair channels and with one stream per rank (stricter). Sequence parallelism only
-changes the message shape ([s/tp, b, h] instead of [s, b, h]); each tp rank has its own pp group.
+Each case runs every rank's real PipelineExecutor in this process with stub chunks and a recording
+transport (megalm.parallel.p2p_check), then replays the recorded programs with independent pair
+channels and with one stream per rank (stricter). Sequence parallelism only changes the message
+shape ([s/tp, b, h] instead of [s, b, h]); each tp rank has its own pp group. Context parallelism
+(cp > 1) runs one pipeline per cp rank, and every chunk calls collectives over its cp group (a
+key/value all-gather per layer in forward, its reduce-scatter in backward; the loss all-reduce on the
+last stage), which tie the pipelines of a stage's cp ranks together.
 """
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from megalm.parallel.p2p_check import check_trace, record_pipeline, sends_held_past_compute
+from megalm.parallel.p2p_check import check_trace, rank_coordinates, record_pipeline, sends_held_past_compute
 from megalm.parallel.pipeline import PipelineExecutor
 from megalm.parallel.schedules import ScheduleError, check_schedule_args
 
@@ -45,24 +51,50 @@ def problems_of(trace: dict, schedule: str = "") -> list[str]:
     return found + sends_held_past_compute(trace, allowed=1 if schedule == "interleaved" else 0)
 
 
-@pytest.mark.slow
-def test_no_deadlock_over_the_schedule_grid() -> None:
-    cases = grid()
-    assert len(cases) == 724  # 256 gpipe + 256 1f1b + 212 interleaved
+def grid_failures(cases: list[tuple], layouts: tuple[tuple[tuple, int], ...]) -> list[str]:
+    """Each case recorded at each (message shape, cp) layout and replayed; the problems found, one line each."""
     failures = []
     for schedule, pp, m, v in cases:
-        for shape in (SHAPE, SP_SHAPE):
-            found = problems_of(record_pipeline(schedule, pp, m, v, shape), schedule)
+        for shape, cp in layouts:
+            found = problems_of(record_pipeline(schedule, pp, m, v, shape, cp=cp, replicate_cp=True), schedule)
             if found:
-                failures.append(f"{schedule} pp={pp} m={m} v={v} shape={shape}: {found[0]}")
+                failures.append(f"{schedule} pp={pp} m={m} v={v} shape={shape} cp={cp}: {found[0]}")
+    return failures
+
+
+@pytest.mark.slow
+def test_no_deadlock_over_the_schedule_grid() -> None:
+    """The whole grid without cp ([s, b, h] messages) and with cp = 2 (smaller messages, as with sequence parallel).
+
+    A cp = 2 trace holds two copies of the cp = 1 pipeline (one per cp rank) tied by collectives: it
+    checks the sequence-parallel message shape's p2p too (collectives only ever hold a rank back)."""
+    cases = grid()
+    assert len(cases) == 724  # 256 gpipe + 256 1f1b + 212 interleaved
+    failures = grid_failures(cases, ((SHAPE, 1), (SP_SHAPE, 2)))
     assert not failures, f"{len(failures)} of {2 * len(cases)} configurations fail:\n" + "\n".join(failures[:5])
 
 
+def cp4_cases() -> list[tuple[str, int, int, int]]:
+    """The grid's cases at pp <= 4 with the fewest micro-batches (m <= pp + 1, and m = 2 pp + 1): warm-up,
+    steady state and cool-down all present, at a fraction of the cost."""
+    return [case for case in grid() if case[1] <= 4 and (case[2] <= case[1] + 1 or case[2] == 2 * case[1] + 1)]
+
+
+@pytest.mark.slow
+def test_no_deadlock_with_cp4() -> None:
+    cases = cp4_cases()
+    assert len(cases) == 48  # 18 gpipe + 18 1f1b + 12 interleaved
+    failures = grid_failures(cases, ((SP_SHAPE, 4),))
+    assert not failures, f"{len(failures)} of {len(cases)} configurations fail:\n" + "\n".join(failures[:5])
+
+
 @pytest.mark.parametrize("pp,v", [(1, 1), (2, 1), (3, 1), (2, 2), (4, 4), (8, 3)])
-def test_no_deadlock_in_evaluation(pp: int, v: int) -> None:
+@pytest.mark.parametrize("cp", [1, 2])
+def test_no_deadlock_in_evaluation(pp: int, v: int, cp: int) -> None:
     schedule = "interleaved" if v > 1 else "1f1b"
     for m in (1, 3, 8):
-        assert not problems_of(record_pipeline(schedule, pp, m * pp if v > 1 else m, v, SHAPE, forward_only=True))
+        trace = record_pipeline(schedule, pp, m * pp if v > 1 else m, v, SHAPE, forward_only=True, cp=cp)
+        assert not problems_of(trace)
 
 
 SMALL_CASES = [("1f1b", 2, 2, 1), ("1f1b", 4, 9, 1), ("gpipe", 3, 4, 1), ("interleaved", 2, 4, 2),
@@ -70,8 +102,18 @@ SMALL_CASES = [("1f1b", 2, 2, 1), ("1f1b", 4, 9, 1), ("gpipe", 3, 4, 1), ("inter
 
 
 @pytest.mark.parametrize("case", SMALL_CASES)
-def test_no_deadlock_small_cases(case: tuple) -> None:
-    assert not problems_of(record_pipeline(*case, SP_SHAPE), case[0])
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_no_deadlock_small_cases(case: tuple, cp: int) -> None:
+    assert not problems_of(record_pipeline(*case, SP_SHAPE, cp=cp), case[0])  # every cp rank's executor run
+
+
+@pytest.mark.parametrize("case", [("1f1b", 3, 5, 1), ("gpipe", 2, 3, 1), ("interleaved", 2, 4, 2)])
+def test_every_cp_rank_records_the_program_replicate_cp_gives_it(case: tuple) -> None:
+    """The grid records cp rank 0 and renames its program for the others: the same trace as running them all."""
+    for cp, forward_only in ((2, False), (4, False), (2, True)):
+        recorded = record_pipeline(*case, SHAPE, cp=cp, forward_only=forward_only)
+        assert recorded == record_pipeline(*case, SHAPE, cp=cp, forward_only=forward_only, replicate_cp=True)
+        assert len(recorded) == case[1] * cp
 
 
 def issues(trace: dict, rank: int) -> list[list[str]]:
@@ -99,6 +141,86 @@ def test_messages_use_the_message_dtype() -> None:
     trace = record_pipeline("1f1b", 2, 2, 1, SHAPE, message_dtype=torch.bfloat16)
     sizes = {op["bytes"] for events in trace.values() for event in events if "issue" in event for op in event["issue"]}
     assert sizes == {4 * 1 * 2 * 2}
+
+
+# ---- context parallelism: what each cp rank calls, and broken traces the replay must refuse ----------
+
+
+def calls(trace: dict, rank: int) -> list[str]:
+    return [f"{call['op']} {call['key']}" for call in (event.get("collective") for event in trace[rank]) if call]
+
+
+def test_cp_ranks_call_every_layers_collectives_over_their_cp_group() -> None:
+    trace = record_pipeline("1f1b", 2, 2, 1, SHAPE, cp=2)
+    assert rank_coordinates(2, 2) == {0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1)}  # (pp, cp); rank = pp * cp + cp
+    stage = lambda mb: [f"all_gather F:{mb}:0:0", f"all_gather F:{mb}:0:1"]  # noqa: E731
+    backward = lambda mb: [f"reduce_scatter B:{mb}:0:1", f"reduce_scatter B:{mb}:0:0"]  # noqa: E731
+    for rank in (0, 1):  # stage 0: F0 F1 B0 B1
+        assert calls(trace, rank) == stage(0) + stage(1) + backward(0) + backward(1)
+    for rank in (2, 3):  # the last stage: F0 (and the loss all-reduce) B0 F1 B1
+        assert calls(trace, rank) == [*stage(0), "all_reduce loss:0", *backward(0), *stage(1), "all_reduce loss:1",
+                                      *backward(1)]
+    groups = {rank: {tuple(event["collective"]["ranks"]) for event in trace[rank] if "collective" in event}
+              for rank in trace}
+    assert groups == {0: {(0, 1)}, 1: {(0, 1)}, 2: {(2, 3)}, 3: {(2, 3)}}
+    assert issues(trace, 1) == issues(trace, 0)  # the same pipeline program over each cp rank's own pp group
+    peers = {rank: {op["peer"] for event in trace[rank] if "issue" in event for op in event["issue"]} for rank in trace}
+    assert peers == {0: {2}, 1: {3}, 2: {0}, 3: {1}}
+    for one_stream in (False, True):
+        result = check_trace(trace, one_stream_per_rank=one_stream)
+        assert result.ok and result.num_collectives == 2 * 8 + 2 * 10
+
+
+def collective_index(events: list[dict], key: str) -> int:
+    return next(i for i, event in enumerate(events) if event.get("collective", {}).get("key") == key)
+
+
+def test_a_cp_rank_calling_its_collectives_in_another_order_is_a_mismatch() -> None:
+    trace = record_pipeline("interleaved", 2, 4, 2, SHAPE, cp=2)
+    events = trace[3]  # pp 1, cp 1
+    first, second = collective_index(events, "F:0:0:0"), collective_index(events, "F:0:0:1")
+    events[first], events[second] = events[second], events[first]
+    for one_stream in (False, True):
+        assert check_trace(trace, one_stream_per_rank=one_stream).problems == [
+            "collective mismatch over cp [2, 3]: rank 2 calls all_gather F:0:0:0 (64 B), "
+            "rank 3 calls all_gather F:0:0:1 (64 B)"
+        ]
+
+
+def test_a_cp_rank_skipping_a_collective_is_a_mismatch_or_a_deadlock() -> None:
+    trace = record_pipeline("1f1b", 2, 2, 1, SHAPE, cp=2)
+    del trace[3][collective_index(trace[3], "loss:0")]  # the last stage's cp rank 1 skips the loss all-reduce
+    assert check_trace(trace).problems == [
+        "collective mismatch over cp [2, 3]: rank 2 calls all_reduce loss:0 (16 B), "
+        "rank 3 calls reduce_scatter B:0:0:1 (64 B)"
+    ]
+    trace = record_pipeline("1f1b", 2, 2, 1, SHAPE, cp=2)
+    del trace[1][collective_index(trace[1], "B:1:0:0")]  # stage 0's cp rank 1 skips its very last one
+    assert check_trace(trace, one_stream_per_rank=True).problems == [
+        "deadlock: ranks [0] wait forever\n"
+        "  rank 0 waits in [reduce_scatter B:1:0:0 (64 B) over cp [0, 1]]\n"
+        "    rank 1 has not called it: it finished its program"
+    ]
+
+
+def test_a_collective_called_late_deadlocks_through_both_pipelines() -> None:
+    """GPipe pp=2 m=2 cp=2 where stage 0's cp rank 1 calls F1's all-gathers only once it received B0's gradient:
+    rank 0 waits for it there before it sends act 1; so stage 1's cp rank 0 never runs F1, its cp peer waits
+    for it in F1's all-gather before B0, and rank 1 never receives that gradient. A cycle through four ranks."""
+    trace = record_pipeline("gpipe", 2, 2, 1, SHAPE, cp=2)
+    events = trace[1]
+    late = [events.pop(collective_index(events, key)) for key in ("F:1:0:0", "F:1:0:1")]
+    at = collective_index(events, "B:0:0:1")
+    events[at:at] = late
+    for one_stream in (False, True):
+        message = check_trace(trace, one_stream_per_rank=one_stream).problems[0]
+        assert message.startswith("deadlock: ranks [0, 1, 2, 3] wait forever\n")
+        assert ("  rank 0 waits in [all_gather F:1:0:0 (64 B) over cp [0, 1]]\n"
+                "    rank 1 has not called it: it waits for p2p: its group still needs "
+                "['recv grad:0:0 (32 B) rank 1 <- rank 3']") in message
+        assert ("  rank 3 waits in [all_gather F:1:0:0 (64 B) over cp [2, 3]]\n"
+                "    rank 2 has not called it: it waits for p2p: its group still needs "
+                "['recv act:1:1 (32 B) rank 2 <- rank 0']") in message
 
 
 def test_wrong_activation_shape_is_named() -> None:
@@ -148,7 +270,8 @@ LLAMA_FIELDS = dict(norm="rmsnorm", mlp="swiglu", num_heads=4, num_kv_heads=2, h
                     tie_embeddings=False, position_embedding="rotary")
 
 
-def _real_worker(rank: int, world_size: int, spec: str = "gpt") -> list:
+def _real_worker(rank: int, world_size: int, spec: str = "gpt") -> dict:
+    """The executor's operations over real p2p for each REAL_CASES case; with "gpt", also _cp_collectives."""
     from megalm.config import Config, ModelConfig, ParallelConfig, TrainConfig
     from megalm.data.pipeline import build_sampler, build_sources
     from megalm.distributed import build_parallel_groups
@@ -175,7 +298,15 @@ def _real_worker(rank: int, world_size: int, spec: str = "gpt") -> list:
                                     transport=transport)
         executor.run(batches, lambda losses, batch: losses.sum())
         traces.append(events)
-    return traces
+    return {"traces": traces, "cp_calls": _cp_collectives(rank) if spec == "gpt" else None}
+
+
+@functools.lru_cache(maxsize=None)
+def gloo_run(spec: str) -> list[dict]:
+    """_real_worker's results on 2 gloo ranks, once per spec for the tests that read them."""
+    from megalm.testing import run_distributed
+
+    return run_distributed(_real_worker, 2, spec)
 
 
 def without_compute_and_sizes(events: list) -> list:
@@ -190,9 +321,7 @@ def without_compute_and_sizes(events: list) -> list:
 
 @pytest.mark.parametrize("spec", ["gpt", "llama"])
 def test_stub_recording_matches_the_real_executor_over_gloo(spec: str) -> None:
-    from megalm.testing import run_distributed
-
-    ranks = run_distributed(_real_worker, 2, spec)
+    ranks = [result["traces"] for result in gloo_run(spec)]
     for index, (schedule, m, v) in enumerate(REAL_CASES):
         real = {rank: ranks[rank][index] for rank in range(2)}
         assert check_trace(real, one_stream_per_rank=True).ok
@@ -200,3 +329,44 @@ def test_stub_recording_matches_the_real_executor_over_gloo(spec: str) -> None:
         for rank in range(2):
             assert without_compute_and_sizes(real[rank]) == without_compute_and_sizes(stub[rank]), (schedule, rank)
             assert [e for e in real[rank] if "issue" in e] == [e for e in stub[rank] if "issue" in e]  # sizes too
+
+
+def _cp_collectives(rank: int) -> list[str]:
+    """The collectives context.py's attention and loss call over a cp group of the 2 ranks, in order."""
+    from unittest import mock
+
+    import megalm.parallel.tensor as tensor
+    from megalm.distributed import build_parallel_groups
+    from megalm.parallel.context import context_parallel_attention, cp_loss
+    from megalm.topology import Topology
+
+    groups = build_parallel_groups(Topology(tp=1, pp=1, dp=1, cp=2), rank, torch.device("cpu"))
+    log: list[str] = []
+
+    def recording(name: str, real):
+        def call(*args, group=None, **kwargs):
+            log.append(f"{name} {groups.group_name(group)}")
+            return real(*args, group=group, **kwargs)
+        return call
+
+    gather = recording("all_gather", tensor.all_gather_single)
+    scatter = recording("reduce_scatter", tensor.reduce_scatter_single)
+    reduce = recording("all_reduce", torch.distributed.all_reduce)
+    with mock.patch.object(tensor, "all_gather_single", gather), \
+            mock.patch.object(tensor, "reduce_scatter_single", scatter), \
+            mock.patch.object(torch.distributed, "all_reduce", reduce):
+        q, k, v = (torch.randn(1, 4, 4, 8, requires_grad=True) for _ in range(3))
+        out = context_parallel_attention(q, k[:, :2], v[:, :2], groups.cp_group)  # grouped-query: 2 kv heads
+        log.append("forward done")
+        share, _ = cp_loss(out.sum(-1).sum(1), torch.ones(1, 4), groups.cp_group)
+        share.backward()
+    return log
+
+
+def test_the_stub_calls_what_context_parallel_attention_calls() -> None:
+    """Per layer, one all-gather of keys and values together (forward) and its reduce-scatter (backward), both
+    over the cp group, and one all-reduce for the loss: what StubChunk and record_pipeline log."""
+    for rank in range(2):
+        assert gloo_run("gpt")[rank]["cp_calls"] == [
+            "all_gather cp", "forward done", "all_reduce cp", "reduce_scatter cp"
+        ]
