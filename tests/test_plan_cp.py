@@ -59,22 +59,28 @@ def test_cp2_halves_the_per_token_activations_and_adds_the_key_value_and_mask_bu
     assert 2 * full2 == full1 == act * s * h
 
 
-def test_cp_mask_is_dense_over_global_positions_even_for_causal():
-    """cp > 1 always builds a [b or 1, 1, S/cp, S] additive mask (a rank's tokens are two chunks apart), once per
-    micro-batch, in the activation dtype; PrefixLM's has one row block per sample. Its layers share it: a
-    stage keeps one per micro-batch in flight, whatever the layer count."""
+def test_cp_mask_dense_over_global_positions_except_causal_on_cuda():
+    """cp > 1 builds a [b or 1, 1, S/cp, S] additive mask once per micro-batch, in the activation dtype, for
+    PrefixLM and per-document masks (one row block per sample), and for causal attention off CUDA; on CUDA causal
+    attention runs each chunk under a lower-right causal bias with no mask. Its layers share it: a stage keeps
+    one per micro-batch in flight, whatever the layer count."""
     layout = Layout(1, 1, 1, 2, 2, recompute="selective", cp=4)
     s = MODEL.seq_length
-    assert context_mask_bytes(MODEL, layout, 2) == 2 * 1 * (s // 4) * s
-    assert context_mask_bytes(dataclasses.replace(MODEL, family="prefixlm"), layout, 2) == 2 * 2 * (s // 4) * s
-    assert context_mask_bytes(MODEL, dataclasses.replace(layout, cp=1), 2) == 0  # cp 1: SDPA is_causal, no mask
+    assert context_mask_bytes(MODEL, layout, 2, "cpu") == 2 * 1 * (s // 4) * s
+    assert context_mask_bytes(MODEL, layout, 2, "cuda") == 0
+    prefixlm = dataclasses.replace(MODEL, family="prefixlm")
+    assert context_mask_bytes(prefixlm, layout, 2, "cuda") == 2 * 2 * (s // 4) * s
+    documents = dataclasses.replace(MODEL, document_mask=True)
+    assert context_mask_bytes(documents, layout, 2, "cuda") == 2 * 2 * (s // 4) * s  # per sample
+    assert context_mask_bytes(MODEL, dataclasses.replace(layout, cp=1), 2, "cpu") == 0  # cp 1: SDPA is_causal
     assert prefix_mask_bytes(MODEL, layout) == 0  # the bool mask only leads to the additive one
     deep = dataclasses.replace(MODEL, num_layers=8)
     for layers in (MODEL, deep):
-        plan = make_plan(layers, Layout(1, 1, 1, 1, 1, cp=2), H100, MEGALM, "bf16")
-        per_layer, _ = layer_activation_bytes(layers, Layout(1, 1, 1, 1, 1, cp=2), 2)
-        positions = 8 * s // 2  # learned: the int64 global positions of the rank's tokens
-        assert plan.memory[0].activations == layers.num_layers * per_layer + 2 * (s // 2) * s + positions
+        for model, mask in ((layers, 0), (dataclasses.replace(layers, family="prefixlm"), 2 * (s // 2) * s)):
+            plan = make_plan(model, Layout(1, 1, 1, 1, 1, cp=2), H100, MEGALM, "bf16")  # CUDA kernels
+            per_layer, _ = layer_activation_bytes(model, Layout(1, 1, 1, 1, 1, cp=2), 2)
+            positions = 8 * s // 2  # learned: the int64 global positions of the rank's tokens
+            assert plan.memory[0].activations == model.num_layers * per_layer + mask + positions
 
 
 def test_stage_memory_at_cp2_model_states_sharded_over_dp_x_cp():

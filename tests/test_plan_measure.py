@@ -147,6 +147,6 @@ def test_context_parallel_mask_is_kept_once_per_microbatch(family: str) -> None:
     case = Case(family, cp=2, **SHAPE)
     outside = measure([case, dataclasses.replace(case, cp=1)], function=measure_outside_layers)
     extra = outside[case] - outside[dataclasses.replace(case, cp=1)] // 2
-    assert extra == context_mask_bytes(case.model(), case.layout(), 4) + context_position_bytes(
+    assert extra == context_mask_bytes(case.model(), case.layout(), 4, "cpu") + context_position_bytes(
         case.model(), case.layout(), first=True)
     assert extra >= 4 * (1 if family == "lm" else case.micro_batch_size) * (case.seq_length // 2) * case.seq_length

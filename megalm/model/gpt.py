@@ -18,7 +18,8 @@ the micro-batch's document ids, whose per-document positions index the learned o
 Context parallelism (`parallel.cp` > 1, megalm.parallel.context): each rank holds chunks r and 2cp-1-r
 of every sample's sequence (the trainer cuts the micro-batch once, Batch.cp_split); every stage indexes
 the learned or rotary tables by its tokens' global positions, and its layers attend over keys and values
-gathered from the cp group under one dense mask over global positions (causal, PrefixLM or per-document).
+gathered from the cp group: under one dense mask over global positions (PrefixLM, per-document, causal off
+CUDA), or, causal on CUDA, each of the rank's two chunks under a lower-right causal bias.
 
 Activation recompute (`parallel.recompute`): "full" keeps only the input of each of a chunk's first
 `recompute_layers` layers (all by default) and reruns the layer in backward; "selective" reruns the

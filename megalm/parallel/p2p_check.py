@@ -5,7 +5,8 @@ gloo buffers sends and matches by tag, so a CPU run cannot show an NCCL hang. In
 order) runs in this process with stub chunks and a `RecordingTransport`, which logs every issued
 group and every wait (with peer, message key and bytes). With cp > 1 the stub chunks also log the
 collectives a model chunk issues over its cp group: per layer, the key/value all-gather in forward
-and its reduce-scatter in backward (reverse layer order), and the last stage's loss all-reduce.
+and its reduce-scatter in backward (reverse layer order): the only collectives the trainer issues inside
+the pipeline (the loss-token count and the gradient reductions run over dp x cp, another communicator).
 `check_trace` replays those per-rank programs under NCCL's rules:
 
 - issuing a group is non-blocking; a `wait` blocks that rank's program until the op completes;
@@ -432,8 +433,8 @@ def record_pipeline(schedule: str, pp: int, num_microbatches: int, virtual_stage
     """Run the real PipelineExecutor of every (pp, cp) rank (stub chunks, recording transport); return the trace.
 
     Global ranks follow the Topology (tp = dp = 1: rank = pp_rank * cp + cp_rank). With cp > 1 each chunk
-    logs `layers` all-gathers (forward) and reduce-scatters (backward) over its cp group, and the last
-    stage's loss function the all-reduce of cp_loss's totals, once per micro-batch. `replicate_cp` runs
+    logs `layers` all-gathers (forward) and reduce-scatters (backward) over its cp group (the loss needs
+    none inside the pipeline: the trainer divides by the global token count, reduced before). `replicate_cp` runs
     only cp rank 0's executors and gives every other cp rank the same program over its own pp group
     (cp times faster; tests check on a subset that recording every cp rank gives the same trace)."""
     from megalm.parallel.pipeline import PipelineExecutor  # the executor imports nothing from here
@@ -462,13 +463,7 @@ def record_pipeline(schedule: str, pp: int, num_microbatches: int, virtual_stage
             transport=RecordingTransport(events, pp_ranks), message_dtype=message_dtype,
         )
 
-        def loss_fn(losses: torch.Tensor, batch: Batch, events: list[dict] = events,
-                    group: Optional[CpGroup] = group) -> torch.Tensor:
-            if group is not None:  # cp_loss: the all-reduce of (loss sum, token count), 2 x float64
-                group.log(events, "all_reduce", ("loss", int(batch.document_ids.flatten()[0])), 16)
-            return losses.sum()
-
-        executor.run(batches, loss_fn, forward_only=forward_only)
+        executor.run(batches, lambda losses, batch: losses.sum(), forward_only=forward_only)
         trace[rank] = events
     return trace
 

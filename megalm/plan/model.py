@@ -51,6 +51,7 @@ from typing import Optional
 
 from megalm.config import ModelConfig
 from megalm.model.attention import masked_attention, uses_dense_prefix_mask
+from megalm.parallel.context import dense_causal_mask
 from megalm.parallel.schedules import analytic_bubble
 from megalm.plan.cluster import Cluster, Numerics, PlanError
 from megalm.plan.flops import layer_matmul_flops, training_flops_per_token
@@ -283,11 +284,16 @@ def prefix_additive_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: in
     return act_bytes * b * rows * (keys if kernels == "cpu" else -(-keys // 16) * 16)
 
 
-def context_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: int) -> int:
+def context_mask_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kernels: str = "cuda") -> int:
     """cp > 1: the additive mask of a rank's queries over the whole sequence ([b or 1, 1, S/cp, S] in the activation
     dtype, megalm.parallel.context.context_parallel_mask), built once per micro-batch and model chunk and shared
-    by its layers, which keep it for backward (or, recomputing, hold it for the rerun). 0 at cp = 1."""
+    by its layers, which keep it for backward (or, recomputing, hold it for the rerun). 0 at cp = 1, and 0 for
+    plain causal attention on CUDA (each chunk runs under a lower-right causal bias, no mask:
+    megalm.parallel.context.dense_causal_mask)."""
     if layout.cp == 1:
+        return 0
+    causal = model.family == "lm" and not model.document_mask
+    if causal and not dense_causal_mask(kernels):
         return 0
     b, rows, keys = dense_mask_shape(model, layout, "cuda")
     return act_bytes * b * rows * keys
@@ -363,7 +369,7 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
         per_chunk = max(per_chunk, rerun * stored + (len(layers) - rerun) * stored_plain)
     first_stage = any(first for _, first, _ in chunks)
     masks = (prefix_mask_bytes(model, layout, kernels) + document_bytes(model, layout, first_stage)
-             + context_mask_bytes(model, layout, act_bytes) + context_position_bytes(model, layout, first_stage))
+             + context_mask_bytes(model, layout, act_bytes, kernels) + context_position_bytes(model, layout, first_stage))
     activations = flight * (per_chunk + masks) + working
     s, b, h = layout.local_tokens(model.seq_length), layout.micro_batch_size, model.hidden_size
     sp = layout.tp if layout.sequence_parallel else 1

@@ -6,8 +6,8 @@ transport (megalm.parallel.p2p_check), then replays the recorded programs with i
 channels and with one stream per rank (stricter). Sequence parallelism only changes the message
 shape ([s/tp, b, h] instead of [s, b, h]); each tp rank has its own pp group. Context parallelism
 (cp > 1) runs one pipeline per cp rank, and every chunk calls collectives over its cp group (a
-key/value all-gather per layer in forward, its reduce-scatter in backward; the loss all-reduce on the
-last stage), which tie the pipelines of a stage's cp ranks together.
+key/value all-gather per layer in forward, its reduce-scatter in backward: what a real GPTModel chunk
+calls, checked on gloo below), which tie the pipelines of a stage's cp ranks together.
 """
 
 from __future__ import annotations
@@ -157,9 +157,8 @@ def test_cp_ranks_call_every_layers_collectives_over_their_cp_group() -> None:
     backward = lambda mb: [f"reduce_scatter B:{mb}:0:1", f"reduce_scatter B:{mb}:0:0"]  # noqa: E731
     for rank in (0, 1):  # stage 0: F0 F1 B0 B1
         assert calls(trace, rank) == stage(0) + stage(1) + backward(0) + backward(1)
-    for rank in (2, 3):  # the last stage: F0 (and the loss all-reduce) B0 F1 B1
-        assert calls(trace, rank) == [*stage(0), "all_reduce loss:0", *backward(0), *stage(1), "all_reduce loss:1",
-                                      *backward(1)]
+    for rank in (2, 3):  # the last stage: F0 B0 F1 B1
+        assert calls(trace, rank) == [*stage(0), *backward(0), *stage(1), *backward(1)]
     groups = {rank: {tuple(event["collective"]["ranks"]) for event in trace[rank] if "collective" in event}
               for rank in trace}
     assert groups == {0: {(0, 1)}, 1: {(0, 1)}, 2: {(2, 3)}, 3: {(2, 3)}}
@@ -168,7 +167,7 @@ def test_cp_ranks_call_every_layers_collectives_over_their_cp_group() -> None:
     assert peers == {0: {2}, 1: {3}, 2: {0}, 3: {1}}
     for one_stream in (False, True):
         result = check_trace(trace, one_stream_per_rank=one_stream)
-        assert result.ok and result.num_collectives == 2 * 8 + 2 * 10
+        assert result.ok and result.num_collectives == 4 * 8
 
 
 def collective_index(events: list[dict], key: str) -> int:
@@ -189,9 +188,9 @@ def test_a_cp_rank_calling_its_collectives_in_another_order_is_a_mismatch() -> N
 
 def test_a_cp_rank_skipping_a_collective_is_a_mismatch_or_a_deadlock() -> None:
     trace = record_pipeline("1f1b", 2, 2, 1, SHAPE, cp=2)
-    del trace[3][collective_index(trace[3], "loss:0")]  # the last stage's cp rank 1 skips the loss all-reduce
+    del trace[3][collective_index(trace[3], "F:0:0:1")]  # the last stage's cp rank 1 skips a layer's all-gather
     assert check_trace(trace).problems == [
-        "collective mismatch over cp [2, 3]: rank 2 calls all_reduce loss:0 (16 B), "
+        "collective mismatch over cp [2, 3]: rank 2 calls all_gather F:0:0:1 (64 B), "
         "rank 3 calls reduce_scatter B:0:0:1 (64 B)"
     ]
     trace = record_pipeline("1f1b", 2, 2, 1, SHAPE, cp=2)
@@ -332,15 +331,20 @@ def test_stub_recording_matches_the_real_executor_over_gloo(spec: str) -> None:
 
 
 def _cp_collectives(rank: int) -> list[str]:
-    """The collectives context.py's attention and loss call over a cp group of the 2 ranks, in order."""
+    """The collectives a real 2-layer GPTModel chunk at cp = 2 (2 ranks) calls in a training forward and backward,
+    with the group each runs over, in order."""
     from unittest import mock
 
     import megalm.parallel.tensor as tensor
+    from megalm.config import ModelConfig
     from megalm.distributed import build_parallel_groups
-    from megalm.parallel.context import context_parallel_attention, cp_loss
+    from megalm.model.gpt import build_model
+    from megalm.parallel.context import cp_split
     from megalm.topology import Topology
 
     groups = build_parallel_groups(Topology(tp=1, pp=1, dp=1, cp=2), rank, torch.device("cpu"))
+    model = build_model(ModelConfig(num_layers=2, hidden_size=16, num_heads=4, num_kv_heads=2, vocab_size=32,
+                                    seq_length=8, position_embedding="rotary"), groups, 1)
     log: list[str] = []
 
     def recording(name: str, real):
@@ -355,18 +359,17 @@ def _cp_collectives(rank: int) -> list[str]:
     with mock.patch.object(tensor, "all_gather_single", gather), \
             mock.patch.object(tensor, "reduce_scatter_single", scatter), \
             mock.patch.object(torch.distributed, "all_reduce", reduce):
-        q, k, v = (torch.randn(1, 4, 4, 8, requires_grad=True) for _ in range(3))
-        out = context_parallel_attention(q, k[:, :2], v[:, :2], groups.cp_group)  # grouped-query: 2 kv heads
+        tokens = cp_split(torch.arange(8).unsqueeze(0) + 1, 2, rank, 1)
+        losses = model(tokens, labels=tokens)
         log.append("forward done")
-        share, _ = cp_loss(out.sum(-1).sum(1), torch.ones(1, 4), groups.cp_group)
-        share.backward()
+        losses.sum().backward()
     return log
 
 
-def test_the_stub_calls_what_context_parallel_attention_calls() -> None:
-    """Per layer, one all-gather of keys and values together (forward) and its reduce-scatter (backward), both
-    over the cp group, and one all-reduce for the loss: what StubChunk and record_pipeline log."""
+def test_the_stub_calls_what_a_model_chunk_calls() -> None:
+    """A real model chunk calls, per layer, one all-gather of keys and values together (forward) and its
+    reduce-scatter (backward, reverse layer order), all over the cp group, and nothing else: what StubChunk logs."""
     for rank in range(2):
         assert gloo_run("gpt")[rank]["cp_calls"] == [
-            "all_gather cp", "forward done", "all_reduce cp", "reduce_scatter cp"
+            "all_gather cp", "all_gather cp", "forward done", "reduce_scatter cp", "reduce_scatter cp"
         ]
