@@ -12,7 +12,7 @@ tests/parallel/test_context.py checks they differ). Masks:
 - per-document attention (learned and rotary) with boundaries on and off chunk edges, a one-token document and
   documents longer than two chunks;
 
-each at cp=2 and cp=4, alone and with tp=2 + sequence parallel, pp=2 and dp=2 (+ ZeRO-1). dp4/cp1, dp2/cp2 and
+each at cp=2 and cp=4, alone and with tp=2 + sequence parallel, pp=2 and dp=2, and ZeRO-1 over dp x cp. dp4/cp1, dp2/cp2 and
 dp1/cp4 give the same gradient norm. Negative control: the plain causal mask forced under PrefixLM or document
 masks at cp=2 fails the comparison. CUDA's causal path (no mask, a lower-right causal bias per chunk) runs too.
 """
@@ -97,7 +97,7 @@ def train(config: Config, groups: ParallelGroups) -> dict:
 
 # (mask, cp, tp, pp, dp, zero, recompute) by world size
 def _layouts(cp: int) -> list[tuple]:
-    return [(cp, 2, 1, 1, 0, "none"), (cp, 1, 2, 1, 0, "selective"), (cp, 1, 1, 2, 1, "none")]
+    return [(cp, 2, 1, 1, 0, "none"), (cp, 1, 2, 1, 0, "selective"), (cp, 1, 1, 2, 0, "none")]
 
 
 CASES: dict[int, list[tuple]] = {2: [], 4: [], 8: []}
@@ -108,8 +108,13 @@ for _mask in MASKS:
         CASES[4].append((_mask, *_layout))
     for _layout in _layouts(4):
         CASES[8].append((_mask, *_layout))
-GRAD_NORM_CASES = [("causal-rotary", 1, 1, 1, 4, 0, "none"), ("causal-rotary", 2, 1, 1, 2, 0, "none")]
-CASES[4] += GRAD_NORM_CASES  # and ("causal-rotary", 4, 1, 1, 1, ...) above
+# ZeRO-1 shards over dp x cp (its gradients are shards: the weights after the steps are compared)
+CASES[4].append(("document-rotary", 2, 1, 1, 2, 1, "none"))
+CASES[8].append(("prefix-rotary", 4, 1, 1, 2, 1, "none"))
+# one gradient norm at dp4/cp1, dp2/cp2 and dp1/cp4 (the last two are cases above)
+GRAD_NORM_CASES = [("causal-rotary", 1, 1, 1, 4, 0, "none"), ("causal-rotary", 2, 1, 1, 2, 0, "none"),
+                   ("causal-rotary", 4, 1, 1, 1, 0, "full")]
+CASES[4].append(GRAD_NORM_CASES[0])
 NEGATIVE = [("prefix-rotary", 2, 1, 1, 1, 0, "none"), ("document-learned", 2, 1, 1, 1, 0, "none")]
 
 
@@ -199,7 +204,7 @@ def test_context_parallel_training_matches_one_process(world_size: int) -> None:
     _table(CASES[world_size], results)
     if world_size == 4:  # dp4/cp1, dp2/cp2 and dp1/cp4: one gradient norm (and the single process's)
         ref = reference("causal-rotary")["norms"]
-        for case in GRAD_NORM_CASES + [("causal-rotary", 4, 1, 1, 1, 0, "full")]:
+        for case in GRAD_NORM_CASES:
             got = results[0][case]["norms"]
             print(f"grad norm cp{case[1]} dp{case[4]}: {got} (one process {ref})")
             assert got == pytest.approx(ref, rel=TOLERANCE), case
