@@ -2,6 +2,8 @@
 
 `run_distributed(fn, world_size, *args)` starts `world_size` processes, initialises gloo in each,
 calls `fn(rank, world_size, *args)` and returns every rank's return value (tensors allowed).
+The processes fork from a forkserver that imported torch and the trainer once per test process
+(`FORKSERVER_PRELOAD`), and take the caller's environment and working directory, as spawn would.
 
 A hang fails in seconds, not minutes, and shows where every rank was stuck:
 
