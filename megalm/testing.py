@@ -2,6 +2,8 @@
 
 `run_distributed(fn, world_size, *args)` starts `world_size` processes, initialises gloo in each,
 calls `fn(rank, world_size, *args)` and returns every rank's return value (tensors allowed).
+The processes fork from a forkserver that imported torch and the trainer once per test process
+(`FORKSERVER_PRELOAD`), and take the caller's environment and working directory, as spawn would.
 
 A hang fails in seconds, not minutes, and shows where every rank was stuck:
 
@@ -27,6 +29,7 @@ import io
 import logging
 import os
 import queue
+import random
 import signal
 import socket
 import tempfile
@@ -47,14 +50,37 @@ ENV_COLLECTIVE_TIMEOUT = "MEGALM_TEST_COLLECTIVE_TIMEOUT_S"
 ENV_TIMEOUT_SCALE = "MEGALM_TEST_TIMEOUT_SCALE"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 30.0
 STARTUP_TIMEOUT_S = 300.0  # every rank imported torch and reached the store (8 ranks on 2 busy cores)
+# Ranks start from a forkserver that imported these once (torch and megalm's trainer, which pulls in
+# torch._dynamo: ~6 s of CPU per rank under spawn), not each from scratch; each rank is a fresh fork.
+FORKSERVER_PRELOAD = ("torch", "torch.distributed", "megalm.testing", "megalm.train")
 STACK_SIGNAL = signal.SIGUSR2  # SIGTERM/SIGINT/SIGUSR1 are the trainer's checkpoint signals
 
 
+PORT_BLOCK_START = 20000  # below Linux's ephemeral range (32768+), so the kernel never hands these out itself
+PORT_BLOCK_SIZE = 1000
+
+
+def _port_block() -> range:
+    """This process's block of ports: one per pytest-xdist worker (`PYTEST_XDIST_WORKER=gwN`), so two
+    workers running tests side by side never pick the same port between its check and its use."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) % 12 if worker.startswith("gw") and worker[2:].isdigit() else 12
+    start = PORT_BLOCK_START + index * PORT_BLOCK_SIZE
+    return range(start, start + PORT_BLOCK_SIZE)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now, from this test worker's own block (`_port_block`)."""
+    block = _port_block()
+    for port in random.Random(time.monotonic_ns() ^ os.getpid()).sample(block, 64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or in TIME_WAIT): try another
+            return port
+    raise RuntimeError(f"no free TCP port among 64 tried in {block.start}-{block.stop - 1} on 127.0.0.1; "
+                       "free some ports or end stray test processes")
 
 
 def _dumps(value: Any) -> bytes:
@@ -85,8 +111,12 @@ def _meet(store: dist.Store, world_size: int, timeout: float) -> None:
 
 def _worker(
     rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any,
-    collective_timeout: float, stack_dir: str,
+    collective_timeout: float, stack_dir: str, environ: dict, cwd: str,
 ) -> None:
+    # A forkserver child starts with the server's environment and directory: take the caller's, as spawn would.
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -164,14 +194,16 @@ def run_distributed(
     if collective_timeout is None:
         collective_timeout = _seconds_from_env(ENV_COLLECTIVE_TIMEOUT, DEFAULT_COLLECTIVE_TIMEOUT_S)
     timeout *= _seconds_from_env(ENV_TIMEOUT_SCALE, 1.0)
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(FORKSERVER_PRELOAD))  # read when this process's server first starts
     results = ctx.Queue()
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="megalm-stacks-") as stack_dir:
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(rank, world_size, port, fn, args, results, collective_timeout, stack_dir),
+                args=(rank, world_size, port, fn, args, results, collective_timeout, stack_dir, dict(os.environ),
+                      os.getcwd()),
                 daemon=True,
             )
             for rank in range(world_size)

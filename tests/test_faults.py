@@ -50,17 +50,23 @@ def test_killed_rank_restarts_and_resumes_exactly(fault: str, tmp_path: Path, un
         assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000030"
 
 
+def seconds_since_fault(marker: Path) -> float:
+    """Seconds from the moment the fault fired (its marker was written) until now, just after the job
+    ended: the ranks' start-up, slow on a busy machine, is not part of what the timing tests claim."""
+    assert marker.exists(), f"{marker.name} was not written: the fault never fired"
+    return time.time() - marker.stat().st_mtime
+
+
 def test_hung_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
-    start = time.monotonic()
-    proc = torchrun(tmp_path, "train.collective_timeout_s=6", fault="hang:1:3:60", timeout=120)
-    elapsed = time.monotonic() - start
+    proc = torchrun(tmp_path, "train.collective_timeout_s=6", fault="hang:1:3:60", timeout=180)
+    elapsed = seconds_since_fault(tmp_path / ".fault-hang-1-3")
     assert proc.returncode != 0
     # The waiting rank names the timeout and the step and exits; torchrun then ends the hung one.
     assert "a collective failed or timed out (train.collective_timeout_s=6) during step 3" in proc.stderr
     # ... and names the collective, its group and where megalm called it.
     assert re.search(r"during step 3: all_reduce over the (dp|world) group.* \(called at megalm/\S+\.py:\d+ in \w+\)",
                      proc.stderr), proc.stderr[-3000:]
-    assert elapsed < 60, elapsed  # well before the hung rank's 60 s are over
+    assert elapsed < 60, elapsed  # the job ended before the hung rank's 60 s were over
 
 
 def test_rank_stuck_outside_any_collective_ends_within_the_timeout(tmp_path: Path) -> None:
@@ -69,14 +75,13 @@ def test_rank_stuck_outside_any_collective_ends_within_the_timeout(tmp_path: Pat
     here: three tiny steps are far shorter) to reach the end of its step, and exits 1 with its stack
     instead of sleeping on until torchrun's SIGKILL, which comes 30 s after the SIGTERM (fixed in torchrun
     for a failed peer). Old code: about 50 s in all; now about 20."""
-    start = time.monotonic()
     proc = torchrun(tmp_path, "train.collective_timeout_s=6", fault="sleep:1:3:120", timeout=200)
-    elapsed = time.monotonic() - start
+    elapsed = seconds_since_fault(tmp_path / ".fault-sleep-1-3")
     assert proc.returncode != 0
     assert "rank 1: the stop signal came over 5 s ago and this rank has not reached the end of step 3" in proc.stderr, \
         proc.stderr[-3000:]
     assert "in maybe_inject" in proc.stderr  # the stuck rank's stack: where it sleeps
-    assert elapsed < 40, elapsed  # start-up + 6 s timeout + 5 s grace (old: start-up + 6 s + 30 s)
+    assert elapsed < 30, elapsed  # 6 s timeout + 5 s grace + exit (old: 6 s + 30 s)
 
 
 def test_a_save_slower_than_the_collective_timeout_completes(tmp_path: Path) -> None:
