@@ -216,6 +216,9 @@ def allow_tf32(device: torch.device, precision: str) -> bool:
     return True
 
 
+STARTUP_TIMEOUT_S = 600.0  # how long the ranks of a job may take to reach init_distributed, one after another
+
+
 def init_distributed(device: torch.device, timeout_s: float = 300.0) -> tuple[int, int]:
     """Start torch.distributed from torchrun's environment (NCCL on GPU, gloo on CPU).
 
@@ -242,6 +245,12 @@ def init_distributed(device: torch.device, timeout_s: float = 300.0) -> tuple[in
         )
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"megalm/attempt_{attempt}", base)
+        # Every rank arrives before the process group's rendezvous: ranks start minutes apart on a busy or large
+        # cluster (imports, a slow filesystem), which is start-up, not a hang; a short train.collective_timeout_s
+        # would otherwise fail the rendezvous itself. The collectives keep `timeout`.
+        store.set(f"arrived/{rank}", "1")
+        store.wait([f"arrived/{other}" for other in range(world_size)],
+                    datetime.timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)))
         # device_id binds the NCCL communicator to this rank's GPU at init (eager init): no guess
         # of the device at the first collective, and barrier() knows which GPU to use.
         device_id = {"device_id": device} if device.type == "cuda" else {}
