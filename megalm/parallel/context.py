@@ -49,7 +49,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 
 from megalm.distributed import ProcessGroup
 from megalm.parallel.tensor import gather_from_sequence
@@ -282,6 +281,8 @@ def gathered_attention(
     if cp == 1:
         return F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout_p, is_causal=True, scale=scale,
                                               enable_gqa=grouped)
+    from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo (seconds): only where used
+
     keys, values = (cp_unsplit(list(t.chunk(cp, dim=2)), 2) for t in (keys, values))  # sequence order
     chunk = q.shape[2] // 2
     outputs = []

@@ -201,9 +201,11 @@ class GradientSync:
                 # in forward order (buckets are made in backward order), as the gathers were launched
                 buckets = sorted({self._bucket_of[p].index for p in own if p in self._bucket_of}, reverse=True)
                 if buckets:
-                    block.register_forward_pre_hook(functools.partial(self._wait_before_forward, buckets))
+                    # not traced by torch.compile (a compiled layer runs the hook eagerly); wrapped here, as
+                    # torch.compiler.disable imports torch._dynamo (seconds) and only ZeRO-1 needs it
+                    block.register_forward_pre_hook(
+                        torch.compiler.disable(functools.partial(self._wait_before_forward, buckets)))
 
-    @torch.compiler.disable
     def _wait_before_forward(self, buckets: list[int], module: nn.Module, args) -> None:
         if self._gathering:
             for index in buckets:
