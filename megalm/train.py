@@ -139,9 +139,9 @@ class Trainer:
 
     @staticmethod
     def _masked_sum(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Sum of the masked token losses of one micro-batch (a masked token's loss never enters, even if not finite)."""
-        mask = batch.loss_mask.to(torch.bool)
-        return torch.where(mask, losses.float(), torch.zeros((), device=losses.device)).sum()
+        """Sum of the masked token losses of one micro-batch (the product's memory order fixes the summation order:
+        a resumed old checkpoint reports its losses bit for bit)."""
+        return (losses.float() * batch.loss_mask).sum()
 
     def _set_training(self, training: bool) -> None:
         for chunk in self.chunks:

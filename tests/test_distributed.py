@@ -196,7 +196,14 @@ def test_init_process_group_binds_the_gpu_with_device_id(monkeypatch: pytest.Mon
     import megalm.distributed as distributed
 
     calls = []
-    monkeypatch.setattr(distributed.dist, "TCPStore", lambda *a, **k: object())
+    class Store:  # the start-up barrier's keys: every rank has arrived
+        def set(self, key, value):
+            pass
+
+        def wait(self, keys, timeout):
+            pass
+
+    monkeypatch.setattr(distributed.dist, "TCPStore", lambda *a, **k: Store())
     monkeypatch.setattr(distributed.dist, "PrefixStore", lambda prefix, store: store)
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: bool(calls))

@@ -201,7 +201,7 @@ def test_a_sliding_window_is_refused_only_past_it(tmp_path: Path) -> None:
 _MEMORY_SCRIPT = r"""
 import json, sys
 from megalm.interop.hf import export_model, import_model
-import megalm.interop.stream_checkpoint, megalm.model.gpt, torch._subclasses.fake_tensor  # imported before measuring
+import megalm.interop.stream_checkpoint, megalm.model.gpt, torch._subclasses.fake_tensor, torch._dynamo  # imported before measuring
 def status(key):  # this process's own figures (ru_maxrss would carry the forking parent's peak across exec)
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
