@@ -30,7 +30,7 @@ class Batch:
         stay whole (the masks and per-document positions are built from global positions). cp = 1: itself."""
         if cp == 1:
             return self
-        from megalm.parallel.context import cp_split  # data must not import the parallel package at load time
+        from megalm.parallel.context import cp_split  # here: the data tools need not load the parallel package
 
         part = lambda t: cp_split(t, cp, cp_rank, dim=1)  # noqa: E731
         return Batch(part(self.tokens), part(self.labels), part(self.loss_mask), self.prefix_lengths,

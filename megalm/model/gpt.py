@@ -216,7 +216,7 @@ class GPTModel(nn.Module):
         attn_mask = None  # causal via SDPA's is_causal
         if self.cfg.family == "prefixlm" and prefix_lengths is None:
             raise ValueError("a PrefixLM model needs prefix_lengths for every sample")
-        if cp > 1:  # one dense mask over global positions, built once per micro-batch and chunk
+        if cp > 1:  # attention over the cp group's keys (a dense mask or lower-right causal), once per micro-batch
             kind = "prefix" if self.cfg.family == "prefixlm" else "document" if documents else "causal"
             attn_mask = context_parallel_mask(seq_len, groups.cp_group, groups.cp_rank, kind, prefix_lengths,
                                               document_ids if documents else None, hidden.device, hidden.dtype,

@@ -163,7 +163,7 @@ def _dropout(x: torch.Tensor, p: float, training: bool, rng: ParallelRNG, split:
 
 
 # What a layer is handed to mask attention: None (causal), a dense bool mask, a FlexAttention BlockMask, or
-# (context parallelism) a ContextParallelMask: gather the cp group's keys and values, then the dense mask.
+# (context parallelism) a ContextParallelMask: gather the cp group's keys and values, then attend (gathered_attention).
 AttentionMask = Union[None, torch.Tensor, BlockMask, ContextParallelMask]
 
 
@@ -294,10 +294,9 @@ class Attention(nn.Module):
             return flex_prefix_attention(q, k, v, attn_mask, grouped)
         dropout = self.dropout if self.training else 0.0
         # Local heads are split activations: their dropout masks must differ across tp ranks (and cp ranks).
-        if isinstance(attn_mask, ContextParallelMask):  # keys and values of the whole sequence, from the cp group
-            with self.rng.tp_distinct() if dropout > 0 else contextlib.nullcontext():
-                return gathered_attention(q, k, v, attn_mask, dropout)
         with self.rng.tp_distinct() if dropout > 0 else contextlib.nullcontext():
+            if isinstance(attn_mask, ContextParallelMask):  # keys and values of the whole sequence, from the cp group
+                return gathered_attention(q, k, v, attn_mask, dropout)
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=attn_mask is None, enable_gqa=grouped
             )
