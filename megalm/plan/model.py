@@ -54,7 +54,12 @@ from megalm.model.attention import masked_attention, uses_dense_prefix_mask
 from megalm.parallel.context import dense_causal_mask
 from megalm.parallel.schedules import analytic_bubble
 from megalm.plan.cluster import Cluster, Numerics, PlanError
+from megalm.plan.efficiency import (
+    FP8_BACKWARD_KERNELS, FP8_FORWARD_KERNELS, exposed_launch, fp8_layer_seconds, gemm_seconds, layer_gemm_times,
+    layer_gemms, overlapped,
+)
 from megalm.plan.flops import layer_matmul_flops, training_flops_per_token
+from megalm.plan.kernels import kernel_counts
 from megalm.plan.layout import (
     Layout, bucket_sizes, padded, projection_widths, rank_param_count, recomputed_layers, stage_chunks,
     zero1_shard_params,
@@ -407,16 +412,18 @@ class StepTime:
     mfu: float = 0.0
     parts: dict = field(default_factory=dict)
     context_comm: float = 0.0  # cp > 1: the key/value all-gathers and their reduce-scatters, not overlapped
+    launch: float = 0.0  # host time launching kernels beyond the GPU's time (small models; megalm.plan.efficiency)
 
     @property
     def total(self) -> float:
         return (self.compute + self.bubble + self.pipeline_comm + self.tensor_comm + self.context_comm
-                + self.data_comm + self.optimizer)
+                + self.data_comm + self.optimizer + self.launch)
 
     def shares(self) -> dict[str, float]:
-        """Each part's share of the step (context_comm only where cp > 1 gives it time)."""
+        """Each part's share of the step (context_comm only where cp > 1 gives it time, launch where exposed)."""
         context = ("context_comm",) if self.context_comm else ()
-        names = ("compute", "bubble", "pipeline_comm", "tensor_comm", *context, "data_comm", "optimizer")
+        launch = ("launch",) if self.launch else ()
+        names = ("compute", *launch, "bubble", "pipeline_comm", "tensor_comm", *context, "data_comm", "optimizer")
         return {name: getattr(self, name) / self.total for name in names}
 
 
@@ -448,14 +455,15 @@ def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, num
     """(seconds of one layer's forward for one micro-batch on one GPU, of which the attention core's part).
 
     At cp > 1 a rank computes its seq_length / cp tokens, whose queries attend to every key: 1/cp of the
-    attention (the load-balanced split gives every rank the same share)."""
+    attention (the load-balanced split gives every rank the same share). Weight GEMMs by shape
+    (`layer_gemm_times`), FP8's forward quantisation passes included."""
     s, b, h, f, t = layout.local_tokens(model.seq_length), layout.micro_batch_size, model.hidden_size, model.ffn_size(), layout.tp
     a = model.num_heads
     sp = t if layout.sequence_parallel else 1
     matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
     memory_rate = cluster.hbm_bandwidth_gbs * 1e9 * cluster.memory_efficiency
-    gemm_per_token, core_per_token = layer_matmul_flops(model, t)  # per rank: SwiGLU's 3 matrices, GQA's kv
-    gemm = s * b * (gemm_per_token + core_per_token)
+    _, core_per_token = layer_matmul_flops(model, t)  # per rank: SwiGLU's 3 matrices, GQA's kv
+    gemm = sum(layer_gemm_times(model, layout, cluster)) + fp8_layer_seconds(model, layout, cluster, act_bytes)[0]
     query, kv = projection_widths(model, t)
     dropout = model.hidden_dropout > 0
     # element-wise traffic on [s, b, h]: 2 norms (read + write), 2 bias-dropout-residual adds (read 2,
@@ -471,7 +479,7 @@ def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, num
         scores = per_element * a * s * model.seq_length * b / t / memory_rate
     # what selective recompute reruns: the attention core, its two matmuls (QK^T, PV) and the scores' traffic
     core = s * b * core_per_token / matmul_rate + scores
-    return gemm / matmul_rate + elementwise / memory_rate + scores, core
+    return gemm + s * b * core_per_token / matmul_rate + elementwise / memory_rate + scores, core
 
 
 def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, precision: str) -> StepTime:
@@ -483,12 +491,31 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     sp = t if layout.sequence_parallel else 1
     matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
     forward, core = layer_forward_time(model, layout, cluster, numerics, act_bytes)
+    fp8_forward, fp8_backward = fp8_layer_seconds(model, layout, cluster, act_bytes)
+    layer_time = 3 * forward - 2 * fp8_forward + fp8_backward  # backward: 2x the forward's GEMMs and traffic
     recompute = {"none": 0.0, "selective": core, "full": forward}[layout.recompute]
     # tensor-parallel collectives: tp ranks are consecutive, so the group spans tp ranks
     bandwidth, latency = cluster.link(t)
     collective = _all_reduce_time(act_bytes * s * b * h, t, bandwidth, latency)
-    recompute_comm = 2 * collective if layout.recompute == "full" else 0.0
-    logits = 3 * 2 * s * b * h * model.padded_vocab_size(t) / t / matmul_rate
+    layer_comm, forward_comm = 4 * collective, 2 * collective  # per layer: fwd + bwd; a recomputed forward
+    overlap = layout.tp_comm_overlap and layout.sequence_parallel and t > 1
+    if overlap:
+        # each all-gather (before the attention-input and MLP-input GEMMs) and reduce-scatter (after the output
+        # projection and the MLP's output GEMM), half an all-reduce's time, split into tp chunks overlapped with
+        # its GEMM's neighbouring chunk; backward's reverse collectives likewise beside the input-gradient GEMMs
+        gemms = layer_gemm_times(model, layout, cluster)
+        attention_in = 2 if model.grouped_attention() else 1
+        mlp_in = 2 if model.mlp == "swiglu" else 1
+        beside = [sum(gemms[:attention_in]), gemms[attention_in], sum(gemms[attention_in + 1:-1]), gemms[-1]]
+        forward_comm = sum(overlapped(collective / 2, gemm, t) for gemm in beside)
+        layer_comm = 2 * forward_comm
+        assert len(gemms) == attention_in + 1 + mlp_in + 1
+    recompute_comm = forward_comm if layout.recompute == "full" else 0.0
+    vocab = model.padded_vocab_size(t) // t
+    counts = kernel_counts(model, precision)
+    # the logits GEMMs and the loss's element-wise kernels over the [s b, V/t] logits (measured bytes per element)
+    logits = (3 * gemm_seconds(cluster, s * b, h, vocab)
+              + counts.loss_bytes_per_logit * s * b * vocab / (cluster.hbm_bandwidth_gbs * 1e9 * cluster.memory_efficiency))
     logits_comm = collective if t > 1 and layout.sequence_parallel else 0.0
     regather, logits_regather = 0.0, 0.0
     if t > 1 and layout.sequence_parallel:
@@ -502,23 +529,35 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
         regather = exposed(query + kv) + exposed(column_mlp)
         logits_regather = exposed(model.padded_vocab_size(t) / t)
     exchange = context_exchange_time(model, layout, cluster, precision)
+    # kernels the host launches per layer and micro-batch (megalm.plan.kernels, counted from the layer code), the
+    # FP8 passes' and the tp collectives' (overlap: each of the 8 split into tp chunks beside tp GEMM pieces)
+    linears = len(layer_gemms(model, t, 1))
+    fp8_kernels = (FP8_FORWARD_KERNELS, FP8_BACKWARD_KERNELS) if layout.fp8 != "none" else (0, 0)
+    comm_kernels = (8 * (2 * t - 1) if overlap else 8) if t > 1 else 0
+    layer_kernels = counts.layer_forward + counts.layer_backward + linears * sum(fp8_kernels) + comm_kernels
+    rerun_kernels = {"none": 0, "selective": 1, "full": counts.layer_forward + linears * fp8_kernels[0]}[layout.recompute]
     # the slowest pipeline rank sets the pace
-    compute_per_mb, comm_per_mb, context_per_mb = 0.0, 0.0, 0.0
+    compute_per_mb, comm_per_mb, context_per_mb, launch_per_mb = 0.0, 0.0, 0.0, 0.0
     for pp_rank in range(pp):
         chunks = stage_chunks(model, layout, pp_rank)
         layers = sum(len(c[0]) for c in chunks)
         rerun = sum(recomputed_layers(layout, len(c[0])) for c in chunks) if layout.recompute == "full" else layers
         last = any(c[2] for c in chunks)
-        c = layers * 3 * forward + rerun * recompute + (logits if last else 0.0)
+        c = layers * layer_time + rerun * recompute + (logits if last else 0.0)
         last_comm = logits_comm + logits_regather if last else 0.0
-        k = layers * (4 * collective + regather) + rerun * recompute_comm + last_comm
+        k = layers * (layer_comm + regather) + rerun * recompute_comm + last_comm
         # cp: the all-gather of keys and values in forward, its reduce-scatter in backward, and the gather
         # again in each recomputed forward (full, or selective: the core it reruns starts with the gather)
         x = (2 * layers + (rerun if layout.recompute != "none" else 0)) * exchange
-        if c + k + x > compute_per_mb + comm_per_mb + context_per_mb:
-            compute_per_mb, comm_per_mb, context_per_mb = c, k, x
+        # the host launches ahead of the GPU: only launch time beyond the micro-batch's GPU time shows
+        kernels = layers * layer_kernels + rerun * rerun_kernels + (counts.head_forward + counts.head_backward
+                                                                    if last else 0)
+        host = exposed_launch(kernels, c + k + x, cluster)
+        if c + k + x + host > compute_per_mb + comm_per_mb + context_per_mb + launch_per_mb:
+            compute_per_mb, comm_per_mb, context_per_mb, launch_per_mb = c, k, x, host
     compute, tensor_comm, context_comm = m * compute_per_mb, m * comm_per_mb, m * context_per_mb
-    busy = compute + tensor_comm + context_comm
+    launch = m * launch_per_mb
+    busy = compute + tensor_comm + context_comm + launch
     bubble = busy * (pp - 1) / (m * v)  # = busy x bubble / (1 - bubble)
     assert abs(bubble - busy * analytic_bubble(pp, m, v) / (1 - analytic_bubble(pp, m, v))) < 1e-6 * (1 + bubble)
     pipeline_comm = 0.0
@@ -573,7 +612,8 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     kept = params_max / reducers if layout.zero_stage == 1 else params_max
     per_param = 2 * (numerics.param_bytes + numerics.master_bytes + numerics.moment_bytes) + numerics.grad_bytes
     optimizer = kept * per_param / memory_rate
-    result = StepTime(compute, bubble, pipeline_comm, tensor_comm, data_comm, optimizer, context_comm=context_comm)
+    result = StepTime(compute, bubble, pipeline_comm, tensor_comm, data_comm, optimizer, context_comm=context_comm,
+                      launch=launch)
     tokens = layout.global_batch_size * model.seq_length
     result.tokens_per_s = tokens / result.total
     gpus = layout.gpus
@@ -587,7 +627,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     result.hardware_tflops = (model_flops + extra) * result.tokens_per_s / gpus / 1e12
     result.mfu = result.model_tflops / cluster.peak_tflops
     result.parts = {"per_layer_forward_s": forward, "attention_core_s": core, "tp_collective_s": collective,
-                    "microbatches": m}
+                    "microbatches": m, "layer_kernels": layer_kernels}
     if cp > 1:
         result.parts["cp_exchange_s"] = exchange
     return result
