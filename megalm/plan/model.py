@@ -55,8 +55,7 @@ from megalm.parallel.context import dense_causal_mask
 from megalm.parallel.schedules import analytic_bubble
 from megalm.plan.cluster import Cluster, Numerics, PlanError
 from megalm.plan.efficiency import (
-    FP8_BACKWARD_KERNELS, FP8_FORWARD_KERNELS, exposed_launch, fp8_layer_seconds, gemm_seconds, layer_gemm_times,
-    layer_gemms, overlapped,
+    exposed_launch, fp8_layer_seconds, gemm_seconds, layer_gemm_times, layer_launches, tp_layer_comm,
 )
 from megalm.plan.flops import layer_matmul_flops, training_flops_per_token
 from megalm.plan.kernels import kernel_counts
@@ -497,19 +496,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     # tensor-parallel collectives: tp ranks are consecutive, so the group spans tp ranks
     bandwidth, latency = cluster.link(t)
     collective = _all_reduce_time(act_bytes * s * b * h, t, bandwidth, latency)
-    layer_comm, forward_comm = 4 * collective, 2 * collective  # per layer: fwd + bwd; a recomputed forward
-    overlap = layout.tp_comm_overlap and layout.sequence_parallel and t > 1
-    if overlap:
-        # each all-gather (before the attention-input and MLP-input GEMMs) and reduce-scatter (after the output
-        # projection and the MLP's output GEMM), half an all-reduce's time, split into tp chunks overlapped with
-        # its GEMM's neighbouring chunk; backward's reverse collectives likewise beside the input-gradient GEMMs
-        gemms = layer_gemm_times(model, layout, cluster)
-        attention_in = 2 if model.grouped_attention() else 1
-        mlp_in = 2 if model.mlp == "swiglu" else 1
-        beside = [sum(gemms[:attention_in]), gemms[attention_in], sum(gemms[attention_in + 1:-1]), gemms[-1]]
-        forward_comm = sum(overlapped(collective / 2, gemm, t) for gemm in beside)
-        layer_comm = 2 * forward_comm
-        assert len(gemms) == attention_in + 1 + mlp_in + 1
+    layer_comm, forward_comm = tp_layer_comm(model, layout, cluster, collective)  # per layer; a recomputed forward
     recompute_comm = forward_comm if layout.recompute == "full" else 0.0
     vocab = model.padded_vocab_size(t) // t
     counts = kernel_counts(model, precision)
@@ -529,13 +516,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
         regather = exposed(query + kv) + exposed(column_mlp)
         logits_regather = exposed(model.padded_vocab_size(t) / t)
     exchange = context_exchange_time(model, layout, cluster, precision)
-    # kernels the host launches per layer and micro-batch (megalm.plan.kernels, counted from the layer code), the
-    # FP8 passes' and the tp collectives' (overlap: each of the 8 split into tp chunks beside tp GEMM pieces)
-    linears = len(layer_gemms(model, t, 1))
-    fp8_kernels = (FP8_FORWARD_KERNELS, FP8_BACKWARD_KERNELS) if layout.fp8 != "none" else (0, 0)
-    comm_kernels = (8 * (2 * t - 1) if overlap else 8) if t > 1 else 0
-    layer_kernels = counts.layer_forward + counts.layer_backward + linears * sum(fp8_kernels) + comm_kernels
-    rerun_kernels = {"none": 0, "selective": 1, "full": counts.layer_forward + linears * fp8_kernels[0]}[layout.recompute]
+    layer_kernels, rerun_kernels = layer_launches(model, layout, counts)  # per layer; per recomputed layer
     # the slowest pipeline rank sets the pace
     compute_per_mb, comm_per_mb, context_per_mb, launch_per_mb = 0.0, 0.0, 0.0, 0.0
     for pp_rank in range(pp):
