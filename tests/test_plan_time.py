@@ -155,3 +155,22 @@ def test_overlap_never_slows_a_gpu_bound_plan_and_helps_where_tp_comm_is_large()
     over = step_time(yuan.model, dataclasses.replace(layout, tp_comm_overlap=True), A100, MEGALM, "bf16")
     assert plain.tensor_comm / plain.total > 0.05
     assert over.tensor_comm < 0.5 * plain.tensor_comm and over.total < 0.97 * plain.total
+
+
+def test_a_layers_launches_add_the_collectives_fp8_passes_and_overlap_chunks():
+    from megalm.plan.efficiency import FP8_BACKWARD_KERNELS, FP8_FORWARD_KERNELS, layer_launches
+    from megalm.plan.kernels import kernel_counts
+
+    config = load_config("configs/llama-3-8b.yaml")
+    counts = kernel_counts(config.model, "bf16")
+    base = Layout(1, 1, 1, 1, 1)
+    own = counts.layer_forward + counts.layer_backward
+    assert layer_launches(config.model, base, counts) == (own, 0)
+    assert layer_launches(config.model, dataclasses.replace(base, tp=4), counts)[0] == own + 4
+    sp = dataclasses.replace(base, tp=4, sequence_parallel=True)
+    assert layer_launches(config.model, sp, counts)[0] == own + 10
+    assert layer_launches(config.model, dataclasses.replace(sp, tp_comm_overlap=True), counts)[0] == own + 8 * 7 + 2
+    fp8 = dataclasses.replace(base, fp8="tensorwise", recompute="full")
+    assert layer_launches(config.model, fp8, counts) == (own + 6 * (FP8_FORWARD_KERNELS + FP8_BACKWARD_KERNELS),
+                                                         counts.layer_forward + 6 * FP8_FORWARD_KERNELS)
+    assert layer_launches(config.model, dataclasses.replace(base, recompute="selective"), counts)[1] == 1

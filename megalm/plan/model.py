@@ -12,11 +12,16 @@ et al. (2022) breakdown) times the micro-batches in flight on that stage for the
 the embedding / logits working set on the first / last stage, and communication buffers.
 
 Time (seconds per optimizer step) on the slowest stage, which sets the pipeline's pace:
-- compute: GEMMs (megalm.plan.flops: the spec's matrices) at `matmul_efficiency` x peak plus memory-bound element-wise kernels (LayerNorm,
-  bias/GeLU/dropout/residual, and the [s, s] attention scores unless attention is fused) at
-  `memory_efficiency` x HBM bandwidth; backward = 2x forward; recompute adds forward work;
+- compute: GEMMs (megalm.plan.flops: the spec's matrices) at `matmul_efficiency` x peak, less for narrow ones
+  (megalm.plan.efficiency; FP8 linears at the FP8 peak plus their quantisation passes), plus memory-bound
+  element-wise kernels (LayerNorm, bias/GeLU/dropout/residual, the loss's passes over the logits, and the
+  [s, s] attention scores unless attention is fused) at `memory_efficiency` x HBM bandwidth; backward = 2x
+  forward; recompute adds forward work;
+- launch: the host's kernel launches (megalm.plan.kernels: counted from megalm's layer code) beyond the GPU's
+  time over a micro-batch;
 - tensor-parallel collectives: 2 all-reduces (or all-gather + reduce-scatter under sequence
-  parallel, the same bytes) per layer in each forward, backward and recomputed forward; under
+  parallel, the same bytes; with tp_comm_overlap split into chunks beside their GEMMs) per layer in each
+  forward, backward and recomputed forward; under
   sequence parallel backward also all-gathers the QKV, fc1 and logits input shards again for the
   weight gradients, launched before the input-gradient GEMM it overlaps: only what outlasts that
   GEMM counts;
