@@ -417,12 +417,13 @@ def planned_peak_bytes(config: Config, topology: Topology) -> int:
 
 
 def plan_cluster(device: str) -> Optional[str]:
-    """The shipped `megalm plan` cluster of a GPU by its name: A100 and H100 (an H200 is planned as an
-    H100, whose dense bf16 peak it shares; its HBM is 1.4x faster); None for a CPU or another GPU."""
+    """The shipped `megalm plan` cluster of a GPU by its name: A100, H100, H200; None for a CPU or another GPU."""
     name = device.upper()
     if "A100" in name:
         return "a100-80gb"
-    if "H100" in name or "H200" in name:
+    if "H200" in name:
+        return "h200-141gb"
+    if "H100" in name:
         return "h100-80gb"
     return None
 

@@ -58,12 +58,13 @@ def test_bench_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 
     assert result["planned"] is None and planned_throughput(config, Topology(1, 1, 1), "cpu (1 thread)") is None
     planned = planned_throughput(config, Topology(1, 1, 1), "NVIDIA H200")
-    plan = make_plan(config.model, layout_from_config(config, gpus=1), load_cluster("h100-80gb"), get_numerics("megalm"),
+    plan = make_plan(config.model, layout_from_config(config, gpus=1), load_cluster("h200-141gb"), get_numerics("megalm"),
                      config.train.precision)
-    assert planned == {"cluster": "h100-80gb", "tokens_per_s": plan.time.tokens_per_s, "mfu": plan.time.mfu}
+    assert planned == {"cluster": "h200-141gb", "tokens_per_s": plan.time.tokens_per_s, "mfu": plan.time.mfu}
     assert planned_throughput(config, Topology(1, 1, 1), "NVIDIA A100-SXM4-80GB")["cluster"] == "a100-80gb"
+    assert planned_throughput(config, Topology(1, 1, 1), "NVIDIA H100 80GB HBM3")["cluster"] == "h100-80gb"
     on_gpu["planned"] = dict(planned, tokens_per_s=megalm["tokens_per_s"] / 0.8)
-    assert f"MFU {100 * plan.time.mfu:.1f}% on h100-80gb (measured/planned 0.80" in format_report(on_gpu)
+    assert f"MFU {100 * plan.time.mfu:.1f}% on h200-141gb (measured/planned 0.80" in format_report(on_gpu)
 
 
 def test_no_baseline_prints_no_ratio(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -34,7 +34,12 @@ class Cluster:
     inter_node_latency_us: float
     bandwidth_efficiency: float  # achievable fraction of link bandwidth for large collectives
     reserved_gib: float  # CUDA context, communication workspaces, fragmentation
+    # optional (0: not modelled, the behaviour of cluster files that predate them; megalm.plan.efficiency):
+    kernel_launch_us: float = 0.0  # host time per kernel launched (Python, autograd, dispatcher, CUDA launch)
+    gemm_half_dim: float = 0.0  # a GEMM whose narrowest dimension is this runs at half of matmul_efficiency
+    fp8_peak_tflops: float = 0.0  # dense FP8 (e4m3) tensor-core peak; 0: no FP8 tensor cores
 
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("kernel_launch_us", "gemm_half_dim", "fp8_peak_tflops")
     FRACTIONS: ClassVar[tuple[str, ...]] = ("matmul_efficiency", "memory_efficiency", "bandwidth_efficiency")
 
     def __post_init__(self) -> None:
@@ -43,7 +48,8 @@ class Cluster:
             if f.type in ("float", "int", float, int):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise PlanError(f"cluster {self.name!r}: {f.name} must be a number, got {value!r}")
-                if value < 0 or (value == 0 and not f.name.endswith("latency_us") and f.name != "reserved_gib"):
+                if value < 0 or (value == 0 and not f.name.endswith("latency_us") and f.name != "reserved_gib"
+                                  and f.name not in self.OPTIONAL):
                     raise PlanError(f"cluster {self.name!r}: {f.name} must be positive, got {value!r}")
         if not isinstance(self.gpus_per_node, int):
             raise PlanError(f"cluster {self.name!r}: gpus_per_node must be an integer, got {self.gpus_per_node!r}")
@@ -67,10 +73,11 @@ def cluster_from_dict(data: object, source: str) -> Cluster:
     if not isinstance(data, dict):
         raise PlanError(f"cluster file {source} must be a mapping of fields, got {type(data).__name__}")
     names = [f.name for f in fields(Cluster)]
-    missing = [n for n in names if n not in data]
+    missing = [n for n in names if n not in data and n not in Cluster.OPTIONAL]
     unknown = [k for k in data if k not in names]
     if missing:
-        raise PlanError(f"cluster file {source} is missing field(s) {', '.join(missing)}; every cluster needs: {', '.join(names)}")
+        raise PlanError(f"cluster file {source} is missing field(s) {', '.join(missing)}; every cluster needs: "
+                        f"{', '.join(n for n in names if n not in Cluster.OPTIONAL)}")
     if unknown:
         raise PlanError(f"cluster file {source} has unknown field(s) {', '.join(map(str, unknown))}; valid fields: {', '.join(names)}")
     return Cluster(**data)

@@ -36,6 +36,8 @@ class Layout:
     bucket_size_mb: float = 25.0
     recompute_layers: Optional[int] = None  # full recompute: the first N layers of each chunk; None: all
     cp: int = 1  # context parallel: each sample's sequence split over cp ranks (megalm.parallel.context)
+    fp8: str = "none"  # train.fp8: the tp column/row linears' GEMMs in float8 (none | tensorwise | rowwise)
+    tp_comm_overlap: bool = False  # parallel.tp_comm_overlap: sp's gathers/reduce-scatters overlapped in chunks
 
     @property
     def gpus(self) -> int:
@@ -60,6 +62,10 @@ class Layout:
             parts.append("sp")
         if self.zero_stage:
             parts.append(f"zero{self.zero_stage}")
+        if self.tp_comm_overlap and self.sequence_parallel and self.tp > 1:
+            parts.append("tp overlap")
+        if self.fp8 != "none":
+            parts.append(f"fp8 {self.fp8}")
         return ", ".join(parts)
 
     def check(self, model: ModelConfig) -> None:
@@ -121,8 +127,15 @@ def layout_from_config(config: Config, gpus: Optional[int] = None, recompute: Op
         parallel.tp, parallel.pp, dp, train.micro_batch_size, train.global_batch_size, parallel.schedule,
         parallel.virtual_stages, recompute, parallel.zero_stage, parallel.sequence_parallel,
         tuple(parallel.pipeline_layers) if parallel.pipeline_layers else None, parallel.bucket_size_mb,
-        recompute_layers, parallel.cp,
+        recompute_layers, parallel.cp, **config_time_options(config),
     )
+
+
+def config_time_options(config: Config) -> dict:
+    """The config's keys that change the step time but not the layout search: train.fp8 and
+    parallel.tp_comm_overlap (read with defaults, so a config from before them plans as before)."""
+    return {"fp8": getattr(config.train, "fp8", "none") or "none",
+            "tp_comm_overlap": bool(getattr(config.parallel, "tp_comm_overlap", False))}
 
 
 def layout_overrides(layout: Layout, config: Config) -> list[str]:

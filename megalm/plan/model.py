@@ -12,11 +12,16 @@ et al. (2022) breakdown) times the micro-batches in flight on that stage for the
 the embedding / logits working set on the first / last stage, and communication buffers.
 
 Time (seconds per optimizer step) on the slowest stage, which sets the pipeline's pace:
-- compute: GEMMs (megalm.plan.flops: the spec's matrices) at `matmul_efficiency` x peak plus memory-bound element-wise kernels (LayerNorm,
-  bias/GeLU/dropout/residual, and the [s, s] attention scores unless attention is fused) at
-  `memory_efficiency` x HBM bandwidth; backward = 2x forward; recompute adds forward work;
+- compute: GEMMs (megalm.plan.flops: the spec's matrices) at `matmul_efficiency` x peak, less for narrow ones
+  (megalm.plan.efficiency; FP8 linears at the FP8 peak plus their quantisation passes), plus memory-bound
+  element-wise kernels (LayerNorm, bias/GeLU/dropout/residual, the loss's passes over the logits, and the
+  [s, s] attention scores unless attention is fused) at `memory_efficiency` x HBM bandwidth; backward = 2x
+  forward; recompute adds forward work;
+- launch: the host's kernel launches (megalm.plan.kernels: counted from megalm's layer code) beyond the GPU's
+  time over a micro-batch;
 - tensor-parallel collectives: 2 all-reduces (or all-gather + reduce-scatter under sequence
-  parallel, the same bytes) per layer in each forward, backward and recomputed forward; under
+  parallel, the same bytes; with tp_comm_overlap split into chunks beside their GEMMs) per layer in each
+  forward, backward and recomputed forward; under
   sequence parallel backward also all-gathers the QKV, fc1 and logits input shards again for the
   weight gradients, launched before the input-gradient GEMM it overlaps: only what outlasts that
   GEMM counts;
@@ -54,7 +59,11 @@ from megalm.model.attention import masked_attention, uses_dense_prefix_mask
 from megalm.parallel.context import dense_causal_mask
 from megalm.parallel.schedules import analytic_bubble
 from megalm.plan.cluster import Cluster, Numerics, PlanError
+from megalm.plan.efficiency import (
+    exposed_launch, fp8_layer_seconds, gemm_seconds, layer_gemm_times, layer_launches, tp_layer_comm,
+)
 from megalm.plan.flops import layer_matmul_flops, training_flops_per_token
+from megalm.plan.kernels import kernel_counts
 from megalm.plan.layout import (
     Layout, bucket_sizes, padded, projection_widths, rank_param_count, recomputed_layers, stage_chunks,
     zero1_shard_params,
@@ -407,16 +416,18 @@ class StepTime:
     mfu: float = 0.0
     parts: dict = field(default_factory=dict)
     context_comm: float = 0.0  # cp > 1: the key/value all-gathers and their reduce-scatters, not overlapped
+    launch: float = 0.0  # host time launching kernels beyond the GPU's time (small models; megalm.plan.efficiency)
 
     @property
     def total(self) -> float:
         return (self.compute + self.bubble + self.pipeline_comm + self.tensor_comm + self.context_comm
-                + self.data_comm + self.optimizer)
+                + self.data_comm + self.optimizer + self.launch)
 
     def shares(self) -> dict[str, float]:
-        """Each part's share of the step (context_comm only where cp > 1 gives it time)."""
+        """Each part's share of the step (context_comm only where cp > 1 gives it time, launch where exposed)."""
         context = ("context_comm",) if self.context_comm else ()
-        names = ("compute", "bubble", "pipeline_comm", "tensor_comm", *context, "data_comm", "optimizer")
+        launch = ("launch",) if self.launch else ()
+        names = ("compute", *launch, "bubble", "pipeline_comm", "tensor_comm", *context, "data_comm", "optimizer")
         return {name: getattr(self, name) / self.total for name in names}
 
 
@@ -448,14 +459,15 @@ def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, num
     """(seconds of one layer's forward for one micro-batch on one GPU, of which the attention core's part).
 
     At cp > 1 a rank computes its seq_length / cp tokens, whose queries attend to every key: 1/cp of the
-    attention (the load-balanced split gives every rank the same share)."""
+    attention (the load-balanced split gives every rank the same share). Weight GEMMs by shape
+    (`layer_gemm_times`), FP8's forward quantisation passes included."""
     s, b, h, f, t = layout.local_tokens(model.seq_length), layout.micro_batch_size, model.hidden_size, model.ffn_size(), layout.tp
     a = model.num_heads
     sp = t if layout.sequence_parallel else 1
     matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
     memory_rate = cluster.hbm_bandwidth_gbs * 1e9 * cluster.memory_efficiency
-    gemm_per_token, core_per_token = layer_matmul_flops(model, t)  # per rank: SwiGLU's 3 matrices, GQA's kv
-    gemm = s * b * (gemm_per_token + core_per_token)
+    _, core_per_token = layer_matmul_flops(model, t)  # per rank: SwiGLU's 3 matrices, GQA's kv
+    gemm = sum(layer_gemm_times(model, layout, cluster)) + fp8_layer_seconds(model, layout, cluster, act_bytes)[0]
     query, kv = projection_widths(model, t)
     dropout = model.hidden_dropout > 0
     # element-wise traffic on [s, b, h]: 2 norms (read + write), 2 bias-dropout-residual adds (read 2,
@@ -471,7 +483,7 @@ def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, num
         scores = per_element * a * s * model.seq_length * b / t / memory_rate
     # what selective recompute reruns: the attention core, its two matmuls (QK^T, PV) and the scores' traffic
     core = s * b * core_per_token / matmul_rate + scores
-    return gemm / matmul_rate + elementwise / memory_rate + scores, core
+    return gemm + s * b * core_per_token / matmul_rate + elementwise / memory_rate + scores, core
 
 
 def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, precision: str) -> StepTime:
@@ -483,12 +495,19 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     sp = t if layout.sequence_parallel else 1
     matmul_rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
     forward, core = layer_forward_time(model, layout, cluster, numerics, act_bytes)
+    fp8_forward, fp8_backward = fp8_layer_seconds(model, layout, cluster, act_bytes)
+    layer_time = 3 * forward - 2 * fp8_forward + fp8_backward  # backward: 2x the forward's GEMMs and traffic
     recompute = {"none": 0.0, "selective": core, "full": forward}[layout.recompute]
     # tensor-parallel collectives: tp ranks are consecutive, so the group spans tp ranks
     bandwidth, latency = cluster.link(t)
     collective = _all_reduce_time(act_bytes * s * b * h, t, bandwidth, latency)
-    recompute_comm = 2 * collective if layout.recompute == "full" else 0.0
-    logits = 3 * 2 * s * b * h * model.padded_vocab_size(t) / t / matmul_rate
+    layer_comm, forward_comm = tp_layer_comm(model, layout, cluster, collective)  # per layer; a recomputed forward
+    recompute_comm = forward_comm if layout.recompute == "full" else 0.0
+    vocab = model.padded_vocab_size(t) // t
+    counts = kernel_counts(model, precision)
+    # the logits GEMMs and the loss's element-wise kernels over the [s b, V/t] logits (measured bytes per element)
+    logits = (3 * gemm_seconds(cluster, s * b, h, vocab)
+              + counts.loss_bytes_per_logit * s * b * vocab / (cluster.hbm_bandwidth_gbs * 1e9 * cluster.memory_efficiency))
     logits_comm = collective if t > 1 and layout.sequence_parallel else 0.0
     regather, logits_regather = 0.0, 0.0
     if t > 1 and layout.sequence_parallel:
@@ -502,23 +521,29 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
         regather = exposed(query + kv) + exposed(column_mlp)
         logits_regather = exposed(model.padded_vocab_size(t) / t)
     exchange = context_exchange_time(model, layout, cluster, precision)
+    layer_kernels, rerun_kernels = layer_launches(model, layout, counts)  # per layer; per recomputed layer
     # the slowest pipeline rank sets the pace
-    compute_per_mb, comm_per_mb, context_per_mb = 0.0, 0.0, 0.0
+    compute_per_mb, comm_per_mb, context_per_mb, launch_per_mb = 0.0, 0.0, 0.0, 0.0
     for pp_rank in range(pp):
         chunks = stage_chunks(model, layout, pp_rank)
         layers = sum(len(c[0]) for c in chunks)
         rerun = sum(recomputed_layers(layout, len(c[0])) for c in chunks) if layout.recompute == "full" else layers
         last = any(c[2] for c in chunks)
-        c = layers * 3 * forward + rerun * recompute + (logits if last else 0.0)
+        c = layers * layer_time + rerun * recompute + (logits if last else 0.0)
         last_comm = logits_comm + logits_regather if last else 0.0
-        k = layers * (4 * collective + regather) + rerun * recompute_comm + last_comm
+        k = layers * (layer_comm + regather) + rerun * recompute_comm + last_comm
         # cp: the all-gather of keys and values in forward, its reduce-scatter in backward, and the gather
         # again in each recomputed forward (full, or selective: the core it reruns starts with the gather)
         x = (2 * layers + (rerun if layout.recompute != "none" else 0)) * exchange
-        if c + k + x > compute_per_mb + comm_per_mb + context_per_mb:
-            compute_per_mb, comm_per_mb, context_per_mb = c, k, x
+        # the host launches ahead of the GPU: only launch time beyond the micro-batch's GPU time shows
+        kernels = layers * layer_kernels + rerun * rerun_kernels + (counts.head_forward + counts.head_backward
+                                                                    if last else 0)
+        host = exposed_launch(kernels, c + k + x, cluster)
+        if c + k + x + host > compute_per_mb + comm_per_mb + context_per_mb + launch_per_mb:
+            compute_per_mb, comm_per_mb, context_per_mb, launch_per_mb = c, k, x, host
     compute, tensor_comm, context_comm = m * compute_per_mb, m * comm_per_mb, m * context_per_mb
-    busy = compute + tensor_comm + context_comm
+    launch = m * launch_per_mb
+    busy = compute + tensor_comm + context_comm + launch
     bubble = busy * (pp - 1) / (m * v)  # = busy x bubble / (1 - bubble)
     assert abs(bubble - busy * analytic_bubble(pp, m, v) / (1 - analytic_bubble(pp, m, v))) < 1e-6 * (1 + bubble)
     pipeline_comm = 0.0
@@ -573,7 +598,8 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     kept = params_max / reducers if layout.zero_stage == 1 else params_max
     per_param = 2 * (numerics.param_bytes + numerics.master_bytes + numerics.moment_bytes) + numerics.grad_bytes
     optimizer = kept * per_param / memory_rate
-    result = StepTime(compute, bubble, pipeline_comm, tensor_comm, data_comm, optimizer, context_comm=context_comm)
+    result = StepTime(compute, bubble, pipeline_comm, tensor_comm, data_comm, optimizer, context_comm=context_comm,
+                      launch=launch)
     tokens = layout.global_batch_size * model.seq_length
     result.tokens_per_s = tokens / result.total
     gpus = layout.gpus
@@ -587,7 +613,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     result.hardware_tflops = (model_flops + extra) * result.tokens_per_s / gpus / 1e12
     result.mfu = result.model_tflops / cluster.peak_tflops
     result.parts = {"per_layer_forward_s": forward, "attention_core_s": core, "tp_collective_s": collective,
-                    "microbatches": m}
+                    "microbatches": m, "layer_kernels": layer_kernels}
     if cp > 1:
         result.parts["cp_exchange_s"] = exchange
     return result

@@ -13,7 +13,7 @@ from megalm.plan.layout import full_param_count, layout_from_config, layout_over
 from megalm.plan.model import KERNELS, GiB, days_to_train
 from megalm.plan.search import Plan, make_plan, propose_shapes, search
 
-PARTS = ("compute", "bubble", "pipeline_comm", "tensor_comm", "context_comm", "data_comm", "optimizer")
+PARTS = ("compute", "launch", "bubble", "pipeline_comm", "tensor_comm", "context_comm", "data_comm", "optimizer")
 
 
 def format_plan(plan: Plan, tokens: Optional[float] = None) -> str:

@@ -9,7 +9,7 @@ from typing import Iterator, Optional, Sequence
 from megalm.config import Config, ConfigError, ModelConfig
 from megalm.plan.cluster import Cluster, Numerics, PlanError
 from megalm.plan.flops import training_flops_per_token
-from megalm.plan.layout import Layout, config_for_layout, full_param_count
+from megalm.plan.layout import Layout, config_for_layout, config_time_options, full_param_count
 from megalm.plan.model import GiB, StageMemory, StepTime, stage_memory, step_time
 
 
@@ -122,7 +122,8 @@ def search(model: ModelConfig, cluster: Cluster, gpus: int, global_batch_size: i
     for layout in candidate_layouts(model, cluster, gpus, global_batch_size, **candidates):
         tried += 1
         if config is not None:
-            layout = dataclasses.replace(layout, bucket_size_mb=config.parallel.bucket_size_mb)
+            layout = dataclasses.replace(layout, bucket_size_mb=config.parallel.bucket_size_mb,
+                                         **config_time_options(config))
             try:
                 config_for_layout(config, layout)
             except ConfigError as error:
