@@ -250,3 +250,37 @@ def test_trainer_losses_with_overlap_equal_the_plain_path(tp: int) -> None:
             assert abs(a - c) <= 1e-6 * abs(c), (rank, step, a, c)
         assert max(abs(a - c) / abs(c) for a, c in zip(overlapped, reference)) <= 1e-4
         assert overlapped[-1] < overlapped[0] - 0.5  # it trains
+
+
+# ---- under train.compile --------------------------------------------------------------------------------
+def _compiled_worker(rank: int, world_size: int) -> dict:
+    from megalm.model import compile as compile_module
+    from tests.model.test_compile import _graph_counts, make_config, train
+
+    compile_module.DEFAULT_BACKEND = "aot_eager"  # Dynamo's graphs with eager's kernels: comparable bit for bit
+    groups = build_parallel_groups(Topology(tp=2), rank, torch.device("cpu"))
+    out = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        config = make_config("lm", compile=compiled, tp=2)
+        config.parallel.tp_comm_overlap = True
+        counter = CommCounter(groups)
+        with counter.counting():
+            result = train(config, groups)
+        del result["trainer"]
+        out[compiled] = {**result, "graph_counts": _graph_counts(), "comm": counter.snapshot()["tp"]}
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_layers_keep_the_chunked_collectives_eager() -> None:
+    """train.compile (aot_eager) with tp_comm_overlap at tp 2: the chunked functions run eagerly between the
+    graphs (a layer is still 5 graphs around its 4 linears' collectives), issue the same pieces, and the
+    losses and gradients are eager's bit for bit."""
+    from tests.model.test_compile import assert_bitwise
+
+    for rank, out in enumerate(run_distributed(_compiled_worker, 2, timeout=600, collective_timeout=600)):
+        assert_bitwise(out[True], out[False], rank)
+        assert out[True]["graph_counts"] == {"graphs": 5, "frames": 5, "breaks": 4}, out[True]["graph_counts"]
+        assert out[True]["comm"] == out[False]["comm"]
