@@ -167,10 +167,32 @@ class ParallelConfig(_Section):
     # core (scores, softmax, dropout) in backward; "full" keeps only each layer's input and reruns the layer.
     recompute: str = "none"
     recompute_layers: Optional[int] = None  # full only: recompute the first N layers of each model chunk; null: all
+    # With sequence_parallel: each column-parallel linear's all-gather and row-parallel linear's reduce-scatter runs
+    # in pieces, each overlapped with the GEMM of a neighbouring piece (docs/parallelism.md "TP communication overlap")
+    tp_comm_overlap: bool = False
+    tp_comm_overlap_chunks: Optional[int] = None  # pieces per collective with tp_comm_overlap (>= 2); null: 4
+
+    DEFAULT_TP_COMM_OVERLAP_CHUNKS: ClassVar[int] = 4
+
+    def overlap_chunks(self) -> int:
+        """Pieces each sequence-parallel all-gather / reduce-scatter is cut into: 1 (whole) without tp_comm_overlap."""
+        if not self.tp_comm_overlap:
+            return 1
+        return self.tp_comm_overlap_chunks or self.DEFAULT_TP_COMM_OVERLAP_CHUNKS
 
     def _check_values(self) -> None:
         self._positive("tp", "pp", "dp", "cp", "virtual_stages", "bucket_size_mb", "recompute_layers")
         self._require(self.zero_stage in (0, 1, 2), "zero_stage", "0, 1 or 2")
+        if self.tp_comm_overlap_chunks is not None and not self.tp_comm_overlap:
+            raise ConfigError(
+                f"parallel.tp_comm_overlap_chunks={self.tp_comm_overlap_chunks} applies to tp_comm_overlap only, but "
+                f"parallel.tp_comm_overlap is false: set parallel.tp_comm_overlap=true or remove tp_comm_overlap_chunks"
+            )
+        if self.tp_comm_overlap_chunks is not None and self.tp_comm_overlap_chunks < 2:
+            raise ConfigError(
+                f"parallel.tp_comm_overlap_chunks must be >= 2 (one piece overlaps nothing), got "
+                f"{self.tp_comm_overlap_chunks}: use 2 or more, or set parallel.tp_comm_overlap=false"
+            )
         if self.recompute_layers is not None and self.recompute != "full":
             raise ConfigError(
                 f"parallel.recompute_layers={self.recompute_layers} applies to full recompute only, but "

@@ -98,6 +98,29 @@ def _check_model(config: Config) -> None:
             f"model.seq_length={model.seq_length} is not divisible by {tp}: use a multiple of {tp} "
             f"or turn sequence_parallel off"
         )
+    _check_tp_comm_overlap(config)
+
+
+def _check_tp_comm_overlap(config: Config) -> None:
+    """parallel.tp_comm_overlap: sequence parallel over tp > 1, and shards that cut into whole pieces."""
+    parallel, seq_length = config.parallel, config.model.seq_length
+    if not parallel.tp_comm_overlap:
+        return
+    if parallel.tp == 1 or not parallel.sequence_parallel:
+        raise ConfigError(
+            f"parallel.tp_comm_overlap=true overlaps the sequence-parallel all-gathers and reduce-scatters with the "
+            f"GEMMs, but parallel.tp={parallel.tp} and parallel.sequence_parallel={str(parallel.sequence_parallel).lower()}"
+            f": set parallel.tp > 1 and parallel.sequence_parallel=true, or parallel.tp_comm_overlap=false"
+        )
+    tp, cp, chunks = parallel.tp, parallel.cp, parallel.overlap_chunks()
+    unit = tp * cp * chunks
+    if seq_length % unit != 0:
+        raise ConfigError(
+            f"parallel.tp_comm_overlap cuts each rank's sequence shard (model.seq_length / (tp x cp)) into "
+            f"parallel.tp_comm_overlap_chunks={chunks} pieces, but model.seq_length={seq_length} is not divisible by "
+            f"tp x cp x chunks = {tp} x {cp} x {chunks} = {unit}: use a seq_length such as "
+            f"{_nearby_multiples(seq_length, unit)}, or another tp_comm_overlap_chunks"
+        )
 
 
 def _check_context_parallel(config: Config) -> None:

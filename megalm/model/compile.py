@@ -40,13 +40,14 @@ import torch
 
 from megalm.model import layers
 from megalm.model.gpt import GPTModel
-from megalm.parallel import tensor
+from megalm.parallel import tensor, tp_overlap
 
 # Functions a compiled layer calls but must not trace (see the module docstring). They are wrapped
 # in torch.compiler.disable only once something compiles: importing torch._dynamo costs every
 # process about a second, and eagerly the wrapped and the plain function are the same.
 EAGER_ONLY = ((layers, "_distinct_dropout"), (layers, "_eager"), (tensor, "_run_conjugate"),
-              (tensor, "_run_sequence_parallel_linear"))
+              (tensor, "_run_sequence_parallel_linear"), (tp_overlap, "gather_linears"),
+              (tp_overlap, "linear_reduce_scatter"))
 
 BACKENDS = ("inductor", "aot_eager", "eager")  # aot_eager / eager: tests and debugging (no code generation)
 DEFAULT_BACKEND = "inductor"  # what train.compile uses

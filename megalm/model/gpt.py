@@ -99,16 +99,17 @@ class OutputLayer(nn.Module):
     """The untied output layer (model.tie_embeddings false): [padded vocab / tp, h] on the last stage,
     split over tp by vocabulary rows like the embedding (the logits stay vocab-parallel)."""
 
-    def __init__(self, cfg: ModelConfig, groups: ParallelGroups) -> None:
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, overlap_chunks: int = 1) -> None:
         super().__init__()
         self.tp_group = groups.tp_group
+        self.overlap_chunks = overlap_chunks
         local_vocab = cfg.padded_vocab_size(groups.tp_size) // groups.tp_size
         self.weight = mark_parameter(nn.Parameter(torch.empty(local_vocab, cfg.hidden_size)), 0)
 
     def forward(self, hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
         """Vocab-split logits [s, b, v/tp] of hidden [s(/tp), b, h]. Called as a module, so that what runs
         before a block's forward (ZeRO-1's wait for the weight's all-gather) runs before it."""
-        return parallel_logits(hidden, self.weight, self.tp_group, sequence_parallel)
+        return parallel_logits(hidden, self.weight, self.tp_group, sequence_parallel, self.overlap_chunks)
 
 
 class GPTModel(nn.Module):
@@ -123,6 +124,7 @@ class GPTModel(nn.Module):
         spec: Optional[StageSpec] = None,
         recompute: str = "none",
         recompute_layers: Optional[int] = None,
+        overlap_chunks: int = 1,
     ) -> None:
         super().__init__()
         if recompute not in ("none", "selective", "full"):
@@ -132,6 +134,8 @@ class GPTModel(nn.Module):
         self.groups = groups
         self.rng = rng
         self.sequence_parallel = sequence_parallel and groups.tp_size > 1
+        # parallel.tp_comm_overlap: pieces of each sequence-parallel all-gather / reduce-scatter (1: not split)
+        self.overlap_chunks = overlap_chunks if self.sequence_parallel else 1
         self.is_first = spec.first
         self.is_last = spec.last
         self.layer_ids = spec.layers
@@ -145,14 +149,15 @@ class GPTModel(nn.Module):
         self.embedding = Embedding(cfg, groups, rng, self.sequence_parallel) if self.is_first else None
         # Keys are global layer indices, so parameter names do not depend on the pipeline split.
         self.layers = nn.ModuleDict({
-            str(i): TransformerLayer(cfg, groups, rng, self.sequence_parallel, recompute_core=recompute == "selective")
+            str(i): TransformerLayer(cfg, groups, rng, self.sequence_parallel, recompute_core=recompute == "selective",
+                                     overlap_chunks=self.overlap_chunks)
             for i in self.layer_ids
         })
         self.final_norm = make_norm(cfg, self.sequence_parallel, groups.device.type) if self.is_last else None
         self.output_weight: Optional[nn.Parameter] = None
         self.output: Optional[OutputLayer] = None
         if self.is_last and not cfg.tie_embeddings:  # an output layer of its own, vocab-parallel like the embedding
-            self.output = OutputLayer(cfg, groups)
+            self.output = OutputLayer(cfg, groups, self.overlap_chunks)
         elif self.is_last and not self.is_first:
             # The last stage's copy of the tied embedding: same name-derived init, kept in sync by
             # all-reducing its gradient with the first stage's over the embedding group.
@@ -178,7 +183,7 @@ class GPTModel(nn.Module):
         if self.output is not None:
             return self.output(hidden, sequence_parallel)
         weight = self.embedding.word.weight if self.output_weight is None else self.output_weight
-        return parallel_logits(hidden, weight, self.groups.tp_group, sequence_parallel)
+        return parallel_logits(hidden, weight, self.groups.tp_group, sequence_parallel, self.overlap_chunks)
 
     def forward(
         self,
@@ -289,13 +294,15 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     recompute: str = "none",
     recompute_layers: Optional[int] = None,
+    overlap_chunks: int = 1,
 ) -> GPTModel:
     """Build this rank's shard on the meta device, then (optionally) allocate and initialise it.
 
-    Parameters are initialised in fp32, then cast to `dtype` (the rounded fp32 model)."""
+    Parameters are initialised in fp32, then cast to `dtype` (the rounded fp32 model). overlap_chunks > 1
+    (with sequence_parallel): parallel.tp_comm_overlap's pieces (megalm.parallel.tp_overlap)."""
     rng = rng or ParallelRNG(seed, groups)
     with torch.device("meta"):
-        model = GPTModel(cfg, groups, rng, sequence_parallel, spec, recompute, recompute_layers)
+        model = GPTModel(cfg, groups, rng, sequence_parallel, spec, recompute, recompute_layers, overlap_chunks)
     if materialize:
         materialize_model(model, groups.device, seed)
     if dtype != torch.float32:
@@ -315,7 +322,7 @@ def build_model_chunks(config: Config, groups: ParallelGroups, materialize: bool
     dtype = param_dtype(config)
     return [
         build_model(config.model, groups, config.train.seed, parallel.sequence_parallel, materialize, spec, rng, dtype,
-                    parallel.recompute, parallel.recompute_layers)
+                    parallel.recompute, parallel.recompute_layers, parallel.overlap_chunks())
         for spec in specs
     ]
 

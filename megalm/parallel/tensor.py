@@ -20,6 +20,10 @@ Every parameter carries `tp_split_dim` (None when replicated over tp) and `seque
 (True when its gradient is a partial sum over sequence shards and must be all-reduced over tp); a
 split parameter held by several consecutive tp ranks alike (key/value heads fewer than tp ranks)
 carries `tp_replicas`, the number of its copies (`tp_shard`).
+
+With parallel.tp_comm_overlap a sequence-parallel layer built with overlap_chunks > 1 runs its all-gather
+(column) or reduce-scatter (row) in that many pieces, each overlapped with the GEMM of a neighbouring
+piece (megalm.parallel.tp_overlap); the results are the plain path's.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalm.distributed import ParallelGroups, ProcessGroup, all_gather_single, reduce_scatter_single, wait_for
+from megalm.parallel import tp_overlap
 
 
 def mark_parameter(param: nn.Parameter, tp_split_dim: Optional[int], sequence_parallel: bool = False) -> nn.Parameter:
@@ -223,10 +228,13 @@ def _run_sequence_parallel_linear(x: torch.Tensor, group: ProcessGroup, *params:
 
 
 def sequence_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                             group: ProcessGroup) -> torch.Tensor:
-    """F.linear(all-gather over s of x, weight, bias), keeping only the [s/tp, b, h] shard x for backward."""
+                             group: ProcessGroup, overlap_chunks: int = 1) -> torch.Tensor:
+    """F.linear(all-gather over s of x, weight, bias), keeping only the [s/tp, b, h] shard x for backward;
+    overlap_chunks > 1: the gather in that many pieces overlapped with the GEMMs (tp_overlap)."""
     if group is None:
         return F.linear(x, weight, bias)
+    if overlap_chunks > 1:
+        return tp_overlap.gather_linears(x, group, overlap_chunks, weight, bias)
     return _run_sequence_parallel_linear(x, group, weight, bias)
 
 
@@ -237,7 +245,10 @@ def column_parallel_linears(x: torch.Tensor, layers: list["ColumnParallelLinear"
     first = layers[0]
     params = [t for layer in layers for t in (layer.compute_weight(), layer.compute_bias())]
     if first.sequence_parallel and first.group is not None:
-        outputs = _run_sequence_parallel_linear(x, first.group, *params)
+        if first.overlap_chunks > 1:
+            outputs = tp_overlap.gather_linears(x, first.group, first.overlap_chunks, *params)
+        else:
+            outputs = _run_sequence_parallel_linear(x, first.group, *params)
         return list(outputs) if len(layers) > 1 else [outputs]
     shared = copy_to_tp(x, first.group)
     return [F.linear(shared, weight, bias) for weight, bias in zip(params[0::2], params[1::2])]
@@ -254,7 +265,9 @@ class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split by rows (output features) over tp: each rank computes a slice of y.
 
     skip_bias_add: return (x A^T, b) and leave the bias to the caller, which fuses it into the next
-    element-wise work (bias + GeLU, megalm.model.layers); the parameters are the same either way."""
+    element-wise work (bias + GeLU, megalm.model.layers); the parameters are the same either way.
+    overlap_chunks > 1 (sequence parallel, parallel.tp_comm_overlap): the input's all-gather in that many
+    pieces, overlapped with the GEMMs (megalm.parallel.tp_overlap)."""
 
     def __init__(
         self,
@@ -267,10 +280,12 @@ class ColumnParallelLinear(nn.Module):
         device: torch.device | str | None = None,
         skip_bias_add: bool = False,
         replicas: int = 1,
+        overlap_chunks: int = 1,
     ) -> None:
         super().__init__()
         self.group = groups.tp_group
         self.sequence_parallel = sequence_parallel
+        self.overlap_chunks = overlap_chunks
         self.gather_output = gather_output
         self.skip_bias_add = skip_bias_add
         if skip_bias_add and gather_output:
@@ -299,7 +314,7 @@ class ColumnParallelLinear(nn.Module):
         weight = self.compute_weight()
         bias = None if self.skip_bias_add else self.compute_bias()
         if self.sequence_parallel:
-            y = sequence_parallel_linear(x, weight, bias, self.group)  # [s, b, out/tp]
+            y = sequence_parallel_linear(x, weight, bias, self.group, self.overlap_chunks)  # [s, b, out/tp]
         else:
             y = F.linear(copy_to_tp(x, self.group), weight, bias)  # [s, b, out/tp]
         if self.skip_bias_add:
@@ -312,7 +327,9 @@ class RowParallelLinear(nn.Module):
 
     skip_bias_add: return (reduced x A^T, b), the bias for the caller's bias + dropout + residual. At
     tp 1 there is nothing to reduce, so the bias stays inside the GEMM (addmm) and (x A^T + b, None)
-    is returned: one pass fewer over the output, eagerly and compiled."""
+    is returned: one pass fewer over the output, eagerly and compiled. overlap_chunks > 1 (sequence
+    parallel, parallel.tp_comm_overlap): the reduce-scatter in that many pieces, overlapped with the GEMM
+    (megalm.parallel.tp_overlap)."""
 
     def __init__(
         self,
@@ -323,10 +340,12 @@ class RowParallelLinear(nn.Module):
         sequence_parallel: bool = False,
         device: torch.device | str | None = None,
         skip_bias_add: bool = False,
+        overlap_chunks: int = 1,
     ) -> None:
         super().__init__()
         self.group = groups.tp_group
         self.sequence_parallel = sequence_parallel
+        self.overlap_chunks = overlap_chunks
         self.skip_bias_add = skip_bias_add
         local_in = _divide(in_features, groups.tp_size, "input features")
         self.weight = mark_parameter(nn.Parameter(torch.empty(out_features, local_in, device=device)), 1)
@@ -341,8 +360,11 @@ class RowParallelLinear(nn.Module):
         if self.group is None:  # one rank holds all input features: no partial sums to reduce first
             y = F.linear(x, self.weight, self.bias)
             return (y, None) if self.skip_bias_add else y
-        y = F.linear(x, self.weight)
-        y = reduce_scatter_to_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
+        if self.sequence_parallel and self.overlap_chunks > 1:
+            y = tp_overlap.linear_reduce_scatter(x, self.weight, self.group, self.overlap_chunks)
+        else:
+            y = F.linear(x, self.weight)
+            y = reduce_scatter_to_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         if self.skip_bias_add:
             return y, self.bias
         return y if self.bias is None else y + self.bias
@@ -380,14 +402,15 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def parallel_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, group: ProcessGroup, sequence_parallel: bool
+    hidden: torch.Tensor, weight: torch.Tensor, group: ProcessGroup, sequence_parallel: bool,
+    overlap_chunks: int = 1,
 ) -> torch.Tensor:
     """Output-layer logits against a vocab-split weight: [s, b, h] -> [s, b, v/tp], never gathered.
 
     Under sequence parallel the [s/tp, b, h] hidden states are all-gathered for the GEMM and only the
-    shard is kept for backward (sequence_parallel_linear)."""
+    shard is kept for backward (sequence_parallel_linear; in overlap_chunks pieces with tp_comm_overlap)."""
     if sequence_parallel:
-        return sequence_parallel_linear(hidden, weight, None, group)
+        return sequence_parallel_linear(hidden, weight, None, group, overlap_chunks)
     return F.linear(copy_to_tp(hidden, group), weight)
 
 
