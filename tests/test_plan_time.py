@@ -12,7 +12,8 @@ from megalm.plan.cluster import PlanError, cluster_from_dict
 from megalm.plan.efficiency import gemm_efficiency, layer_gemms, overlapped
 from megalm.plan.flops import layer_matmul_flops
 from megalm.plan.kernels import RECORDED, count_kernels, recorded_specs, spec_key
-from megalm.plan.layout import Layout, config_time_options, layout_from_config
+from megalm.plan.layout import Layout, config_for_layout, config_time_options, layout_from_config, layout_overrides
+from megalm.plan.search import search
 from megalm.plan.model import step_time, stage_memory
 
 MEGALM = get_numerics("megalm")
@@ -111,15 +112,32 @@ def test_fp8_on_a_gpu_without_fp8_is_an_error():
 
 
 def test_the_config_keys_are_read_with_their_defaults():
-    """train.fp8 and parallel.tp_comm_overlap reach the layout, and a config without them plans as before."""
+    """train.fp8 and parallel.tp_comm_overlap(_chunks) reach the layout, and a config without them plans as before."""
     config = load_config("configs/gpt-125m.yaml")
     defaults = config_time_options(config)
-    assert defaults == {"fp8": getattr(config.train, "fp8", "none"),
-                        "tp_comm_overlap": getattr(config.parallel, "tp_comm_overlap", False)}
+    assert defaults == {"fp8": getattr(config.train, "fp8", "none"), "tp_comm_overlap": False, "tp_overlap_chunks": 4}
     object.__setattr__(config.train, "fp8", "rowwise")
     object.__setattr__(config.parallel, "tp_comm_overlap", True)
+    object.__setattr__(config.parallel, "tp_comm_overlap_chunks", 2)
     layout = layout_from_config(config, gpus=8)
-    assert (layout.fp8, layout.tp_comm_overlap) == ("rowwise", True)
+    assert (layout.fp8, layout.tp_comm_overlap, layout.tp_overlap_chunks) == ("rowwise", True, 2)
+
+
+def test_a_search_with_tp_comm_overlap_keeps_layouts_that_cannot_overlap():
+    """The overlap is switched off (and said so in the overrides) in a candidate with tp 1 or no sequence
+    parallel, rather than every such candidate failing validation."""
+    config = load_config("configs/gpt-1.3b.yaml", overrides=[
+        "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.tp_comm_overlap=true"])
+    plain = dataclasses.replace(layout_from_config(config, gpus=8), tp=1, dp=8, sequence_parallel=False)
+    assert not plain.overlaps_tp_comm
+    candidate = config_for_layout(config, plain)
+    assert candidate.parallel.tp_comm_overlap is False
+    assert "parallel.tp_comm_overlap=false" in layout_overrides(plain, config)
+    overlapping = layout_from_config(config, gpus=8)
+    assert overlapping.overlaps_tp_comm and config_for_layout(config, overlapping).parallel.tp_comm_overlap
+    assert "parallel.tp_comm_overlap=true" in layout_overrides(overlapping, config)
+    best = search(config.model, H100, 8, config.train.global_batch_size, MEGALM, "bf16", top=200, config=config)
+    assert any(plan.layout.tp == 1 for plan in best) and any(plan.layout.overlaps_tp_comm for plan in best)
 
 
 # ---- TP comm overlap --------------------------------------------------------------------------------

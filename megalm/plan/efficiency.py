@@ -112,27 +112,27 @@ def tp_layer_comm(model: ModelConfig, layout: Layout, cluster: Cluster, collecti
 
     With parallel.tp_comm_overlap under sequence parallel each all-gather (before the attention-input and MLP-input
     GEMMs) and reduce-scatter (after the output projection and the MLP's output GEMM), half an all-reduce each, is
-    split into tp chunks overlapped with its GEMM's neighbouring chunk (`overlapped`); backward's reverse
-    collectives likewise beside the input-gradient GEMMs, which take the forward GEMMs' time."""
-    if not (layout.tp_comm_overlap and layout.sequence_parallel and layout.tp > 1):
+    split into parallel.tp_comm_overlap_chunks pieces overlapped with its GEMM's neighbouring piece (`overlapped`);
+    backward's reverse collectives likewise beside the input-gradient GEMMs, which take the forward GEMMs' time."""
+    if not layout.overlaps_tp_comm:
         return 4 * collective, 2 * collective
     gemms = layer_gemm_times(model, layout, cluster)
     attention_in = 2 if model.grouped_attention() else 1
     beside = [sum(gemms[:attention_in]), gemms[attention_in], sum(gemms[attention_in + 1:-1]), gemms[-1]]
-    forward = sum(overlapped(collective / 2, gemm, layout.tp) for gemm in beside)
+    forward = sum(overlapped(collective / 2, gemm, layout.tp_overlap_chunks) for gemm in beside)
     return 2 * forward, forward
 
 
 def layer_launches(model: ModelConfig, layout: Layout, counts: KernelCounts) -> tuple[int, int]:
     """(kernels one layer launches per micro-batch in forward and backward, a recomputed layer's): megalm's own
     (megalm.plan.kernels), the FP8 passes', and the tensor-parallel collectives' (4 all-reduces; under sequence
-    parallel 4 all-gathers or reduce-scatters and backward's 2 second gathers; overlapped: each of the 8 in tp
-    chunks beside tp GEMM pieces, 2 tp - 1 launches instead of 1). Selective recompute reruns the attention kernel."""
+    parallel 4 all-gathers or reduce-scatters and backward's 2 second gathers; overlapped: each of the 8 in k
+    pieces beside k GEMM pieces, 2 k - 1 launches instead of 1). Selective recompute reruns the attention kernel."""
     t, linears = layout.tp, len(layer_gemms(model, layout.tp, 1))
     fp8 = (FP8_FORWARD_KERNELS, FP8_BACKWARD_KERNELS) if layout.fp8 != "none" else (0, 0)
     comm = 0
     if t > 1:
-        comm = 4 if not layout.sequence_parallel else 8 * (2 * t - 1 if layout.tp_comm_overlap else 1) + 2
+        comm = 4 if not layout.sequence_parallel else 8 * (2 * layout.tp_overlap_chunks - 1 if layout.overlaps_tp_comm else 1) + 2
     layer = counts.layer_forward + counts.layer_backward + linears * sum(fp8) + comm
     rerun = {"none": 0, "selective": 1, "full": counts.layer_forward + linears * fp8[0]}[layout.recompute]
     return layer, rerun

@@ -38,6 +38,12 @@ class Layout:
     cp: int = 1  # context parallel: each sample's sequence split over cp ranks (megalm.parallel.context)
     fp8: str = "none"  # train.fp8: the tp column/row linears' GEMMs in float8 (none | tensorwise | rowwise)
     tp_comm_overlap: bool = False  # parallel.tp_comm_overlap: sp's gathers/reduce-scatters overlapped in chunks
+    tp_overlap_chunks: int = 4  # parallel.tp_comm_overlap_chunks: the pieces each of those collectives is cut into
+
+    @property
+    def overlaps_tp_comm(self) -> bool:
+        """Whether tp_comm_overlap applies: it needs tp > 1 and sequence parallel (a layout without either runs plain)."""
+        return self.tp_comm_overlap and self.sequence_parallel and self.tp > 1
 
     @property
     def gpus(self) -> int:
@@ -62,8 +68,8 @@ class Layout:
             parts.append("sp")
         if self.zero_stage:
             parts.append(f"zero{self.zero_stage}")
-        if self.tp_comm_overlap and self.sequence_parallel and self.tp > 1:
-            parts.append("tp overlap")
+        if self.overlaps_tp_comm:
+            parts.append(f"tp overlap x{self.tp_overlap_chunks}")
         if self.fp8 != "none":
             parts.append(f"fp8 {self.fp8}")
         return ", ".join(parts)
@@ -134,8 +140,9 @@ def layout_from_config(config: Config, gpus: Optional[int] = None, recompute: Op
 def config_time_options(config: Config) -> dict:
     """The config's keys that change the step time but not the layout search: train.fp8 and
     parallel.tp_comm_overlap (read with defaults, so a config from before them plans as before)."""
-    return {"fp8": getattr(config.train, "fp8", "none") or "none",
-            "tp_comm_overlap": bool(getattr(config.parallel, "tp_comm_overlap", False))}
+    parallel = config.parallel
+    return {"fp8": getattr(config.train, "fp8", "none") or "none", "tp_comm_overlap": parallel.tp_comm_overlap,
+            "tp_overlap_chunks": parallel.tp_comm_overlap_chunks or parallel.DEFAULT_TP_COMM_OVERLAP_CHUNKS}
 
 
 def layout_overrides(layout: Layout, config: Config) -> list[str]:
@@ -161,6 +168,10 @@ def layout_overrides(layout: Layout, config: Config) -> list[str]:
         values["parallel.pipeline_layers"] = "[" + ", ".join(map(str, pipeline_layers)) + "]" if pipeline_layers else None
     if layout.bucket_size_mb != parallel.bucket_size_mb:
         values["parallel.bucket_size_mb"] = layout.bucket_size_mb
+    if parallel.tp_comm_overlap:  # off where the layout cannot overlap (tp 1 or no sequence parallel)
+        values["parallel.tp_comm_overlap"] = layout.overlaps_tp_comm
+        if not layout.overlaps_tp_comm and parallel.tp_comm_overlap_chunks is not None:
+            values["parallel.tp_comm_overlap_chunks"] = None
     values["train.micro_batch_size"] = layout.micro_batch_size
     if layout.global_batch_size != train.global_batch_size:
         values["train.global_batch_size"] = layout.global_batch_size
@@ -186,7 +197,8 @@ def config_for_layout(config: Config, layout: Layout) -> Config:
         schedule=layout.schedule, virtual_stages=layout.virtual_stages, zero_stage=layout.zero_stage,
         recompute=layout.recompute, recompute_layers=layout.recompute_layers,
         pipeline_layers=list(layout.pipeline_layers) if layout.pipeline_layers else None,
-        bucket_size_mb=layout.bucket_size_mb,
+        bucket_size_mb=layout.bucket_size_mb, tp_comm_overlap=layout.overlaps_tp_comm,
+        tp_comm_overlap_chunks=config.parallel.tp_comm_overlap_chunks if layout.overlaps_tp_comm else None,
     )
     train = dataclasses.replace(
         config.train, micro_batch_size=layout.micro_batch_size, global_batch_size=layout.global_batch_size,
