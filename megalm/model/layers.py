@@ -201,11 +201,12 @@ class Attention(nn.Module):
     grouped-query (query and key/value weights apart; with fewer key/value heads than tp ranks each is
     replicated on tp / num_kv_heads ranks, megalm.parallel.tensor.ColumnParallelLinear's replicas).
 
-    recompute_core: selective recompute, the core (QK^T, softmax, dropout, PV) reruns in backward."""
+    recompute_core: selective recompute, the core (QK^T, softmax, dropout, PV) reruns in backward.
+    fp8: the projections' float8 recipe (train.fp8, megalm.parallel.fp8), "none" for high precision."""
 
     def __init__(
         self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool,
-        recompute_core: bool = False,
+        recompute_core: bool = False, fp8: str = "none",
     ) -> None:
         super().__init__()
         self.rng = rng
@@ -221,19 +222,20 @@ class Attention(nn.Module):
             # query rows (head, d); key/value rows (kv head, k|v, d): a contiguous split over tp hands each
             # rank whole heads, and the key/value heads of its query heads
             self.query = ColumnParallelLinear(cfg.hidden_size, width, groups, bias=cfg.has_qkv_bias(),
-                                              sequence_parallel=sequence_parallel)
+                                              sequence_parallel=sequence_parallel, fp8=fp8)
             self.key_value = ColumnParallelLinear(
                 cfg.hidden_size, 2 * kv_heads * self.head_dim, groups, bias=cfg.has_qkv_bias(),
-                sequence_parallel=sequence_parallel, replicas=max(1, tp // kv_heads),
+                sequence_parallel=sequence_parallel, replicas=max(1, tp // kv_heads), fp8=fp8,
             )
         else:
             self.local_kv_heads = self.local_heads
             # Rows of the full QKV weight are ordered (head, q|k|v, head_dim), so a contiguous split
             # over tp hands each rank whole heads with their q, k and v.
             self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * width, groups, bias=cfg.has_qkv_bias(),
-                                            sequence_parallel=sequence_parallel)
+                                            sequence_parallel=sequence_parallel, fp8=fp8)
         self.proj = RowParallelLinear(
-            width, cfg.hidden_size, groups, bias=cfg.bias, sequence_parallel=sequence_parallel, skip_bias_add=True
+            width, cfg.hidden_size, groups, bias=cfg.bias, sequence_parallel=sequence_parallel, skip_bias_add=True,
+            fp8=fp8,
         )
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -308,13 +310,13 @@ class MLP(nn.Module):
     fc1 keeps its bias inside the GEMM (addmm, faster eagerly) unless its skip_bias_add is set, as
     megalm.model.compile does for bias_gelu; fc2 hands its bias on (bias_dropout_add) where tp > 1."""
 
-    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, sequence_parallel: bool) -> None:
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, sequence_parallel: bool, fp8: str = "none") -> None:
         super().__init__()
         self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size(), groups, bias=cfg.bias,
-                                        sequence_parallel=sequence_parallel)
+                                        sequence_parallel=sequence_parallel, fp8=fp8)
         self.fc2 = RowParallelLinear(
             cfg.ffn_size(), cfg.hidden_size, groups, bias=cfg.bias, sequence_parallel=sequence_parallel,
-            skip_bias_add=True,
+            skip_bias_add=True, fp8=fp8,
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -327,13 +329,15 @@ class SwiGLU(nn.Module):
     """h -> down(silu(gate(x)) * up(x)) -> h: gate and up column-parallel (two weights, so each rank holds
     its own halves of both and any tp reshards them as plain row splits), down row-parallel."""
 
-    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, sequence_parallel: bool) -> None:
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, sequence_parallel: bool, fp8: str = "none") -> None:
         super().__init__()
         ffn = cfg.ffn_size()
-        self.gate = ColumnParallelLinear(cfg.hidden_size, ffn, groups, bias=cfg.bias, sequence_parallel=sequence_parallel)
-        self.up = ColumnParallelLinear(cfg.hidden_size, ffn, groups, bias=cfg.bias, sequence_parallel=sequence_parallel)
+        self.gate = ColumnParallelLinear(cfg.hidden_size, ffn, groups, bias=cfg.bias, sequence_parallel=sequence_parallel,
+                                         fp8=fp8)
+        self.up = ColumnParallelLinear(cfg.hidden_size, ffn, groups, bias=cfg.bias, sequence_parallel=sequence_parallel,
+                                       fp8=fp8)
         self.down = RowParallelLinear(ffn, cfg.hidden_size, groups, bias=cfg.bias, sequence_parallel=sequence_parallel,
-                                      skip_bias_add=True)
+                                      skip_bias_add=True, fp8=fp8)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(output without its bias, down's bias): see bias_dropout_add."""
@@ -345,20 +349,22 @@ MLP_CLASSES = {"gelu": MLP, "swiglu": SwiGLU}
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: x + drop(attn(ln1(x))), then x + drop(mlp(ln2(x))) (LayerNorm or RMSNorm, GeLU or SwiGLU)."""
+    """Pre-norm block: x + drop(attn(ln1(x))), then x + drop(mlp(ln2(x))) (LayerNorm or RMSNorm, GeLU or SwiGLU).
+
+    fp8: the float8 recipe of its linears (train.fp8; "none": high precision)."""
 
     def __init__(
         self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool,
-        recompute_core: bool = False,
+        recompute_core: bool = False, fp8: str = "none",
     ) -> None:
         super().__init__()
         self.rng = rng
         self.sequence_parallel = sequence_parallel
         self.dropout = cfg.hidden_dropout
         self.ln1 = make_norm(cfg, sequence_parallel, groups.device.type)
-        self.attn = Attention(cfg, groups, rng, sequence_parallel, recompute_core)
+        self.attn = Attention(cfg, groups, rng, sequence_parallel, recompute_core, fp8)
         self.ln2 = make_norm(cfg, sequence_parallel, groups.device.type)
-        self.mlp = MLP_CLASSES[cfg.mlp](cfg, groups, sequence_parallel)
+        self.mlp = MLP_CLASSES[cfg.mlp](cfg, groups, sequence_parallel, fp8)
 
     def forward(
         self,
