@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from megalm.config import ConfigError, load_config, validate
 from megalm.distributed import ParallelGroups, build_parallel_groups
+from megalm.model import compile as compile_module
 from megalm.model.gpt import build_model_chunks
 from megalm.parallel import fp8
 from megalm.parallel.fp8 import check_fp8_device, fp8_linear
@@ -104,8 +105,8 @@ def test_rowwise_scales_follow_each_row() -> None:
     assert _rel(rowwise, want) < 0.05 and _rel(tensorwise, want) > 0.2, (_rel(rowwise, want), _rel(tensorwise, want))
 
 
-def _curve(*overrides: str) -> list[float]:
-    config = load_config(ROOT / "configs" / "tiny.yaml", [f"train.steps={STEPS}", "train.precision=bf16", *overrides])
+def _curve(*overrides: str, steps: int = STEPS) -> list[float]:
+    config = load_config(ROOT / "configs" / "tiny.yaml", [f"train.steps={steps}", "train.precision=bf16", *overrides])
     trainer = build_trainer(config, ParallelGroups.single(), None)
     return [record["loss"] for record in trainer.fit()]
 
@@ -132,6 +133,35 @@ def test_parameters_and_state_dict_are_the_bf16_models() -> None:
     assert plain.keys() == quantised.keys()
     assert all(torch.equal(plain[name], quantised[name]) and quantised[name].dtype == torch.bfloat16
                for name in plain)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", pytest.param("tensorwise", marks=pytest.mark.slow)])
+def test_compiled_fp8_layers_are_one_graph_and_match_eager(recipe: str, fresh_dynamo, monkeypatch) -> None:
+    """train.compile traces the fp8 linear (autograd function, _scaled_mm) into the layer's graph: at tp 1 one
+    graph, no break; with the aot_eager backend (eager's kernels) the losses are eager's bit for bit."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(compile_module, "DEFAULT_BACKEND", "aot_eager")
+    eager = _curve(f"train.fp8={recipe}", steps=3)
+    counters.clear()
+    compiled = _curve(f"train.fp8={recipe}", "train.compile=true", steps=3)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert compiled == eager
+
+
+@pytest.mark.slow
+def test_inductor_fp8_layers_train_like_eager(fresh_dynamo) -> None:
+    """With inductor (what train.compile runs): the generated quantisation code trains like eager's."""
+    eager = _curve("train.fp8=rowwise", steps=10)
+    compiled = _curve("train.fp8=rowwise", "train.compile=true", steps=10)
+    assert max(abs(a - b) / b for a, b in zip(compiled, eager)) < 1e-3, (compiled, eager)
 
 
 def _tp_worker(rank: int, world_size: int, overrides: list[str]) -> list[float]:
