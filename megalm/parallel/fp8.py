@@ -78,35 +78,29 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b:
 
 
 def fp8_gemms(recipe: str, x2d: torch.Tensor, weight: torch.Tensor, grad2d: Optional[torch.Tensor] = None):
-    """The quantised operands of the three GEMMs: {"forward" | "input" | "weight": (a, b, scale_a, scale_b)},
-    a row-major and b column-major as _scaled_mm takes them (x2d and grad2d already padded to 16 rows).
-    The forward only (grad2d None) or all three; tests rebuild the GEMMs in fp32 from these."""
-    rowwise = recipe == "rowwise"
+    """The quantised operands of the forward GEMM (grad2d None: {"forward": ...}) or of the two backward GEMMs
+    ({"input": ..., "weight": ...}), each (a, b, scale_a, scale_b) with a row-major and b column-major as
+    _scaled_mm takes them (x2d and grad2d already padded to 16 rows)."""
     if recipe not in ("tensorwise", "rowwise"):
         raise ValueError(f"fp8 recipe must be 'tensorwise' or 'rowwise', got {recipe!r}")
-    gemms = {}
-    if rowwise:
+    if recipe == "rowwise" and grad2d is None:
         xq, x_scale = quantise(x2d, E4M3, -1, True)  # per token [m, 1]
         wq, w_scale = quantise(weight, E4M3, -1, True)  # per output feature [n, 1]
-        gemms["forward"] = (xq, wq.t(), x_scale, w_scale.reshape(1, -1))
-    else:
-        xq, x_scale = quantise(x2d, E4M3, None)
-        wq, w_scale = quantise(weight, E4M3, None)
-        gemms["forward"] = (xq, wq.t(), x_scale, w_scale)
-    if grad2d is None:
-        return gemms
-    if rowwise:
+        return {"forward": (xq, wq.t(), x_scale, w_scale.reshape(1, -1))}
+    if recipe == "rowwise":  # each operand again, along the dimension its backward GEMM reduces
         gq, g_scale = quantise(grad2d, E4M3, -1, True)  # dy per token [m, 1]
-        wq_in, w_in_scale = quantise(weight, E4M3, 0, True)  # W per input feature [1, k]
-        gemms["input"] = (gq, _column_major(wq_in), g_scale, w_in_scale)
+        wq, w_scale = quantise(weight, E4M3, 0, True)  # W per input feature [1, k]
         gq_out, g_out_scale = quantise(grad2d, E4M3, 0, True)  # dy per output feature [1, n]
-        xq_in, x_in_scale = quantise(x2d, E4M3, 0, True)  # x per input feature [1, k]
-        gemms["weight"] = (gq_out.t().contiguous(), _column_major(xq_in), g_out_scale.reshape(-1, 1), x_in_scale)
-    else:
-        gq, g_scale = quantise(grad2d, E5M2, None)
-        gemms["input"] = (gq, _column_major(wq), g_scale, w_scale)
-        gemms["weight"] = (gq.t().contiguous(), _column_major(xq), g_scale, x_scale)
-    return gemms
+        xq, x_scale = quantise(x2d, E4M3, 0, True)  # x per input feature [1, k]
+        return {"input": (gq, _column_major(wq), g_scale, w_scale),
+                "weight": (gq_out.t().contiguous(), _column_major(xq), g_out_scale.reshape(-1, 1), x_scale)}
+    xq, x_scale = quantise(x2d, E4M3, None)
+    wq, w_scale = quantise(weight, E4M3, None)
+    if grad2d is None:
+        return {"forward": (xq, wq.t(), x_scale, w_scale)}
+    gq, g_scale = quantise(grad2d, E5M2, None)
+    return {"input": (gq, _column_major(wq), g_scale, w_scale),
+            "weight": (gq.t().contiguous(), _column_major(xq), g_scale, x_scale)}
 
 
 class _Fp8Linear(torch.autograd.Function):

@@ -142,16 +142,17 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("recipe", ["rowwise", pytest.param("tensorwise", marks=pytest.mark.slow)])
-def test_compiled_fp8_layers_are_one_graph_and_match_eager(recipe: str, fresh_dynamo, monkeypatch) -> None:
+@pytest.mark.slow
+def test_compiled_fp8_layers_are_one_graph_and_match_eager(fresh_dynamo, monkeypatch) -> None:
     """train.compile traces the fp8 linear (autograd function, _scaled_mm) into the layer's graph: at tp 1 one
-    graph, no break; with the aot_eager backend (eager's kernels) the losses are eager's bit for bit."""
+    graph, no break; with the aot_eager backend (eager's kernels) the losses are eager's bit for bit. (Rowwise
+    only: tensorwise runs the same function with other quantise arguments.)"""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(compile_module, "DEFAULT_BACKEND", "aot_eager")
-    eager = _curve(f"train.fp8={recipe}", steps=3)
+    eager = _curve("train.fp8=rowwise", steps=3)
     counters.clear()
-    compiled = _curve(f"train.fp8={recipe}", "train.compile=true", steps=3)
+    compiled = _curve("train.fp8=rowwise", "train.compile=true", steps=3)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
     assert compiled == eager
 
@@ -172,6 +173,7 @@ def _tp_worker(rank: int, world_size: int, overrides: list[str]) -> list[float]:
     return [record["loss"] for record in trainer.fit()]
 
 
+@pytest.mark.slow
 def test_tp2_sequence_parallel_fp8_trains_like_bf16(bf16_curve: list[float]) -> None:
     """tp 2 with sequence parallel (the column linears' all-gather conjugate + fp8 GEMM) against one bf16 process."""
     ranks = run_distributed(_tp_worker, 2, ["parallel.sequence_parallel=true", "train.fp8=rowwise"], timeout=600)
