@@ -129,17 +129,21 @@ _FP8_ALIGNMENT = 16  # torch._scaled_mm: every GEMM dimension a multiple of 16 (
 
 
 def fp8_widths(model: ModelConfig, tp: int) -> dict[str, tuple[int, str]]:
-    """The feature widths of the fp8 linears' GEMMs on one tp rank: {description: (width, the key that sets it)}."""
-    head_dim, width = model.head_size(), model.num_heads * model.head_size()
+    """The feature widths of the fp8 linears' GEMMs on one tp rank: {description: (width, how to fix it)}."""
+    head_dim, width, unit = model.head_size(), model.num_heads * model.head_size(), _FP8_ALIGNMENT
     widths = {
-        "model.hidden_size (the linears' input/output width)": (model.hidden_size, "model.hidden_size"),
-        "the attention width per tp rank (num_heads x head_dim / tp)": (width // tp, "model.num_heads or head_dim"),
-        "the MLP width per tp rank (ffn_hidden_size / tp)": (model.ffn_size() // tp, "model.ffn_hidden_size"),
+        "model.hidden_size": (model.hidden_size, f"model.hidden_size a multiple of {unit}"),
+        "the attention width per tp rank (num_heads x head_dim / tp)":
+            (width // tp, f"num_heads x head_dim a multiple of {unit * tp}"),
+        "the MLP width per tp rank (ffn_hidden_size / tp)":
+            (model.ffn_size() // tp, f"model.ffn_hidden_size a multiple of {unit * tp} such as "
+                                     f"{_nearby_multiples(model.ffn_size(), unit * tp)}"),
     }
     if model.grouped_attention():
         kv_shards = tp // max(1, tp // model.kv_heads())
         widths["the key/value width per tp rank (2 x num_kv_heads x head_dim / shards)"] = (
-            2 * model.kv_heads() * head_dim // kv_shards, "model.num_kv_heads or head_dim")
+            2 * model.kv_heads() * head_dim // kv_shards,
+            f"2 x num_kv_heads x head_dim a multiple of {unit * kv_shards}")
     return widths
 
 
@@ -161,14 +165,14 @@ def _check_fp8(config: Config) -> None:
             f"train.fp8=none"
         )
     problems = [
-        f"{name} = {value} (set by {key})"
-        for name, (value, key) in fp8_widths(config.model, tp).items() if value % _FP8_ALIGNMENT != 0
+        f"{name} = {value} (make {fix})"
+        for name, (value, fix) in fp8_widths(config.model, tp).items() if value % _FP8_ALIGNMENT != 0
     ]
     if problems:
         raise ConfigError(
             f"train.fp8={train.fp8} multiplies in float8 through torch._scaled_mm, whose dimensions must be "
             f"multiples of {_FP8_ALIGNMENT}, but at parallel.tp={tp}: " + "; ".join(problems)
-            + f": choose sizes that make each a multiple of {_FP8_ALIGNMENT}, or set train.fp8=none"
+            + "; or set train.fp8=none"
         )
 
 

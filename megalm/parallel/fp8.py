@@ -39,7 +39,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-FP8_RECIPES = ("none", "tensorwise", "rowwise")
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 ALIGNMENT = 16  # torch._scaled_mm on CUDA: every dimension a multiple of 16
 MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (8.9), Hopper (9.0) and newer
@@ -158,7 +157,3 @@ def check_fp8_device(fp8: str, device: torch.device) -> None:
             f"but {name} has compute capability {capability[0]}.{capability[1]}: set train.fp8=none"
         )
 
-
-def fp8_dimension_problems(widths: dict[str, int]) -> list[str]:
-    """The named GEMM widths (per tp rank) that are not multiples of ALIGNMENT, as 'name=value' strings."""
-    return [f"{name}={value}" for name, value in widths.items() if value % ALIGNMENT != 0]

@@ -213,15 +213,20 @@ def test_fp8_refuses_deepspeed() -> None:
 
 
 def test_fp8_names_each_width_not_a_multiple_of_16() -> None:
-    with pytest.raises(ConfigError, match=r"model.hidden_size \(the linears' input/output width\) = 72 \(set by "
-                                          r"model.hidden_size\).*a multiple of 16, or set train.fp8=none"):
-        _validate("train.fp8=rowwise", "model.hidden_size=72")
+    with pytest.raises(ConfigError, match=r"at parallel.tp=1: model.hidden_size = 72 \(make model.hidden_size a "
+                                          r"multiple of 16\); the attention width per tp rank \(num_heads x head_dim / tp\) = 72 \(make "
+                                          r"num_heads x head_dim a multiple of 16\); or set train.fp8=none$"):
+        _validate("train.fp8=rowwise", "model.hidden_size=72")  # both widths named
     # per tp rank: 96 / 4 = 24 attention features, 384 / 4 = 96 MLP features (fine)
     with pytest.raises(ConfigError, match=r"at parallel.tp=4: the attention width per tp rank \(num_heads x head_dim "
-                                          r"/ tp\) = 24 \(set by model.num_heads or head_dim\): choose"):
+                                          r"/ tp\) = 24 \(make num_heads x head_dim a multiple of 64\); or set"):
         _validate("train.fp8=tensorwise", "model.hidden_size=96", "parallel.tp=4", world_size=4)
-    with pytest.raises(ConfigError, match=r"the MLP width per tp rank \(ffn_hidden_size / tp\) = 40"):
+    with pytest.raises(ConfigError, match=r"the MLP width per tp rank \(ffn_hidden_size / tp\) = 40 \(make "
+                                          r"model.ffn_hidden_size a multiple of 32 such as 64 or 96\)"):
         _validate("train.fp8=tensorwise", "model.ffn_hidden_size=80", "parallel.tp=2", world_size=2)
+    with pytest.raises(ConfigError, match=r"the key/value width per tp rank .* = 8 \(make 2 x num_kv_heads x head_dim "
+                                          r"a multiple of 16\)"):  # one key/value head of width 4 (hidden 64, 16 heads)
+        _validate("train.fp8=tensorwise", "model.num_heads=16", "model.num_kv_heads=1")
     _validate("model.hidden_size=72")  # without fp8 the same size is fine
 
 
