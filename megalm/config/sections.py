@@ -248,6 +248,7 @@ class TrainConfig(_Section):
         "precision": ("fp32", "bf16", "fp16"),
         "device": ("auto", "cpu", "cuda"),
         "engine": ("megalm", "deepspeed"),
+        "fp8": ("none", "tensorwise", "rowwise"),
     }
 
     steps: int = 100  # optimizer steps of the whole run (a resumed run continues up to it)
@@ -263,6 +264,9 @@ class TrainConfig(_Section):
     eval_interval: int = 0  # evaluate the valid split every N steps (0: never)
     eval_batches: int = 1  # global batches of the valid split per evaluation
     compile: bool = False  # torch.compile each transformer layer (docs/model.md "Compiled layers"); megalm engine only
+    # float8 GEMMs in the transformer layers' linears (docs/precision.md "FP8 linears"): none, tensorwise or rowwise
+    # dynamic scaling; needs precision bf16 and, on CUDA, a GPU of compute capability >= 8.9
+    fp8: str = "none"
     # warn when a rank's compute time per step exceeds this multiple of the median rank's (docs/metrics.md, Stragglers)
     straggler_factor: float = 1.5
     # Fine-tune from weights: a checkpoint directory (RUN/checkpoints/step_NNNNNNNN) or a run directory (its

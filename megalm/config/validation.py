@@ -148,6 +148,63 @@ def _check_context_parallel(config: Config) -> None:
         )
 
 
+_FP8_ALIGNMENT = 16  # torch._scaled_mm: every GEMM dimension a multiple of 16 (megalm.parallel.fp8.ALIGNMENT)
+
+
+def fp8_widths(model: ModelConfig, tp: int) -> dict[str, tuple[int, str]]:
+    """The feature widths of the fp8 linears' GEMMs on one tp rank: {description: (width, how to fix it)}."""
+    head_dim, width, unit = model.head_size(), model.num_heads * model.head_size(), _FP8_ALIGNMENT
+    widths = {
+        "model.hidden_size": (model.hidden_size, f"model.hidden_size a multiple of {unit}"),
+        "the attention width per tp rank (num_heads x head_dim / tp)":
+            (width // tp, f"num_heads x head_dim a multiple of {unit * tp}"),
+        "the MLP width per tp rank (ffn_hidden_size / tp)":
+            (model.ffn_size() // tp, f"model.ffn_hidden_size a multiple of {unit * tp} such as "
+                                     f"{_nearby_multiples(model.ffn_size(), unit * tp)}"),
+    }
+    if model.grouped_attention():
+        kv_shards = tp // max(1, tp // model.kv_heads())
+        widths["the key/value width per tp rank (2 x num_kv_heads x head_dim / shards)"] = (
+            2 * model.kv_heads() * head_dim // kv_shards,
+            f"2 x num_kv_heads x head_dim a multiple of {unit * kv_shards}")
+    return widths
+
+
+def _check_fp8(config: Config) -> None:
+    """train.fp8: float8 GEMMs need bf16 parameters, megalm's engine and widths that are multiples of 16."""
+    train, tp = config.train, config.parallel.tp
+    if train.fp8 == "none":
+        return
+    if train.precision != "bf16":
+        raise ConfigError(
+            f"train.fp8={train.fp8} needs train.precision=bf16, got {train.precision}: the float8 GEMMs write bf16 "
+            f"(CUDA's row-wise scaled GEMM has no fp32 or fp16 output, and fp16's loss scaling is not combined "
+            f"with float8 scales); set train.precision=bf16 or train.fp8=none"
+        )
+    if train.engine == "deepspeed":
+        raise ConfigError(
+            f"train.fp8={train.fp8} runs with train.engine=megalm only (DeepSpeed holds fp32 parameters under "
+            f"autocast, not the bf16 parameters the float8 linears are built for): set train.engine=megalm or "
+            f"train.fp8=none"
+        )
+    if config.parallel.tp_comm_overlap:
+        raise ConfigError(
+            f"train.fp8={train.fp8} with parallel.tp_comm_overlap=true: the overlapped, chunked sequence-parallel "
+            f"GEMMs run in high precision only (float8 pieces are later work); set parallel.tp_comm_overlap=false "
+            f"to train in float8, or train.fp8=none to overlap"
+        )
+    problems = [
+        f"{name} = {value} (make {fix})"
+        for name, (value, fix) in fp8_widths(config.model, tp).items() if value % _FP8_ALIGNMENT != 0
+    ]
+    if problems:
+        raise ConfigError(
+            f"train.fp8={train.fp8} multiplies in float8 through torch._scaled_mm, whose dimensions must be "
+            f"multiples of {_FP8_ALIGNMENT}, but at parallel.tp={tp}: " + "; ".join(problems)
+            + "; or set train.fp8=none"
+        )
+
+
 def _nearby_multiples(number: int, unit: int) -> str:
     lower = (number // unit) * unit
     return f"{lower} or {lower + unit}" if lower > 0 else f"{unit} or {2 * unit}"
@@ -199,6 +256,7 @@ def validate(config: Config, world_size: Optional[int] = None) -> Topology:
         world_size = tp * pp * cp * parallel.dp
     _check_model(config)
     _check_context_parallel(config)
+    _check_fp8(config)
     try:
         topology = Topology.from_world_size(world_size, tp=tp, pp=pp, cp=cp)
     except TopologyError as error:

@@ -44,6 +44,7 @@ from megalm.model.init import initialize_parameters_
 from megalm.model.layers import Embedding, TransformerLayer, make_norm
 from megalm.model.rope import rotary_tables
 from megalm.parallel.context import context_parallel_mask, cp_positions, dense_causal_mask
+from megalm.parallel.fp8 import check_fp8_device
 from megalm.parallel.random import ParallelRNG, recompute
 from megalm.parallel.schedules import partition_layers
 from megalm.parallel.tensor import mark_parameter, parallel_logits, vocab_parallel_cross_entropy
@@ -125,6 +126,7 @@ class GPTModel(nn.Module):
         recompute: str = "none",
         recompute_layers: Optional[int] = None,
         overlap_chunks: int = 1,
+        fp8: str = "none",
     ) -> None:
         super().__init__()
         if recompute not in ("none", "selective", "full"):
@@ -150,7 +152,7 @@ class GPTModel(nn.Module):
         # Keys are global layer indices, so parameter names do not depend on the pipeline split.
         self.layers = nn.ModuleDict({
             str(i): TransformerLayer(cfg, groups, rng, self.sequence_parallel, recompute_core=recompute == "selective",
-                                     overlap_chunks=self.overlap_chunks)
+                                     overlap_chunks=self.overlap_chunks, fp8=fp8)
             for i in self.layer_ids
         })
         self.final_norm = make_norm(cfg, self.sequence_parallel, groups.device.type) if self.is_last else None
@@ -295,14 +297,16 @@ def build_model(
     recompute: str = "none",
     recompute_layers: Optional[int] = None,
     overlap_chunks: int = 1,
+    fp8: str = "none",
 ) -> GPTModel:
     """Build this rank's shard on the meta device, then (optionally) allocate and initialise it.
 
     Parameters are initialised in fp32, then cast to `dtype` (the rounded fp32 model). overlap_chunks > 1
-    (with sequence_parallel): parallel.tp_comm_overlap's pieces (megalm.parallel.tp_overlap)."""
+    (with sequence_parallel): parallel.tp_comm_overlap's pieces (megalm.parallel.tp_overlap). fp8: the
+    transformer layers' float8 GEMM recipe (train.fp8, megalm.parallel.fp8); the parameters are the same."""
     rng = rng or ParallelRNG(seed, groups)
     with torch.device("meta"):
-        model = GPTModel(cfg, groups, rng, sequence_parallel, spec, recompute, recompute_layers, overlap_chunks)
+        model = GPTModel(cfg, groups, rng, sequence_parallel, spec, recompute, recompute_layers, overlap_chunks, fp8)
     if materialize:
         materialize_model(model, groups.device, seed)
     if dtype != torch.float32:
@@ -317,12 +321,13 @@ def build_model_chunks(config: Config, groups: ParallelGroups, materialize: bool
         # Creating process groups is collective: every rank makes the key/value replica groups here, also
         # a rank whose pipeline stage holds no layer (parallel.pipeline_layers may give a stage none).
         groups.tp_replica_group(groups.tp_size // config.model.kv_heads())
+    check_fp8_device(config.train.fp8, groups.device)
     rng = ParallelRNG(config.train.seed, groups)
     specs = stage_specs(config.model.num_layers, groups, parallel.virtual_stages, parallel.pipeline_layers)
     dtype = param_dtype(config)
     return [
         build_model(config.model, groups, config.train.seed, parallel.sequence_parallel, materialize, spec, rng, dtype,
-                    parallel.recompute, parallel.recompute_layers, parallel.overlap_chunks())
+                    parallel.recompute, parallel.recompute_layers, parallel.overlap_chunks(), config.train.fp8)
         for spec in specs
     ]
 

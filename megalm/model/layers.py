@@ -206,11 +206,12 @@ class Attention(nn.Module):
     replicated on tp / num_kv_heads ranks, megalm.parallel.tensor.ColumnParallelLinear's replicas).
 
     recompute_core: selective recompute, the core (QK^T, softmax, dropout, PV) reruns in backward.
-    overlap_chunks: the linears' tp_comm_overlap pieces (1: not split)."""
+    overlap_chunks: the linears' tp_comm_overlap pieces (1: not split).
+    fp8: the projections' float8 recipe (train.fp8, megalm.parallel.fp8), "none" for high precision."""
 
     def __init__(
         self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool,
-        recompute_core: bool = False, overlap_chunks: int = 1,
+        recompute_core: bool = False, overlap_chunks: int = 1, fp8: str = "none",
     ) -> None:
         super().__init__()
         self.rng = rng
@@ -226,20 +227,23 @@ class Attention(nn.Module):
             # query rows (head, d); key/value rows (kv head, k|v, d): a contiguous split over tp hands each
             # rank whole heads, and the key/value heads of its query heads
             self.query = ColumnParallelLinear(cfg.hidden_size, width, groups, bias=cfg.has_qkv_bias(),
-                                              sequence_parallel=sequence_parallel, overlap_chunks=overlap_chunks)
+                                              sequence_parallel=sequence_parallel, overlap_chunks=overlap_chunks,
+                                              fp8=fp8)
             self.key_value = ColumnParallelLinear(
                 cfg.hidden_size, 2 * kv_heads * self.head_dim, groups, bias=cfg.has_qkv_bias(),
                 sequence_parallel=sequence_parallel, replicas=max(1, tp // kv_heads), overlap_chunks=overlap_chunks,
+                fp8=fp8,
             )
         else:
             self.local_kv_heads = self.local_heads
             # Rows of the full QKV weight are ordered (head, q|k|v, head_dim), so a contiguous split
             # over tp hands each rank whole heads with their q, k and v.
             self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * width, groups, bias=cfg.has_qkv_bias(),
-                                            sequence_parallel=sequence_parallel, overlap_chunks=overlap_chunks)
+                                            sequence_parallel=sequence_parallel, overlap_chunks=overlap_chunks,
+                                            fp8=fp8)
         self.proj = RowParallelLinear(
             width, cfg.hidden_size, groups, bias=cfg.bias, sequence_parallel=sequence_parallel, skip_bias_add=True,
-            overlap_chunks=overlap_chunks,
+            overlap_chunks=overlap_chunks, fp8=fp8,
         )
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -315,13 +319,13 @@ class MLP(nn.Module):
     megalm.model.compile does for bias_gelu; fc2 hands its bias on (bias_dropout_add) where tp > 1."""
 
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, sequence_parallel: bool,
-                 overlap_chunks: int = 1) -> None:
+                 overlap_chunks: int = 1, fp8: str = "none") -> None:
         super().__init__()
         self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size(), groups, bias=cfg.bias,
-                                        sequence_parallel=sequence_parallel, overlap_chunks=overlap_chunks)
+                                        sequence_parallel=sequence_parallel, overlap_chunks=overlap_chunks, fp8=fp8)
         self.fc2 = RowParallelLinear(
             cfg.ffn_size(), cfg.hidden_size, groups, bias=cfg.bias, sequence_parallel=sequence_parallel,
-            skip_bias_add=True, overlap_chunks=overlap_chunks,
+            skip_bias_add=True, overlap_chunks=overlap_chunks, fp8=fp8,
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -335,10 +339,10 @@ class SwiGLU(nn.Module):
     its own halves of both and any tp reshards them as plain row splits), down row-parallel."""
 
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, sequence_parallel: bool,
-                 overlap_chunks: int = 1) -> None:
+                 overlap_chunks: int = 1, fp8: str = "none") -> None:
         super().__init__()
         ffn = cfg.ffn_size()
-        split = dict(sequence_parallel=sequence_parallel, overlap_chunks=overlap_chunks)
+        split = dict(sequence_parallel=sequence_parallel, overlap_chunks=overlap_chunks, fp8=fp8)
         self.gate = ColumnParallelLinear(cfg.hidden_size, ffn, groups, bias=cfg.bias, **split)
         self.up = ColumnParallelLinear(cfg.hidden_size, ffn, groups, bias=cfg.bias, **split)
         self.down = RowParallelLinear(ffn, cfg.hidden_size, groups, bias=cfg.bias, skip_bias_add=True, **split)
@@ -353,20 +357,22 @@ MLP_CLASSES = {"gelu": MLP, "swiglu": SwiGLU}
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: x + drop(attn(ln1(x))), then x + drop(mlp(ln2(x))) (LayerNorm or RMSNorm, GeLU or SwiGLU)."""
+    """Pre-norm block: x + drop(attn(ln1(x))), then x + drop(mlp(ln2(x))) (LayerNorm or RMSNorm, GeLU or SwiGLU).
+
+    fp8: the float8 recipe of its linears (train.fp8; "none": high precision)."""
 
     def __init__(
         self, cfg: ModelConfig, groups: ParallelGroups, rng: ParallelRNG, sequence_parallel: bool,
-        recompute_core: bool = False, overlap_chunks: int = 1,
+        recompute_core: bool = False, overlap_chunks: int = 1, fp8: str = "none",
     ) -> None:
         super().__init__()
         self.rng = rng
         self.sequence_parallel = sequence_parallel
         self.dropout = cfg.hidden_dropout
         self.ln1 = make_norm(cfg, sequence_parallel, groups.device.type)
-        self.attn = Attention(cfg, groups, rng, sequence_parallel, recompute_core, overlap_chunks)
+        self.attn = Attention(cfg, groups, rng, sequence_parallel, recompute_core, overlap_chunks, fp8)
         self.ln2 = make_norm(cfg, sequence_parallel, groups.device.type)
-        self.mlp = MLP_CLASSES[cfg.mlp](cfg, groups, sequence_parallel, overlap_chunks)
+        self.mlp = MLP_CLASSES[cfg.mlp](cfg, groups, sequence_parallel, overlap_chunks, fp8)
 
     def forward(
         self,

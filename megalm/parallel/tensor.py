@@ -24,6 +24,8 @@ carries `tp_replicas`, the number of its copies (`tp_shard`).
 With parallel.tp_comm_overlap a sequence-parallel layer built with overlap_chunks > 1 runs its all-gather
 (column) or reduce-scatter (row) in that many pieces, each overlapped with the GEMM of a neighbouring
 piece (megalm.parallel.tp_overlap); the results are the plain path's.
+With train.fp8 the column- and row-parallel layers run their GEMMs in float8 (megalm.parallel.fp8, the
+layer's `fp8` recipe, given at construction); the embedding and the output logits stay in high precision.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from torch import nn
 
 from megalm.distributed import ParallelGroups, ProcessGroup, all_gather_single, reduce_scatter_single, wait_for
 from megalm.parallel import tp_overlap
+from megalm.parallel.fp8 import linear
 
 
 def mark_parameter(param: nn.Parameter, tp_split_dim: Optional[int], sequence_parallel: bool = False) -> nn.Parameter:
@@ -245,13 +248,16 @@ def column_parallel_linears(x: torch.Tensor, layers: list["ColumnParallelLinear"
     first = layers[0]
     params = [t for layer in layers for t in (layer.compute_weight(), layer.compute_bias())]
     if first.sequence_parallel and first.group is not None:
+        if first.fp8 != "none":  # the plain all-gather conjugate (keeps the gathered input), see ColumnParallelLinear
+            shared = gather_from_sequence(x, first.group)
+            return [linear(shared, weight, bias, first.fp8) for weight, bias in zip(params[0::2], params[1::2])]
         if first.overlap_chunks > 1:
             outputs = tp_overlap.gather_linears(x, first.group, first.overlap_chunks, *params)
         else:
             outputs = _run_sequence_parallel_linear(x, first.group, *params)
         return list(outputs) if len(layers) > 1 else [outputs]
     shared = copy_to_tp(x, first.group)
-    return [F.linear(shared, weight, bias) for weight, bias in zip(params[0::2], params[1::2])]
+    return [linear(shared, weight, bias, first.fp8) for weight, bias in zip(params[0::2], params[1::2])]
 
 
 # ---- layers --------------------------------------------------------------------------------
@@ -267,7 +273,8 @@ class ColumnParallelLinear(nn.Module):
     skip_bias_add: return (x A^T, b) and leave the bias to the caller, which fuses it into the next
     element-wise work (bias + GeLU, megalm.model.layers); the parameters are the same either way.
     overlap_chunks > 1 (sequence parallel, parallel.tp_comm_overlap): the input's all-gather in that many
-    pieces, overlapped with the GEMMs (megalm.parallel.tp_overlap)."""
+    pieces, overlapped with the GEMMs (megalm.parallel.tp_overlap); not with fp8 (refused by config validation).
+    fp8: "none", or the float8 recipe of the GEMMs ("tensorwise" / "rowwise", megalm.parallel.fp8)."""
 
     def __init__(
         self,
@@ -281,11 +288,16 @@ class ColumnParallelLinear(nn.Module):
         skip_bias_add: bool = False,
         replicas: int = 1,
         overlap_chunks: int = 1,
+        fp8: str = "none",
     ) -> None:
         super().__init__()
         self.group = groups.tp_group
+        self.fp8 = fp8
         self.sequence_parallel = sequence_parallel
         self.overlap_chunks = overlap_chunks
+        if fp8 != "none" and overlap_chunks > 1:
+            raise ValueError(f"fp8={fp8!r} with overlap_chunks={overlap_chunks}: the chunked tp_comm_overlap GEMMs "
+                             f"run in high precision; use one of train.fp8 and parallel.tp_comm_overlap")
         self.gather_output = gather_output
         self.skip_bias_add = skip_bias_add
         if skip_bias_add and gather_output:
@@ -313,10 +325,14 @@ class ColumnParallelLinear(nn.Module):
         # x: [s, b, h] replicated, or [s/tp, b, h] with sequence parallel
         weight = self.compute_weight()
         bias = None if self.skip_bias_add else self.compute_bias()
-        if self.sequence_parallel:
+        if self.sequence_parallel and self.fp8 != "none":
+            # float8 GEMMs under sequence parallel: the all-gather conjugate, then the fp8 linear. Simpler than
+            # fusing them (sequence_parallel_linear); costs keeping the gathered [s, b, h] input for backward.
+            y = linear(gather_from_sequence(x, self.group), weight, bias, self.fp8)  # [s, b, out/tp]
+        elif self.sequence_parallel:
             y = sequence_parallel_linear(x, weight, bias, self.group, self.overlap_chunks)  # [s, b, out/tp]
         else:
-            y = F.linear(copy_to_tp(x, self.group), weight, bias)  # [s, b, out/tp]
+            y = linear(copy_to_tp(x, self.group), weight, bias, self.fp8)  # [s, b, out/tp]
         if self.skip_bias_add:
             return y, self.compute_bias()  # [s, b, out/tp], [out/tp]
         return gather_from_tp(y, self.group) if self.gather_output else y
@@ -329,7 +345,7 @@ class RowParallelLinear(nn.Module):
     tp 1 there is nothing to reduce, so the bias stays inside the GEMM (addmm) and (x A^T + b, None)
     is returned: one pass fewer over the output, eagerly and compiled. overlap_chunks > 1 (sequence
     parallel, parallel.tp_comm_overlap): the reduce-scatter in that many pieces, overlapped with the GEMM
-    (megalm.parallel.tp_overlap)."""
+    (megalm.parallel.tp_overlap); not with fp8. fp8: as ColumnParallelLinear's."""
 
     def __init__(
         self,
@@ -341,12 +357,17 @@ class RowParallelLinear(nn.Module):
         device: torch.device | str | None = None,
         skip_bias_add: bool = False,
         overlap_chunks: int = 1,
+        fp8: str = "none",
     ) -> None:
         super().__init__()
         self.group = groups.tp_group
         self.sequence_parallel = sequence_parallel
         self.overlap_chunks = overlap_chunks
         self.skip_bias_add = skip_bias_add
+        self.fp8 = fp8
+        if fp8 != "none" and overlap_chunks > 1:
+            raise ValueError(f"fp8={fp8!r} with overlap_chunks={overlap_chunks}: the chunked tp_comm_overlap GEMMs "
+                             f"run in high precision; use one of train.fp8 and parallel.tp_comm_overlap")
         local_in = _divide(in_features, groups.tp_size, "input features")
         self.weight = mark_parameter(nn.Parameter(torch.empty(out_features, local_in, device=device)), 1)
         self.bias = (
@@ -358,12 +379,12 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, Optional[torch.Tensor]]:
         # x: [s, b, in/tp] -> [s, b, out] (or [s/tp, b, out] with sequence parallel)
         if self.group is None:  # one rank holds all input features: no partial sums to reduce first
-            y = F.linear(x, self.weight, self.bias)
+            y = linear(x, self.weight, self.bias, self.fp8)
             return (y, None) if self.skip_bias_add else y
         if self.sequence_parallel and self.overlap_chunks > 1:
             y = tp_overlap.linear_reduce_scatter(x, self.weight, self.group, self.overlap_chunks)
         else:
-            y = F.linear(x, self.weight)
+            y = linear(x, self.weight, None, self.fp8)
             y = reduce_scatter_to_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         if self.skip_bias_add:
             return y, self.bias
