@@ -38,16 +38,22 @@ LLAMA_CASES += [Case(precision=precision, recompute="none", dropout=0.1, **LLAMA
 LLAMA_CASES += [Case(**dict(LLAMA, num_kv_heads=1, head_dim=48)), Case(**dict(LLAMA, num_kv_heads=None))]
 
 
+# train.fp8 (bf16): the same saves at tp 1; under sequence parallel the column linears keep the gathered input
+FP8 = [Case(precision="bf16", fp8="tensorwise", **SHAPE), Case(precision="bf16", fp8="rowwise", recompute="selective", **SHAPE),
+       Case(precision="bf16", fp8="rowwise", tp=2, sequence_parallel=True, **SHAPE),
+       Case(precision="bf16", fp8="rowwise", tp=2, sequence_parallel=True, **LLAMA)]
+
+
 # context parallelism, cp = 2 on 2 gloo ranks: LM (every recompute mode), PrefixLM, documents, Llama-style GQA
 CONTEXT_PARALLEL = context_parallel_cases(quick=True)
 
 
 @functools.lru_cache(maxsize=None)
 def measured() -> dict[Case, int]:
-    return measure(SINGLE + SEQUENCE_PARALLEL + LLAMA_CASES + CONTEXT_PARALLEL)
+    return measure(SINGLE + SEQUENCE_PARALLEL + LLAMA_CASES + CONTEXT_PARALLEL + FP8)
 
 
-@pytest.mark.parametrize("case", SINGLE + SEQUENCE_PARALLEL + LLAMA_CASES + CONTEXT_PARALLEL,
+@pytest.mark.parametrize("case", SINGLE + SEQUENCE_PARALLEL + LLAMA_CASES + CONTEXT_PARALLEL + FP8,
                          ids=lambda case: " ".join(case.label().split()))
 def test_layer_bytes_equal_the_planner_with_cpu_kernels(case: Case) -> None:
     got, want = measured()[case], predict_layer(case, "cpu")

@@ -94,14 +94,23 @@ def test_fp8_linears_run_at_the_fp8_peak_plus_their_quantisation():
     bf16 = step_time(config.model, layout, H100, MEGALM, "bf16")
     fp8 = {mode: step_time(config.model, dataclasses.replace(layout, fp8=mode), H100, MEGALM, "bf16")
            for mode in ("tensorwise", "rowwise")}
-    assert fp8["tensorwise"].total == fp8["rowwise"].total  # the same passes and GEMMs in this model
-    speedup = bf16.total / fp8["tensorwise"].total
-    assert 1.1 < speedup < 2.0  # the GEMMs at twice the rate, less the quantisation passes and launches
-    assert fp8["tensorwise"].parts["layer_kernels"] > bf16.parts["layer_kernels"]
+    assert fp8["tensorwise"].compute == fp8["rowwise"].compute  # the same passes and GEMMs in this model
+    assert 1.1 < bf16.compute / fp8["tensorwise"].compute < 2.0  # GEMMs at twice the rate, less the quantisation
+    # eagerly each fp8 linear launches 17 (tensorwise) or 23 (rowwise) more kernels forward: the host limits the
+    # step, and eager FP8 plans slower than bf16 at 1.3B on one GPU (docs/plan.md)
+    assert bf16.parts["layer_kernels"] < fp8["tensorwise"].parts["layer_kernels"] < fp8["rowwise"].parts["layer_kernels"]
+    assert bf16.launch < fp8["tensorwise"].launch < fp8["rowwise"].launch
+    assert fp8["tensorwise"].total > bf16.total
     # weights, gradients, optimizer state and saved activations (the high-precision inputs) do not change
     for fp8_layout in (dataclasses.replace(layout, fp8="rowwise"),):
         assert stage_memory(config.model, fp8_layout, H100, MEGALM, "bf16", 0) == stage_memory(
             config.model, layout, H100, MEGALM, "bf16", 0)
+    # except under sequence parallel: the column linears keep the gathered [s, b, h] input, not the shard
+    # (the measured bytes agree: tests/test_plan_measure.py's fp8 cases)
+    sp = dataclasses.replace(layout, tp=2, sequence_parallel=True)
+    plain, with_fp8 = (stage_memory(config.model, dataclasses.replace(sp, fp8=mode), H100, MEGALM, "bf16", 0).activations
+                       for mode in ("none", "rowwise"))
+    assert with_fp8 > plain
 
 
 def test_fp8_on_a_gpu_without_fp8_is_an_error():
@@ -176,7 +185,7 @@ def test_overlap_never_slows_a_gpu_bound_plan_and_helps_where_tp_comm_is_large()
 
 
 def test_a_layers_launches_add_the_collectives_fp8_passes_and_overlap_chunks():
-    from megalm.plan.efficiency import FP8_BACKWARD_KERNELS, FP8_FORWARD_KERNELS, layer_launches
+    from megalm.plan.efficiency import FP8_KERNELS, layer_launches
     from megalm.plan.kernels import kernel_counts
 
     config = load_config("configs/llama-3-8b.yaml")
@@ -189,6 +198,20 @@ def test_a_layers_launches_add_the_collectives_fp8_passes_and_overlap_chunks():
     assert layer_launches(config.model, sp, counts)[0] == own + 10
     assert layer_launches(config.model, dataclasses.replace(sp, tp_comm_overlap=True), counts)[0] == own + 8 * 7 + 2
     fp8 = dataclasses.replace(base, fp8="tensorwise", recompute="full")
-    assert layer_launches(config.model, fp8, counts) == (own + 6 * (FP8_FORWARD_KERNELS + FP8_BACKWARD_KERNELS),
-                                                         counts.layer_forward + 6 * FP8_FORWARD_KERNELS)
+    forward, backward = FP8_KERNELS["tensorwise"]
+    assert layer_launches(config.model, fp8, counts) == (own + 6 * (forward + backward), counts.layer_forward + 6 * forward)
     assert layer_launches(config.model, dataclasses.replace(base, recompute="selective"), counts)[1] == 1
+
+
+@pytest.mark.parametrize("fp8", ["tensorwise", "rowwise"])
+def test_fp8_kernel_counts_are_megalms(fp8: str) -> None:
+    """The planner's per-linear FP8 launches are what megalm.parallel.fp8 launches (GPT layer exactly; Llama's
+    linears, with no bias, within one kernel)."""
+    from megalm.plan.efficiency import FP8_KERNELS
+    from megalm.plan.kernels import count_fp8_kernels
+
+    gpt = next(spec for spec, precision in recorded_specs() if spec.mlp == "gelu")
+    llama = next(spec for spec, precision in recorded_specs() if spec.mlp == "swiglu")
+    assert count_fp8_kernels(gpt, fp8) == FP8_KERNELS[fp8]
+    forward, backward = count_fp8_kernels(llama, fp8)
+    assert abs(forward - FP8_KERNELS[fp8][0]) <= 1 and abs(backward - FP8_KERNELS[fp8][1]) <= 1

@@ -29,10 +29,10 @@ from megalm.plan.kernels import KernelCounts
 from megalm.plan.layout import Layout, projection_widths
 
 FP8_MODES = ("none", "tensorwise", "rowwise")
-# per FP8 linear (torch._scaled_mm, dynamic scaling): forward amax + scale + cast of input and of weight;
-# backward amax + scale + cast of the output gradient, the transposed copies of input, gradient and weight
-FP8_FORWARD_KERNELS = 6
-FP8_BACKWARD_KERNELS = 8
+# kernels one FP8 linear adds to a bf16 one (forward, backward), eager: amax, scale, clamp and cast of each
+# operand, the transposed copies backward's GEMMs read, the token padding to 16 rows; rowwise also its per-row
+# power-of-two scales. Counted from megalm.parallel.fp8 (megalm.plan.kernels.count_fp8_kernels; a test recounts)
+FP8_KERNELS = {"none": (0, 0), "tensorwise": (17, 27), "rowwise": (23, 47)}
 
 
 def layer_gemms(model: ModelConfig, tp: int, tokens: int) -> list[tuple[int, int, int]]:
@@ -129,7 +129,7 @@ def layer_launches(model: ModelConfig, layout: Layout, counts: KernelCounts) -> 
     parallel 4 all-gathers or reduce-scatters and backward's 2 second gathers; overlapped: each of the 8 in k
     pieces beside k GEMM pieces, 2 k - 1 launches instead of 1). Selective recompute reruns the attention kernel."""
     t, linears = layout.tp, len(layer_gemms(model, layout.tp, 1))
-    fp8 = (FP8_FORWARD_KERNELS, FP8_BACKWARD_KERNELS) if layout.fp8 != "none" else (0, 0)
+    fp8 = FP8_KERNELS[layout.fp8]
     comm = 0
     if t > 1:
         comm = 4 if not layout.sequence_parallel else 8 * (2 * layout.tp_overlap_chunks - 1 if layout.overlaps_tp_comm else 1) + 2

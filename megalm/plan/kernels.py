@@ -71,7 +71,7 @@ def _launches(func) -> bool:
     return not func.is_view and str(func) not in NO_KERNEL
 
 
-def _count(model: ModelConfig, precision: str, num_layers: int) -> tuple[int, int, float, int]:
+def _count(model: ModelConfig, precision: str, num_layers: int, fp8: str = "none") -> tuple[int, int, float, int]:
     """(forward kernels, backward kernels, loss bytes per logits element, parameter tensors) of a tiny model."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -105,7 +105,7 @@ def _count(model: ModelConfig, precision: str, num_layers: int) -> tuple[int, in
         norm=model.norm, mlp=model.mlp, num_kv_heads=2 if model.grouped_attention() else None, bias=model.bias,
         qkv_bias=model.has_qkv_bias(), document_mask=model.document_mask)
     config = Config(model=tiny, parallel=ParallelConfig(),
-                    train=TrainConfig(micro_batch_size=2, global_batch_size=2, precision=precision, seed=5))
+                    train=TrainConfig(micro_batch_size=2, global_batch_size=2, precision=precision, seed=5, fp8=fp8))
     torch.manual_seed(0)
     (chunk,) = build_model_chunks(config, ParallelGroups.single())
     chunk.train()
@@ -133,6 +133,20 @@ def count_kernels(model: ModelConfig, precision: str = "bf16") -> KernelCounts:
     two_f, two_b, _, _ = _count(model, precision, 2)
     layer_f, layer_b = two_f - one_f, two_b - one_b
     return KernelCounts(layer_f, layer_b, one_f - layer_f, one_b - layer_b, loss_bytes)
+
+
+def count_fp8_kernels(model: ModelConfig, fp8: str) -> tuple[float, float]:
+    """(forward, backward) kernels one train.fp8 linear adds to a bf16 one, counted on CPU as count_kernels does."""
+    from megalm.plan.efficiency import layer_gemms
+
+    per_layer = []
+    for mode in ("none", fp8):
+        one_f, one_b, _, _ = _count(model, "bf16", 1, mode)
+        two_f, two_b, _, _ = _count(model, "bf16", 2, mode)
+        per_layer.append((two_f - one_f, two_b - one_b))
+    linears = len(layer_gemms(model, 1, 1))
+    (bf16_f, bf16_b), (fp8_f, fp8_b) = per_layer
+    return (fp8_f - bf16_f) / linears, (fp8_b - bf16_b) / linears
 
 
 _COUNTED: dict[tuple, KernelCounts] = {}  # specs not recorded, counted once per process

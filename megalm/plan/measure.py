@@ -57,6 +57,7 @@ class Case:
     bias: bool = True
     document_mask: bool = False  # eos (id 1) at a few fixed positions of every sample
     cp: int = 1  # context parallel: the sequence split over cp ranks (gloo), rank 0's bytes reported
+    fp8: str = "none"  # train.fp8: the column/row linears' GEMMs in float8 (bf16 only)
 
     def model(self, num_layers: int = 2) -> ModelConfig:
         return ModelConfig(
@@ -73,19 +74,20 @@ class Case:
             parallel=ParallelConfig(tp=self.tp, cp=self.cp, sequence_parallel=self.sequence_parallel,
                                     recompute=self.recompute),
             train=TrainConfig(micro_batch_size=self.micro_batch_size, global_batch_size=self.micro_batch_size,
-                              precision=self.precision, seed=5),
+                              precision=self.precision, seed=5, fp8=self.fp8),
         )
 
     def layout(self) -> Layout:
         return Layout(self.tp, 1, 1, self.micro_batch_size, self.micro_batch_size, recompute=self.recompute,
-                      sequence_parallel=self.sequence_parallel, cp=self.cp)
+                      sequence_parallel=self.sequence_parallel, cp=self.cp, fp8=self.fp8)
 
     def label(self) -> str:
         sp = (f" cp{self.cp}" if self.cp > 1 else "") + (" sp" if self.sequence_parallel else "")
         rope = " rope" if self.position_embedding == "rotary" else ""
         spec = "".join([" rmsnorm" if self.norm == "rmsnorm" else "", " swiglu" if self.mlp == "swiglu" else "",
                         f" kv{self.num_kv_heads}" if self.num_kv_heads else "", f" d{self.head_dim}" if self.head_dim else "",
-                        "" if self.bias else " nobias", " docs" if self.document_mask else ""])
+                        "" if self.bias else " nobias", " docs" if self.document_mask else "",
+                        f" fp8 {self.fp8}" if self.fp8 != "none" else ""])
         return (f"{self.family:8s} {self.precision} tp{self.tp}{sp:3s} drop {self.dropout:g} {self.recompute:9s} "
                 f"s{self.seq_length} b{self.micro_batch_size} h{self.hidden_size} a{self.num_heads}{rope}{spec}")
 

@@ -179,8 +179,9 @@ def _megalm_layer_bytes(model: ModelConfig, layout: Layout, act_bytes: int, kern
     norms = 2 * norm_saved_bytes(model, s * b // sp, act_bytes, kernels)  # the layer's two norms
     # attention and MLP inputs (the query and key_value linears share one, so do gate and up): under
     # sequence parallel a column-parallel linear keeps only its [s/tp, b, h] input shard and all-gathers it
-    # again in backward for the weight gradient (as Megatron does)
-    linear_inputs = 2 * act_bytes * sbh // sp
+    # again in backward for the weight gradient (as Megatron does); with train.fp8 the column linears gather with
+    # the plain conjugate and keep the whole gathered [s, b, h] input (megalm.parallel.tensor)
+    linear_inputs = 2 * act_bytes * sbh // (1 if layout.fp8 != "none" else sp)
     split = act_bytes * s * b * query + mlp_saved_bytes(model, s * b, act_bytes, t)  # proj input; the MLP's
     # hidden dropout masks: torch's CUDA dropout keeps a bool mask, its CPU one the scaled mask in the activation dtype
     masks = 2 * (act_bytes if cpu else 1) * sbh // sp if model.hidden_dropout > 0 else 0
