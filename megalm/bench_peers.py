@@ -176,8 +176,10 @@ def run_megalm(config: Config, config_path: str, tokens: TokenFile, warmup: int,
         times, losses, peak = timed_steps(lambda index: trainer.train_step(index).loss, warmup, steps, device)
     finally:
         trainer.metrics.close()
+    from megalm.model.gpt import count_parameters
+
     return result_record("megalm", config, config_path, times, losses, peak, device, warmup,
-                         version=_megalm_version(), attention="sdpa", optimizer="megalm AdamW (fp32 masters)")
+                         num_parameters=sum(count_parameters(chunk) for chunk in trainer.chunks), version=_megalm_version(), attention="sdpa", optimizer="megalm AdamW (fp32 masters)")
 
 
 def _megalm_version() -> str:
