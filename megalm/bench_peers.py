@@ -1,6 +1,7 @@
 """Side by side on one GPU: megalm, Megatron-Core and torchtitan train the same model on the same tokens.
 
-`python -m megalm.bench_peers run CONFIG [CONFIG ...] --out DIR` writes one shared token file per config
+`python -m megalm.bench_peers run CONFIG [CONFIG ...] --out DIR` (exit 1 when megalm's own run fails; a
+peer that fails or cannot be imported gets a row that says why) writes one shared token file per config
 (megalm's seeded synthetic batches: every system reads the same tokens and labels, step by step), then
 runs each system in its own process: megalm's Trainer (`python -m megalm.bench_peers megalm`), then
 scripts/peers/megatron_core_bench.py and scripts/peers/torchtitan_bench.py when their packages import
@@ -280,7 +281,7 @@ def run_side_by_side(args: argparse.Namespace) -> int:
     table = format_markdown(rows)
     (out / "peers.md").write_text(table, encoding="utf-8")
     print(table)
-    return 0
+    return 1 if any(r["system"] == "megalm" and r.get("skipped") for r in records) else 0  # a peer's failure is its row
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -205,7 +205,8 @@ fi
 
 # ---- 4. the side by side with the peers ------------------------------------------------------------
 # PEER_STEPS / PEER_WARMUP timed and untimed steps, PEER_BATCH the global batch (micro-batch 4 as the
-# configs say), PEER_CONFIGS and PEER_SYSTEMS what runs, PEER_TIMEOUT seconds per run.
+# configs say), PEER_CONFIGS and PEER_SYSTEMS what runs, PEER_TIMEOUT seconds per run (PEER_DEVICE=cpu: the
+# tests run this part on a CPU).
 if wanted peers && in_budget "side by side"; then
   peer_path=""
   if [[ -n "${PEER_WHEELS:-}" ]]; then
@@ -223,7 +224,7 @@ if wanted peers && in_budget "side by side"; then
   # shellcheck disable=SC2086 # one argument per config
   PYTHONPATH="$PYTHONPATH${peer_path:+:$peer_path}" timeout 600 "$PY" -m megalm.bench_peers run \
     ${PEER_CONFIGS:-configs/gpt-1.3b.yaml configs/llama-1b.yaml} --out "$OUT_DIR/peers" \
-    --override train.device=cuda --override "train.global_batch_size=${PEER_BATCH:-8}" \
+    --override "train.device=${PEER_DEVICE:-cuda}" --override "train.global_batch_size=${PEER_BATCH:-8}" \
     --steps "${PEER_STEPS:-5}" --warmup "${PEER_WARMUP:-2}" --timeout "${PEER_TIMEOUT:-200}" \
     --systems "${PEER_SYSTEMS:-megalm,megatron-core,torchtitan}" >"$OUT_DIR/peers.log" 2>&1
   status=$?
