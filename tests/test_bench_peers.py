@@ -225,3 +225,23 @@ def test_peer_runner_trains_the_tiny_models_like_megalm(system: str, config_path
     megalm = run_megalm(config, str(config_path), read_token_file(path, config, 4), warmup=1, steps=3)
     assert record["system"] == system and record["num_parameters"] == megalm["num_parameters"]
     assert abs(record["loss"] / megalm["loss"] - 1) < 0.10, (record["losses"], megalm["losses"])
+
+
+def test_llama_1b_is_the_llama_3_2_1b_shape_with_gpt_1_3b_work() -> None:
+    """configs/llama-1b.yaml: Meta's Llama-3.2-1B config.json (1.24B parameters, tied) with gpt-1.3b's
+    sequence, batch, precision and optimizer, so the side by side times the same work on both shapes."""
+    from megalm.config import validate
+    from megalm.distributed import build_parallel_groups
+    from megalm.model.gpt import build_model, count_parameters
+
+    llama, gpt = load_config(ROOT / "configs" / "llama-1b.yaml"), load_config(ROOT / "configs" / "gpt-1.3b.yaml")
+    model = llama.model
+    assert (model.num_layers, model.hidden_size, model.num_heads, model.kv_heads(), model.ffn_size(),
+            model.vocab_size) == (16, 2048, 32, 8, 8192, 128256)
+    assert (model.rotary_base, model.rope_scaling, model.rope_factor, model.tie_embeddings) == (500000.0, "llama3", 32.0, True)
+    assert (model.seq_length, llama.train.micro_batch_size, llama.train.precision) == (
+        gpt.model.seq_length, gpt.train.micro_batch_size, gpt.train.precision)
+    assert llama.optim == gpt.optim
+    groups = build_parallel_groups(validate(llama, 1), 0, torch.device("cpu"))
+    model = build_model(llama.model, groups, seed=1, materialize=False)  # on the meta device: no memory
+    assert count_parameters(model) == 1_235_814_400  # Llama-3.2-1B's count (tied output layer)
