@@ -180,7 +180,8 @@ def run_megalm(config: Config, config_path: str, tokens: TokenFile, warmup: int,
     from megalm.model.gpt import count_parameters
 
     return result_record("megalm", config, config_path, times, losses, peak, device, warmup,
-                         num_parameters=sum(count_parameters(chunk) for chunk in trainer.chunks), version=_megalm_version(), attention="sdpa", optimizer="megalm AdamW (fp32 masters)")
+                         num_parameters=sum(count_parameters(chunk) for chunk in trainer.chunks),
+                         version=_megalm_version(), attention="sdpa", optimizer="megalm AdamW (fp32 masters)")
 
 
 def _megalm_version() -> str:
@@ -225,7 +226,8 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
             f"| {Path(row['config']).stem} | {row['system']} | {_cell(row.get('tokens_per_s'), ',.0f')} "
             f"| {_cell(mfu, '.1f')}{'%' if mfu is not None else ''} | {_cell(row.get('peak_memory_gib'), '.1f')} "
             f"| {_cell(row.get('loss'), '.3f')} | {_cell(row.get('megalm_over_peer_tokens_per_s'), '.2f')} "
-            f"| {_cell(row.get('megalm_over_peer_mfu'), '.2f')} | {_cell(row.get('megalm_over_peer_peak_memory_gib'), '.2f')} "
+            f"| {_cell(row.get('megalm_over_peer_mfu'), '.2f')} "
+            f"| {_cell(row.get('megalm_over_peer_peak_memory_gib'), '.2f')} "
             f"| {note} |")
     return "\n".join(lines) + "\n"
 

@@ -245,3 +245,48 @@ def test_llama_1b_is_the_llama_3_2_1b_shape_with_gpt_1_3b_work() -> None:
     groups = build_parallel_groups(validate(llama, 1), 0, torch.device("cpu"))
     model = build_model(llama.model, groups, seed=1, materialize=False)  # on the meta device: no memory
     assert count_parameters(model) == 1_235_814_400  # Llama-3.2-1B's count (tied output layer)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_megatron_sdpa_core_attention_equals_megatron_local_attention(kv_heads: int) -> None:
+    """The runner's SDPA core attention computes what Megatron-Core's own local (unfused) one does, with
+    its explicit causal mask, for full and grouped-query attention (needs megatron-core; never in CI)."""
+    if not _importable("megatron.core"):
+        pytest.skip("megatron-core is not installed (scripts/peers/install_wheels.sh installs it beside a GPU check)")
+    import contextlib
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "scripts" / "peers"))
+    try:
+        runner = importlib.import_module("megatron_core_bench")
+    finally:
+        sys.path.remove(str(ROOT / "scripts" / "peers"))
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    current_device = torch.cuda.current_device
+    try:
+        if not parallel_state.model_parallel_is_initialized():
+            runner.init_parallel_state(torch.device("cpu"), 1)
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        fork, tracker.fork = tracker.fork, lambda *args, **kwargs: contextlib.nullcontext()  # no CUDA RNG here
+        config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=kv_heads,
+                                   use_cpu_initialization=True, masked_softmax_fusion=False, attention_dropout=0.0)
+        local = DotProductAttention(config, 1, AttnMaskType.causal, "self")
+        sdpa = runner.sdpa_core_attention()(config, 1, AttnMaskType.causal, "self")
+        generator = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(8, 2, heads, 16, generator=generator) for heads in (4, kv_heads, kv_heads))
+        causal = torch.triu(torch.ones(8, 8, dtype=torch.bool), 1)[None, None]  # True: masked
+        expected, unmasked = local(q, k, v, causal), local(q, k, v, torch.zeros_like(causal))
+        got = sdpa(q, k, v, None)
+        tracker.fork = fork
+    finally:
+        torch.cuda.current_device = current_device
+        if torch.distributed.is_initialized():
+            parallel_state.destroy_model_parallel()
+            torch.distributed.destroy_process_group()
+    assert got.shape == expected.shape == (8, 2, 64)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, unmasked, atol=1e-3)  # the mask matters

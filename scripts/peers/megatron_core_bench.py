@@ -4,15 +4,17 @@ usage: python scripts/peers/megatron_core_bench.py CONFIG [overrides] --tokens F
 
 The model is megatron.core's GPTModel built from get_gpt_layer_local_spec (Megatron-Core's own modules,
 no Transformer Engine): LayerNorm + GELU (tanh, Megatron's fused bias-GELU) + learned positions for a
-GPT config, RMSNorm + SwiGLU + grouped-query rotary attention (llama3 rope scaling) for a Llama one,
+GPT config, RMSNorm + SwiGLU (its fused SwiGLU) + grouped-query rotary attention (llama3 rope scaling) for a Llama one,
 biases and tied embeddings as the config says, the vocabulary padded as megalm pads it. The local
 spec's core attention is an unfused softmax(QK^T)V; it is replaced by a subclass that calls torch's
 scaled_dot_product_attention (causal: flash attention on a GPU), as megalm and torchtitan use flash
 attention (PEER_CORE_ATTENTION=local keeps Megatron's own). On a GPU the model is wrapped in
 Megatron-Core's DistributedDataParallel (fp32 gradient buffers, world size 1) and trained with
 get_megatron_optimizer (Adam, bf16 parameters with fp32 main parameters, gradient clipping): the
-Megatron-LM scheme megalm follows. On a CPU (the tests), where that wrapper's CUDA buffers cannot
-exist, torch's AdamW steps the parameters directly. Parallel state: world size 1, tp = pp = 1.
+Megatron-LM scheme megalm follows. Without Apex or Transformer Engine its Adam is torch's AdamW (foreach)
+and its gradient norm the local multi-tensor fallback: Megatron-Core as pip installs it. On a CPU (the
+tests), where that wrapper's CUDA buffers cannot exist, torch's AdamW steps the parameters directly.
+Parallel state: world size 1, tp = pp = 1.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def build_model(config: Config, device: torch.device):
         hidden_dropout=model.hidden_dropout, attention_dropout=model.attention_dropout,
         init_method_std=model.init_std, normalization="RMSNorm" if llama else "LayerNorm",
         layernorm_epsilon=model.norm_eps, gated_linear_unit=model.mlp == "swiglu",
-        activation_func=F.silu if model.mlp == "swiglu" else F.gelu, bias_activation_fusion=model.mlp != "swiglu",
+        activation_func=F.silu if model.mlp == "swiglu" else F.gelu,
+        bias_activation_fusion=model.bias or model.mlp == "swiglu",  # Megatron-LM's default fused bias-GELU / SwiGLU
         add_bias_linear=model.bias, add_qkv_bias=model.has_qkv_bias(), bf16=dtype == torch.bfloat16,
         params_dtype=dtype, pipeline_dtype=dtype, use_cpu_initialization=device.type != "cuda",
         masked_softmax_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,

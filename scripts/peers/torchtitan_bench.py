@@ -14,11 +14,13 @@ default on a CPU, where FlexAttention has no backward).
 Training follows torchtitan's single-device path: fp32 parameters under torch.autocast(bfloat16)
 (training.mixed_precision_param), fused AdamW with the config's settings, gradient-norm clipping, the
 loss in fp32, each transformer block compiled with torch.compile as its `compile` option does
-(PEER_TITAN_COMPILE=0 turns that off; off on a CPU). The learning rate follows megalm.optim.lr_at.
+(PEER_TITAN_COMPILE=0 turns that off; off on a CPU; where compiling fails, the row is measured eager
+and says so). The learning rate follows megalm.optim.lr_at.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -90,7 +92,7 @@ def build_model(config: Config, device: torch.device, attention: str):
 
 def main() -> int:
     args, config = runner_args(__doc__.split("\n")[0])
-    import torchtitan
+    import torchtitan  # noqa: F401 - where it is not installed, fail here, by name
 
     from importlib.metadata import version
 
@@ -101,10 +103,34 @@ def main() -> int:
         return 0
     tokens = read_token_file(Path(args.tokens), config, args.warmup + args.steps)
     device = resolve_device(config.train.device)
-    torch.manual_seed(config.train.seed)
     attention = os.environ.get("PEER_TITAN_ATTENTION", "flex" if device.type == "cuda" else "sdpa")
-    model = build_model(config, device, attention)
     compiled = os.environ.get("PEER_TITAN_COMPILE", "1" if device.type == "cuda" else "0") == "1"
+    extra.update(attention=attention, optimizer="torch AdamW (fused), fp32 params + autocast")
+    failure = None
+    try:
+        times, losses, peak, count = train(config, tokens, device, attention, compiled, args.warmup, args.steps)
+    except Exception as error:  # noqa: BLE001 - a compile failure costs the row its compile, not the row
+        if not compiled or isinstance(error, torch.cuda.OutOfMemoryError):
+            raise
+        failure = f"{type(error).__name__}: {str(error)[:300]}"
+    if failure is not None:  # out of the except block: the failed model's frames are gone, its memory free
+        print(f"torchtitan_bench: compiled blocks failed ({failure}); measuring eager", file=sys.stderr, flush=True)
+        torch._dynamo.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        compiled = f"failed ({failure.split(':')[0]}), eager"
+        times, losses, peak, count = train(config, tokens, device, attention, False, args.warmup, args.steps)
+    print_record(result_record("torchtitan", config, args.config, times, losses, peak, device, args.warmup,
+                               num_parameters=count, compile=compiled, **extra))
+    return 0
+
+
+def train(config: Config, tokens, device: torch.device, attention: str, compiled: bool, warmup: int,
+          steps: int) -> tuple[list[float], list[float], int, int]:
+    """Build, and time torchtitan's single-device training step: (step seconds, losses, peak bytes, parameters)."""
+    torch.manual_seed(config.train.seed)
+    model = build_model(config, device, attention)
     if compiled:
         for block in model.layers.values():
             block.compile(fullgraph=True)
@@ -116,7 +142,6 @@ def main() -> int:
         lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=device.type == "cuda")
     bf16 = config.train.precision == "bf16"
     positions = torch.arange(config.model.seq_length, device=device).unsqueeze(0)
-    extra.update(attention=attention, compile=compiled, optimizer="torch AdamW (fused), fp32 params + autocast")
 
     def step(index: int) -> torch.Tensor:
         micro = tokens.step(index, device)
@@ -135,12 +160,7 @@ def main() -> int:
         optimizer.step()
         return total
 
-    times, losses, peak = timed_steps(step, args.warmup, args.steps, device)
-    print_record(result_record("torchtitan", config, args.config, times, losses, peak, device, args.warmup,
-                               num_parameters=sum(p.numel() for p in model.parameters()), **extra))
-    del torchtitan
-    return 0
-
-
+    times, losses, peak = timed_steps(step, warmup, steps, device)
+    return times, losses, peak, sum(p.numel() for p in model.parameters())
 if __name__ == "__main__":
     sys.exit(main())
