@@ -290,3 +290,34 @@ def test_megatron_sdpa_core_attention_equals_megatron_local_attention(kv_heads: 
     assert got.shape == expected.shape == (8, 2, 64)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got, unmasked, atol=1e-3)  # the mask matters
+
+
+@pytest.mark.slow  # every Python start imports torch (sitecustomize)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_gpu_check_runs_the_side_by_side_part_and_summarises_it(tmp_path: Path) -> None:
+    """scripts/gpu_check.sh's peers part on a CPU made to look like a CUDA build (as tests/test_gpu.py fakes
+    one), that part alone (GPU_CHECK_PARTS): without PEER_WHEELS megalm runs alone and says so, and
+    gpu_check.json carries its row and the TP overlap note."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(
+        "import torch\nfrom types import SimpleNamespace\ntorch.version.cuda = '12.8'\n"
+        "torch.cuda.is_available = lambda: True\ntorch.cuda.device_count = lambda: 1\n"
+        "torch.cuda.get_device_name = lambda i=0: 'Fake GPU'\n"
+        "torch.cuda.get_device_properties = lambda i=0: SimpleNamespace(name='Fake GPU', multi_processor_count=1, "
+        "total_memory=2**34, major=9, minor=0)\n")
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "VENV", "PEER_WHEELS")}
+    env.update(PYTHON=sys.executable, PYTHONPATH=str(fake), GPU_CHECK_PARTS="peers", PEER_DEVICE="cpu",
+               PEER_CONFIGS="configs/tiny.yaml", PEER_SYSTEMS="megalm", PEER_STEPS="1", PEER_WARMUP="0",
+               PEER_BATCH="4", OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no PEER_WHEELS: the side by side runs megalm alone" in proc.stderr
+    summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert [(row["system"], row["config"]) for row in summary["peers"]] == [("megalm", "configs/tiny.yaml")]
+    assert summary["peers"][0]["tokens_per_s"] > 0 and summary["tests"] == {} and summary["bench"] == {}
+    assert "side by side tiny megalm:" in proc.stdout and "tp overlap: not measured" in proc.stdout
+    assert (tmp_path / "out" / "peers" / "peers.md").read_text().startswith("| model | system |")

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # megalm from the 
 
 from megalm.bench_peers import print_record, read_token_file, result_record, runner_args, timed_steps  # noqa: E402
 from megalm.config import Config, resolved_decay_steps  # noqa: E402
-from megalm.distributed import resolve_device  # noqa: E402
+from megalm.distributed import allow_tf32, resolve_device  # noqa: E402
 from megalm.optim import lr_at  # noqa: E402
 from megalm.testing import free_port  # noqa: E402
 
@@ -117,8 +117,7 @@ def main() -> int:
     args, config = runner_args(__doc__.split("\n")[0])
     tokens = read_token_file(Path(args.tokens), config, args.warmup + args.steps)
     device = resolve_device(config.train.device)
-    if device.type == "cuda" and config.train.precision == "fp32":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as megalm's allow_tf32
+    allow_tf32(device, config.train.precision)  # as megalm does: fp32 matmuls in TF32 on a GPU
     init_parallel_state(device, config.train.seed)
     import megatron.core
 
