@@ -18,9 +18,9 @@
 #
 #   scripts/gpu_check.sh OUTPUT_DIR        (or OUT=OUTPUT_DIR scripts/gpu_check.sh)
 #
-# Time on one H100/H200 (estimates until measured; BUDGET_S, default 540, skips the parts that would start
+# Time on one H100/H200 (estimates until measured; BUDGET_S, default 480, skips the parts that would start
 # after it, each named in the summary): environment 10 s; gpu tests 60-150 s; bench (BENCH_SET=quick: two
-# runs) 90 s, full 4 min; side by side 150 s (5 runs: megalm and Megatron-Core at both shapes, torchtitan
+# runs) 90 s, full 4 min; side by side 200 s (5 runs: megalm and Megatron-Core at both shapes, torchtitan
 # at the Llama one, with its compilation); FP8 150 s (3 runs of 200 steps at global batch 4). Issue 25's
 # one command: BENCH_SET=quick PEER_WHEELS=DIR scripts/gpu_check.sh OUT (about 8 minutes).
 # Parts: GPU_CHECK_PARTS (default "tests bench peers fp8") picks them.
@@ -61,9 +61,9 @@ START=$(date +%s)
 skipped=()
 wanted() { [[ " ${GPU_CHECK_PARTS:-tests bench peers fp8} " == *" $1 "* ]]; }
 in_budget() {  # PART: false (and noted) once BUDGET_S seconds have passed
-  if (( $(date +%s) - START < ${BUDGET_S:-540} )); then return 0; fi
-  say "note: $(( $(date +%s) - START )) s spent, past BUDGET_S=${BUDGET_S:-540}: $1 skipped"
-  skipped+=("$1: past BUDGET_S=${BUDGET_S:-540}")
+  if (( $(date +%s) - START < ${BUDGET_S:-480} )); then return 0; fi
+  say "note: $(( $(date +%s) - START )) s spent, past BUDGET_S=${BUDGET_S:-480}: $1 skipped"
+  skipped+=("$1: past BUDGET_S=${BUDGET_S:-480}")
   return 1
 }
 
