@@ -151,7 +151,7 @@ def runner_args(description: str, argv: Optional[Sequence[str]] = None) -> tuple
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: the config's train.device)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after the options
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     return args, load_config(args.config, overrides)
 

@@ -321,3 +321,13 @@ def test_gpu_check_runs_the_side_by_side_part_and_summarises_it(tmp_path: Path) 
     assert summary["peers"][0]["tokens_per_s"] > 0 and summary["tests"] == {} and summary["bench"] == {}
     assert "side by side tiny megalm:" in proc.stdout and "tp overlap: not measured" in proc.stdout
     assert (tmp_path / "out" / "peers" / "peers.md").read_text().startswith("| model | system |")
+
+
+def test_runner_args_take_overrides_before_or_after_the_options() -> None:
+    from megalm.bench_peers import runner_args
+
+    for argv in ([str(TINY), "train.global_batch_size=8", "--tokens", "t.npz", "--device", "cpu"],
+                 [str(TINY), "--tokens", "t.npz", "train.global_batch_size=8", "--device", "cpu"]):
+        args, config = runner_args("test", argv)
+        assert (args.tokens, args.steps, args.warmup) == ("t.npz", 5, 2)
+        assert (config.train.global_batch_size, config.train.device) == (8, "cpu")
