@@ -6,9 +6,24 @@
 #   2. `megalm bench` of configs/gpt-125m.yaml and configs/gpt-1.3b.yaml in bf16 (MFU and the ratios to
 #      a plain PyTorch GPT and, when installed, transformers' GPT-2 of the same shape), LM and PrefixLM,
 #      compiled layers, recompute selective / full, each to a JSON file (BENCH_SET=quick: LM only);
-#   3. gpu_check.json: the environment, the tests' verdicts and figures, the bench figures.
+#   3. the side by side (megalm.bench_peers, docs/performance.md): megalm, Megatron-Core and torchtitan
+#      train configs/gpt-1.3b.yaml and configs/llama-1b.yaml on the same tokens; the peers are installed
+#      offline from PEER_WHEELS=DIR (scripts/peers/fetch_wheels.sh DIR, run beforehand where PyPI is
+#      reachable); without it megalm's rows alone;
+#   4. FP8 linears (train.fp8 tensorwise, rowwise) against bf16 at 1.3B: tokens/s and the loss after
+#      FP8_STEPS (200) steps, each `megalm bench --no-baseline`; skipped when this checkout has no train.fp8;
+#   5. gpu_check.json: the environment, the tests' verdicts and figures, the bench figures (each with the
+#      planner's measured/planned tokens/s), the side by side, FP8 against bf16. TP communication overlap
+#      needs tp >= 2, more than this one GPU: not measured here (the summary says so).
 #
 #   scripts/gpu_check.sh OUTPUT_DIR        (or OUT=OUTPUT_DIR scripts/gpu_check.sh)
+#
+# Time on one H100/H200 (estimates until measured; BUDGET_S, default 480, skips the parts that would start
+# after it, each named in the summary): environment 10 s; gpu tests 60-150 s; bench (BENCH_SET=quick: two
+# runs) 90 s, full 4 min; side by side 200 s (5 runs: megalm and Megatron-Core at both shapes, torchtitan
+# at the Llama one, with its compilation); FP8 150 s (3 runs of 200 steps at global batch 4). Issue 25's
+# one command: BENCH_SET=quick PEER_WHEELS=DIR scripts/gpu_check.sh OUT (about 8 minutes).
+# Parts: GPU_CHECK_PARTS (default "tests bench peers fp8") picks them.
 #
 # The Python environment, first that applies:
 #   PYTHON=/path/to/python    use it as it is (it must hold the CUDA build of torch, numpy, pyyaml,
@@ -43,6 +58,14 @@ LOG="$OUT_DIR/gpu_check.log"
 : >"$LOG"
 say() { echo "gpu_check: $*" | tee -a "$LOG" >&2; }
 START=$(date +%s)
+skipped=()
+wanted() { [[ " ${GPU_CHECK_PARTS:-tests bench peers fp8} " == *" $1 "* ]]; }
+in_budget() {  # PART: false (and noted) once BUDGET_S seconds have passed
+  if (( $(date +%s) - START < ${BUDGET_S:-480} )); then return 0; fi
+  say "note: $(( $(date +%s) - START )) s spent, past BUDGET_S=${BUDGET_S:-480}: $1 skipped"
+  skipped+=("$1: past BUDGET_S=${BUDGET_S:-480}")
+  return 1
+}
 
 # ---- 1. the Python environment ------------------------------------------------------------------
 VENV=${VENV:-$ROOT/.venv}
@@ -137,6 +160,7 @@ nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 # ---- 2. the gpu tests ---------------------------------------------------------------------------
 failed=()
 rm -f "$OUT_DIR/gpu_tests.jsonl"
+if wanted tests; then
 say "pytest -m gpu tests/test_gpu.py"
 set +e
 CUBLAS_WORKSPACE_CONFIG=:4096:8 MEGALM_GPU_CHECK_OUT="$OUT_DIR/gpu_tests.jsonl" OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} \
@@ -146,6 +170,7 @@ status=$?
 set -e
 tail -n 5 "$OUT_DIR/gpu_tests.log" | tee -a "$LOG" >&2
 [[ $status -eq 0 ]] || failed+=("gpu tests (exit $status)")
+fi
 
 # ---- 3. megalm bench ----------------------------------------------------------------------------
 bench() {  # NAME CONFIG GLOBAL_BATCH [STEPS [BENCH ARGS AND OVERRIDES ...]]
@@ -165,9 +190,11 @@ bench() {  # NAME CONFIG GLOBAL_BATCH [STEPS [BENCH ARGS AND OVERRIDES ...]]
 # compiled layers (the baselines' blocks compiled too). The recompute modes, compile and PrefixLM at
 # 1.3b are megalm alone (--no-baseline), fewer steps. BENCH_SET=quick: the two LM rows only.
 B125=${BATCH_125M:-64} B13=${BATCH_1_3B:-16} VSTEPS=${VARIANT_STEPS:-3}
+if wanted bench && in_budget bench; then
 bench gpt-125m configs/gpt-125m.yaml "$B125"
 bench gpt-1.3b configs/gpt-1.3b.yaml "$B13"
-if [[ "${BENCH_SET:-full}" != quick ]]; then
+fi
+if wanted bench && [[ "${BENCH_SET:-full}" != quick ]] && in_budget "bench variants"; then
   bench gpt-125m-prefixlm configs/gpt-125m.yaml "$B125" "$VSTEPS" model.family=prefixlm
   bench gpt-125m-compile configs/gpt-125m.yaml "$B125" "$VSTEPS" train.compile=true --no-transformers
   bench gpt-1.3b-selective configs/gpt-1.3b.yaml "$B13" "$VSTEPS" parallel.recompute=selective --no-baseline
@@ -176,7 +203,57 @@ if [[ "${BENCH_SET:-full}" != quick ]]; then
   bench gpt-1.3b-prefixlm configs/gpt-1.3b.yaml "$B13" "$VSTEPS" model.family=prefixlm --no-baseline
 fi
 
-# ---- 4. the summary -----------------------------------------------------------------------------
+# ---- 4. the side by side with the peers ------------------------------------------------------------
+# PEER_STEPS / PEER_WARMUP timed and untimed steps, PEER_BATCH the global batch (micro-batch 4 as the
+# configs say), PEER_CONFIGS and PEER_SYSTEMS what runs, PEER_TIMEOUT seconds per run (PEER_DEVICE=cpu: the
+# tests run this part on a CPU).
+if wanted peers && in_budget "side by side"; then
+  peer_path=""
+  if [[ -n "${PEER_WHEELS:-}" ]]; then
+    if peer_path=$(PYTHON="$PY" bash scripts/peers/install_wheels.sh "$PEER_WHEELS" 2>>"$LOG"); then
+      say "peers installed from $PEER_WHEELS into $peer_path"
+    else
+      say "note: installing the peers from $PEER_WHEELS failed (see $LOG): their rows say why"
+      peer_path=""
+    fi
+  else
+    say "note: no PEER_WHEELS: the side by side runs megalm alone (scripts/peers/fetch_wheels.sh DIR makes them)"
+  fi
+  say "side by side: ${PEER_CONFIGS:-configs/gpt-1.3b.yaml configs/llama-1b.yaml} (global batch ${PEER_BATCH:-8})"
+  set +e
+  # shellcheck disable=SC2086 # one argument per config
+  PYTHONPATH="$PYTHONPATH${peer_path:+:$peer_path}" timeout 600 "$PY" -m megalm.bench_peers run \
+    ${PEER_CONFIGS:-configs/gpt-1.3b.yaml configs/llama-1b.yaml} --out "$OUT_DIR/peers" \
+    --override "train.device=${PEER_DEVICE:-cuda}" --override "train.global_batch_size=${PEER_BATCH:-8}" \
+    --steps "${PEER_STEPS:-5}" --warmup "${PEER_WARMUP:-2}" --timeout "${PEER_TIMEOUT:-200}" \
+    --systems "${PEER_SYSTEMS:-megalm,megatron-core,torchtitan}" >"$OUT_DIR/peers.log" 2>&1
+  status=$?
+  set -e
+  tail -n 12 "$OUT_DIR/peers.log" | tee -a "$LOG" >&2
+  [[ $status -eq 0 ]] || failed+=("side by side (exit $status)")
+fi
+
+# ---- 5. FP8 linears against bf16 ----------------------------------------------------------------------
+# FP8_MODES (default "tensorwise rowwise"), FP8_STEPS steps in all (the loss after the last is compared),
+# FP8_BATCH the global batch at 1.3B.
+if wanted fp8 && in_budget "fp8"; then
+  if "$PY" -c 'import dataclasses, sys; from megalm.config.sections import TrainConfig
+sys.exit("fp8" not in {field.name for field in dataclasses.fields(TrainConfig)})' 2>>"$LOG"; then
+    fsteps=${FP8_STEPS:-200} fwarm=10
+    for mode in bf16 ${FP8_MODES:-tensorwise rowwise}; do
+      in_budget "fp8 $mode" || break
+      fp8=(); [[ $mode == bf16 ]] || fp8=("train.fp8=$mode")
+      BENCH_WARMUP=$fwarm bench "gpt-1.3b-fp8-$mode" configs/gpt-1.3b.yaml "${FP8_BATCH:-4}" $(( fsteps - fwarm )) \
+        "${fp8[@]}" --no-baseline
+    done
+  else
+    say "note: this checkout has no train.fp8 config key: FP8 skipped"
+    skipped+=("fp8: no train.fp8 in this checkout")
+  fi
+fi
+
+# ---- 6. the summary -----------------------------------------------------------------------------
+printf '%s\n' "${skipped[@]}" >"$OUT_DIR/skipped.txt"
 "$PY" scripts/gpu_check_summary.py "$OUT_DIR" "$(( $(date +%s) - START ))" "${failed[@]}" | tee -a "$LOG"
 if (( ${#failed[@]} )); then
   say "FAILED: ${failed[*]}"

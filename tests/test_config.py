@@ -41,6 +41,7 @@ SHIPPED = {
     "yuan-plm-13b.yaml": None,
     "yuan-245b.yaml": None,
     "llama-tiny.yaml": 1,
+    "llama-1b.yaml": 8,
     "llama-3-8b.yaml": None,
     "llama-3-70b.yaml": None,
 }
