@@ -21,7 +21,8 @@
 # Time on one H100/H200 (estimates until measured; BUDGET_S, default 480, skips the parts that would start
 # after it, each named in the summary): environment 10 s; gpu tests 60-150 s; bench (BENCH_SET=quick: two
 # runs) 90 s, full 4 min; side by side 200 s (5 runs: megalm and Megatron-Core at both shapes, torchtitan
-# at the Llama one, with its compilation); FP8 150 s (3 runs of 200 steps at global batch 4). Issue 25's
+# at the Llama one, with its compilation); FP8 250 s (3 eager runs of 200 steps at global batch 4, 2 compiled;
+# what passes BUDGET_S is skipped and named: GPU_CHECK_PARTS=fp8 in a second slot). Issue 25's
 # one command: BENCH_SET=quick PEER_WHEELS=DIR scripts/gpu_check.sh OUT (about 8 minutes).
 # Parts: GPU_CHECK_PARTS (default "tests bench peers fp8") picks them.
 #
@@ -246,6 +247,17 @@ sys.exit("fp8" not in {field.name for field in dataclasses.fields(TrainConfig)})
       BENCH_WARMUP=$fwarm bench "gpt-1.3b-fp8-$mode" configs/gpt-1.3b.yaml "${FP8_BATCH:-4}" $(( fsteps - fwarm )) \
         "${fp8[@]}" --no-baseline
     done
+    # compiled layers fuse the casts that eager FP8 launches one by one (the planner plans eager FP8 as
+    # host-bound at 1.3B, docs/plan.md): FP8_COMPILE_MODES (default "tensorwise"; empty: skip) against
+    # compiled bf16, the same steps
+    if [[ -n "${FP8_COMPILE_MODES-tensorwise}" ]]; then
+      for mode in bf16 ${FP8_COMPILE_MODES-tensorwise}; do
+        in_budget "fp8 compiled $mode" || break
+        fp8=(); [[ $mode == bf16 ]] || fp8=("train.fp8=$mode")
+        BENCH_WARMUP=$fwarm bench "gpt-1.3b-fp8-compiled-$mode" configs/gpt-1.3b.yaml "${FP8_BATCH:-4}" \
+          $(( fsteps - fwarm )) "${fp8[@]}" train.compile=true --no-baseline
+      done
+    fi
   else
     say "note: this checkout has no train.fp8 config key: FP8 skipped"
     skipped+=("fp8: no train.fp8 in this checkout")

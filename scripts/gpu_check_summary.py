@@ -61,12 +61,13 @@ def _last_loss(bench: Optional[dict]) -> Optional[float]:
 
 def fp8_figures(bench: dict[str, Optional[dict]]) -> dict[str, Any]:
     """FP8 against bf16 at 1.3B: tokens/s ratio and the relative loss difference after the same steps."""
-    base = bench.get(FP8_PREFIX + "bf16")
     out: dict[str, Any] = {}
     for name, entry in bench.items():
-        if not name.startswith(FP8_PREFIX) or name == FP8_PREFIX + "bf16":
+        if not name.startswith(FP8_PREFIX) or name.endswith("bf16"):
             continue
         mode = name[len(FP8_PREFIX):]
+        # compiled-MODE against compiled bf16, MODE against eager bf16
+        base = bench.get(FP8_PREFIX + ("compiled-bf16" if mode.startswith("compiled-") else "bf16"))
         if entry is None or base is None or not (base.get("megalm") or {}).get("tokens_per_s"):
             out[mode] = None
             continue

@@ -172,6 +172,8 @@ def test_gpu_check_summary_reports_peers_fp8_planner_and_tp_overlap(tmp_path: Pa
     bench("gpt-1.3b", 56000.0, 7.0, planned=64000.0)
     bench("gpt-1.3b-fp8-bf16", 60000.0, 6.0)
     bench("gpt-1.3b-fp8-rowwise", 75000.0, 6.03)
+    bench("gpt-1.3b-fp8-compiled-bf16", 80000.0, 6.0)
+    bench("gpt-1.3b-fp8-compiled-tensorwise", 96000.0, 6.0)
     (tmp_path / "peers").mkdir()
     rows = side_by_side([_row("megalm", "configs/llama-1b.yaml", 70000.0, 0.55, 30.0, 11.0),
                          _row("torchtitan", "configs/llama-1b.yaml", 80000.0, 0.62, 25.0, 11.5)])
@@ -183,7 +185,9 @@ def test_gpu_check_summary_reports_peers_fp8_planner_and_tp_overlap(tmp_path: Pa
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     rowwise = summary["fp8"]["rowwise"]
     assert rowwise["tokens_per_s_ratio"] == pytest.approx(1.25) and rowwise["loss_relative_difference"] == pytest.approx(0.005)
-    assert list(summary["fp8"]) == ["rowwise"]
+    # compiled FP8 against compiled bf16, not against eager bf16
+    assert summary["fp8"]["compiled-tensorwise"]["tokens_per_s_ratio"] == pytest.approx(1.2)
+    assert sorted(summary["fp8"]) == ["compiled-tensorwise", "rowwise"]
     assert summary["planner_measured_over_planned"] == {"gpt-1.3b": pytest.approx(0.875)}
     assert [row["system"] for row in summary["peers"]] == ["megalm", "torchtitan"]
     assert summary["skipped"] == ["fp8 tensorwise: past BUDGET_S=540"] and "tp >= 2" in summary["tp_overlap"]
