@@ -80,6 +80,7 @@ class PipelineExecutor:
         *,
         message_dtype: torch.dtype = torch.float32,
         transport: Optional[Transport] = None,
+        early_receives: bool = True,
     ) -> None:
         self.chunks = chunks
         self.groups = groups
@@ -92,6 +93,9 @@ class PipelineExecutor:
         self.transport: Transport = transport if transport is not None else DistTransport(groups)
         self.train_schedule = build_schedule(schedule, self.pp, num_microbatches, self.virtual_stages)
         self.combine_rounds = schedule == "interleaved"
+        # GPipe and 1F1B post the next action's receive before the current computation (the interleaved
+        # schedule overlaps through its lanes instead); False: the reference protocol, for tests and timing.
+        self.early_receives = early_receives and schedule != "interleaved"
         self.stats = StepStats()
 
     def _stage(self, chunk: int) -> int:
@@ -158,6 +162,11 @@ class PipelineExecutor:
                 if len(round_) == 2 and index != first_steady:
                     loss_sum += self._steady_round(round_, following, lanes, {}, batches, loss_fn)
                     continue
+                if self.early_receives:
+                    outgoing, loss = self._early_round(round_[0], following, outgoing, lanes, batches, loss_fn,
+                                                       forward_only)
+                    loss_sum += loss
+                    continue
                 prefetched = self._settle(lanes)
                 received = self._exchange(outgoing, tuple(a for a in round_ if a not in prefetched))
                 received.update(prefetched)
@@ -170,6 +179,53 @@ class PipelineExecutor:
             self._settle(lanes)
             self._exchange(outgoing, ())
         return loss_sum
+
+    def _early_round(
+        self, action: Action, following: tuple[Action, ...], outgoing: list[Transfer], lanes: dict,
+        batches: list[Batch], loss_fn: LossFn, forward_only: bool,
+    ) -> tuple[list[Transfer], torch.Tensor]:
+        """GPipe and 1F1B: exchange, post the next action's receive ahead (lane "R"), compute `action`.
+
+        The exchange holds the last round's sends and this action's input unless it was posted ahead;
+        it is waited before the computation (sends are released there), and the receive posted ahead
+        is waited only before the next action, so its transfer runs under this computation.
+        """
+        ahead = lanes.pop("R", None)  # posted before the last computation: (handle, {action: buffer})
+        pending = () if ahead is not None and action in ahead[1] else (action,)
+        handle, received = self._start_exchange(outgoing, pending)
+        upcoming = following[0] if following else None
+        if upcoming is not None and self._may_post_ahead(action, upcoming):
+            posted = self._post([], (upcoming,))
+            if posted:
+                lanes["R"] = posted
+        if ahead is not None:
+            self.transport.wait(ahead[0])
+            received.update(ahead[1])
+        if handle is not None:
+            self.transport.wait(handle)
+        return self._run_round((action,), received, batches, loss_fn, forward_only)
+
+    def _may_post_ahead(self, action: Action, upcoming: Action) -> bool:
+        """Whether `upcoming`'s receive may go on the channel before `action`'s send (NCCL's pair order).
+
+        Only a crossing forbids it: `action` is a forward whose activation goes to the very peer
+        `upcoming`'s gradient comes from. That peer posts its receive of the activation ahead of its
+        gradient's send, so on each link exactly one side splits the crossing pair and the other keeps
+        it in one group (the activation's send with the gradient's receive), as NCCL needs.
+        """
+        needs = self._needs(upcoming)
+        if needs is None:
+            return False
+        stage = self._stage(action.chunk)
+        sends_to = (stage + 1) % self.pp if action.kind == "F" and stage < self.last_stage else None
+        return not (upcoming.kind == "B" and sends_to == needs[0])
+
+    def _start_exchange(
+        self, outgoing: list[Transfer], actions: tuple[Action, ...]
+    ) -> tuple[Optional[Any], dict[Action, torch.Tensor]]:
+        """`_exchange` without the wait: (handle or None, receive buffers)."""
+        posted = self._post(outgoing, actions)
+        return posted if posted is not None else (None, {})
 
     def _post(self, sends: list[Transfer], prefetch: tuple[Action, ...]) -> Optional[tuple[Any, dict]]:
         """Issue `sends` and the receives of `prefetch`'s inputs as one group, not waited: (handle, buffers)."""
