@@ -11,9 +11,10 @@ rounds: one action each, except that in the interleaved schedule's steady phase 
 backward after it form one round. Before each single-action round the rank makes ONE exchange, a
 batched group holding the previous round's sends and this round's receives, and waits for all of
 it: send-forward + receive-backward after a 1F1B forward, send-backward + receive-forward after a
-backward, send-forward + receive-forward in GPipe and in warm-up. Neighbouring ranks' exchanges
-meet group against group, so a crossing pair of messages is always inside one group, and no rank
-waits on a message whose sender is itself waiting on that rank.
+backward, send-forward + receive-forward in GPipe and in warm-up (GPipe and 1F1B: the receive only
+if it was not posted early, below). Neighbouring ranks' exchanges meet group against group, so a
+crossing pair of messages is always inside one group on at least one side, and no rank waits on a
+message whose sender is itself waiting on that rank.
 
 The interleaved steady state (F then B) overlaps transfers with compute as Megatron does: right
 after F the rank issues, unwaited, one group with F's output and the receive of the next F's
@@ -26,14 +27,22 @@ before it; the first cool-down round finds its gradient already posted.
 `megalm.parallel.p2p_check` replays the operations the executor really issues under these rules
 (independent pair channels, and one stream per rank) for every schedule up to pp=8, m=32, v=4.
 
+GPipe and 1F1B post receives early: before computing an action the rank issues, unwaited, a group
+with the receive of the NEXT action's input (its activation or gradient), and waits for it only
+before that action, so the transfer runs under the current computation (the sender no longer meets
+the receiver at its exchange). The exception is the crossing: a forward whose activation goes to the
+very peer the next backward's gradient comes from (1F1B's steady state, GPipe's last forward) keeps
+that receive in the exchange with the activation's send, while the peer posts its receive of the
+activation ahead of its gradient's send; so on each link one side splits the crossing pair and the
+other holds it in one group, which NCCL's pair order needs (both sides posting ahead deadlocks). The
+exchange before an action still holds the last action's sends and is waited before the computation.
+
 Memory stays bounded by the schedule's in-flight count: a message is released as soon as the
 exchange that carried it completes, and a stage keeps only the autograd edge of its output
 (`get_gradient_edge`), not the tensor, so the output's storage is freed once it is sent; backward
 then starts from that edge with the received gradient (interleaved steady state: one message
-per direction is held one computation longer, while it overlaps). GPipe and 1F1B post no receive
-ahead of its round: there a receive posted early on its own goes on the channel before a send the
-peer expects first (the crossing that deadlocks: the checker finds it), so their transfers overlap
-each other (the sends and receives of one group run together) but not compute.
+per direction is held one computation longer, while it overlaps). A receive posted early holds
+one more message buffer during the computation before its use (GPipe and 1F1B: at most one).
 """
 
 from __future__ import annotations
