@@ -212,6 +212,8 @@ class PipelineExecutor:
             received.update(ahead[1])
         if handle is not None:
             self.transport.wait(handle)
+        del handle, ahead
+        outgoing.clear()  # released: the exchange that carried them has completed (the caller's list)
         return self._run_round((action,), received, batches, loss_fn, forward_only)
 
     def _may_post_ahead(self, action: Action, upcoming: Action) -> bool:
