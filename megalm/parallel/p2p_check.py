@@ -354,6 +354,28 @@ def sends_held_past_compute(trace: Trace, allowed: int = 0) -> list[str]:
     return held
 
 
+def receives_by_overlap(trace: Trace) -> dict[int, tuple[list[str], list[str]]]:
+    """Per rank, the keys of receives (posted ahead, not ahead): ahead when a computation runs between the
+    receive's issue and its wait, so its transfer can overlap that computation."""
+    out = {}
+    for rank, events in trace.items():
+        issued_at: dict[int, tuple[int, str]] = {}
+        ahead, late = [], []
+        computes = 0
+        for event in events:
+            if "compute" in event:
+                computes += 1
+            elif "issue" in event:
+                for spec in event["issue"]:
+                    if spec["op"] == "recv":
+                        issued_at[spec["id"]] = (computes, spec["key"])
+            elif "wait" in event and event["wait"] in issued_at:
+                start, key = issued_at.pop(event["wait"])
+                (ahead if computes > start else late).append(key)
+        out[rank] = (ahead, late)
+    return out
+
+
 def save_trace(path: Path, trace: Trace, meta: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps({"meta": meta, "ranks": {str(r): e for r, e in trace.items()}}, indent=None))
 
@@ -429,14 +451,15 @@ def rank_coordinates(pp: int, cp: int = 1) -> dict[int, tuple[int, int]]:
 def record_pipeline(schedule: str, pp: int, num_microbatches: int, virtual_stages: int,
                     shape: tuple[int, ...], forward_only: bool = False,
                     message_dtype: torch.dtype = torch.float32, cp: int = 1, layers: int = 2,
-                    replicate_cp: bool = False) -> Trace:
+                    replicate_cp: bool = False, early_receives: bool = True) -> Trace:
     """Run the real PipelineExecutor of every (pp, cp) rank (stub chunks, recording transport); return the trace.
 
     Global ranks follow the Topology (tp = dp = 1: rank = pp_rank * cp + cp_rank). With cp > 1 each chunk
     logs `layers` all-gathers (forward) and reduce-scatters (backward) over its cp group (the loss needs
     none inside the pipeline: the trainer divides by the global token count, reduced before). `replicate_cp` runs
     only cp rank 0's executors and gives every other cp rank the same program over its own pp group
-    (cp times faster; tests check on a subset that recording every cp rank gives the same trace)."""
+    (cp times faster; tests check on a subset that recording every cp rank gives the same trace).
+    `early_receives=False` records the executor's reference protocol (no receive posted ahead)."""
     from megalm.parallel.pipeline import PipelineExecutor  # the executor imports nothing from here
 
     topology = Topology(tp=1, pp=pp, dp=1, cp=cp)
@@ -461,6 +484,7 @@ def record_pipeline(schedule: str, pp: int, num_microbatches: int, virtual_stage
         executor = PipelineExecutor(
             chunks, groups, schedule, num_microbatches, shape,
             transport=RecordingTransport(events, pp_ranks), message_dtype=message_dtype,
+            early_receives=early_receives,
         )
 
         executor.run(batches, lambda losses, batch: losses.sum(), forward_only=forward_only)

@@ -11,9 +11,10 @@ rounds: one action each, except that in the interleaved schedule's steady phase 
 backward after it form one round. Before each single-action round the rank makes ONE exchange, a
 batched group holding the previous round's sends and this round's receives, and waits for all of
 it: send-forward + receive-backward after a 1F1B forward, send-backward + receive-forward after a
-backward, send-forward + receive-forward in GPipe and in warm-up. Neighbouring ranks' exchanges
-meet group against group, so a crossing pair of messages is always inside one group, and no rank
-waits on a message whose sender is itself waiting on that rank.
+backward, send-forward + receive-forward in GPipe and in warm-up (GPipe and 1F1B: the receive only
+if it was not posted early, below). Neighbouring ranks' exchanges meet group against group, so a
+crossing pair of messages is always inside one group on at least one side, and no rank waits on a
+message whose sender is itself waiting on that rank.
 
 The interleaved steady state (F then B) overlaps transfers with compute as Megatron does: right
 after F the rank issues, unwaited, one group with F's output and the receive of the next F's
@@ -26,14 +27,22 @@ before it; the first cool-down round finds its gradient already posted.
 `megalm.parallel.p2p_check` replays the operations the executor really issues under these rules
 (independent pair channels, and one stream per rank) for every schedule up to pp=8, m=32, v=4.
 
+GPipe and 1F1B post receives early: before computing an action the rank issues, unwaited, a group
+with the receive of the NEXT action's input (its activation or gradient), and waits for it only
+before that action, so the transfer runs under the current computation (the sender no longer meets
+the receiver at its exchange). The exception is the crossing: a forward whose activation goes to the
+very peer the next backward's gradient comes from (1F1B's steady state, GPipe's last forward) keeps
+that receive in the exchange with the activation's send, while the peer posts its receive of the
+activation ahead of its gradient's send; so on each link one side splits the crossing pair and the
+other holds it in one group, which NCCL's pair order needs (both sides posting ahead deadlocks). The
+exchange before an action still holds the last action's sends and is waited before the computation.
+
 Memory stays bounded by the schedule's in-flight count: a message is released as soon as the
 exchange that carried it completes, and a stage keeps only the autograd edge of its output
 (`get_gradient_edge`), not the tensor, so the output's storage is freed once it is sent; backward
 then starts from that edge with the received gradient (interleaved steady state: one message
-per direction is held one computation longer, while it overlaps). GPipe and 1F1B post no receive
-ahead of its round: there a receive posted early on its own goes on the channel before a send the
-peer expects first (the crossing that deadlocks: the checker finds it), so their transfers overlap
-each other (the sends and receives of one group run together) but not compute.
+per direction is held one computation longer, while it overlaps). A receive posted early holds
+one more message buffer during the computation before its use (GPipe and 1F1B: at most one).
 """
 
 from __future__ import annotations
@@ -80,6 +89,7 @@ class PipelineExecutor:
         *,
         message_dtype: torch.dtype = torch.float32,
         transport: Optional[Transport] = None,
+        early_receives: bool = True,
     ) -> None:
         self.chunks = chunks
         self.groups = groups
@@ -92,6 +102,9 @@ class PipelineExecutor:
         self.transport: Transport = transport if transport is not None else DistTransport(groups)
         self.train_schedule = build_schedule(schedule, self.pp, num_microbatches, self.virtual_stages)
         self.combine_rounds = schedule == "interleaved"
+        # GPipe and 1F1B post the next action's receive before the current computation (the interleaved
+        # schedule overlaps through its lanes instead); False: the reference protocol, for tests and timing.
+        self.early_receives = early_receives and schedule != "interleaved"
         self.stats = StepStats()
 
     def _stage(self, chunk: int) -> int:
@@ -158,6 +171,11 @@ class PipelineExecutor:
                 if len(round_) == 2 and index != first_steady:
                     loss_sum += self._steady_round(round_, following, lanes, {}, batches, loss_fn)
                     continue
+                if self.early_receives:
+                    outgoing, loss = self._early_round(round_[0], following, outgoing, lanes, batches, loss_fn,
+                                                       forward_only)
+                    loss_sum += loss
+                    continue
                 prefetched = self._settle(lanes)
                 received = self._exchange(outgoing, tuple(a for a in round_ if a not in prefetched))
                 received.update(prefetched)
@@ -170,6 +188,55 @@ class PipelineExecutor:
             self._settle(lanes)
             self._exchange(outgoing, ())
         return loss_sum
+
+    def _early_round(
+        self, action: Action, following: tuple[Action, ...], outgoing: list[Transfer], lanes: dict,
+        batches: list[Batch], loss_fn: LossFn, forward_only: bool,
+    ) -> tuple[list[Transfer], torch.Tensor]:
+        """GPipe and 1F1B: exchange, post the next action's receive ahead (lane "R"), compute `action`.
+
+        The exchange holds the last round's sends and this action's input unless it was posted ahead;
+        it is waited before the computation (sends are released there), and the receive posted ahead
+        is waited only before the next action, so its transfer runs under this computation.
+        """
+        ahead = lanes.pop("R", None)  # posted before the last computation: (handle, {action: buffer})
+        pending = () if ahead is not None and action in ahead[1] else (action,)
+        handle, received = self._start_exchange(outgoing, pending)
+        upcoming = following[0] if following else None
+        if upcoming is not None and self._may_post_ahead(action, upcoming):
+            posted = self._post([], (upcoming,))
+            if posted:
+                lanes["R"] = posted
+        if ahead is not None:
+            self.transport.wait(ahead[0])
+            received.update(ahead[1])
+        if handle is not None:
+            self.transport.wait(handle)
+        del handle, ahead
+        outgoing.clear()  # released: the exchange that carried them has completed (the caller's list)
+        return self._run_round((action,), received, batches, loss_fn, forward_only)
+
+    def _may_post_ahead(self, action: Action, upcoming: Action) -> bool:
+        """Whether `upcoming`'s receive may go on the channel before `action`'s send (NCCL's pair order).
+
+        Only a crossing forbids it: `action` is a forward whose activation goes to the very peer
+        `upcoming`'s gradient comes from. That peer posts its receive of the activation ahead of its
+        gradient's send, so on each link exactly one side splits the crossing pair and the other keeps
+        it in one group (the activation's send with the gradient's receive), as NCCL needs.
+        """
+        needs = self._needs(upcoming)
+        if needs is None:
+            return False
+        stage = self._stage(action.chunk)
+        sends_to = (stage + 1) % self.pp if action.kind == "F" and stage < self.last_stage else None
+        return not (upcoming.kind == "B" and sends_to == needs[0])
+
+    def _start_exchange(
+        self, outgoing: list[Transfer], actions: tuple[Action, ...]
+    ) -> tuple[Optional[Any], dict[Action, torch.Tensor]]:
+        """`_exchange` without the wait: (handle or None, receive buffers)."""
+        posted = self._post(outgoing, actions)
+        return posted if posted is not None else (None, {})
 
     def _post(self, sends: list[Transfer], prefetch: tuple[Action, ...]) -> Optional[tuple[Any, dict]]:
         """Issue `sends` and the receives of `prefetch`'s inputs as one group, not waited: (handle, buffers)."""

@@ -36,7 +36,7 @@ def make_config(family: str, tp: int, pp: int, dp: int, schedule: str, v: int, s
     )
 
 
-def one_step(config: Config, groups: ParallelGroups) -> dict:
+def one_step(config: Config, groups: ParallelGroups, early_receives: bool = True) -> dict:
     """Loss, full gradients by name, and the executor's activation count after one forward/backward."""
     chunks = build_model_chunks(config, groups)
     source = build_sources(config).train
@@ -44,7 +44,7 @@ def one_step(config: Config, groups: ParallelGroups) -> dict:
     tokens = all_reduce_(sum(b.loss_mask.sum() for b in batches).clone(), groups.dp_group)
     executor = PipelineExecutor(
         chunks, groups, config.parallel.schedule, len(batches),
-        activation_shape(16, MICRO, 32, groups, config.parallel.sequence_parallel),
+        activation_shape(16, MICRO, 32, groups, config.parallel.sequence_parallel), early_receives=early_receives,
     )
     # The trainer's gradient path: bucketed, overlapped dp reduction, the sequence-parallel sum over
     # tp and the tied embedding's cross-stage sum all happen in GradientSync (small buckets: several).
@@ -141,3 +141,32 @@ def test_1f1b_keeps_at_most_pp_microbatches_and_gpipe_keeps_all() -> None:
         else:  # interleaved: (pp - 1) * 2 + (v - 1) * pp + 1 chunk activations on the first stage
             assert result["max_in_flight"] == (pp - 1) * 2 + (v - 1) * pp + 1
     assert ranks[1][next(iter(ranks[1]))]["max_in_flight"] == MICROBATCHES  # gpipe, last stage
+
+
+EARLY_LAYOUTS = [(1, 4, 1, "gpipe"), (1, 4, 1, "1f1b"), (1, 2, 2, "gpipe"), (1, 2, 2, "1f1b")]
+
+
+def _early_worker(rank: int, world_size: int) -> dict:
+    """Per layout: the loss and every gradient with early receives equal, bit for bit, the reference protocol's."""
+    out, built = {}, {}
+    for tp, pp, dp, schedule in EARLY_LAYOUTS:
+        topology = Topology(tp=tp, pp=pp, dp=dp)
+        if topology not in built:
+            built[topology] = build_parallel_groups(topology, rank, torch.device("cpu"))
+        groups = built[topology]
+        config = make_config("lm", tp, pp, dp, schedule, 1)
+        early, reference = (one_step(config, groups, early_receives=flag) for flag in (True, False))
+        assert early["grads"].keys() == reference["grads"].keys()
+        out[(pp, dp, schedule)] = {
+            "loss": torch.equal(early["loss"], reference["loss"]),
+            "differ": [name for name, grad in early["grads"].items() if not torch.equal(grad, reference["grads"][name])],
+            "grads": len(early["grads"]),
+        }
+    return out
+
+
+def test_early_receives_give_bit_identical_losses_and_gradients() -> None:
+    """GPipe and 1F1B post receives ahead by default: the same numbers as the protocol without, exactly."""
+    for per_rank in run_distributed(_early_worker, 4, timeout=300):
+        for layout, got in per_rank.items():
+            assert got["loss"] and not got["differ"] and got["grads"] > 0, (layout, got)

@@ -8,6 +8,8 @@ executor's held sends and kept outputs show up there. Parameter gradients (fixed
 scalars (the loss accumulators) are left out. A single forward of the same chunk, measured the
 same way, gives one micro-batch's bytes P (what backward keeps, its input buffer included) and
 the output's bytes O; the step's peak must equal in-flight(stage) x P + O for m = 8 and m = 64.
+Sampled at the start of every backward instead, early receives hold exactly one message more than
+the protocol without them (the receive posted ahead; what the planner's p2p buffers must count).
 """
 
 from __future__ import annotations
@@ -95,6 +97,22 @@ def one_microbatch(chunk: torch.nn.Module, batch, shape: tuple, is_first: bool, 
     return kept_bytes, out_bytes
 
 
+def backward_peaks(groups, batches, config: Config, m: int) -> dict[bool, int]:
+    """The most live bytes at the start of a chunk backward, with early receives (True) and without (False)."""
+    peaks = {}
+    for early in (True, False):
+        (chunk,) = build_model_chunks(config, groups)
+        shape = activation_shape(SEQ, MICRO, HIDDEN, groups, False)
+        executor = PipelineExecutor([chunk], groups, "1f1b", m, shape, early_receives=early)
+        tracker, samples = LiveStorages(), []
+        hook = chunk.register_full_backward_pre_hook(lambda *_: samples.append(tracker.live(grad_storages(chunk))[0]))
+        with tracker, torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t):
+            executor.run(batches, lambda losses, batch: (losses * batch.loss_mask).sum())
+        hook.remove()
+        peaks[early] = max(samples)
+    return peaks
+
+
 def _worker(rank: int, world_size: int) -> dict:
     topology = Topology(tp=1, pp=PP, dp=1)
     groups = build_parallel_groups(topology, rank, torch.device("cpu"))
@@ -132,6 +150,7 @@ def _worker(rank: int, world_size: int) -> dict:
         )
         peak = max(samples)
         out[m] = {
+            "backward_peaks": backward_peaks(groups, batches, config, m),
             "peak": peak[0],
             "peak_saved": peak[1],
             "per_microbatch": per_microbatch,
@@ -163,6 +182,17 @@ def test_live_bytes_equal_in_flight_times_one_microbatch() -> None:
             assert in_flight == min(PP - stage, m)
             got = result[m]
             assert got["peak"] == in_flight * got["per_microbatch"] + got["output"], (stage, m, got)
+
+
+def test_a_receive_posted_early_holds_one_message_more_during_backward() -> None:
+    """The receive a stage posts ahead (the next forward's activation, or in cool-down the next gradient) is
+    one message buffer live while a backward runs; without early receives it is not there. On every stage,
+    the peak at the start of a backward is the reference's plus exactly one message (a fixed amount)."""
+    message = SEQ * MICRO * HIDDEN * 4
+    for result in results():
+        for m in MICROBATCHES:
+            peaks = result[m]["backward_peaks"]
+            assert peaks[True] == peaks[False] + message, (result["stage"], m, peaks)
 
 
 def test_sent_outputs_are_freed_before_the_next_forward() -> None:
