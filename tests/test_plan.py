@@ -171,7 +171,8 @@ def test_gradient_and_optimizer_bytes_equal_megalm(tp, pp, dp, zero, precision):
                 padding = sum(b.param_data.numel() * b.param_data.element_size() for b in sync.buckets) - planned.weights
                 if dp_rank == 0:
                     assert planned.optimizer == optimizer.state_bytes() + optimizer.master_bytes()
-                    p2p = 2 * param_bytes * 16 * 1 * 32 if pp > 1 else 0  # send + receive of [s, b, h]
+                    # send + receive of [s, b, h], and 1F1B's next receive posted early (test_pipeline_memory)
+                    p2p = 3 * param_bytes * 16 * 1 * 32 if pp > 1 else 0
                     assert planned.buffers == padding + p2p
             else:
                 assert optimizer.state_bytes() == 8 * params

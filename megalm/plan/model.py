@@ -393,7 +393,10 @@ def stage_memory(model: ModelConfig, layout: Layout, cluster: Cluster, numerics:
         embedding_logits += s * b * model.padded_vocab_size(layout.tp) // layout.tp * (act_bytes + 4)
         embedding_logits += act_bytes * s * b * h // sp  # final LayerNorm output
     if layout.pp > 1:
-        buffers += 2 * p2p_message_bytes(model, layout, precision)  # p2p send and receive
+        # p2p send and receive; GPipe and 1F1B also the next action's receive posted early (measured at the start
+        # of a backward: one message more on every 1F1B stage and every GPipe stage but the last)
+        early = layout.schedule == "1f1b" or (layout.schedule == "gpipe" and pp_rank < layout.pp - 1)
+        buffers += (3 if early else 2) * p2p_message_bytes(model, layout, precision)
     return StageMemory(pp_rank, sum(len(c[0]) for c in chunks), params, weights, grads, optimizer, activations,
                        embedding_logits, buffers, int(cluster.reserved_gib * GiB), flight)
 
