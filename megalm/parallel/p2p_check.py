@@ -334,24 +334,26 @@ def _head(channels: dict, rank: int, peer: int) -> str:
     return "[" + "; ".join(f"{op.kind} {op.key}{'' if not op.matched else ' (matched)'}" for op in ops) + "]"
 
 
+def _waited(events: list[dict], op: str):
+    """(spec, computations run between its issue and its wait) of each `op` ("send" / "recv") a rank waits on."""
+    issued_at: dict[int, tuple[int, dict]] = {}
+    computes = 0
+    for event in events:
+        if "compute" in event:
+            computes += 1
+        elif "issue" in event:
+            for spec in event["issue"]:
+                if spec["op"] == op:
+                    issued_at[spec["id"]] = (computes, spec)
+        elif "wait" in event and event["wait"] in issued_at:
+            start, spec = issued_at.pop(event["wait"])
+            yield spec, computes - start
+
+
 def sends_held_past_compute(trace: Trace, allowed: int = 0) -> list[str]:
     """Sends whose wait (their release) comes more than `allowed` compute events after their issue."""
-    held = []
-    for rank, events in trace.items():
-        issued_at: dict[int, tuple[int, dict]] = {}
-        computes = 0
-        for event in events:
-            if "compute" in event:
-                computes += 1
-            elif "issue" in event:
-                for spec in event["issue"]:
-                    if spec["op"] == "send":
-                        issued_at[spec["id"]] = (computes, spec)
-            elif "wait" in event and event["wait"] in issued_at:
-                start, spec = issued_at.pop(event["wait"])
-                if computes > start + allowed:
-                    held.append(f"rank {rank}: send {spec['key']} waited {computes - start} computations later")
-    return held
+    return [f"rank {rank}: send {spec['key']} waited {between} computations later"
+            for rank, events in trace.items() for spec, between in _waited(events, "send") if between > allowed]
 
 
 def receives_by_overlap(trace: Trace) -> dict[int, tuple[list[str], list[str]]]:
@@ -359,19 +361,9 @@ def receives_by_overlap(trace: Trace) -> dict[int, tuple[list[str], list[str]]]:
     receive's issue and its wait, so its transfer can overlap that computation."""
     out = {}
     for rank, events in trace.items():
-        issued_at: dict[int, tuple[int, str]] = {}
         ahead, late = [], []
-        computes = 0
-        for event in events:
-            if "compute" in event:
-                computes += 1
-            elif "issue" in event:
-                for spec in event["issue"]:
-                    if spec["op"] == "recv":
-                        issued_at[spec["id"]] = (computes, spec["key"])
-            elif "wait" in event and event["wait"] in issued_at:
-                start, key = issued_at.pop(event["wait"])
-                (ahead if computes > start else late).append(key)
+        for spec, between in _waited(events, "recv"):
+            (ahead if between > 0 else late).append(spec["key"])
         out[rank] = (ahead, late)
     return out
 
