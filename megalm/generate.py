@@ -317,6 +317,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     parallel.tp, parallel.pp, parallel.dp, parallel.cp = args.tp, args.pp, world_size // (args.tp * args.pp), 1  # whole sequences
     parallel.virtual_stages, parallel.pipeline_layers, parallel.sequence_parallel = 1, None, False
     parallel.recompute, parallel.zero_stage, parallel.schedule = "none", 0, "1f1b"
+    # training-speed options, not the model: decoding runs plain high-precision linears (docs/generate-eval.md)
+    parallel.tp_comm_overlap, parallel.tp_comm_overlap_chunks, train.fp8 = False, None, "none"
     train.engine, train.init_from = "megalm", None
     train.precision = args.precision or train.precision
     train.global_batch_size = train.micro_batch_size * parallel.dp

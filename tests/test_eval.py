@@ -346,3 +346,27 @@ def test_generate_and_eval_encode_a_pairs_checkpoints_prompts_alike(family, tmp_
         harness.MegalmLM(evaluator=evaluator, batch_size=2).generate_until(
             [Instance("generate_until", {}, (text, {"max_gen_toks": 2}), 0) for text in (PAIRS_PROMPT, "")])
         assert given == [expected, [tokenizer.sep_id]]
+
+
+def test_a_run_with_fp8_and_tp_comm_overlap_evaluates_and_generates_at_tp_1(tmp_path, capsys) -> None:
+    """Training-speed options (train.fp8, parallel.tp_comm_overlap) do not stop eval or generate at another
+    layout or precision: both drop them (before: tp_comm_overlap at --tp 1 and fp8 with --precision fp32 were
+    config errors). The checkpoint is a bf16 fp8 run; its saved config is made to say tp 2 + sp + overlap, as a
+    tp 2 run's would (the weights are layout-free)."""
+    config = _config(vocab_size=360)
+    config.train.precision, config.train.fp8 = "bf16", "tensorwise"
+    _train(tmp_path / "run", config)
+    meta_path = next((tmp_path / "run").glob("**/metadata.json"))
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["parallel"].update(tp=2, sequence_parallel=True, tp_comm_overlap=True)
+    meta_path.write_text(json.dumps(meta))
+    evaluator = load_evaluator(tmp_path / "run")
+    assert evaluator.trainer.config.train.fp8 == "none" and not evaluator.trainer.config.parallel.tp_comm_overlap
+    assert math.isfinite(evaluator.loss()["loss"])
+    from megalm.data.tokenizer import train_tokenizer
+
+    world = build_world(0)
+    (tmp_path / "text.txt").write_text("".join(f"{p.en} lives in {t.en}.\n" for p in world.people for t in world.towns))
+    tokenizer = train_tokenizer([tmp_path / "text.txt"], tmp_path / "tok", vocab_size=360)
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "Anna lives in", "--max-new-tokens", "3",
+                 "--precision", "fp32", "--tokenizer", str(tokenizer)]) == 0

@@ -185,6 +185,8 @@ def load_evaluator(
     parallel.tp, parallel.pp, parallel.dp, parallel.cp = tp, pp, world // (tp * pp), 1  # evaluation holds whole sequences
     parallel.virtual_stages, parallel.pipeline_layers, parallel.zero_stage = 1, None, 0
     parallel.recompute, parallel.recompute_layers, parallel.schedule = "none", None, "1f1b"
+    # training-speed options, not the model: evaluation runs plain high-precision linears (docs/generate-eval.md)
+    parallel.tp_comm_overlap, parallel.tp_comm_overlap_chunks, config.train.fp8 = False, None, "none"
     config.train.init_from, config.train.engine = None, "megalm"
     config.log.sample_prompts = []
     if data_paths:
