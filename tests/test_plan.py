@@ -19,7 +19,8 @@ from megalm.plan import (
     Layout, PlanError, cluster_from_dict, get_numerics, load_cluster, make_plan, search, stage_memory,
 )
 from megalm.plan.layout import bucket_sizes, layout_from_config, rank_param_count, zero1_shard_params
-from megalm.plan.model import _all_reduce_time, in_flight, layer_activation_bytes
+from megalm.plan.collectives import all_reduce_time
+from megalm.plan.model import in_flight, layer_activation_bytes
 from megalm.plan.search import propose_shapes
 from megalm.plan.validation import YUAN_245B, validation_rows, yuan_layout
 from megalm.topology import Topology
@@ -58,8 +59,8 @@ def test_cluster_file_missing_field_via_cli(tmp_path, capsys):
 
 def test_ring_all_reduce_by_hand():
     # 4 ranks, 1 MB at 1 GB/s, 1 us latency: 2*3/4 * 1e-3 s + 6 us
-    assert _all_reduce_time(1e6, 4, 1e9, 1e-6) == pytest.approx(1.5e-3 + 6e-6)
-    assert _all_reduce_time(1e6, 1, 1e9, 1e-6) == 0.0
+    assert all_reduce_time(1e6, 4, 1e9, 1e-6) == pytest.approx(1.5e-3 + 6e-6)
+    assert all_reduce_time(1e6, 1, 1e9, 1e-6) == 0.0
 
 
 def test_activation_bytes_by_hand():
@@ -357,7 +358,7 @@ def test_sequence_parallel_regather_counts_only_what_the_input_gradient_gemm_doe
     for model in (ModelConfig(num_layers=2, hidden_size=64, num_heads=2, seq_length=32, vocab_size=512),
                   load_config("configs/gpt-1.3b.yaml").model):
         s, h, f, v = model.seq_length, model.hidden_size, model.ffn_size(), model.padded_vocab_size(2)
-        collective = _all_reduce_time(2 * s * h, 2, bandwidth, latency)
+        collective = all_reduce_time(2 * s * h, 2, bandwidth, latency)
         exposed = [max(0.0, collective / 2 - 2 * s * h * out / 2 / matmul_rate) for out in (3 * h, f, v)]
         plain, split = (make_plan(model, lay, A100, MEGALM, "bf16").time.tensor_comm for lay in (layout, sp))
         # 4 micro-batches; sequence parallel adds the logits' all-gather + reduce-scatter and the exposed re-gathers
@@ -408,12 +409,12 @@ def test_zero1_time_is_a_reduce_scatter_and_a_gather_in_the_parameters_dtype():
     bandwidth, latency = A100.link(8)
     params = rank_param_count(model, zero, 0)
     buckets = bucket_sizes(model, zero, 0)
-    reduce_scatter = max(_all_reduce_time(params * 4, 8, bandwidth, latency) / 2 - plain.compute / 8 * 2 / 3,
-                         _all_reduce_time(min(buckets) * 4, 8, bandwidth, latency) / 2)
-    first_gather = _all_reduce_time(buckets[-1] * 2, 8, bandwidth, latency) / 2
-    assert _all_reduce_time(params * 2, 8, bandwidth, latency) / 2 < plain.compute / 8 / 3  # the forward hides it
+    reduce_scatter = max(all_reduce_time(params * 4, 8, bandwidth, latency) / 2 - plain.compute / 8 * 2 / 3,
+                         all_reduce_time(min(buckets) * 4, 8, bandwidth, latency) / 2)
+    first_gather = all_reduce_time(buckets[-1] * 2, 8, bandwidth, latency) / 2
+    assert all_reduce_time(params * 2, 8, bandwidth, latency) / 2 < plain.compute / 8 / 3  # the forward hides it
     assert sharded.data_comm == pytest.approx(reduce_scatter + first_gather, rel=1e-9)
     assert sharded.data_comm < plain.data_comm  # less on the wire than the all-reduce, nothing of it exposed
     after_step = make_plan(model, zero, A100, MEGALM.replace(overlap_param_gather=False), "bf16").time
     assert after_step.data_comm == pytest.approx(
-        reduce_scatter + _all_reduce_time(params * 2, 8, bandwidth, latency) / 2, rel=1e-9)
+        reduce_scatter + all_reduce_time(params * 2, 8, bandwidth, latency) / 2, rel=1e-9)

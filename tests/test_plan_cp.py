@@ -15,9 +15,8 @@ from megalm.cli import main
 from megalm.config import ModelConfig, load_config, validate
 from megalm.plan import Layout, PlanError, get_numerics, layout_from_config, load_cluster, make_plan, search
 from megalm.plan.layout import layout_overrides
-from megalm.plan.model import (
-    _ring_half_time, context_exchange_time, context_mask_bytes, layer_activation_bytes, prefix_mask_bytes,
-)
+from megalm.plan.collectives import context_exchange_time, ring_half_time
+from megalm.plan.model import context_mask_bytes, layer_activation_bytes, prefix_mask_bytes
 from megalm.plan.search import context_parallel_sizes
 
 H100 = load_cluster("h100-80gb")
@@ -106,7 +105,7 @@ def test_exchange_time_is_an_all_gather_of_keys_and_values_over_the_cp_link(tp, 
     latency = (H100.intra_node_latency_us if intra else H100.inter_node_latency_us) * 1e-6
     exchange = context_exchange_time(model, layout, H100, "bf16")
     assert exchange == pytest.approx(nbytes / bandwidth + (cp - 1) * latency, rel=1e-12)
-    assert exchange == _ring_half_time(8192 * 2 * 2 * (8 // tp) * 64 * 2, cp, bandwidth, latency)
+    assert exchange == ring_half_time(8192 * 2 * 2 * (8 // tp) * 64 * 2, cp, bandwidth, latency)
     time = make_plan(model, layout, H100, MEGALM, "bf16").time
     assert time.context_comm == pytest.approx(2 * 4 * 2 * exchange, rel=1e-12)  # 2 micro-batches x 4 layers x 2
     assert time.total == pytest.approx(time.compute + time.launch + time.tensor_comm + time.context_comm + time.data_comm

@@ -9,10 +9,12 @@ import pytest
 from megalm.config import load_config
 from megalm.plan import get_numerics, load_cluster, make_plan
 from megalm.plan.cluster import PlanError, cluster_from_dict
-from megalm.plan.efficiency import gemm_efficiency, layer_gemms, overlapped
+from megalm.plan.efficiency import gemm_efficiency, overlapped
 from megalm.plan.flops import layer_matmul_flops
 from megalm.plan.kernels import RECORDED, count_kernels, recorded_specs, spec_key
-from megalm.plan.layout import Layout, config_for_layout, config_time_options, layout_from_config, layout_overrides
+from megalm.plan.layout import (
+    Layout, config_for_layout, config_time_options, layer_gemms, layout_from_config, layout_overrides,
+)
 from megalm.plan.search import search
 from megalm.plan.model import step_time, stage_memory
 

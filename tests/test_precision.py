@@ -27,7 +27,7 @@ from megalm.model.gpt import build_model
 from megalm.model.layers import layer_norm
 from megalm.parallel.data import GradientSync
 from megalm.plan import Layout, get_numerics, layout_from_config, load_cluster, stage_memory
-from megalm.plan.model import p2p_message_bytes
+from megalm.plan.collectives import p2p_message_bytes
 from megalm.testing import run_distributed
 from megalm.topology import Topology
 from megalm.train import build_trainer

@@ -26,7 +26,7 @@ from __future__ import annotations
 from megalm.config import ModelConfig
 from megalm.plan.cluster import Cluster, PlanError
 from megalm.plan.kernels import KernelCounts
-from megalm.plan.layout import Layout, projection_widths
+from megalm.plan.layout import Layout, layer_gemms
 
 FP8_MODES = ("none", "tensorwise", "rowwise")
 # kernels one FP8 linear adds to a bf16 one (forward, backward), eager: amax, scale, clamp and cast of each
@@ -34,16 +34,6 @@ FP8_MODES = ("none", "tensorwise", "rowwise")
 # power-of-two scales. Counted from megalm.parallel.fp8 (megalm.plan.kernels.count_fp8_kernels; a test recounts)
 FP8_KERNELS = {"none": (0, 0), "tensorwise": (17, 27), "rowwise": (23, 47)}
 
-
-def layer_gemms(model: ModelConfig, tp: int, tokens: int) -> list[tuple[int, int, int]]:
-    """(M, K, N) of each weight GEMM of one layer's forward on one tp rank (M: the tokens it multiplies; under
-    sequence parallel the all-gathered ones): attention input (fused QKV, or query and key_value), the output
-    projection, the MLP's input matrices (fc1; gate and up) and its output matrix."""
-    h, f = model.hidden_size, model.ffn_size() // tp
-    query, kv = projection_widths(model, tp)
-    attention = [(tokens, h, query), (tokens, h, kv)] if model.grouped_attention() else [(tokens, h, query + kv)]
-    mlp_in = [(tokens, h, f)] * (2 if model.mlp == "swiglu" else 1)
-    return attention + [(tokens, query, h)] + mlp_in + [(tokens, f, h)]
 
 
 def gemm_efficiency(cluster: Cluster, m: int, k: int, n: int) -> float:

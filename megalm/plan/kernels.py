@@ -137,7 +137,7 @@ def count_kernels(model: ModelConfig, precision: str = "bf16") -> KernelCounts:
 
 def count_fp8_kernels(model: ModelConfig, fp8: str) -> tuple[float, float]:
     """(forward, backward) kernels one train.fp8 linear adds to a bf16 one, counted on CPU as count_kernels does."""
-    from megalm.plan.efficiency import layer_gemms
+    from megalm.plan.layout import layer_gemms
 
     per_layer = []
     for mode in ("none", fp8):

@@ -15,6 +15,8 @@ from megalm.config import Config, ModelConfig, grad_accum_steps, validate
 from megalm.parallel.schedules import check_schedule_args, partition_layers, ScheduleError
 from megalm.plan.cluster import PlanError
 
+ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per activation element by precision
+
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -237,6 +239,17 @@ def projection_widths(model: ModelConfig, tp: int) -> tuple[int, int]:
     """(query width, key + value width) of one tp rank's attention projections: H d / tp, 2 K_local d."""
     d = model.head_size()
     return model.num_heads * d // tp, 2 * local_kv_heads(model, tp) * d
+
+
+def layer_gemms(model: ModelConfig, tp: int, tokens: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of each weight GEMM of one layer's forward on one tp rank (M: the tokens it multiplies; under
+    sequence parallel the all-gathered ones): attention input (fused QKV, or query and key_value), the output
+    projection, the MLP's input matrices (fc1; gate and up) and its output matrix."""
+    h, f = model.hidden_size, model.ffn_size() // tp
+    query, kv = projection_widths(model, tp)
+    attention = [(tokens, h, query), (tokens, h, kv)] if model.grouped_attention() else [(tokens, h, query + kv)]
+    mlp_in = [(tokens, h, f)] * (2 if model.mlp == "swiglu" else 1)
+    return attention + [(tokens, query, h)] + mlp_in + [(tokens, f, h)]
 
 
 def layer_param_sizes(model: ModelConfig, tp: int) -> list[int]:

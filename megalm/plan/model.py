@@ -59,26 +59,18 @@ from megalm.model.attention import masked_attention, uses_dense_prefix_mask
 from megalm.parallel.context import dense_causal_mask
 from megalm.parallel.schedules import analytic_bubble
 from megalm.plan.cluster import Cluster, Numerics, PlanError
+from megalm.plan.collectives import all_reduce_time, context_exchange_time, p2p_message_bytes, ring_half_time
 from megalm.plan.efficiency import (
     exposed_launch, fp8_layer_seconds, gemm_seconds, layer_gemm_times, layer_launches, tp_layer_comm,
 )
 from megalm.plan.flops import layer_matmul_flops, training_flops_per_token
 from megalm.plan.kernels import kernel_counts
 from megalm.plan.layout import (
-    Layout, bucket_sizes, padded, projection_widths, rank_param_count, recomputed_layers, stage_chunks,
-    zero1_shard_params,
+    ACTIVATION_BYTES, Layout, bucket_sizes, padded, projection_widths, rank_param_count, recomputed_layers,
+    stage_chunks, zero1_shard_params,
 )
 
 GiB = 2**30
-ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-def p2p_message_bytes(model: ModelConfig, layout: Layout, precision: str) -> int:
-    """Bytes of one pipeline message (an activation or its gradient: [s/cp, b, h] in the activation dtype,
-    [s/cp/tp, b, h] per tp rank under sequence parallel), as megalm.parallel.pipeline sends it."""
-    sp = layout.tp if layout.sequence_parallel else 1
-    tokens = layout.local_tokens(model.seq_length) * layout.micro_batch_size
-    return ACTIVATION_BYTES[precision] * tokens * model.hidden_size // sp
 
 
 # ---- micro-batches in flight ---------------------------------------------------------------------
@@ -435,30 +427,6 @@ class StepTime:
         return {name: getattr(self, name) / self.total for name in names}
 
 
-def _all_reduce_time(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
-    """Ring all-reduce: 2 (n-1)/n of the bytes over each link, 2 (n-1) latency steps."""
-    if ranks == 1:
-        return 0.0
-    return 2 * (ranks - 1) / ranks * nbytes / bandwidth + 2 * (ranks - 1) * latency
-
-
-def _ring_half_time(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
-    """Ring reduce-scatter or all-gather of `nbytes` (the full buffer): half a ring all-reduce."""
-    return _all_reduce_time(nbytes, ranks, bandwidth, latency) / 2
-
-
-def context_exchange_time(model: ModelConfig, layout: Layout, cluster: Cluster, precision: str) -> float:
-    """Seconds of one layer's key/value all-gather over the cp group for one micro-batch (its backward
-    reduce-scatter costs the same): each rank receives the other (cp - 1) / cp of the [2, b, K/t, S, d]
-    keys and values, over NVLink when the group's tp x cp consecutive ranks fit in a node, else the
-    network. megalm does not overlap it with compute (megalm.parallel.context: one gather, then SDPA)."""
-    if layout.cp == 1:
-        return 0.0
-    _, kv = projection_widths(model, layout.tp)  # 2 K_local d per token
-    gathered = ACTIVATION_BYTES[precision] * model.seq_length * layout.micro_batch_size * kv
-    return _ring_half_time(gathered, layout.cp, *cluster.link(layout.tp * layout.cp))
-
-
 def layer_forward_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Numerics, act_bytes: int) -> tuple[float, float]:
     """(seconds of one layer's forward for one micro-batch on one GPU, of which the attention core's part).
 
@@ -504,7 +472,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     recompute = {"none": 0.0, "selective": core, "full": forward}[layout.recompute]
     # tensor-parallel collectives: tp ranks are consecutive, so the group spans tp ranks
     bandwidth, latency = cluster.link(t)
-    collective = _all_reduce_time(act_bytes * s * b * h, t, bandwidth, latency)
+    collective = all_reduce_time(act_bytes * s * b * h, t, bandwidth, latency)
     layer_comm, forward_comm = tp_layer_comm(model, layout, cluster, collective)  # per layer; a recomputed forward
     recompute_comm = forward_comm if layout.recompute == "full" else 0.0
     vocab = model.padded_vocab_size(t) // t
@@ -565,7 +533,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
         zero1 = layout.zero_stage == 1
 
         def reduction(elements: float) -> float:  # of the gradients: ZeRO-1 reduce-scatters them
-            collective = _ring_half_time if zero1 else _all_reduce_time
+            collective = ring_half_time if zero1 else all_reduce_time
             return collective(elements * numerics.grad_bytes, reducers, dp_bandwidth, dp_latency)
 
         full = reduction(params_max)
@@ -576,7 +544,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
             data_comm = full
         if zero1:
             def gather(elements: float) -> float:  # the updated parameters, in their own dtype
-                return _ring_half_time(elements * numerics.param_bytes, reducers, dp_bandwidth, dp_latency)
+                return ring_half_time(elements * numerics.param_bytes, reducers, dp_bandwidth, dp_latency)
 
             if numerics.overlap_param_gather:
                 # launched bucket by bucket in forward order, each block's forward waits for its own: the
@@ -588,7 +556,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
     if pp > 1 and model.tie_embeddings:  # tied embedding gradient summed between the first and last stage
         emb = model.padded_vocab_size(t) // t * h * numerics.grad_bytes
         bw, lat = cluster.link(t * reducers * pp)
-        data_comm += _all_reduce_time(emb, 2, bw, lat)
+        data_comm += all_reduce_time(emb, 2, bw, lat)
     replicas = t // model.kv_heads() if t > model.kv_heads() else 1
     if replicas > 1:
         # tp > kv heads: each kv head lives on tp / kv_heads consecutive ranks, whose key_value gradients are
@@ -596,7 +564,7 @@ def step_time(model: ModelConfig, layout: Layout, cluster: Cluster, numerics: Nu
         layers = max(sum(len(c[0]) for c in stage_chunks(model, layout, r)) for r in range(pp))
         _, kv = projection_widths(model, t)
         kv_grads = layers * kv * (h + (1 if model.has_qkv_bias() else 0)) * numerics.grad_bytes
-        data_comm += _all_reduce_time(kv_grads, replicas, *cluster.link(replicas))
+        data_comm += all_reduce_time(kv_grads, replicas, *cluster.link(replicas))
     # AdamW: read param, grad, 2 moments (+ master), write them back; memory-bound
     memory_rate = cluster.hbm_bandwidth_gbs * 1e9 * cluster.memory_efficiency
     kept = params_max / reducers if layout.zero_stage == 1 else params_max
