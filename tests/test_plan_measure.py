@@ -16,8 +16,8 @@ import pytest
 from megalm.plan.measure import (
     TOLERANCE, Case, context_parallel_cases, default_cases, main, measure, measure_outside_layers, predict_layer,
 )
-from megalm.plan.model import ACTIVATION_BYTES, layer_activation_bytes
-from megalm.plan.layout import Layout
+from megalm.plan.layout import ACTIVATION_BYTES, Layout
+from megalm.plan.model import layer_activation_bytes
 
 SHAPE = dict(seq_length=64, hidden_size=128, num_heads=4, micro_batch_size=2)
 SINGLE = [Case(family, precision, recompute, dropout=dropout, **SHAPE)

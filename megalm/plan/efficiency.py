@@ -35,7 +35,6 @@ FP8_MODES = ("none", "tensorwise", "rowwise")
 FP8_KERNELS = {"none": (0, 0), "tensorwise": (17, 27), "rowwise": (23, 47)}
 
 
-
 def gemm_efficiency(cluster: Cluster, m: int, k: int, n: int) -> float:
     """Achieved fraction of peak of an [m, k] x [k, n] GEMM: matmul_efficiency, less for a narrow dimension."""
     narrow = min(m, k, n)

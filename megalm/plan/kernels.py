@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megalm.config import ModelConfig
+from megalm.plan.layout import layer_gemms
 
 # dispatcher operators that are not views but launch no kernel (type promotion, alias-like reshapes, allocation)
 NO_KERNEL = frozenset({
@@ -137,8 +138,6 @@ def count_kernels(model: ModelConfig, precision: str = "bf16") -> KernelCounts:
 
 def count_fp8_kernels(model: ModelConfig, fp8: str) -> tuple[float, float]:
     """(forward, backward) kernels one train.fp8 linear adds to a bf16 one, counted on CPU as count_kernels does."""
-    from megalm.plan.layout import layer_gemms
-
     per_layer = []
     for mode in ("none", fp8):
         one_f, one_b, _, _ = _count(model, "bf16", 1, mode)

@@ -29,8 +29,8 @@ from megalm.config import Config, ModelConfig, ParallelConfig, TrainConfig
 from megalm.data.batch import document_ids
 from megalm.data.tokenizer import EOS_ID
 from megalm.distributed import ParallelGroups
-from megalm.plan.layout import Layout
-from megalm.plan.model import ACTIVATION_BYTES, layer_activation_bytes
+from megalm.plan.layout import ACTIVATION_BYTES, Layout
+from megalm.plan.model import layer_activation_bytes
 
 TOLERANCE = 0.05  # docs/plan.md, tests/test_plan_measure.py: every case within 5%
 

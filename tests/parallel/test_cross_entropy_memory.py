@@ -15,7 +15,7 @@ import torch
 
 from megalm.distributed import ParallelGroups
 from megalm.parallel.tensor import vocab_parallel_cross_entropy
-from megalm.plan.model import ACTIVATION_BYTES
+from megalm.plan.layout import ACTIVATION_BYTES
 from tests.parallel.test_pipeline_memory import LiveStorages
 
 
